@@ -1,0 +1,350 @@
+//! The certificate authority: a self-signed trust anchor and an intermediate issuer that signs
+//! leaf X509-SVIDs. The issuer, not the CSR, decides the SPIFFE ID: a workload can only ever get
+//! the identity its caller authenticated, whatever its CSR asks for.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256,
+    SanType, SerialNumber,
+};
+use rustls_pki_types::{CertificateDer, CertificateSigningRequestDer, pem::PemObject};
+use time::OffsetDateTime;
+
+use crate::pem::{read_file, write_private, write_public};
+use crate::spiffe::{SpiffeId, TrustDomain};
+use crate::svid::Svid;
+
+/// How far back a leaf's NotBefore is set, so peers with a slightly slow clock accept it.
+pub const CLOCK_SKEW_ALLOWANCE: Duration = Duration::from_secs(60);
+/// Shortest leaf lifetime the CA issues; anything shorter would churn renewals.
+pub const MIN_LEAF_TTL: Duration = Duration::from_secs(1);
+/// Longest leaf lifetime the CA issues.
+pub const MAX_LEAF_TTL: Duration = Duration::from_secs(90 * 24 * 3600);
+
+pub const ROOT_CERT_FILE: &str = "root-cert.pem";
+pub const ROOT_KEY_FILE: &str = "root-key.pem";
+pub const ISSUER_CERT_FILE: &str = "issuer-cert.pem";
+pub const ISSUER_KEY_FILE: &str = "issuer-key.pem";
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is not a PEM {what}")]
+    BadPem { path: PathBuf, what: &'static str },
+    #[error("{0} already exists; refusing to overwrite a CA")]
+    AlreadyExists(PathBuf),
+    #[error("the CSR cannot be parsed or its signature is invalid")]
+    BadCsr,
+    #[error("the CSR's key is not ECDSA P-256")]
+    UnsupportedKey,
+    #[error("the issuer certificate is not valid for trust domain {0}")]
+    IssuerTrustDomain(TrustDomain),
+    #[error("{id} belongs to trust domain {}, but this CA issues for {ca}", id.trust_domain_str())]
+    ForeignTrustDomain { id: SpiffeId, ca: TrustDomain },
+    #[error("a leaf SVID needs a SPIFFE ID with a path, not {0}")]
+    RootId(SpiffeId),
+    #[error("lifetime {0:?} is outside {MIN_LEAF_TTL:?}..={MAX_LEAF_TTL:?}")]
+    Lifetime(Duration),
+    #[error("the issuer certificate has expired")]
+    IssuerExpired,
+    #[error("certificate generation failed: {0}")]
+    Rcgen(#[from] rcgen::Error),
+}
+
+/// A loaded CA: the trust anchor (certificate only is needed for bundles) and the issuer.
+pub struct Ca {
+    trust_domain: TrustDomain,
+    root_der: CertificateDer<'static>,
+    issuer_der: CertificateDer<'static>,
+    issuer: Issuer<'static, KeyPair>,
+    issuer_not_before: OffsetDateTime,
+    issuer_not_after: OffsetDateTime,
+    /// Only present right after `generate` or when the root key was loaded.
+    root_key_pem: Option<String>,
+    issuer_key_pem: String,
+}
+
+impl std::fmt::Debug for Ca {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ca")
+            .field("trust_domain", &self.trust_domain)
+            .finish_non_exhaustive()
+    }
+}
+
+fn ca_params(
+    td: &TrustDomain,
+    cn: &str,
+    not_before: OffsetDateTime,
+    not_after: OffsetDateTime,
+    path_len: Option<u8>,
+) -> Result<CertificateParams, CaError> {
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, td.as_str());
+    dn.push(DnType::CommonName, cn);
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::Ca(match path_len {
+        Some(n) => BasicConstraints::Constrained(n),
+        None => BasicConstraints::Unconstrained,
+    });
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    // A SPIFFE signing certificate SHOULD carry the trust domain's own ID.
+    params.subject_alt_names = vec![SanType::URI(td.id().as_str().try_into()?)];
+    params.not_before = not_before;
+    params.not_after = not_after;
+    params.serial_number = Some(random_serial());
+    params.use_authority_key_identifier_extension = true;
+    Ok(params)
+}
+
+fn random_serial() -> SerialNumber {
+    let mut bytes = [0u8; 16];
+    // ring's SystemRandom is already in the tree through rcgen; a CSPRNG keeps serials unguessable.
+    let rng = ring::rand::SystemRandom::new();
+    let _ = ring::rand::SecureRandom::fill(&rng, &mut bytes);
+    bytes[0] &= 0x7f; // positive INTEGER
+    bytes[0] |= 0x01; // no leading zero byte to strip
+    SerialNumber::from_slice(&bytes)
+}
+
+fn to_offset(d: Duration) -> time::Duration {
+    time::Duration::try_from(d).unwrap_or(time::Duration::MAX)
+}
+
+impl Ca {
+    /// A new trust anchor (10 years) and issuer (1 year, or `issuer_ttl`).
+    pub fn generate(td: &TrustDomain, issuer_ttl: Option<Duration>) -> Result<Self, CaError> {
+        let now = OffsetDateTime::now_utc();
+        let root_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let root_params = ca_params(
+            td,
+            "Palisade root CA",
+            now - to_offset(CLOCK_SKEW_ALLOWANCE),
+            now + time::Duration::days(3650),
+            None,
+        )?;
+        let root_cert = root_params.self_signed(&root_key)?;
+        let root_issuer = Issuer::new(root_params, &root_key);
+
+        let issuer_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let issuer_ttl = issuer_ttl.unwrap_or(Duration::from_secs(365 * 24 * 3600));
+        let issuer_params = ca_params(
+            td,
+            "Palisade issuer",
+            now - to_offset(CLOCK_SKEW_ALLOWANCE),
+            now + to_offset(issuer_ttl),
+            Some(0),
+        )?;
+        let issuer_cert = issuer_params.signed_by(&issuer_key, &root_issuer)?;
+        let (nb, na) = (issuer_params.not_before, issuer_params.not_after);
+        let root_key_pem = root_key.serialize_pem();
+        let issuer_key_pem = issuer_key.serialize_pem();
+        Ok(Self {
+            trust_domain: td.clone(),
+            root_der: root_cert.der().clone(),
+            issuer_der: issuer_cert.der().clone(),
+            issuer: Issuer::new(issuer_params, issuer_key),
+            issuer_not_before: nb,
+            issuer_not_after: na,
+            root_key_pem: Some(root_key_pem),
+            issuer_key_pem,
+        })
+    }
+
+    /// Loads `root-cert.pem`, `issuer-cert.pem` and `issuer-key.pem` from `dir`. The trust domain
+    /// comes from the issuer's URI SAN.
+    pub fn load(dir: &Path) -> Result<Self, CaError> {
+        let root_path = dir.join(ROOT_CERT_FILE);
+        let issuer_path = dir.join(ISSUER_CERT_FILE);
+        let key_path = dir.join(ISSUER_KEY_FILE);
+        let root_der = CertificateDer::from_pem_slice(&read_file(&root_path)?).map_err(|_| {
+            CaError::BadPem {
+                path: root_path.clone(),
+                what: "certificate",
+            }
+        })?;
+        let issuer_der = CertificateDer::from_pem_slice(&read_file(&issuer_path)?).map_err(|_| {
+            CaError::BadPem {
+                path: issuer_path.clone(),
+                what: "certificate",
+            }
+        })?;
+        let key_pem = String::from_utf8(read_file(&key_path)?).map_err(|_| CaError::BadPem {
+            path: key_path.clone(),
+            what: "private key",
+        })?;
+        let key = KeyPair::from_pem(&key_pem).map_err(|_| CaError::BadPem {
+            path: key_path.clone(),
+            what: "private key",
+        })?;
+        let (_, parsed) =
+            x509_parser::parse_x509_certificate(&issuer_der).map_err(|_| CaError::BadPem {
+                path: issuer_path.clone(),
+                what: "certificate",
+            })?;
+        let td = crate::verify::uri_sans(&parsed)
+            .ok()
+            .and_then(|uris| uris.first().and_then(|u| SpiffeId::parse(u).ok()))
+            .map(|id| id.trust_domain())
+            .ok_or(CaError::BadPem {
+                path: issuer_path.clone(),
+                what: "SPIFFE issuer certificate (no spiffe://<trust-domain> URI SAN)",
+            })?;
+        let nb = parsed.validity().not_before.to_datetime();
+        let na = parsed.validity().not_after.to_datetime();
+        let issuer = Issuer::from_ca_cert_der(&issuer_der, key)?;
+        Ok(Self {
+            trust_domain: td,
+            root_der,
+            issuer_der,
+            issuer,
+            issuer_not_before: nb,
+            issuer_not_after: na,
+            root_key_pem: None,
+            issuer_key_pem: key_pem,
+        })
+    }
+
+    /// Writes the CA into `dir` (keys with mode 0600). Refuses to overwrite an existing CA.
+    pub fn save(&self, dir: &Path) -> Result<(), CaError> {
+        for f in [ROOT_CERT_FILE, ISSUER_CERT_FILE, ISSUER_KEY_FILE, ROOT_KEY_FILE] {
+            let p = dir.join(f);
+            if p.exists() {
+                return Err(CaError::AlreadyExists(p));
+            }
+        }
+        std::fs::create_dir_all(dir).map_err(|source| CaError::Write {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        write_public(&dir.join(ROOT_CERT_FILE), &crate::pem::cert_pem(&self.root_der))?;
+        write_public(
+            &dir.join(ISSUER_CERT_FILE),
+            &crate::pem::cert_pem(&self.issuer_der),
+        )?;
+        write_private(&dir.join(ISSUER_KEY_FILE), &self.issuer_key_pem)?;
+        if let Some(root_key) = &self.root_key_pem {
+            write_private(&dir.join(ROOT_KEY_FILE), root_key)?;
+        }
+        Ok(())
+    }
+
+    pub fn trust_domain(&self) -> &TrustDomain {
+        &self.trust_domain
+    }
+
+    pub fn root_der(&self) -> &CertificateDer<'static> {
+        &self.root_der
+    }
+
+    pub fn issuer_der(&self) -> &CertificateDer<'static> {
+        &self.issuer_der
+    }
+
+    /// The chain a leaf is sent with, after the leaf itself (the root is not sent: peers have it).
+    pub fn chain(&self) -> Vec<CertificateDer<'static>> {
+        vec![self.issuer_der.clone()]
+    }
+
+    /// Signs a leaf for `id` over the public key of a PEM or DER CSR. Nothing else in the CSR is
+    /// used: the SAN, subject, usages and lifetime are the CA's.
+    pub fn sign_csr(&self, csr: &[u8], id: &SpiffeId, ttl: Duration) -> Result<Svid, CaError> {
+        let parsed = if csr.starts_with(b"-----BEGIN") {
+            let der = CertificateSigningRequestDer::from_pem_slice(csr).map_err(|_| CaError::BadCsr)?;
+            CertificateSigningRequestParams::from_der(&der)
+        } else {
+            CertificateSigningRequestParams::from_der(&CertificateSigningRequestDer::from(csr))
+        }
+        .map_err(|_| CaError::BadCsr)?;
+        if parsed.public_key.algorithm() != &PKCS_ECDSA_P256_SHA256 {
+            return Err(CaError::UnsupportedKey);
+        }
+        let params = self.leaf_params(id, ttl)?;
+        let (not_before, not_after) = (params.not_before, params.not_after);
+        let req = CertificateSigningRequestParams {
+            params,
+            public_key: parsed.public_key,
+        };
+        let cert = req.signed_by(&self.issuer)?;
+        Ok(Svid {
+            id: id.clone(),
+            chain: vec![cert.der().clone(), self.issuer_der.clone()],
+            key: None,
+            not_before: not_before.unix_timestamp(),
+            not_after: not_after.unix_timestamp(),
+        })
+    }
+
+    /// Generates a key here and signs a leaf for it (`palisade ca issue`, tests, benchmarks).
+    pub fn issue(&self, id: &SpiffeId, ttl: Duration) -> Result<Svid, CaError> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let params = self.leaf_params(id, ttl)?;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(Svid {
+            id: id.clone(),
+            chain: vec![cert.der().clone(), self.issuer_der.clone()],
+            key: Some(key.serialize_der().into()),
+            not_before: params.not_before.unix_timestamp(),
+            not_after: params.not_after.unix_timestamp(),
+        })
+    }
+
+    fn leaf_params(&self, id: &SpiffeId, ttl: Duration) -> Result<CertificateParams, CaError> {
+        if id.trust_domain_str() != self.trust_domain.as_str() {
+            return Err(CaError::ForeignTrustDomain {
+                id: id.clone(),
+                ca: self.trust_domain.clone(),
+            });
+        }
+        if id.is_root() {
+            return Err(CaError::RootId(id.clone()));
+        }
+        if !(MIN_LEAF_TTL..=MAX_LEAF_TTL).contains(&ttl) {
+            return Err(CaError::Lifetime(ttl));
+        }
+        let now = OffsetDateTime::now_utc();
+        if now >= self.issuer_not_after {
+            return Err(CaError::IssuerExpired);
+        }
+        let mut params = CertificateParams::default();
+        // Empty subject: the SAN extension is then critical, as X509-SVID requires.
+        params.distinguished_name = DistinguishedName::new();
+        params.subject_alt_names = vec![SanType::URI(id.as_str().try_into()?)];
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.not_before = (now - to_offset(CLOCK_SKEW_ALLOWANCE)).max(self.issuer_not_before);
+        params.not_after = (now + to_offset(ttl)).min(self.issuer_not_after);
+        params.serial_number = Some(random_serial());
+        params.use_authority_key_identifier_extension = true;
+        Ok(params)
+    }
+}
+
+/// Builds a root and leaf with arbitrary params, for tests that need certificates the CA
+/// would never issue (a CA leaf, two URI SANs, an expired leaf...).
+#[doc(hidden)]
+pub fn sign_with_issuer_for_tests(
+    ca: &Ca,
+    params: &CertificateParams,
+) -> Result<(CertificateDer<'static>, Vec<u8>), CaError> {
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+    let cert = params.signed_by(&key, &ca.issuer)?;
+    Ok((cert.der().clone(), key.serialize_der()))
+}

@@ -1,0 +1,244 @@
+//! rustls configs for mesh mTLS: TLS 1.3 only, ring, no session resumption (connections are
+//! pooled, and a resumed session would skip the identity check of the verifier), SPIFFE verifiers.
+
+use std::sync::{Arc, OnceLock};
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, OtherError,
+    ServerConfig, SignatureScheme,
+};
+use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+
+use crate::spiffe::{SpiffeId, TrustDomain};
+use crate::store::{CredentialStore, SharedBundle, StoreResolver};
+use crate::verify::{SvidError, verify_svid};
+
+/// ALPN for HTTP/2 between proxies.
+pub const ALPN_H2: &[u8] = b"h2";
+/// ALPN for opaque TCP between proxies: the stream is the app's bytes, nothing else.
+pub const ALPN_OPAQUE: &[u8] = b"palisade.dev/opaque";
+
+/// The process's one crypto provider (ring). Configs are built with it explicitly, so nothing
+/// depends on a process-default provider having been installed.
+pub fn provider() -> &'static Arc<CryptoProvider> {
+    static P: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
+    P.get_or_init(|| Arc::new(rustls::crypto::ring::default_provider()))
+}
+
+/// Installs ring as the process default, for libraries (tonic) that build their own configs.
+pub fn install_default_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+fn to_rustls(e: SvidError) -> rustls::Error {
+    let cert_err = match e {
+        SvidError::Expired(_) => CertificateError::Expired,
+        SvidError::NotYetValid(_) => CertificateError::NotValidYet,
+        other => CertificateError::Other(OtherError(Arc::new(other))),
+    };
+    rustls::Error::InvalidCertificate(cert_err)
+}
+
+/// Recovers our reason from a rustls handshake error, for metrics.
+pub fn handshake_error_reason(e: &rustls::Error) -> &'static str {
+    match e {
+        rustls::Error::InvalidCertificate(CertificateError::Expired) => "expired",
+        rustls::Error::InvalidCertificate(CertificateError::NotValidYet) => "not_yet_valid",
+        rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(inner))) => inner
+            .downcast_ref::<SvidError>()
+            .map(|s| s.reason())
+            .unwrap_or("invalid_certificate"),
+        rustls::Error::InvalidCertificate(_) => "invalid_certificate",
+        rustls::Error::NoCertificatesPresented => "no_client_certificate",
+        rustls::Error::AlertReceived(_) => "alert_received",
+        rustls::Error::NoApplicationProtocol => "alpn",
+        rustls::Error::PeerIncompatible(_) => "incompatible",
+        rustls::Error::InvalidMessage(_) | rustls::Error::InappropriateMessage { .. } => {
+            "bad_message"
+        }
+        _ => "other",
+    }
+}
+
+/// Client side: the server must present a valid SVID with exactly the expected SPIFFE ID.
+#[derive(Debug)]
+pub struct ExpectedServerVerifier {
+    bundle: SharedBundle,
+    expected: SpiffeId,
+}
+
+impl ExpectedServerVerifier {
+    pub fn new(bundle: SharedBundle, expected: SpiffeId) -> Self {
+        Self { bundle, expected }
+    }
+}
+
+impl ServerCertVerifier for ExpectedServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let mut chain = Vec::with_capacity(1 + intermediates.len());
+        chain.push(end_entity.clone());
+        chain.extend(intermediates.iter().cloned());
+        let bundle = self.bundle.load();
+        let id = verify_svid(&chain, &bundle, None, now).map_err(to_rustls)?;
+        if id != self.expected {
+            return Err(to_rustls(SvidError::UnexpectedIdentity {
+                got: id,
+                want: self.expected.clone(),
+            }));
+        }
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &provider().signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &provider().signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// Server side: the client must present a valid SVID from an accepted trust domain. Which
+/// identity it is does not matter here; authorization decides that after the handshake.
+#[derive(Debug)]
+pub struct SvidClientVerifier {
+    bundle: SharedBundle,
+    accept: Option<TrustDomain>,
+}
+
+impl SvidClientVerifier {
+    pub fn new(bundle: SharedBundle, accept: Option<TrustDomain>) -> Self {
+        Self { bundle, accept }
+    }
+}
+
+impl ClientCertVerifier for SvidClientVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let mut chain = Vec::with_capacity(1 + intermediates.len());
+        chain.push(end_entity.clone());
+        chain.extend(intermediates.iter().cloned());
+        let bundle = self.bundle.load();
+        verify_svid(&chain, &bundle, self.accept.as_ref(), now).map_err(to_rustls)?;
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &provider().signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &provider().signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// A server config that requires a client SVID and presents the store's current SVID.
+pub fn server_config(
+    store: &Arc<CredentialStore>,
+    accept: Option<TrustDomain>,
+    alpn: &[&[u8]],
+) -> Result<ServerConfig, rustls::Error> {
+    let verifier = Arc::new(SvidClientVerifier::new(store.bundle().clone(), accept));
+    let mut cfg = ServerConfig::builder_with_provider(provider().clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(Arc::new(StoreResolver(store.clone())));
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    cfg.send_tls13_tickets = 0;
+    Ok(cfg)
+}
+
+/// A client config that presents the store's SVID and accepts only `expected` as the server.
+pub fn client_config(
+    store: &Arc<CredentialStore>,
+    expected: SpiffeId,
+    alpn: &[&[u8]],
+) -> Result<ClientConfig, rustls::Error> {
+    let verifier = Arc::new(ExpectedServerVerifier::new(store.bundle().clone(), expected));
+    let mut cfg = ClientConfig::builder_with_provider(provider().clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_client_cert_resolver(Arc::new(StoreResolver(store.clone())));
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    cfg.resumption = rustls::client::Resumption::disabled();
+    cfg.enable_sni = false;
+    Ok(cfg)
+}
+
+/// The verified peer's SPIFFE ID after a handshake (None if it sent no certificate).
+pub fn peer_identity(conn: &rustls::CommonState) -> Option<SpiffeId> {
+    let leaf = conn.peer_certificates()?.first()?;
+    crate::verify::peer_id(leaf).ok()
+}
