@@ -1,1 +1,2 @@
-//! stub
+//! Palisade's control plane (being written).
+#![forbid(unsafe_code)]

@@ -1,0 +1,1 @@
+//! AuthorizationPolicy / PeerAuthentication resources (being written).
