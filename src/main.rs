@@ -29,6 +29,16 @@ enum Command {
     /// Certificate inspection.
     #[command(subcommand)]
     Cert(cmd::ca::CertCommand),
+    /// The sidecar proxy (configured by PALISADE_* variables or flags).
+    Proxy(Box<cmd::proxy::ProxyArgs>),
+    /// The control plane alone.
+    ControlPlane(cmd::control_plane::ControlPlaneArgs),
+    /// The demo app of the local mesh: says who called it, calls other services.
+    DemoApp(cmd::demo_app::DemoAppArgs),
+    /// Check a running local mesh: proxies ready, certificates valid, configs received.
+    Check(cmd::check::CheckArgs),
+    /// The latency benchmark: direct vs through the mesh, open loop, HDR histograms.
+    Bench(cmd::bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -39,6 +49,11 @@ fn main() -> ExitCode {
         Command::Up(args) => cmd::up::run(args),
         Command::Ca(c) => cmd::ca::run_ca(c),
         Command::Cert(c) => cmd::ca::run_cert(c),
+        Command::Proxy(a) => cmd::proxy::run(*a),
+        Command::ControlPlane(a) => cmd::control_plane::run(a),
+        Command::DemoApp(a) => cmd::demo_app::run(a),
+        Command::Check(a) => cmd::check::run(a),
+        Command::Bench(a) => cmd::bench::run(a),
     };
     match result {
         Ok(code) => code,

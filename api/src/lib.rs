@@ -8,4 +8,5 @@ pub mod v1 {
     tonic::include_proto!("palisade.v1");
 }
 
+pub mod client;
 pub mod policy;

@@ -1,1 +1,1112 @@
-//! AuthorizationPolicy / PeerAuthentication resources (being written).
+//! Policy resources, Kubernetes-shaped (apiVersion, kind, metadata, spec) with Istio's field
+//! names, so the Kubernetes source can derive CRDs from them and Istio users can bring their
+//! policies: `AuthorizationPolicy` and `PeerAuthentication` in `palisade.dev/v1alpha1`
+//! (`security.istio.io/v1` and `v1beta1` are accepted unchanged).
+//!
+//! Parsing is strict: unknown fields, unknown `when` keys, malformed CIDRs or ports and
+//! misplaced wildcards are errors naming the file, the document index and the field path. A
+//! typo in a DENY policy must never silently become "allow".
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+pub const API_VERSION: &str = "palisade.dev/v1alpha1";
+const ISTIO_VERSIONS: &[&str] = &["security.istio.io/v1", "security.istio.io/v1beta1"];
+/// Policies in this namespace apply to every workload of the mesh (Istio's root namespace).
+pub const ROOT_NAMESPACE: &str = "palisade-system";
+/// The namespace of a resource that names none.
+pub const DEFAULT_NAMESPACE: &str = "default";
+
+/// What the mesh does for a workload that no ALLOW policy selects.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DefaultPolicy {
+    #[default]
+    Allow,
+    Deny,
+    /// Allow any caller with a valid mesh identity (mTLS), deny the rest.
+    Authenticated,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ObjectMeta {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+}
+
+impl ObjectMeta {
+    pub fn namespace(&self) -> &str {
+        self.namespace.as_deref().unwrap_or(DEFAULT_NAMESPACE)
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WorkloadSelector {
+    #[serde(default)]
+    pub match_labels: BTreeMap<String, String>,
+}
+
+impl WorkloadSelector {
+    fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
+        self.match_labels
+            .iter()
+            .all(|(k, v)| labels.get(k) == Some(v))
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Action {
+    #[default]
+    Allow,
+    Deny,
+    Audit,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AuthorizationPolicy {
+    pub api_version: String,
+    pub kind: String,
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: AuthorizationPolicySpec,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AuthorizationPolicySpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<WorkloadSelector>,
+    #[serde(default)]
+    pub action: Action,
+    /// Absent: the policy matches nothing (an ALLOW policy without rules allows nothing).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rules: Option<Vec<Rule>>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Rule {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub from: Vec<RuleFrom>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub to: Vec<RuleTo>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub when: Vec<Condition>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RuleFrom {
+    pub source: Source,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RuleTo {
+    pub operation: Operation,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Source {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub principals: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_principals: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub namespaces: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_namespaces: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ip_blocks: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_ip_blocks: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Operation {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_hosts: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_ports: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub methods: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_methods: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub paths: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_paths: Vec<String>,
+}
+
+impl Operation {
+    /// Fields that only exist for HTTP (Istio's TCP handling depends on them).
+    pub fn has_http_fields(&self) -> bool {
+        !(self.hosts.is_empty()
+            && self.not_hosts.is_empty()
+            && self.methods.is_empty()
+            && self.not_methods.is_empty()
+            && self.paths.is_empty()
+            && self.not_paths.is_empty())
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Condition {
+    pub key: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub values: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_values: Vec<String>,
+}
+
+/// The `when` keys we understand. Others are errors, not ignored.
+pub const CONDITION_KEYS: &[&str] = &[
+    "request.headers[<name>]",
+    "source.ip",
+    "source.namespace",
+    "source.principal",
+    "destination.port",
+];
+
+impl Condition {
+    /// The header name of a `request.headers[NAME]` key.
+    pub fn header_name(&self) -> Option<&str> {
+        self.key
+            .strip_prefix("request.headers[")
+            .and_then(|r| r.strip_suffix(']'))
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum MtlsMode {
+    #[default]
+    Unset,
+    Strict,
+    Permissive,
+    Disable,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Mtls {
+    #[serde(default)]
+    pub mode: MtlsMode,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PeerAuthentication {
+    pub api_version: String,
+    pub kind: String,
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: PeerAuthenticationSpec,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PeerAuthenticationSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<WorkloadSelector>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtls: Option<Mtls>,
+    /// Keyed by port number (a string in YAML, as in Istio).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub port_level_mtls: BTreeMap<u32, Mtls>,
+}
+
+/// One policy document. Gateway API `HTTPRoute` will join this enum with traffic management.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Resource {
+    AuthorizationPolicy(AuthorizationPolicy),
+    PeerAuthentication(PeerAuthentication),
+}
+
+impl Resource {
+    pub fn metadata(&self) -> &ObjectMeta {
+        match self {
+            Resource::AuthorizationPolicy(p) => &p.metadata,
+            Resource::PeerAuthentication(p) => &p.metadata,
+        }
+    }
+
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Resource::AuthorizationPolicy(_) => "AuthorizationPolicy",
+            Resource::PeerAuthentication(_) => "PeerAuthentication",
+        }
+    }
+}
+
+fn selects(
+    meta: &ObjectMeta,
+    selector: Option<&WorkloadSelector>,
+    ns: &str,
+    labels: &BTreeMap<String, String>,
+    root_ns: &str,
+) -> bool {
+    let pns = meta.namespace();
+    (pns == root_ns || pns == ns) && selector.is_none_or(|s| s.matches(labels))
+}
+
+impl AuthorizationPolicy {
+    /// Whether this policy applies to a workload: same namespace (or the root namespace) and
+    /// a selector whose labels the workload has (no selector: every workload in scope).
+    pub fn selects(&self, ns: &str, labels: &BTreeMap<String, String>, root_ns: &str) -> bool {
+        selects(
+            &self.metadata,
+            self.spec.selector.as_ref(),
+            ns,
+            labels,
+            root_ns,
+        )
+    }
+
+    /// `namespace/name`, how metrics and logs name the policy.
+    pub fn qualified_name(&self) -> String {
+        format!("{}/{}", self.metadata.namespace(), self.metadata.name)
+    }
+}
+
+impl PeerAuthentication {
+    pub fn selects(&self, ns: &str, labels: &BTreeMap<String, String>, root_ns: &str) -> bool {
+        selects(
+            &self.metadata,
+            self.spec.selector.as_ref(),
+            ns,
+            labels,
+            root_ns,
+        )
+    }
+}
+
+/// The mTLS mode of a workload, and its per-port overrides.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MtlsSettings {
+    pub mode: MtlsMode,
+    pub port_modes: BTreeMap<u32, MtlsMode>,
+}
+
+/// Istio's precedence: a workload-selector policy beats a namespace policy, which beats the
+/// root-namespace (mesh) policy; UNSET inherits from the level above; nothing at all: STRICT.
+pub fn effective_mtls(
+    peer_auths: &[PeerAuthentication],
+    ns: &str,
+    labels: &BTreeMap<String, String>,
+) -> MtlsSettings {
+    let pick = |level: u8| {
+        let mut v: Vec<&PeerAuthentication> = peer_auths
+            .iter()
+            .filter(|p| {
+                let pns = p.metadata.namespace();
+                match level {
+                    0 => pns == ROOT_NAMESPACE && p.spec.selector.is_none(),
+                    1 => pns == ns && pns != ROOT_NAMESPACE && p.spec.selector.is_none(),
+                    _ => pns == ns && p.spec.selector.as_ref().is_some_and(|s| s.matches(labels)),
+                }
+            })
+            .collect();
+        // Deterministic when several apply: the oldest name wins, as Istio picks the oldest.
+        v.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+        v.first().copied()
+    };
+    let mut mode = MtlsMode::Strict;
+    let mut port_modes = BTreeMap::new();
+    for level in 0..3 {
+        if let Some(p) = pick(level) {
+            if let Some(m) = &p.spec.mtls
+                && m.mode != MtlsMode::Unset
+            {
+                mode = m.mode;
+            }
+            // Port-level settings only make sense with a workload selector (Istio).
+            if level == 2 {
+                for (port, m) in &p.spec.port_level_mtls {
+                    if m.mode != MtlsMode::Unset {
+                        port_modes.insert(*port, m.mode);
+                    }
+                }
+            }
+        }
+    }
+    MtlsSettings { mode, port_modes }
+}
+
+/// A parse or validation error, naming where it is.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{}: document {document}: {field}: {message}", file.display())]
+pub struct PolicyError {
+    pub file: PathBuf,
+    pub document: usize,
+    pub field: String,
+    pub message: String,
+}
+
+/// A resource and where it came from.
+#[derive(Clone, Debug)]
+pub struct Loaded {
+    pub file: PathBuf,
+    pub index: usize,
+    pub resource: Resource,
+}
+
+struct Ctx<'a> {
+    file: &'a Path,
+    document: usize,
+    errors: Vec<PolicyError>,
+}
+
+impl Ctx<'_> {
+    fn err(&mut self, field: &str, message: impl Into<String>) {
+        self.errors.push(PolicyError {
+            file: self.file.to_path_buf(),
+            document: self.document,
+            field: if field.is_empty() {
+                "(document)".into()
+            } else {
+                field.to_string()
+            },
+            message: message.into(),
+        });
+    }
+}
+
+fn join(path: &str, key: &str) -> String {
+    if path.is_empty() {
+        key.to_string()
+    } else {
+        format!("{path}.{key}")
+    }
+}
+
+/// Checks an object's keys against the allowed ones; returns its map if it is an object.
+fn object<'v>(
+    c: &mut Ctx<'_>,
+    v: &'v Value,
+    path: &str,
+    allowed: &[&str],
+) -> Option<&'v serde_json::Map<String, Value>> {
+    let Some(map) = v.as_object() else {
+        c.err(path, format!("expected a mapping, found {}", kind_of(v)));
+        return None;
+    };
+    for k in map.keys() {
+        if !allowed.contains(&k.as_str()) {
+            c.err(
+                &join(path, k),
+                format!("unknown field; expected one of: {}", allowed.join(", ")),
+            );
+        }
+    }
+    Some(map)
+}
+
+fn kind_of(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "a mapping",
+    }
+}
+
+fn list<'v>(c: &mut Ctx<'_>, v: &'v Value, path: &str) -> &'v [Value] {
+    match v {
+        Value::Array(a) => a,
+        Value::Null => &[],
+        other => {
+            c.err(path, format!("expected a list, found {}", kind_of(other)));
+            &[]
+        }
+    }
+}
+
+/// Exact, `prefix*`, `*suffix` or `*`.
+fn check_pattern(c: &mut Ctx<'_>, path: &str, s: &str) {
+    if s.is_empty() {
+        c.err(path, "empty string");
+        return;
+    }
+    if s.len() > 1 && s[1..s.len() - 1].contains('*') {
+        c.err(
+            path,
+            format!("{s:?}: `*` is allowed only at the start or the end"),
+        );
+    } else if s.len() > 1 && s.starts_with('*') && s.ends_with('*') {
+        c.err(
+            path,
+            format!("{s:?}: use `*` at the start or the end, not both"),
+        );
+    }
+}
+
+fn strings(c: &mut Ctx<'_>, v: &Value, path: &str, check: fn(&mut Ctx<'_>, &str, &str)) {
+    for (i, item) in list(c, v, path).iter().enumerate() {
+        let p = format!("{path}[{i}]");
+        match item {
+            Value::String(s) => check(c, &p, s),
+            // Istio writes ports as strings, but YAML users write numbers.
+            Value::Number(n) if path.ends_with("orts") => check(c, &p, &n.to_string()),
+            other => c.err(&p, format!("expected a string, found {}", kind_of(other))),
+        }
+    }
+}
+
+fn check_ip_block(c: &mut Ctx<'_>, path: &str, s: &str) {
+    if s.parse::<ipnet::IpNet>().is_err() && s.parse::<std::net::IpAddr>().is_err() {
+        c.err(path, format!("{s:?} is not an IP address or CIDR block"));
+    }
+}
+
+fn check_port(c: &mut Ctx<'_>, path: &str, s: &str) {
+    if !matches!(s.parse::<u32>(), Ok(1..=65535)) {
+        c.err(path, format!("{s:?} is not a port number (1-65535)"));
+    }
+}
+
+fn check_method(c: &mut Ctx<'_>, path: &str, s: &str) {
+    check_pattern(c, path, s);
+}
+
+fn validate_authz(c: &mut Ctx<'_>, doc: &Value) {
+    let Some(map) = object(c, doc, "", &["apiVersion", "kind", "metadata", "spec"]) else {
+        return;
+    };
+    let Some(spec) = map.get("spec") else {
+        return;
+    };
+    let Some(spec) = object(
+        c,
+        spec,
+        "spec",
+        &["selector", "action", "rules", "provider"],
+    ) else {
+        return;
+    };
+    if spec.contains_key("provider") {
+        c.err(
+            "spec.provider",
+            "CUSTOM actions and providers are not supported",
+        );
+    }
+    if let Some(sel) = spec.get("selector") {
+        object(c, sel, "spec.selector", &["matchLabels"]);
+    }
+    if let Some(a) = spec.get("action")
+        && !matches!(a.as_str(), Some("ALLOW" | "DENY" | "AUDIT"))
+    {
+        c.err(
+            "spec.action",
+            format!("{a} is not one of ALLOW, DENY, AUDIT"),
+        );
+    }
+    let Some(rules) = spec.get("rules") else {
+        return;
+    };
+    for (i, rule) in list(c, rules, "spec.rules").iter().enumerate() {
+        let rp = format!("spec.rules[{i}]");
+        let Some(r) = object(c, rule, &rp, &["from", "to", "when"]) else {
+            continue;
+        };
+        if let Some(from) = r.get("from") {
+            for (j, f) in list(c, from, &format!("{rp}.from")).iter().enumerate() {
+                let fp = format!("{rp}.from[{j}]");
+                let Some(f) = object(c, f, &fp, &["source"]) else {
+                    continue;
+                };
+                let Some(src) = f.get("source") else {
+                    c.err(&fp, "missing field `source`");
+                    continue;
+                };
+                let sp = format!("{fp}.source");
+                let allowed = [
+                    "principals",
+                    "notPrincipals",
+                    "namespaces",
+                    "notNamespaces",
+                    "ipBlocks",
+                    "notIpBlocks",
+                ];
+                let Some(s) = object(c, src, &sp, &allowed) else {
+                    continue;
+                };
+                for (k, v) in s {
+                    let check: fn(&mut Ctx<'_>, &str, &str) = match k.as_str() {
+                        "ipBlocks" | "notIpBlocks" => check_ip_block,
+                        _ => check_pattern,
+                    };
+                    strings(c, v, &join(&sp, k), check);
+                }
+            }
+        }
+        if let Some(to) = r.get("to") {
+            for (j, t) in list(c, to, &format!("{rp}.to")).iter().enumerate() {
+                let tp = format!("{rp}.to[{j}]");
+                let Some(t) = object(c, t, &tp, &["operation"]) else {
+                    continue;
+                };
+                let Some(op) = t.get("operation") else {
+                    c.err(&tp, "missing field `operation`");
+                    continue;
+                };
+                let op_path = format!("{tp}.operation");
+                let allowed = [
+                    "hosts",
+                    "notHosts",
+                    "ports",
+                    "notPorts",
+                    "methods",
+                    "notMethods",
+                    "paths",
+                    "notPaths",
+                ];
+                let Some(o) = object(c, op, &op_path, &allowed) else {
+                    continue;
+                };
+                for (k, v) in o {
+                    let check: fn(&mut Ctx<'_>, &str, &str) = match k.as_str() {
+                        "ports" | "notPorts" => check_port,
+                        "methods" | "notMethods" => check_method,
+                        _ => check_pattern,
+                    };
+                    strings(c, v, &join(&op_path, k), check);
+                }
+            }
+        }
+        if let Some(when) = r.get("when") {
+            for (j, w) in list(c, when, &format!("{rp}.when")).iter().enumerate() {
+                let wp = format!("{rp}.when[{j}]");
+                let Some(w) = object(c, w, &wp, &["key", "values", "notValues"]) else {
+                    continue;
+                };
+                match w.get("key").and_then(Value::as_str) {
+                    None => c.err(&format!("{wp}.key"), "missing or not a string"),
+                    Some(k) => {
+                        let header = k
+                            .strip_prefix("request.headers[")
+                            .and_then(|r| r.strip_suffix(']'));
+                        let ok = match header {
+                            Some(h) => http::HeaderName::from_bytes(h.as_bytes()).is_ok(),
+                            None => CONDITION_KEYS[1..].contains(&k),
+                        };
+                        if !ok {
+                            c.err(
+                                &format!("{wp}.key"),
+                                format!(
+                                    "unsupported key {k:?}; supported: {}",
+                                    CONDITION_KEYS.join(", ")
+                                ),
+                            );
+                        }
+                    }
+                }
+                if w.get("values").is_none() && w.get("notValues").is_none() {
+                    c.err(&wp, "a condition needs `values` or `notValues`");
+                }
+                for k in ["values", "notValues"] {
+                    if let Some(v) = w.get(k) {
+                        strings(c, v, &format!("{wp}.{k}"), check_pattern);
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn validate_peer_auth(c: &mut Ctx<'_>, doc: &Value) {
+    let Some(map) = object(c, doc, "", &["apiVersion", "kind", "metadata", "spec"]) else {
+        return;
+    };
+    let Some(spec) = map.get("spec") else {
+        return;
+    };
+    let Some(spec) = object(c, spec, "spec", &["selector", "mtls", "portLevelMtls"]) else {
+        return;
+    };
+    if let Some(sel) = spec.get("selector") {
+        object(c, sel, "spec.selector", &["matchLabels"]);
+    }
+    let mode_ok = |c: &mut Ctx<'_>, v: &Value, path: &str| {
+        if let Some(m) = object(c, v, path, &["mode"])
+            && let Some(mode) = m.get("mode")
+            && !matches!(
+                mode.as_str(),
+                Some("UNSET" | "STRICT" | "PERMISSIVE" | "DISABLE")
+            )
+        {
+            c.err(
+                &format!("{path}.mode"),
+                format!("{mode} is not one of UNSET, STRICT, PERMISSIVE, DISABLE"),
+            );
+        }
+    };
+    if let Some(m) = spec.get("mtls") {
+        mode_ok(c, m, "spec.mtls");
+    }
+    if let Some(p) = spec.get("portLevelMtls") {
+        match p.as_object() {
+            None => c.err(
+                "spec.portLevelMtls",
+                format!("expected a mapping of port to mtls, found {}", kind_of(p)),
+            ),
+            Some(map) => {
+                for (k, v) in map {
+                    let path = format!("spec.portLevelMtls.{k}");
+                    check_port(c, &path, k);
+                    mode_ok(c, v, &path);
+                }
+                if spec.get("selector").is_none() && !map.is_empty() {
+                    c.err(
+                        "spec.portLevelMtls",
+                        "port-level mTLS needs a workload selector (as in Istio)",
+                    );
+                }
+            }
+        }
+    }
+}
+
+fn validate_meta(c: &mut Ctx<'_>, doc: &Value) {
+    let Some(meta) = doc.get("metadata") else {
+        c.err("metadata", "missing field `metadata`");
+        return;
+    };
+    let Some(m) = object(
+        c,
+        meta,
+        "metadata",
+        &["name", "namespace", "labels", "annotations"],
+    ) else {
+        return;
+    };
+    match m.get("name").and_then(Value::as_str) {
+        Some(n) if !n.is_empty() => {}
+        _ => c.err("metadata.name", "missing or empty"),
+    }
+    if let Some(ns) = m.get("namespace")
+        && ns.as_str().is_none_or(str::is_empty)
+    {
+        c.err("metadata.namespace", "must be a non-empty string");
+    }
+}
+
+/// Parses one document that is already a JSON value.
+fn parse_value(c: &mut Ctx<'_>, doc: &Value) -> Option<Resource> {
+    let before = c.errors.len();
+    let Some(map) = doc.as_object() else {
+        c.err("", format!("expected a mapping, found {}", kind_of(doc)));
+        return None;
+    };
+    let api = map.get("apiVersion").and_then(Value::as_str).unwrap_or("");
+    let kind = map.get("kind").and_then(Value::as_str).unwrap_or("");
+    match kind {
+        "AuthorizationPolicy" | "PeerAuthentication" => {}
+        "HTTPRoute" => {
+            c.err(
+                "kind",
+                "HTTPRoute is not supported yet (traffic management comes next)",
+            );
+            return None;
+        }
+        "" => {
+            c.err("kind", "missing field `kind`");
+            return None;
+        }
+        other => {
+            c.err(
+                "kind",
+                format!(
+                    "unknown kind {other:?}; expected AuthorizationPolicy or PeerAuthentication"
+                ),
+            );
+            return None;
+        }
+    }
+    if api != API_VERSION && !ISTIO_VERSIONS.contains(&api) {
+        c.err(
+            "apiVersion",
+            format!("{api:?} is not {API_VERSION} (or security.istio.io/v1, v1beta1)"),
+        );
+    }
+    validate_meta(c, doc);
+    if kind == "AuthorizationPolicy" {
+        validate_authz(c, doc);
+    } else {
+        validate_peer_auth(c, doc);
+    }
+    if c.errors.len() > before {
+        return None;
+    }
+    let r = if kind == "AuthorizationPolicy" {
+        serde_json::from_value(doc.clone()).map(Resource::AuthorizationPolicy)
+    } else {
+        serde_json::from_value(doc.clone()).map(Resource::PeerAuthentication)
+    };
+    match r {
+        Ok(r) => Some(r),
+        Err(e) => {
+            c.err("spec", e.to_string());
+            None
+        }
+    }
+}
+
+/// Ports in YAML may be written as numbers; the typed model keeps Istio's strings.
+fn normalize(doc: &mut Value) {
+    match doc {
+        Value::Object(m) => {
+            for (k, v) in m.iter_mut() {
+                if (k == "ports" || k == "notPorts")
+                    && let Value::Array(a) = v
+                {
+                    for p in a.iter_mut() {
+                        if let Value::Number(n) = p {
+                            *p = Value::String(n.to_string());
+                        }
+                    }
+                }
+                normalize(v);
+            }
+        }
+        Value::Array(a) => a.iter_mut().for_each(normalize),
+        _ => {}
+    }
+}
+
+/// Parses a multi-document YAML text. All errors of all documents are reported.
+pub fn parse_str(file: &Path, text: &str) -> Result<Vec<Resource>, Vec<PolicyError>> {
+    let docs: Vec<Value> = match serde_saphyr::from_multiple(text) {
+        Ok(d) => d,
+        Err(e) => {
+            return Err(vec![PolicyError {
+                file: file.to_path_buf(),
+                document: 0,
+                field: "(yaml)".into(),
+                message: e.to_string(),
+            }]);
+        }
+    };
+    let mut c = Ctx {
+        file,
+        document: 0,
+        errors: Vec::new(),
+    };
+    let mut out = Vec::new();
+    for (i, mut doc) in docs.into_iter().enumerate() {
+        c.document = i;
+        if doc.is_null() {
+            continue;
+        }
+        normalize(&mut doc);
+        if let Some(r) = parse_value(&mut c, &doc) {
+            out.push(r);
+        }
+    }
+    if c.errors.is_empty() {
+        Ok(out)
+    } else {
+        Err(c.errors)
+    }
+}
+
+/// Loads a file, or every `*.yaml` / `*.yml` of a directory (sorted, not recursive), as one
+/// set: any error anywhere rejects the whole set. Duplicate `namespace/name` of one kind is an
+/// error.
+pub fn load_path(path: &Path) -> Result<Vec<Loaded>, Vec<PolicyError>> {
+    let io_err = |file: &Path, e: std::io::Error| {
+        vec![PolicyError {
+            file: file.to_path_buf(),
+            document: 0,
+            field: "(file)".into(),
+            message: e.to_string(),
+        }]
+    };
+    let files = if path.is_dir() {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(path)
+            .map_err(|e| io_err(path, e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.is_file()
+                    && p.extension().is_some_and(|x| x == "yaml" || x == "yml")
+                    && !p
+                        .file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with('.'))
+            })
+            .collect();
+        v.sort();
+        v
+    } else {
+        vec![path.to_path_buf()]
+    };
+    let mut errors = Vec::new();
+    let mut out: Vec<Loaded> = Vec::new();
+    let mut seen: BTreeMap<(&'static str, String, String), (PathBuf, usize)> = BTreeMap::new();
+    for file in files {
+        let text = match std::fs::read_to_string(&file) {
+            Ok(t) => t,
+            Err(e) => {
+                errors.extend(io_err(&file, e));
+                continue;
+            }
+        };
+        match parse_str(&file, &text) {
+            Ok(resources) => {
+                for (index, resource) in resources.into_iter().enumerate() {
+                    let m = resource.metadata();
+                    let key = (resource.kind(), m.namespace().to_string(), m.name.clone());
+                    if let Some((f, i)) = seen.get(&key) {
+                        errors.push(PolicyError {
+                            file: file.clone(),
+                            document: index,
+                            field: "metadata.name".into(),
+                            message: format!(
+                                "{} {}/{} is already defined in {} document {i}",
+                                key.0,
+                                key.1,
+                                key.2,
+                                f.display()
+                            ),
+                        });
+                        continue;
+                    }
+                    seen.insert(key, (file.clone(), index));
+                    out.push(Loaded {
+                        file: file.clone(),
+                        index,
+                        resource,
+                    });
+                }
+            }
+            Err(e) => errors.extend(e),
+        }
+    }
+    if errors.is_empty() {
+        Ok(out)
+    } else {
+        Err(errors)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Vec<Resource>, Vec<PolicyError>> {
+        parse_str(Path::new("p.yaml"), text)
+    }
+
+    fn first_err(text: &str) -> PolicyError {
+        parse(text).expect_err("should fail").remove(0)
+    }
+
+    const GOOD: &str = r#"
+apiVersion: palisade.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: { name: a, namespace: demo }
+spec:
+  selector: { matchLabels: { app: db } }
+  action: DENY
+  rules:
+    - from: [ { source: { principals: ["cluster.local/ns/demo/sa/web"], ipBlocks: ["10.0.0.0/8"] } } ]
+      to: [ { operation: { methods: ["GET"], paths: ["/api/*"], ports: [8080, "9090"] } } ]
+      when: [ { key: "request.headers[x-user]", values: ["alice"] } ]
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: { name: default, namespace: palisade-system }
+spec: { mtls: { mode: PERMISSIVE } }
+"#;
+
+    #[test]
+    fn parses_both_kinds_and_round_trips_through_json() {
+        let r = parse(GOOD).expect("valid");
+        assert_eq!(r.len(), 2);
+        let Resource::AuthorizationPolicy(p) = &r[0] else {
+            panic!("first is an AuthorizationPolicy")
+        };
+        assert_eq!(p.spec.action, Action::Deny);
+        let rule = &p.spec.rules.as_ref().expect("rules")[0];
+        assert_eq!(rule.to[0].operation.ports, vec!["8080", "9090"]);
+        let json = serde_json::to_string(p).expect("json");
+        let back: AuthorizationPolicy = serde_json::from_str(&json).expect("back");
+        assert_eq!(&back, p);
+    }
+
+    #[test]
+    fn errors_name_document_and_field() {
+        let e = first_err(&GOOD.replace("principals:", "principal:"));
+        assert_eq!(e.document, 0);
+        assert_eq!(e.field, "spec.rules[0].from[0].source.principal");
+        assert!(
+            e.to_string()
+                .starts_with("p.yaml: document 0: spec.rules[0]")
+        );
+
+        let e = first_err(&GOOD.replace("mode: PERMISSIVE", "mode: LAX"));
+        assert_eq!((e.document, e.field.as_str()), (1, "spec.mtls.mode"));
+
+        let e = first_err(&GOOD.replace("10.0.0.0/8", "10.0.0/33"));
+        assert_eq!(e.field, "spec.rules[0].from[0].source.ipBlocks[0]");
+
+        let e = first_err(&GOOD.replace("8080", "80800"));
+        assert_eq!(e.field, "spec.rules[0].to[0].operation.ports[0]");
+
+        let e = first_err(&GOOD.replace("/api/*", "/a*pi"));
+        assert_eq!(e.field, "spec.rules[0].to[0].operation.paths[0]");
+
+        let e = first_err(&GOOD.replace("request.headers[x-user]", "request.auth.claims[iss]"));
+        assert_eq!(e.field, "spec.rules[0].when[0].key");
+
+        let e = first_err(&GOOD.replace("action: DENY", "action: REJECT"));
+        assert_eq!(e.field, "spec.action");
+
+        let e = first_err(&GOOD.replace("kind: AuthorizationPolicy", "kind: Policy"));
+        assert_eq!(e.field, "kind");
+
+        let e = first_err(&GOOD.replace("palisade.dev/v1alpha1", "palisade.dev/v2"));
+        assert_eq!(e.field, "apiVersion");
+
+        let e = first_err(&GOOD.replace("{ name: a, namespace: demo }", "{ namespace: demo }"));
+        assert_eq!(e.field, "metadata.name");
+
+        let e = first_err("a: [");
+        assert_eq!(e.field, "(yaml)");
+    }
+
+    #[test]
+    fn duplicates_across_files_are_errors() {
+        let dir = tempdir();
+        std::fs::write(dir.join("a.yaml"), GOOD).expect("write");
+        std::fs::write(dir.join("b.yml"), GOOD).expect("write");
+        let errs = load_path(&dir).expect_err("duplicates");
+        assert!(errs.iter().all(|e| e.field == "metadata.name"), "{errs:?}");
+        assert!(errs[0].file.ends_with("b.yml"));
+        std::fs::remove_file(dir.join("b.yml")).expect("rm");
+        assert_eq!(load_path(&dir).expect("ok").len(), 2);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    fn tempdir() -> PathBuf {
+        let d = std::env::temp_dir().join(format!(
+            "palisade-policy-test-{}-{}",
+            std::process::id(),
+            rand_suffix()
+        ));
+        std::fs::create_dir_all(&d).expect("mkdir");
+        d
+    }
+
+    fn rand_suffix() -> u128 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0)
+    }
+
+    fn labels(kv: &[(&str, &str)]) -> BTreeMap<String, String> {
+        kv.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn pa(ns: &str, name: &str, selector: Option<&str>, mode: MtlsMode) -> PeerAuthentication {
+        PeerAuthentication {
+            api_version: API_VERSION.into(),
+            kind: "PeerAuthentication".into(),
+            metadata: ObjectMeta {
+                name: name.into(),
+                namespace: Some(ns.into()),
+                ..Default::default()
+            },
+            spec: PeerAuthenticationSpec {
+                selector: selector.map(|s| WorkloadSelector {
+                    match_labels: labels(&[("app", s)]),
+                }),
+                mtls: Some(Mtls { mode }),
+                port_level_mtls: BTreeMap::new(),
+            },
+        }
+    }
+
+    #[test]
+    fn mtls_precedence() {
+        let l = labels(&[("app", "db")]);
+        assert_eq!(effective_mtls(&[], "demo", &l).mode, MtlsMode::Strict);
+        let mesh = pa(ROOT_NAMESPACE, "default", None, MtlsMode::Permissive);
+        let ns = pa("demo", "ns", None, MtlsMode::Disable);
+        let wl = pa("demo", "db", Some("db"), MtlsMode::Strict);
+        let unset = pa("demo", "db", Some("db"), MtlsMode::Unset);
+        assert_eq!(
+            effective_mtls(std::slice::from_ref(&mesh), "demo", &l).mode,
+            MtlsMode::Permissive
+        );
+        assert_eq!(
+            effective_mtls(&[mesh.clone(), ns.clone()], "demo", &l).mode,
+            MtlsMode::Disable
+        );
+        assert_eq!(
+            effective_mtls(&[mesh.clone(), ns.clone(), wl], "demo", &l).mode,
+            MtlsMode::Strict
+        );
+        assert_eq!(
+            effective_mtls(&[mesh.clone(), ns, unset], "demo", &l).mode,
+            MtlsMode::Disable
+        );
+        // Other namespaces' policies do not apply.
+        assert_eq!(
+            effective_mtls(&[pa("other", "x", None, MtlsMode::Disable)], "demo", &l).mode,
+            MtlsMode::Strict
+        );
+        let mut ported = pa("demo", "db", Some("db"), MtlsMode::Unset);
+        ported.spec.port_level_mtls.insert(
+            9090,
+            Mtls {
+                mode: MtlsMode::Permissive,
+            },
+        );
+        let s = effective_mtls(&[mesh, ported], "demo", &l);
+        assert_eq!(s.mode, MtlsMode::Permissive);
+        assert_eq!(s.port_modes.get(&9090), Some(&MtlsMode::Permissive));
+    }
+
+    #[test]
+    fn selection_by_namespace_and_labels() {
+        let Resource::AuthorizationPolicy(p) = parse(GOOD).expect("ok").remove(0) else {
+            panic!()
+        };
+        assert!(p.selects(
+            "demo",
+            &labels(&[("app", "db"), ("v", "1")]),
+            ROOT_NAMESPACE
+        ));
+        assert!(!p.selects("demo", &labels(&[("app", "web")]), ROOT_NAMESPACE));
+        assert!(!p.selects("other", &labels(&[("app", "db")]), ROOT_NAMESPACE));
+        let mut mesh_wide = p.clone();
+        mesh_wide.metadata.namespace = Some(ROOT_NAMESPACE.into());
+        mesh_wide.spec.selector = None;
+        assert!(mesh_wide.selects("any", &labels(&[]), ROOT_NAMESPACE));
+    }
+}

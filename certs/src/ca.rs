@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
-    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256,
-    SanType, SerialNumber,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    PKCS_ECDSA_P256_SHA256, SanType, SerialNumber,
 };
 use rustls_pki_types::{CertificateDer, CertificateSigningRequestDer, pem::PemObject};
 use time::OffsetDateTime;
@@ -176,12 +176,13 @@ impl Ca {
                 what: "certificate",
             }
         })?;
-        let issuer_der = CertificateDer::from_pem_slice(&read_file(&issuer_path)?).map_err(|_| {
-            CaError::BadPem {
-                path: issuer_path.clone(),
-                what: "certificate",
-            }
-        })?;
+        let issuer_der =
+            CertificateDer::from_pem_slice(&read_file(&issuer_path)?).map_err(|_| {
+                CaError::BadPem {
+                    path: issuer_path.clone(),
+                    what: "certificate",
+                }
+            })?;
         let key_pem = String::from_utf8(read_file(&key_path)?).map_err(|_| CaError::BadPem {
             path: key_path.clone(),
             what: "private key",
@@ -220,7 +221,12 @@ impl Ca {
 
     /// Writes the CA into `dir` (keys with mode 0600). Refuses to overwrite an existing CA.
     pub fn save(&self, dir: &Path) -> Result<(), CaError> {
-        for f in [ROOT_CERT_FILE, ISSUER_CERT_FILE, ISSUER_KEY_FILE, ROOT_KEY_FILE] {
+        for f in [
+            ROOT_CERT_FILE,
+            ISSUER_CERT_FILE,
+            ISSUER_KEY_FILE,
+            ROOT_KEY_FILE,
+        ] {
             let p = dir.join(f);
             if p.exists() {
                 return Err(CaError::AlreadyExists(p));
@@ -230,7 +236,10 @@ impl Ca {
             path: dir.to_path_buf(),
             source,
         })?;
-        write_public(&dir.join(ROOT_CERT_FILE), &crate::pem::cert_pem(&self.root_der))?;
+        write_public(
+            &dir.join(ROOT_CERT_FILE),
+            &crate::pem::cert_pem(&self.root_der),
+        )?;
         write_public(
             &dir.join(ISSUER_CERT_FILE),
             &crate::pem::cert_pem(&self.issuer_der),
@@ -263,13 +272,18 @@ impl Ca {
     /// used: the SAN, subject, usages and lifetime are the CA's.
     pub fn sign_csr(&self, csr: &[u8], id: &SpiffeId, ttl: Duration) -> Result<Svid, CaError> {
         let parsed = if csr.starts_with(b"-----BEGIN") {
-            let der = CertificateSigningRequestDer::from_pem_slice(csr).map_err(|_| CaError::BadCsr)?;
+            let der =
+                CertificateSigningRequestDer::from_pem_slice(csr).map_err(|_| CaError::BadCsr)?;
             CertificateSigningRequestParams::from_der(&der)
         } else {
             CertificateSigningRequestParams::from_der(&CertificateSigningRequestDer::from(csr))
         }
         .map_err(|_| CaError::BadCsr)?;
-        if parsed.public_key.algorithm() != &PKCS_ECDSA_P256_SHA256 {
+        // The algorithm comes from the CSR's signature OID (a P-384 key signing with SHA-256 reads
+        // as P-256), so the key itself must be checked too: a P-256 point is 65 bytes.
+        if parsed.public_key.algorithm() != &PKCS_ECDSA_P256_SHA256
+            || rcgen::PublicKeyData::der_bytes(&parsed.public_key).len() != 65
+        {
             return Err(CaError::UnsupportedKey);
         }
         let params = self.leaf_params(id, ttl)?;

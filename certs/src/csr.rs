@@ -33,9 +33,11 @@ impl KeyAndCsr {
 
     /// Joins the key with the chain the CA returned. Fails if the leaf is not for this key.
     pub fn into_svid(self, mut issued: Svid) -> Result<Svid, CaError> {
-        let (_, leaf) = x509_parser::parse_x509_certificate(issued.leaf())
-            .map_err(|_| CaError::BadCsr)?;
-        if leaf.public_key().raw != rcgen::PublicKeyData::subject_public_key_info(&self.key).as_slice() {
+        let (_, leaf) =
+            x509_parser::parse_x509_certificate(issued.leaf()).map_err(|_| CaError::BadCsr)?;
+        if leaf.public_key().raw
+            != rcgen::PublicKeyData::subject_public_key_info(&self.key).as_slice()
+        {
             return Err(CaError::BadCsr);
         }
         issued.key = Some(PrivatePkcs8KeyDer::from(self.key.serialize_der()));

@@ -37,7 +37,9 @@ pub enum SpiffeIdError {
     BadPathChar(char),
     #[error("SPIFFE ID has a query or fragment")]
     QueryOrFragment,
-    #[error("SPIFFE ID {0} is not of the form spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>")]
+    #[error(
+        "SPIFFE ID {0} is not of the form spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>"
+    )]
     NotWorkloadId(String),
 }
 
@@ -300,7 +302,10 @@ mod tests {
         let long_td = format!("spiffe://{}/a", "a".repeat(256));
         assert_eq!(SpiffeId::parse(&long_td).unwrap_err(), TrustDomainTooLong);
         // Exactly at the limit is accepted.
-        let at_limit = format!("spiffe://td/{}", "a".repeat(MAX_ID_LEN - "spiffe://td/".len()));
+        let at_limit = format!(
+            "spiffe://td/{}",
+            "a".repeat(MAX_ID_LEN - "spiffe://td/".len())
+        );
         assert!(SpiffeId::parse(&at_limit).is_ok());
     }
 }

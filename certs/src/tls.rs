@@ -140,15 +140,35 @@ impl ServerCertVerifier for ExpectedServerVerifier {
 pub struct SvidClientVerifier {
     bundle: SharedBundle,
     accept: Option<TrustDomain>,
+    mandatory: bool,
 }
 
 impl SvidClientVerifier {
     pub fn new(bundle: SharedBundle, accept: Option<TrustDomain>) -> Self {
-        Self { bundle, accept }
+        Self {
+            bundle,
+            accept,
+            mandatory: true,
+        }
+    }
+
+    /// A verifier that also admits clients without a certificate (the control plane's API,
+    /// where a bootstrapping proxy has only a token). A certificate that is sent must still be
+    /// a valid SVID.
+    pub fn optional(bundle: SharedBundle, accept: Option<TrustDomain>) -> Self {
+        Self {
+            bundle,
+            accept,
+            mandatory: false,
+        }
     }
 }
 
 impl ClientCertVerifier for SvidClientVerifier {
+    fn client_auth_mandatory(&self) -> bool {
+        self.mandatory
+    }
+
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
         &[]
     }
@@ -208,10 +228,28 @@ pub fn server_config(
     accept: Option<TrustDomain>,
     alpn: &[&[u8]],
 ) -> Result<ServerConfig, rustls::Error> {
-    let verifier = Arc::new(SvidClientVerifier::new(store.bundle().clone(), accept));
+    let verifier = SvidClientVerifier::new(store.bundle().clone(), accept);
+    build_server_config(store, verifier, alpn)
+}
+
+/// A server config like [`server_config`] where the client certificate is optional.
+pub fn server_config_optional_client(
+    store: &Arc<CredentialStore>,
+    accept: Option<TrustDomain>,
+    alpn: &[&[u8]],
+) -> Result<ServerConfig, rustls::Error> {
+    let verifier = SvidClientVerifier::optional(store.bundle().clone(), accept);
+    build_server_config(store, verifier, alpn)
+}
+
+fn build_server_config(
+    store: &Arc<CredentialStore>,
+    verifier: SvidClientVerifier,
+    alpn: &[&[u8]],
+) -> Result<ServerConfig, rustls::Error> {
     let mut cfg = ServerConfig::builder_with_provider(provider().clone())
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_client_cert_verifier(verifier)
+        .with_client_cert_verifier(Arc::new(verifier))
         .with_cert_resolver(Arc::new(StoreResolver(store.clone())));
     cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
@@ -225,7 +263,10 @@ pub fn client_config(
     expected: SpiffeId,
     alpn: &[&[u8]],
 ) -> Result<ClientConfig, rustls::Error> {
-    let verifier = Arc::new(ExpectedServerVerifier::new(store.bundle().clone(), expected));
+    let verifier = Arc::new(ExpectedServerVerifier::new(
+        store.bundle().clone(),
+        expected,
+    ));
     let mut cfg = ClientConfig::builder_with_provider(provider().clone())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()

@@ -230,7 +230,9 @@ pub fn inspect(der: &[u8]) -> Result<CertInfo, SvidError> {
             Err(e) => Err(e.to_string()),
         }
     } else {
-        check_leaf_rules(&cert).map(|_| ()).map_err(|e| e.to_string())
+        check_leaf_rules(&cert)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
     };
     Ok(CertInfo {
         spiffe_id: spiffe_id_of(&cert).ok(),

@@ -1,2 +1,461 @@
-//! Palisade's control plane (being written).
+//! Palisade's control plane: the CA behind the Identity service, the Discovery service that
+//! streams each proxy its own config, and the config sources that feed them (the local mesh
+//! file and policies directory today; Kubernetes through the same model later).
+//!
+//! The API is gRPC over TLS with the control plane's own SVID
+//! (`spiffe://<td>/ns/palisade-system/sa/control-plane`). A client certificate is optional at
+//! the TLS layer because a bootstrapping proxy has only a token; each RPC then decides what
+//! the caller's identity (or token) entitles it to.
 #![forbid(unsafe_code)]
+
+pub mod conn;
+pub mod discovery;
+pub mod identity;
+pub mod mesh;
+pub mod metrics;
+pub mod model;
+pub mod source;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use palisade_api::v1::discovery_server::DiscoveryServer;
+use palisade_api::v1::identity_server::IdentityServer;
+use palisade_certs::{Ca, CaError, CredentialStore, SpiffeId, TrustBundle, TrustDomain};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+
+pub use conn::PeerInfo;
+pub use mesh::{Mesh, MeshError};
+pub use metrics::Metrics;
+pub use model::{Model, ModelError};
+pub use source::{ConfigSource, LocalSource};
+
+/// Namespace and service account of the control plane's own identity.
+pub const CONTROL_PLANE_NAMESPACE: &str = "palisade-system";
+pub const CONTROL_PLANE_SERVICE_ACCOUNT: &str = "control-plane";
+/// Where the CA lives under the state directory.
+pub const CA_DIR: &str = "ca";
+/// How long a graceful shutdown waits for open connections before cutting them.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// `spiffe://<td>/ns/palisade-system/sa/control-plane`: what proxies expect the control plane
+/// to present.
+pub fn control_plane_id(td: &TrustDomain) -> Result<SpiffeId, palisade_certs::SpiffeIdError> {
+    SpiffeId::for_workload(td, CONTROL_PLANE_NAMESPACE, CONTROL_PLANE_SERVICE_ACCOUNT)
+}
+
+/// How to run a control plane.
+#[derive(Clone)]
+pub struct ControlPlaneConfig {
+    /// The mesh file (local config source); its policies directory is watched too.
+    pub mesh_path: PathBuf,
+    /// Holds the CA in `ca/` (created on first start).
+    pub state_dir: PathBuf,
+    /// gRPC listen address; default `127.0.0.1:<controlPlane.port>` of the mesh file.
+    pub listen: Option<SocketAddr>,
+    /// Workload name -> bootstrap token.
+    pub tokens: HashMap<String, String>,
+    /// Serve `/metrics`, `/ready`, `/live` and `/status` over plain HTTP here.
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+impl std::fmt::Debug for ControlPlaneConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The tokens are secrets: show whose they are, never what they are.
+        let mut workloads: Vec<&String> = self.tokens.keys().collect();
+        workloads.sort();
+        f.debug_struct("ControlPlaneConfig")
+            .field("mesh_path", &self.mesh_path)
+            .field("state_dir", &self.state_dir)
+            .field("listen", &self.listen)
+            .field("tokens_for", &workloads)
+            .field("metrics_listen", &self.metrics_listen)
+            .finish()
+    }
+}
+
+/// Why the control plane cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlPlaneError {
+    #[error(transparent)]
+    Config(#[from] ModelError),
+    #[error("CA in {}: {source}", dir.display())]
+    Ca { dir: PathBuf, source: CaError },
+    #[error(
+        "the CA in {} is for trust domain {ca}, but the mesh file says {mesh}; use another state directory or fix trustDomain",
+        dir.display()
+    )]
+    TrustDomainMismatch {
+        dir: PathBuf,
+        ca: TrustDomain,
+        mesh: TrustDomain,
+    },
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot set up TLS: {0}")]
+    Tls(String),
+    #[error("the gRPC server failed: {0}")]
+    Serve(String),
+}
+
+/// A running control plane. Dropping it without [`RunningControlPlane::shutdown`] aborts its
+/// tasks.
+#[derive(Debug)]
+pub struct RunningControlPlane {
+    addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
+    state_dir: PathBuf,
+    trust_domain: TrustDomain,
+    stop: watch::Sender<bool>,
+    server: Option<JoinHandle<Result<(), String>>>,
+    tasks: Vec<JoinHandle<()>>,
+    source: LocalSource,
+    metrics: Arc<Metrics>,
+    store: Arc<CredentialStore>,
+}
+
+impl RunningControlPlane {
+    /// The gRPC address actually bound (useful with port 0).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The metrics endpoint actually bound, if one was asked for.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+
+    /// The trust anchor (PEM) proxies need to verify the control plane:
+    /// `<state_dir>/ca/root-cert.pem`.
+    pub fn trust_bundle_path(&self) -> PathBuf {
+        self.state_dir
+            .join(CA_DIR)
+            .join(palisade_certs::ca::ROOT_CERT_FILE)
+    }
+
+    pub fn trust_domain(&self) -> &TrustDomain {
+        &self.trust_domain
+    }
+
+    /// The SPIFFE ID the control plane presents.
+    pub fn identity(&self) -> &SpiffeId {
+        self.store.id()
+    }
+
+    /// The model being served now.
+    pub fn model(&self) -> Arc<Model> {
+        self.source.current()
+    }
+
+    /// Model snapshots as they are published.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Model>> {
+        self.source.subscribe()
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Resolves when the gRPC server stops on its own (an error); never if all is well.
+    pub async fn stopped(&mut self) -> Result<(), ControlPlaneError> {
+        let Some(server) = self.server.as_mut() else {
+            return Ok(());
+        };
+        let res = server.await;
+        self.server = None;
+        match res {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(ControlPlaneError::Serve(e)),
+            Err(e) => Err(ControlPlaneError::Serve(e.to_string())),
+        }
+    }
+
+    /// Stops accepting, ends the Watch streams (proxies keep their last config and reconnect
+    /// with backoff), lets calls in flight finish for up to [`SHUTDOWN_GRACE`], then stops.
+    pub async fn shutdown(mut self) {
+        let _ = self.stop.send(true);
+        if let Some(server) = self.server.take() {
+            let abort = server.abort_handle();
+            if tokio::time::timeout(SHUTDOWN_GRACE, server).await.is_err() {
+                tracing::warn!("connections still open after the grace period; closing them");
+                abort.abort();
+            }
+        }
+        for t in self.tasks.drain(..) {
+            t.abort();
+        }
+        tracing::info!("control plane stopped");
+    }
+}
+
+impl Drop for RunningControlPlane {
+    fn drop(&mut self) {
+        if let Some(s) = &self.server {
+            s.abort();
+        }
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// Loads the CA from `dir`, or creates and saves one for `td` if there is none.
+fn load_or_create_ca(dir: &Path, td: &TrustDomain) -> Result<Ca, ControlPlaneError> {
+    let ca_err = |source| ControlPlaneError::Ca {
+        dir: dir.to_path_buf(),
+        source,
+    };
+    if dir.join(palisade_certs::ca::ROOT_CERT_FILE).exists() {
+        let ca = Ca::load(dir).map_err(ca_err)?;
+        if ca.trust_domain() != td {
+            return Err(ControlPlaneError::TrustDomainMismatch {
+                dir: dir.to_path_buf(),
+                ca: ca.trust_domain().clone(),
+                mesh: td.clone(),
+            });
+        }
+        tracing::info!(dir = %dir.display(), trust_domain = %td, "CA loaded");
+        Ok(ca)
+    } else {
+        let ca = Ca::generate(td, None).map_err(ca_err)?;
+        ca.save(dir).map_err(ca_err)?;
+        tracing::info!(dir = %dir.display(), trust_domain = %td, "CA created");
+        Ok(ca)
+    }
+}
+
+/// Issues the control plane's own SVID and installs it.
+fn issue_own(ca: &Ca, store: &CredentialStore, lifetime: Duration) -> Result<i64, String> {
+    let svid = ca.issue(store.id(), lifetime).map_err(|e| e.to_string())?;
+    let not_after = svid.not_after;
+    store.install(svid).map_err(|e| e.to_string())?;
+    Ok(not_after)
+}
+
+/// Renews the control plane's SVID at half its lifetime (with ±10% jitter, so control planes
+/// sharing a CA do not renew in lockstep), retrying every second on failure. The old
+/// certificate serves until the new one is installed.
+///
+/// The delay is half of the *remaining* time, measured right after an issue: NotBefore is
+/// backdated for clock skew, so "NotBefore + lifetime/2" would come too early (immediately,
+/// for the second-long lifetimes of tests).
+async fn renew_loop(
+    ca: Arc<Ca>,
+    store: Arc<CredentialStore>,
+    model: watch::Receiver<Arc<Model>>,
+    metrics: Arc<Metrics>,
+) {
+    loop {
+        let wait = match store.current() {
+            Some(c) => {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs_f64())
+                    .unwrap_or(0.0);
+                let remaining = c.svid.not_after as f64 - now;
+                let jitter = 0.9 + rand::random::<f64>() * 0.2;
+                Duration::from_secs_f64((remaining * 0.5 * jitter).max(0.05))
+            }
+            None => Duration::ZERO,
+        };
+        tokio::time::sleep(wait).await;
+        let lifetime = model.borrow().mesh.certificate_lifetime;
+        match issue_own(&ca, &store, lifetime) {
+            Ok(not_after) => {
+                metrics.cert_expiry.set(not_after);
+                tracing::debug!(valid_until = not_after, "control-plane certificate renewed");
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot renew the control-plane certificate; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
+/// Starts the control plane: loads the config (an invalid one is an error here), loads or
+/// creates the CA, issues its own SVID, and serves the API. Returns once it is listening.
+pub async fn start(cfg: ControlPlaneConfig) -> Result<RunningControlPlane, ControlPlaneError> {
+    // tonic and hyper may build rustls configs of their own; make ring the process default.
+    palisade_certs::tls::install_default_provider();
+    let metrics = Metrics::new();
+    let source = LocalSource::start(&cfg.mesh_path, metrics.clone())?;
+    let model = source.current();
+    let td = model.mesh.trust_domain.clone();
+    let lifetime = model.mesh.certificate_lifetime;
+
+    let ca_dir = cfg.state_dir.join(CA_DIR);
+    let ca = Arc::new(load_or_create_ca(&ca_dir, &td)?);
+    let bundle = TrustBundle::with_roots(&td, [ca.root_der().clone()])
+        .map_err(|e| ControlPlaneError::Tls(format!("the CA root is not a trust anchor: {e}")))?;
+    let own_id = control_plane_id(&td)
+        .map_err(|e| ControlPlaneError::Tls(format!("control-plane identity: {e}")))?;
+    let store = CredentialStore::new(own_id.clone(), bundle);
+    let not_after = issue_own(&ca, &store, lifetime).map_err(ControlPlaneError::Tls)?;
+    metrics.cert_expiry.set(not_after);
+
+    let listen = cfg
+        .listen
+        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], model.mesh.control_plane.port)));
+    let listener = TcpListener::bind(listen)
+        .await
+        .map_err(|source| ControlPlaneError::Listen {
+            addr: listen,
+            source,
+        })?;
+    let addr = listener
+        .local_addr()
+        .map_err(|source| ControlPlaneError::Listen {
+            addr: listen,
+            source,
+        })?;
+    let tls =
+        palisade_certs::tls::server_config_optional_client(&store, Some(td.clone()), &[b"h2"])
+            .map_err(|e| ControlPlaneError::Tls(e.to_string()))?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut tasks = Vec::new();
+
+    let metrics_addr = match cfg.metrics_listen {
+        Some(maddr) => {
+            let l = metrics::bind(maddr)
+                .await
+                .map_err(|source| ControlPlaneError::Listen {
+                    addr: maddr,
+                    source,
+                })?;
+            let bound = l.local_addr().map_err(|source| ControlPlaneError::Listen {
+                addr: maddr,
+                source,
+            })?;
+            let model_rx = source.subscribe();
+            let status_store = store.clone();
+            let status: metrics::StatusFn = Arc::new(move || {
+                let m = model_rx.borrow().clone();
+                serde_json::json!({
+                    "generation": m.generation,
+                    "trustDomain": m.mesh.trust_domain.as_str(),
+                    "identity": status_store.id().as_str(),
+                    "certExpiry": status_store.expiry(),
+                    "workloads": m.mesh.workloads.iter().map(|w| w.name.clone()).collect::<Vec<_>>(),
+                })
+            });
+            tasks.push(tokio::spawn(metrics::serve(
+                l,
+                metrics.clone(),
+                status,
+                stop_rx.clone(),
+            )));
+            Some(bound)
+        }
+        None => None,
+    };
+
+    tasks.push(tokio::spawn(renew_loop(
+        ca.clone(),
+        store.clone(),
+        source.subscribe(),
+        metrics.clone(),
+    )));
+
+    let (conn_tx, conn_rx) = mpsc::channel(64);
+    tasks.push(tokio::spawn(conn::accept_loop(
+        listener,
+        acceptor,
+        metrics.clone(),
+        conn_tx,
+        stop_rx.clone(),
+    )));
+
+    let identity = identity::IdentityService::new(
+        ca.clone(),
+        source.subscribe(),
+        cfg.tokens.clone(),
+        metrics.clone(),
+    );
+    let discovery = discovery::DiscoveryService::new(
+        source.subscribe(),
+        vec![ca.root_der().to_vec()],
+        metrics.clone(),
+        stop_rx.clone(),
+    );
+    let incoming = ReceiverStream::new(conn_rx).map(Ok::<_, std::io::Error>);
+    let mut stop_signal = stop_rx.clone();
+    let server = tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            // Watch streams are long-lived and mostly idle: pings find proxies that vanished
+            // without closing their connection, so their streams and tasks are freed.
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .add_service(IdentityServer::new(identity))
+            .add_service(DiscoveryServer::new(discovery))
+            .serve_with_incoming_shutdown(incoming, async move {
+                let _ = stop_signal.wait_for(|s| *s).await;
+            })
+            .await
+            .map_err(|e| {
+                let mut msg = e.to_string();
+                let mut src = std::error::Error::source(&e);
+                while let Some(s) = src {
+                    msg.push_str(": ");
+                    msg.push_str(&s.to_string());
+                    src = s.source();
+                }
+                msg
+            })
+    });
+
+    tracing::info!(
+        %addr,
+        identity = %own_id,
+        trust_domain = %td,
+        workloads = model.mesh.workloads.len(),
+        services = model.mesh.services.len(),
+        "control plane listening"
+    );
+    Ok(RunningControlPlane {
+        addr,
+        metrics_addr,
+        state_dir: cfg.state_dir,
+        trust_domain: td,
+        stop: stop_tx,
+        server: Some(server),
+        tasks,
+        source,
+        metrics,
+        store,
+    })
+}
+
+/// Runs the control plane until `shutdown` resolves (or the server fails), then stops it
+/// gracefully.
+pub async fn run(
+    cfg: ControlPlaneConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ControlPlaneError> {
+    let mut cp = start(cfg).await?;
+    let failed = tokio::select! {
+        _ = shutdown => None,
+        r = cp.stopped() => Some(r),
+    };
+    match failed {
+        Some(r) => r,
+        None => {
+            tracing::info!("shutting down");
+            cp.shutdown().await;
+            Ok(())
+        }
+    }
+}

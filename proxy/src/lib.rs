@@ -1,4 +1,309 @@
-//! Palisade's sidecar data plane (being written).
+//! Palisade's sidecar data plane.
+//!
+//! One entry point, [`run`] (or [`Proxy::start`] when the caller wants the bound addresses),
+//! and a module per concern: `inbound` and `outbound` hold the two stacks, `tls` and
+//! `identity` the mTLS side, `authz` the compiled policy, `balance` endpoint selection,
+//! `telemetry` the metrics, `admin` the admin server. `docs/ARCHITECTURE.md` draws the stacks.
+//!
+//! Configuration is split the way it changes: [`config::ProxyConfig`] is fixed at start,
+//! [`config::Snapshot`] arrives from the control plane (or a file) and is swapped atomically;
+//! the request path reads it through `ArcSwap` without locks.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod authz;
+pub mod authz_layer;
+pub mod balance;
+pub mod config;
+pub mod detect;
+mod discovery;
+pub mod http;
+pub mod identity;
+pub mod inbound;
+pub mod io;
+pub mod outbound;
+pub mod tcp;
+pub mod telemetry;
+pub mod tls;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use palisade_certs::{CredentialStore, TrustBundle};
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, Semaphore, watch};
+
+pub use config::{ProxyConfig, Snapshot};
+pub use identity::IdentityError;
+
+use crate::config::CredentialSource;
+use crate::telemetry::{Label, Metrics};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error("TLS configuration: {0}")]
+    Tls(#[from] rustls::Error),
+}
+
+/// State shared by every task of one proxy.
+pub struct Ctx {
+    pub(crate) cfg: ProxyConfig,
+    pub(crate) store: Arc<CredentialStore>,
+    pub(crate) snapshot: ArcSwap<Snapshot>,
+    /// Bumped after each applied snapshot; open TCP connections re-check authorization on it.
+    pub(crate) version_tx: watch::Sender<u64>,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) own_label: Label,
+    pub(crate) outbound: outbound::Table,
+    pub(crate) app: Option<Arc<inbound::AppClients>>,
+    pub(crate) conn_limit: Arc<Semaphore>,
+    pub(crate) stop_tx: watch::Sender<bool>,
+    pub(crate) stop_rx: watch::Receiver<bool>,
+    config_ready: AtomicBool,
+    shutdown_requested: Notify,
+}
+
+impl Ctx {
+    pub(crate) fn config_ready(&self) -> bool {
+        self.config_ready.load(Ordering::Acquire)
+    }
+
+    /// Applies a snapshot whole: outbound table first, then the snapshot, then the version
+    /// notification, so a request never sees half of a config.
+    pub(crate) fn apply(&self, snap: Snapshot) {
+        if !snap.trust_bundle.is_empty() {
+            let td = self.store.id().trust_domain();
+            let roots = snap
+                .trust_bundle
+                .iter()
+                .map(|d| rustls_pki_types::CertificateDer::from(d.clone()));
+            match TrustBundle::with_roots(&td, roots) {
+                Ok(b) => self.store.set_bundle(identity::merge_bundle(self, b)),
+                Err(e) => tracing::warn!(error = %e, "ignoring a bad trust bundle in the config"),
+            }
+        }
+        outbound::rebuild(self, &snap);
+        let version = snap.version;
+        self.snapshot.store(Arc::new(snap));
+        self.metrics.config_version.set(version as i64);
+        self.config_ready.store(true, Ordering::Release);
+        self.version_tx.send_replace(version);
+        tracing::debug!(version, "config applied");
+    }
+
+    pub(crate) fn begin_shutdown(&self) {
+        self.shutdown_requested.notify_one();
+    }
+}
+
+/// A running proxy.
+pub struct Proxy {
+    ctx: Arc<Ctx>,
+    pub inbound_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub upstream_addrs: Vec<(String, SocketAddr)>,
+    pub transparent_addr: Option<SocketAddr>,
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, ProxyError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| ProxyError::Bind { addr, source })
+}
+
+impl Proxy {
+    /// Binds every listener, obtains credentials (from files at once; from the control plane
+    /// in the background, `/ready` says when) and starts serving.
+    pub async fn start(cfg: ProxyConfig) -> Result<Proxy, ProxyError> {
+        let td = cfg.identity.trust_domain();
+        let bundle_path = match &cfg.credentials {
+            CredentialSource::Files { bundle, .. } => bundle,
+            CredentialSource::ControlPlane { bundle, .. } => bundle,
+        };
+        let bundle = identity::load_bundle(&td, bundle_path)?;
+        let store = CredentialStore::new(cfg.identity.clone(), bundle);
+        let static_snapshot = match &cfg.static_config {
+            Some(path) => Some(Snapshot::load_static(path)?),
+            None => None,
+        };
+
+        let admin = bind(cfg.admin_addr).await?;
+        let inbound = bind(cfg.inbound_addr).await?;
+        let mut upstreams = Vec::with_capacity(cfg.upstreams.len());
+        for u in &cfg.upstreams {
+            upstreams.push((u.service.clone(), bind(u.listen).await?));
+        }
+        let transparent = match cfg.transparent_addr {
+            Some(a) => Some(bind(a).await?),
+            None => None,
+        };
+
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let (version_tx, _) = watch::channel(0);
+        let app = cfg
+            .app_addr
+            .map(|a| Arc::new(inbound::AppClients::new(a, cfg.timeouts.connect)));
+        let ctx = Arc::new(Ctx {
+            own_label: Label::new(cfg.identity.as_str()),
+            conn_limit: Arc::new(Semaphore::new(cfg.limits.max_connections)),
+            store,
+            snapshot: ArcSwap::from_pointee(Snapshot::empty()),
+            version_tx,
+            metrics: Metrics::new(),
+            outbound: ArcSwap::from_pointee(Default::default()),
+            app,
+            stop_tx,
+            stop_rx,
+            config_ready: AtomicBool::new(false),
+            shutdown_requested: Notify::new(),
+            cfg,
+        });
+
+        let proxy = Proxy {
+            inbound_addr: local(&inbound)?,
+            admin_addr: local(&admin)?,
+            upstream_addrs: upstreams
+                .iter()
+                .map(|(s, l)| Ok((s.clone(), local(l)?)))
+                .collect::<Result<_, ProxyError>>()?,
+            transparent_addr: transparent.as_ref().map(local).transpose()?,
+            ctx: ctx.clone(),
+        };
+
+        tokio::spawn(admin::serve(admin, ctx.clone(), ctx.stop_rx.clone()));
+
+        match ctx.cfg.credentials.clone() {
+            CredentialSource::Files { cert, key, .. } => {
+                let svid = identity::load_files(&ctx.cfg.identity, &cert, &key)?;
+                identity::install(&ctx, svid)?;
+            }
+            CredentialSource::ControlPlane { addr, token, .. } => {
+                let ctx = ctx.clone();
+                tokio::spawn(async move { bootstrap(ctx, addr, token).await });
+            }
+        }
+        if let Some(snap) = static_snapshot {
+            ctx.apply(snap);
+        }
+
+        tokio::spawn(inbound::serve(inbound, ctx.clone(), ctx.stop_rx.clone()));
+        for (service, l) in upstreams {
+            tokio::spawn(outbound::serve_upstream(
+                l,
+                Arc::from(service.as_str()),
+                ctx.clone(),
+                ctx.stop_rx.clone(),
+            ));
+        }
+        if let Some(l) = transparent {
+            tokio::spawn(outbound::serve_transparent(
+                l,
+                ctx.clone(),
+                ctx.stop_rx.clone(),
+            ));
+        }
+        Ok(proxy)
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.ctx.metrics
+    }
+
+    pub fn store(&self) -> &Arc<CredentialStore> {
+        &self.ctx.store
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ctx.store.is_ready() && self.ctx.config_ready()
+    }
+
+    /// Replaces the dynamic config (what the Discovery stream does), for embedders and tests.
+    pub fn apply(&self, snapshot: Snapshot) {
+        self.ctx.apply(snapshot);
+    }
+
+    /// Resolves when someone POSTs `/shutdown` on the admin port.
+    pub async fn shutdown_requested(&self) {
+        self.ctx.shutdown_requested.notified().await;
+    }
+
+    /// Stops accepting, lets in-flight requests finish up to the drain deadline, then returns.
+    pub async fn shutdown(self) {
+        let _ = self.ctx.stop_tx.send(true);
+        let max = self.ctx.cfg.limits.max_connections;
+        let deadline = tokio::time::Instant::now() + self.ctx.cfg.timeouts.drain;
+        while self.ctx.conn_limit.available_permits() < max
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+fn local(l: &TcpListener) -> Result<SocketAddr, ProxyError> {
+    l.local_addr().map_err(|source| ProxyError::Bind {
+        addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+        source,
+    })
+}
+
+/// First certificate from the control plane, retried with backoff; then the config stream
+/// and the renewal loop.
+async fn bootstrap(ctx: Arc<Ctx>, addr: SocketAddr, token: String) {
+    let mut backoff = Duration::from_millis(50);
+    let mut stop = ctx.stop_rx.clone();
+    loop {
+        match identity::certify(&ctx, addr, &token).await {
+            Ok((svid, bundle)) => {
+                ctx.store.set_bundle(identity::merge_bundle(&ctx, bundle));
+                match identity::install(&ctx, svid) {
+                    Ok(()) => break,
+                    Err(e) => tracing::error!(error = %e, "certificate not installed"),
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "waiting for a certificate"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = stop.changed() => return,
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+    tracing::info!(id = %ctx.store.id(), expiry = ctx.store.expiry().unwrap_or(0), "certificate obtained");
+    if ctx.cfg.static_config.is_none() {
+        tokio::spawn(discovery::watch_loop(ctx.clone(), addr));
+    }
+    identity::renew_loop(ctx).await;
+}
+
+/// Runs a proxy until `shutdown` resolves or `/shutdown` is posted, then drains.
+pub async fn run(
+    cfg: ProxyConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), ProxyError> {
+    let proxy = Proxy::start(cfg).await?;
+    tracing::info!(
+        inbound = %proxy.inbound_addr,
+        admin = %proxy.admin_addr,
+        "proxy started"
+    );
+    tokio::select! {
+        _ = shutdown => {}
+        _ = proxy.shutdown_requested() => {}
+    }
+    tracing::info!("draining");
+    proxy.shutdown().await;
+    Ok(())
+}

@@ -113,7 +113,14 @@ pub fn run_cert(cmd: CertCommand) -> anyhow::Result<ExitCode> {
         .map(|i| i.to_string())
         .unwrap_or_else(|| "(none)".into());
     println!("SPIFFE ID:  {id}");
-    println!("Subject:    {}", if info.subject.is_empty() { "(empty)" } else { &info.subject });
+    println!(
+        "Subject:    {}",
+        if info.subject.is_empty() {
+            "(empty)"
+        } else {
+            &info.subject
+        }
+    );
     println!("Issuer:     {}", info.issuer);
     println!("Serial:     {}", info.serial);
     println!("Not before: {}", rfc3339(info.not_before));

@@ -1,6 +1,12 @@
 //! One module per subcommand.
 
+pub mod bench;
 pub mod ca;
+pub mod check;
+pub mod control_plane;
+pub mod demo_app;
+pub mod http_util;
+pub mod proxy;
 pub mod up;
 
 /// Logs go to stderr; `PALISADE_LOG` (or `RUST_LOG`) sets the filter, `PALISADE_LOG_FORMAT=json`
@@ -13,6 +19,7 @@ pub fn init_tracing() {
         .unwrap_or_else(|| "info".to_string());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::new(filter))
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     if std::env::var("PALISADE_LOG_FORMAT").as_deref() == Ok("json") {
         let _ = builder.json().try_init();
@@ -36,4 +43,33 @@ pub fn one_sentence(e: &anyhow::Error) -> String {
         out.push_str(&msg);
     }
     out
+}
+
+/// Resolves on SIGINT or SIGTERM, or when the parent that started us (`palisade up`) is
+/// gone, so children never outlive the mesh.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    let watch_parent = std::env::var_os("PALISADE_WATCH_PARENT").is_some();
+    let parent = std::os::unix::process::parent_id();
+    let orphaned = async move {
+        if !watch_parent {
+            return std::future::pending().await;
+        }
+        loop {
+            tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+            if std::os::unix::process::parent_id() != parent {
+                tracing::warn!("parent process exited; shutting down");
+                return;
+            }
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+        _ = orphaned => {}
+    }
 }

@@ -1,0 +1,261 @@
+//! The Identity service: the CA's front door.
+//!
+//! Zero trust starts here: the CA signs only for an authenticated workload, and only that
+//! workload's own SPIFFE ID, whatever the CSR asks for. A caller authenticates with its
+//! current SVID over mTLS (renewal) or with the bootstrap token `palisade up` gave its proxy.
+//! Every refusal is counted (`palisade_identity_certificates_total{result}`) and logged once.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use palisade_api::v1::identity_server::Identity;
+use palisade_api::v1::{CertifyRequest, CertifyResponse};
+use palisade_certs::{Ca, CaError, SpiffeId};
+use tokio::sync::watch;
+use tonic::{Request, Response, Status};
+use x509_parser::extensions::{GeneralName, ParsedExtension};
+use x509_parser::prelude::FromDer;
+
+use crate::conn::PeerInfo;
+use crate::metrics::Metrics;
+use crate::model::Model;
+
+/// Compares two secrets in time that depends only on their lengths, so a caller cannot learn a
+/// token byte by byte from response times.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The Identity gRPC service.
+#[derive(Clone)]
+pub struct IdentityService {
+    ca: Arc<Ca>,
+    model: watch::Receiver<Arc<Model>>,
+    /// Workload name -> bootstrap token.
+    tokens: Arc<HashMap<String, String>>,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for IdentityService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the tokens.
+        f.debug_struct("IdentityService")
+            .field("ca", &self.ca)
+            .field("tokens", &self.tokens.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Who the caller turned out to be.
+struct Caller {
+    workload: String,
+    id: SpiffeId,
+    how: &'static str,
+}
+
+impl IdentityService {
+    pub fn new(
+        ca: Arc<Ca>,
+        model: watch::Receiver<Arc<Model>>,
+        tokens: HashMap<String, String>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            ca,
+            model,
+            tokens: Arc::new(tokens),
+            metrics,
+        }
+    }
+
+    /// The workload whose token this is. Every stored token is compared, so the time taken
+    /// does not say which workload (if any) came close.
+    fn token_owner(&self, token: &str) -> Option<&str> {
+        let mut owner = None;
+        for (name, t) in self.tokens.iter() {
+            if !t.is_empty() && constant_time_eq(t.as_bytes(), token.as_bytes()) {
+                owner = Some(name.as_str());
+            }
+        }
+        owner
+    }
+
+    fn refuse(&self, result: &'static str, status: Status, peer: Option<&PeerInfo>) -> Status {
+        self.metrics.certificate(result);
+        tracing::warn!(
+            result,
+            remote = ?peer.map(|p| p.remote),
+            peer = ?peer.and_then(|p| p.identity.as_ref()).map(|i| i.as_str()),
+            reason = status.message(),
+            "certificate refused"
+        );
+        status
+    }
+
+    fn authenticate(
+        &self,
+        model: &Model,
+        peer: Option<&PeerInfo>,
+        token: &str,
+    ) -> Result<Caller, Status> {
+        if let Some(id) = peer.and_then(|p| p.identity.as_ref()) {
+            // Renewal: the handshake verified the SVID against our bundle and trust domain.
+            return match model.mesh.workloads_with_id(id).next() {
+                Some(w) => Ok(Caller {
+                    workload: w.name.clone(),
+                    id: id.clone(),
+                    how: "svid",
+                }),
+                None => Err(self.refuse(
+                    "permission_denied",
+                    Status::permission_denied(format!(
+                        "no workload in the mesh has the identity {id}; cannot renew it"
+                    )),
+                    peer,
+                )),
+            };
+        }
+        if token.is_empty() {
+            return Err(self.refuse(
+                "unauthenticated",
+                Status::unauthenticated(
+                    "no client certificate and no bootstrap token: nothing to authenticate the caller with",
+                ),
+                peer,
+            ));
+        }
+        let Some(name) = self.token_owner(token) else {
+            return Err(self.refuse(
+                "unauthenticated",
+                Status::unauthenticated("unknown bootstrap token"),
+                peer,
+            ));
+        };
+        let Some(w) = model.mesh.workload(name) else {
+            return Err(self.refuse(
+                "permission_denied",
+                Status::permission_denied(format!(
+                    "the token is for workload {name:?}, which is not in the mesh (any more)"
+                )),
+                peer,
+            ));
+        };
+        match w.spiffe_id(&model.mesh) {
+            Ok(id) => Ok(Caller {
+                workload: name.to_string(),
+                id,
+                how: "token",
+            }),
+            Err(e) => Err(self.refuse(
+                "internal",
+                Status::internal(format!("workload {name} has no valid SPIFFE ID: {e}")),
+                peer,
+            )),
+        }
+    }
+
+    /// The URI SANs a CSR asks for. Only used to refuse a CSR that asks for someone else: the
+    /// CA sets the SAN itself anyway.
+    fn requested_uris(csr: &[u8]) -> Result<Vec<String>, String> {
+        let (_, req) = x509_parser::certification_request::X509CertificationRequest::from_der(csr)
+            .map_err(|e| format!("the CSR is not DER PKCS#10: {e}"))?;
+        let mut uris = Vec::new();
+        if let Some(exts) = req.requested_extensions() {
+            for ext in exts {
+                if let ParsedExtension::SubjectAlternativeName(san) = ext {
+                    for name in &san.general_names {
+                        if let GeneralName::URI(u) = name {
+                            uris.push((*u).to_string());
+                        }
+                    }
+                }
+            }
+        }
+        Ok(uris)
+    }
+}
+
+#[tonic::async_trait]
+impl Identity for IdentityService {
+    async fn certify(
+        &self,
+        request: Request<CertifyRequest>,
+    ) -> Result<Response<CertifyResponse>, Status> {
+        let peer = PeerInfo::of(&request).cloned();
+        let peer = peer.as_ref();
+        let req = request.into_inner();
+        let model = self.model.borrow().clone();
+        let caller = self.authenticate(&model, peer, &req.token)?;
+
+        let uris = Self::requested_uris(&req.csr_der)
+            .map_err(|m| self.refuse("invalid_csr", Status::invalid_argument(m), peer))?;
+        if let Some(other) = uris
+            .iter()
+            .find(|u| SpiffeId::parse(u).map_or(true, |asked| asked != caller.id))
+        {
+            return Err(self.refuse(
+                "permission_denied",
+                Status::permission_denied(format!(
+                    "CSR asks for {other}; this {} may only obtain {}",
+                    if caller.how == "token" {
+                        "token"
+                    } else {
+                        "certificate"
+                    },
+                    caller.id
+                )),
+                peer,
+            ));
+        }
+
+        let lifetime = model.mesh.certificate_lifetime;
+        let svid = match self.ca.sign_csr(&req.csr_der, &caller.id, lifetime) {
+            Ok(svid) => svid,
+            Err(e @ (CaError::BadCsr | CaError::UnsupportedKey)) => {
+                return Err(self.refuse(
+                    "invalid_csr",
+                    Status::invalid_argument(e.to_string()),
+                    peer,
+                ));
+            }
+            Err(e) => {
+                return Err(self.refuse(
+                    "internal",
+                    Status::internal(format!("cannot sign: {e}")),
+                    peer,
+                ));
+            }
+        };
+        self.metrics.certificate("issued");
+        tracing::info!(
+            workload = %caller.workload,
+            spiffe_id = %caller.id,
+            authenticated_by = caller.how,
+            valid_until = svid.not_after,
+            "certificate issued"
+        );
+        Ok(Response::new(CertifyResponse {
+            chain_der: svid.chain.iter().map(|c| c.to_vec()).collect(),
+            trust_bundle_der: vec![self.ca.root_der().to_vec()],
+            trust_domain: self.ca.trust_domain().as_str().to_string(),
+            spiffe_id: caller.id.as_str().to_string(),
+            valid_until_unix: svid.not_after,
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::constant_time_eq;
+
+    #[test]
+    fn ct_eq() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"ab"));
+        assert!(constant_time_eq(b"", b""));
+    }
+}

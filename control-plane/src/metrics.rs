@@ -1,0 +1,201 @@
+//! The control plane's Prometheus metrics and its small HTTP endpoint (`/metrics`, `/ready`,
+//! `/live`, `/status`).
+//!
+//! Every refusal the control plane makes (a config change, a certificate, a handshake) is
+//! counted, because those are the events an operator has to notice without reading logs.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+/// `result` of a Certify call.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: &'static str,
+}
+
+/// `reason` of a failed TLS handshake.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: &'static str,
+}
+
+/// All metrics of one control plane. Cloning the handles shares the values.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// `palisade_config_rejections_total`: config changes rejected whole.
+    pub config_rejections: Counter,
+    /// `palisade_config_generation`: generation of the model being served.
+    pub config_generation: Gauge,
+    /// `palisade_identity_certificates_total{result}`.
+    pub certificates: Family<ResultLabel, Counter>,
+    /// `palisade_tls_handshake_errors_total{reason}`.
+    pub handshake_errors: Family<ReasonLabel, Counter>,
+    /// `palisade_discovery_watchers`: open Watch streams.
+    pub watchers: Gauge,
+    /// `palisade_discovery_pushes_total`: config messages sent to proxies.
+    pub pushes: Counter,
+    /// `palisade_identity_cert_expiry_timestamp_seconds`: the control plane's own SVID.
+    pub cert_expiry: Gauge,
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Self> {
+        let mut registry = Registry::default();
+        let config_rejections = Counter::default();
+        let config_generation = Gauge::default();
+        let certificates = Family::<ResultLabel, Counter>::default();
+        let handshake_errors = Family::<ReasonLabel, Counter>::default();
+        let watchers = Gauge::default();
+        let pushes = Counter::default();
+        let cert_expiry = Gauge::default();
+        registry.register(
+            "palisade_config_rejections",
+            "Config changes rejected whole (the last good config keeps serving)",
+            config_rejections.clone(),
+        );
+        registry.register(
+            "palisade_config_generation",
+            "Generation of the config model being served",
+            config_generation.clone(),
+        );
+        registry.register(
+            "palisade_identity_certificates",
+            "Certify calls by result",
+            certificates.clone(),
+        );
+        registry.register(
+            "palisade_tls_handshake_errors",
+            "Failed TLS handshakes on the control-plane API by reason",
+            handshake_errors.clone(),
+        );
+        registry.register(
+            "palisade_discovery_watchers",
+            "Open Discovery.Watch streams",
+            watchers.clone(),
+        );
+        registry.register(
+            "palisade_discovery_pushes",
+            "Config messages sent to proxies",
+            pushes.clone(),
+        );
+        registry.register(
+            "palisade_identity_cert_expiry_timestamp_seconds",
+            "Expiry of the control plane's own SVID (unix seconds)",
+            cert_expiry.clone(),
+        );
+        // prometheus-client appends `_total` to counters itself.
+        Arc::new(Self {
+            registry,
+            config_rejections,
+            config_generation,
+            certificates,
+            handshake_errors,
+            watchers,
+            pushes,
+            cert_expiry,
+        })
+    }
+
+    /// Counts one Certify outcome.
+    pub fn certificate(&self, result: &'static str) {
+        self.certificates
+            .get_or_create(&ResultLabel { result })
+            .inc();
+    }
+
+    /// The text exposition format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            tracing::error!("cannot encode metrics");
+        }
+        out
+    }
+}
+
+/// What `/status` reports, refreshed by the caller.
+pub type StatusFn = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
+
+fn text(
+    status: StatusCode,
+    body: impl Into<Bytes>,
+    content_type: &'static str,
+) -> Response<Full<Bytes>> {
+    let mut rsp = Response::new(Full::new(body.into()));
+    *rsp.status_mut() = status;
+    rsp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static(content_type),
+    );
+    rsp
+}
+
+fn handle(metrics: &Metrics, status: &StatusFn, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    const PLAIN: &str = "text/plain; charset=utf-8";
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/metrics") => text(
+            StatusCode::OK,
+            metrics.encode(),
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        ),
+        // The API is served as soon as `start` returns, so ready and live coincide.
+        (&Method::GET, "/ready") | (&Method::GET, "/live") => {
+            text(StatusCode::OK, "ready\n", PLAIN)
+        }
+        (&Method::GET, "/status") => text(StatusCode::OK, status().to_string(), "application/json"),
+        _ => text(StatusCode::NOT_FOUND, "not found\n", PLAIN),
+    }
+}
+
+/// Serves the metrics endpoint on `listener` until `stop` flips.
+pub(crate) async fn serve(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    status: StatusFn,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let tcp = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((tcp, _)) => tcp,
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stop.changed() => return,
+        };
+        let metrics = metrics.clone();
+        let status = status.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| {
+                let rsp = handle(&metrics, &status, &req);
+                async move { Ok::<_, Infallible>(rsp) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(tcp), svc)
+                .await;
+        });
+    }
+}
+
+/// Binds the metrics endpoint.
+pub(crate) async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}

@@ -1,0 +1,218 @@
+//! The in-memory model the discovery service serves from: the mesh (workloads, services) and
+//! the policies, under one generation number.
+//!
+//! A model is immutable once built; a config change builds a whole new one and swaps it in
+//! (see `source`). That makes "apply the change whole or not at all" trivial, and lets every
+//! watcher compute its proxy's config from a consistent snapshot.
+
+use std::path::PathBuf;
+
+use palisade_api::policy::{
+    self, AuthorizationPolicy, DefaultPolicy, PeerAuthentication, PolicyError, Resource,
+};
+use palisade_api::v1;
+
+use crate::mesh::{Mesh, MeshError, Protocol, Workload};
+
+/// The mesh and its policies at one generation.
+#[derive(Debug, Clone)]
+pub struct Model {
+    /// Increases by one with every accepted change; proxies see it as the config version.
+    pub generation: u64,
+    pub mesh: Mesh,
+    pub authorization_policies: Vec<AuthorizationPolicy>,
+    pub peer_authentications: Vec<PeerAuthentication>,
+}
+
+/// Why a model could not be built. Policy errors are all reported at once, so one edit-reload
+/// cycle shows every mistake.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error(transparent)]
+    Mesh(#[from] MeshError),
+    #[error("{}", join_policy_errors(.0))]
+    Policies(Vec<PolicyError>),
+    #[error("the policies directory {} does not exist (mesh file field `policies`)", .0.display())]
+    MissingPolicies(PathBuf),
+    /// The CA and every issued SVID belong to one trust domain; changing it needs a restart.
+    #[error("{}: trustDomain: cannot change from {from} to {to} while the control plane runs; restart it", file.display())]
+    TrustDomainChanged {
+        file: PathBuf,
+        from: palisade_certs::TrustDomain,
+        to: palisade_certs::TrustDomain,
+    },
+}
+
+fn join_policy_errors(errors: &[PolicyError]) -> String {
+    errors
+        .iter()
+        .map(|e| e.to_string())
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+impl Model {
+    /// Builds a model from a validated mesh, loading the policies directory it names.
+    pub fn load(mesh: Mesh, generation: u64) -> Result<Self, ModelError> {
+        let mut model = Model {
+            generation,
+            mesh,
+            authorization_policies: Vec::new(),
+            peer_authentications: Vec::new(),
+        };
+        if let Some(dir) = model.mesh.policies_dir.clone() {
+            if !dir.exists() {
+                return Err(ModelError::MissingPolicies(dir));
+            }
+            for loaded in policy::load_path(&dir).map_err(ModelError::Policies)? {
+                model.add(loaded.resource);
+            }
+        }
+        Ok(model)
+    }
+
+    /// A model over a mesh and already-parsed resources (tests, and a future Kubernetes
+    /// source that gets resources from the API server instead of files).
+    pub fn from_parts(
+        mesh: Mesh,
+        resources: impl IntoIterator<Item = Resource>,
+        generation: u64,
+    ) -> Self {
+        let mut model = Model {
+            generation,
+            mesh,
+            authorization_policies: Vec::new(),
+            peer_authentications: Vec::new(),
+        };
+        for r in resources {
+            model.add(r);
+        }
+        model
+    }
+
+    fn add(&mut self, resource: Resource) {
+        match resource {
+            Resource::AuthorizationPolicy(p) => self.authorization_policies.push(p),
+            Resource::PeerAuthentication(p) => self.peer_authentications.push(p),
+            #[allow(unreachable_patterns)]
+            _ => {}
+        }
+    }
+
+    /// Same mesh and policies, another generation: the source uses this to skip publishing a
+    /// change that changes nothing (a file touched, a comment edited).
+    pub fn same_content(&self, other: &Model) -> bool {
+        self.mesh == other.mesh
+            && policies_json(&self.authorization_policies)
+                == policies_json(&other.authorization_policies)
+            && peer_auths_json(&self.peer_authentications)
+                == peer_auths_json(&other.peer_authentications)
+    }
+
+    /// The config of one workload's proxy at this generation, or None if the mesh has no such
+    /// workload. The trust bundle is left empty: it belongs to the CA, and the discovery
+    /// service adds it.
+    pub fn proxy_config(&self, workload: &str) -> Option<v1::ProxyConfig> {
+        let w = self.mesh.workload(workload)?;
+        Some(v1::ProxyConfig {
+            version: self.generation,
+            inbound: Some(self.inbound(w)),
+            services: self.services(),
+            trust_bundle_der: Vec::new(),
+        })
+    }
+
+    fn inbound(&self, w: &Workload) -> v1::Inbound {
+        let mtls = policy::effective_mtls(&self.peer_authentications, &w.namespace, &w.labels);
+        let authorization_policies_json = self
+            .authorization_policies
+            .iter()
+            .filter(|p| p.selects(&w.namespace, &w.labels, policy::ROOT_NAMESPACE))
+            .filter_map(|p| match serde_json::to_string(p) {
+                Ok(json) => Some(json),
+                Err(e) => {
+                    // Cannot happen for plain data; never push a config silently missing a
+                    // policy without saying so.
+                    tracing::error!(error = %e, "cannot serialize an AuthorizationPolicy");
+                    None
+                }
+            })
+            .collect();
+        let app_protocol = self
+            .mesh
+            .services
+            .iter()
+            .find(|s| s.selects(w))
+            .map(|s| s.protocol)
+            .unwrap_or(Protocol::Detect);
+        v1::Inbound {
+            mode: mtls_mode(mtls.mode) as i32,
+            port_modes: mtls
+                .port_modes
+                .iter()
+                .map(|(port, mode)| (*port, mtls_mode(*mode) as i32))
+                .collect(),
+            default_policy: default_policy(self.mesh.default_policy) as i32,
+            authorization_policies_json,
+            app_protocol: app_protocol.as_str().to_string(),
+        }
+    }
+
+    fn services(&self) -> Vec<v1::Service> {
+        self.mesh
+            .services
+            .iter()
+            .map(|s| v1::Service {
+                name: s.name.clone(),
+                namespace: s.namespace.clone(),
+                port: u32::from(s.port),
+                protocol: s.protocol.as_str().to_string(),
+                endpoints: self
+                    .mesh
+                    .workloads
+                    .iter()
+                    .filter(|w| s.selects(w))
+                    .filter_map(|w| {
+                        let id = w.spiffe_id(&self.mesh).ok()?;
+                        Some(v1::Endpoint {
+                            address: format!("127.0.0.1:{}", w.inbound_port),
+                            identity: id.as_str().to_string(),
+                            weight: 1,
+                            workload: w.name.clone(),
+                        })
+                    })
+                    .collect(),
+            })
+            .collect()
+    }
+}
+
+fn policies_json(p: &[AuthorizationPolicy]) -> Vec<String> {
+    p.iter()
+        .map(|p| serde_json::to_string(p).unwrap_or_default())
+        .collect()
+}
+
+fn peer_auths_json(p: &[PeerAuthentication]) -> Vec<String> {
+    p.iter()
+        .map(|p| serde_json::to_string(p).unwrap_or_default())
+        .collect()
+}
+
+fn mtls_mode(m: policy::MtlsMode) -> v1::MtlsMode {
+    match m {
+        policy::MtlsMode::Strict => v1::MtlsMode::Strict,
+        policy::MtlsMode::Permissive => v1::MtlsMode::Permissive,
+        policy::MtlsMode::Disable => v1::MtlsMode::Disable,
+        #[allow(unreachable_patterns)]
+        _ => v1::MtlsMode::Strict,
+    }
+}
+
+fn default_policy(d: DefaultPolicy) -> v1::DefaultPolicy {
+    match d {
+        DefaultPolicy::Allow => v1::DefaultPolicy::Allow,
+        DefaultPolicy::Deny => v1::DefaultPolicy::Deny,
+        DefaultPolicy::Authenticated => v1::DefaultPolicy::Authenticated,
+    }
+}

@@ -1,0 +1,333 @@
+//! Config sources: where the model comes from. The local source reads the mesh file and its
+//! policies directory and watches both live.
+//!
+//! Every source publishes immutable `Arc<Model>` snapshots on a `tokio::sync::watch` channel;
+//! the identity and discovery services only ever read that channel. That channel is the seam
+//! for the Kubernetes source to come: it will build the same [`Model`] from Pods, Services and
+//! the policy CRDs and publish it the same way, behind the same [`ConfigSource`] trait, and
+//! nothing downstream changes.
+//!
+//! A change is applied whole or not at all: if the mesh file or any policy document is
+//! invalid, the change is rejected with one error log naming file, document and field,
+//! `palisade_config_rejections_total` goes up, and the last good model keeps serving. A proxy
+//! never sees half of an edit.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use notify::event::{AccessKind, AccessMode, EventKind};
+use notify::{RecursiveMode, Watcher};
+use palisade_certs::TrustDomain;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use crate::mesh;
+use crate::metrics::Metrics;
+use crate::model::{Model, ModelError};
+
+/// Events are collected this long before reloading, so an editor's write-rename-chmod burst
+/// (or a `cp` of several policy files) becomes one reload.
+pub const DEBOUNCE: Duration = Duration::from_millis(100);
+/// How often file metadata is polled when notify is unavailable.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(500);
+/// How often it is polled anyway, as a safety net for events notify cannot see (a policies
+/// directory created after the start, a watched directory replaced).
+pub const SAFETY_POLL_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Something that produces models. The local files today; Kubernetes later.
+pub trait ConfigSource: Send + Sync {
+    /// A receiver whose current value is the model to serve.
+    fn subscribe(&self) -> watch::Receiver<Arc<Model>>;
+}
+
+/// The mesh file and its policies directory, watched live.
+#[derive(Debug)]
+pub struct LocalSource {
+    rx: watch::Receiver<Arc<Model>>,
+    task: JoinHandle<()>,
+}
+
+impl ConfigSource for LocalSource {
+    fn subscribe(&self) -> watch::Receiver<Arc<Model>> {
+        self.rx.clone()
+    }
+}
+
+impl Drop for LocalSource {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Builds a model from the files as they are now.
+fn load_model(mesh_path: &Path, generation: u64) -> Result<Model, ModelError> {
+    let mesh = mesh::load(mesh_path)?;
+    Model::load(mesh, generation)
+}
+
+/// Size and modification time of every input file: a cheap "did anything change" check.
+type Fingerprint = Vec<(PathBuf, Option<(u64, SystemTime)>)>;
+
+fn stat(p: &Path) -> Option<(u64, SystemTime)> {
+    let m = std::fs::metadata(p).ok()?;
+    Some((m.len(), m.modified().ok()?))
+}
+
+fn walk(dir: &Path, out: &mut Fingerprint, depth: usize) {
+    // Record the directory itself so that creating or removing it is a change.
+    out.push((dir.to_path_buf(), stat(dir)));
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let mut paths: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
+    paths.sort();
+    for p in paths {
+        if p.is_dir() {
+            if depth < 8 {
+                walk(&p, out, depth + 1);
+            }
+        } else {
+            let s = stat(&p);
+            out.push((p, s));
+        }
+    }
+}
+
+struct State {
+    mesh_path: PathBuf,
+    trust_domain: TrustDomain,
+    current: Arc<Model>,
+    /// The policies directory named by the latest mesh file that parsed, which may differ from
+    /// the current model's while a change to `policies:` is being rejected.
+    attempted_policies: Option<PathBuf>,
+    fingerprint: Fingerprint,
+    tx: watch::Sender<Arc<Model>>,
+    metrics: Arc<Metrics>,
+    watcher: Option<notify::RecommendedWatcher>,
+    watched: Vec<PathBuf>,
+}
+
+impl State {
+    fn policy_dirs(&self) -> Vec<PathBuf> {
+        let mut dirs: Vec<PathBuf> = self
+            .current
+            .mesh
+            .policies_dir
+            .iter()
+            .chain(self.attempted_policies.iter())
+            .cloned()
+            .collect();
+        dirs.dedup();
+        dirs
+    }
+
+    fn fingerprint(&self) -> Fingerprint {
+        let mut fp = vec![(self.mesh_path.clone(), stat(&self.mesh_path))];
+        for dir in self.policy_dirs() {
+            walk(&dir, &mut fp, 0);
+        }
+        fp
+    }
+
+    /// (Re)establishes notify watches on the mesh file's directory and the policies
+    /// directories that exist. The directory rather than the file is watched because editors
+    /// replace files by rename, which would orphan a watch on the file itself.
+    fn update_watches(&mut self) {
+        let Some(watcher) = self.watcher.as_mut() else {
+            return;
+        };
+        let mut want: Vec<(PathBuf, RecursiveMode)> = Vec::new();
+        let mesh_dir = self
+            .mesh_path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+            .to_path_buf();
+        want.push((mesh_dir, RecursiveMode::NonRecursive));
+        let dirs: Vec<PathBuf> = self
+            .current
+            .mesh
+            .policies_dir
+            .iter()
+            .chain(self.attempted_policies.iter())
+            .cloned()
+            .collect();
+        for d in dirs {
+            if d.is_dir() && !want.iter().any(|(w, _)| *w == d) {
+                want.push((d, RecursiveMode::Recursive));
+            }
+        }
+        let wanted: Vec<PathBuf> = want.iter().map(|(p, _)| p.clone()).collect();
+        if wanted == self.watched {
+            return;
+        }
+        for p in &self.watched {
+            let _ = watcher.unwatch(p);
+        }
+        self.watched.clear();
+        for (p, mode) in want {
+            match watcher.watch(&p, mode) {
+                Ok(()) => self.watched.push(p),
+                Err(e) => {
+                    tracing::warn!(path = %p.display(), error = %e, "cannot watch; relying on polling")
+                }
+            }
+        }
+    }
+
+    /// Reloads if any input file changed since the last attempt.
+    fn check(&mut self) {
+        let fp = self.fingerprint();
+        if fp == self.fingerprint {
+            return;
+        }
+        self.fingerprint = fp;
+        self.reload();
+        // The reload may have named a new policies directory: fingerprint that too, so the
+        // next check compares like with like.
+        self.fingerprint = self.fingerprint();
+        self.update_watches();
+    }
+
+    fn reload(&mut self) {
+        let generation = self.current.generation + 1;
+        let result = mesh::load(&self.mesh_path)
+            .map_err(ModelError::from)
+            .and_then(|m| {
+                self.attempted_policies = m.policies_dir.clone();
+                if m.trust_domain != self.trust_domain {
+                    return Err(ModelError::TrustDomainChanged {
+                        file: self.mesh_path.clone(),
+                        from: self.trust_domain.clone(),
+                        to: m.trust_domain.clone(),
+                    });
+                }
+                Model::load(m, generation)
+            });
+        match result {
+            Ok(model) if model.same_content(&self.current) => {
+                tracing::debug!("config files changed but the config did not");
+            }
+            Ok(model) => {
+                tracing::info!(
+                    generation,
+                    workloads = model.mesh.workloads.len(),
+                    services = model.mesh.services.len(),
+                    authorization_policies = model.authorization_policies.len(),
+                    peer_authentications = model.peer_authentications.len(),
+                    "config change applied"
+                );
+                self.metrics.config_generation.set(generation as i64);
+                let model = Arc::new(model);
+                self.current = model.clone();
+                self.tx.send_replace(model);
+            }
+            Err(e) => {
+                self.metrics.config_rejections.inc();
+                tracing::error!(
+                    error = %e,
+                    serving_generation = self.current.generation,
+                    "config change rejected whole; the last good config keeps serving"
+                );
+            }
+        }
+    }
+}
+
+/// Whether a notify event can mean new content. Opens and reads are ignored: the reload itself
+/// opens the files, and reacting to that would reload forever.
+fn relevant(kind: &EventKind) -> bool {
+    !matches!(
+        kind,
+        EventKind::Access(
+            AccessKind::Open(_) | AccessKind::Read | AccessKind::Close(AccessMode::Read)
+        )
+    )
+}
+
+impl LocalSource {
+    /// Loads the mesh file at `mesh_path` and its policies (an error here is fatal: there is no
+    /// last good config yet), then watches both. Must be called inside a tokio runtime.
+    pub fn start(mesh_path: &Path, metrics: Arc<Metrics>) -> Result<Self, ModelError> {
+        let model = load_model(mesh_path, 1)?;
+        metrics.config_generation.set(1);
+        let trust_domain = model.mesh.trust_domain.clone();
+        let attempted_policies = model.mesh.policies_dir.clone();
+        let current = Arc::new(model);
+        let (tx, rx) = watch::channel(current.clone());
+
+        let (ev_tx, ev_rx) = mpsc::unbounded_channel::<()>();
+        let watcher = match notify::recommended_watcher(
+            move |res: notify::Result<notify::Event>| {
+                if let Ok(ev) = res
+                    && relevant(&ev.kind)
+                {
+                    let _ = ev_tx.send(());
+                }
+            },
+        ) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::warn!(error = %e, "file watching unavailable; polling config files every 500ms");
+                None
+            }
+        };
+        let mut state = State {
+            mesh_path: mesh_path.to_path_buf(),
+            trust_domain,
+            current,
+            attempted_policies,
+            fingerprint: Vec::new(),
+            tx,
+            metrics,
+            watcher,
+            watched: Vec::new(),
+        };
+        state.fingerprint = state.fingerprint();
+        state.update_watches();
+        let task = tokio::spawn(run(state, ev_rx));
+        Ok(Self { rx, task })
+    }
+
+    /// The model being served now.
+    pub fn current(&self) -> Arc<Model> {
+        self.rx.borrow().clone()
+    }
+}
+
+async fn run(mut state: State, events: mpsc::UnboundedReceiver<()>) {
+    let notify_ok = state.watcher.is_some() && !state.watched.is_empty();
+    let poll = if notify_ok {
+        SAFETY_POLL_INTERVAL
+    } else {
+        POLL_INTERVAL
+    };
+    let mut events = notify_ok.then_some(events);
+    let mut ticker = tokio::time::interval(poll);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            ev = async {
+                match events.as_mut() {
+                    Some(rx) => rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                if ev.is_none() {
+                    // The watcher went away: fall back to polling.
+                    events = None;
+                    ticker = tokio::time::interval(POLL_INTERVAL);
+                    continue;
+                }
+                tokio::time::sleep(DEBOUNCE).await;
+                if let Some(rx) = events.as_mut() {
+                    while rx.try_recv().is_ok() {}
+                }
+            }
+            _ = ticker.tick() => {}
+        }
+        // Reading a few small files: cheap enough not to need a blocking thread.
+        state.check();
+    }
+}

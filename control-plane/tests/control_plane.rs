@@ -1,0 +1,796 @@
+//! The control plane over real TLS on 127.0.0.1: Certify's authentication rules, Watch's
+//! authorization, and live config changes pushed only where they matter.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use palisade_api::v1::discovery_client::DiscoveryClient;
+use palisade_api::v1::identity_client::IdentityClient;
+use palisade_api::v1::{CertifyRequest, ProxyConfig, WatchRequest};
+use palisade_certs::{CredentialStore, KeyAndCsr, SpiffeId, Svid, TrustBundle, TrustDomain};
+use palisade_control_plane::{ControlPlaneConfig, RunningControlPlane, control_plane_id};
+use rustls_pki_types::{CertificateDer, UnixTime};
+use tonic::Code;
+use tonic::transport::Channel;
+
+const T: Duration = Duration::from_secs(10);
+
+/// Every await in these tests is bounded.
+async fn within<F: Future>(what: &str, f: F) -> F::Output {
+    match tokio::time::timeout(T, f).await {
+        Ok(v) => v,
+        Err(_) => panic!("timed out: {what}"),
+    }
+}
+
+const MESH: &str = r#"
+trustDomain: cluster.local
+certificateLifetime: 1h
+controlPlane: { port: 18086 }
+defaultPolicy: allow
+policies: policies/
+workloads:
+  - name: web
+    namespace: demo
+    labels: { app: web }
+    appPort: 28080
+    inboundPort: 24143
+    adminPort: 24191
+    upstreams:
+      - { service: api.demo, port: 8080, localPort: 29001 }
+  - name: api
+    namespace: demo
+    labels: { app: api }
+    appPort: 28081
+    inboundPort: 24144
+    adminPort: 24192
+services:
+  - { name: api, namespace: demo, port: 8080, selector: { app: api }, protocol: http }
+"#;
+
+/// A second `api` replica, appended to `workloads` to add an endpoint.
+const API2: &str = r#"  - name: api-2
+    namespace: demo
+    serviceAccount: api
+    labels: { app: api }
+    inboundPort: 24145
+    adminPort: 24193
+"#;
+
+const POLICY_API: &str = r#"apiVersion: palisade.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata:
+  name: api-from-web
+  namespace: demo
+spec:
+  selector:
+    matchLabels: { app: api }
+  action: ALLOW
+  rules:
+    - from:
+        - source:
+            principals: ["cluster.local/ns/demo/sa/web"]
+"#;
+
+const POLICY_WEB: &str = r#"apiVersion: palisade.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata:
+  name: web-deny-nothing
+  namespace: demo
+spec:
+  selector:
+    matchLabels: { app: web }
+  action: DENY
+  rules:
+    - from:
+        - source:
+            principals: ["cluster.local/ns/demo/sa/nobody"]
+"#;
+
+struct Mesh {
+    _dir: tempfile::TempDir,
+    mesh_path: PathBuf,
+    policies: PathBuf,
+    cp: Option<RunningControlPlane>,
+    tokens: HashMap<String, String>,
+}
+
+/// Replaces a file atomically, as editors and `kubectl`-style tools do.
+fn write_atomic(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp~");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+impl Mesh {
+    async fn start() -> Self {
+        Self::start_with(MESH).await
+    }
+
+    async fn start_with(mesh: &str) -> Self {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| "palisade_control_plane=debug".into()),
+            )
+            .with_test_writer()
+            .try_init();
+        let dir = tempfile::tempdir().unwrap();
+        let mesh_path = dir.path().join("mesh.yaml");
+        let policies = dir.path().join("policies");
+        std::fs::create_dir_all(&policies).unwrap();
+        std::fs::write(policies.join("api.yaml"), POLICY_API).unwrap();
+        std::fs::write(&mesh_path, mesh).unwrap();
+        let tokens: HashMap<String, String> = [
+            ("web".to_string(), "token-web-0123456789".to_string()),
+            ("api".to_string(), "token-api-0123456789".to_string()),
+            ("api-2".to_string(), "token-api2-0123456789".to_string()),
+        ]
+        .into();
+        let cp = within(
+            "start",
+            palisade_control_plane::start(ControlPlaneConfig {
+                mesh_path: mesh_path.clone(),
+                state_dir: dir.path().join("state"),
+                listen: Some("127.0.0.1:0".parse().unwrap()),
+                tokens: tokens.clone(),
+                metrics_listen: None,
+            }),
+        )
+        .await
+        .expect("control plane starts");
+        Self {
+            _dir: dir,
+            mesh_path,
+            policies,
+            cp: Some(cp),
+            tokens,
+        }
+    }
+
+    fn cp(&self) -> &RunningControlPlane {
+        self.cp.as_ref().unwrap()
+    }
+
+    fn td(&self) -> TrustDomain {
+        self.cp().trust_domain().clone()
+    }
+
+    fn id(&self, sa: &str) -> SpiffeId {
+        SpiffeId::for_workload(&self.td(), "demo", sa).unwrap()
+    }
+
+    fn bundle(&self) -> TrustBundle {
+        TrustBundle::load_pem(&self.td(), &self.cp().trust_bundle_path()).unwrap()
+    }
+
+    /// A store for `sa` holding no certificate yet (a bootstrapping proxy).
+    fn empty_store(&self, sa: &str) -> Arc<CredentialStore> {
+        CredentialStore::new(self.id(sa), self.bundle())
+    }
+
+    async fn channel(&self, store: &Arc<CredentialStore>) -> Channel {
+        let tls = palisade_certs::tls::client_config(
+            store,
+            control_plane_id(&self.td()).unwrap(),
+            &[b"h2"],
+        )
+        .unwrap();
+        within(
+            "connect",
+            palisade_api::client::connect(self.cp().addr(), Arc::new(tls)),
+        )
+        .await
+        .expect("connects to the control plane")
+    }
+
+    async fn certify(
+        &self,
+        store: &Arc<CredentialStore>,
+        csr: &[u8],
+        token: &str,
+    ) -> Result<palisade_api::v1::CertifyResponse, tonic::Status> {
+        let ch = self.channel(store).await;
+        within(
+            "certify",
+            IdentityClient::new(ch).certify(CertifyRequest {
+                csr_der: csr.to_vec(),
+                token: token.to_string(),
+            }),
+        )
+        .await
+        .map(|r| r.into_inner())
+    }
+
+    /// Bootstraps `workload` (service account `sa`) with its token: a store holding its SVID.
+    async fn bootstrap(&self, workload: &str, sa: &str) -> Arc<CredentialStore> {
+        let store = self.empty_store(sa);
+        let kc = KeyAndCsr::generate(store.id()).unwrap();
+        let rsp = self
+            .certify(&store, kc.csr_der(), &self.tokens[workload])
+            .await
+            .expect("certify with the right token");
+        let svid = Svid {
+            id: SpiffeId::parse(&rsp.spiffe_id).unwrap(),
+            chain: rsp
+                .chain_der
+                .into_iter()
+                .map(CertificateDer::from)
+                .collect(),
+            key: None,
+            not_before: 0,
+            not_after: rsp.valid_until_unix,
+        };
+        store.install(kc.into_svid(svid).unwrap()).unwrap();
+        store
+    }
+
+    async fn watch(
+        &self,
+        store: &Arc<CredentialStore>,
+        workload: &str,
+    ) -> Result<tonic::Streaming<ProxyConfig>, tonic::Status> {
+        let ch = self.channel(store).await;
+        within(
+            "watch",
+            DiscoveryClient::new(ch).watch(WatchRequest {
+                workload: workload.to_string(),
+                known_version: 0,
+            }),
+        )
+        .await
+        .map(|r| r.into_inner())
+    }
+
+    fn metrics(&self) -> String {
+        self.cp().metrics().encode()
+    }
+
+    async fn stop(mut self) {
+        if let Some(cp) = self.cp.take() {
+            within("shutdown", cp.shutdown()).await;
+        }
+    }
+}
+
+async fn next(stream: &mut tonic::Streaming<ProxyConfig>) -> ProxyConfig {
+    within("next config", stream.message())
+        .await
+        .expect("stream ok")
+        .expect("stream open")
+}
+
+/// Asserts that nothing arrives on `stream` for `d`.
+async fn quiet(stream: &mut tonic::Streaming<ProxyConfig>, d: Duration, what: &str) {
+    if let Ok(msg) = tokio::time::timeout(d, stream.message()).await {
+        panic!("{what}: unexpected message {msg:?}");
+    }
+}
+
+fn endpoints(cfg: &ProxyConfig, service: &str) -> Vec<String> {
+    let mut v: Vec<String> = cfg
+        .services
+        .iter()
+        .find(|s| s.name == service)
+        .map(|s| s.endpoints.iter().map(|e| e.workload.clone()).collect())
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+#[tokio::test]
+async fn invalid_mesh_file_fails_start_naming_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let mesh_path = dir.path().join("mesh.yaml");
+    std::fs::create_dir_all(dir.path().join("policies")).unwrap();
+    std::fs::write(
+        &mesh_path,
+        MESH.replace("inboundPort: 24144", "inboundPort: [1]"),
+    )
+    .unwrap();
+    let err = within(
+        "start",
+        palisade_control_plane::start(ControlPlaneConfig {
+            mesh_path: mesh_path.clone(),
+            state_dir: dir.path().join("state"),
+            listen: Some("127.0.0.1:0".parse().unwrap()),
+            tokens: HashMap::new(),
+            metrics_listen: None,
+        }),
+    )
+    .await
+    .expect_err("an invalid mesh file is refused");
+    let msg = err.to_string();
+    assert!(msg.contains("mesh.yaml"), "{msg}");
+    assert!(msg.contains("workloads[1].inboundPort"), "{msg}");
+
+    std::fs::write(
+        &mesh_path,
+        MESH.replace("localPort: 29001", "localPort: 24191"),
+    )
+    .unwrap();
+    let err = palisade_control_plane::mesh::load(&mesh_path).unwrap_err();
+    assert_eq!(
+        err.field(),
+        Some("workloads[0].upstreams[0].localPort"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn certify_with_the_right_token_issues_the_workloads_svid() {
+    let m = Mesh::start().await;
+    let store = m.empty_store("web");
+    let kc = KeyAndCsr::generate(store.id()).unwrap();
+    let rsp = m
+        .certify(&store, kc.csr_der(), "token-web-0123456789")
+        .await
+        .expect("issued");
+    assert_eq!(rsp.spiffe_id, "spiffe://cluster.local/ns/demo/sa/web");
+    assert_eq!(rsp.trust_domain, "cluster.local");
+    assert_eq!(rsp.trust_bundle_der.len(), 1);
+    let chain: Vec<CertificateDer<'static>> = rsp
+        .chain_der
+        .into_iter()
+        .map(CertificateDer::from)
+        .collect();
+    assert_eq!(chain.len(), 2, "leaf then issuer");
+    let bundle = TrustBundle::with_roots(
+        &m.td(),
+        rsp.trust_bundle_der.into_iter().map(CertificateDer::from),
+    )
+    .unwrap();
+    let id = palisade_certs::verify_svid(&chain, &bundle, Some(&m.td()), UnixTime::now())
+        .expect("a valid X509-SVID");
+    assert_eq!(id, m.id("web"));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    assert!(
+        (rsp.valid_until_unix - now - 3600).abs() < 120,
+        "lifetime from the mesh file"
+    );
+    assert!(
+        m.metrics()
+            .contains("palisade_identity_certificates_total{result=\"issued\"} 1"),
+        "{}",
+        m.metrics()
+    );
+    m.stop().await;
+}
+
+#[tokio::test]
+async fn renewal_with_the_current_svid_needs_no_token() {
+    let m = Mesh::start().await;
+    let store = m.bootstrap("api", "api").await;
+    let kc = KeyAndCsr::generate(store.id()).unwrap();
+    let rsp = m.certify(&store, kc.csr_der(), "").await.expect("renewed");
+    assert_eq!(rsp.spiffe_id, m.id("api").as_str());
+    // The SVID decides, not the CSR: asking for another ID over mTLS is refused too.
+    let other = KeyAndCsr::generate(&m.id("web")).unwrap();
+    let err = m.certify(&store, other.csr_der(), "").await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    m.stop().await;
+}
+
+#[tokio::test]
+async fn token_for_a_with_csr_for_b_is_permission_denied() {
+    let m = Mesh::start().await;
+    let store = m.empty_store("web");
+    let kc = KeyAndCsr::generate(&m.id("api")).unwrap();
+    let err = m
+        .certify(&store, kc.csr_der(), "token-web-0123456789")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(
+        err.message()
+            .contains("spiffe://cluster.local/ns/demo/sa/api"),
+        "{err:?}"
+    );
+    assert!(
+        err.message()
+            .contains("spiffe://cluster.local/ns/demo/sa/web"),
+        "{err:?}"
+    );
+    assert!(
+        m.metrics()
+            .contains("palisade_identity_certificates_total{result=\"permission_denied\"} 1"),
+        "{}",
+        m.metrics()
+    );
+    m.stop().await;
+}
+
+#[tokio::test]
+async fn random_or_missing_token_is_unauthenticated() {
+    let m = Mesh::start().await;
+    let store = m.empty_store("web");
+    let kc = KeyAndCsr::generate(store.id()).unwrap();
+    let err = m
+        .certify(&store, kc.csr_der(), "token-web-0123456788")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    let err = m.certify(&store, kc.csr_der(), "").await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    assert!(
+        m.metrics()
+            .contains("palisade_identity_certificates_total{result=\"unauthenticated\"} 2"),
+        "{}",
+        m.metrics()
+    );
+    m.stop().await;
+}
+
+#[tokio::test]
+async fn garbage_csr_is_invalid_argument() {
+    let m = Mesh::start().await;
+    let store = m.empty_store("web");
+    let err = m
+        .certify(&store, b"\x30\x03not a csr", "token-web-0123456789")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    // A well-formed CSR whose signature was tampered with is refused as well.
+    let kc = KeyAndCsr::generate(store.id()).unwrap();
+    let mut bad = kc.csr_der().to_vec();
+    let last = bad.len() - 1;
+    bad[last] ^= 0x55;
+    let err = m
+        .certify(&store, &bad, "token-web-0123456789")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(
+        m.metrics()
+            .contains("palisade_identity_certificates_total{result=\"invalid_csr\"} 2"),
+        "{}",
+        m.metrics()
+    );
+    m.stop().await;
+}
+
+#[tokio::test]
+async fn watch_without_a_client_certificate_is_refused() {
+    let m = Mesh::start().await;
+    let store = m.empty_store("web");
+    let err = m.watch(&store, "web").await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    m.stop().await;
+}
+
+#[tokio::test]
+async fn watch_for_another_workload_is_permission_denied() {
+    let m = Mesh::start().await;
+    let web = m.bootstrap("web", "web").await;
+    let err = m.watch(&web, "api").await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    let err = m.watch(&web, "nope").await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    m.stop().await;
+}
+
+#[tokio::test]
+async fn watch_streams_the_workloads_own_config() {
+    let m = Mesh::start().await;
+    let web = m.bootstrap("web", "web").await;
+    let mut s = m.watch(&web, "web").await.expect("watch");
+    let cfg = next(&mut s).await;
+    assert_eq!(cfg.version, 1);
+    assert_eq!(endpoints(&cfg, "api"), vec!["api"]);
+    let api = &cfg.services[0];
+    assert_eq!(api.port, 8080);
+    assert_eq!(api.protocol, "http");
+    assert_eq!(api.endpoints[0].address, "127.0.0.1:24144");
+    assert_eq!(
+        api.endpoints[0].identity,
+        "spiffe://cluster.local/ns/demo/sa/api"
+    );
+    assert_eq!(api.endpoints[0].weight, 1);
+    assert_eq!(cfg.trust_bundle_der.len(), 1);
+    let inbound = cfg.inbound.as_ref().unwrap();
+    assert_eq!(inbound.mode, palisade_api::v1::MtlsMode::Strict as i32);
+    assert!(
+        inbound.authorization_policies_json.is_empty(),
+        "no policy selects web"
+    );
+    assert_eq!(inbound.app_protocol, "detect", "no service selects web");
+    assert_eq!(
+        inbound.default_policy,
+        palisade_api::v1::DefaultPolicy::Allow as i32
+    );
+
+    let api = m.bootstrap("api", "api").await;
+    let mut s = m.watch(&api, "api").await.expect("watch");
+    let cfg = next(&mut s).await;
+    let inbound = cfg.inbound.as_ref().unwrap();
+    assert_eq!(inbound.app_protocol, "http");
+    assert_eq!(inbound.authorization_policies_json.len(), 1);
+    let policy: serde_json::Value =
+        serde_json::from_str(&inbound.authorization_policies_json[0]).unwrap();
+    assert_eq!(
+        policy.pointer("/metadata/name").and_then(|v| v.as_str()),
+        Some("api-from-web"),
+        "{policy}"
+    );
+    m.stop().await;
+}
+
+#[tokio::test]
+async fn adding_an_endpoint_pushes_within_a_second() {
+    let m = Mesh::start().await;
+    let web = m.bootstrap("web", "web").await;
+    let mut s = m.watch(&web, "web").await.expect("watch");
+    let first = next(&mut s).await;
+    assert_eq!(endpoints(&first, "api"), vec!["api"]);
+
+    let edited = MESH.replace("services:\n", &format!("{API2}services:\n"));
+    let t0 = Instant::now();
+    write_atomic(&m.mesh_path, &edited);
+    let cfg = next(&mut s).await;
+    let took = t0.elapsed();
+    assert!(cfg.version > first.version);
+    assert_eq!(endpoints(&cfg, "api"), vec!["api", "api-2"]);
+    assert!(took < Duration::from_secs(1), "push took {took:?}");
+
+    // And removing it again, with a plain in-place write this time.
+    std::fs::write(&m.mesh_path, MESH).unwrap();
+    let cfg2 = next(&mut s).await;
+    assert!(cfg2.version > cfg.version);
+    assert_eq!(endpoints(&cfg2, "api"), vec!["api"]);
+    m.stop().await;
+}
+
+#[tokio::test]
+async fn broken_policy_keeps_the_last_config_and_pushes_nothing() {
+    let m = Mesh::start().await;
+    let api = m.bootstrap("api", "api").await;
+    let mut s = m.watch(&api, "api").await.expect("watch");
+    let first = next(&mut s).await;
+    let generation = m.cp().model().generation;
+
+    // An unknown field inside a policy: the whole change is rejected.
+    std::fs::write(
+        m.policies.join("api.yaml"),
+        POLICY_API.replace("action: ALLOW", "action: ALLOW\n  bogusField: 1"),
+    )
+    .unwrap();
+    // Plus a valid-looking mesh edit in the same change: it must not apply either.
+    let edited = MESH.replace("services:\n", &format!("{API2}services:\n"));
+    write_atomic(&m.mesh_path, &edited);
+
+    let deadline = Instant::now() + T;
+    while !m.metrics().contains("palisade_config_rejections_total 1") {
+        assert!(Instant::now() < deadline, "{}", m.metrics());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    quiet(
+        &mut s,
+        Duration::from_millis(1200),
+        "after a rejected change",
+    )
+    .await;
+    assert_eq!(
+        m.cp().model().generation,
+        generation,
+        "last good model kept"
+    );
+    assert_eq!(m.cp().model().mesh.workloads.len(), 2);
+
+    // A new Watch still gets the last good config.
+    let mut s2 = m.watch(&api, "api").await.expect("watch");
+    let again = next(&mut s2).await;
+    assert_eq!(again, first);
+
+    // Fixing the policy applies the whole pending change.
+    write_atomic(&m.policies.join("api.yaml"), POLICY_API);
+    let cfg = next(&mut s).await;
+    assert!(cfg.version > first.version);
+    assert_eq!(m.cp().model().mesh.workloads.len(), 3);
+    m.stop().await;
+}
+
+#[tokio::test]
+async fn a_change_that_does_not_concern_a_proxy_is_not_pushed_to_it() {
+    let m = Mesh::start().await;
+    let web = m.bootstrap("web", "web").await;
+    let api = m.bootstrap("api", "api").await;
+    let mut ws = m.watch(&web, "web").await.expect("watch web");
+    let mut as_ = m.watch(&api, "api").await.expect("watch api");
+    let web0 = next(&mut ws).await;
+    let api0 = next(&mut as_).await;
+
+    // A policy selecting web only: web's config changes, api's does not.
+    write_atomic(&m.policies.join("web.yaml"), POLICY_WEB);
+    let web1 = next(&mut ws).await;
+    assert!(web1.version > web0.version);
+    assert_eq!(
+        web1.inbound
+            .as_ref()
+            .unwrap()
+            .authorization_policies_json
+            .len(),
+        1
+    );
+    quiet(
+        &mut as_,
+        Duration::from_millis(1000),
+        "api after a web-only change",
+    )
+    .await;
+
+    // A mesh change no config carries (an admin port): pushed to nobody.
+    write_atomic(
+        &m.mesh_path,
+        &MESH.replace("adminPort: 24192", "adminPort: 24199"),
+    );
+    let deadline = Instant::now() + T;
+    while m.cp().model().generation == web1.version {
+        assert!(Instant::now() < deadline, "the edit was not picked up");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    quiet(
+        &mut ws,
+        Duration::from_millis(500),
+        "web after an admin-port change",
+    )
+    .await;
+    quiet(
+        &mut as_,
+        Duration::from_millis(100),
+        "api after an admin-port change",
+    )
+    .await;
+    assert_eq!(api0.version, 1);
+    m.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_ends_watch_streams() {
+    let m = Mesh::start().await;
+    let web = m.bootstrap("web", "web").await;
+    let mut s = m.watch(&web, "web").await.expect("watch");
+    next(&mut s).await;
+    let t0 = Instant::now();
+    m.stop().await;
+    assert!(
+        t0.elapsed() < Duration::from_secs(3),
+        "graceful shutdown was not prompt"
+    );
+    let end = within("stream end", s.message()).await;
+    assert!(matches!(end, Ok(None) | Err(_)), "{end:?}");
+}
+
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = within("metrics connect", tokio::net::TcpStream::connect(addr))
+        .await
+        .unwrap();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: cp\r\nConnection: close\r\n\r\n");
+    within("metrics write", tcp.write_all(req.as_bytes()))
+        .await
+        .unwrap();
+    let mut out = String::new();
+    within("metrics read", tcp.read_to_string(&mut out))
+        .await
+        .unwrap();
+    out
+}
+
+#[tokio::test]
+async fn metrics_endpoint_and_handshake_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let mesh_path = dir.path().join("mesh.yaml");
+    std::fs::create_dir_all(dir.path().join("policies")).unwrap();
+    std::fs::write(&mesh_path, MESH).unwrap();
+    let cp = within(
+        "start",
+        palisade_control_plane::start(ControlPlaneConfig {
+            mesh_path,
+            state_dir: dir.path().join("state"),
+            listen: Some("127.0.0.1:0".parse().unwrap()),
+            tokens: HashMap::new(),
+            metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
+        }),
+    )
+    .await
+    .unwrap();
+    let maddr = cp.metrics_addr().expect("metrics bound");
+    let ready = http_get(maddr, "/ready").await;
+    assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
+
+    // A client whose SVID comes from another trust domain: refused in the handshake.
+    let td = cp.trust_domain().clone();
+    let other_td = TrustDomain::new("other.example").unwrap();
+    let other_ca = palisade_certs::Ca::generate(&other_td, None).unwrap();
+    let other_id = SpiffeId::for_workload(&other_td, "demo", "web").unwrap();
+    let mut bundle = TrustBundle::load_pem(&td, &cp.trust_bundle_path()).unwrap();
+    bundle
+        .add_root(&other_td, other_ca.root_der().clone())
+        .unwrap();
+    let store = CredentialStore::new(other_id.clone(), bundle);
+    store
+        .install(other_ca.issue(&other_id, Duration::from_secs(600)).unwrap())
+        .unwrap();
+    let tls = palisade_certs::tls::client_config(&store, control_plane_id(&td).unwrap(), &[b"h2"])
+        .unwrap();
+    // TLS 1.3: the client finishes before the server has judged its certificate, so the
+    // refusal shows on the first call, or on connect.
+    if let Ok(ch) = within(
+        "connect",
+        palisade_api::client::connect(cp.addr(), Arc::new(tls)),
+    )
+    .await
+    {
+        let r = within(
+            "certify",
+            IdentityClient::new(ch).certify(CertifyRequest {
+                csr_der: vec![],
+                token: String::new(),
+            }),
+        )
+        .await;
+        assert!(r.is_err(), "{r:?}");
+    }
+    let deadline = Instant::now() + T;
+    loop {
+        let metrics = http_get(maddr, "/metrics").await;
+        if metrics
+            .contains("palisade_tls_handshake_errors_total{reason=\"foreign_trust_domain\"} 1")
+        {
+            assert!(
+                metrics.contains("palisade_config_rejections_total 0"),
+                "{metrics}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "{metrics}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let status = http_get(maddr, "/status").await;
+    assert!(status.contains("\"generation\":1"), "{status}");
+    within("shutdown", cp.shutdown()).await;
+}
+
+#[tokio::test]
+async fn short_lifetimes_renew_the_control_planes_own_certificate() {
+    let m =
+        Mesh::start_with(&MESH.replace("certificateLifetime: 1h", "certificateLifetime: 2s")).await;
+    let first_expiry = m.cp().metrics().cert_expiry.get();
+    let store = m.empty_store("web");
+    let kc = KeyAndCsr::generate(store.id()).unwrap();
+    let rsp = m
+        .certify(&store, kc.csr_der(), "token-web-0123456789")
+        .await
+        .expect("issued");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    assert!(
+        rsp.valid_until_unix <= now + 3,
+        "2s lifetime from the mesh file"
+    );
+
+    let deadline = Instant::now() + T;
+    while m.cp().metrics().cert_expiry.get() == first_expiry {
+        assert!(
+            Instant::now() < deadline,
+            "the control plane never renewed its SVID"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Past the first certificate's expiry, new connections get the renewed one.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let store = m.empty_store("api");
+    let kc = KeyAndCsr::generate(store.id()).unwrap();
+    m.certify(&store, kc.csr_der(), "token-api-0123456789")
+        .await
+        .expect("issued after the renewal");
+    m.stop().await;
+}

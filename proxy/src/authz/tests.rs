@@ -1,0 +1,542 @@
+//! Semantics tables: every example of Istio's AuthorizationPolicy reference, parsed from YAML
+//! with the same parser `palisade policy check` uses.
+
+use std::path::Path;
+
+use http::HeaderMap;
+use palisade_api::policy::{AuthorizationPolicy, DefaultPolicy, Resource, parse_str};
+
+use super::*;
+
+const WEB: &str = "spiffe://cluster.local/ns/demo/sa/web";
+const API: &str = "spiffe://cluster.local/ns/demo/sa/api";
+const OTHER_NS: &str = "spiffe://cluster.local/ns/prod/sa/web";
+
+fn policies(yaml: &str) -> Vec<AuthorizationPolicy> {
+    parse_str(Path::new("t.yaml"), yaml)
+        .expect("valid policy")
+        .into_iter()
+        .filter_map(|r| match r {
+            Resource::AuthorizationPolicy(p) => Some(p),
+            Resource::PeerAuthentication(_) => None,
+        })
+        .collect()
+}
+
+fn authz(default: DefaultPolicy, yaml: &str) -> Authorizer {
+    Authorizer::compile(default, &policies(yaml)).expect("compiles")
+}
+
+struct Req<'a> {
+    peer: Option<&'a str>,
+    ip: &'a str,
+    port: u16,
+    method: &'a str,
+    path: &'a str,
+    host: &'a str,
+    headers: &'a [(&'a str, &'a str)],
+}
+
+const GET: Req<'static> = Req {
+    peer: Some(WEB),
+    ip: "10.1.2.3",
+    port: 8080,
+    method: "GET",
+    path: "/",
+    host: "api.demo",
+    headers: &[],
+};
+
+fn http(a: &Authorizer, r: &Req<'_>) -> Decision {
+    let mut h = HeaderMap::new();
+    for (k, v) in r.headers {
+        h.append(
+            HeaderName::from_bytes(k.as_bytes()).expect("name"),
+            v.parse().expect("value"),
+        );
+    }
+    let c = ConnContext {
+        peer: r.peer,
+        source_ip: r.ip.parse().expect("ip"),
+        dest_port: r.port,
+    };
+    a.authorize_http(
+        &c,
+        &HttpContext {
+            method: r.method,
+            path: r.path,
+            host: r.host,
+            headers: &h,
+        },
+    )
+}
+
+fn tcp(a: &Authorizer, peer: Option<&str>, port: u16) -> Decision {
+    a.authorize_tcp(&ConnContext {
+        peer,
+        source_ip: "10.1.2.3".parse().expect("ip"),
+        dest_port: port,
+    })
+}
+
+fn pol(action: &str, rules: &str) -> String {
+    format!(
+        "apiVersion: palisade.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{ name: p, namespace: demo }}\nspec:\n  action: {action}\n{rules}"
+    )
+}
+
+#[test]
+fn no_policies_use_the_default() {
+    let allow = authz(DefaultPolicy::Allow, "");
+    let d = http(&allow, &GET);
+    assert!(d.allowed && d.by_default);
+    assert!(!http(&authz(DefaultPolicy::Deny, ""), &GET).allowed);
+    let auth = authz(DefaultPolicy::Authenticated, "");
+    assert!(http(&auth, &GET).allowed);
+    assert!(!http(&auth, &Req { peer: None, ..GET }).allowed);
+    assert!(!tcp(&auth, None, 8080).allowed);
+}
+
+#[test]
+fn allow_nothing_deny_all_allow_all() {
+    // ALLOW without rules: allow nothing.
+    let a = authz(DefaultPolicy::Allow, &pol("ALLOW", ""));
+    let d = http(&a, &GET);
+    assert!(!d.allowed && !d.by_default && d.policy.is_none());
+    // DENY with an empty rule: deny all.
+    let a = authz(DefaultPolicy::Allow, &pol("DENY", "  rules: [ {} ]\n"));
+    let d = http(&a, &GET);
+    assert!(!d.allowed);
+    assert_eq!(d.policy.as_deref(), Some("demo/p"));
+    assert_eq!(d.rule, Some(0));
+    // ALLOW with an empty rule: allow all, even with a deny default.
+    let a = authz(DefaultPolicy::Deny, &pol("ALLOW", "  rules: [ {} ]\n"));
+    assert!(http(&a, &GET).allowed);
+    assert!(tcp(&a, None, 1).allowed);
+}
+
+#[test]
+fn principals_with_and_without_scheme_and_namespaces() {
+    for p in [
+        "cluster.local/ns/demo/sa/web",
+        "spiffe://cluster.local/ns/demo/sa/web",
+    ] {
+        let a = authz(
+            DefaultPolicy::Deny,
+            &pol(
+                "ALLOW",
+                &format!(
+                    "  rules: [ {{ from: [ {{ source: {{ principals: [\"{p}\"] }} }} ] }} ]\n"
+                ),
+            ),
+        );
+        assert!(http(&a, &GET).allowed, "{p}");
+        assert!(
+            !http(
+                &a,
+                &Req {
+                    peer: Some(API),
+                    ..GET
+                }
+            )
+            .allowed
+        );
+        assert!(
+            !http(&a, &Req { peer: None, ..GET }).allowed,
+            "plaintext has no principal"
+        );
+    }
+    let a = authz(
+        DefaultPolicy::Deny,
+        &pol(
+            "ALLOW",
+            "  rules: [ { from: [ { source: { principals: [\"*\"] } } ] } ]\n",
+        ),
+    );
+    assert!(http(&a, &GET).allowed);
+    assert!(
+        !http(&a, &Req { peer: None, ..GET }).allowed,
+        "* needs an identity"
+    );
+    let a = authz(
+        DefaultPolicy::Deny,
+        &pol(
+            "ALLOW",
+            "  rules: [ { from: [ { source: { principals: [\"cluster.local/ns/demo/*\"] } } ] } ]\n",
+        ),
+    );
+    assert!(
+        http(
+            &a,
+            &Req {
+                peer: Some(API),
+                ..GET
+            }
+        )
+        .allowed
+    );
+    assert!(
+        !http(
+            &a,
+            &Req {
+                peer: Some(OTHER_NS),
+                ..GET
+            }
+        )
+        .allowed
+    );
+
+    let a = authz(
+        DefaultPolicy::Deny,
+        &pol(
+            "ALLOW",
+            "  rules: [ { from: [ { source: { namespaces: [\"demo\"] } } ] } ]\n",
+        ),
+    );
+    assert!(http(&a, &GET).allowed);
+    assert!(
+        !http(
+            &a,
+            &Req {
+                peer: Some(OTHER_NS),
+                ..GET
+            }
+        )
+        .allowed
+    );
+    let a = authz(
+        DefaultPolicy::Allow,
+        &pol(
+            "DENY",
+            "  rules: [ { from: [ { source: { notNamespaces: [\"demo\"] } } ] } ]\n",
+        ),
+    );
+    assert!(http(&a, &GET).allowed);
+    assert!(
+        !http(
+            &a,
+            &Req {
+                peer: Some(OTHER_NS),
+                ..GET
+            }
+        )
+        .allowed
+    );
+    let a = authz(
+        DefaultPolicy::Allow,
+        &pol(
+            "DENY",
+            "  rules: [ { from: [ { source: { notPrincipals: [\"cluster.local/ns/demo/sa/web\"] } } ] } ]\n",
+        ),
+    );
+    assert!(http(&a, &GET).allowed);
+    assert!(
+        !http(
+            &a,
+            &Req {
+                peer: Some(API),
+                ..GET
+            }
+        )
+        .allowed
+    );
+}
+
+#[test]
+fn ip_blocks() {
+    let a = authz(
+        DefaultPolicy::Deny,
+        &pol(
+            "ALLOW",
+            "  rules: [ { from: [ { source: { ipBlocks: [\"10.1.0.0/16\", \"192.168.1.1\"] } } ] } ]\n",
+        ),
+    );
+    assert!(http(&a, &GET).allowed);
+    assert!(
+        http(
+            &a,
+            &Req {
+                ip: "192.168.1.1",
+                ..GET
+            }
+        )
+        .allowed
+    );
+    assert!(
+        !http(
+            &a,
+            &Req {
+                ip: "10.2.0.1",
+                ..GET
+            }
+        )
+        .allowed
+    );
+    let a = authz(
+        DefaultPolicy::Allow,
+        &pol(
+            "DENY",
+            "  rules: [ { from: [ { source: { notIpBlocks: [\"10.0.0.0/8\"] } } ] } ]\n",
+        ),
+    );
+    assert!(http(&a, &GET).allowed);
+    assert!(
+        !http(
+            &a,
+            &Req {
+                ip: "172.16.0.1",
+                ..GET
+            }
+        )
+        .allowed
+    );
+}
+
+#[test]
+fn methods_paths_hosts_ports_and_not_forms() {
+    let a = authz(
+        DefaultPolicy::Allow,
+        &pol(
+            "ALLOW",
+            "  rules:\n    - to: [ { operation: { methods: [\"GET\", \"HEAD\"], paths: [\"/info*\", \"*.png\", \"/exact\"], ports: [\"8080\"], hosts: [\"*.demo\"] } } ]\n",
+        ),
+    );
+    let ok = |r: Req<'_>| http(&a, &r).allowed;
+    assert!(ok(Req {
+        path: "/info/x?q=1",
+        ..GET
+    }));
+    assert!(ok(Req {
+        path: "/img/a.png",
+        ..GET
+    }));
+    assert!(ok(Req {
+        path: "/exact",
+        method: "HEAD",
+        ..GET
+    }));
+    assert!(!ok(Req {
+        path: "/exact/no",
+        ..GET
+    }));
+    assert!(!ok(Req {
+        path: "/info",
+        method: "POST",
+        ..GET
+    }));
+    assert!(!ok(Req {
+        path: "/info",
+        port: 9090,
+        ..GET
+    }));
+    assert!(!ok(Req {
+        path: "/info",
+        host: "api.prod",
+        ..GET
+    }));
+    assert!(
+        ok(Req {
+            path: "/info",
+            host: "API.DEMO",
+            ..GET
+        }),
+        "hosts are case-insensitive"
+    );
+
+    let a = authz(
+        DefaultPolicy::Allow,
+        &pol(
+            "ALLOW",
+            "  rules: [ { to: [ { operation: { notMethods: [\"DELETE\"], notPaths: [\"/admin*\"], notPorts: [\"9090\"] } } ] } ]\n",
+        ),
+    );
+    assert!(http(&a, &GET).allowed);
+    assert!(
+        !http(
+            &a,
+            &Req {
+                method: "DELETE",
+                ..GET
+            }
+        )
+        .allowed
+    );
+    assert!(
+        !http(
+            &a,
+            &Req {
+                path: "/admin/x",
+                ..GET
+            }
+        )
+        .allowed
+    );
+    assert!(!http(&a, &Req { port: 9090, ..GET }).allowed);
+}
+
+#[test]
+fn when_conditions() {
+    let a = authz(
+        DefaultPolicy::Allow,
+        &pol(
+            "ALLOW",
+            "  rules: [ { when: [ { key: \"request.headers[X-User]\", values: [\"alice\", \"bob*\"] } ] } ]\n",
+        ),
+    );
+    assert!(
+        http(
+            &a,
+            &Req {
+                headers: &[("x-user", "alice")],
+                ..GET
+            }
+        )
+        .allowed
+    );
+    assert!(
+        http(
+            &a,
+            &Req {
+                headers: &[("x-user", "bobby")],
+                ..GET
+            }
+        )
+        .allowed
+    );
+    assert!(
+        !http(
+            &a,
+            &Req {
+                headers: &[("x-user", "eve")],
+                ..GET
+            }
+        )
+        .allowed
+    );
+    assert!(
+        !http(&a, &GET).allowed,
+        "a missing header does not match values"
+    );
+
+    let a = authz(
+        DefaultPolicy::Allow,
+        &pol(
+            "DENY",
+            "  rules: [ { when: [ { key: source.namespace, notValues: [\"demo\"] } ] } ]\n",
+        ),
+    );
+    assert!(http(&a, &GET).allowed);
+    assert!(
+        !http(
+            &a,
+            &Req {
+                peer: Some(OTHER_NS),
+                ..GET
+            }
+        )
+        .allowed
+    );
+    let a = authz(
+        DefaultPolicy::Deny,
+        &pol(
+            "ALLOW",
+            "  rules: [ { when: [ { key: destination.port, values: [\"8080\"] }, { key: source.ip, values: [\"10.0.0.0/8\"] } ] } ]\n",
+        ),
+    );
+    assert!(http(&a, &GET).allowed);
+    assert!(!http(&a, &Req { port: 80, ..GET }).allowed);
+    assert!(
+        !http(
+            &a,
+            &Req {
+                ip: "11.0.0.1",
+                ..GET
+            }
+        )
+        .allowed
+    );
+}
+
+#[test]
+fn deny_takes_precedence_and_audit_only_records() {
+    let yaml = format!(
+        "{}\n---\n{}\n---\n{}",
+        pol("ALLOW", "  rules: [ {} ]\n").replace("name: p", "name: allow-all"),
+        pol(
+            "DENY",
+            "  rules: [ { to: [ { operation: { paths: [\"/secret\"] } } ] } ]\n"
+        )
+        .replace("name: p", "name: no-secret"),
+        pol(
+            "AUDIT",
+            "  rules: [ { to: [ { operation: { methods: [\"POST\"] } } ] } ]\n"
+        )
+        .replace("name: p", "name: audit-posts"),
+    );
+    let a = authz(DefaultPolicy::Deny, &yaml);
+    let d = http(
+        &a,
+        &Req {
+            path: "/secret",
+            ..GET
+        },
+    );
+    assert!(!d.allowed);
+    assert_eq!(d.policy.as_deref(), Some("demo/no-secret"));
+    let d = http(
+        &a,
+        &Req {
+            method: "POST",
+            ..GET
+        },
+    );
+    assert!(d.allowed);
+    assert_eq!(d.policy.as_deref(), Some("demo/allow-all"));
+    assert_eq!(d.audit.as_deref(), Some("demo/audit-posts"));
+    assert!(http(&a, &GET).audit.is_none());
+}
+
+#[test]
+fn tcp_handling_of_http_fields() {
+    // ALLOW with HTTP fields: does not allow TCP.
+    let a = authz(
+        DefaultPolicy::Allow,
+        &pol(
+            "ALLOW",
+            "  rules: [ { from: [ { source: { principals: [\"*\"] } } ], to: [ { operation: { methods: [\"GET\"] } } ] } ]\n",
+        ),
+    );
+    assert!(http(&a, &GET).allowed);
+    assert!(!tcp(&a, Some(WEB), 8080).allowed);
+    // DENY with HTTP fields: denies the TCP connection (the HTTP fields are ignored).
+    let a = authz(
+        DefaultPolicy::Allow,
+        &pol(
+            "DENY",
+            "  rules: [ { from: [ { source: { principals: [\"cluster.local/ns/demo/sa/web\"] } } ], to: [ { operation: { methods: [\"DELETE\"] } } ] } ]\n",
+        ),
+    );
+    assert!(http(&a, &GET).allowed);
+    assert!(!tcp(&a, Some(WEB), 8080).allowed);
+    assert!(tcp(&a, Some(API), 8080).allowed);
+    // Ports apply to TCP.
+    let a = authz(
+        DefaultPolicy::Deny,
+        &pol(
+            "ALLOW",
+            "  rules: [ { to: [ { operation: { ports: [\"7000\"] } } ] } ]\n",
+        ),
+    );
+    assert!(tcp(&a, Some(WEB), 7000).allowed);
+    assert!(!tcp(&a, Some(WEB), 7001).allowed);
+}
+
+#[test]
+fn port_formatting_does_not_allocate_and_is_right() {
+    let mut b = itoa_buf();
+    assert_eq!(fmt_port(&mut b, 0), "0");
+    let mut b = itoa_buf();
+    assert_eq!(fmt_port(&mut b, 65535), "65535");
+    let mut b = itoa_buf();
+    assert_eq!(fmt_port(&mut b, 8080), "8080");
+}

@@ -1,0 +1,177 @@
+//! Enforcement of the compiled [`crate::authz::Authorizer`] in the inbound path: per request
+//! for HTTP (403 `RBAC: access denied`, or gRPC `PERMISSION_DENIED`), per connection for TCP.
+//!
+//! The authorizer comes from the config snapshot in force when the request arrives, so a
+//! policy change applies to the next request without restarting anything.
+
+use std::convert::Infallible;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use futures_util::future::{Either, Ready, ready};
+use http::{Request, Response, StatusCode};
+use palisade_certs::SpiffeId;
+
+use crate::Ctx;
+use crate::authz::{ConnContext, Decision, HttpContext};
+use crate::http::{self as phttp, RspBody};
+use crate::telemetry::{AuthzLabels, Label};
+
+/// What the inbound side knows about a connection, shared by its requests.
+pub struct ConnInfo {
+    pub peer: Option<SpiffeId>,
+    pub peer_label: Label,
+    pub source_ip: IpAddr,
+    pub dest_port: u16,
+}
+
+impl ConnInfo {
+    fn conn_context(&self) -> ConnContext<'_> {
+        ConnContext {
+            peer: self.peer.as_ref().map(|p| p.as_str()),
+            source_ip: self.source_ip,
+            dest_port: self.dest_port,
+        }
+    }
+}
+
+/// The decision, attached to the response for the access log.
+#[derive(Clone, Debug)]
+pub struct AuthzNote {
+    pub allowed: bool,
+    pub policy: Label,
+}
+
+impl std::fmt::Display for AuthzNote {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let d = if self.allowed { "allow" } else { "deny" };
+        write!(f, "{d} policy={}", self.policy.0)
+    }
+}
+
+fn policy_label(d: &Decision) -> Label {
+    match &d.policy {
+        Some(p) => Label(p.clone()),
+        None => Label(Arc::from("default")),
+    }
+}
+
+fn record(ctx: &Ctx, d: &Decision) -> Label {
+    let policy = policy_label(d);
+    let decision = if d.allowed { "allow" } else { "deny" };
+    ctx.metrics
+        .authz_decisions
+        .get_or_create(&AuthzLabels {
+            decision,
+            policy: policy.clone(),
+        })
+        .inc();
+    if let Some(audit) = &d.audit {
+        ctx.metrics
+            .authz_decisions
+            .get_or_create(&AuthzLabels {
+                decision: "audit",
+                policy: Label(audit.clone()),
+            })
+            .inc();
+        tracing::info!(target: "palisade::audit", policy = %audit, allowed = d.allowed, "audited");
+    }
+    policy
+}
+
+/// Authorizes an opaque TCP connection; false means close it now.
+pub fn check_tcp(ctx: &Ctx, info: &ConnInfo) -> bool {
+    let snap = ctx.snapshot.load();
+    let d = snap.inbound.authz.authorize_tcp(&info.conn_context());
+    let policy = record(ctx, &d);
+    if !d.allowed {
+        tracing::info!(peer = %info.peer_label.0, policy = %policy.0, port = info.dest_port, "TCP connection denied");
+    }
+    d.allowed
+}
+
+#[derive(Clone)]
+pub struct AuthzLayer {
+    ctx: Arc<Ctx>,
+    info: Arc<ConnInfo>,
+}
+
+impl AuthzLayer {
+    pub fn new(ctx: Arc<Ctx>, info: Arc<ConnInfo>) -> Self {
+        AuthzLayer { ctx, info }
+    }
+}
+
+impl<S> tower::Layer<S> for AuthzLayer {
+    type Service = Authz<S>;
+    fn layer(&self, inner: S) -> Authz<S> {
+        Authz {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Authz<S> {
+    inner: S,
+    layer: AuthzLayer,
+}
+
+impl<S, B> tower::Service<Request<B>> for Authz<S>
+where
+    S: tower::Service<Request<B>, Response = Response<RspBody>, Error = Infallible>,
+{
+    type Response = Response<RspBody>;
+    type Error = Infallible;
+    type Future = Either<Ready<Result<Response<RspBody>, Infallible>>, S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let ctx = &self.layer.ctx;
+        let snap = ctx.snapshot.load();
+        let host = req
+            .uri()
+            .authority()
+            .map(|a| a.as_str())
+            .or_else(|| {
+                req.headers()
+                    .get(http::header::HOST)
+                    .and_then(|h| h.to_str().ok())
+            })
+            .unwrap_or("");
+        let http_ctx = HttpContext {
+            method: req.method().as_str(),
+            path: req
+                .uri()
+                .path_and_query()
+                .map(|p| p.as_str())
+                .unwrap_or("/"),
+            host,
+            headers: req.headers(),
+        };
+        let d = snap
+            .inbound
+            .authz
+            .authorize_http(&self.layer.info.conn_context(), &http_ctx);
+        let policy = record(ctx, &d);
+        if d.allowed {
+            return Either::Right(self.inner.call(req));
+        }
+        tracing::debug!(peer = %self.layer.info.peer_label.0, policy = %policy.0, "request denied");
+        let mut rsp = if phttp::is_grpc(&req) {
+            phttp::grpc_response(7, "RBAC: access denied")
+        } else {
+            phttp::local_response(StatusCode::FORBIDDEN, "RBAC: access denied")
+        };
+        rsp.extensions_mut().insert(AuthzNote {
+            allowed: false,
+            policy,
+        });
+        Either::Left(ready(Ok(rsp)))
+    }
+}

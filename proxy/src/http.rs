@@ -1,0 +1,248 @@
+//! HTTP pieces shared by the inbound and outbound stacks: the body type, header hygiene between
+//! HTTP/1 and HTTP/2, local error responses, and the telemetry layer.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Version};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+
+use crate::telemetry::{Direction, Label, Metrics, RequestLabels};
+
+/// Responses are either the peer's body, streamed, or a small local body (errors, denials).
+pub type RspBody = Either<Incoming, Full<Bytes>>;
+
+/// Between proxies, the HTTP version the app spoke when it was HTTP/1.x (requests are
+/// multiplexed over HTTP/2, and the receiving proxy restores the version).
+pub const ORIG_PROTO: HeaderName = HeaderName::from_static("palisade-orig-proto");
+pub const XFCC: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
+
+/// The identity of the endpoint that answered, set by the outbound endpoint service so the
+/// telemetry layer can label the request with it.
+#[derive(Clone, Debug)]
+pub struct DstIdentity(pub Label);
+
+pub fn local_response(status: StatusCode, body: &'static str) -> Response<RspBody> {
+    let mut rsp = Response::new(Either::Right(Full::new(Bytes::from_static(
+        body.as_bytes(),
+    ))));
+    *rsp.status_mut() = status;
+    rsp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    rsp
+}
+
+/// A gRPC error in trailers-only form (HTTP 200, `grpc-status` in the headers).
+pub fn grpc_response(code: u8, message: &'static str) -> Response<RspBody> {
+    let mut rsp = Response::new(Either::Right(Full::new(Bytes::new())));
+    let h = rsp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    let code = match code {
+        7 => HeaderValue::from_static("7"),
+        14 => HeaderValue::from_static("14"),
+        _ => HeaderValue::from_static("2"),
+    };
+    h.insert("grpc-status", code);
+    h.insert("grpc-message", HeaderValue::from_static(message));
+    rsp
+}
+
+pub fn is_grpc<B>(req: &Request<B>) -> bool {
+    req.headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// An HTTP/1.1 upgrade (WebSocket) or CONNECT: not multiplexed, proxied on its own connection.
+pub fn is_upgrade<B>(req: &Request<B>) -> bool {
+    if req.method() == http::Method::CONNECT {
+        return true;
+    }
+    req.version() <= Version::HTTP_11
+        && req.headers().contains_key(header::UPGRADE)
+        && req
+            .headers()
+            .get_all(header::CONNECTION)
+            .iter()
+            .any(|v| has_token(v.as_bytes(), b"upgrade"))
+}
+
+fn has_token(list: &[u8], token: &[u8]) -> bool {
+    list.split(|&b| b == b',')
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
+}
+
+/// Removes connection-specific headers that HTTP/2 forbids (RFC 9113 §8.2.2), including those
+/// named by `Connection`. `keep_upgrade` leaves `Connection`/`Upgrade` for an upgrade request.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    if !keep_upgrade {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+            .filter_map(|t| HeaderName::from_bytes(t.trim_ascii()).ok())
+            .collect();
+        for n in named {
+            headers.remove(n);
+        }
+        headers.remove(header::CONNECTION);
+        headers.remove(header::UPGRADE);
+    }
+    headers.remove("keep-alive");
+    headers.remove("proxy-connection");
+    headers.remove(header::TRANSFER_ENCODING);
+    if headers
+        .get(header::TE)
+        .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"trailers"))
+    {
+        headers.remove(header::TE);
+    }
+}
+
+/// Records `palisade_requests_total` and `palisade_request_duration_seconds`.
+#[derive(Clone)]
+pub struct TelemetryLayer {
+    metrics: Arc<Metrics>,
+    direction: Direction,
+    src: Label,
+    dst: Label,
+    access_log: bool,
+}
+
+impl TelemetryLayer {
+    pub fn new(
+        metrics: Arc<Metrics>,
+        direction: Direction,
+        src: Label,
+        dst: Label,
+        access_log: bool,
+    ) -> Self {
+        TelemetryLayer {
+            metrics,
+            direction,
+            src,
+            dst,
+            access_log,
+        }
+    }
+}
+
+impl<S> tower::Layer<S> for TelemetryLayer {
+    type Service = Telemetry<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        Telemetry {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Telemetry<S> {
+    inner: S,
+    layer: TelemetryLayer,
+}
+
+impl<S, B> tower::Service<Request<B>> for Telemetry<S>
+where
+    S: tower::Service<Request<B>, Response = Response<RspBody>, Error = Infallible>,
+{
+    type Response = Response<RspBody>;
+    type Error = Infallible;
+    type Future = TelemetryFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let log = self.layer.access_log.then(|| {
+            (
+                req.method().clone(),
+                req.uri().path().to_owned(),
+                req.version(),
+            )
+        });
+        TelemetryFuture {
+            inner: self.inner.call(req),
+            layer: self.layer.clone(),
+            start: Instant::now(),
+            log,
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    pub struct TelemetryFuture<F> {
+        #[pin]
+        inner: F,
+        layer: TelemetryLayer,
+        start: Instant,
+        log: Option<(http::Method, String, Version)>,
+    }
+}
+
+impl<F> Future for TelemetryFuture<F>
+where
+    F: Future<Output = Result<Response<RspBody>, Infallible>>,
+{
+    type Output = Result<Response<RspBody>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let rsp = match this.inner.poll(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Ok(rsp)) => rsp,
+            Poll::Ready(Err(e)) => match e {},
+        };
+        let elapsed = this.start.elapsed();
+        let dst = rsp
+            .extensions()
+            .get::<DstIdentity>()
+            .map(|d| d.0.clone())
+            .unwrap_or_else(|| this.layer.dst.clone());
+        let labels = RequestLabels {
+            direction: this.layer.direction,
+            src_identity: this.layer.src.clone(),
+            dst_identity: dst,
+            status_code: rsp.status().as_u16(),
+        };
+        let m = &this.layer.metrics;
+        m.requests.get_or_create(&labels).inc();
+        m.request_duration
+            .get_or_create(&labels)
+            .observe(elapsed.as_secs_f64());
+        if let Some((method, path, version)) = this.log.take() {
+            let decision = rsp
+                .extensions()
+                .get::<crate::authz_layer::AuthzNote>()
+                .map(|n| n.to_string());
+            tracing::info!(
+                target: "palisade::access",
+                direction = ?labels.direction,
+                src = %labels.src_identity.0,
+                dst = %labels.dst_identity.0,
+                %method,
+                path = %path,
+                version = ?version,
+                status = labels.status_code,
+                duration_ms = elapsed.as_secs_f64() * 1000.0,
+                authz = decision.as_deref().unwrap_or("-"),
+                "request"
+            );
+        }
+        Poll::Ready(Ok(rsp))
+    }
+}

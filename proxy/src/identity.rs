@@ -1,0 +1,209 @@
+//! The workload's certificate: loaded from files (static mode) or obtained from the control
+//! plane's Identity service with a key that never leaves this process, then renewed at half
+//! its lifetime (with jitter) for as long as the proxy runs.
+//!
+//! The credentials store swaps certificates atomically: the old one serves every handshake
+//! until the new one is installed, so a renewal never fails a connection.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use palisade_api::v1::CertifyRequest;
+use palisade_api::v1::identity_client::IdentityClient;
+use palisade_certs::{KeyAndCsr, SpiffeId, Svid, TrustBundle, TrustDomain};
+use rustls_pki_types::{CertificateDer, UnixTime};
+
+use crate::Ctx;
+use crate::config::CredentialSource;
+
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    #[error("cannot read credentials: {0}")]
+    Files(String),
+    #[error("trust bundle {path}: {message}")]
+    Bundle { path: PathBuf, message: String },
+    #[error("cannot reach the control plane at {addr}: {message}")]
+    Connect { addr: SocketAddr, message: String },
+    #[error("control plane refused the certificate request: {0}")]
+    Refused(String),
+    #[error("the control plane returned an unusable certificate: {0}")]
+    BadCertificate(String),
+}
+
+/// The SPIFFE ID the control plane serves its API with.
+pub fn control_plane_id(td: &TrustDomain) -> Option<SpiffeId> {
+    SpiffeId::for_workload(td, "palisade-system", "control-plane").ok()
+}
+
+pub fn load_bundle(td: &TrustDomain, path: &Path) -> Result<TrustBundle, IdentityError> {
+    TrustBundle::load_pem(td, path).map_err(|e| IdentityError::Bundle {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
+/// Loads `cert.pem`/`key.pem`, checking they carry the expected identity.
+pub fn load_files(id: &SpiffeId, cert: &Path, key: &Path) -> Result<Svid, IdentityError> {
+    let svid = Svid::load(cert, key).map_err(|e| IdentityError::Files(e.to_string()))?;
+    if &svid.id != id {
+        return Err(IdentityError::Files(format!(
+            "{} is for {}, not {id}",
+            cert.display(),
+            svid.id
+        )));
+    }
+    Ok(svid)
+}
+
+/// One Certify call: new key, CSR, token; returns the SVID (with its key) and the bundle.
+pub async fn certify(
+    ctx: &Ctx,
+    addr: SocketAddr,
+    token: &str,
+) -> Result<(Svid, TrustBundle), IdentityError> {
+    let id = ctx.store.id().clone();
+    let td = id.trust_domain();
+    let cp = control_plane_id(&td)
+        .ok_or_else(|| IdentityError::Refused("no control-plane identity".into()))?;
+    let tls = palisade_certs::tls::client_config(&ctx.store, cp, &[b"h2"]).map_err(|e| {
+        IdentityError::Connect {
+            addr,
+            message: e.to_string(),
+        }
+    })?;
+    let channel = palisade_api::client::connect(addr, Arc::new(tls))
+        .await
+        .map_err(|e| IdentityError::Connect {
+            addr,
+            message: e.to_string(),
+        })?;
+    let kc = KeyAndCsr::generate(&id).map_err(|e| IdentityError::BadCertificate(e.to_string()))?;
+    let rsp = IdentityClient::new(channel)
+        .certify(CertifyRequest {
+            csr_der: kc.csr_der().to_vec(),
+            token: token.to_string(),
+        })
+        .await
+        .map_err(|s| IdentityError::Refused(format!("{:?}: {}", s.code(), s.message())))?
+        .into_inner();
+    let chain: Vec<CertificateDer<'static>> = rsp
+        .chain_der
+        .into_iter()
+        .map(CertificateDer::from)
+        .collect();
+    let roots: Vec<CertificateDer<'static>> = rsp
+        .trust_bundle_der
+        .into_iter()
+        .map(CertificateDer::from)
+        .collect();
+    let bundle = TrustBundle::with_roots(&td, roots)
+        .map_err(|e| IdentityError::BadCertificate(e.to_string()))?;
+    let got = palisade_certs::verify_svid(&chain, &bundle, Some(&td), UnixTime::now())
+        .map_err(|e| IdentityError::BadCertificate(e.to_string()))?;
+    if got != id {
+        return Err(IdentityError::BadCertificate(format!(
+            "issued for {got}, expected {id}"
+        )));
+    }
+    let leaf = chain
+        .first()
+        .ok_or_else(|| IdentityError::BadCertificate("empty chain".into()))?;
+    let info = palisade_certs::verify::inspect(leaf)
+        .map_err(|e| IdentityError::BadCertificate(e.to_string()))?;
+    let svid = kc
+        .into_svid(Svid {
+            id,
+            chain,
+            key: None,
+            not_before: info.not_before,
+            not_after: info.not_after,
+        })
+        .map_err(|e| IdentityError::BadCertificate(e.to_string()))?;
+    Ok((svid, bundle))
+}
+
+/// Installs a certificate and updates the expiry gauge.
+pub fn install(ctx: &Ctx, svid: Svid) -> Result<(), IdentityError> {
+    let not_after = svid.not_after;
+    ctx.store
+        .install(svid)
+        .map_err(|e| IdentityError::BadCertificate(e.to_string()))?;
+    ctx.metrics.cert_expiry.set(not_after);
+    Ok(())
+}
+
+/// When to renew: half the remaining lifetime, ±10% jitter so a fleet does not renew at once.
+fn renew_delay(not_before: i64, not_after: i64) -> Duration {
+    let now = UnixTime::now().as_secs() as i64;
+    let lifetime = (not_after - not_before).max(1) as f64;
+    let target = not_before as f64 + lifetime / 2.0;
+    let jitter = lifetime * 0.1 * (rand::random::<f64>() - 0.5);
+    let secs = (target + jitter - now as f64).max(0.5);
+    Duration::from_secs_f64(secs)
+}
+
+/// Renews for as long as the proxy runs. On failure, backs off (200 ms doubling to 30 s) and
+/// keeps the current certificate in use meanwhile.
+pub(crate) async fn renew_loop(ctx: Arc<Ctx>) {
+    let CredentialSource::ControlPlane { addr, token, .. } = ctx.cfg.credentials.clone() else {
+        return;
+    };
+    let mut stop = ctx.stop_rx.clone();
+    loop {
+        let Some(cur) = ctx.store.current() else {
+            return;
+        };
+        let delay = renew_delay(cur.svid.not_before, cur.svid.not_after);
+        drop(cur);
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = stop.changed() => return,
+        }
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            match certify(&ctx, addr, &token).await {
+                Ok((svid, bundle)) => {
+                    ctx.store.set_bundle(merge_bundle(&ctx, bundle));
+                    match install(&ctx, svid) {
+                        Ok(()) => {
+                            ctx.metrics
+                                .renewals
+                                .get_or_create(&crate::telemetry::ResultLabels { result: "ok" })
+                                .inc();
+                            tracing::info!(
+                                expiry = ctx.store.expiry().unwrap_or(0),
+                                "certificate renewed"
+                            );
+                            break;
+                        }
+                        Err(e) => tracing::warn!(error = %e, "renewed certificate not installed"),
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "certificate renewal failed; retrying"),
+            }
+            ctx.metrics
+                .renewals
+                .get_or_create(&crate::telemetry::ResultLabels { result: "error" })
+                .inc();
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = stop.changed() => return,
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(30));
+        }
+    }
+}
+
+/// Keeps the roots we had and adds the ones the control plane sent, so a root rotation
+/// (old and new anchors side by side) never drops a root peers still use.
+pub(crate) fn merge_bundle(ctx: &Ctx, new: TrustBundle) -> TrustBundle {
+    let mut merged = (**ctx.store.bundle().load()).clone();
+    for td in new.trust_domains() {
+        for root in new.roots(td) {
+            let _ = merged.add_root(td, root.clone());
+        }
+    }
+    merged
+}

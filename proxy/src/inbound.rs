@@ -1,0 +1,437 @@
+//! Inbound: traffic from other proxies (mTLS) and, when PeerAuthentication allows it,
+//! plaintext clients, to the local app.
+//!
+//! The stack, per connection:
+//!
+//! ```text
+//! accept -> peek (bounded bytes and time): TLS ClientHello or plaintext
+//!   TLS:       mTLS handshake with the workload's SVID; the client's SPIFFE ID is verified
+//!              and travels with the connection; ALPN picks the protocol:
+//!                h2        -> HTTP/2 server  -> HTTP stack
+//!                http/1.1  -> HTTP/1 server (upgrades) -> HTTP stack
+//!                opaque    -> TCP authorization -> app (bidirectional copy, re-checked on
+//!                             policy change)
+//!   plaintext: STRICT -> refused; PERMISSIVE / DISABLE -> detect -> HTTP stack or TCP
+//! HTTP stack: Telemetry -> Authorization -> Identity headers (x-forwarded-client-cert,
+//!             version restore) -> App client (HTTP/1.1 or HTTP/2 per the app's protocol)
+//! ```
+
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use futures_util::future::BoxFuture;
+use http::{HeaderValue, Request, Response, StatusCode, Uri, Version};
+use http_body_util::Either;
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use palisade_certs::SpiffeId;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tower::ServiceBuilder;
+
+use crate::authz_layer::{AuthzLayer, ConnInfo};
+use crate::config::{MtlsMode, Protocol};
+use crate::detect::{self, Detected};
+use crate::http::{self as phttp, RspBody, TelemetryLayer};
+use crate::io::PrefixedIo;
+use crate::telemetry::{ConnLabels, DirLabels, Direction, Label, OpenConnGuard};
+use crate::{Ctx, tls};
+
+/// Dials the app whatever the request's URI says: the app is always the one local address.
+#[derive(Clone)]
+pub(crate) struct AppConnector {
+    addr: SocketAddr,
+    timeout: std::time::Duration,
+}
+
+impl tower::Service<Uri> for AppConnector {
+    type Response = TokioIo<TcpStream>;
+    type Error = std::io::Error;
+    type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _uri: Uri) -> Self::Future {
+        let (addr, timeout) = (self.addr, self.timeout);
+        Box::pin(async move { crate::tcp::connect(addr, timeout).await.map(TokioIo::new) })
+    }
+}
+
+/// Pooled clients to the app, one per HTTP version.
+pub(crate) struct AppClients {
+    addr: SocketAddr,
+    http1: Client<AppConnector, Incoming>,
+    http2: Client<AppConnector, Incoming>,
+}
+
+impl AppClients {
+    pub(crate) fn new(addr: SocketAddr, connect_timeout: std::time::Duration) -> Self {
+        let connector = AppConnector {
+            addr,
+            timeout: connect_timeout,
+        };
+        let http1 = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(std::time::Duration::from_secs(90))
+            .pool_timer(TokioTimer::new())
+            .build(connector.clone());
+        let http2 = Client::builder(TokioExecutor::new())
+            .http2_only(true)
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .build(connector);
+        AppClients { addr, http1, http2 }
+    }
+}
+
+pub(crate) async fn serve(
+    listener: TcpListener,
+    ctx: Arc<Ctx>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let Ok(tls_cfg) = tls::inbound_server_config(&ctx.store) else {
+        tracing::error!("cannot build the inbound TLS config");
+        return;
+    };
+    let acceptor = TlsAcceptor::from(tls_cfg);
+    loop {
+        let (tcp, remote) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "inbound accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+            _ = stop.changed() => return,
+        };
+        let Ok(permit) = ctx.conn_limit.clone().try_acquire_owned() else {
+            ctx.metrics.refuse(Direction::inbound, "connection_limit");
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        let ctx = ctx.clone();
+        let acceptor = acceptor.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let _open = OpenConnGuard::new(&ctx.metrics, Direction::inbound);
+            handle(ctx, acceptor, tcp, remote).await;
+        });
+    }
+}
+
+async fn handle(ctx: Arc<Ctx>, acceptor: TlsAcceptor, mut tcp: TcpStream, remote: SocketAddr) {
+    let port = tcp.local_addr().map(|a| a.port()).unwrap_or(0);
+    let (detected, prefix) = match detect::detect(&mut tcp, ctx.cfg.timeouts.detect).await {
+        Ok(x) => x,
+        Err(_) => return,
+    };
+    let snap = ctx.snapshot.load();
+    let mode = snap.inbound.mode_for(port);
+    let app_protocol = snap.inbound.app_protocol;
+    drop(snap);
+    let io = PrefixedIo::new(prefix, tcp);
+    match detected {
+        Detected::Empty => ctx.metrics.refuse(Direction::inbound, "closed_before_data"),
+        Detected::Tls => {
+            let accepted =
+                tokio::time::timeout(ctx.cfg.timeouts.handshake, acceptor.accept(io)).await;
+            let tls = match accepted {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
+                    let reason = tls::io_error_reason(&e);
+                    ctx.metrics.handshake_error(Direction::inbound, reason);
+                    tracing::info!(%remote, reason, error = %e, "inbound mTLS handshake refused");
+                    return;
+                }
+                Err(_) => {
+                    ctx.metrics.handshake_error(Direction::inbound, "timeout");
+                    tracing::info!(%remote, "inbound mTLS handshake timed out");
+                    return;
+                }
+            };
+            ctx.metrics
+                .tls_connections
+                .get_or_create(&DirLabels {
+                    direction: Direction::inbound,
+                })
+                .inc();
+            let (_, conn) = tls.get_ref();
+            let peer = palisade_certs::tls::peer_identity(conn);
+            let alpn = conn.alpn_protocol().map(<[u8]>::to_vec);
+            let info = ConnInfo::new(peer, remote.ip(), port);
+            match alpn.as_deref() {
+                Some(tls::ALPN_H2) => serve_http(ctx, tls, info, true).await,
+                Some(tls::ALPN_HTTP1) => serve_http(ctx, tls, info, false).await,
+                _ => opaque(ctx, tls, info).await,
+            }
+        }
+        plain => {
+            if mode == MtlsMode::Strict {
+                ctx.metrics.refuse(Direction::inbound, "plaintext_strict");
+                tracing::info!(%remote, port, "plaintext connection refused: mTLS is STRICT");
+                return;
+            }
+            let info = ConnInfo::new(None, remote.ip(), port);
+            match plain {
+                Detected::Http2 if app_protocol != Protocol::Opaque => {
+                    serve_http(ctx, io, info, true).await
+                }
+                Detected::Http1 if app_protocol != Protocol::Opaque => {
+                    serve_http(ctx, io, info, false).await
+                }
+                _ => opaque(ctx, io, info).await,
+            }
+        }
+    }
+}
+
+async fn serve_http<I>(ctx: Arc<Ctx>, io: I, info: Arc<ConnInfo>, h2: bool)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let Some(app) = ctx.app.clone() else {
+        ctx.metrics.refuse(Direction::inbound, "no_app");
+        return;
+    };
+    let src = info.peer_label.clone();
+    let svc = ServiceBuilder::new()
+        .layer(TelemetryLayer::new(
+            ctx.metrics.clone(),
+            Direction::inbound,
+            src,
+            ctx.own_label.clone(),
+            ctx.cfg.access_log,
+        ))
+        .layer(AuthzLayer::new(ctx.clone(), info.clone()))
+        .service(ToApp {
+            ctx: ctx.clone(),
+            app,
+            xfcc: info.xfcc(&ctx.own_label),
+        });
+    let svc = hyper_util::service::TowerToHyperService::new(svc);
+    let io = TokioIo::new(io);
+    let mut stop = ctx.stop_rx.clone();
+    if h2 {
+        let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        b.max_concurrent_streams(ctx.cfg.limits.max_concurrent_streams)
+            .max_header_list_size(ctx.cfg.limits.max_header_bytes as u32)
+            .initial_stream_window_size(1 << 20)
+            .initial_connection_window_size(4 << 20)
+            .timer(TokioTimer::new())
+            .keep_alive_interval(std::time::Duration::from_secs(30));
+        let conn = b.serve_connection(io, svc);
+        tokio::pin!(conn);
+        tokio::select! {
+            _ = conn.as_mut() => {}
+            _ = stop.changed() => {
+                conn.as_mut().graceful_shutdown();
+                let _ = conn.await;
+            }
+        }
+    } else {
+        let mut b = hyper::server::conn::http1::Builder::new();
+        b.max_buf_size(ctx.cfg.limits.max_header_bytes.max(8192))
+            .timer(TokioTimer::new())
+            .header_read_timeout(Some(ctx.cfg.timeouts.idle));
+        let conn = b.serve_connection(io, svc).with_upgrades();
+        tokio::pin!(conn);
+        tokio::select! {
+            _ = conn.as_mut() => {}
+            _ = stop.changed() => {
+                conn.as_mut().graceful_shutdown();
+                let _ = conn.await;
+            }
+        }
+    }
+}
+
+/// The last stage: identity headers, HTTP version for the app, and the app call.
+#[derive(Clone)]
+struct ToApp {
+    ctx: Arc<Ctx>,
+    app: Arc<AppClients>,
+    xfcc: Option<HeaderValue>,
+}
+
+impl tower::Service<Request<Incoming>> for ToApp {
+    type Response = Response<RspBody>;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<Response<RspBody>, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, mut req: Request<Incoming>) -> Self::Future {
+        // Only this proxy may say who called: a client-supplied header is dropped.
+        req.headers_mut().remove(phttp::XFCC);
+        if let Some(v) = &self.xfcc {
+            req.headers_mut().insert(phttp::XFCC, v.clone());
+        }
+        let app_protocol = self.ctx.snapshot.load().inbound.app_protocol;
+        let orig = req.headers_mut().remove(phttp::ORIG_PROTO);
+        let to_h2 = match app_protocol {
+            Protocol::Http => false,
+            Protocol::Http2 | Protocol::Grpc => true,
+            Protocol::Detect | Protocol::Opaque => {
+                orig.is_none() && req.version() == Version::HTTP_2
+            }
+        };
+        let app = self.app.clone();
+        Box::pin(async move { Ok(call_app(&app, req, to_h2, orig).await) })
+    }
+}
+
+async fn call_app(
+    app: &AppClients,
+    mut req: Request<Incoming>,
+    to_h2: bool,
+    orig: Option<HeaderValue>,
+) -> Response<RspBody> {
+    let upgrade = phttp::is_upgrade(&req);
+    if let Err(status) = absolute_uri(&mut req, app.addr) {
+        return phttp::local_response(status, "bad request target\n");
+    }
+    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let result = if to_h2 {
+        phttp::strip_hop_by_hop(req.headers_mut(), false);
+        *req.version_mut() = Version::HTTP_2;
+        app.http2.request(req).await
+    } else {
+        if !upgrade {
+            phttp::strip_hop_by_hop(req.headers_mut(), false);
+        }
+        let v = match orig.as_ref().map(HeaderValue::as_bytes) {
+            Some(b"HTTP/1.0") => Version::HTTP_10,
+            _ => Version::HTTP_11,
+        };
+        if req.version() == Version::HTTP_2 {
+            // HTTP/2 carries the host in :authority; HTTP/1.1 needs a Host header.
+            if let Some(a) = req.uri().authority()
+                && !req.headers().contains_key(http::header::HOST)
+                && let Ok(h) = HeaderValue::from_str(a.as_str())
+            {
+                req.headers_mut().insert(http::header::HOST, h);
+            }
+        }
+        *req.version_mut() = v;
+        app.http1.request(req).await
+    };
+    match result {
+        Ok(mut rsp) => {
+            if let Some(client_upgrade) = client_upgrade
+                && rsp.status() == StatusCode::SWITCHING_PROTOCOLS
+            {
+                let server_upgrade = hyper::upgrade::on(&mut rsp);
+                tokio::spawn(async move {
+                    if let (Ok(c), Ok(s)) = (client_upgrade.await, server_upgrade.await) {
+                        let _ = tokio::io::copy_bidirectional(
+                            &mut TokioIo::new(c),
+                            &mut TokioIo::new(s),
+                        )
+                        .await;
+                    }
+                });
+            }
+            rsp.map(Either::Left)
+        }
+        Err(e) => {
+            tracing::warn!(app = %app.addr, error = %e, "app request failed");
+            phttp::local_response(StatusCode::BAD_GATEWAY, "app unavailable\n")
+        }
+    }
+}
+
+/// The pooled app clients want absolute URIs (the pool is keyed by authority).
+fn absolute_uri(req: &mut Request<Incoming>, app: SocketAddr) -> Result<(), StatusCode> {
+    if req.uri().scheme().is_some() && req.uri().authority().is_some() {
+        return Ok(());
+    }
+    let authority = match req.headers().get(http::header::HOST) {
+        Some(h) => h.to_str().map_err(|_| StatusCode::BAD_REQUEST)?.to_owned(),
+        None => app.to_string(),
+    };
+    let pq = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    *req.uri_mut() = Uri::builder()
+        .scheme("http")
+        .authority(authority)
+        .path_and_query(pq)
+        .build()
+        .map_err(|_| StatusCode::BAD_REQUEST)?;
+    Ok(())
+}
+
+/// Opaque TCP to the app, authorized per connection and re-checked whenever the config
+/// changes: a connection whose permission is revoked is closed.
+async fn opaque<I>(ctx: Arc<Ctx>, mut io: I, info: Arc<ConnInfo>)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let Some(app) = ctx.cfg.app_addr else {
+        ctx.metrics.refuse(Direction::inbound, "no_app");
+        return;
+    };
+    let mut versions = ctx.version_tx.subscribe();
+    if !crate::authz_layer::check_tcp(&ctx, &info) {
+        return;
+    }
+    ctx.metrics
+        .tcp_connections
+        .get_or_create(&ConnLabels {
+            direction: Direction::inbound,
+            src_identity: info.peer_label.clone(),
+            dst_identity: ctx.own_label.clone(),
+        })
+        .inc();
+    let Ok(mut up) = crate::tcp::connect(app, ctx.cfg.timeouts.connect).await else {
+        ctx.metrics.refuse(Direction::inbound, "app_unavailable");
+        return;
+    };
+    let splice = crate::tcp::splice(&ctx.metrics, Direction::inbound, &mut io, &mut up);
+    tokio::pin!(splice);
+    loop {
+        tokio::select! {
+            _ = &mut splice => return,
+            changed = versions.changed() => {
+                if changed.is_err() {
+                    // The proxy is going away; finish the copy.
+                    let _ = (&mut splice).await;
+                    return;
+                }
+                if !crate::authz_layer::check_tcp(&ctx, &info) {
+                    tracing::info!(peer = %info.peer_label.0, "closing TCP connection: no longer authorized");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+impl ConnInfo {
+    pub(crate) fn new(peer: Option<SpiffeId>, source_ip: IpAddr, port: u16) -> Arc<Self> {
+        let peer_label = Label::new(peer.as_ref().map(|p| p.as_str()).unwrap_or("unknown"));
+        Arc::new(ConnInfo {
+            peer,
+            peer_label,
+            source_ip,
+            dest_port: port,
+        })
+    }
+
+    /// `By=<own ID>;URI=<client ID>` (Envoy's format), for connections that arrived over mTLS.
+    fn xfcc(&self, own: &Label) -> Option<HeaderValue> {
+        let peer = self.peer.as_ref()?;
+        HeaderValue::from_str(&format!("By={};URI={}", own.0, peer.as_str())).ok()
+    }
+}

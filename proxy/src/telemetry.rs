@@ -1,0 +1,236 @@
+//! Prometheus metrics of the proxy, with the names and labels of the spec.
+//!
+//! Label values are `Arc<str>` handles created once per connection (identities) or static
+//! strings, so recording a request clones reference counts and never allocates.
+
+use std::sync::Arc;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// A cheaply clonable label value.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub struct Label(pub Arc<str>);
+
+impl Label {
+    pub fn new(s: &str) -> Self {
+        Label(Arc::from(s))
+    }
+}
+
+impl From<&str> for Label {
+    fn from(s: &str) -> Self {
+        Label::new(s)
+    }
+}
+
+impl EncodeLabelValue for Label {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        use std::fmt::Write;
+        encoder.write_str(&self.0)
+    }
+}
+
+/// `inbound` (traffic to this workload) or `outbound` (traffic from its app).
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum Direction {
+    inbound,
+    outbound,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub direction: Direction,
+    pub src_identity: Label,
+    pub dst_identity: Label,
+    pub status_code: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnLabels {
+    pub direction: Direction,
+    pub src_identity: Label,
+    pub dst_identity: Label,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirLabels {
+    pub direction: Direction,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub direction: Direction,
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuthzLabels {
+    pub decision: &'static str,
+    pub policy: Label,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
+}
+
+fn latency_histogram() -> Histogram {
+    Histogram::new([
+        0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    ])
+}
+
+/// Every metric the proxy exports. One instance per proxy, shared by `Arc`.
+pub struct Metrics {
+    pub requests: Family<RequestLabels, Counter>,
+    pub request_duration: Family<RequestLabels, Histogram, fn() -> Histogram>,
+    pub tcp_connections: Family<ConnLabels, Counter>,
+    pub tcp_open: Family<DirLabels, Gauge>,
+    pub tcp_bytes: Family<DirLabels, Counter>,
+    pub tls_connections: Family<DirLabels, Counter>,
+    pub tls_handshake_errors: Family<ReasonLabels, Counter>,
+    pub refused: Family<ReasonLabels, Counter>,
+    pub authz_decisions: Family<AuthzLabels, Counter>,
+    pub cert_expiry: Gauge,
+    pub renewals: Family<ResultLabels, Counter>,
+    pub config_updates: Family<ResultLabels, Counter>,
+    pub config_version: Gauge,
+    registry: Registry,
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Self> {
+        let mut registry = Registry::default();
+        let m = Metrics {
+            requests: Family::default(),
+            request_duration: Family::new_with_constructor(latency_histogram),
+            tcp_connections: Family::default(),
+            tcp_open: Family::default(),
+            tcp_bytes: Family::default(),
+            tls_connections: Family::default(),
+            tls_handshake_errors: Family::default(),
+            refused: Family::default(),
+            authz_decisions: Family::default(),
+            cert_expiry: Gauge::default(),
+            renewals: Family::default(),
+            config_updates: Family::default(),
+            config_version: Gauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "palisade_requests",
+            "HTTP requests handled",
+            m.requests.clone(),
+        );
+        registry.register(
+            "palisade_request_duration_seconds",
+            "HTTP request latency, until response headers",
+            m.request_duration.clone(),
+        );
+        registry.register(
+            "palisade_tcp_connections",
+            "TCP connections accepted (inbound) or opened for the app (outbound)",
+            m.tcp_connections.clone(),
+        );
+        registry.register(
+            "palisade_tcp_open_connections",
+            "TCP connections currently open",
+            m.tcp_open.clone(),
+        );
+        registry.register(
+            "palisade_tcp_bytes",
+            "Bytes proxied on opaque TCP connections",
+            m.tcp_bytes.clone(),
+        );
+        registry.register(
+            "palisade_tls_connections",
+            "mTLS connections established between proxies",
+            m.tls_connections.clone(),
+        );
+        registry.register(
+            "palisade_tls_handshake_errors",
+            "Failed mTLS handshakes, by reason",
+            m.tls_handshake_errors.clone(),
+        );
+        registry.register(
+            "palisade_connections_refused",
+            "Connections closed before proxying, by reason",
+            m.refused.clone(),
+        );
+        registry.register(
+            "palisade_authz_decisions",
+            "Authorization decisions, by decision and deciding policy",
+            m.authz_decisions.clone(),
+        );
+        registry.register(
+            "palisade_identity_cert_expiry_timestamp_seconds",
+            "NotAfter of the certificate in use",
+            m.cert_expiry.clone(),
+        );
+        registry.register(
+            "palisade_identity_renewals",
+            "Certificate renewals, by result",
+            m.renewals.clone(),
+        );
+        registry.register(
+            "palisade_config_updates",
+            "Config snapshots received, by result",
+            m.config_updates.clone(),
+        );
+        registry.register(
+            "palisade_config_version",
+            "Version of the config snapshot in force",
+            m.config_version.clone(),
+        );
+        Arc::new(Metrics { registry, ..m })
+    }
+
+    /// Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::with_capacity(8192);
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+
+    pub fn refuse(&self, direction: Direction, reason: &'static str) {
+        self.refused
+            .get_or_create(&ReasonLabels { direction, reason })
+            .inc();
+    }
+
+    pub fn handshake_error(&self, direction: Direction, reason: &'static str) {
+        self.tls_handshake_errors
+            .get_or_create(&ReasonLabels { direction, reason })
+            .inc();
+    }
+}
+
+/// Keeps `palisade_tcp_open_connections` right even when a connection task is cancelled.
+pub struct OpenConnGuard {
+    gauge: Gauge,
+}
+
+impl OpenConnGuard {
+    pub fn new(metrics: &Metrics, direction: Direction) -> Self {
+        let gauge = metrics
+            .tcp_open
+            .get_or_create(&DirLabels { direction })
+            .clone();
+        gauge.inc();
+        OpenConnGuard { gauge }
+    }
+}
+
+impl Drop for OpenConnGuard {
+    fn drop(&mut self) {
+        self.gauge.dec();
+    }
+}

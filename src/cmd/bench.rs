@@ -1,0 +1,616 @@
+//! `palisade bench`: what the mesh costs per request.
+//!
+//! Runs a backend app (in this process), a mesh around it (`palisade up` on a generated mesh
+//! file: control plane + a client-side and a server-side proxy, as child processes), and an
+//! open-loop load generator written on hyper: requests are scheduled at a constant arrival
+//! rate and latency is measured from the *intended* send time, so a stall is charged to every
+//! request it delays (no coordinated omission). Each rate runs direct (client → app) and through
+//! the mesh (client → proxy → mTLS → proxy → app); then both at max throughput. CPU seconds and
+//! peak RSS of each proxy come from /proc.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{ExitCode, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use hdrhistogram::Histogram;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchProtocol {
+    /// HTTP/1.1 with keep-alive.
+    Http1,
+    /// HTTP/2, requests multiplexed on each connection.
+    Http2,
+    /// HTTP/1.1 with a new connection per request.
+    Http1New,
+    /// TCP echo of a 64-byte message.
+    Tcp,
+}
+
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    /// Request rates to run at (requests per second); repeat for several.
+    #[arg(long = "rate", default_values_t = vec![1000u64])]
+    pub rates: Vec<u64>,
+    /// Duration of each run.
+    #[arg(long, default_value = "30s", value_parser = super::proxy::duration)]
+    pub duration: Duration,
+    /// Client connections.
+    #[arg(long, default_value_t = 16)]
+    pub connections: usize,
+    #[arg(long, value_enum, default_value = "http1")]
+    pub protocol: BenchProtocol,
+    /// Skip the max-throughput runs.
+    #[arg(long)]
+    pub no_max: bool,
+    /// Write the results as JSON.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Write a latency-percentile SVG (direct vs mesh).
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+    /// Keep the generated mesh directory (logs) here instead of a temporary one.
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+}
+
+struct RunResult {
+    mode: &'static str,
+    rate: Option<u64>,
+    requests: u64,
+    errors: u64,
+    elapsed: Duration,
+    hist: Histogram<u64>,
+}
+
+impl RunResult {
+    fn ms(&self, q: f64) -> f64 {
+        self.hist.value_at_quantile(q) as f64 / 1000.0
+    }
+    fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "mode": self.mode,
+            "rate": self.rate,
+            "requests": self.requests,
+            "errors": self.errors,
+            "rps": self.requests as f64 / self.elapsed.as_secs_f64().max(1e-9),
+            "latency_ms": {
+                "p50": self.ms(0.5), "p90": self.ms(0.9), "p99": self.ms(0.99),
+                "p999": self.ms(0.999), "max": self.hist.max() as f64 / 1000.0,
+            },
+        })
+    }
+}
+
+pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(bench(args))
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+async fn backend(protocol: BenchProtocol) -> anyhow::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            let _ = tcp.set_nodelay(true);
+            tokio::spawn(async move {
+                if protocol == BenchProtocol::Tcp {
+                    let mut buf = [0u8; 4096];
+                    loop {
+                        match tcp.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => {
+                                if tcp.write_all(&buf[..n]).await.is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                    }
+                }
+                let svc = hyper::service::service_fn(|_req: Request<Incoming>| async {
+                    Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from_static(
+                        b"ok\n",
+                    ))))
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    Ok(addr)
+}
+
+struct Mesh {
+    child: tokio::process::Child,
+    client_addr: SocketAddr,
+    proxies: Vec<(String, u32)>,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+async fn start_mesh(
+    app: SocketAddr,
+    protocol: BenchProtocol,
+    state_dir: Option<&Path>,
+) -> anyhow::Result<Mesh> {
+    let (tmp, dir) = match state_dir {
+        Some(d) => {
+            std::fs::create_dir_all(d)?;
+            (None, d.to_path_buf())
+        }
+        None => {
+            let t = tempfile::tempdir()?;
+            let p = t.path().to_path_buf();
+            (Some(t), p)
+        }
+    };
+    let local = free_port()?;
+    let svc_protocol = match protocol {
+        BenchProtocol::Tcp => "opaque",
+        BenchProtocol::Http2 => "http2",
+        _ => "http",
+    };
+    let mesh = format!(
+        "trustDomain: cluster.local\n\
+         certificateLifetime: 1h\n\
+         controlPlane: {{ port: {cp} }}\n\
+         defaultPolicy: allow\n\
+         workloads:\n\
+         \x20 - {{ name: client, namespace: bench, serviceAccount: client, labels: {{ app: client }}, inboundPort: {ci}, adminPort: {ca},\n\
+         \x20     upstreams: [ {{ service: server.bench, port: 8080, localPort: {local} }} ] }}\n\
+         \x20 - {{ name: server, namespace: bench, serviceAccount: server, labels: {{ app: server }}, appPort: {app}, inboundPort: {si}, adminPort: {sa} }}\n\
+         services:\n\
+         \x20 - {{ name: server, namespace: bench, port: 8080, selector: {{ app: server }}, protocol: {svc_protocol} }}\n",
+        cp = free_port()?,
+        ci = free_port()?,
+        ca = free_port()?,
+        si = free_port()?,
+        sa = free_port()?,
+        app = app.port(),
+    );
+    let mesh_path = dir.join("mesh.yaml");
+    std::fs::write(&mesh_path, mesh)?;
+    let state = dir.join("state");
+    let log = std::fs::File::create(dir.join("up.log"))?;
+    let child = tokio::process::Command::new(std::env::current_exe()?)
+        .arg("up")
+        .arg("--mesh")
+        .arg(&mesh_path)
+        .arg("--state-dir")
+        .arg(&state)
+        .env("PALISADE_WATCH_PARENT", "1")
+        .env(
+            "PALISADE_LOG",
+            std::env::var("PALISADE_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(log.try_clone()?))
+        .stderr(Stdio::from(log))
+        .kill_on_drop(true)
+        .spawn()
+        .context("cannot start the mesh")?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let json = state.join("mesh.json");
+    let doc: serde_json::Value = loop {
+        if let Ok(text) = std::fs::read_to_string(&json)
+            && let Ok(v) = serde_json::from_str(&text)
+        {
+            break v;
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the bench mesh was not ready within 60s; see {}",
+                dir.join("up.log").display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let mut proxies = Vec::new();
+    for w in doc["workloads"].as_array().into_iter().flatten() {
+        if let (Some(name), Some(pid)) = (w["name"].as_str(), w["proxyPid"].as_u64()) {
+            proxies.push((name.to_string(), pid as u32));
+        }
+    }
+    Ok(Mesh {
+        child,
+        client_addr: SocketAddr::from(([127, 0, 0, 1], local)),
+        proxies,
+        _tmp: tmp,
+    })
+}
+
+/// utime + stime in seconds, and peak RSS in bytes, of a process.
+fn proc_usage(pid: u32) -> Option<(f64, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    // Fields after the command: state is index 0, utime 11, stime 12 (man 5 proc).
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let hwm_kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())?;
+    // USER_HZ is 100 on every Linux this runs on.
+    Some(((utime + stime) as f64 / 100.0, hwm_kb * 1024))
+}
+
+enum Conn {
+    H1(hyper::client::conn::http1::SendRequest<Empty<Bytes>>),
+    H2(hyper::client::conn::http2::SendRequest<Empty<Bytes>>),
+    Tcp(tokio::net::TcpStream),
+    New,
+}
+
+async fn connect(addr: SocketAddr, p: BenchProtocol) -> anyhow::Result<Conn> {
+    if p == BenchProtocol::Http1New {
+        return Ok(Conn::New);
+    }
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    tcp.set_nodelay(true)?;
+    Ok(match p {
+        BenchProtocol::Http1 | BenchProtocol::Http1New => {
+            let (s, c) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
+            tokio::spawn(c);
+            Conn::H1(s)
+        }
+        BenchProtocol::Http2 => {
+            let (s, c) =
+                hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+                    .await?;
+            tokio::spawn(c);
+            Conn::H2(s)
+        }
+        BenchProtocol::Tcp => Conn::Tcp(tcp),
+    })
+}
+
+async fn one_request(conn: &mut Conn, addr: SocketAddr, p: BenchProtocol) -> anyhow::Result<()> {
+    let req = || {
+        Request::builder()
+            .uri("/")
+            .header(http::header::HOST, "server.bench")
+            .body(Empty::<Bytes>::new())
+    };
+    match conn {
+        Conn::H1(s) => {
+            s.ready().await?;
+            let rsp = s.send_request(req()?).await?;
+            if !rsp.status().is_success() {
+                bail!("status {}", rsp.status());
+            }
+            rsp.into_body().collect().await?;
+        }
+        Conn::H2(s) => {
+            let mut r = req()?;
+            *r.uri_mut() = "http://server.bench/".parse()?;
+            let rsp = s.send_request(r).await?;
+            if !rsp.status().is_success() {
+                bail!("status {}", rsp.status());
+            }
+            rsp.into_body().collect().await?;
+        }
+        Conn::Tcp(t) => {
+            let msg = [b'x'; 64];
+            t.write_all(&msg).await?;
+            let mut buf = [0u8; 64];
+            t.read_exact(&mut buf).await?;
+        }
+        Conn::New => {
+            let mut c = connect(addr, BenchProtocol::Http1).await?;
+            Box::pin(one_request(&mut c, addr, BenchProtocol::Http1)).await?;
+        }
+    }
+    let _ = p;
+    Ok(())
+}
+
+/// Open loop at `rate` (or closed loop as fast as possible when `rate` is None).
+async fn load(
+    addr: SocketAddr,
+    p: BenchProtocol,
+    connections: usize,
+    rate: Option<u64>,
+    duration: Duration,
+    mode: &'static str,
+    progress: Arc<AtomicU64>,
+) -> anyhow::Result<RunResult> {
+    let start = Instant::now() + Duration::from_millis(50);
+    let end = start + duration;
+    let mut tasks = Vec::new();
+    for c in 0..connections {
+        let progress = progress.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+            let mut errors = 0u64;
+            let mut conn = connect(addr, p).await?;
+            let mut k: u64 = 0;
+            loop {
+                let intended = match rate {
+                    Some(r) => {
+                        let i = c as u64 + k * connections as u64;
+                        start + Duration::from_secs_f64(i as f64 / r as f64)
+                    }
+                    None => Instant::now().max(start),
+                };
+                if intended >= end {
+                    break;
+                }
+                tokio::time::sleep_until(intended.into()).await;
+                let ok = one_request(&mut conn, addr, p).await.is_ok();
+                let lat = intended.elapsed();
+                if ok {
+                    hist.saturating_record(lat.as_micros().max(1) as u64);
+                } else {
+                    errors += 1;
+                    if let Ok(c2) = connect(addr, p).await {
+                        conn = c2;
+                    }
+                }
+                progress.fetch_add(1, Ordering::Relaxed);
+                k += 1;
+            }
+            anyhow::Ok((hist, errors))
+        }));
+    }
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let mut errors = 0;
+    for t in tasks {
+        let (h, e) = t.await??;
+        hist.add(&h)?;
+        errors += e;
+    }
+    let elapsed = start.elapsed();
+    Ok(RunResult {
+        mode,
+        rate,
+        requests: hist.len(),
+        errors,
+        elapsed,
+        hist,
+    })
+}
+
+async fn run_with_progress(
+    label: String,
+    fut: impl std::future::Future<Output = anyhow::Result<RunResult>>,
+    progress: Arc<AtomicU64>,
+) -> anyhow::Result<RunResult> {
+    progress.store(0, Ordering::Relaxed);
+    let ticker = tokio::spawn({
+        let progress = progress.clone();
+        async move {
+            let t0 = Instant::now();
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                eprint!(
+                    "\r{label}: {} requests, {:.0}s   ",
+                    progress.load(Ordering::Relaxed),
+                    t0.elapsed().as_secs_f64()
+                );
+            }
+        }
+    });
+    let r = fut.await;
+    ticker.abort();
+    eprint!("\r{:70}\r", "");
+    r
+}
+
+async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
+    if args.connections == 0 {
+        bail!("--connections must be at least 1");
+    }
+    let app = backend(args.protocol).await?;
+    let mut mesh = start_mesh(app, args.protocol, args.state_dir.as_deref()).await?;
+    let progress = Arc::new(AtomicU64::new(0));
+    let mut results = Vec::new();
+    let mut plan: Vec<Option<u64>> = args.rates.iter().map(|r| Some(*r)).collect();
+    if !args.no_max {
+        plan.push(None);
+    }
+    let before: Vec<_> = mesh
+        .proxies
+        .iter()
+        .map(|(_, pid)| proc_usage(*pid))
+        .collect();
+    let mut mesh_requests = 0u64;
+    for rate in plan {
+        for (mode, addr) in [("direct", app), ("mesh", mesh.client_addr)] {
+            let label = format!(
+                "{mode} at {}",
+                rate.map(|r| format!("{r} rps"))
+                    .unwrap_or_else(|| "max".into())
+            );
+            let r = run_with_progress(
+                label,
+                load(
+                    addr,
+                    args.protocol,
+                    args.connections,
+                    rate,
+                    args.duration,
+                    mode,
+                    progress.clone(),
+                ),
+                progress.clone(),
+            )
+            .await?;
+            if mode == "mesh" {
+                mesh_requests += r.requests + r.errors;
+            }
+            results.push(r);
+        }
+    }
+    let after: Vec<_> = mesh
+        .proxies
+        .iter()
+        .map(|(_, pid)| proc_usage(*pid))
+        .collect();
+    let mut proxies = Vec::new();
+    for (i, (name, _)) in mesh.proxies.iter().enumerate() {
+        if let (Some((c0, _)), Some((c1, rss))) = (before[i], after[i]) {
+            proxies.push(serde_json::json!({
+                "name": name,
+                "cpu_seconds_per_1000_requests": (c1 - c0) / (mesh_requests.max(1) as f64 / 1000.0),
+                "peak_rss_bytes": rss,
+            }));
+        }
+    }
+    let _ = mesh.child.start_kill();
+    let _ = mesh.child.wait().await;
+
+    print_table(&results, &proxies, args.protocol);
+    let added = added_latency(&results);
+    if let Some(path) = &args.out {
+        let doc = serde_json::json!({
+            "protocol": format!("{:?}", args.protocol).to_lowercase(),
+            "connections": args.connections,
+            "duration_s": args.duration.as_secs_f64(),
+            "runs": results.iter().map(RunResult::json).collect::<Vec<_>>(),
+            "proxies": proxies,
+            "added_latency_ms": { "p50": added.0, "p99": added.1 },
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&doc)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    if let Some(path) = &args.plot {
+        plot(path, &results)?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Mesh minus direct at the first fixed rate.
+fn added_latency(results: &[RunResult]) -> (f64, f64) {
+    let rate = results.iter().find_map(|r| r.rate);
+    let find = |mode| results.iter().find(|r| r.mode == mode && r.rate == rate);
+    match (find("direct"), find("mesh")) {
+        (Some(d), Some(m)) => (m.ms(0.5) - d.ms(0.5), m.ms(0.99) - d.ms(0.99)),
+        _ => (0.0, 0.0),
+    }
+}
+
+fn print_table(results: &[RunResult], proxies: &[serde_json::Value], p: BenchProtocol) {
+    println!("protocol: {p:?}");
+    println!(
+        "{:<7} {:>9} {:>9} {:>7} {:>10} {:>8} {:>8} {:>8} {:>8} {:>8}",
+        "mode",
+        "rate",
+        "requests",
+        "errors",
+        "rps",
+        "p50 ms",
+        "p90 ms",
+        "p99 ms",
+        "p999 ms",
+        "max ms"
+    );
+    for r in results {
+        println!(
+            "{:<7} {:>9} {:>9} {:>7} {:>10.0} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>8.3}",
+            r.mode,
+            r.rate
+                .map(|x| x.to_string())
+                .unwrap_or_else(|| "max".into()),
+            r.requests,
+            r.errors,
+            r.requests as f64 / r.elapsed.as_secs_f64().max(1e-9),
+            r.ms(0.5),
+            r.ms(0.9),
+            r.ms(0.99),
+            r.ms(0.999),
+            r.hist.max() as f64 / 1000.0
+        );
+    }
+    let (a50, a99) = added_latency(results);
+    println!("added latency (mesh - direct): p50 {a50:.3} ms, p99 {a99:.3} ms");
+    for px in proxies {
+        println!(
+            "proxy {:<8} cpu {:.4} s/1000 req, peak RSS {:.1} MB",
+            px["name"].as_str().unwrap_or("?"),
+            px["cpu_seconds_per_1000_requests"].as_f64().unwrap_or(0.0),
+            px["peak_rss_bytes"].as_f64().unwrap_or(0.0) / 1_048_576.0
+        );
+    }
+}
+
+fn plot(path: &Path, results: &[RunResult]) -> anyhow::Result<()> {
+    use plotters::prelude::*;
+    let quantiles = [0.5, 0.75, 0.9, 0.95, 0.99, 0.995, 0.999];
+    let rate = results.iter().find_map(|r| r.rate);
+    let series: Vec<(&str, Vec<(f64, f64)>)> = results
+        .iter()
+        .filter(|r| r.rate == rate)
+        .map(|r| {
+            let pts = quantiles
+                .iter()
+                .map(|q| (-(1.0f64 - q).log10(), r.ms(*q)))
+                .collect();
+            (r.mode, pts)
+        })
+        .collect();
+    let ymax = series
+        .iter()
+        .flat_map(|(_, p)| p.iter().map(|x| x.1))
+        .fold(0.1f64, f64::max)
+        * 1.1;
+    let root = SVGBackend::new(path, (800, 500)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let title = format!(
+        "latency by percentile at {}",
+        rate.map(|r| format!("{r} rps"))
+            .unwrap_or_else(|| "max".into())
+    );
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 20))
+        .margin(10)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0.0f64..3.1f64, 0.0f64..ymax)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    chart
+        .configure_mesh()
+        .x_desc("percentile")
+        .y_desc("latency (ms)")
+        .x_label_formatter(&|x| format!("p{:.1}", 100.0 * (1.0 - 10f64.powf(-x))))
+        .draw()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    for (i, (name, pts)) in series.into_iter().enumerate() {
+        let color = if i == 0 { BLUE } else { RED };
+        chart
+            .draw_series(LineSeries::new(pts, color.stroke_width(2)))
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .label(name)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+    }
+    chart
+        .configure_series_labels()
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(())
+}

@@ -1,0 +1,167 @@
+//! `palisade proxy`: the sidecar, configured the way Kubernetes injects it (`PALISADE_*`
+//! environment variables) or with flags.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use palisade_certs::SpiffeId;
+use palisade_proxy::config::{CredentialSource, Limits, ProxyConfig, Timeouts, UpstreamListener};
+
+#[derive(clap::Args)]
+pub struct ProxyArgs {
+    /// The workload this proxy serves (its name in the mesh).
+    #[arg(long, env = "PALISADE_WORKLOAD")]
+    pub workload: String,
+    /// The workload's SPIFFE ID.
+    #[arg(long, env = "PALISADE_IDENTITY")]
+    pub identity: String,
+    /// Where mTLS from other proxies arrives.
+    #[arg(long, env = "PALISADE_INBOUND_ADDR", default_value = "0.0.0.0:4143")]
+    pub inbound: SocketAddr,
+    /// Admin server: /metrics /ready /live /shutdown.
+    #[arg(long, env = "PALISADE_ADMIN_ADDR", default_value = "0.0.0.0:4191")]
+    pub admin: SocketAddr,
+    /// The app's plaintext address; omit when the workload only calls out.
+    #[arg(long, env = "PALISADE_APP_ADDR")]
+    pub app: Option<SocketAddr>,
+    /// Explicit outbound listeners, `SERVICE.NAMESPACE:PORT=LISTEN_ADDR` (repeat, or comma-separate in the env var).
+    #[arg(long = "upstream", env = "PALISADE_UPSTREAMS", value_delimiter = ',')]
+    pub upstreams: Vec<String>,
+    /// Transparent outbound listener (iptables REDIRECT target).
+    #[arg(long, env = "PALISADE_OUTBOUND_ADDR")]
+    pub outbound: Option<SocketAddr>,
+    /// The control plane's gRPC address (identity + discovery).
+    #[arg(long, env = "PALISADE_CONTROL_PLANE")]
+    pub control_plane: Option<SocketAddr>,
+    /// Bootstrap token for the Identity service.
+    #[arg(long, env = "PALISADE_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// File holding the bootstrap token.
+    #[arg(long, env = "PALISADE_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Trust anchors (PEM) of the mesh.
+    #[arg(long, env = "PALISADE_TRUST_BUNDLE")]
+    pub trust_bundle: PathBuf,
+    /// Static mode: certificate chain (PEM) instead of the control plane.
+    #[arg(long, env = "PALISADE_CERT", requires = "key")]
+    pub cert: Option<PathBuf>,
+    /// Static mode: private key (PEM).
+    #[arg(long, env = "PALISADE_KEY", requires = "cert")]
+    pub key: Option<PathBuf>,
+    /// Static mode: services and endpoints from this YAML file instead of the control plane.
+    #[arg(long, env = "PALISADE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Protocol detection timeout.
+    #[arg(long, env = "PALISADE_DETECT_TIMEOUT", default_value = "1s", value_parser = duration)]
+    pub detect_timeout: Duration,
+    /// Connect timeout to endpoints and the app.
+    #[arg(long, env = "PALISADE_CONNECT_TIMEOUT", default_value = "3s", value_parser = duration)]
+    pub connect_timeout: Duration,
+    /// How long shutdown waits for in-flight requests.
+    #[arg(long, env = "PALISADE_DRAIN_TIMEOUT", default_value = "10s", value_parser = duration)]
+    pub drain_timeout: Duration,
+    /// Maximum concurrent connections per proxy.
+    #[arg(long, env = "PALISADE_MAX_CONNECTIONS", default_value_t = 10_000)]
+    pub max_connections: usize,
+    /// One log line per request (target `palisade::access`).
+    #[arg(long, env = "PALISADE_ACCESS_LOG")]
+    pub access_log: bool,
+    /// Worker threads of the runtime (the sidecar needs few).
+    #[arg(long, env = "PALISADE_WORKER_THREADS", default_value_t = 1)]
+    pub worker_threads: usize,
+}
+
+pub fn duration(s: &str) -> Result<Duration, String> {
+    palisade_certs::parse_duration(s)
+        .ok_or_else(|| format!("{s:?} is not a duration like 500ms, 3s, 1m"))
+}
+
+fn build_config(a: &ProxyArgs) -> anyhow::Result<ProxyConfig> {
+    let identity = SpiffeId::parse(&a.identity)
+        .with_context(|| format!("--identity {:?} is not a valid SPIFFE ID", a.identity))?;
+    let credentials = match (&a.cert, &a.key, a.control_plane) {
+        (Some(cert), Some(key), _) => CredentialSource::Files {
+            cert: cert.clone(),
+            key: key.clone(),
+            bundle: a.trust_bundle.clone(),
+        },
+        (_, _, Some(addr)) => {
+            let token = match (&a.token, &a.token_file) {
+                (Some(t), _) => t.clone(),
+                (None, Some(f)) => std::fs::read_to_string(f)
+                    .with_context(|| format!("cannot read token file {}", f.display()))?
+                    .trim()
+                    .to_string(),
+                (None, None) => bail!("--control-plane needs --token or --token-file"),
+            };
+            CredentialSource::ControlPlane {
+                addr,
+                token,
+                bundle: a.trust_bundle.clone(),
+                identity: identity.clone(),
+            }
+        }
+        _ => bail!("give either --cert and --key (static mode) or --control-plane"),
+    };
+    if a.control_plane.is_none() && a.config.is_none() {
+        bail!("static mode needs --config with the services to route to");
+    }
+    let mut upstreams = Vec::new();
+    for u in &a.upstreams {
+        let (service, listen) = u
+            .split_once('=')
+            .with_context(|| format!("upstream {u:?} is not SERVICE.NAMESPACE:PORT=ADDR"))?;
+        let listen = listen
+            .parse()
+            .with_context(|| format!("upstream {u:?}: {listen:?} is not ip:port"))?;
+        upstreams.push(UpstreamListener {
+            service: service.to_string(),
+            listen,
+        });
+    }
+    Ok(ProxyConfig {
+        workload: a.workload.clone(),
+        identity,
+        credentials,
+        inbound_addr: a.inbound,
+        admin_addr: a.admin,
+        app_addr: a.app,
+        upstreams,
+        transparent_addr: a.outbound,
+        static_config: a.config.clone(),
+        timeouts: Timeouts {
+            connect: a.connect_timeout,
+            detect: a.detect_timeout,
+            drain: a.drain_timeout,
+            ..Timeouts::default()
+        },
+        limits: Limits {
+            max_connections: a.max_connections,
+            ..Limits::default()
+        },
+        access_log: a.access_log,
+    })
+}
+
+pub fn run(args: ProxyArgs) -> anyhow::Result<ExitCode> {
+    let cfg = build_config(&args)?;
+    // One thread by default: a sidecar shares the pod's CPU with its app, and a single-threaded
+    // runtime wakes fewer threads per request.
+    let rt = if args.worker_threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(args.worker_threads)
+            .enable_all()
+            .build()?
+    };
+    rt.block_on(async move {
+        palisade_proxy::run(cfg, super::shutdown_signal()).await?;
+        Ok(ExitCode::SUCCESS)
+    })
+}

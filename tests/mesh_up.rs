@@ -1,0 +1,225 @@
+//! `palisade up` end to end, through the binary, as a user runs it.
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use support::*;
+
+fn web_api(lifetime: &'static str) -> MeshSpec {
+    MeshSpec {
+        lifetime,
+        default_policy: "allow",
+        workloads: vec![
+            WorkloadSpec::demo("web", "app: web", vec![("api.demo", 8080)]),
+            WorkloadSpec::demo("api", "app: api", vec![]),
+            WorkloadSpec::demo("api2", "app: api-canary", vec![]),
+        ],
+        services: vec![("api", 8080, "app: api", "http")],
+    }
+}
+
+/// Requests in a loop on a background thread until stopped; counts successes and failures.
+struct Load {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    handle: Option<std::thread::JoinHandle<Vec<String>>>,
+}
+
+impl Load {
+    fn start(addr: std::net::SocketAddr, path: &'static str) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(AtomicU64::new(0));
+        let failed = Arc::new(AtomicU64::new(0));
+        let (s, o, f) = (stop.clone(), ok.clone(), failed.clone());
+        let handle = std::thread::spawn(move || {
+            let mut errors = Vec::new();
+            let deadline = Instant::now() + Duration::from_secs(120);
+            while !s.load(Ordering::Relaxed) && Instant::now() < deadline {
+                match http_get(addr, path) {
+                    Ok((200, _)) => {
+                        o.fetch_add(1, Ordering::Relaxed);
+                    }
+                    other => {
+                        f.fetch_add(1, Ordering::Relaxed);
+                        if errors.len() < 5 {
+                            errors.push(format!("{other:?}"));
+                        }
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            errors
+        });
+        Load {
+            stop,
+            ok,
+            failed,
+            handle: Some(handle),
+        }
+    }
+
+    fn finish(mut self) -> (u64, u64, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        let errors = self
+            .handle
+            .take()
+            .map(|h| h.join().unwrap_or_default())
+            .unwrap_or_default();
+        (
+            self.ok.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+            errors,
+        )
+    }
+}
+
+#[test]
+fn up_serves_web_to_api_over_mtls_and_writes_mesh_json() {
+    let mut mesh = web_api("1h").start(&[]);
+    // web's app calls api through web's sidecar; api's app reports the caller's identity.
+    let (status, body) = http_get(mesh.app("web"), "/call/api").expect("call");
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.contains("caller: spiffe://cluster.local/ns/demo/sa/web"),
+        "api should see web's SPIFFE ID: {body}"
+    );
+    // Straight to the upstream port too.
+    let (status, body) = http_get(mesh.upstream("web", "api.demo"), "/").expect("upstream");
+    assert_eq!(status, 200);
+    assert!(body.contains("hello from api"), "{body}");
+
+    let doc = mesh.mesh_json();
+    assert_eq!(
+        doc["controlPlane"],
+        format!("127.0.0.1:{}", mesh.cp_port).as_str()
+    );
+    let ws = doc["workloads"].as_array().expect("workloads");
+    assert_eq!(ws.len(), 3);
+    let web = ws.iter().find(|w| w["name"] == "web").expect("web");
+    assert_eq!(web["spiffeId"], "spiffe://cluster.local/ns/demo/sa/web");
+    let p = mesh.ports("web");
+    assert_eq!(web["appAddr"], format!("127.0.0.1:{}", p.app).as_str());
+    assert_eq!(
+        web["inboundAddr"],
+        format!("127.0.0.1:{}", p.inbound).as_str()
+    );
+    assert_eq!(web["adminAddr"], format!("127.0.0.1:{}", p.admin).as_str());
+    assert_eq!(web["upstreams"][0]["service"], "api.demo:8080");
+    assert_eq!(
+        web["upstreams"][0]["localAddr"],
+        format!("127.0.0.1:{}", p.upstreams[0].1).as_str()
+    );
+
+    // The connection between the proxies is mTLS: web's proxy counted an outbound handshake.
+    assert!(mesh.metric_sum("web", "palisade_tls_connections_total", &["outbound"]) >= 1.0);
+
+    // `palisade check` passes on a running mesh.
+    let out = std::process::Command::new(palisade())
+        .arg("check")
+        .arg("--state-dir")
+        .arg(&mesh.state)
+        .output()
+        .expect("check");
+    assert!(
+        out.status.success(),
+        "check failed: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+
+    // SIGTERM stops everything and exits 0; mesh.json is removed.
+    let st = mesh.stop().expect("exit status");
+    assert!(st.success(), "up exited with {st}");
+    assert!(!mesh.state.join("mesh.json").exists());
+    assert!(
+        std::net::TcpStream::connect(mesh.admin("web")).is_err(),
+        "web's proxy should be gone"
+    );
+}
+
+#[test]
+fn renewals_under_load_fail_no_request() {
+    let mesh = web_api("4s").start(&[]);
+    let load = Load::start(mesh.upstream("web", "api.demo"), "/");
+    // Several renewal periods (a 4 s lifetime renews about every 2 s).
+    let renewed = eventually(Duration::from_secs(30), || {
+        mesh.metric_sum(
+            "web",
+            "palisade_identity_renewals_total",
+            &["result=\"ok\""],
+        ) >= 3.0
+            && mesh.metric_sum(
+                "api",
+                "palisade_identity_renewals_total",
+                &["result=\"ok\""],
+            ) >= 3.0
+    });
+    let (ok, failed, errors) = load.finish();
+    assert!(renewed, "renewals not observed:\n{}", mesh.logs());
+    assert!(ok > 50, "too few requests: {ok}");
+    assert_eq!(failed, 0, "failed requests during renewals: {errors:?}");
+}
+
+#[test]
+fn control_plane_loss_keeps_traffic_flowing_and_resyncs() {
+    let mesh = web_api("1h").start(&[]);
+    let cp_pid = mesh.mesh_json()["controlPlanePid"]
+        .as_u64()
+        .expect("controlPlanePid");
+    let load = Load::start(mesh.upstream("web", "api.demo"), "/");
+    std::thread::sleep(Duration::from_millis(300));
+    let st = std::process::Command::new("kill")
+        .arg("-KILL")
+        .arg(cp_pid.to_string())
+        .status()
+        .expect("kill");
+    assert!(st.success());
+    // Traffic keeps flowing while the control plane is down and while it comes back.
+    std::thread::sleep(Duration::from_secs(2));
+    // up restarts it; the proxies reconnect and resync: a new config stream is applied.
+    let before = mesh.metric_sum("web", "palisade_config_updates_total", &["applied"]);
+    let resynced = eventually(Duration::from_secs(20), || {
+        mesh.metric_sum("web", "palisade_config_updates_total", &["applied"]) > before
+    });
+    let (ok, failed, errors) = load.finish();
+    assert!(resynced, "proxies did not resync:\n{}", mesh.logs());
+    assert!(ok > 50);
+    assert_eq!(failed, 0, "{errors:?}");
+}
+
+#[test]
+fn mesh_file_edits_move_traffic_within_a_second() {
+    let mesh = web_api("1h").start(&[]);
+    let up = mesh.upstream("web", "api.demo");
+    let reached = |name: &str| {
+        (0..20).any(|_| {
+            http_get(up, "/")
+                .is_ok_and(|(s, b)| s == 200 && b.contains(&format!("hello from {name};")))
+        })
+    };
+    assert!(reached("api"));
+    assert!(!reached("api2"), "api2 is not an endpoint yet");
+
+    // api2 joins the service: its labels now match the selector.
+    let text = std::fs::read_to_string(&mesh.mesh_file).expect("read mesh");
+    let added = text.replace("app: api-canary", "app: api");
+    std::fs::write(&mesh.mesh_file, &added).expect("write mesh");
+    let t0 = Instant::now();
+    assert!(
+        eventually(Duration::from_secs(5), || reached("api2")),
+        "traffic never reached the new endpoint"
+    );
+    let took = t0.elapsed();
+    assert!(took < Duration::from_millis(1500), "took {took:?}");
+
+    // api leaves the service: traffic stops reaching it.
+    let removed = added.replacen("labels: { app: api }", "labels: { app: retired }", 1);
+    std::fs::write(&mesh.mesh_file, removed).expect("write mesh");
+    assert!(
+        eventually(Duration::from_secs(5), || !reached("api")),
+        "traffic still reaches the removed endpoint"
+    );
+}
