@@ -40,6 +40,9 @@ struct App {
 pub fn run(args: DemoAppArgs) -> anyhow::Result<ExitCode> {
     let mut upstreams = HashMap::new();
     for u in &args.upstreams {
+        if u.trim().is_empty() {
+            continue;
+        }
         let (name, addr) = u
             .split_once('=')
             .with_context(|| format!("upstream {u:?} is not NAME=ADDR"))?;
@@ -136,5 +139,9 @@ async fn call(addr: SocketAddr, host: &str, path: &str) -> anyhow::Result<(Statu
     let rsp = send.send_request(req).await?;
     let status = rsp.status();
     let body = rsp.into_body().collect().await?.to_bytes();
-    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    let mut text = String::from_utf8_lossy(&body).into_owned();
+    if !text.ends_with('\n') {
+        text.push('\n');
+    }
+    Ok((status, text))
 }

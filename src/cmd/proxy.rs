@@ -111,6 +111,9 @@ fn build_config(a: &ProxyArgs) -> anyhow::Result<ProxyConfig> {
     }
     let mut upstreams = Vec::new();
     for u in &a.upstreams {
+        if u.trim().is_empty() {
+            continue;
+        }
         let (service, listen) = u
             .split_once('=')
             .with_context(|| format!("upstream {u:?} is not SERVICE.NAMESPACE:PORT=ADDR"))?;
