@@ -171,6 +171,7 @@ fn control_plane_loss_keeps_traffic_flowing_and_resyncs() {
         .expect("controlPlanePid");
     let load = Load::start(mesh.upstream("web", "api.demo"), "/");
     std::thread::sleep(Duration::from_millis(300));
+    let before = mesh.metric_sum("web", "palisade_config_updates_total", &["applied"]);
     let st = std::process::Command::new("kill")
         .arg("-KILL")
         .arg(cp_pid.to_string())
@@ -180,7 +181,6 @@ fn control_plane_loss_keeps_traffic_flowing_and_resyncs() {
     // Traffic keeps flowing while the control plane is down and while it comes back.
     std::thread::sleep(Duration::from_secs(2));
     // up restarts it; the proxies reconnect and resync: a new config stream is applied.
-    let before = mesh.metric_sum("web", "palisade_config_updates_total", &["applied"]);
     let resynced = eventually(Duration::from_secs(20), || {
         mesh.metric_sum("web", "palisade_config_updates_total", &["applied"]) > before
     });

@@ -94,8 +94,6 @@ impl Model {
         match resource {
             Resource::AuthorizationPolicy(p) => self.authorization_policies.push(p),
             Resource::PeerAuthentication(p) => self.peer_authentications.push(p),
-            #[allow(unreachable_patterns)]
-            _ => {}
         }
     }
 
@@ -204,8 +202,9 @@ fn mtls_mode(m: policy::MtlsMode) -> v1::MtlsMode {
         policy::MtlsMode::Strict => v1::MtlsMode::Strict,
         policy::MtlsMode::Permissive => v1::MtlsMode::Permissive,
         policy::MtlsMode::Disable => v1::MtlsMode::Disable,
-        #[allow(unreachable_patterns)]
-        _ => v1::MtlsMode::Strict,
+        // `effective_mtls` resolves UNSET by inheritance, ending at STRICT; never send a
+        // proxy an unset mode it would have to guess about.
+        policy::MtlsMode::Unset => v1::MtlsMode::Strict,
     }
 }
 
