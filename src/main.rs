@@ -37,6 +37,12 @@ enum Command {
     DemoApp(cmd::demo_app::DemoAppArgs),
     /// Check a running local mesh: proxies ready, certificates valid, configs received.
     Check(cmd::check::CheckArgs),
+    /// Policy files.
+    #[command(subcommand)]
+    Policy(cmd::policy::PolicyCommand),
+    /// Authorization decisions.
+    #[command(subcommand)]
+    Authz(cmd::policy::AuthzCommand),
     /// The latency benchmark: direct vs through the mesh, open loop, HDR histograms.
     Bench(cmd::bench::BenchArgs),
 }
@@ -54,6 +60,8 @@ fn main() -> ExitCode {
         Command::DemoApp(a) => cmd::demo_app::run(a),
         Command::Check(a) => cmd::check::run(a),
         Command::Bench(a) => cmd::bench::run(a),
+        Command::Policy(cmd::policy::PolicyCommand::Check { path }) => cmd::policy::check(path),
+        Command::Authz(cmd::policy::AuthzCommand::Explain(a)) => cmd::policy::explain(a),
     };
     match result {
         Ok(code) => code,
