@@ -1,2 +1,57 @@
-//! placeholder, being written
-fn main() {}
+//! Authorization decisions per second with 1, 100 and 10,000 rules. The matching rule is the
+//! last one, so every rule before it is evaluated: the honest worst case.
+
+use std::path::Path;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use http::HeaderMap;
+use palisade_api::policy::{AuthorizationPolicy, DefaultPolicy, Resource, parse_str};
+use palisade_proxy::authz::{Authorizer, ConnContext, HttpContext};
+
+fn policy_with_rules(n: usize) -> AuthorizationPolicy {
+    let mut yaml = String::from(
+        "apiVersion: palisade.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: { name: bench, namespace: demo }\nspec:\n  action: ALLOW\n  rules:\n",
+    );
+    for i in 0..n {
+        let last = i + 1 == n;
+        let principal = if last { "web".to_string() } else { format!("svc-{i}") };
+        let path = if last { "/api/*".to_string() } else { format!("/p{i}/*") };
+        yaml.push_str(&format!(
+            "    - from: [ {{ source: {{ principals: [\"cluster.local/ns/demo/sa/{principal}\"] }} }} ]\n      to: [ {{ operation: {{ methods: [\"GET\", \"POST\"], paths: [\"{path}\"] }} }} ]\n"
+        ));
+    }
+    match parse_str(Path::new("bench.yaml"), &yaml).map(|mut v| v.remove(0)) {
+        Ok(Resource::AuthorizationPolicy(p)) => p,
+        other => panic!("bench policy did not parse: {other:?}"),
+    }
+}
+
+fn decisions(c: &mut Criterion) {
+    let headers = HeaderMap::new();
+    let conn = ConnContext {
+        peer: Some("spiffe://cluster.local/ns/demo/sa/web"),
+        source_ip: "10.0.0.1".parse().expect("ip"),
+        dest_port: 8080,
+    };
+    let req = HttpContext {
+        method: "GET",
+        path: "/api/users?id=7",
+        host: "api.demo",
+        headers: &headers,
+    };
+    for n in [1usize, 100, 10_000] {
+        let authz = Authorizer::compile(DefaultPolicy::Deny, &[policy_with_rules(n)])
+            .expect("compiles");
+        assert!(authz.authorize_http(&conn, &req).allowed);
+        c.bench_function(&format!("authz/http/{n}_rules"), |b| {
+            b.iter(|| std::hint::black_box(authz.authorize_http(&conn, &req)))
+        });
+    }
+    let authz = Authorizer::compile(DefaultPolicy::Deny, &[policy_with_rules(100)]).expect("ok");
+    c.bench_function("authz/tcp/100_rules", |b| {
+        b.iter(|| std::hint::black_box(authz.authorize_tcp(&conn)))
+    });
+}
+
+criterion_group!(benches, decisions);
+criterion_main!(benches);

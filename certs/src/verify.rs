@@ -136,8 +136,16 @@ fn check_leaf_rules(cert: &X509Certificate<'_>) -> Result<SpiffeId, SvidError> {
     let eku = cert
         .extended_key_usage()
         .map_err(|_| SvidError::Malformed)?;
+    // Both mesh purposes, and nothing else (X509-SVID: other purposes MUST NOT be set).
     if let Some(eku) = eku
-        && !(eku.value.server_auth && eku.value.client_auth)
+        && !(eku.value.server_auth
+            && eku.value.client_auth
+            && !eku.value.any
+            && !eku.value.code_signing
+            && !eku.value.email_protection
+            && !eku.value.time_stamping
+            && !eku.value.ocsp_signing
+            && eku.value.other.is_empty())
     {
         return Err(SvidError::BadExtendedKeyUsage);
     }

@@ -127,6 +127,13 @@ pub(crate) async fn accept_loop(
         tokio::spawn(async move {
             let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(s)) => s,
+                Ok(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                    // Closed before finishing without a TLS alert: a port probe (`palisade
+                    // up` waits for the port this way) or a client that went away. Not a
+                    // handshake failure worth an alarm.
+                    tracing::debug!(%remote, "connection closed before the TLS handshake finished");
+                    return;
+                }
                 Ok(Err(e)) => {
                     let reason = e
                         .get_ref()

@@ -101,10 +101,8 @@ impl Model {
     /// change that changes nothing (a file touched, a comment edited).
     pub fn same_content(&self, other: &Model) -> bool {
         self.mesh == other.mesh
-            && policies_json(&self.authorization_policies)
-                == policies_json(&other.authorization_policies)
-            && peer_auths_json(&self.peer_authentications)
-                == peer_auths_json(&other.peer_authentications)
+            && self.authorization_policies == other.authorization_policies
+            && self.peer_authentications == other.peer_authentications
     }
 
     /// The config of one workload's proxy at this generation, or None if the mesh has no such
@@ -183,18 +181,6 @@ impl Model {
             })
             .collect()
     }
-}
-
-fn policies_json(p: &[AuthorizationPolicy]) -> Vec<String> {
-    p.iter()
-        .map(|p| serde_json::to_string(p).unwrap_or_default())
-        .collect()
-}
-
-fn peer_auths_json(p: &[PeerAuthentication]) -> Vec<String> {
-    p.iter()
-        .map(|p| serde_json::to_string(p).unwrap_or_default())
-        .collect()
 }
 
 fn mtls_mode(m: policy::MtlsMode) -> v1::MtlsMode {

@@ -250,6 +250,15 @@ impl LocalSource {
     /// Loads the mesh file at `mesh_path` and its policies (an error here is fatal: there is no
     /// last good config yet), then watches both. Must be called inside a tokio runtime.
     pub fn start(mesh_path: &Path, metrics: Arc<Metrics>) -> Result<Self, ModelError> {
+        Self::start_with(mesh_path, metrics, true)
+    }
+
+    /// `start`, optionally without notify (to exercise the polling fallback in tests).
+    fn start_with(
+        mesh_path: &Path,
+        metrics: Arc<Metrics>,
+        use_notify: bool,
+    ) -> Result<Self, ModelError> {
         let model = load_model(mesh_path, 1)?;
         metrics.config_generation.set(1);
         let trust_domain = model.mesh.trust_domain.clone();
@@ -258,20 +267,23 @@ impl LocalSource {
         let (tx, rx) = watch::channel(current.clone());
 
         let (ev_tx, ev_rx) = mpsc::unbounded_channel::<()>();
-        let watcher = match notify::recommended_watcher(
-            move |res: notify::Result<notify::Event>| {
-                if let Ok(ev) = res
-                    && relevant(&ev.kind)
-                {
-                    let _ = ev_tx.send(());
-                }
-            },
-        ) {
-            Ok(w) => Some(w),
-            Err(e) => {
-                tracing::warn!(error = %e, "file watching unavailable; polling config files every 500ms");
-                None
+        let handler = move |res: notify::Result<notify::Event>| {
+            if let Ok(ev) = res
+                && relevant(&ev.kind)
+            {
+                let _ = ev_tx.send(());
             }
+        };
+        let watcher = if use_notify {
+            match notify::recommended_watcher(handler) {
+                Ok(w) => Some(w),
+                Err(e) => {
+                    tracing::warn!(error = %e, "file watching unavailable; polling config files every 500ms");
+                    None
+                }
+            }
+        } else {
+            None
         };
         let mut state = State {
             mesh_path: mesh_path.to_path_buf(),
@@ -329,5 +341,56 @@ async fn run(mut state: State, events: mpsc::UnboundedReceiver<()>) {
         }
         // Reading a few small files: cheap enough not to need a blocking thread.
         state.check();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MESH: &str = "workloads:\n  - { name: a, inboundPort: 1001, adminPort: 1002 }\n";
+
+    async fn wait_for_generation(src: &LocalSource, generation: u64) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while src.current().generation < generation {
+            assert!(tokio::time::Instant::now() < deadline, "no reload");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn polling_fallback_picks_up_changes_and_rejects_bad_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mesh.yaml");
+        std::fs::write(&path, MESH).unwrap();
+        let metrics = Metrics::new();
+        let src = LocalSource::start_with(&path, metrics.clone(), false).unwrap();
+        assert_eq!(src.current().generation, 1);
+
+        std::fs::write(&path, MESH.replace("1002", "1003")).unwrap();
+        wait_for_generation(&src, 2).await;
+        assert_eq!(src.current().mesh.workloads[0].admin_port, 1003);
+
+        std::fs::write(&path, MESH.replace("1002", "1001")).unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while metrics.config_rejections.get() == 0 {
+            assert!(tokio::time::Instant::now() < deadline, "not rejected");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(src.current().generation, 2, "last good model kept");
+
+        // A touch that changes nothing is not a new generation.
+        std::fs::write(&path, MESH.replace("1002", "1003")).unwrap();
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        assert_eq!(src.current().generation, 2);
+
+        // Changing the trust domain at run time is refused.
+        std::fs::write(&path, format!("trustDomain: other.example\n{MESH}")).unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while metrics.config_rejections.get() < 2 {
+            assert!(tokio::time::Instant::now() < deadline, "not rejected");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(src.current().mesh.trust_domain.as_str(), "cluster.local");
     }
 }

@@ -9,6 +9,9 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use std::future::Future;
+use std::pin::Pin;
+
 use futures_util::future::{Either, Ready, ready};
 use http::{Request, Response, StatusCode};
 use palisade_certs::SpiffeId;
@@ -95,11 +98,47 @@ pub fn check_tcp(ctx: &Ctx, info: &ConnInfo) -> bool {
 pub struct AuthzLayer {
     ctx: Arc<Ctx>,
     info: Arc<ConnInfo>,
+    /// Attach the decision to allowed responses too, for the access log.
+    note_allowed: bool,
 }
 
 impl AuthzLayer {
     pub fn new(ctx: Arc<Ctx>, info: Arc<ConnInfo>) -> Self {
-        AuthzLayer { ctx, info }
+        let note_allowed = ctx.cfg.access_log;
+        AuthzLayer {
+            ctx,
+            info,
+            note_allowed,
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The inner call, with the decision attached to its response when the access log is on.
+    pub struct Noted<F> {
+        #[pin]
+        inner: F,
+        note: Option<AuthzNote>,
+    }
+}
+
+impl<F> Future for Noted<F>
+where
+    F: Future<Output = Result<Response<RspBody>, Infallible>>,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        match this.inner.poll(cx) {
+            Poll::Ready(Ok(mut rsp)) => {
+                if let Some(n) = this.note.take() {
+                    rsp.extensions_mut().insert(n);
+                }
+                Poll::Ready(Ok(rsp))
+            }
+            other => other,
+        }
     }
 }
 
@@ -125,7 +164,7 @@ where
 {
     type Response = Response<RspBody>;
     type Error = Infallible;
-    type Future = Either<Ready<Result<Response<RspBody>, Infallible>>, S::Future>;
+    type Future = Either<Ready<Result<Response<RspBody>, Infallible>>, Noted<S::Future>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         self.inner.poll_ready(cx)
@@ -160,7 +199,14 @@ where
             .authorize_http(&self.layer.info.conn_context(), &http_ctx);
         let policy = record(ctx, &d);
         if d.allowed {
-            return Either::Right(self.inner.call(req));
+            let note = self.layer.note_allowed.then(|| AuthzNote {
+                allowed: true,
+                policy,
+            });
+            return Either::Right(Noted {
+                inner: self.inner.call(req),
+                note,
+            });
         }
         tracing::debug!(peer = %self.layer.info.peer_label.0, policy = %policy.0, "request denied");
         let mut rsp = if phttp::is_grpc(&req) {

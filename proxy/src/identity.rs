@@ -134,14 +134,14 @@ pub fn install(ctx: &Ctx, svid: Svid) -> Result<(), IdentityError> {
     Ok(())
 }
 
-/// When to renew: half the remaining lifetime, ±10% jitter so a fleet does not renew at once.
-fn renew_delay(not_before: i64, not_after: i64) -> Duration {
-    let now = UnixTime::now().as_secs() as i64;
-    let lifetime = (not_after - not_before).max(1) as f64;
-    let target = not_before as f64 + lifetime / 2.0;
-    let jitter = lifetime * 0.1 * (rand::random::<f64>() - 0.5);
-    let secs = (target + jitter - now as f64).max(0.5);
-    Duration::from_secs_f64(secs)
+/// When to renew: half of the time the certificate has left (measured when it was installed,
+/// not from NotBefore, which the CA backdates for clock skew), ±10% jitter so a fleet does not
+/// renew at once.
+fn renew_delay(not_after: i64) -> Duration {
+    let now = UnixTime::now().as_secs() as f64;
+    let remaining = (not_after as f64 - now).max(1.0);
+    let jitter = remaining * 0.1 * (rand::random::<f64>() - 0.5);
+    Duration::from_secs_f64((remaining / 2.0 + jitter).max(0.5))
 }
 
 /// Renews for as long as the proxy runs. On failure, backs off (200 ms doubling to 30 s) and
@@ -155,7 +155,7 @@ pub(crate) async fn renew_loop(ctx: Arc<Ctx>) {
         let Some(cur) = ctx.store.current() else {
             return;
         };
-        let delay = renew_delay(cur.svid.not_before, cur.svid.not_after);
+        let delay = renew_delay(cur.svid.not_after);
         drop(cur);
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}

@@ -329,6 +329,11 @@ async fn one_request(conn: &mut Conn, addr: SocketAddr, p: BenchProtocol) -> any
 }
 
 /// Open loop at `rate` (or closed loop as fast as possible when `rate` is None).
+///
+/// Open loop: a dispatcher thread wakes at each intended send time (`std::thread::sleep` is
+/// precise to tens of microseconds, tokio's timer only to a millisecond) and hands the
+/// intended time to a connection's worker, round robin. Latency is measured from the intended
+/// time, so a worker that falls behind charges its queueing to the requests it delayed.
 async fn load(
     addr: SocketAddr,
     p: BenchProtocol,
@@ -340,26 +345,33 @@ async fn load(
 ) -> anyhow::Result<RunResult> {
     let start = Instant::now() + Duration::from_millis(50);
     let end = start + duration;
+    let mut senders = Vec::new();
     let mut tasks = Vec::new();
-    for c in 0..connections {
+    for _ in 0..connections {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Instant>();
+        senders.push(tx);
         let progress = progress.clone();
         tasks.push(tokio::spawn(async move {
             let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
             let mut errors = 0u64;
             let mut conn = connect(addr, p).await?;
-            let mut k: u64 = 0;
             loop {
                 let intended = match rate {
-                    Some(r) => {
-                        let i = c as u64 + k * connections as u64;
-                        start + Duration::from_secs_f64(i as f64 / r as f64)
+                    Some(_) => match rx.recv().await {
+                        Some(t) => t,
+                        None => break,
+                    },
+                    None => {
+                        let now = Instant::now();
+                        if now >= end {
+                            break;
+                        }
+                        if now < start {
+                            tokio::time::sleep_until(start.into()).await;
+                        }
+                        Instant::now()
                     }
-                    None => Instant::now().max(start),
                 };
-                if intended >= end {
-                    break;
-                }
-                tokio::time::sleep_until(intended.into()).await;
                 let ok = one_request(&mut conn, addr, p).await.is_ok();
                 let lat = intended.elapsed();
                 if ok {
@@ -371,17 +383,45 @@ async fn load(
                     }
                 }
                 progress.fetch_add(1, Ordering::Relaxed);
-                k += 1;
             }
             anyhow::Ok((hist, errors))
         }));
     }
+    let dispatcher = match rate {
+        Some(r) if r > 0 => Some(std::thread::spawn(move || {
+            let mut i: u64 = 0;
+            loop {
+                let t = start + Duration::from_secs_f64(i as f64 / r as f64);
+                if t >= end {
+                    break;
+                }
+                let now = Instant::now();
+                if t > now {
+                    std::thread::sleep(t - now);
+                }
+                let n = senders.len().max(1);
+                if let Some(tx) = senders.get((i as usize) % n) {
+                    let _ = tx.send(t);
+                }
+                i += 1;
+            }
+            // Dropping the senders ends the workers once their queues are drained.
+        })),
+        Some(_) => bail!("--rate must be at least 1"),
+        None => {
+            drop(senders);
+            None
+        }
+    };
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
     let mut errors = 0;
     for t in tasks {
         let (h, e) = t.await??;
         hist.add(&h)?;
         errors += e;
+    }
+    if let Some(d) = dispatcher {
+        let _ = d.join();
     }
     let elapsed = start.elapsed();
     Ok(RunResult {
