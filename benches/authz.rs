@@ -14,8 +14,16 @@ fn policy_with_rules(n: usize) -> AuthorizationPolicy {
     );
     for i in 0..n {
         let last = i + 1 == n;
-        let principal = if last { "web".to_string() } else { format!("svc-{i}") };
-        let path = if last { "/api/*".to_string() } else { format!("/p{i}/*") };
+        let principal = if last {
+            "web".to_string()
+        } else {
+            format!("svc-{i}")
+        };
+        let path = if last {
+            "/api/*".to_string()
+        } else {
+            format!("/p{i}/*")
+        };
         yaml.push_str(&format!(
             "    - from: [ {{ source: {{ principals: [\"cluster.local/ns/demo/sa/{principal}\"] }} }} ]\n      to: [ {{ operation: {{ methods: [\"GET\", \"POST\"], paths: [\"{path}\"] }} }} ]\n"
         ));
@@ -40,8 +48,8 @@ fn decisions(c: &mut Criterion) {
         headers: &headers,
     };
     for n in [1usize, 100, 10_000] {
-        let authz = Authorizer::compile(DefaultPolicy::Deny, &[policy_with_rules(n)])
-            .expect("compiles");
+        let authz =
+            Authorizer::compile(DefaultPolicy::Deny, &[policy_with_rules(n)]).expect("compiles");
         assert!(authz.authorize_http(&conn, &req).allowed);
         c.bench_function(&format!("authz/http/{n}_rules"), |b| {
             b.iter(|| std::hint::black_box(authz.authorize_http(&conn, &req)))

@@ -17,7 +17,11 @@ fn the_demo_policies_check_clean() {
         .arg(repo("deploy/local/policies"))
         .output()
         .expect("run");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("demo/db-from-api"), "{stdout}");
 }
@@ -43,7 +47,10 @@ fn broken_policies_name_file_document_and_field() {
         .expect("run");
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("b.yaml: document 0: metadata.name"), "{stderr}");
+    assert!(
+        stderr.contains("b.yaml: document 0: metadata.name"),
+        "{stderr}"
+    );
     assert!(
         stderr.contains("c.yaml: document 1: spec.rules[0].from[0].source.principalz"),
         "{stderr}"
@@ -59,17 +66,44 @@ fn explain_prints_the_decision_first() {
             .args(args)
             .output()
             .expect("run");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
-    let out = run(&["--workload", "db", "--from", "spiffe://cluster.local/ns/demo/sa/web"]);
+    let out = run(&[
+        "--workload",
+        "db",
+        "--from",
+        "spiffe://cluster.local/ns/demo/sa/web",
+    ]);
     assert!(out.starts_with("DENY "), "{out}");
     let out = run(&["--workload", "db", "--from", "cluster.local/ns/demo/sa/api"]);
-    assert!(out.starts_with("ALLOW policy demo/db-from-api rule 0"), "{out}");
-    let out = run(&["--workload", "db", "--from", "cluster.local/ns/demo/sa/api", "--method", "DELETE"]);
+    assert!(
+        out.starts_with("ALLOW policy demo/db-from-api rule 0"),
+        "{out}"
+    );
+    let out = run(&[
+        "--workload",
+        "db",
+        "--from",
+        "cluster.local/ns/demo/sa/api",
+        "--method",
+        "DELETE",
+    ]);
     assert!(out.starts_with("DENY "), "{out}");
-    let out = run(&["--workload", "web", "--from", "cluster.local/ns/demo/sa/api"]);
-    assert!(out.starts_with("ALLOW by the mesh defaultPolicy allow"), "{out}");
+    let out = run(&[
+        "--workload",
+        "web",
+        "--from",
+        "cluster.local/ns/demo/sa/api",
+    ]);
+    assert!(
+        out.starts_with("ALLOW by the mesh defaultPolicy allow"),
+        "{out}"
+    );
     let out = palisade()
         .args(["authz", "explain", "--mesh"])
         .arg(repo("deploy/local/mesh.yaml"))

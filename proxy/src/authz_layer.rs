@@ -199,7 +199,7 @@ where
             .authorize_http(&self.layer.info.conn_context(), &http_ctx);
         let policy = record(ctx, &d);
         if d.allowed {
-            let note = self.layer.note_allowed.then(|| AuthzNote {
+            let note = self.layer.note_allowed.then_some(AuthzNote {
                 allowed: true,
                 policy,
             });

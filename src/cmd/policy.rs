@@ -61,11 +61,7 @@ pub fn check(path: PathBuf) -> anyhow::Result<ExitCode> {
     match policy::load_path(&path) {
         Ok(loaded) => {
             let files: std::collections::BTreeSet<_> = loaded.iter().map(|l| &l.file).collect();
-            println!(
-                "ok: {} resources in {} file(s)",
-                loaded.len(),
-                files.len()
-            );
+            println!("ok: {} resources in {} file(s)", loaded.len(), files.len());
             for l in &loaded {
                 let m = l.resource.metadata();
                 println!(
@@ -137,7 +133,8 @@ pub fn explain(a: ExplainArgs) -> anyhow::Result<ExitCode> {
             headers.append(
                 HeaderName::from_bytes(k.trim().as_bytes())
                     .with_context(|| format!("bad header name {k:?}"))?,
-                HeaderValue::from_str(v.trim()).with_context(|| format!("bad header value {v:?}"))?,
+                HeaderValue::from_str(v.trim())
+                    .with_context(|| format!("bad header value {v:?}"))?,
             );
         }
         authz.authorize_http(
