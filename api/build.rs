@@ -4,6 +4,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
     let fds = protox::compile(["proto/palisade.proto"], ["proto"])?;
     tonic_prost_build::configure()
+        // Ordered maps: encoding is deterministic, so config digests compare across processes.
+        .btree_map(".")
         .build_client(true)
         .build_server(true)
         .compile_fds(fds)?;

@@ -124,11 +124,9 @@ fn up_serves_web_to_api_over_mtls_and_writes_mesh_json() {
         .arg(&mesh.state)
         .output()
         .expect("check");
-    assert!(
-        out.status.success(),
-        "check failed: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "check failed: {report}");
+    assert!(report.contains("[pass] web config in sync"), "{report}");
 
     // SIGTERM stops everything and exits 0; mesh.json is removed.
     let st = mesh.stop().expect("exit status");

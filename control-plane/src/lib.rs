@@ -350,6 +350,10 @@ pub async fn start(cfg: ControlPlaneConfig) -> Result<RunningControlPlane, Contr
                     "identity": status_store.id().as_str(),
                     "certExpiry": status_store.expiry(),
                     "workloads": m.mesh.workloads.iter().map(|w| w.name.clone()).collect::<Vec<_>>(),
+                    "configDigests": m.mesh.workloads.iter().filter_map(|w| {
+                        let cfg = m.proxy_config(&w.name)?;
+                        Some((w.name.clone(), serde_json::json!(palisade_api::config_digest(&cfg))))
+                    }).collect::<serde_json::Map<_, _>>(),
                 })
             });
             tasks.push(tokio::spawn(metrics::serve(

@@ -86,6 +86,7 @@ fn handle(ctx: &Ctx, req: Request<Incoming>, remote: SocketAddr) -> Response<Ful
                 "ready": ctx.store.is_ready() && ctx.config_ready(),
                 "certExpiry": ctx.store.expiry(),
                 "configVersion": snap.version,
+                "configDigest": ctx.config_digest.load(std::sync::atomic::Ordering::Relaxed),
             });
             let mut rsp = text(StatusCode::OK, body.to_string());
             rsp.headers_mut().insert(

@@ -68,6 +68,10 @@ async fn watch_once(ctx: &Arc<Ctx>, addr: SocketAddr) -> Result<(), String> {
                     .get_or_create(&ResultLabels { result: "applied" })
                     .inc();
                 ctx.apply(snap);
+                ctx.config_digest.store(
+                    palisade_api::config_digest(&cfg),
+                    std::sync::atomic::Ordering::Relaxed,
+                );
             }
             Err(e) => {
                 ctx.metrics

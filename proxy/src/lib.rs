@@ -72,6 +72,8 @@ pub struct Ctx {
     pub(crate) stop_tx: watch::Sender<bool>,
     pub(crate) stop_rx: watch::Receiver<bool>,
     config_ready: AtomicBool,
+    /// `palisade_api::config_digest` of the last config from the control plane.
+    pub(crate) config_digest: std::sync::atomic::AtomicU64,
     shutdown_requested: Notify,
 }
 
@@ -167,6 +169,7 @@ impl Proxy {
             stop_tx,
             stop_rx,
             config_ready: AtomicBool::new(false),
+            config_digest: std::sync::atomic::AtomicU64::new(0),
             shutdown_requested: Notify::new(),
             cfg,
         });

@@ -114,26 +114,40 @@ async fn check(doc: &serde_json::Value) -> anyhow::Result<Report> {
                     ),
                 );
                 let v = st["configVersion"].as_u64().unwrap_or(0);
-                versions.push((name.to_string(), v));
+                versions.push((name.to_string(), st["configDigest"].as_u64().unwrap_or(0)));
                 r.line(v > 0, &format!("{name} config"), &format!("version {v}"));
             }
             _ => r.line(false, &format!("{name} status"), "unavailable"),
         }
     }
-    if let Some(cp_metrics) = doc["controlPlaneStatus"].as_str()
-        && let Ok(addr) = cp_metrics.parse::<SocketAddr>()
-        && let Ok((_, body)) = http_util::get(addr, "/status").await
+    match doc["controlPlaneStatus"]
+        .as_str()
+        .and_then(|s| s.parse::<SocketAddr>().ok())
     {
-        let st: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
-        for (name, v) in &versions {
-            if let Some(want) = st["workloads"][name].as_u64() {
-                r.line(
-                    *v == want,
-                    &format!("{name} in sync"),
-                    &format!("proxy {v}, control plane {want}"),
-                );
+        Some(addr) => match http_util::get(addr, "/status").await {
+            Ok((_, body)) => {
+                let st: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+                for (name, digest) in &versions {
+                    let want = st["configDigests"][name].as_u64();
+                    let ok = want == Some(*digest);
+                    r.line(
+                        ok,
+                        &format!("{name} config in sync"),
+                        if ok {
+                            "the proxy has the control plane's current config"
+                        } else {
+                            "the proxy's config differs from the control plane's"
+                        },
+                    );
+                }
             }
-        }
+            Err(e) => r.line(false, "control plane status", &e.to_string()),
+        },
+        None => r.line(
+            false,
+            "control plane status",
+            "no status address in mesh.json",
+        ),
     }
     Ok(r)
 }

@@ -84,6 +84,8 @@ fn log_file(dir: &Path, name: &str) -> anyhow::Result<(Stdio, Stdio)> {
 
 struct Paths {
     mesh: PathBuf,
+    /// The control plane's metrics and status port.
+    cp_metrics: SocketAddr,
     state: PathBuf,
     logs: PathBuf,
     tokens: PathBuf,
@@ -100,6 +102,8 @@ fn spawn_control_plane(p: &Paths) -> anyhow::Result<Proc> {
         .arg(&p.state)
         .arg("--tokens")
         .arg(&p.tokens)
+        .arg("--metrics")
+        .arg(p.cp_metrics.to_string())
         .env("PALISADE_WATCH_PARENT", "1")
         .stdin(Stdio::null())
         .stdout(out)
@@ -230,8 +234,12 @@ async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
     std::fs::create_dir_all(&args.state_dir)
         .with_context(|| format!("cannot create {}", args.state_dir.display()))?;
     let state = std::fs::canonicalize(&args.state_dir)?;
+    let cp_metrics = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .context("no free port for the control plane's status")?;
     let paths = Paths {
         mesh: mesh_path,
+        cp_metrics,
         logs: state.join("logs"),
         tokens: state.join("tokens.json"),
         bundle: state.join("ca").join("root-cert.pem"),
@@ -374,6 +382,7 @@ fn write_mesh_json(
     let doc = serde_json::json!({
         "controlPlane": loopback(mesh.control_plane.port).to_string(),
         "controlPlanePid": cp.child.id(),
+        "controlPlaneStatus": p.cp_metrics.to_string(),
         "trustDomain": mesh.trust_domain.as_str(),
         "workloads": workloads,
     });
