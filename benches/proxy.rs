@@ -114,6 +114,7 @@ async fn pair() -> Pair {
         timeouts: Timeouts::default(),
         limits: Limits::default(),
         access_log: false,
+        balancer: Default::default(),
     };
     let scfg = dir.path().join("server.yaml");
     std::fs::write(&scfg, "appProtocol: http\n").unwrap();

@@ -96,6 +96,19 @@ pub struct Balancer<E> {
     next: AtomicUsize,
 }
 
+impl std::str::FromStr for Strategy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "peak-ewma" | "p2c" => Ok(Strategy::PeakEwma),
+            "round-robin" => Ok(Strategy::RoundRobin),
+            other => Err(format!(
+                "unknown balancer {other:?} (expected peak-ewma or round-robin)"
+            )),
+        }
+    }
+}
+
 impl<E: HasLoad> Balancer<E> {
     pub fn new(endpoints: Vec<Arc<E>>, strategy: Strategy) -> Self {
         Balancer {

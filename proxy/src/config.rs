@@ -158,6 +158,8 @@ pub struct ProxyConfig {
     pub timeouts: Timeouts,
     pub limits: Limits,
     pub access_log: bool,
+    /// How endpoints are picked (HTTPRoute weights come with traffic management).
+    pub balancer: crate::balance::Strategy,
 }
 
 /// One endpoint of a service: the inbound port of a peer proxy and the identity it must prove.

@@ -33,7 +33,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsConnector;
 use tower::ServiceBuilder;
 
-use crate::balance::{Balancer, HasLoad, Load, Strategy};
+use crate::balance::{Balancer, HasLoad, Load};
 use crate::config::{EndpointConfig, Protocol, ServiceConfig, Snapshot};
 use crate::detect::{self, Detected};
 use crate::http::{self as phttp, DstIdentity, RspBody, TelemetryLayer};
@@ -119,7 +119,7 @@ pub(crate) fn rebuild(ctx: &Ctx, snap: &Snapshot) {
             key.clone(),
             Arc::new(OutService {
                 cfg: cfg.clone(),
-                balancer: Balancer::new(eps, Strategy::PeakEwma),
+                balancer: Balancer::new(eps, ctx.cfg.balancer),
             }),
         );
     }

@@ -69,6 +69,9 @@ pub struct ProxyArgs {
     /// One log line per request (target `palisade::access`).
     #[arg(long, env = "PALISADE_ACCESS_LOG")]
     pub access_log: bool,
+    /// Endpoint selection: peak-ewma (power of two choices over latency) or round-robin.
+    #[arg(long, env = "PALISADE_BALANCER", default_value = "peak-ewma")]
+    pub balancer: palisade_proxy::balance::Strategy,
     /// Worker threads of the runtime (the sidecar needs few).
     #[arg(long, env = "PALISADE_WORKER_THREADS", default_value_t = 1)]
     pub worker_threads: usize,
@@ -146,6 +149,7 @@ fn build_config(a: &ProxyArgs) -> anyhow::Result<ProxyConfig> {
             ..Limits::default()
         },
         access_log: a.access_log,
+        balancer: a.balancer,
     })
 }
 

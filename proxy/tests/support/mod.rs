@@ -88,6 +88,7 @@ impl Pki {
             },
             limits: Limits::default(),
             access_log: false,
+            balancer: Default::default(),
         }
     }
 }
