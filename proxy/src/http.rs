@@ -246,3 +246,79 @@ where
         Poll::Ready(Ok(rsp))
     }
 }
+
+/// Gives a request an absolute URI (`http://authority/path`): HTTP/2 and the pooled app clients
+/// need one, while HTTP/1 requests arrive in origin form with a Host header. `fallback` is the
+/// authority when the request names none.
+pub fn set_absolute_uri<B>(req: &mut Request<B>, fallback: &str) -> Result<(), StatusCode> {
+    if req.uri().scheme().is_some() && req.uri().authority().is_some() {
+        return Ok(());
+    }
+    let authority = match (req.uri().authority(), req.headers().get(header::HOST)) {
+        (Some(a), _) => a.as_str().to_owned(),
+        (None, Some(h)) => h.to_str().map_err(|_| StatusCode::BAD_REQUEST)?.to_owned(),
+        (None, None) => fallback.to_owned(),
+    };
+    let pq = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    *req.uri_mut() = http::Uri::builder()
+        .scheme("http")
+        .authority(authority)
+        .path_and_query(pq)
+        .build()
+        .map_err(|_| StatusCode::BAD_REQUEST)?;
+    Ok(())
+}
+
+/// Serves one connection with HTTP/2 or HTTP/1.1 (with upgrades), with the proxy's limits, and
+/// shuts it down gracefully when the proxy stops.
+pub(crate) async fn serve_connection<I, S>(ctx: &crate::Ctx, io: I, svc: S, h2: bool)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: tower::Service<Request<Incoming>, Response = Response<RspBody>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    let svc = hyper_util::service::TowerToHyperService::new(svc);
+    let io = TokioIo::new(io);
+    let mut stop = ctx.stop_rx.clone();
+    let limits = &ctx.cfg.limits;
+    if h2 {
+        let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        b.max_concurrent_streams(limits.max_concurrent_streams)
+            .max_header_list_size(limits.max_header_bytes as u32)
+            .initial_stream_window_size(1 << 20)
+            .initial_connection_window_size(4 << 20)
+            .timer(TokioTimer::new())
+            .keep_alive_interval(std::time::Duration::from_secs(30));
+        let conn = b.serve_connection(io, svc);
+        tokio::pin!(conn);
+        tokio::select! {
+            _ = conn.as_mut() => {}
+            _ = stop.changed() => {
+                conn.as_mut().graceful_shutdown();
+                let _ = conn.await;
+            }
+        }
+    } else {
+        let mut b = hyper::server::conn::http1::Builder::new();
+        b.max_buf_size(limits.max_header_bytes.max(8192))
+            .timer(TokioTimer::new())
+            .header_read_timeout(Some(ctx.cfg.timeouts.idle));
+        let conn = b.serve_connection(io, svc).with_upgrades();
+        tokio::pin!(conn);
+        tokio::select! {
+            _ = conn.as_mut() => {}
+            _ = stop.changed() => {
+                conn.as_mut().graceful_shutdown();
+                let _ = conn.await;
+            }
+        }
+    }
+}

@@ -215,41 +215,7 @@ where
             app,
             xfcc: info.xfcc(&ctx.own_label),
         });
-    let svc = hyper_util::service::TowerToHyperService::new(svc);
-    let io = TokioIo::new(io);
-    let mut stop = ctx.stop_rx.clone();
-    if h2 {
-        let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-        b.max_concurrent_streams(ctx.cfg.limits.max_concurrent_streams)
-            .max_header_list_size(ctx.cfg.limits.max_header_bytes as u32)
-            .initial_stream_window_size(1 << 20)
-            .initial_connection_window_size(4 << 20)
-            .timer(TokioTimer::new())
-            .keep_alive_interval(std::time::Duration::from_secs(30));
-        let conn = b.serve_connection(io, svc);
-        tokio::pin!(conn);
-        tokio::select! {
-            _ = conn.as_mut() => {}
-            _ = stop.changed() => {
-                conn.as_mut().graceful_shutdown();
-                let _ = conn.await;
-            }
-        }
-    } else {
-        let mut b = hyper::server::conn::http1::Builder::new();
-        b.max_buf_size(ctx.cfg.limits.max_header_bytes.max(8192))
-            .timer(TokioTimer::new())
-            .header_read_timeout(Some(ctx.cfg.timeouts.idle));
-        let conn = b.serve_connection(io, svc).with_upgrades();
-        tokio::pin!(conn);
-        tokio::select! {
-            _ = conn.as_mut() => {}
-            _ = stop.changed() => {
-                conn.as_mut().graceful_shutdown();
-                let _ = conn.await;
-            }
-        }
-    }
+    phttp::serve_connection(&ctx, io, svc, h2).await;
 }
 
 /// The last stage: identity headers, HTTP version for the app, and the app call.
@@ -296,7 +262,7 @@ async fn call_app(
     orig: Option<HeaderValue>,
 ) -> Response<RspBody> {
     let upgrade = phttp::is_upgrade(&req);
-    if let Err(status) = absolute_uri(&mut req, app.addr) {
+    if let Err(status) = phttp::set_absolute_uri(&mut req, &app.addr.to_string()) {
         return phttp::local_response(status, "bad request target\n");
     }
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
@@ -347,29 +313,6 @@ async fn call_app(
             phttp::local_response(StatusCode::BAD_GATEWAY, "app unavailable\n")
         }
     }
-}
-
-/// The pooled app clients want absolute URIs (the pool is keyed by authority).
-fn absolute_uri(req: &mut Request<Incoming>, app: SocketAddr) -> Result<(), StatusCode> {
-    if req.uri().scheme().is_some() && req.uri().authority().is_some() {
-        return Ok(());
-    }
-    let authority = match req.headers().get(http::header::HOST) {
-        Some(h) => h.to_str().map_err(|_| StatusCode::BAD_REQUEST)?.to_owned(),
-        None => app.to_string(),
-    };
-    let pq = req
-        .uri()
-        .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/");
-    *req.uri_mut() = Uri::builder()
-        .scheme("http")
-        .authority(authority)
-        .path_and_query(pq)
-        .build()
-        .map_err(|_| StatusCode::BAD_REQUEST)?;
-    Ok(())
 }
 
 /// Opaque TCP to the app, authorized per connection and re-checked whenever the config

@@ -23,7 +23,7 @@ use std::task::{Context, Poll};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use futures_util::future::BoxFuture;
-use http::{Request, Response, StatusCode, Uri, Version};
+use http::{Request, Response, StatusCode, Version};
 use http_body_util::Either;
 use hyper::body::Incoming;
 use hyper::client::conn::http2::SendRequest;
@@ -267,37 +267,7 @@ async fn serve_http(
             ctx: ctx.clone(),
             service,
         });
-    let svc = hyper_util::service::TowerToHyperService::new(svc);
-    let io = TokioIo::new(io);
-    let mut stop = ctx.stop_rx.clone();
-    if detected == Detected::Http2 {
-        let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-        b.max_concurrent_streams(ctx.cfg.limits.max_concurrent_streams)
-            .max_header_list_size(ctx.cfg.limits.max_header_bytes as u32);
-        let conn = b.serve_connection(io, svc);
-        tokio::pin!(conn);
-        tokio::select! {
-            _ = conn.as_mut() => {}
-            _ = stop.changed() => {
-                conn.as_mut().graceful_shutdown();
-                let _ = conn.await;
-            }
-        }
-    } else {
-        let mut b = hyper::server::conn::http1::Builder::new();
-        b.max_buf_size(ctx.cfg.limits.max_header_bytes.max(8192))
-            .timer(TokioTimer::new())
-            .header_read_timeout(Some(ctx.cfg.timeouts.idle));
-        let conn = b.serve_connection(io, svc).with_upgrades();
-        tokio::pin!(conn);
-        tokio::select! {
-            _ = conn.as_mut() => {}
-            _ = stop.changed() => {
-                conn.as_mut().graceful_shutdown();
-                let _ = conn.await;
-            }
-        }
-    }
+    phttp::serve_connection(&ctx, io, svc, detected == Detected::Http2).await;
 }
 
 /// The balancer and endpoint stage of the outbound HTTP stack.
@@ -347,7 +317,7 @@ async fn forward(ctx: Arc<Ctx>, service: &str, mut req: Request<Incoming>) -> Re
             };
             req.headers_mut()
                 .insert(phttp::ORIG_PROTO, http::HeaderValue::from_static(v));
-            if let Err(status) = absolute_uri(&mut req, service) {
+            if let Err(status) = phttp::set_absolute_uri(&mut req, service) {
                 return phttp::local_response(status, "bad request target\n");
             }
         }
@@ -372,30 +342,6 @@ async fn forward(ctx: Arc<Ctx>, service: &str, mut req: Request<Incoming>) -> Re
     rsp.extensions_mut()
         .insert(DstIdentity(ep.identity.clone()));
     rsp
-}
-
-/// HTTP/1 requests carry an origin-form target and a Host header; HTTP/2 wants both in the URI.
-fn absolute_uri(req: &mut Request<Incoming>, service: &str) -> Result<(), StatusCode> {
-    if req.uri().authority().is_some() {
-        return Ok(());
-    }
-    let authority = match req.headers().get(http::header::HOST) {
-        Some(h) => h.to_str().map_err(|_| StatusCode::BAD_REQUEST)?.to_owned(),
-        None => service.to_owned(),
-    };
-    let pq = req
-        .uri()
-        .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/");
-    let uri = Uri::builder()
-        .scheme("http")
-        .authority(authority)
-        .path_and_query(pq)
-        .build()
-        .map_err(|_| StatusCode::BAD_REQUEST)?;
-    *req.uri_mut() = uri;
-    Ok(())
 }
 
 async fn send_h2(
