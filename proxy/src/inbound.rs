@@ -99,18 +99,7 @@ pub(crate) async fn serve(
         return;
     };
     let acceptor = TlsAcceptor::from(tls_cfg);
-    loop {
-        let (tcp, remote) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "inbound accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-                    continue;
-                }
-            },
-            _ = stop.changed() => return,
-        };
+    while let Some((tcp, remote)) = crate::tcp::accept(&listener, &mut stop, "inbound").await {
         let Ok(permit) = ctx.conn_limit.clone().try_acquire_owned() else {
             ctx.metrics.refuse(Direction::inbound, "connection_limit");
             continue;

@@ -134,18 +134,7 @@ pub(crate) async fn serve_upstream(
     ctx: Arc<Ctx>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
-    loop {
-        let (tcp, _remote) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "outbound accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-                    continue;
-                }
-            },
-            _ = stop.changed() => return,
-        };
+    while let Some((tcp, _remote)) = crate::tcp::accept(&listener, &mut stop, "outbound").await {
         let Ok(permit) = ctx.conn_limit.clone().try_acquire_owned() else {
             ctx.metrics.refuse(Direction::outbound, "connection_limit");
             continue;
@@ -166,18 +155,7 @@ pub(crate) async fn serve_transparent(
     ctx: Arc<Ctx>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
-    loop {
-        let (tcp, _remote) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "transparent accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-                    continue;
-                }
-            },
-            _ = stop.changed() => return,
-        };
+    while let Some((tcp, _remote)) = crate::tcp::accept(&listener, &mut stop, "transparent").await {
         let dst = match original_dst(&tcp) {
             Ok(a) => a,
             Err(e) => {

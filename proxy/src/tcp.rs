@@ -37,3 +37,25 @@ pub async fn connect(
     tcp.set_nodelay(true)?;
     Ok(tcp)
 }
+
+/// The next connection on a listener, or None once the proxy stops. An accept error (such as
+/// running out of file descriptors) is logged and retried after a pause instead of ending the
+/// listener.
+pub(crate) async fn accept(
+    listener: &tokio::net::TcpListener,
+    stop: &mut tokio::sync::watch::Receiver<bool>,
+    what: &'static str,
+) -> Option<(tokio::net::TcpStream, std::net::SocketAddr)> {
+    loop {
+        tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => return Some(x),
+                Err(e) => {
+                    tracing::warn!(listener = what, error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+            },
+            _ = stop.changed() => return None,
+        }
+    }
+}
