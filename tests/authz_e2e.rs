@@ -242,6 +242,30 @@ fn authorization_end_to_end() {
     );
     mesh.remove_policy("broken.yaml");
 
+    // PeerAuthentication: STRICT by default refuses plaintext at db's inbound port; a
+    // workload-level PERMISSIVE policy lets it through (with no identity, so db's ALLOW policy
+    // for api's principal still denies it: 403, not a refused connection).
+    let db_inbound = std::net::SocketAddr::from(([127, 0, 0, 1], mesh.ports("db").inbound));
+    assert!(
+        http_get(db_inbound, "/").is_err(),
+        "STRICT must refuse plaintext"
+    );
+    mesh.write_policy(
+        "db-permissive.yaml",
+        "apiVersion: palisade.dev/v1alpha1\nkind: PeerAuthentication\nmetadata: { name: db, namespace: demo }\nspec:\n  selector: { matchLabels: { app: db } }\n  mtls: { mode: PERMISSIVE }\n",
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || http_get(db_inbound, "/")
+            .is_ok_and(|(s, b)| s == 403 && b.contains("RBAC: access denied"))),
+        "PERMISSIVE did not let plaintext reach db's authorization"
+    );
+    mesh.remove_policy("db-permissive.yaml");
+    assert!(
+        eventually(Duration::from_secs(5), || http_get(db_inbound, "/")
+            .is_err()),
+        "back to STRICT"
+    );
+
     // TCP: an open, allowed connection is closed when its permission is revoked.
     let echo_up = mesh.upstream("web", "echo.demo");
     let mut conn = TcpStream::connect(echo_up).expect("connect echo");
