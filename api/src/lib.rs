@@ -10,6 +10,9 @@ pub mod v1 {
 
 pub mod client;
 pub mod policy;
+pub mod protocol;
+
+pub use protocol::Protocol;
 
 /// A digest of what a proxy is configured with, ignoring the version and the trust bundle
 /// (which travel with every snapshot): the control plane and a proxy that report the same

@@ -6,7 +6,6 @@
 //! the last good config and the user has to be able to find the mistake from one log line.
 
 use std::collections::{BTreeMap, HashMap};
-use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -153,38 +152,7 @@ impl Upstream {
     }
 }
 
-/// What the app behind a service speaks (the Kubernetes `appProtocol` convention).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Protocol {
-    /// HTTP/1, HTTP/2 or opaque TCP, decided per connection by peeking.
-    #[default]
-    Detect,
-    Http,
-    Http2,
-    Grpc,
-    /// TCP with no detection delay (server-speaks-first protocols).
-    Opaque,
-}
-
-impl Protocol {
-    /// The wire name used in the proto (`ProxyConfig`).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Protocol::Detect => "detect",
-            Protocol::Http => "http",
-            Protocol::Http2 => "http2",
-            Protocol::Grpc => "grpc",
-            Protocol::Opaque => "opaque",
-        }
-    }
-}
-
-impl fmt::Display for Protocol {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+pub use palisade_api::Protocol;
 
 /// A service: a name the mesh routes to, backed by the workloads its selector matches.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

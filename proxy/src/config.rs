@@ -28,32 +28,7 @@ pub enum ConfigError {
     Field { field: String, message: String },
 }
 
-/// What an app (or a service) speaks; the Kubernetes `appProtocol` convention.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Protocol {
-    #[default]
-    Detect,
-    Http,
-    Http2,
-    Grpc,
-    Opaque,
-}
-
-impl Protocol {
-    pub fn parse(s: &str) -> Result<Self, String> {
-        match s {
-            "" | "detect" => Ok(Protocol::Detect),
-            "http" => Ok(Protocol::Http),
-            "http2" => Ok(Protocol::Http2),
-            "grpc" => Ok(Protocol::Grpc),
-            "opaque" | "tcp" => Ok(Protocol::Opaque),
-            other => Err(format!(
-                "unknown protocol {other:?} (expected detect, http, http2, grpc or opaque)"
-            )),
-        }
-    }
-}
+pub use palisade_api::Protocol;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "UPPERCASE")]
