@@ -190,10 +190,15 @@ pub const CONDITION_KEYS: &[&str] = &[
 impl Condition {
     /// The header name of a `request.headers[NAME]` key.
     pub fn header_name(&self) -> Option<&str> {
-        self.key
-            .strip_prefix("request.headers[")
-            .and_then(|r| r.strip_suffix(']'))
+        header_key(&self.key)
     }
+}
+
+/// The header name inside a `request.headers[NAME]` condition key, shared by validation and
+/// evaluation so both read the key the same way.
+fn header_key(key: &str) -> Option<&str> {
+    key.strip_prefix("request.headers[")
+        .and_then(|r| r.strip_suffix(']'))
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -462,7 +467,7 @@ fn check_pattern(c: &mut Ctx<'_>, path: &str, s: &str) {
     }
 }
 
-fn strings(c: &mut Ctx<'_>, v: &Value, path: &str, check: fn(&mut Ctx<'_>, &str, &str)) {
+fn strings(c: &mut Ctx<'_>, v: &Value, path: &str, check: Check) {
     for (i, item) in list(c, v, path).iter().enumerate() {
         let p = format!("{path}[{i}]");
         match item {
@@ -486,8 +491,51 @@ fn check_port(c: &mut Ctx<'_>, path: &str, s: &str) {
     }
 }
 
-fn check_method(c: &mut Ctx<'_>, path: &str, s: &str) {
-    check_pattern(c, path, s);
+/// How one field of a source or an operation is checked.
+type Check = fn(&mut Ctx<'_>, &str, &str);
+
+/// Validates `rule.from` or `rule.to`: a list of `{inner: {field: [strings]}}` entries, where
+/// `inner` is `source` or `operation`, `allowed` names its fields and `check_for` picks the
+/// checker of each field.
+fn clauses(
+    c: &mut Ctx<'_>,
+    list_v: &Value,
+    list_path: &str,
+    inner: &str,
+    allowed: &[&str],
+    check_for: fn(&str) -> Check,
+) {
+    for (j, item) in list(c, list_v, list_path).iter().enumerate() {
+        let ip = format!("{list_path}[{j}]");
+        let Some(item) = object(c, item, &ip, &[inner]) else {
+            continue;
+        };
+        let Some(body) = item.get(inner) else {
+            c.err(&ip, format!("missing field `{inner}`"));
+            continue;
+        };
+        let bp = format!("{ip}.{inner}");
+        let Some(fields) = object(c, body, &bp, allowed) else {
+            continue;
+        };
+        for (k, v) in fields {
+            strings(c, v, &join(&bp, k), check_for(k));
+        }
+    }
+}
+
+fn source_check(field: &str) -> Check {
+    match field {
+        "ipBlocks" | "notIpBlocks" => check_ip_block,
+        _ => check_pattern,
+    }
+}
+
+fn operation_check(field: &str) -> Check {
+    match field {
+        "ports" | "notPorts" => check_port,
+        _ => check_pattern,
+    }
 }
 
 fn validate_authz(c: &mut Ctx<'_>, doc: &Value) {
@@ -531,69 +579,30 @@ fn validate_authz(c: &mut Ctx<'_>, doc: &Value) {
             continue;
         };
         if let Some(from) = r.get("from") {
-            for (j, f) in list(c, from, &format!("{rp}.from")).iter().enumerate() {
-                let fp = format!("{rp}.from[{j}]");
-                let Some(f) = object(c, f, &fp, &["source"]) else {
-                    continue;
-                };
-                let Some(src) = f.get("source") else {
-                    c.err(&fp, "missing field `source`");
-                    continue;
-                };
-                let sp = format!("{fp}.source");
-                let allowed = [
-                    "principals",
-                    "notPrincipals",
-                    "namespaces",
-                    "notNamespaces",
-                    "ipBlocks",
-                    "notIpBlocks",
-                ];
-                let Some(s) = object(c, src, &sp, &allowed) else {
-                    continue;
-                };
-                for (k, v) in s {
-                    let check: fn(&mut Ctx<'_>, &str, &str) = match k.as_str() {
-                        "ipBlocks" | "notIpBlocks" => check_ip_block,
-                        _ => check_pattern,
-                    };
-                    strings(c, v, &join(&sp, k), check);
-                }
-            }
+            let allowed = [
+                "principals",
+                "notPrincipals",
+                "namespaces",
+                "notNamespaces",
+                "ipBlocks",
+                "notIpBlocks",
+            ];
+            let path = format!("{rp}.from");
+            clauses(c, from, &path, "source", &allowed, source_check);
         }
         if let Some(to) = r.get("to") {
-            for (j, t) in list(c, to, &format!("{rp}.to")).iter().enumerate() {
-                let tp = format!("{rp}.to[{j}]");
-                let Some(t) = object(c, t, &tp, &["operation"]) else {
-                    continue;
-                };
-                let Some(op) = t.get("operation") else {
-                    c.err(&tp, "missing field `operation`");
-                    continue;
-                };
-                let op_path = format!("{tp}.operation");
-                let allowed = [
-                    "hosts",
-                    "notHosts",
-                    "ports",
-                    "notPorts",
-                    "methods",
-                    "notMethods",
-                    "paths",
-                    "notPaths",
-                ];
-                let Some(o) = object(c, op, &op_path, &allowed) else {
-                    continue;
-                };
-                for (k, v) in o {
-                    let check: fn(&mut Ctx<'_>, &str, &str) = match k.as_str() {
-                        "ports" | "notPorts" => check_port,
-                        "methods" | "notMethods" => check_method,
-                        _ => check_pattern,
-                    };
-                    strings(c, v, &join(&op_path, k), check);
-                }
-            }
+            let allowed = [
+                "hosts",
+                "notHosts",
+                "ports",
+                "notPorts",
+                "methods",
+                "notMethods",
+                "paths",
+                "notPaths",
+            ];
+            let path = format!("{rp}.to");
+            clauses(c, to, &path, "operation", &allowed, operation_check);
         }
         if let Some(when) = r.get("when") {
             for (j, w) in list(c, when, &format!("{rp}.when")).iter().enumerate() {
@@ -604,10 +613,7 @@ fn validate_authz(c: &mut Ctx<'_>, doc: &Value) {
                 match w.get("key").and_then(Value::as_str) {
                     None => c.err(&format!("{wp}.key"), "missing or not a string"),
                     Some(k) => {
-                        let header = k
-                            .strip_prefix("request.headers[")
-                            .and_then(|r| r.strip_suffix(']'));
-                        let ok = match header {
+                        let ok = match header_key(k) {
                             Some(h) => http::HeaderName::from_bytes(h.as_bytes()).is_ok(),
                             None => CONDITION_KEYS[1..].contains(&k),
                         };
