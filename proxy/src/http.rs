@@ -273,6 +273,22 @@ pub fn set_absolute_uri<B>(req: &mut Request<B>, fallback: &str) -> Result<(), S
     Ok(())
 }
 
+/// Drives a hyper server connection to its end, or, once the proxy stops, asks it to finish
+/// in-flight requests and waits for that. A macro because hyper's HTTP/2 and upgradeable
+/// HTTP/1.1 connections share `graceful_shutdown` by name only, not by a trait.
+macro_rules! until_stopped {
+    ($conn:ident, $stop:ident) => {{
+        tokio::pin!($conn);
+        tokio::select! {
+            _ = $conn.as_mut() => {}
+            _ = $stop.changed() => {
+                $conn.as_mut().graceful_shutdown();
+                let _ = $conn.await;
+            }
+        }
+    }};
+}
+
 /// Serves one connection with HTTP/2 or HTTP/1.1 (with upgrades), with the proxy's limits, and
 /// shuts it down gracefully when the proxy stops.
 pub(crate) async fn serve_connection<I, S>(ctx: &crate::Ctx, io: I, svc: S, h2: bool)
@@ -298,27 +314,13 @@ where
             .timer(TokioTimer::new())
             .keep_alive_interval(std::time::Duration::from_secs(30));
         let conn = b.serve_connection(io, svc);
-        tokio::pin!(conn);
-        tokio::select! {
-            _ = conn.as_mut() => {}
-            _ = stop.changed() => {
-                conn.as_mut().graceful_shutdown();
-                let _ = conn.await;
-            }
-        }
+        until_stopped!(conn, stop);
     } else {
         let mut b = hyper::server::conn::http1::Builder::new();
         b.max_buf_size(limits.max_header_bytes.max(8192))
             .timer(TokioTimer::new())
             .header_read_timeout(Some(ctx.cfg.timeouts.idle));
         let conn = b.serve_connection(io, svc).with_upgrades();
-        tokio::pin!(conn);
-        tokio::select! {
-            _ = conn.as_mut() => {}
-            _ = stop.changed() => {
-                conn.as_mut().graceful_shutdown();
-                let _ = conn.await;
-            }
-        }
+        until_stopped!(conn, stop);
     }
 }
