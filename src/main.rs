@@ -5,8 +5,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-
-mod cmd;
+use palisade::cmd;
 
 #[derive(Parser)]
 #[command(

@@ -61,6 +61,11 @@ pub struct BenchArgs {
     /// Keep the generated mesh directory (logs) here instead of a temporary one.
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
+    /// The sidecar binary to measure. Default: `palisade-proxy` next to this binary when it is
+    /// there (what a sidecar image runs; `cargo build --release` builds both), else this
+    /// binary's `proxy` command.
+    #[arg(long, env = "PALISADE_PROXY_BIN")]
+    pub proxy_bin: Option<PathBuf>,
 }
 
 struct RunResult {
@@ -154,10 +159,21 @@ struct Mesh {
     _tmp: Option<tempfile::TempDir>,
 }
 
+/// The sidecar binary the bench runs: the one asked for, else `palisade-proxy` beside this
+/// binary, else `None` for this binary's own `proxy` command.
+fn proxy_bin(asked: Option<&Path>) -> anyhow::Result<Option<PathBuf>> {
+    if let Some(p) = asked {
+        return Ok(Some(p.to_path_buf()));
+    }
+    let sibling = std::env::current_exe()?.with_file_name("palisade-proxy");
+    Ok(sibling.is_file().then_some(sibling))
+}
+
 async fn start_mesh(
     app: SocketAddr,
     protocol: BenchProtocol,
     state_dir: Option<&Path>,
+    proxy_bin: Option<&Path>,
 ) -> anyhow::Result<Mesh> {
     let (tmp, dir) = match state_dir {
         Some(d) => {
@@ -198,12 +214,16 @@ async fn start_mesh(
     std::fs::write(&mesh_path, mesh)?;
     let state = dir.join("state");
     let log = std::fs::File::create(dir.join("up.log"))?;
-    let child = tokio::process::Command::new(std::env::current_exe()?)
-        .arg("up")
+    let mut up = tokio::process::Command::new(std::env::current_exe()?);
+    up.arg("up")
         .arg("--mesh")
         .arg(&mesh_path)
         .arg("--state-dir")
-        .arg(&state)
+        .arg(&state);
+    if let Some(bin) = proxy_bin {
+        up.arg("--proxy-bin").arg(bin);
+    }
+    let child = up
         .env("PALISADE_WATCH_PARENT", "1")
         .env(
             "PALISADE_LOG",
@@ -483,7 +503,18 @@ async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
         bail!("--connections must be at least 1");
     }
     let app = backend(args.protocol).await?;
-    let mut mesh = start_mesh(app, args.protocol, args.state_dir.as_deref()).await?;
+    let sidecar = proxy_bin(args.proxy_bin.as_deref())?;
+    match &sidecar {
+        Some(bin) => println!("sidecar: {}", bin.display()),
+        None => println!("sidecar: palisade proxy"),
+    }
+    let mut mesh = start_mesh(
+        app,
+        args.protocol,
+        args.state_dir.as_deref(),
+        sidecar.as_deref(),
+    )
+    .await?;
     let progress = Arc::new(AtomicU64::new(0));
     let mut results = Vec::new();
     let mut plan: Vec<Option<u64>> = args.rates.iter().map(|r| Some(*r)).collect();

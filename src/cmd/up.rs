@@ -30,6 +30,10 @@ pub struct UpArgs {
     /// How long to wait for every proxy to be ready.
     #[arg(long, default_value = "60s", value_parser = super::proxy::duration)]
     pub ready_timeout: Duration,
+    /// The sidecar binary to run for each workload (`palisade-proxy`, as a sidecar image ships
+    /// it); by default this binary's `proxy` command, which can never be out of date with it.
+    #[arg(long, env = "PALISADE_PROXY_BIN")]
+    pub proxy_bin: Option<PathBuf>,
 }
 
 struct Proc {
@@ -90,6 +94,7 @@ struct Paths {
     logs: PathBuf,
     tokens: PathBuf,
     bundle: PathBuf,
+    proxy_bin: Option<PathBuf>,
 }
 
 fn spawn_control_plane(p: &Paths) -> anyhow::Result<Proc> {
@@ -173,9 +178,15 @@ fn spawn_proxy(w: &Workload, mesh: &Mesh, p: &Paths) -> anyhow::Result<Proc> {
         .map(|u| format!("{}:{}={}", u.service, u.port, loopback(u.local_port)))
         .collect::<Vec<_>>()
         .join(",");
-    let mut c = Command::new(exe()?);
-    c.arg("proxy")
-        .env("PALISADE_WORKLOAD", &w.name)
+    let mut c = match &p.proxy_bin {
+        Some(bin) => Command::new(bin),
+        None => {
+            let mut c = Command::new(exe()?);
+            c.arg("proxy");
+            c
+        }
+    };
+    c.env("PALISADE_WORKLOAD", &w.name)
         .env("PALISADE_IDENTITY", w.spiffe_id(mesh)?.as_str())
         .env(
             "PALISADE_INBOUND_ADDR",
@@ -244,6 +255,7 @@ async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
         tokens: state.join("tokens.json"),
         bundle: state.join("ca").join("root-cert.pem"),
         state,
+        proxy_bin: args.proxy_bin.clone(),
     };
     std::fs::create_dir_all(&paths.logs)?;
     std::fs::create_dir_all(paths.state.join("tokens"))?;

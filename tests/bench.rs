@@ -1,0 +1,172 @@
+//! `palisade bench` end to end, at a low rate and for a short time: it starts its own mesh,
+//! drives load direct and through the proxies, and writes the table, the JSON and the SVG of the
+//! spec. The figures themselves depend on the machine; these tests check that every part of the
+//! report is there and consistent, not how fast anything is.
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Runs `palisade bench` with `args`, killing it if it is still running after two minutes.
+fn bench(args: &[&str]) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_palisade"))
+        .arg("bench")
+        .args(args)
+        .env("PALISADE_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start palisade bench");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        match child.try_wait().expect("wait for palisade bench") {
+            Some(_) => break,
+            None if Instant::now() > deadline => {
+                let _ = child.kill();
+                let out = child.wait_with_output().expect("collect output");
+                panic!(
+                    "palisade bench ran past 2 minutes; stderr: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            None => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+    let out = child.wait_with_output().expect("collect output");
+    assert!(
+        out.status.success(),
+        "palisade bench failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn read_json(path: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(path).expect("read --out file");
+    serde_json::from_str(&text).expect("--out is JSON")
+}
+
+fn num(v: &serde_json::Value, what: &str) -> f64 {
+    v.as_f64()
+        .unwrap_or_else(|| panic!("{what} is not a number: {v}"))
+}
+
+/// Checks one run of the JSON report and returns its request count.
+fn check_run(run: &serde_json::Value) -> u64 {
+    let requests = run["requests"].as_u64().expect("requests");
+    assert!(requests > 0, "a run with no requests: {run}");
+    assert_eq!(run["errors"].as_u64(), Some(0), "errors in {run}");
+    assert!(num(&run["rps"], "rps") > 0.0, "{run}");
+    let l = &run["latency_ms"];
+    let order = ["p50", "p90", "p99", "p999", "max"].map(|k| num(&l[k], k));
+    assert!(order[0] > 0.0, "p50 must be positive: {run}");
+    assert!(
+        order.windows(2).all(|w| w[0] <= w[1]),
+        "percentiles out of order: {run}"
+    );
+    requests
+}
+
+#[test]
+fn http1_report_has_every_run_both_proxies_and_a_plot() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let json = dir.path().join("bench.json");
+    let svg = dir.path().join("bench.svg");
+    let out = bench(&[
+        "--rate",
+        "200",
+        "--duration",
+        "1s",
+        "--connections",
+        "2",
+        "--out",
+        json.to_str().expect("utf-8 path"),
+        "--plot",
+        svg.to_str().expect("utf-8 path"),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    // `cargo test` builds both binaries side by side, so the bench measures the sidecar binary.
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("sidecar: ") && l.ends_with("palisade-proxy")),
+        "{stdout}"
+    );
+    assert!(stdout.contains("added latency (mesh - direct)"), "{stdout}");
+    for name in ["client", "server"] {
+        assert!(
+            stdout.contains(&format!("proxy {name}")),
+            "no line for the {name} proxy: {stdout}"
+        );
+    }
+
+    let report = read_json(&json);
+    let runs = report["runs"].as_array().expect("runs");
+    let find = |mode: &str, rate: Option<u64>| {
+        runs.iter()
+            .find(|r| r["mode"] == mode && r["rate"].as_u64() == rate)
+            .unwrap_or_else(|| panic!("no {mode} run at {rate:?}: {report}"))
+    };
+    for mode in ["direct", "mesh"] {
+        // Open loop at 200 rps for 1 s: the generator sends on schedule whatever the latency.
+        let fixed = check_run(find(mode, Some(200)));
+        assert!((180..=220).contains(&fixed), "{mode} sent {fixed} requests");
+        let max = find(mode, None);
+        assert!(max["rate"].is_null(), "{max}");
+        check_run(max);
+    }
+    assert_eq!(runs.len(), 4, "{report}");
+
+    let proxies = report["proxies"].as_array().expect("proxies");
+    let names: Vec<&str> = proxies.iter().filter_map(|p| p["name"].as_str()).collect();
+    assert_eq!(names, ["client", "server"], "{report}");
+    for p in proxies {
+        assert!(num(&p["cpu_seconds_per_1000_requests"], "cpu") > 0.0, "{p}");
+        let rss = num(&p["peak_rss_bytes"], "peak_rss_bytes");
+        assert!(rss > 1e6, "a proxy cannot run in under 1 MB: {p}");
+    }
+    let added = &report["added_latency_ms"];
+    let p50 = num(&added["p50"], "added p50");
+    let p99 = num(&added["p99"], "added p99");
+    assert!(p50.is_finite() && p99.is_finite(), "{added}");
+
+    let plot = std::fs::read_to_string(&svg).expect("read --plot file");
+    assert!(
+        plot.contains("<svg"),
+        "not an SVG: {}",
+        &plot[..plot.len().min(200)]
+    );
+    for label in ["direct", "mesh"] {
+        assert!(plot.contains(label), "the plot has no {label} series");
+    }
+}
+
+#[test]
+fn tcp_and_http2_go_through_the_mesh_without_errors() {
+    for protocol in ["tcp", "http2"] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let json = dir.path().join("bench.json");
+        bench(&[
+            "--protocol",
+            protocol,
+            "--rate",
+            "200",
+            "--duration",
+            "1s",
+            "--connections",
+            "2",
+            "--no-max",
+            "--out",
+            json.to_str().expect("utf-8 path"),
+        ]);
+        let report = read_json(&json);
+        assert_eq!(report["protocol"], protocol, "{report}");
+        let runs = report["runs"].as_array().expect("runs");
+        assert_eq!(runs.len(), 2, "--no-max leaves one direct and one mesh run");
+        for run in runs {
+            assert_eq!(run["rate"].as_u64(), Some(200), "{run}");
+            check_run(run);
+        }
+    }
+}
