@@ -62,11 +62,5 @@ fn main() -> ExitCode {
         Command::Policy(cmd::policy::PolicyCommand::Check { path }) => cmd::policy::check(path),
         Command::Authz(cmd::policy::AuthzCommand::Explain(a)) => cmd::policy::explain(a),
     };
-    match result {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("error: {}", cmd::one_sentence(&e));
-            ExitCode::from(1)
-        }
-    }
+    cmd::exit(result)
 }

@@ -23,11 +23,5 @@ fn main() -> ExitCode {
     palisade_certs::tls::install_default_provider();
     cmd::init_tracing();
     let cli = Cli::parse();
-    match cmd::proxy::run(cli.args) {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("error: {}", cmd::one_sentence(&e));
-            ExitCode::from(1)
-        }
-    }
+    cmd::exit(cmd::proxy::run(cli.args))
 }

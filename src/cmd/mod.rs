@@ -29,6 +29,17 @@ pub fn init_tracing() {
     }
 }
 
+/// How every binary ends: its exit code, or the error as one sentence on stderr and exit 1.
+pub fn exit(result: anyhow::Result<std::process::ExitCode>) -> std::process::ExitCode {
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {}", one_sentence(&e));
+            std::process::ExitCode::from(1)
+        }
+    }
+}
+
 /// An error chain as one line: "outer: inner: root cause", without repeating a message that
 /// an outer error already includes.
 pub fn one_sentence(e: &anyhow::Error) -> String {
