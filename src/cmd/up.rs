@@ -209,9 +209,14 @@ fn spawn_proxy(w: &Workload, mesh: &Mesh, p: &Paths) -> anyhow::Result<Proc> {
     if let Some(port) = w.app_port {
         c.env("PALISADE_APP_ADDR", loopback(port).to_string());
     }
-    let child = c
-        .spawn()
-        .with_context(|| format!("cannot start the proxy of {}", w.name))?;
+    let program = PathBuf::from(c.as_std().get_program());
+    let child = c.spawn().with_context(|| {
+        format!(
+            "cannot start the proxy of {} ({})",
+            w.name,
+            program.display()
+        )
+    })?;
     Ok(Proc {
         label: format!("{}'s proxy", w.name),
         child,
