@@ -134,9 +134,10 @@ impl State {
     /// directories that exist. The directory rather than the file is watched because editors
     /// replace files by rename, which would orphan a watch on the file itself.
     fn update_watches(&mut self) {
-        if self.watcher.is_none() {
+        let dirs = self.policy_dirs();
+        let Some(watcher) = self.watcher.as_mut() else {
             return;
-        }
+        };
         let mut want: Vec<(PathBuf, RecursiveMode)> = Vec::new();
         let mesh_dir = self
             .mesh_path
@@ -145,7 +146,7 @@ impl State {
             .unwrap_or(Path::new("."))
             .to_path_buf();
         want.push((mesh_dir, RecursiveMode::NonRecursive));
-        for d in self.policy_dirs() {
+        for d in dirs {
             if d.is_dir() && !want.iter().any(|(w, _)| *w == d) {
                 want.push((d, RecursiveMode::Recursive));
             }
@@ -154,9 +155,6 @@ impl State {
         if wanted == self.watched {
             return;
         }
-        let Some(watcher) = self.watcher.as_mut() else {
-            return;
-        };
         for p in &self.watched {
             let _ = watcher.unwatch(p);
         }
