@@ -524,6 +524,28 @@ fn clauses(
     }
 }
 
+/// The fields of `rule.from[].source`.
+const SOURCE_FIELDS: &[&str] = &[
+    "principals",
+    "notPrincipals",
+    "namespaces",
+    "notNamespaces",
+    "ipBlocks",
+    "notIpBlocks",
+];
+
+/// The fields of `rule.to[].operation`.
+const OPERATION_FIELDS: &[&str] = &[
+    "hosts",
+    "notHosts",
+    "ports",
+    "notPorts",
+    "methods",
+    "notMethods",
+    "paths",
+    "notPaths",
+];
+
 fn source_check(field: &str) -> Check {
     match field {
         "ipBlocks" | "notIpBlocks" => check_ip_block,
@@ -579,30 +601,12 @@ fn validate_authz(c: &mut Ctx<'_>, doc: &Value) {
             continue;
         };
         if let Some(from) = r.get("from") {
-            let allowed = [
-                "principals",
-                "notPrincipals",
-                "namespaces",
-                "notNamespaces",
-                "ipBlocks",
-                "notIpBlocks",
-            ];
             let path = format!("{rp}.from");
-            clauses(c, from, &path, "source", &allowed, source_check);
+            clauses(c, from, &path, "source", SOURCE_FIELDS, source_check);
         }
         if let Some(to) = r.get("to") {
-            let allowed = [
-                "hosts",
-                "notHosts",
-                "ports",
-                "notPorts",
-                "methods",
-                "notMethods",
-                "paths",
-                "notPaths",
-            ];
             let path = format!("{rp}.to");
-            clauses(c, to, &path, "operation", &allowed, operation_check);
+            clauses(c, to, &path, "operation", OPERATION_FIELDS, operation_check);
         }
         if let Some(when) = r.get("when") {
             for (j, w) in list(c, when, &format!("{rp}.when")).iter().enumerate() {
