@@ -934,3 +934,43 @@ async fn graceful_shutdown_finishes_in_flight_requests() {
         .await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pooled_connection_to_a_restarted_peer_is_redialed() {
+    let app = echo_app().await;
+    let Mesh {
+        pki,
+        server,
+        client,
+        upstream,
+        ..
+    } = mesh(app.addr, MeshOpts::default()).await;
+    let inbound = server.inbound_addr;
+    // Each round: requests on the pooled HTTP/2 connection, then the peer proxy restarts on
+    // the same address (a rolling update). Keep-alive app connections span the restarts.
+    let mut c = h1_client(upstream).await;
+    let mut server = Some(server);
+    for round in 0..5 {
+        for i in 0..3 {
+            let r = within(h1_send(&mut c, get_req(&format!("/r{round}/{i}"))))
+                .await
+                .expect("request");
+            assert_eq!(r.status, StatusCode::OK, "round {round} request {i}");
+            assert_eq!(r.header("x-echo-path"), Some(&*format!("/r{round}/{i}")));
+        }
+        if let Some(old) = server.take() {
+            within(old.shutdown()).await;
+        }
+        server = Some(
+            start_server_proxy_on(&pki, app.addr, "STRICT", "detect", test_timeouts(), inbound)
+                .await,
+        );
+    }
+    // Every request went through one of the server proxies; none failed at the client.
+    let failed = metric(
+        &client,
+        "palisade_requests_total",
+        &labels_req("outbound", "502"),
+    );
+    assert_eq!(failed, 0.0, "requests failed across restarts");
+}

@@ -183,9 +183,23 @@ pub async fn start_server_proxy(
     app_protocol: &str,
     timeouts: Timeouts,
 ) -> Proxy {
+    start_server_proxy_on(pki, app, mode, app_protocol, timeouts, loopback()).await
+}
+
+/// [`start_server_proxy`] with its inbound listener on `inbound` (a restarted proxy taking
+/// over its predecessor's address).
+pub async fn start_server_proxy_on(
+    pki: &Pki,
+    app: SocketAddr,
+    mode: &str,
+    app_protocol: &str,
+    timeouts: Timeouts,
+    inbound: SocketAddr,
+) -> Proxy {
     let yaml = format!("mode: {mode}\nappProtocol: {app_protocol}\nservices: []\n");
     let mut cfg = proxy_config(pki, "api", API, Some(app), &[], &yaml);
     cfg.timeouts = timeouts;
+    cfg.inbound_addr = inbound;
     within(Proxy::start(cfg)).await.expect("server proxy")
 }
 
