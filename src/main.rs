@@ -44,6 +44,9 @@ enum Command {
     Authz(cmd::policy::AuthzCommand),
     /// The latency benchmark: direct vs through the mesh, open loop, HDR histograms.
     Bench(cmd::bench::BenchArgs),
+    /// A plain TCP relay: the floor `bench --relays` measures the mesh against.
+    #[command(hide = true)]
+    Relay(cmd::relay::RelayArgs),
 }
 
 fn main() -> ExitCode {
@@ -59,6 +62,7 @@ fn main() -> ExitCode {
         Command::DemoApp(a) => cmd::demo_app::run(a),
         Command::Check(a) => cmd::check::run(a),
         Command::Bench(a) => cmd::bench::run(a),
+        Command::Relay(a) => cmd::relay::run(a),
         Command::Policy(cmd::policy::PolicyCommand::Check { path }) => cmd::policy::check(path),
         Command::Authz(cmd::policy::AuthzCommand::Explain(a)) => cmd::policy::explain(a),
     };

@@ -169,3 +169,52 @@ fn tcp_and_http2_go_through_the_mesh_without_errors() {
         }
     }
 }
+
+#[test]
+fn relays_mode_measures_two_plain_tcp_relays_in_the_same_run() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let json = dir.path().join("bench.json");
+    let out = bench(&[
+        "--relays",
+        "--no-max",
+        "--out",
+        json.to_str().expect("utf-8 path"),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("added latency (relays - direct)"),
+        "{stdout}"
+    );
+    let report = read_json(&json);
+    let runs = report["runs"].as_array().expect("runs");
+    let modes: Vec<&str> = runs.iter().filter_map(|r| r["mode"].as_str()).collect();
+    assert_eq!(modes, ["direct", "relays", "mesh"], "{report}");
+    for run in runs {
+        let n = check_run(run);
+        assert!((RATE * 9 / 10..=RATE * 11 / 10).contains(&n), "{run}");
+    }
+    // The relay run's hops are the relays, not the proxies.
+    let relay_run = &runs[1]["proxy_cpu_seconds_per_1000_requests"];
+    assert!(relay_run.get("relay-1").is_some(), "{report}");
+    assert!(relay_run.get("client").is_none(), "{report}");
+    let relays = report["relays"].as_array().expect("relays");
+    let names: Vec<&str> = relays.iter().filter_map(|p| p["name"].as_str()).collect();
+    assert_eq!(names, ["relay-1", "relay-2"], "{report}");
+    for r in relays {
+        // A relay at this rate may use less than one clock tick: zero is a valid reading.
+        assert!(
+            num(&r["cpu_seconds_per_1000_requests"], "cpu") >= 0.0,
+            "{r}"
+        );
+    }
+    let added = &report["relays_added_latency_ms"];
+    assert!(
+        num(&added["p50"], "relays added p50").is_finite(),
+        "{report}"
+    );
+    assert_eq!(
+        report["proxies"].as_array().map(Vec::len),
+        Some(2),
+        "{report}"
+    );
+}

@@ -22,7 +22,7 @@ use http::{Request, Response};
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum BenchProtocol {
@@ -66,6 +66,10 @@ pub struct BenchArgs {
     /// binary's `proxy` command.
     #[arg(long, env = "PALISADE_PROXY_BIN")]
     pub proxy_bin: Option<PathBuf>,
+    /// Also run each rate through two plain TCP relays (no TLS, no HTTP, one thread each):
+    /// the least two extra hops cost on this machine, measured in the same run.
+    #[arg(long)]
+    pub relays: bool,
 }
 
 struct RunResult {
@@ -75,7 +79,7 @@ struct RunResult {
     errors: u64,
     elapsed: Duration,
     hist: Histogram<u64>,
-    /// Mesh runs: CPU seconds per 1000 requests of each proxy during this run.
+    /// Mesh and relay runs: CPU seconds per 1000 requests of each hop's process.
     proxy_cpu: Vec<(String, f64)>,
 }
 
@@ -157,6 +161,49 @@ struct Mesh {
     client_addr: SocketAddr,
     proxies: Vec<(String, u32)>,
     _tmp: Option<tempfile::TempDir>,
+}
+
+/// Two `palisade relay` processes in a row in front of the app.
+struct Relays {
+    _children: Vec<tokio::process::Child>,
+    addr: SocketAddr,
+    procs: Vec<(String, u32)>,
+}
+
+async fn start_relays(app: SocketAddr) -> anyhow::Result<Relays> {
+    let mut children = Vec::new();
+    let mut procs = Vec::new();
+    let mut to = app;
+    for name in ["relay-2", "relay-1"] {
+        let mut child = tokio::process::Command::new(std::env::current_exe()?)
+            .arg("relay")
+            .arg("--to")
+            .arg(to.to_string())
+            .env("PALISADE_WATCH_PARENT", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .context("cannot start a relay")?;
+        let stdout = child.stdout.take().context("relay stdout")?;
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        let line = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
+            .await
+            .context("the relay did not say where it listens within 10s")??
+            .context("the relay exited before listening")?;
+        to = line
+            .strip_prefix("listening on ")
+            .and_then(|a| a.parse().ok())
+            .with_context(|| format!("unexpected relay output {line:?}"))?;
+        procs.push((name.to_string(), child.id().context("relay pid")?));
+        children.push(child);
+    }
+    procs.reverse();
+    Ok(Relays {
+        _children: children,
+        addr: to,
+        procs,
+    })
 }
 
 /// The sidecar binary the bench runs: the one asked for, else `palisade-proxy` beside this
@@ -515,26 +562,33 @@ async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
         sidecar.as_deref(),
     )
     .await?;
+    let relays = match args.relays {
+        true => Some(start_relays(app).await?),
+        false => None,
+    };
     let progress = Arc::new(AtomicU64::new(0));
     let mut results = Vec::new();
     let mut plan: Vec<Option<u64>> = args.rates.iter().map(|r| Some(*r)).collect();
     if !args.no_max {
         plan.push(None);
     }
-    let usage = |mesh: &Mesh| -> Vec<Option<(f64, u64)>> {
-        mesh.proxies
-            .iter()
-            .map(|(_, pid)| proc_usage(*pid))
-            .collect()
+    let usage = |procs: &[(String, u32)]| -> Vec<Option<(f64, u64)>> {
+        procs.iter().map(|(_, pid)| proc_usage(*pid)).collect()
     };
+    // Each mode: where the load goes, and the processes between it and the app.
+    let mut modes = vec![("direct", app, &[][..])];
+    if let Some(r) = &relays {
+        modes.push(("relays", r.addr, &r.procs[..]));
+    }
+    modes.push(("mesh", mesh.client_addr, &mesh.proxies[..]));
     for rate in plan {
-        for (mode, addr) in [("direct", app), ("mesh", mesh.client_addr)] {
+        for &(mode, addr, procs) in &modes {
             let label = format!(
                 "{mode} at {}",
                 rate.map(|r| format!("{r} rps"))
                     .unwrap_or_else(|| "max".into())
             );
-            let before = usage(&mesh);
+            let before = usage(procs);
             let mut r = run_with_progress(
                 label,
                 load(
@@ -549,46 +603,28 @@ async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
                 progress.clone(),
             )
             .await?;
-            if mode == "mesh" {
-                let after = usage(&mesh);
-                let per_k = (r.requests + r.errors).max(1) as f64 / 1000.0;
-                for (i, (name, _)) in mesh.proxies.iter().enumerate() {
-                    if let (Some((c0, _)), Some((c1, _))) = (before[i], after[i]) {
-                        r.proxy_cpu.push((name.clone(), (c1 - c0) / per_k));
-                    }
+            let after = usage(procs);
+            let per_k = (r.requests + r.errors).max(1) as f64 / 1000.0;
+            for (i, (name, _)) in procs.iter().enumerate() {
+                if let (Some((c0, _)), Some((c1, _))) = (before[i], after[i]) {
+                    r.proxy_cpu.push((name.clone(), (c1 - c0) / per_k));
                 }
             }
             results.push(r);
         }
     }
-    // The figure of the spec: CPU at the first fixed rate (else max throughput), peak RSS
-    // over the whole benchmark.
-    let reference = results
-        .iter()
-        .find(|r| r.mode == "mesh" && r.rate.is_some())
-        .or_else(|| results.iter().find(|r| r.mode == "mesh"));
-    let end_usage = usage(&mesh);
-    let mut proxies = Vec::new();
-    for (i, (name, _)) in mesh.proxies.iter().enumerate() {
-        let cpu = reference
-            .and_then(|r| r.proxy_cpu.iter().find(|(n, _)| n == name))
-            .map(|(_, c)| *c);
-        if let (Some(cpu), Some((_, rss))) = (cpu, end_usage[i]) {
-            proxies.push(serde_json::json!({
-                "name": name,
-                "cpu_seconds_per_1000_requests": cpu,
-                "peak_rss_bytes": rss,
-                "rss_anon_bytes": mesh.proxies.get(i).and_then(|(_, pid)| rss_anon(*pid)),
-            }));
-        }
-    }
+    let proxies = hop_figures(&results, "mesh", &mesh.proxies);
+    let relay_figures = relays
+        .as_ref()
+        .map(|r| hop_figures(&results, "relays", &r.procs));
+    drop(relays);
     let _ = mesh.child.start_kill();
     let _ = mesh.child.wait().await;
 
-    print_table(&results, &proxies, args.protocol);
-    let added = added_latency(&results);
+    print_table(&results, &proxies, relay_figures.as_deref(), args.protocol);
+    let added = added_latency(&results, "mesh");
     if let Some(path) = &args.out {
-        let doc = serde_json::json!({
+        let mut doc = serde_json::json!({
             "protocol": format!("{:?}", args.protocol).to_lowercase(),
             "connections": args.connections,
             "duration_s": args.duration.as_secs_f64(),
@@ -596,6 +632,11 @@ async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
             "proxies": proxies,
             "added_latency_ms": { "p50": added.0, "p99": added.1 },
         });
+        if let Some(relays) = &relay_figures {
+            let added = added_latency(&results, "relays");
+            doc["relays"] = serde_json::json!(relays);
+            doc["relays_added_latency_ms"] = serde_json::json!({ "p50": added.0, "p99": added.1 });
+        }
         std::fs::write(path, serde_json::to_string_pretty(&doc)?)
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
@@ -605,17 +646,50 @@ async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Mesh minus direct at the first fixed rate.
-fn added_latency(results: &[RunResult]) -> (f64, f64) {
+/// The figures of the spec for each process of a mode (the proxies of the mesh, the relays):
+/// CPU at the first fixed rate (else max throughput), peak RSS over the whole benchmark.
+fn hop_figures(
+    results: &[RunResult],
+    mode: &str,
+    procs: &[(String, u32)],
+) -> Vec<serde_json::Value> {
+    let reference = results
+        .iter()
+        .find(|r| r.mode == mode && r.rate.is_some())
+        .or_else(|| results.iter().find(|r| r.mode == mode));
+    let mut out = Vec::new();
+    for (name, pid) in procs {
+        let cpu = reference
+            .and_then(|r| r.proxy_cpu.iter().find(|(n, _)| n == name))
+            .map(|(_, c)| *c);
+        if let (Some(cpu), Some((_, rss))) = (cpu, proc_usage(*pid)) {
+            out.push(serde_json::json!({
+                "name": name,
+                "cpu_seconds_per_1000_requests": cpu,
+                "peak_rss_bytes": rss,
+                "rss_anon_bytes": rss_anon(*pid),
+            }));
+        }
+    }
+    out
+}
+
+/// A mode's latency minus direct's at the first fixed rate.
+fn added_latency(results: &[RunResult], mode: &str) -> (f64, f64) {
     let rate = results.iter().find_map(|r| r.rate);
     let find = |mode| results.iter().find(|r| r.mode == mode && r.rate == rate);
-    match (find("direct"), find("mesh")) {
+    match (find("direct"), find(mode)) {
         (Some(d), Some(m)) => (m.ms(0.5) - d.ms(0.5), m.ms(0.99) - d.ms(0.99)),
         _ => (0.0, 0.0),
     }
 }
 
-fn print_table(results: &[RunResult], proxies: &[serde_json::Value], p: BenchProtocol) {
+fn print_table(
+    results: &[RunResult],
+    proxies: &[serde_json::Value],
+    relays: Option<&[serde_json::Value]>,
+    p: BenchProtocol,
+) {
     println!("protocol: {p:?}");
     println!(
         "{:<7} {:>9} {:>9} {:>7} {:>10} {:>8} {:>8} {:>8} {:>8} {:>8}",
@@ -647,8 +721,19 @@ fn print_table(results: &[RunResult], proxies: &[serde_json::Value], p: BenchPro
             r.hist.max() as f64 / 1000.0
         );
     }
-    let (a50, a99) = added_latency(results);
+    let (a50, a99) = added_latency(results, "mesh");
     println!("added latency (mesh - direct): p50 {a50:.3} ms, p99 {a99:.3} ms");
+    if let Some(relays) = relays {
+        let (r50, r99) = added_latency(results, "relays");
+        println!("added latency (relays - direct): p50 {r50:.3} ms, p99 {r99:.3} ms");
+        for r in relays {
+            println!(
+                "relay {:<8} cpu {:.4} s/1000 req (two plain TCP relays: the floor of two hops)",
+                r["name"].as_str().unwrap_or("?"),
+                r["cpu_seconds_per_1000_requests"].as_f64().unwrap_or(0.0),
+            );
+        }
+    }
     for px in proxies {
         println!(
             "proxy {:<8} cpu {:.4} s/1000 req, peak RSS {:.1} MB (private {:.1} MB; the rest is the shared binary)",
@@ -701,8 +786,12 @@ fn plot(path: &Path, results: &[RunResult]) -> anyhow::Result<()> {
         .x_label_formatter(&|x| format!("p{:.1}", 100.0 * (1.0 - 10f64.powf(-x))))
         .draw()
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    for (i, (name, pts)) in series.into_iter().enumerate() {
-        let color = if i == 0 { BLUE } else { RED };
+    for (name, pts) in series {
+        let color = match name {
+            "direct" => BLUE,
+            "relays" => GREEN,
+            _ => RED,
+        };
         chart
             .draw_series(LineSeries::new(pts, color.stroke_width(2)))
             .map_err(|e| anyhow::anyhow!("{e}"))?

@@ -8,6 +8,7 @@ pub mod demo_app;
 pub mod http_util;
 pub mod policy;
 pub mod proxy;
+pub mod relay;
 pub mod up;
 
 /// Logs go to stderr; `PALISADE_LOG` (or `RUST_LOG`) sets the filter, `PALISADE_LOG_FORMAT=json`
