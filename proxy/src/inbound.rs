@@ -66,6 +66,8 @@ impl tower::Service<Uri> for AppConnector {
 /// Pooled clients to the app, one per HTTP version.
 pub(crate) struct AppClients {
     addr: SocketAddr,
+    /// `addr` as a URI authority, for requests that name none (formatted once, not per request).
+    authority: Box<str>,
     http1: Client<AppConnector, Incoming>,
     http2: Client<AppConnector, Incoming>,
 }
@@ -85,7 +87,12 @@ impl AppClients {
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
             .build(connector);
-        AppClients { addr, http1, http2 }
+        AppClients {
+            addr,
+            authority: addr.to_string().into(),
+            http1,
+            http2,
+        }
     }
 }
 
@@ -251,7 +258,7 @@ async fn call_app(
     orig: Option<HeaderValue>,
 ) -> Response<RspBody> {
     let upgrade = phttp::is_upgrade(&req);
-    if let Err(status) = phttp::set_absolute_uri(&mut req, &app.addr.to_string()) {
+    if let Err(status) = phttp::set_absolute_uri(&mut req, &app.authority) {
         return phttp::local_response(status, "bad request target\n");
     }
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
