@@ -562,9 +562,10 @@ async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
         sidecar.as_deref(),
     )
     .await?;
-    let relays = match args.relays {
-        true => Some(start_relays(app).await?),
-        false => None,
+    let relays = if args.relays {
+        Some(start_relays(app).await?)
+    } else {
+        None
     };
     let progress = Arc::new(AtomicU64::new(0));
     let mut results = Vec::new();
