@@ -185,6 +185,7 @@ fn relays_mode_measures_two_plain_tcp_relays_in_the_same_run() {
         stdout.contains("added latency (relays - direct)"),
         "{stdout}"
     );
+    assert!(stdout.contains("mesh vs relays: "), "{stdout}");
     let report = read_json(&json);
     let runs = report["runs"].as_array().expect("runs");
     let modes: Vec<&str> = runs.iter().filter_map(|r| r["mode"].as_str()).collect();

@@ -734,6 +734,22 @@ fn print_table(
                 r["cpu_seconds_per_1000_requests"].as_f64().unwrap_or(0.0),
             );
         }
+        let cpu = |hops: &[serde_json::Value]| -> f64 {
+            hops.iter()
+                .filter_map(|h| h["cpu_seconds_per_1000_requests"].as_f64())
+                .sum()
+        };
+        let (mesh_cpu, relay_cpu) = (cpu(proxies), cpu(relays));
+        let ratio = if relay_cpu > 0.0 {
+            format!("{:.1}x the CPU", mesh_cpu / relay_cpu)
+        } else {
+            "CPU of the relays below the clock's resolution".to_string()
+        };
+        println!(
+            "mesh vs relays: {ratio}, p50 {:+.3} ms, p99 {:+.3} ms",
+            a50 - r50,
+            a99 - r99
+        );
     }
     for px in proxies {
         println!(
