@@ -292,7 +292,7 @@ async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
     }
     print_table(&mesh)?;
 
-    let ready = wait_ready(&mut procs, args.ready_timeout).await;
+    let ready = wait_ready(&mut procs, &mut cp, &paths, args.ready_timeout).await;
     if let Err(e) = ready {
         eprintln!("error: {e}; logs are in {}", paths.logs.display());
         stop_all(&mut procs, &mut cp).await;
@@ -341,10 +341,24 @@ fn print_table(mesh: &Mesh) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn wait_ready(procs: &mut [WorkloadProcs], timeout: Duration) -> anyhow::Result<()> {
+/// Waits until every proxy is ready. Before that, any child exiting is fatal, the control plane
+/// included: once the mesh is up `up` restarts a dead control plane, but one that dies while the
+/// mesh starts (its port taken, say) would only die again.
+async fn wait_ready(
+    procs: &mut [WorkloadProcs],
+    cp: &mut Proc,
+    paths: &Paths,
+    timeout: Duration,
+) -> anyhow::Result<()> {
     let deadline = Instant::now() + timeout;
     let mut pending: Vec<usize> = (0..procs.len()).collect();
     while !pending.is_empty() {
+        if let Some(status) = cp.child.try_wait()? {
+            bail!(
+                "the control plane exited before the mesh was ready ({status}); see {}",
+                paths.logs.join("control-plane.log").display()
+            );
+        }
         let mut still = Vec::new();
         for i in pending {
             let w = &mut procs[i];
