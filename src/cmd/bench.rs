@@ -113,10 +113,36 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     rt.block_on(bench(args))
 }
 
+/// A port for the generated mesh file that was free a moment ago. Picked below the kernel's
+/// ephemeral range: a port from `bind(0)` would be back in that range once released, where the
+/// source port of any outgoing connection (or another process's `bind(0)`) can take it before
+/// the mesh binds it. Consecutive calls return different ports; the start depends on the pid,
+/// so concurrent benches start apart.
 fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let ephemeral_low: u32 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32768);
+    let low = 10_000u32.min(ephemeral_low.saturating_sub(1000));
+    let span = ephemeral_low.saturating_sub(low).max(1);
+    let _ = NEXT.compare_exchange(
+        0,
+        std::process::id() % span * 7 + 1,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
+    for _ in 0..span.min(5000) {
+        let port = low + NEXT.fetch_add(1, Ordering::Relaxed) % span;
+        let Ok(port) = u16::try_from(port) else {
+            continue;
+        };
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    bail!("no free port on 127.0.0.1 below the ephemeral range ({low}..{ephemeral_low})")
 }
 
 async fn backend(protocol: BenchProtocol) -> anyhow::Result<SocketAddr> {
@@ -270,7 +296,7 @@ async fn start_mesh(
     if let Some(bin) = proxy_bin {
         up.arg("--proxy-bin").arg(bin);
     }
-    let child = up
+    let mut child = up
         .env("PALISADE_WATCH_PARENT", "1")
         .env(
             "PALISADE_LOG",
@@ -290,11 +316,16 @@ async fn start_mesh(
         {
             break v;
         }
+        if let Some(status) = child.try_wait()? {
+            let why = format!("palisade up exited before the bench mesh was ready ({status})");
+            return Err(mesh_failed(tmp, &dir, &why));
+        }
         if Instant::now() > deadline {
-            bail!(
-                "the bench mesh was not ready within 60s; see {}",
-                dir.join("up.log").display()
-            );
+            return Err(mesh_failed(
+                tmp,
+                &dir,
+                "the bench mesh was not ready within 60s",
+            ));
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
@@ -310,6 +341,26 @@ async fn start_mesh(
         proxies,
         _tmp: tmp,
     })
+}
+
+/// The error for a mesh that did not come up: the generated mesh file and the logs are kept
+/// (a temporary directory would be gone by the time anyone reads the message), and the last
+/// line `palisade up` logged says why, most of the time.
+fn mesh_failed(tmp: Option<tempfile::TempDir>, dir: &Path, why: &str) -> anyhow::Error {
+    if let Some(t) = tmp {
+        let _ = t.keep();
+    }
+    let log = dir.join("up.log");
+    let last = std::fs::read_to_string(&log).ok().and_then(|t| {
+        t.lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .map(str::to_owned)
+    });
+    match last {
+        Some(line) => anyhow::anyhow!("{why}; see {}; its last line: {line}", log.display()),
+        None => anyhow::anyhow!("{why}; see {}", log.display()),
+    }
 }
 
 /// Anonymous (private) resident memory of a process, in bytes: what the proxy itself uses,
