@@ -231,40 +231,9 @@ fn up_fails_fast_and_says_why_when_the_control_plane_port_is_taken() {
     let cp_port = squatter.local_addr().expect("addr").port();
     let spec = web_api("1h");
     let ports = spec.allocate();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mesh_file = dir.path().join("mesh.yaml");
-    std::fs::create_dir_all(dir.path().join("policies")).expect("policies dir");
-    std::fs::write(&mesh_file, spec.render(cp_port, &ports)).expect("write mesh");
-    let started = Instant::now();
-    let mut child = std::process::Command::new(palisade())
-        .arg("up")
-        .arg("--mesh")
-        .arg(&mesh_file)
-        .arg("--state-dir")
-        .arg(dir.path().join("state"))
-        .env("PALISADE_LOG", "warn")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("start palisade up");
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("wait") {
-            break s;
-        }
-        if started.elapsed() > Duration::from_secs(30) {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("palisade up was still waiting after 30s with its control plane dead");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let out = child.wait_with_output().expect("output");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let mut mesh = spec.launch(cp_port, ports, &[]);
+    let (status, lines) = mesh.wait_exit(Duration::from_secs(30));
+    let text = lines.join("\n");
     assert_eq!(status.code(), Some(1), "{text}");
     assert!(text.contains("control plane exited"), "{text}");
     assert!(!text.contains("mesh ready"), "{text}");

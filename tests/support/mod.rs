@@ -175,8 +175,21 @@ impl MeshSpec {
 
     /// Starts with pre-allocated ports (so the test can start external apps first).
     pub fn start_with_ports(self, ports: Vec<(String, Ports)>, policies: &[(&str, &str)]) -> Mesh {
+        let mut mesh = self.launch(free_port(), ports, policies);
+        mesh.wait_line("mesh ready", Duration::from_secs(90));
+        mesh
+    }
+
+    /// Writes the mesh file and policies and starts `palisade up` with the control plane on
+    /// `cp_port`, without waiting for anything. What `up` prints, on stdout and stderr, is
+    /// echoed to the test's output and readable through `Mesh::stdout`.
+    pub fn launch(
+        self,
+        cp_port: u16,
+        ports: Vec<(String, Ports)>,
+        policies: &[(&str, &str)],
+    ) -> Mesh {
         let dir = tempfile::tempdir().expect("tempdir");
-        let cp_port = free_port();
         let mesh_file = dir.path().join("mesh.yaml");
         std::fs::write(&mesh_file, self.render(cp_port, &ports)).expect("write mesh");
         let pol = dir.path().join("policies");
@@ -194,20 +207,13 @@ impl MeshSpec {
             .env("PALISADE_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("spawn palisade up");
-        let out = child.stdout.take().expect("stdout");
         let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                println!("[up] {line}");
-                if tx.send(line).is_err() {
-                    return;
-                }
-            }
-        });
-        let mut mesh = Mesh {
+        forward_lines(child.stdout.take().expect("stdout"), tx.clone());
+        forward_lines(child.stderr.take().expect("stderr"), tx);
+        Mesh {
             dir,
             mesh_file,
             policies: pol,
@@ -216,10 +222,20 @@ impl MeshSpec {
             cp_port,
             child: Some(child),
             stdout: rx,
-        };
-        mesh.wait_line("mesh ready", Duration::from_secs(90));
-        mesh
+        }
     }
+}
+
+/// Echoes each line of `out` to the test's output and sends it on `tx`, until either ends.
+fn forward_lines(out: impl std::io::Read + Send + 'static, tx: mpsc::Sender<String>) {
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            println!("[up] {line}");
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
 }
 
 impl Mesh {
@@ -236,6 +252,34 @@ impl Mesh {
                 }
             }
         }
+    }
+
+    /// Waits for `up` to exit on its own, for at most `timeout` (then kills it and fails the
+    /// test), and returns its status with every line it printed.
+    pub fn wait_exit(&mut self, timeout: Duration) -> (std::process::ExitStatus, Vec<String>) {
+        let mut child = self.child.take().expect("palisade up is running");
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            if let Some(st) = child.try_wait().expect("wait for palisade up") {
+                break st;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("palisade up was still running after {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        };
+        // Its output ends with it: the pipes close once it is gone (bounded all the same).
+        let mut lines = Vec::new();
+        let drained_by = Instant::now() + Duration::from_secs(5);
+        while let Some(left) = drained_by.checked_duration_since(Instant::now()) {
+            match self.stdout.recv_timeout(left) {
+                Ok(line) => lines.push(line),
+                Err(_) => break,
+            }
+        }
+        (status, lines)
     }
 
     pub fn logs(&self) -> String {
