@@ -55,20 +55,9 @@ pub fn run(args: DemoAppArgs) -> anyhow::Result<ExitCode> {
         name: args.name,
         upstreams,
     });
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(args.listen)
-            .await
-            .with_context(|| format!("cannot listen on {}", args.listen))?;
-        let shutdown = super::shutdown_signal();
-        tokio::pin!(shutdown);
+    super::serve_until_shutdown(args.listen, |listener| async move {
         loop {
-            let (tcp, _) = tokio::select! {
-                r = listener.accept() => r?,
-                _ = &mut shutdown => return Ok(ExitCode::SUCCESS),
-            };
+            let (tcp, _) = listener.accept().await?;
             let app = app.clone();
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(move |req| {

@@ -58,6 +58,33 @@ pub fn one_sentence(e: &anyhow::Error) -> String {
     out
 }
 
+/// Runs one of this CLI's small servers (the demo app, the bench's relay) on one thread: binds
+/// `listen`, hands the listener to `serve`, and returns when `serve` fails or at
+/// [`shutdown_signal`].
+pub fn serve_until_shutdown<F, Fut>(
+    listen: std::net::SocketAddr,
+    serve: F,
+) -> anyhow::Result<std::process::ExitCode>
+where
+    F: FnOnce(tokio::net::TcpListener) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    use anyhow::Context;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("cannot listen on {listen}"))?;
+        tokio::select! {
+            r = serve(listener) => r?,
+            _ = shutdown_signal() => {}
+        }
+        Ok(std::process::ExitCode::SUCCESS)
+    })
+}
+
 /// Resolves on SIGINT or SIGTERM, or when the parent that started us (`palisade up`) is
 /// gone, so children never outlive the mesh.
 pub async fn shutdown_signal() {

@@ -6,8 +6,6 @@
 use std::net::SocketAddr;
 use std::process::ExitCode;
 
-use anyhow::Context;
-
 #[derive(clap::Args)]
 pub struct RelayArgs {
     /// Where to listen; port 0 picks one, printed as `listening on ADDR`.
@@ -19,36 +17,23 @@ pub struct RelayArgs {
 }
 
 pub fn run(args: RelayArgs) -> anyhow::Result<ExitCode> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(args.listen)
-            .await
-            .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let to = args.to;
+    super::serve_until_shutdown(args.listen, |listener| async move {
         println!("listening on {}", listener.local_addr()?);
-        let to = args.to;
-        let accept = async move {
-            loop {
-                let Ok((mut down, _)) = listener.accept().await else {
-                    // Out of file descriptors, say: back off instead of spinning.
-                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-                    continue;
+        loop {
+            let Ok((mut down, _)) = listener.accept().await else {
+                // Out of file descriptors, say: back off instead of spinning.
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                continue;
+            };
+            tokio::spawn(async move {
+                let Ok(mut up) = tokio::net::TcpStream::connect(to).await else {
+                    return;
                 };
-                tokio::spawn(async move {
-                    let Ok(mut up) = tokio::net::TcpStream::connect(to).await else {
-                        return;
-                    };
-                    let _ = down.set_nodelay(true);
-                    let _ = up.set_nodelay(true);
-                    let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
-                });
-            }
-        };
-        tokio::select! {
-            _ = accept => {}
-            _ = super::shutdown_signal() => {}
+                let _ = down.set_nodelay(true);
+                let _ = up.set_nodelay(true);
+                let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+            });
         }
-        Ok(ExitCode::SUCCESS)
     })
 }
