@@ -113,38 +113,6 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     rt.block_on(bench(args))
 }
 
-/// A port for the generated mesh file that was free a moment ago. Picked below the kernel's
-/// ephemeral range: a port from `bind(0)` would be back in that range once released, where the
-/// source port of any outgoing connection (or another process's `bind(0)`) can take it before
-/// the mesh binds it. Consecutive calls return different ports; the start depends on the pid,
-/// so concurrent benches start apart.
-fn free_port() -> anyhow::Result<u16> {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    let ephemeral_low: u32 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|r| r.split_whitespace().next()?.parse().ok())
-        .unwrap_or(32768);
-    let low = 10_000u32.min(ephemeral_low.saturating_sub(1000));
-    let span = ephemeral_low.saturating_sub(low).max(1);
-    let _ = NEXT.compare_exchange(
-        0,
-        std::process::id() % span * 7 + 1,
-        Ordering::Relaxed,
-        Ordering::Relaxed,
-    );
-    for _ in 0..span.min(5000) {
-        let port = low + NEXT.fetch_add(1, Ordering::Relaxed) % span;
-        let Ok(port) = u16::try_from(port) else {
-            continue;
-        };
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return Ok(port);
-        }
-    }
-    bail!("no free port on 127.0.0.1 below the ephemeral range ({low}..{ephemeral_low})")
-}
-
 async fn backend(protocol: BenchProtocol) -> anyhow::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
@@ -259,7 +227,7 @@ async fn start_mesh(
             (Some(t), p)
         }
     };
-    let local = free_port()?;
+    let local = super::free_port()?;
     let svc_protocol = match protocol {
         BenchProtocol::Tcp => "opaque",
         BenchProtocol::Http2 => "http2",
@@ -276,11 +244,11 @@ async fn start_mesh(
          \x20 - {{ name: server, namespace: bench, serviceAccount: server, labels: {{ app: server }}, appPort: {app}, inboundPort: {si}, adminPort: {sa} }}\n\
          services:\n\
          \x20 - {{ name: server, namespace: bench, port: 8080, selector: {{ app: server }}, protocol: {svc_protocol} }}\n",
-        cp = free_port()?,
-        ci = free_port()?,
-        ca = free_port()?,
-        si = free_port()?,
-        sa = free_port()?,
+        cp = super::free_port()?,
+        ci = super::free_port()?,
+        ca = super::free_port()?,
+        si = super::free_port()?,
+        sa = super::free_port()?,
         app = app.port(),
     );
     let mesh_path = dir.join("mesh.yaml");

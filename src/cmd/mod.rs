@@ -58,6 +58,46 @@ pub fn one_sentence(e: &anyhow::Error) -> String {
     out
 }
 
+/// A port that was free a moment ago, for a mesh file written before the mesh starts (the
+/// bench's, the end-to-end tests'). Picked below the kernel's ephemeral range: a port from
+/// `bind(0)` would be back in that range once released, where the source port of any outgoing
+/// connection (or another process's `bind(0)`) can take it before the mesh binds it.
+/// Consecutive calls return different ports; the start depends on the pid, so concurrent
+/// processes start apart.
+pub fn free_port() -> anyhow::Result<u16> {
+    use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    static RANGE: OnceLock<(u32, u32)> = OnceLock::new();
+    let &(low, ephemeral_low) = RANGE.get_or_init(|| {
+        let ephemeral_low: u32 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .ok()
+            .and_then(|r| r.split_whitespace().next()?.parse().ok())
+            .unwrap_or(32768);
+        (
+            10_000u32.min(ephemeral_low.saturating_sub(1000)),
+            ephemeral_low,
+        )
+    });
+    let span = ephemeral_low.saturating_sub(low).max(1);
+    let _ = NEXT.compare_exchange(
+        0,
+        std::process::id() % span * 7 + 1,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
+    for _ in 0..span.min(5000) {
+        let port = low + NEXT.fetch_add(1, Ordering::Relaxed) % span;
+        let Ok(port) = u16::try_from(port) else {
+            continue;
+        };
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    anyhow::bail!("no free port on 127.0.0.1 below the ephemeral range ({low}..{ephemeral_low})")
+}
+
 /// Runs one of this CLI's small servers (the demo app, the bench's relay) on one thread: binds
 /// `listen`, hands the listener to `serve`, and returns when `serve` fails or at
 /// [`shutdown_signal`].

@@ -13,24 +13,9 @@ pub fn palisade() -> &'static str {
     env!("CARGO_BIN_EXE_palisade")
 }
 
-/// A port that was free a moment ago. Picked below the kernel's ephemeral range (32768+), so
-/// the source port of some other test's outgoing connection cannot take it before the mesh
-/// binds it, and never the same twice in one test binary.
+/// A port that was free a moment ago, below the ephemeral range (see `palisade::cmd::free_port`).
 pub fn free_port() -> u16 {
-    use std::sync::atomic::{AtomicU16, Ordering};
-    static NEXT: AtomicU16 = AtomicU16::new(0);
-    if NEXT.load(Ordering::Relaxed) == 0 {
-        let seed = 20_000 + (std::process::id() % 1000) as u16 * 12;
-        let _ = NEXT.compare_exchange(0, seed, Ordering::Relaxed, Ordering::Relaxed);
-    }
-    for _ in 0..2000 {
-        let p = NEXT.fetch_add(1, Ordering::Relaxed);
-        let p = 20_000 + (p - 20_000) % 12_000;
-        if std::net::TcpListener::bind(("127.0.0.1", p)).is_ok() {
-            return p;
-        }
-    }
-    panic!("no free port in 20000..32000")
+    palisade::cmd::free_port().expect("a free port on 127.0.0.1")
 }
 
 pub struct WorkloadSpec {
