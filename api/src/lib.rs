@@ -9,9 +9,11 @@ pub mod v1 {
 }
 
 pub mod client;
+pub mod path;
 pub mod policy;
 pub mod protocol;
 
+pub use path::PathNormalization;
 pub use protocol::Protocol;
 
 /// A digest of what a proxy is configured with, ignoring the version and the trust bundle

@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use palisade_api::PathNormalization;
 use palisade_api::policy::DefaultPolicy;
 use palisade_certs::ca::{MAX_LEAF_TTL, MIN_LEAF_TTL};
 use palisade_certs::{SpiffeId, SpiffeIdError, TrustDomain};
@@ -41,6 +42,9 @@ pub struct MeshFile {
     /// What applies to a workload no AuthorizationPolicy selects.
     #[serde(default)]
     pub default_policy: DefaultPolicy,
+    /// How request paths are normalized before authorization (Istio's `pathNormalization`).
+    #[serde(default)]
+    pub path_normalization: PathNormalization,
     /// Directory of policy YAML, relative to the mesh file.
     #[serde(default)]
     pub policies: Option<PathBuf>,
@@ -190,6 +194,7 @@ pub struct Mesh {
     pub certificate_lifetime: Duration,
     pub control_plane: ControlPlaneSection,
     pub default_policy: DefaultPolicy,
+    pub path_normalization: PathNormalization,
     /// The policies directory, resolved against the mesh file's directory.
     pub policies_dir: Option<PathBuf>,
     pub workloads: Vec<Workload>,
@@ -435,6 +440,7 @@ mod schema {
                 ("certificateLifetime", leaf::<String>),
                 ("controlPlane", control_plane),
                 ("defaultPolicy", leaf::<super::DefaultPolicy>),
+                ("pathNormalization", leaf::<super::PathNormalization>),
                 ("policies", leaf::<Option<std::path::PathBuf>>),
                 ("workloads", |v, p| list(v, p, workload)),
                 ("services", |v, p| list(v, p, service)),
@@ -616,6 +622,7 @@ fn validate(file: MeshFile, path: &Path) -> Result<Mesh, MeshError> {
         certificate_lifetime: lifetime,
         control_plane: file.control_plane,
         default_policy: file.default_policy,
+        path_normalization: file.path_normalization,
         policies_dir,
         workloads,
         services: file.services,
@@ -678,6 +685,14 @@ services:
         assert_eq!(m.trust_domain.as_str(), "cluster.local");
         assert_eq!(m.certificate_lifetime, Duration::from_secs(86400));
         assert_eq!(m.default_policy, DefaultPolicy::default());
+        assert_eq!(m.path_normalization, PathNormalization::Base);
+        let m = parse_str("pathNormalization: DECODE_AND_MERGE_SLASHES\n").unwrap();
+        assert_eq!(
+            m.path_normalization,
+            PathNormalization::DecodeAndMergeSlashes
+        );
+        let e = field_of("pathNormalization: NONE\n");
+        assert!(e.starts_with("pathNormalization:"), "{e}");
         assert!(m.policies_dir.is_none());
     }
 

@@ -151,6 +151,7 @@ impl Model {
             default_policy: default_policy(self.mesh.default_policy) as i32,
             authorization_policies_json,
             app_protocol: app_protocol.as_str().to_string(),
+            path_normalization: self.mesh.path_normalization.to_proto() as i32,
         }
     }
 

@@ -53,10 +53,18 @@ impl std::fmt::Display for AuthzNote {
     }
 }
 
+/// What decided: the policy (`namespace/name`), the mesh's `defaultPolicy` (no ALLOW policy
+/// selects the workload), or `no_allow_match` (ALLOW policies exist and none matched). A deny
+/// is never labelled with a word that reads like the mesh default allowed it.
 fn policy_label(d: &Decision) -> Label {
+    thread_local! {
+        static DEFAULT_POLICY: Label = Label::new("default_policy");
+        static NO_ALLOW_MATCH: Label = Label::new("no_allow_match");
+    }
     match &d.policy {
         Some(p) => Label(p.clone()),
-        None => Label(Arc::from("default")),
+        None if d.by_default => DEFAULT_POLICY.with(Label::clone),
+        None => NO_ALLOW_MATCH.with(Label::clone),
     }
 }
 

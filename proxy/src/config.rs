@@ -28,7 +28,7 @@ pub enum ConfigError {
     Field { field: String, message: String },
 }
 
-pub use palisade_api::Protocol;
+pub use palisade_api::{PathNormalization, Protocol};
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "UPPERCASE")]
@@ -160,6 +160,7 @@ pub struct InboundConfig {
     pub mode: MtlsMode,
     pub port_modes: HashMap<u16, MtlsMode>,
     pub app_protocol: Protocol,
+    pub path_normalization: PathNormalization,
     pub authz: Arc<Authorizer>,
 }
 
@@ -188,6 +189,7 @@ impl Snapshot {
                 mode: MtlsMode::Strict,
                 port_modes: HashMap::new(),
                 app_protocol: Protocol::Detect,
+                path_normalization: PathNormalization::Base,
                 authz: Arc::new(Authorizer::allow_all()),
             },
             services: HashMap::new(),
@@ -209,6 +211,11 @@ impl Snapshot {
             Protocol::parse(&inbound.app_protocol).map_err(|message| ConfigError::Field {
                 field: "inbound.app_protocol".into(),
                 message,
+            })?;
+        let path_normalization = PathNormalization::from_proto(inbound.path_normalization)
+            .ok_or_else(|| ConfigError::Field {
+                field: "inbound.path_normalization".into(),
+                message: format!("unknown value {}", inbound.path_normalization),
             })?;
         let default = match v1::DefaultPolicy::try_from(inbound.default_policy) {
             Ok(v1::DefaultPolicy::Deny) => palisade_api::policy::DefaultPolicy::Deny,
@@ -271,6 +278,7 @@ impl Snapshot {
                 mode: MtlsMode::from_proto(inbound.mode),
                 port_modes,
                 app_protocol,
+                path_normalization,
                 authz: Arc::new(authz),
             },
             services,
@@ -296,6 +304,7 @@ impl Snapshot {
                     MtlsMode::Disable => v1::MtlsMode::Disable,
                 } as i32,
                 app_protocol: file.app_protocol.unwrap_or_default(),
+                path_normalization: file.path_normalization.to_proto() as i32,
                 ..Default::default()
             }),
             ..Default::default()
@@ -332,6 +341,8 @@ struct StaticFile {
     #[serde(default)]
     mode: MtlsMode,
     app_protocol: Option<String>,
+    #[serde(default)]
+    path_normalization: PathNormalization,
     #[serde(default)]
     services: Vec<StaticService>,
 }

@@ -12,7 +12,7 @@
 //!                opaque    -> TCP authorization -> app (bidirectional copy, re-checked on
 //!                             policy change)
 //!   plaintext: STRICT -> refused; PERMISSIVE / DISABLE -> detect -> HTTP stack or TCP
-//! HTTP stack: Telemetry -> Authorization -> Identity headers (x-forwarded-client-cert,
+//! HTTP stack: Telemetry -> Sanitize (one Host, normalized path) -> Authorization -> Identity headers (x-forwarded-client-cert,
 //!             version restore) -> App client (HTTP/1.1 or HTTP/2 per the app's protocol)
 //! ```
 
@@ -38,6 +38,7 @@ use crate::config::{MtlsMode, Protocol};
 use crate::detect::{self, Detected};
 use crate::http::{self as phttp, RspBody, TelemetryLayer};
 use crate::io::PrefixedIo;
+use crate::sanitize::SanitizeLayer;
 use crate::telemetry::{ConnLabels, DirLabels, Direction, Label, OpenConnGuard};
 use crate::{Ctx, tls};
 
@@ -123,7 +124,7 @@ pub(crate) async fn serve(
 }
 
 async fn handle(ctx: Arc<Ctx>, acceptor: TlsAcceptor, mut tcp: TcpStream, remote: SocketAddr) {
-    let port = tcp.local_addr().map(|a| a.port()).unwrap_or(0);
+    let port = ctx.workload_port(tcp.local_addr().map(|a| a.port()).unwrap_or(0));
     let (detected, prefix) = match detect::detect(&mut tcp, ctx.cfg.timeouts.detect).await {
         Ok(x) => x,
         Err(_) => return,
@@ -204,6 +205,14 @@ where
             src,
             ctx.own_label.clone(),
             ctx.cfg.access_log,
+        ))
+        .layer(SanitizeLayer::new(
+            ctx.metrics.clone(),
+            Direction::inbound,
+            Some(Arc::new({
+                let ctx = ctx.clone();
+                move || ctx.snapshot.load().inbound.path_normalization
+            })),
         ))
         .layer(AuthzLayer::new(ctx.clone(), info.clone()))
         .service(ToApp {

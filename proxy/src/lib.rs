@@ -21,7 +21,9 @@ pub mod http;
 pub mod identity;
 pub mod inbound;
 pub mod io;
+pub mod normalize;
 pub mod outbound;
+pub mod sanitize;
 pub mod tcp;
 pub mod telemetry;
 pub mod tls;
@@ -103,6 +105,14 @@ impl Ctx {
         self.config_ready.store(true, Ordering::Release);
         self.version_tx.send_replace(version);
         tracing::debug!(version, "config applied");
+    }
+
+    /// The port that policies call the destination port: the workload's own port (the app's
+    /// port, Istio's Service targetPort), not the sidecar's inbound listener, so an imported
+    /// Istio `ports: ["8080"]` or `portLevelMtls` keeps its meaning. A workload without an app
+    /// port falls back to the listener's.
+    pub(crate) fn workload_port(&self, listener_port: u16) -> u16 {
+        self.cfg.app_addr.map_or(listener_port, |a| a.port())
     }
 
     pub(crate) fn begin_shutdown(&self) {

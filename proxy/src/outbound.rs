@@ -38,6 +38,7 @@ use crate::config::{EndpointConfig, Protocol, ServiceConfig, Snapshot};
 use crate::detect::{self, Detected};
 use crate::http::{self as phttp, DstIdentity, RspBody, TelemetryLayer};
 use crate::io::PrefixedIo;
+use crate::sanitize::SanitizeLayer;
 use crate::telemetry::{ConnLabels, DirLabels, Direction, Label, OpenConnGuard};
 use crate::{Ctx, tls};
 
@@ -238,6 +239,11 @@ async fn serve_http(
             ctx.own_label.clone(),
             Label::new("unknown"),
             ctx.cfg.access_log,
+        ))
+        .layer(SanitizeLayer::new(
+            ctx.metrics.clone(),
+            Direction::outbound,
+            None,
         ))
         // Seam: per-route timeouts and retries slot in here, between telemetry and the
         // balancer, once HTTPRoute lands.

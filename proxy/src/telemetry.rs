@@ -96,6 +96,7 @@ pub struct Metrics {
     pub tls_connections: Family<DirLabels, Counter>,
     pub tls_handshake_errors: Family<ReasonLabels, Counter>,
     pub refused: Family<ReasonLabels, Counter>,
+    pub requests_refused: Family<ReasonLabels, Counter>,
     pub authz_decisions: Family<AuthzLabels, Counter>,
     pub cert_expiry: Gauge,
     pub renewals: Family<ResultLabels, Counter>,
@@ -116,6 +117,7 @@ impl Metrics {
             tls_connections: Family::default(),
             tls_handshake_errors: Family::default(),
             refused: Family::default(),
+            requests_refused: Family::default(),
             authz_decisions: Family::default(),
             cert_expiry: Gauge::default(),
             renewals: Family::default(),
@@ -164,6 +166,11 @@ impl Metrics {
             m.refused.clone(),
         );
         registry.register(
+            "palisade_requests_refused",
+            "HTTP requests answered 400 before the stack read them, by reason",
+            m.requests_refused.clone(),
+        );
+        registry.register(
             "palisade_authz_decisions",
             "Authorization decisions, by decision and deciding policy",
             m.authz_decisions.clone(),
@@ -202,6 +209,12 @@ impl Metrics {
 
     pub fn refuse(&self, direction: Direction, reason: &'static str) {
         self.refused
+            .get_or_create(&ReasonLabels { direction, reason })
+            .inc();
+    }
+
+    pub fn refuse_request(&self, direction: Direction, reason: &'static str) {
+        self.requests_refused
             .get_or_create(&ReasonLabels { direction, reason })
             .inc();
     }

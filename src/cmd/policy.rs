@@ -120,7 +120,8 @@ pub fn explain(a: ExplainArgs) -> anyhow::Result<ExitCode> {
     let conn = ConnContext {
         peer: from.as_deref(),
         source_ip: a.source_ip,
-        dest_port: a.port.unwrap_or(w.inbound_port),
+        // The workload's own port, as the proxy matches `ports`.
+        dest_port: a.port.or(w.app_port).unwrap_or(w.inbound_port),
     };
     let decision = if a.tcp {
         authz.authorize_tcp(&conn)
@@ -137,11 +138,14 @@ pub fn explain(a: ExplainArgs) -> anyhow::Result<ExitCode> {
                     .with_context(|| format!("bad header value {v:?}"))?,
             );
         }
+        // The path the proxy would authorize: normalized at the mesh's level.
+        let path = palisade_proxy::normalize::normalize(&a.path, mesh.path_normalization)
+            .map_err(|e| anyhow::anyhow!("--path {:?}: the proxy answers 400: {e}", a.path))?;
         authz.authorize_http(
             &conn,
             &HttpContext {
                 method: &a.method,
-                path: &a.path,
+                path: &path,
                 host: &a.host,
                 headers: &headers,
             },

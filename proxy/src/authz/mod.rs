@@ -186,12 +186,27 @@ impl COperation {
 
     fn matches_http(&self, c: &ConnContext<'_>, h: &HttpContext<'_>) -> bool {
         let path = h.path.split_once('?').map_or(h.path, |(p, _)| p);
-        let host = h.host;
+        let (host, bare) = (h.host, strip_port(h.host));
+        // A host pattern matches the request's host with or without its port, whatever
+        // its case: `api.demo` covers `API.demo:8080`.
+        let host_matches = |m: &Str| m.matches_ci(host) || m.matches_ci(bare);
         self.matches_port(c.dest_port)
             && pos_neg(&self.methods, &self.not_methods, h.method)
             && pos_neg(&self.paths, &self.not_paths, path)
-            && (self.hosts.is_empty() || self.hosts.iter().any(|m| m.matches_ci(host)))
-            && !self.not_hosts.iter().any(|m| m.matches_ci(host))
+            && (self.hosts.is_empty() || self.hosts.iter().any(host_matches))
+            && !self.not_hosts.iter().any(host_matches)
+    }
+}
+
+/// `host:port` → `host`; `[::1]:80` → `[::1]`; a host without a port is returned as is.
+fn strip_port(host: &str) -> &str {
+    match host.rfind(':') {
+        Some(i)
+            if !host[i..].contains(']') && host[i + 1..].bytes().all(|b| b.is_ascii_digit()) =>
+        {
+            &host[..i]
+        }
+        _ => host,
     }
 }
 
@@ -229,22 +244,28 @@ impl CCondition {
         let principal = c.peer.map(|p| p.strip_prefix("spiffe://").unwrap_or(p));
         match &self.key {
             CondKey::Header(name) => match h {
-                // Every value of a repeated header is a candidate (any may match; none may
-                // match a notValue).
+                // A repeated header is one value, its values joined with `,` (Envoy's and
+                // Istio's semantics): matching each value alone would let a second header
+                // slip past a DENY on the first. A value that is not text never matches a
+                // value and is caught by `notValues` only through the other values, so it
+                // is checked as the empty string.
                 Some(h) => {
-                    let mut matched = self.values.is_empty();
-                    for v in h
-                        .headers
-                        .get_all(name)
-                        .iter()
-                        .filter_map(|v| v.to_str().ok())
-                    {
-                        if any(&self.not_values, v) {
-                            return false;
+                    let mut all = h.headers.get_all(name).iter();
+                    let Some(first) = all.next() else {
+                        return self.check(None);
+                    };
+                    let text = |v: &http::HeaderValue| v.to_str().unwrap_or("").to_owned();
+                    match all.next() {
+                        None => self.check(Some(first.to_str().unwrap_or(""))),
+                        Some(second) => {
+                            let mut joined = text(first);
+                            for v in std::iter::once(second).chain(all) {
+                                joined.push(',');
+                                joined.push_str(&text(v));
+                            }
+                            self.check(Some(&joined))
                         }
-                        matched |= any(&self.values, v);
                     }
-                    matched
                 }
                 None => true,
             },

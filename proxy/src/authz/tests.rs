@@ -540,3 +540,204 @@ fn port_formatting_does_not_allocate_and_is_right() {
     let mut b = itoa_buf();
     assert_eq!(fmt_port(&mut b, 8080), "8080");
 }
+
+#[test]
+fn repeated_headers_are_joined_before_matching() {
+    // DENY every tenant but tenant-a: a second header must not hide behind the first.
+    let a = authz(
+        DefaultPolicy::Allow,
+        &pol(
+            "DENY",
+            "  rules: [ { when: [ { key: \"request.headers[x-tenant]\", notValues: [\"tenant-a\"] } ] } ]\n",
+        ),
+    );
+    let one = [("x-tenant", "tenant-a")];
+    assert!(
+        http(
+            &a,
+            &Req {
+                headers: &one,
+                ..GET
+            }
+        )
+        .allowed
+    );
+    let two = [("x-tenant", "tenant-a"), ("x-tenant", "tenant-b")];
+    assert!(
+        !http(
+            &a,
+            &Req {
+                headers: &two,
+                ..GET
+            }
+        )
+        .allowed,
+        "tenant-a,tenant-b is not tenant-a"
+    );
+    // ALLOW tenant-a only: the joined value is what must match.
+    let a = authz(
+        DefaultPolicy::Allow,
+        &pol(
+            "ALLOW",
+            "  rules: [ { when: [ { key: \"request.headers[x-tenant]\", values: [\"tenant-a\"] } ] } ]\n",
+        ),
+    );
+    assert!(
+        http(
+            &a,
+            &Req {
+                headers: &one,
+                ..GET
+            }
+        )
+        .allowed
+    );
+    assert!(
+        !http(
+            &a,
+            &Req {
+                headers: &two,
+                ..GET
+            }
+        )
+        .allowed
+    );
+    // A prefix sees the joined string, as Envoy does.
+    let a = authz(
+        DefaultPolicy::Allow,
+        &pol(
+            "ALLOW",
+            "  rules: [ { when: [ { key: \"request.headers[x-tenant]\", values: [\"tenant-a,*\"] } ] } ]\n",
+        ),
+    );
+    assert!(
+        http(
+            &a,
+            &Req {
+                headers: &two,
+                ..GET
+            }
+        )
+        .allowed
+    );
+}
+
+#[test]
+fn hosts_ignore_case_and_port() {
+    let a = authz(
+        DefaultPolicy::Allow,
+        &pol(
+            "DENY",
+            "  rules: [ { to: [ { operation: { hosts: [\"admin.demo\", \"*.internal\"] } } ] } ]\n",
+        ),
+    );
+    for host in [
+        "admin.demo",
+        "ADMIN.demo",
+        "admin.demo:8080",
+        "Admin.Demo:80",
+        "db.internal:5432",
+    ] {
+        assert!(!http(&a, &Req { host, ..GET }).allowed, "{host}");
+    }
+    for host in ["api.demo", "api.demo:8080", "admin.demo.evil"] {
+        assert!(http(&a, &Req { host, ..GET }).allowed, "{host}");
+    }
+    // A pattern with a port still matches the full host.
+    let a = authz(
+        DefaultPolicy::Deny,
+        &pol(
+            "ALLOW",
+            "  rules: [ { to: [ { operation: { hosts: [\"api.demo:8080\"] } } ] } ]\n",
+        ),
+    );
+    assert!(
+        http(
+            &a,
+            &Req {
+                host: "api.demo:8080",
+                ..GET
+            }
+        )
+        .allowed
+    );
+    assert!(
+        !http(
+            &a,
+            &Req {
+                host: "api.demo:9090",
+                ..GET
+            }
+        )
+        .allowed
+    );
+    assert_eq!(strip_port("[::1]:80"), "[::1]");
+    assert_eq!(strip_port("[::1]"), "[::1]");
+    assert_eq!(strip_port("h:x"), "h:x");
+}
+
+#[test]
+fn principals_and_namespaces_match_literally() {
+    let a = authz(
+        DefaultPolicy::Deny,
+        &pol(
+            "ALLOW",
+            "  rules: [ { from: [ { source: { principals: [\"cluster.local/ns/demo/sa/a.b\"], namespaces: [\"demo\"] } } ] } ]\n",
+        ),
+    );
+    let ok = "spiffe://cluster.local/ns/demo/sa/a.b";
+    assert!(
+        http(
+            &a,
+            &Req {
+                peer: Some(ok),
+                ..GET
+            }
+        )
+        .allowed
+    );
+    for peer in [
+        "spiffe://cluster.local/ns/demo/sa/aXb",
+        "spiffe://cluster.local/ns/demo/sa/a.bc",
+        "spiffe://cluster.local/ns/demoX/sa/a.b",
+    ] {
+        assert!(
+            !http(
+                &a,
+                &Req {
+                    peer: Some(peer),
+                    ..GET
+                }
+            )
+            .allowed,
+            "{peer}"
+        );
+    }
+    let a = authz(
+        DefaultPolicy::Deny,
+        &pol(
+            "ALLOW",
+            "  rules: [ { from: [ { source: { namespaces: [\"de.mo\"] } } ] } ]\n",
+        ),
+    );
+    assert!(
+        !http(
+            &a,
+            &Req {
+                peer: Some("spiffe://cluster.local/ns/deXmo/sa/w"),
+                ..GET
+            }
+        )
+        .allowed
+    );
+    assert!(
+        http(
+            &a,
+            &Req {
+                peer: Some("spiffe://cluster.local/ns/de.mo/sa/w"),
+                ..GET
+            }
+        )
+        .allowed
+    );
+}
