@@ -28,6 +28,11 @@ impl Protocol {
         }
     }
 
+    /// Spoken over HTTP only: such an app or service is never reached through a tunnel.
+    pub fn is_http(self) -> bool {
+        matches!(self, Protocol::Http | Protocol::Http2 | Protocol::Grpc)
+    }
+
     /// Parses a wire name. An empty string (an unset proto field) is `detect`, and `tcp` is
     /// accepted for `opaque`.
     pub fn parse(s: &str) -> Result<Self, String> {

@@ -76,6 +76,9 @@ pub struct Timeouts {
     pub idle: Duration,
     /// How long SIGTERM waits for in-flight requests.
     pub drain: Duration,
+    /// An opaque TCP tunnel with no byte either way for this long is closed (Istio's TCP
+    /// idle timeout, 1h by default).
+    pub tcp_idle: Duration,
 }
 
 impl Default for Timeouts {
@@ -86,6 +89,7 @@ impl Default for Timeouts {
             handshake: Duration::from_secs(5),
             idle: Duration::from_secs(90),
             drain: Duration::from_secs(10),
+            tcp_idle: Duration::from_secs(3600),
         }
     }
 }

@@ -324,3 +324,93 @@ where
         until_stopped!(conn, stop);
     }
 }
+
+/// Set by a proxy on a response it made itself because the request never reached an app
+/// (Linkerd's `l5d-proxy-error`): the caller's proxy may send a bodiless request elsewhere.
+pub const PROXY_ERROR: HeaderName = HeaderName::from_static("palisade-proxy-error");
+
+/// The body a proxy sends upstream: the client's body, watched so that a failure of the
+/// *client's* body (a malformed chunk) is not blamed on the upstream, or nothing (a bodiless
+/// request being retried).
+pub struct OutBody {
+    inner: Option<Incoming>,
+    /// Set when the client's body failed. Only requests that have a body carry one, so a
+    /// bodiless request costs no allocation.
+    failed: Option<Arc<std::sync::atomic::AtomicBool>>,
+}
+
+/// Tells, after a failed exchange, whether the client's body was at fault.
+#[derive(Clone, Default)]
+pub struct BodyWatch(Option<Arc<std::sync::atomic::AtomicBool>>);
+
+impl BodyWatch {
+    pub fn client_failed(&self) -> bool {
+        self.0
+            .as_ref()
+            .is_some_and(|f| f.load(std::sync::atomic::Ordering::Relaxed))
+    }
+}
+
+impl OutBody {
+    /// Wraps a client's body; the watch reports whether that body failed.
+    pub fn watched(body: Incoming) -> (OutBody, BodyWatch) {
+        use http_body::Body as _;
+        if body.is_end_stream() {
+            return (
+                OutBody {
+                    inner: Some(body),
+                    failed: None,
+                },
+                BodyWatch(None),
+            );
+        }
+        let flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        (
+            OutBody {
+                inner: Some(body),
+                failed: Some(flag.clone()),
+            },
+            BodyWatch(Some(flag)),
+        )
+    }
+
+    pub fn empty() -> OutBody {
+        OutBody {
+            inner: None,
+            failed: None,
+        }
+    }
+}
+
+impl http_body::Body for OutBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let polled = Pin::new(inner).poll_frame(cx);
+        if let (Poll::Ready(Some(Err(_))), Some(f)) = (&polled, &this.failed) {
+            f.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner
+            .as_ref()
+            .is_none_or(http_body::Body::is_end_stream)
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        match &self.inner {
+            Some(b) => http_body::Body::size_hint(b),
+            None => http_body::SizeHint::with_exact(0),
+        }
+    }
+}

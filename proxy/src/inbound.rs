@@ -36,7 +36,7 @@ use tower::ServiceBuilder;
 use crate::authz_layer::{AuthzLayer, ConnInfo};
 use crate::config::{MtlsMode, Protocol};
 use crate::detect::{self, Detected};
-use crate::http::{self as phttp, RspBody, TelemetryLayer};
+use crate::http::{self as phttp, OutBody, RspBody, TelemetryLayer};
 use crate::io::PrefixedIo;
 use crate::sanitize::SanitizeLayer;
 use crate::telemetry::{ConnLabels, DirLabels, Direction, Label, OpenConnGuard};
@@ -69,8 +69,8 @@ pub(crate) struct AppClients {
     addr: SocketAddr,
     /// `addr` as a URI authority, for requests that name none (formatted once, not per request).
     authority: Box<str>,
-    http1: Client<AppConnector, Incoming>,
-    http2: Client<AppConnector, Incoming>,
+    http1: Client<AppConnector, OutBody>,
+    http2: Client<AppConnector, OutBody>,
 }
 
 impl AppClients {
@@ -166,6 +166,13 @@ async fn handle(ctx: Arc<Ctx>, acceptor: TlsAcceptor, mut tcp: TcpStream, remote
             match alpn.as_deref() {
                 Some(tls::ALPN_H2) => serve_http(ctx, tls, info, true).await,
                 Some(tls::ALPN_HTTP1) => serve_http(ctx, tls, info, false).await,
+                // An HTTP app is reached over HTTP only, whatever ALPN the peer offers: a
+                // tunnel would let the peer write any header, x-forwarded-client-cert
+                // included, straight to the app.
+                _ if app_protocol.is_http() => {
+                    ctx.metrics.refuse(Direction::inbound, "opaque_to_http_app");
+                    tracing::info!(%remote, peer = %info.peer_label.0, "opaque connection refused: the app speaks HTTP");
+                }
                 _ => opaque(ctx, tls, info).await,
             }
         }
@@ -183,6 +190,9 @@ async fn handle(ctx: Arc<Ctx>, acceptor: TlsAcceptor, mut tcp: TcpStream, remote
                 Detected::Http1 if app_protocol != Protocol::Opaque => {
                     serve_http(ctx, io, info, false).await
                 }
+                // Not recognizably HTTP, to an HTTP app: the HTTP/1 parser serves it if it is
+                // HTTP after all and answers 400 if not; never a tunnel.
+                _ if app_protocol.is_http() => serve_http(ctx, io, info, false).await,
                 _ => opaque(ctx, io, info).await,
             }
         }
@@ -256,11 +266,13 @@ impl tower::Service<Request<Incoming>> for ToApp {
             }
         };
         let app = self.app.clone();
-        Box::pin(async move { Ok(call_app(&app, req, to_h2, orig).await) })
+        let ctx = self.ctx.clone();
+        Box::pin(async move { Ok(call_app(&ctx, &app, req, to_h2, orig).await) })
     }
 }
 
 async fn call_app(
+    ctx: &Ctx,
     app: &AppClients,
     mut req: Request<Incoming>,
     to_h2: bool,
@@ -271,6 +283,9 @@ async fn call_app(
         return phttp::local_response(status, "bad request target\n");
     }
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let (parts, body) = req.into_parts();
+    let (body, watch) = OutBody::watched(body);
+    let mut req = Request::from_parts(parts, body);
     let result = if to_h2 {
         phttp::strip_hop_by_hop(req.headers_mut(), false);
         *req.version_mut() = Version::HTTP_2;
@@ -301,11 +316,16 @@ async fn call_app(
                 && rsp.status() == StatusCode::SWITCHING_PROTOCOLS
             {
                 let server_upgrade = hyper::upgrade::on(&mut rsp);
+                let metrics = ctx.metrics.clone();
+                let idle = ctx.cfg.timeouts.tcp_idle;
                 tokio::spawn(async move {
                     if let (Ok(c), Ok(s)) = (client_upgrade.await, server_upgrade.await) {
-                        let _ = tokio::io::copy_bidirectional(
+                        let _ = crate::tcp::splice(
+                            &metrics,
+                            Direction::inbound,
                             &mut TokioIo::new(c),
                             &mut TokioIo::new(s),
+                            idle,
                         )
                         .await;
                     }
@@ -313,9 +333,27 @@ async fn call_app(
             }
             rsp.map(Either::Left)
         }
+        Err(_) if watch.client_failed() => {
+            // The caller's body broke (a malformed chunk): its fault, not the app's.
+            ctx.metrics
+                .refuse_request(Direction::inbound, "bad_request_body");
+            phttp::local_response(
+                StatusCode::BAD_REQUEST,
+                "bad request: the request body is malformed\n",
+            )
+        }
         Err(e) => {
             tracing::warn!(app = %app.addr, error = %e, "app request failed");
-            phttp::local_response(StatusCode::BAD_GATEWAY, "app unavailable\n")
+            let mut rsp = phttp::local_response(StatusCode::BAD_GATEWAY, "app unavailable\n");
+            if e.is_connect() {
+                // The request never reached the app: the caller's proxy may send it
+                // elsewhere, and takes this endpoint out of rotation.
+                rsp.headers_mut().insert(
+                    phttp::PROXY_ERROR,
+                    HeaderValue::from_static("app unavailable"),
+                );
+            }
+            rsp
         }
     }
 }
@@ -346,7 +384,13 @@ where
         ctx.metrics.refuse(Direction::inbound, "app_unavailable");
         return;
     };
-    let splice = crate::tcp::splice(&ctx.metrics, Direction::inbound, &mut io, &mut up);
+    let splice = crate::tcp::splice(
+        &ctx.metrics,
+        Direction::inbound,
+        &mut io,
+        &mut up,
+        ctx.cfg.timeouts.tcp_idle,
+    );
     tokio::pin!(splice);
     loop {
         tokio::select! {

@@ -70,6 +70,11 @@ pub struct ReasonLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DstLabels {
+    pub dst_identity: Label,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AuthzLabels {
     pub decision: &'static str,
     pub policy: Label,
@@ -97,6 +102,7 @@ pub struct Metrics {
     pub tls_handshake_errors: Family<ReasonLabels, Counter>,
     pub refused: Family<ReasonLabels, Counter>,
     pub requests_refused: Family<ReasonLabels, Counter>,
+    pub endpoint_ejections: Family<DstLabels, Counter>,
     pub authz_decisions: Family<AuthzLabels, Counter>,
     pub cert_expiry: Gauge,
     pub renewals: Family<ResultLabels, Counter>,
@@ -118,6 +124,7 @@ impl Metrics {
             tls_handshake_errors: Family::default(),
             refused: Family::default(),
             requests_refused: Family::default(),
+            endpoint_ejections: Family::default(),
             authz_decisions: Family::default(),
             cert_expiry: Gauge::default(),
             renewals: Family::default(),
@@ -171,6 +178,11 @@ impl Metrics {
             m.requests_refused.clone(),
         );
         registry.register(
+            "palisade_endpoint_ejections",
+            "Endpoints taken out of rotation after failures, by the identity they serve",
+            m.endpoint_ejections.clone(),
+        );
+        registry.register(
             "palisade_authz_decisions",
             "Authorization decisions, by decision and deciding policy",
             m.authz_decisions.clone(),
@@ -216,6 +228,14 @@ impl Metrics {
     pub fn refuse_request(&self, direction: Direction, reason: &'static str) {
         self.requests_refused
             .get_or_create(&ReasonLabels { direction, reason })
+            .inc();
+    }
+
+    pub fn endpoint_ejected(&self, dst: &Label) {
+        self.endpoint_ejections
+            .get_or_create(&DstLabels {
+                dst_identity: dst.clone(),
+            })
             .inc();
     }
 

@@ -63,6 +63,9 @@ pub struct ProxyArgs {
     /// How long shutdown waits for in-flight requests.
     #[arg(long, env = "PALISADE_DRAIN_TIMEOUT", default_value = "10s", value_parser = duration)]
     pub drain_timeout: Duration,
+    /// Opaque TCP tunnels with no traffic either way for this long are closed.
+    #[arg(long, env = "PALISADE_TCP_IDLE_TIMEOUT", default_value = "1h", value_parser = duration)]
+    pub tcp_idle_timeout: Duration,
     /// Maximum concurrent connections per proxy.
     #[arg(long, env = "PALISADE_MAX_CONNECTIONS", default_value_t = 10_000)]
     pub max_connections: usize,
@@ -142,6 +145,7 @@ fn build_config(a: &ProxyArgs) -> anyhow::Result<ProxyConfig> {
             connect: a.connect_timeout,
             detect: a.detect_timeout,
             drain: a.drain_timeout,
+            tcp_idle: a.tcp_idle_timeout,
             ..Timeouts::default()
         },
         limits: Limits {

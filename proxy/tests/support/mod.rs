@@ -131,6 +131,7 @@ pub fn test_timeouts() -> Timeouts {
         handshake: Duration::from_millis(1500),
         idle: Duration::from_secs(30),
         drain: Duration::from_secs(5),
+        tcp_idle: Duration::from_secs(3600),
     }
 }
 

@@ -1,0 +1,254 @@
+//! One peer endpoint: mTLS dialling with the identity check, the pooled HTTP/2 connection
+//! shared by every request to it, and dedicated HTTP/1.1 connections for upgrades.
+//!
+//! Errors are typed so the caller can tell what happened to the request: [`Attempt::NotSent`]
+//! hands the request back untouched (it may go to another endpoint), while
+//! [`Attempt::Failed`] means it left and its fate is unknown.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper::client::conn::http2::SendRequest;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+use super::Endpoint;
+use crate::balance::{Failure, InFlight};
+use crate::http::{self as phttp, OutBody};
+use crate::telemetry::{DirLabels, Direction};
+use crate::{Ctx, tls};
+
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum EndpointError {
+    #[error("connect to {addr}: {source}")]
+    Connect {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("mTLS handshake with {addr} failed ({reason}): {source}")]
+    Tls {
+        addr: SocketAddr,
+        reason: &'static str,
+        source: std::io::Error,
+    },
+    #[error("HTTP/2 with {addr}: {source}")]
+    Http {
+        addr: SocketAddr,
+        source: hyper::Error,
+    },
+}
+
+impl EndpointError {
+    /// A refused connection or a peer that is not who the config says cannot serve anything:
+    /// out of rotation at once. The rest may be one bad request.
+    pub(crate) fn failure(&self) -> Failure {
+        match self {
+            EndpointError::Connect { source, .. }
+                if source.kind() == std::io::ErrorKind::ConnectionRefused =>
+            {
+                Failure::Hard
+            }
+            EndpointError::Tls { .. } => Failure::Hard,
+            _ => Failure::Soft,
+        }
+    }
+
+    /// The response the app gets when no endpoint could answer.
+    pub(crate) fn response(&self) -> Response<phttp::RspBody> {
+        let (status, reason) = match self {
+            EndpointError::Connect { source, .. }
+                if source.kind() == std::io::ErrorKind::TimedOut =>
+            {
+                (StatusCode::GATEWAY_TIMEOUT, "connect timeout")
+            }
+            EndpointError::Connect { .. } => (StatusCode::BAD_GATEWAY, "connect refused"),
+            EndpointError::Tls { .. } => (StatusCode::BAD_GATEWAY, "tls handshake failed"),
+            EndpointError::Http { .. } => (StatusCode::BAD_GATEWAY, "upstream reset"),
+        };
+        let mut rsp = phttp::local_response(status, "upstream unavailable\n");
+        rsp.headers_mut()
+            .insert(phttp::PROXY_ERROR, http::HeaderValue::from_static(reason));
+        rsp
+    }
+}
+
+/// What became of one request sent to one endpoint.
+pub(crate) enum Attempt {
+    Response(Response<Incoming>),
+    /// Failed before the request left: it comes back, untouched.
+    NotSent(EndpointError, Request<OutBody>),
+    /// Failed after the request left.
+    Failed(EndpointError),
+}
+
+/// Sends a request on the endpoint's pooled HTTP/2 connection, redialing once if the pooled
+/// connection turns out to be gone. `guard` is told when the request actually leaves.
+pub(crate) async fn send_h2(
+    ctx: &Ctx,
+    ep: &Endpoint,
+    req: Request<OutBody>,
+    guard: &mut InFlight<'_>,
+) -> Attempt {
+    let mut sender = match h2_sender(ctx, ep).await {
+        Ok(s) => s,
+        Err(e) => return Attempt::NotSent(e, req),
+    };
+    guard.sent();
+    let req = match sender.try_send_request(req).await {
+        Ok(rsp) => return Attempt::Response(rsp),
+        Err(mut e) => match e.take_message() {
+            // The pooled connection went away before the request was sent (the peer closed
+            // it, or it idled out): the request is untouched, so send it on a fresh one.
+            Some(req) => {
+                tracing::debug!(endpoint = %ep.cfg.addr, error = %e.error(), "pooled connection closed; redialing");
+                ep.h2.store(None);
+                req
+            }
+            None => {
+                return Attempt::Failed(EndpointError::Http {
+                    addr: ep.cfg.addr,
+                    source: e.into_error(),
+                });
+            }
+        },
+    };
+    let mut sender = match h2_sender(ctx, ep).await {
+        Ok(s) => s,
+        Err(e) => return Attempt::NotSent(e, req),
+    };
+    guard.sent();
+    match sender.send_request(req).await {
+        Ok(rsp) => Attempt::Response(rsp),
+        Err(source) => Attempt::Failed(EndpointError::Http {
+            addr: ep.cfg.addr,
+            source,
+        }),
+    }
+}
+
+/// The endpoint's pooled HTTP/2 connection, dialed once and shared by every request.
+async fn h2_sender(ctx: &Ctx, ep: &Endpoint) -> Result<SendRequest<OutBody>, EndpointError> {
+    if let Some(s) = ep.h2.load().as_ref()
+        && !s.is_closed()
+    {
+        return Ok((**s).clone());
+    }
+    let _one_dialer = ep.connecting.lock().await;
+    if let Some(s) = ep.h2.load().as_ref()
+        && !s.is_closed()
+    {
+        return Ok((**s).clone());
+    }
+    let tls = dial(ctx, ep, tls::Alpn::H2).await?;
+    let mut b = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
+    b.timer(TokioTimer::new())
+        .keep_alive_interval(std::time::Duration::from_secs(30))
+        .keep_alive_while_idle(false)
+        .initial_stream_window_size(1 << 20)
+        .initial_connection_window_size(4 << 20)
+        .max_header_list_size(ctx.cfg.limits.max_header_bytes as u32);
+    let (sender, conn) =
+        b.handshake(TokioIo::new(tls))
+            .await
+            .map_err(|source| EndpointError::Http {
+                addr: ep.cfg.addr,
+                source,
+            })?;
+    let addr = ep.cfg.addr;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(endpoint = %addr, error = %e, "h2 connection closed");
+        }
+    });
+    ep.h2.store(Some(Arc::new(sender.clone())));
+    Ok(sender)
+}
+
+/// TCP + mTLS to the endpoint's inbound port, checking its SPIFFE ID.
+pub(crate) async fn dial(
+    ctx: &Ctx,
+    ep: &Endpoint,
+    alpn: tls::Alpn,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, EndpointError> {
+    let addr = ep.cfg.addr;
+    let tcp = crate::tcp::connect(addr, ctx.cfg.timeouts.connect)
+        .await
+        .map_err(|source| EndpointError::Connect { addr, source })?;
+    let connector = TlsConnector::from(ep.tls.get(alpn));
+    let hs = tokio::time::timeout(
+        ctx.cfg.timeouts.handshake,
+        connector.connect(tls::server_name(), tcp),
+    )
+    .await;
+    let stream = match hs {
+        Ok(Ok(s)) => s,
+        Ok(Err(source)) => {
+            let reason = tls::io_error_reason(&source);
+            ctx.metrics.handshake_error(Direction::outbound, reason);
+            return Err(EndpointError::Tls {
+                addr,
+                reason,
+                source,
+            });
+        }
+        Err(_) => {
+            ctx.metrics.handshake_error(Direction::outbound, "timeout");
+            return Err(EndpointError::Tls {
+                addr,
+                reason: "timeout",
+                source: std::io::Error::new(std::io::ErrorKind::TimedOut, "handshake timed out"),
+            });
+        }
+    };
+    ctx.metrics
+        .tls_connections
+        .get_or_create(&DirLabels {
+            direction: Direction::outbound,
+        })
+        .inc();
+    Ok(stream)
+}
+
+/// An HTTP/1.1 upgrade (WebSocket): a dedicated mTLS connection speaking HTTP/1.1, then the
+/// two upgraded streams are spliced.
+pub(crate) async fn forward_upgrade(
+    ctx: &Arc<Ctx>,
+    ep: &Endpoint,
+    mut req: Request<Incoming>,
+) -> Result<Response<Incoming>, EndpointError> {
+    let tls = dial(ctx, ep, tls::Alpn::Http1).await?;
+    let (mut sender, conn) = hyper::client::conn::http1::Builder::new()
+        .handshake(TokioIo::new(tls))
+        .await
+        .map_err(|source| EndpointError::Http {
+            addr: ep.cfg.addr,
+            source,
+        })?;
+    tokio::spawn(conn.with_upgrades());
+    let client_upgrade = hyper::upgrade::on(&mut req);
+    req.headers_mut().remove(phttp::ORIG_PROTO);
+    let mut rsp = sender
+        .send_request(req)
+        .await
+        .map_err(|source| EndpointError::Http {
+            addr: ep.cfg.addr,
+            source,
+        })?;
+    if rsp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        let server_upgrade = hyper::upgrade::on(&mut rsp);
+        let metrics = ctx.metrics.clone();
+        let idle = ctx.cfg.timeouts.tcp_idle;
+        tokio::spawn(async move {
+            if let (Ok(c), Ok(s)) = (client_upgrade.await, server_upgrade.await) {
+                let mut c = TokioIo::new(c);
+                let mut s = TokioIo::new(s);
+                let _ =
+                    crate::tcp::splice(&metrics, Direction::outbound, &mut c, &mut s, idle).await;
+            }
+        });
+    }
+    Ok(rsp)
+}

@@ -1,0 +1,226 @@
+//! Outbound: traffic from the local app to mesh services.
+//!
+//! The stack, per app connection:
+//!
+//! ```text
+//! accept (upstream port, or transparent + SO_ORIGINAL_DST), one connection-limit permit each
+//!   -> by the service's protocol:
+//!      opaque               -> no detection
+//!      http | http2 | grpc  -> HTTP only: the HTTP/2 preface, or else the HTTP/1 parser (which
+//!                              answers 400 to what is not HTTP); never a tunnel
+//!      detect               -> HTTP/1 | HTTP/2 | opaque, by peeking
+//!   HTTP:   http.rs: Telemetry -> Sanitize -> [seam: timeouts, retries] -> Balance + Endpoint
+//!   opaque: opaque.rs: Balance -> mTLS (ALPN palisade.dev/opaque) -> copy, with an idle timeout
+//! ```
+//!
+//! `endpoint.rs` holds the peer connections: pooled HTTP/2 over mTLS (one connection per peer
+//! endpoint, shared by every app connection), dedicated HTTP/1.1 mTLS connections for upgrades.
+//! The peer proxy must prove the SPIFFE ID the config expects for the endpoint; otherwise the
+//! handshake fails, the endpoint is ejected, and the failure is counted.
+
+mod endpoint;
+mod http;
+mod opaque;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use arc_swap::{ArcSwap, ArcSwapOption};
+use hyper::client::conn::http2::SendRequest;
+use palisade_certs::SpiffeId;
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::balance::{Balancer, HasLoad, Load};
+use crate::config::{EndpointConfig, Protocol, ServiceConfig, Snapshot};
+use crate::detect::{self, Detected};
+use crate::http::OutBody;
+use crate::io::PrefixedIo;
+use crate::telemetry::{Direction, Label, OpenConnGuard};
+use crate::{Ctx, tls};
+
+/// One peer endpoint with its load estimate and its pooled HTTP/2 connection.
+pub struct Endpoint {
+    pub cfg: EndpointConfig,
+    pub identity: Label,
+    load: Load,
+    tls: tls::ClientConfigs,
+    h2: ArcSwapOption<SendRequest<OutBody>>,
+    connecting: tokio::sync::Mutex<()>,
+}
+
+impl HasLoad for Endpoint {
+    fn load(&self) -> &Load {
+        &self.load
+    }
+}
+
+pub struct OutService {
+    pub cfg: Arc<ServiceConfig>,
+    pub balancer: Balancer<Endpoint>,
+}
+
+/// Services by `name.namespace:port`, rebuilt when a snapshot arrives.
+pub type Table = ArcSwap<HashMap<String, Arc<OutService>>>;
+
+/// Builds the outbound table for a new snapshot, keeping the state (and open connections) of
+/// endpoints that are still there with the same identity.
+pub(crate) fn rebuild(ctx: &Ctx, snap: &Snapshot) {
+    let old = ctx.outbound.load();
+    let mut existing: HashMap<(SocketAddr, &SpiffeId), Arc<Endpoint>> = HashMap::new();
+    for svc in old.values() {
+        for e in svc.balancer.endpoints() {
+            existing.insert((e.cfg.addr, &e.cfg.identity), e.clone());
+        }
+    }
+    let mut table = HashMap::with_capacity(snap.services.len());
+    for (key, cfg) in &snap.services {
+        let mut eps = Vec::with_capacity(cfg.endpoints.len());
+        for e in &cfg.endpoints {
+            if let Some(prev) = existing.get(&(e.addr, &e.identity)) {
+                eps.push(prev.clone());
+                continue;
+            }
+            match tls::ClientConfigs::new(&ctx.store, e.identity.clone()) {
+                Ok(tls) => eps.push(Arc::new(Endpoint {
+                    identity: Label::new(e.identity.as_str()),
+                    cfg: e.clone(),
+                    load: Load::default(),
+                    tls,
+                    h2: ArcSwapOption::empty(),
+                    connecting: tokio::sync::Mutex::new(()),
+                })),
+                Err(err) => tracing::error!(endpoint = %e.addr, error = %err, "TLS config"),
+            }
+        }
+        table.insert(
+            key.clone(),
+            Arc::new(OutService {
+                cfg: cfg.clone(),
+                balancer: Balancer::new(eps, ctx.cfg.balancer),
+            }),
+        );
+    }
+    drop(existing);
+    ctx.outbound.store(Arc::new(table));
+}
+
+/// Accepts app connections for one declared upstream.
+pub(crate) async fn serve_upstream(
+    listener: TcpListener,
+    service: Arc<str>,
+    ctx: Arc<Ctx>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    while let Some((tcp, _remote)) = crate::tcp::accept(&listener, &mut stop, "outbound").await {
+        let Ok(permit) = ctx.conn_limit.clone().try_acquire_owned() else {
+            ctx.metrics.refuse(Direction::outbound, "connection_limit");
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        let ctx = ctx.clone();
+        let service = service.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            handle_app_conn(ctx, tcp, Target::Service(service)).await;
+        });
+    }
+}
+
+/// Accepts redirected connections (iptables REDIRECT) and recovers their destination.
+pub(crate) async fn serve_transparent(
+    listener: TcpListener,
+    ctx: Arc<Ctx>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    while let Some((tcp, _remote)) = crate::tcp::accept(&listener, &mut stop, "transparent").await {
+        // The same connection limit as every listener, and the permit is what a graceful
+        // shutdown waits for: redirected connections drain like the others.
+        let Ok(permit) = ctx.conn_limit.clone().try_acquire_owned() else {
+            ctx.metrics.refuse(Direction::outbound, "connection_limit");
+            continue;
+        };
+        let dst = match original_dst(&tcp) {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::debug!(error = %e, "no SO_ORIGINAL_DST");
+                ctx.metrics
+                    .refuse(Direction::outbound, "no_original_destination");
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            // Services are matched by virtual IP once a source provides them (Kubernetes);
+            // until then a redirected connection passes through without mTLS.
+            handle_app_conn(ctx, tcp, Target::Passthrough(dst)).await;
+        });
+    }
+}
+
+/// The destination a connection had before iptables redirected it to us.
+pub fn original_dst(tcp: &TcpStream) -> std::io::Result<SocketAddr> {
+    let sock = socket2::SockRef::from(tcp);
+    let addr = match tcp.local_addr()? {
+        SocketAddr::V4(_) => sock.original_dst_v4()?,
+        SocketAddr::V6(_) => sock.original_dst_v6()?,
+    };
+    addr.as_socket().ok_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::InvalidData, "not an IP destination")
+    })
+}
+
+enum Target {
+    Service(Arc<str>),
+    Passthrough(SocketAddr),
+}
+
+async fn handle_app_conn(ctx: Arc<Ctx>, mut tcp: TcpStream, target: Target) {
+    let _open = OpenConnGuard::new(&ctx.metrics, Direction::outbound);
+    let service = match target {
+        Target::Service(s) => s,
+        Target::Passthrough(dst) => {
+            if let Ok(mut up) = crate::tcp::connect(dst, ctx.cfg.timeouts.connect).await {
+                let _ = crate::tcp::splice(
+                    &ctx.metrics,
+                    Direction::outbound,
+                    &mut tcp,
+                    &mut up,
+                    ctx.cfg.timeouts.tcp_idle,
+                )
+                .await;
+            }
+            return;
+        }
+    };
+    let protocol = ctx
+        .outbound
+        .load()
+        .get(&*service)
+        .map(|s| s.cfg.protocol)
+        .unwrap_or_default();
+    let (detected, prefix) = if protocol == Protocol::Opaque {
+        (Detected::Opaque, bytes::Bytes::new())
+    } else {
+        match detect::detect(&mut tcp, ctx.cfg.timeouts.detect).await {
+            Ok(x) => x,
+            Err(_) => return,
+        }
+    };
+    let io = PrefixedIo::new(prefix, tcp);
+    match (detected, protocol) {
+        (Detected::Empty, _) => {}
+        (Detected::Http2, _) => http::serve_http(ctx, io, service, true).await,
+        (Detected::Http1, _) => http::serve_http(ctx, io, service, false).await,
+        // An HTTP service gets HTTP or nothing: bytes the peek could not classify (a leading
+        // CRLF, a lower-case method, an idle socket) go to the HTTP/1 parser, which serves them
+        // if they are HTTP and answers 400 if not. A tunnel here would let the app's client
+        // write any header, a forged x-forwarded-client-cert included, straight to the app.
+        (_, Protocol::Http | Protocol::Http2 | Protocol::Grpc) => {
+            http::serve_http(ctx, io, service, false).await
+        }
+        (Detected::Opaque | Detected::Tls, _) => opaque::opaque(ctx, io, &service).await,
+    }
+}
