@@ -139,7 +139,7 @@ fn loopback() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 0))
 }
 
-fn proxy_config(
+pub fn proxy_config(
     pki: &Pki,
     name: &str,
     spiffe_id: &str,

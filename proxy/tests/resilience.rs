@@ -1,0 +1,196 @@
+//! Balancing that reacts to failure, end to end: three endpoints behind one service, one whose
+//! app dies and then one whose proxy dies, with traffic flowing the whole time.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use palisade_proxy::Proxy;
+use support::*;
+use tokio::net::TcpListener;
+use tokio::task::{JoinHandle, JoinSet};
+use tokio::time::Instant;
+
+/// An HTTP app that answers its name, and can be killed: aborting it closes its listener and
+/// every connection it holds, as a crashed process would.
+async fn killable_app(name: &'static str) -> (SocketAddr, JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let task = tokio::spawn(async move {
+        let mut conns = JoinSet::new();
+        while let Ok((tcp, _)) = listener.accept().await {
+            conns.spawn(async move {
+                let svc = hyper::service::service_fn(move |_req: Request<_>| async move {
+                    Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from(name))))
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, task)
+}
+
+/// What the load generator saw: when, and the status (0 for a transport error) and body.
+type Log = Arc<Mutex<Vec<(Instant, u16, String)>>>;
+
+fn failures_between(log: &Log, from: Instant, to: Instant) -> Vec<(Duration, u16)> {
+    log.lock()
+        .expect("log")
+        .iter()
+        .filter(|(t, s, _)| *t >= from && *t < to && *s != 200)
+        .map(|(t, s, _)| (t.duration_since(from), *s))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_stop_within_two_seconds_of_an_app_death_and_a_proxy_death() {
+    init();
+    let pki = Pki::new();
+    let (app_a, kill_a) = killable_app("a").await;
+    let (app_b, _keep_b) = killable_app("b").await;
+    let (app_c, _keep_c) = killable_app("c").await;
+    let start = |app| start_server_proxy(&pki, app, "STRICT", "http", test_timeouts());
+    let (pa, pb, pc) = (start(app_a).await, start(app_b).await, start(app_c).await);
+    let endpoints: String = [&pa, &pb, &pc]
+        .iter()
+        .map(|p| {
+            format!(
+                "    - {{ address: \"{}\", identity: \"{API}\" }}\n",
+                p.inbound_addr
+            )
+        })
+        .collect();
+    let yaml = format!(
+        "mode: STRICT\nservices:\n- name: api.demo\n  port: 8080\n  protocol: http\n  endpoints:\n{endpoints}"
+    );
+    let cfg = proxy_config(&pki, "web", WEB, None, &[SERVICE], &yaml);
+    let client = within(Proxy::start(cfg)).await.expect("client proxy");
+    let upstream = upstream_addr(&client, SERVICE);
+
+    // Load: a keep-alive client, one request every 10 ms, each outcome logged.
+    let log: Log = Arc::default();
+    let load = {
+        let log = log.clone();
+        tokio::spawn(async move {
+            let mut c = h1_client(upstream).await;
+            let mut tick = tokio::time::interval(Duration::from_millis(10));
+            for _ in 0..3000 {
+                tick.tick().await;
+                let at = Instant::now();
+                let (status, body) = match h1_send(&mut c, get_req("/")).await {
+                    Ok(r) => (
+                        r.status.as_u16(),
+                        String::from_utf8_lossy(&r.body).into_owned(),
+                    ),
+                    Err(_) => {
+                        c = h1_client(upstream).await;
+                        (0, String::new())
+                    }
+                };
+                log.lock().expect("log").push((at, status, body));
+            }
+        })
+    };
+    // Every endpoint answers before anything dies.
+    let all_seen = || {
+        let l = log.lock().expect("log");
+        ["a", "b", "c"]
+            .iter()
+            .all(|n| l.iter().any(|(_, s, b)| *s == 200 && b == n))
+    };
+    within(async {
+        while !all_seen() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+
+    // a's app dies.
+    let t1 = Instant::now();
+    kill_a.abort();
+    tokio::time::sleep_until(t1 + Duration::from_secs(3)).await;
+    // b's proxy dies (stops listening; its connections close).
+    let t2 = Instant::now();
+    let stopping = tokio::spawn(pb.shutdown());
+    tokio::time::sleep_until(t2 + Duration::from_secs(3)).await;
+    load.abort();
+    let _ = stopping.await;
+
+    let late_after_app = failures_between(&log, t1 + Duration::from_secs(2), t2);
+    assert!(
+        late_after_app.is_empty(),
+        "failures more than 2 s after a's app died: {late_after_app:?}"
+    );
+    let late_after_proxy = failures_between(&log, t2 + Duration::from_secs(2), Instant::now());
+    assert!(
+        late_after_proxy.is_empty(),
+        "failures more than 2 s after b's proxy died: {late_after_proxy:?}"
+    );
+    // Traffic kept flowing, and in the end only c answered.
+    let l = log.lock().expect("log");
+    let tail: Vec<&str> = l
+        .iter()
+        .filter(|(t, _, _)| *t > t2 + Duration::from_secs(2))
+        .map(|(_, _, b)| b.as_str())
+        .collect();
+    assert!(
+        tail.len() > 50,
+        "too few requests in the last second: {}",
+        tail.len()
+    );
+    assert!(tail.iter().all(|b| *b == "c"), "{tail:?}");
+    assert!(
+        metric(
+            &client,
+            "palisade_endpoint_ejections_total",
+            &[("dst_identity", API)]
+        ) >= 2.0,
+        "{}",
+        client.metrics().encode()
+    );
+    drop((pa, pc));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_endpoint_is_not_favoured_and_the_request_goes_elsewhere() {
+    // Two endpoints, one of which refuses connections: every request must succeed (the
+    // refused one is retried elsewhere) and the dead one must not attract traffic.
+    init();
+    let pki = Pki::new();
+    let (app, _keep) = killable_app("ok").await;
+    let live = start_server_proxy(&pki, app, "STRICT", "http", test_timeouts()).await;
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr")
+    };
+    let yaml = format!(
+        "mode: STRICT\nservices:\n- name: api.demo\n  port: 8080\n  protocol: http\n  endpoints:\n    - {{ address: \"{dead}\", identity: \"{API}\" }}\n    - {{ address: \"{}\", identity: \"{API}\" }}\n",
+        live.inbound_addr
+    );
+    let cfg = proxy_config(&pki, "web", WEB, None, &[SERVICE], &yaml);
+    let client = within(Proxy::start(cfg)).await.expect("client proxy");
+    let mut c = h1_client(upstream_addr(&client, SERVICE)).await;
+    for i in 0..200 {
+        let r = h1_send(&mut c, get_req("/")).await.expect("response");
+        assert_eq!(r.status, StatusCode::OK, "request {i}");
+    }
+    let text = client.metrics().encode();
+    // The dead endpoint was tried once, ejected, and left alone for its backoff.
+    assert_eq!(
+        metric(
+            &client,
+            "palisade_endpoint_ejections_total",
+            &[("dst_identity", API)]
+        ),
+        1.0,
+        "{text}"
+    );
+}
