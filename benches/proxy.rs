@@ -114,6 +114,7 @@ async fn pair() -> Pair {
         timeouts: Timeouts::default(),
         limits: Limits::default(),
         access_log: false,
+        admin_shutdown: false,
         balancer: Default::default(),
     };
     let scfg = dir.path().join("server.yaml");

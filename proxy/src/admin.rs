@@ -1,31 +1,56 @@
-//! The admin server: `/metrics`, `/ready`, `/live`, `/shutdown`.
+//! The admin server: `/metrics`, `/ready`, `/live`, `/status`, `/shutdown`.
 //!
 //! Plain HTTP/1.1 on its own port, never through the data-plane stacks, so probes and scrapes
 //! work whatever the mTLS mode and authorization policy say.
+//!
+//! The port is reachable by every container of the pod (and, locally, by every process of the
+//! host), so it is built to be poked at: a bounded number of connections, a deadline for
+//! request headers, and a `/shutdown` that is off unless asked for (as Linkerd made it) and
+//! then only answers a loopback POST carrying [`SHUTDOWN_HEADER`] and no `Origin`. A web page
+//! cannot send that header without a CORS preflight this server never approves, and a
+//! browser always sends `Origin` on a cross-site POST.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
 
 use crate::Ctx;
+use crate::telemetry::Direction;
+
+/// The header `/shutdown` requires (any value).
+pub const SHUTDOWN_HEADER: &str = "palisade-admin-shutdown";
+/// Concurrent admin connections; scrapers and probes need a handful.
+pub const MAX_CONNECTIONS: usize = 64;
+/// A client must send its request headers within this long.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub(crate) async fn serve(listener: TcpListener, ctx: Arc<Ctx>, mut stop: watch::Receiver<bool>) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     while let Some((tcp, remote)) = crate::tcp::accept(&listener, &mut stop, "admin").await {
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            ctx.metrics
+                .refuse(Direction::inbound, "admin_connection_limit");
+            continue;
+        };
         let ctx = ctx.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let svc = hyper::service::service_fn(move |req| {
                 let ctx = ctx.clone();
                 async move { Ok::<_, Infallible>(handle(&ctx, req, remote)) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Some(HEADER_READ_TIMEOUT))
                 .serve_connection(TokioIo::new(tcp), svc)
                 .await;
         });
@@ -84,18 +109,100 @@ fn handle(ctx: &Ctx, req: Request<Incoming>, remote: SocketAddr) -> Response<Ful
             );
             rsp
         }
-        (&Method::POST, "/shutdown") => {
-            if remote.ip().is_loopback() {
-                ctx.begin_shutdown();
-                text(StatusCode::OK, "shutting down\n")
-            } else {
-                text(
-                    StatusCode::FORBIDDEN,
-                    "shutdown is allowed from loopback only\n",
-                )
-            }
-        }
+        (&Method::POST, "/shutdown") => shutdown(ctx, &req, remote),
         (_, "/shutdown") => text(StatusCode::METHOD_NOT_ALLOWED, "use POST\n"),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+/// Why a `/shutdown` is refused, or None to shut down.
+fn shutdown_refusal<B>(
+    enabled: bool,
+    req: &Request<B>,
+    remote: SocketAddr,
+) -> Option<(StatusCode, &'static str)> {
+    if !enabled {
+        return Some((
+            StatusCode::NOT_FOUND,
+            "shutdown is disabled (PALISADE_ADMIN_SHUTDOWN=true enables it)\n",
+        ));
+    }
+    // `::ffff:127.0.0.1` on a dual-stack port is loopback too.
+    if !remote.ip().to_canonical().is_loopback() {
+        return Some((
+            StatusCode::FORBIDDEN,
+            "shutdown is allowed from loopback only\n",
+        ));
+    }
+    if req.headers().contains_key(http::header::ORIGIN) {
+        return Some((
+            StatusCode::FORBIDDEN,
+            "shutdown is not allowed from a web page\n",
+        ));
+    }
+    if !req.headers().contains_key(SHUTDOWN_HEADER) {
+        return Some((
+            StatusCode::FORBIDDEN,
+            "shutdown needs the palisade-admin-shutdown header\n",
+        ));
+    }
+    None
+}
+
+fn shutdown(ctx: &Ctx, req: &Request<Incoming>, remote: SocketAddr) -> Response<Full<Bytes>> {
+    match shutdown_refusal(ctx.cfg.admin_shutdown, req, remote) {
+        None => {
+            ctx.begin_shutdown();
+            text(StatusCode::OK, "shutting down\n")
+        }
+        Some((status, why)) => {
+            tracing::info!(%remote, reason = why.trim_end(), "admin /shutdown refused");
+            text(status, why)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn post(headers: &[(&str, &str)]) -> Request<()> {
+        let mut b = Request::post("/shutdown");
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        b.body(()).expect("request")
+    }
+
+    #[test]
+    fn shutdown_needs_opt_in_loopback_the_header_and_no_origin() {
+        let lo: SocketAddr = "127.0.0.1:40000".parse().expect("addr");
+        let mapped: SocketAddr = "[::ffff:127.0.0.1]:40000".parse().expect("addr");
+        let remote: SocketAddr = "10.0.0.7:40000".parse().expect("addr");
+        let ok = post(&[(SHUTDOWN_HEADER, "1")]);
+        assert_eq!(shutdown_refusal(true, &ok, lo), None);
+        assert_eq!(
+            shutdown_refusal(true, &ok, mapped),
+            None,
+            "dual-stack loopback"
+        );
+        assert_eq!(
+            shutdown_refusal(false, &ok, lo).map(|r| r.0),
+            Some(StatusCode::NOT_FOUND)
+        );
+        assert_eq!(
+            shutdown_refusal(true, &ok, remote).map(|r| r.0),
+            Some(StatusCode::FORBIDDEN)
+        );
+        let blind = post(&[("content-type", "text/plain")]);
+        assert_eq!(
+            shutdown_refusal(true, &blind, lo).map(|r| r.0),
+            Some(StatusCode::FORBIDDEN)
+        );
+        let page = post(&[(SHUTDOWN_HEADER, "1"), ("origin", "http://evil.example")]);
+        assert_eq!(
+            shutdown_refusal(true, &page, lo).map(|r| r.0),
+            Some(StatusCode::FORBIDDEN)
+        );
     }
 }

@@ -137,6 +137,9 @@ pub struct ProxyConfig {
     pub timeouts: Timeouts,
     pub limits: Limits,
     pub access_log: bool,
+    /// Whether the admin port answers `POST /shutdown` (loopback, with the admin header).
+    /// Off by default: every container of a pod shares its loopback.
+    pub admin_shutdown: bool,
     /// How endpoints are picked (HTTPRoute weights come with traffic management).
     pub balancer: crate::balance::Strategy,
 }

@@ -863,9 +863,28 @@ async fn admin_endpoints() {
         "GET /shutdown requested a shutdown"
     );
 
+    // A browser's blind POST (a CORS "simple request"): no custom header, an Origin.
     let mut c = h1_client(admin).await;
+    for (origin, header) in [(None, None), (Some("http://evil.example"), Some("1"))] {
+        let mut req = Request::post("/shutdown")
+            .header(HOST, "localhost")
+            .header(http::header::CONTENT_TYPE, "text/plain");
+        if let Some(o) = origin {
+            req = req.header(http::header::ORIGIN, o);
+        }
+        if let Some(h) = header {
+            req = req.header(palisade_proxy::admin::SHUTDOWN_HEADER, h);
+        }
+        let r = h1_send(&mut c, req.body(empty()).expect("request"))
+            .await
+            .expect("POST /shutdown");
+        assert_eq!(r.status, StatusCode::FORBIDDEN, "{origin:?} {header:?}");
+    }
+    assert!(m.server.shutdown_requested().now_or_never().is_none());
+
     let req = Request::post("/shutdown")
         .header(HOST, "localhost")
+        .header(palisade_proxy::admin::SHUTDOWN_HEADER, "1")
         .body(empty())
         .expect("request");
     let r = h1_send(&mut c, req).await.expect("POST /shutdown");

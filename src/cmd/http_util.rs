@@ -14,15 +14,40 @@ pub async fn request(
     path: &str,
     timeout: Duration,
 ) -> anyhow::Result<(StatusCode, String)> {
+    request_with(method, addr, path, timeout, &[]).await
+}
+
+/// Asks a sidecar started with `PALISADE_ADMIN_SHUTDOWN=true` to drain and exit.
+pub async fn shutdown(addr: SocketAddr, timeout: Duration) -> anyhow::Result<(StatusCode, String)> {
+    request_with(
+        Method::POST,
+        addr,
+        "/shutdown",
+        timeout,
+        &[(palisade_proxy::admin::SHUTDOWN_HEADER, "1")],
+    )
+    .await
+}
+
+pub async fn request_with(
+    method: Method,
+    addr: SocketAddr,
+    path: &str,
+    timeout: Duration,
+    headers: &[(&str, &str)],
+) -> anyhow::Result<(StatusCode, String)> {
     let fut = async {
         let tcp = tokio::net::TcpStream::connect(addr).await?;
         let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
         tokio::spawn(conn);
-        let req = Request::builder()
+        let mut req = Request::builder()
             .method(method)
             .uri(path)
-            .header(http::header::HOST, addr.to_string())
-            .body(Empty::<Bytes>::new())?;
+            .header(http::header::HOST, addr.to_string());
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let req = req.body(Empty::<Bytes>::new())?;
         let rsp = send.send_request(req).await?;
         let status = rsp.status();
         let body = rsp.into_body().collect().await?.to_bytes();

@@ -69,6 +69,10 @@ pub struct ProxyArgs {
     /// Maximum concurrent connections per proxy.
     #[arg(long, env = "PALISADE_MAX_CONNECTIONS", default_value_t = 10_000)]
     pub max_connections: usize,
+    /// Answer `POST /shutdown` on the admin port (loopback only, with the
+    /// `palisade-admin-shutdown` header); `palisade up` turns it on for its sidecars.
+    #[arg(long, env = "PALISADE_ADMIN_SHUTDOWN")]
+    pub admin_shutdown: bool,
     /// One log line per request (target `palisade::access`).
     #[arg(long, env = "PALISADE_ACCESS_LOG")]
     pub access_log: bool,
@@ -153,6 +157,7 @@ fn build_config(a: &ProxyArgs) -> anyhow::Result<ProxyConfig> {
             ..Limits::default()
         },
         access_log: a.access_log,
+        admin_shutdown: a.admin_shutdown,
         balancer: a.balancer,
     })
 }

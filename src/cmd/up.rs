@@ -201,6 +201,8 @@ fn spawn_proxy(w: &Workload, mesh: &Mesh, p: &Paths) -> anyhow::Result<Proc> {
         .env("PALISADE_TOKEN_FILE", &token_file)
         .env("PALISADE_TRUST_BUNDLE", &p.bundle)
         .env("PALISADE_WATCH_PARENT", "1")
+        // `up` drains its sidecars with POST /shutdown.
+        .env("PALISADE_ADMIN_SHUTDOWN", "true")
         .env_remove("PALISADE_TOKEN")
         .stdin(Stdio::null())
         .stdout(out)
@@ -475,13 +477,7 @@ async fn supervise(
 /// Proxies drain first (POST /shutdown), then apps and the control plane stop.
 async fn stop_all(procs: &mut [WorkloadProcs], cp: &mut Proc) {
     for w in procs.iter() {
-        let _ = http_util::request(
-            http::Method::POST,
-            w.admin,
-            "/shutdown",
-            Duration::from_millis(500),
-        )
-        .await;
+        let _ = http_util::shutdown(w.admin, Duration::from_millis(500)).await;
     }
     let deadline = Instant::now() + Duration::from_secs(12);
     for w in procs.iter_mut() {

@@ -172,6 +172,7 @@ pub fn proxy_config(
         timeouts: test_timeouts(),
         limits: Limits::default(),
         access_log: false,
+        admin_shutdown: true,
         balancer: Default::default(),
     }
 }
