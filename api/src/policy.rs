@@ -448,22 +448,45 @@ fn list<'v>(c: &mut Ctx<'_>, v: &'v Value, path: &str) -> &'v [Value] {
     }
 }
 
+/// A string pattern read as the proxy reads it: the fixed part without its `*`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Pattern<'a> {
+    Any,
+    Exact(&'a str),
+    Prefix(&'a str),
+    Suffix(&'a str),
+}
+
+/// Exact, `prefix*`, `*suffix` or `*`; anything else is an error message.
+fn split_pattern(s: &str) -> Result<Pattern<'_>, String> {
+    if s.is_empty() {
+        return Err("empty string".into());
+    }
+    if s == "*" {
+        return Ok(Pattern::Any);
+    }
+    let (fixed, pattern) = if let Some(p) = s.strip_prefix('*') {
+        if p.ends_with('*') {
+            return Err(format!("{s:?}: use `*` at the start or the end, not both"));
+        }
+        (p, Pattern::Suffix(p))
+    } else if let Some(p) = s.strip_suffix('*') {
+        (p, Pattern::Prefix(p))
+    } else {
+        (s, Pattern::Exact(s))
+    };
+    if fixed.contains('*') {
+        return Err(format!(
+            "{s:?}: `*` is allowed only at the start or the end"
+        ));
+    }
+    Ok(pattern)
+}
+
 /// Exact, `prefix*`, `*suffix` or `*`.
 fn check_pattern(c: &mut Ctx<'_>, path: &str, s: &str) {
-    if s.is_empty() {
-        c.err(path, "empty string");
-        return;
-    }
-    if s.len() > 1 && s[1..s.len() - 1].contains('*') {
-        c.err(
-            path,
-            format!("{s:?}: `*` is allowed only at the start or the end"),
-        );
-    } else if s.len() > 1 && s.starts_with('*') && s.ends_with('*') {
-        c.err(
-            path,
-            format!("{s:?}: use `*` at the start or the end, not both"),
-        );
+    if let Err(m) = split_pattern(s) {
+        c.err(path, m);
     }
 }
 
@@ -1004,6 +1027,24 @@ spec: { mtls: { mode: PERMISSIVE } }
 
         let e = first_err("a: [");
         assert_eq!(e.field, "(yaml)");
+    }
+
+    #[test]
+    fn non_ascii_patterns_are_checked_without_panicking() {
+        // The wildcard check once sliced bytes, so "/é" panicked the validator (and with it
+        // a control plane's reload task).
+        for (value, ok) in [
+            ("/é", true),
+            ("é", true),
+            ("*é", true),
+            ("/é*", true),
+            ("*é*", false),
+            ("/é*x", false),
+            ("**", false),
+        ] {
+            let yaml = GOOD.replace("/api/*", value);
+            assert_eq!(parse(&yaml).is_ok(), ok, "{value}");
+        }
     }
 
     #[test]
