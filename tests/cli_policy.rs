@@ -84,6 +84,35 @@ fn principals_that_can_never_match_are_errors() {
 }
 
 #[test]
+fn a_file_without_policy_documents_is_an_error_naming_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let good = std::fs::read_to_string(repo("deploy/local/policies/db.yaml")).expect("read");
+    std::fs::write(dir.path().join("api.yaml"), &good).expect("write");
+    let file = dir.path().join("db.yaml");
+    for text in ["", "# emptied\n", "---\n"] {
+        std::fs::write(&file, text).expect("write");
+        // The file alone, and the directory holding it.
+        for arg in [&file, &dir.path().to_path_buf()] {
+            let out = palisade()
+                .args(["policy", "check"])
+                .arg(arg)
+                .output()
+                .expect("run");
+            assert_eq!(out.status.code(), Some(1), "{text:?} {}", arg.display());
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                stderr.contains(&format!(
+                    "{}: document 0: (file): the file has no policy documents \
+                     (delete the file to remove its policies)",
+                    file.display()
+                )),
+                "{stderr}"
+            );
+        }
+    }
+}
+
+#[test]
 fn explain_prints_the_decision_first() {
     let run = |args: &[&str]| {
         let out = palisade()

@@ -996,7 +996,13 @@ fn normalize(doc: &mut Value) {
     }
 }
 
-/// Parses a multi-document YAML text. All errors of all documents are reported.
+/// Why a file without documents (empty, blank, comments, `---` or null documents only) is
+/// refused.
+pub const NO_DOCUMENTS: &str =
+    "the file has no policy documents (delete the file to remove its policies)";
+
+/// Parses a multi-document YAML text. All errors of all documents are reported. A text with
+/// no document at all is an error: see [`NO_DOCUMENTS`].
 pub fn parse_str(file: &Path, text: &str) -> Result<Vec<Resource>, Vec<PolicyError>> {
     let docs: Vec<Value> = match serde_saphyr::from_multiple(text) {
         Ok(d) => d,
@@ -1009,6 +1015,17 @@ pub fn parse_str(file: &Path, text: &str) -> Result<Vec<Resource>, Vec<PolicyErr
             }]);
         }
     };
+    // An empty file is far more likely a truncated or half-written save than a wish to drop
+    // its policies, and applying it as "no policy" would turn a DENY into an allow: refuse it,
+    // as the control plane refuses an empty mesh file.
+    if docs.iter().all(Value::is_null) {
+        return Err(vec![PolicyError {
+            file: file.to_path_buf(),
+            document: 0,
+            field: "(file)".into(),
+            message: NO_DOCUMENTS.into(),
+        }]);
+    }
     let mut c = Ctx {
         file,
         document: 0,
@@ -1438,6 +1455,46 @@ spec:
                 ),
             ]
         );
+    }
+
+    #[test]
+    fn a_file_without_documents_is_an_error() {
+        for text in [
+            "",
+            "\n  \n\t\n",
+            "# all policies commented out\n# apiVersion: palisade.dev/v1alpha1\n",
+            "---\n",
+            "---\n# nothing\n---\n...\n",
+            "~\n",
+            "null\n---\n~\n",
+        ] {
+            let errs = parse(text).expect_err(text);
+            assert_eq!(errs.len(), 1, "{text:?}: {errs:?}");
+            assert_eq!(
+                errs[0].to_string(),
+                "p.yaml: document 0: (file): the file has no policy documents \
+                 (delete the file to remove its policies)",
+                "{text:?}"
+            );
+        }
+        // A null document beside a real one is still skipped.
+        assert_eq!(
+            parse(&format!("---\n~\n---\n{GOOD}")).expect("valid").len(),
+            2
+        );
+
+        // In a directory, an emptied file rejects the whole set, naming the file.
+        let dir = tempdir();
+        std::fs::write(dir.join("a.yaml"), GOOD).expect("write");
+        std::fs::write(dir.join("b.yaml"), "# emptied\n").expect("write");
+        let errs = load_path(&dir).expect_err("empty file");
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert!(errs[0].file.ends_with("b.yaml"), "{errs:?}");
+        assert_eq!(errs[0].message, NO_DOCUMENTS);
+        // Deleting it is how its policies are removed.
+        std::fs::remove_file(dir.join("b.yaml")).expect("rm");
+        assert_eq!(load_path(&dir).expect("ok").len(), 2);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
