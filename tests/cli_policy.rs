@@ -58,6 +58,61 @@ fn broken_policies_name_file_document_and_field() {
 }
 
 #[test]
+fn principals_that_can_never_match_are_errors() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let good = std::fs::read_to_string(repo("deploy/local/policies/db.yaml")).expect("read");
+    let file = dir.path().join("db.yaml");
+    for (bad, why) in [
+        ("cluster.local/ns/demo/sa/api/", "path ends with '/'"),
+        ("spiffe://Cluster.Local/ns/demo/sa/api", "lowercase"),
+    ] {
+        std::fs::write(&file, good.replace("cluster.local/ns/demo/sa/api", bad)).expect("write");
+        let out = palisade()
+            .args(["policy", "check"])
+            .arg(&file)
+            .output()
+            .expect("run");
+        assert_eq!(out.status.code(), Some(1), "{bad}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("db.yaml: document 0: spec.rules[0].from[0].source.principals[0]"),
+            "{stderr}"
+        );
+        assert!(stderr.contains("can never match"), "{stderr}");
+        assert!(stderr.contains(why), "{stderr}");
+    }
+}
+
+#[test]
+fn a_file_without_policy_documents_is_an_error_naming_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let good = std::fs::read_to_string(repo("deploy/local/policies/db.yaml")).expect("read");
+    std::fs::write(dir.path().join("api.yaml"), &good).expect("write");
+    let file = dir.path().join("db.yaml");
+    for text in ["", "# emptied\n", "---\n"] {
+        std::fs::write(&file, text).expect("write");
+        // The file alone, and the directory holding it.
+        for arg in [&file, &dir.path().to_path_buf()] {
+            let out = palisade()
+                .args(["policy", "check"])
+                .arg(arg)
+                .output()
+                .expect("run");
+            assert_eq!(out.status.code(), Some(1), "{text:?} {}", arg.display());
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                stderr.contains(&format!(
+                    "{}: document 0: (file): the file has no policy documents \
+                     (delete the file to remove its policies)",
+                    file.display()
+                )),
+                "{stderr}"
+            );
+        }
+    }
+}
+
+#[test]
 fn explain_prints_the_decision_first() {
     let run = |args: &[&str]| {
         let out = palisade()

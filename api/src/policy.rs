@@ -3,13 +3,15 @@
 //! policies: `AuthorizationPolicy` and `PeerAuthentication` in `palisade.dev/v1alpha1`
 //! (`security.istio.io/v1` and `v1beta1` are accepted unchanged).
 //!
-//! Parsing is strict: unknown fields, unknown `when` keys, malformed CIDRs or ports and
-//! misplaced wildcards are errors naming the file, the document index and the field path. A
-//! typo in a DENY policy must never silently become "allow".
+//! Parsing is strict: unknown fields, unknown `when` keys, malformed CIDRs or ports,
+//! misplaced wildcards, and principals or namespaces that can never match a caller (not a
+//! valid SPIFFE ID, or the beginning or end of one) are errors naming the file, the document
+//! index and the field path. A typo in a DENY policy must never silently become "allow".
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use palisade_certs::SpiffeId;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -293,6 +295,67 @@ impl AuthorizationPolicy {
     }
 }
 
+impl AuthorizationPolicy {
+    /// Every principal pattern of the policy with the field that holds it: `principals`,
+    /// `notPrincipals`, and the values and notValues of `source.principal` conditions.
+    pub fn principal_patterns(&self) -> Vec<(String, &str)> {
+        let mut out = Vec::new();
+        for (i, rule) in self.spec.rules.iter().flatten().enumerate() {
+            for (j, from) in rule.from.iter().enumerate() {
+                let s = &from.source;
+                for (field, values) in [
+                    ("principals", &s.principals),
+                    ("notPrincipals", &s.not_principals),
+                ] {
+                    for (k, v) in values.iter().enumerate() {
+                        out.push((
+                            format!("spec.rules[{i}].from[{j}].source.{field}[{k}]"),
+                            v.as_str(),
+                        ));
+                    }
+                }
+            }
+            for (j, w) in rule.when.iter().enumerate() {
+                if w.key != "source.principal" {
+                    continue;
+                }
+                for (field, values) in [("values", &w.values), ("notValues", &w.not_values)] {
+                    for (k, v) in values.iter().enumerate() {
+                        out.push((
+                            format!("spec.rules[{i}].when[{j}].{field}[{k}]"),
+                            v.as_str(),
+                        ));
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// The principal patterns that cannot match any identity of `trust_domain` (the mesh's):
+    /// principals of another trust domain, legal (Istio allows them) but often a mistake.
+    pub fn foreign_principals(&self, trust_domain: &str) -> Vec<(String, &str)> {
+        self.principal_patterns()
+            .into_iter()
+            .filter(|(_, p)| !principal_in_trust_domain(p, trust_domain))
+            .collect()
+    }
+}
+
+/// Whether a principal pattern can match an identity of `trust_domain`. A `*suffix` pattern
+/// fixes no trust domain, so it can.
+pub fn principal_in_trust_domain(pattern: &str, trust_domain: &str) -> bool {
+    let p = pattern.strip_prefix(SCHEME).unwrap_or(pattern);
+    let td = format!("{trust_domain}/");
+    match split_pattern(p) {
+        Ok(Pattern::Any | Pattern::Suffix(_)) => true,
+        Ok(Pattern::Prefix(fixed)) => td.starts_with(fixed) || fixed.starts_with(&td),
+        Ok(Pattern::Exact(id)) => id.starts_with(&td),
+        // Invalid patterns are reported by validation, not here.
+        Err(_) => true,
+    }
+}
+
 impl PeerAuthentication {
     pub fn selects(&self, ns: &str, labels: &BTreeMap<String, String>, root_ns: &str) -> bool {
         selects(
@@ -448,22 +511,142 @@ fn list<'v>(c: &mut Ctx<'_>, v: &'v Value, path: &str) -> &'v [Value] {
     }
 }
 
+/// A string pattern read as the proxy reads it: the fixed part without its `*`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Pattern<'a> {
+    Any,
+    Exact(&'a str),
+    Prefix(&'a str),
+    Suffix(&'a str),
+}
+
+/// Exact, `prefix*`, `*suffix` or `*`; anything else is an error message.
+fn split_pattern(s: &str) -> Result<Pattern<'_>, String> {
+    if s.is_empty() {
+        return Err("empty string".into());
+    }
+    if s == "*" {
+        return Ok(Pattern::Any);
+    }
+    let (fixed, pattern) = if let Some(p) = s.strip_prefix('*') {
+        if p.ends_with('*') {
+            return Err(format!("{s:?}: use `*` at the start or the end, not both"));
+        }
+        (p, Pattern::Suffix(p))
+    } else if let Some(p) = s.strip_suffix('*') {
+        (p, Pattern::Prefix(p))
+    } else {
+        (s, Pattern::Exact(s))
+    };
+    if fixed.contains('*') {
+        return Err(format!(
+            "{s:?}: `*` is allowed only at the start or the end"
+        ));
+    }
+    Ok(pattern)
+}
+
 /// Exact, `prefix*`, `*suffix` or `*`.
 fn check_pattern(c: &mut Ctx<'_>, path: &str, s: &str) {
-    if s.is_empty() {
-        c.err(path, "empty string");
-        return;
+    if let Err(m) = split_pattern(s) {
+        c.err(path, m);
     }
-    if s.len() > 1 && s[1..s.len() - 1].contains('*') {
-        c.err(
-            path,
-            format!("{s:?}: `*` is allowed only at the start or the end"),
-        );
-    } else if s.len() > 1 && s.starts_with('*') && s.ends_with('*') {
-        c.err(
-            path,
-            format!("{s:?}: use `*` at the start or the end, not both"),
-        );
+}
+
+const SCHEME: &str = "spiffe://";
+
+/// Why a principal pattern can never match a caller's SPIFFE ID, if it cannot.
+///
+/// The proxy drops a leading `spiffe://` from the pattern and from the caller's ID, then
+/// compares strings (exact, prefix, suffix). So after the scheme, an exact pattern must be a
+/// valid SPIFFE ID with a path (no workload has a trust domain's own ID), the fixed part of
+/// `prefix*` a valid beginning of one, and that of `*suffix` a valid end of one. The rules are
+/// `palisade_certs::SpiffeId`'s, applied to probe IDs built around the fixed part, so a
+/// pattern accepted here can match an ID the SVID verifiers accept.
+pub fn principal_problem(s: &str) -> Option<String> {
+    let id = match s.strip_prefix(SCHEME) {
+        Some(rest) => rest,
+        None if s
+            .get(..SCHEME.len() - 2)
+            .is_some_and(|p| p.eq_ignore_ascii_case("spiffe:")) =>
+        {
+            return Some(format!(
+                "{s:?} can never match a caller: write the scheme as `spiffe://`, in lower \
+                 case, or leave it out"
+            ));
+        }
+        None => s,
+    };
+    if id.is_empty() && !s.is_empty() {
+        return Some(format!(
+            "{s:?} can never match a caller: no SPIFFE ID after the scheme"
+        ));
+    }
+    let why = match split_pattern(id) {
+        Err(m) if id == s => return Some(m),
+        Err(m) => return Some(format!("{s:?}: {m}")),
+        Ok(Pattern::Any) => return None,
+        Ok(Pattern::Exact(id)) => match SpiffeId::parse(&format!("{SCHEME}{id}")) {
+            Ok(parsed) if parsed.is_root() => format!(
+                "a trust domain alone is no workload's identity \
+                 (`{id}/*` matches every identity of the trust domain)"
+            ),
+            Ok(_) => return None,
+            Err(e) => format!("it is not a valid SPIFFE ID: {e}"),
+        },
+        Ok(Pattern::Prefix(p)) => {
+            // A prefix may be a whole ID (it matches that ID too), or lack the rest of its
+            // last segment: one more character must make it valid.
+            if SpiffeId::parse(&format!("{SCHEME}{p}")).is_ok() {
+                return None;
+            }
+            match SpiffeId::parse(&format!("{SCHEME}{p}x")) {
+                Ok(_) => return None,
+                Err(e) => format!("{p:?} does not begin any valid SPIFFE ID: {e}"),
+            }
+        }
+        Ok(Pattern::Suffix(p)) => {
+            // Put the suffix after a trust domain and the start of a path segment.
+            let sep = if p.starts_with('/') { "" } else { "/x" };
+            match SpiffeId::parse(&format!("{SCHEME}t{sep}{p}")) {
+                Ok(_) => return None,
+                Err(e) => format!("{p:?} does not end any valid SPIFFE ID: {e}"),
+            }
+        }
+    };
+    Some(format!("{s:?} can never match a caller: {why}"))
+}
+
+/// Why a namespace pattern can never match the namespace of a caller's SPIFFE ID (the
+/// segment after `/ns/`), if it cannot: the namespace must be one valid path segment.
+pub fn namespace_problem(s: &str) -> Option<String> {
+    let (fixed, id) = match split_pattern(s) {
+        Err(m) => return Some(m),
+        Ok(Pattern::Any) => return None,
+        Ok(Pattern::Exact(n)) => (n, format!("{SCHEME}t/{n}")),
+        Ok(Pattern::Prefix(p)) => (p, format!("{SCHEME}t/{p}x")),
+        Ok(Pattern::Suffix(p)) => (p, format!("{SCHEME}t/x{p}")),
+    };
+    let why = if fixed.contains('/') {
+        "a namespace is one segment of a SPIFFE ID path and cannot contain '/'".to_string()
+    } else {
+        match SpiffeId::parse(&id) {
+            Ok(_) => return None,
+            Err(e) => format!("not a valid namespace name: {e}"),
+        }
+    };
+    Some(format!("{s:?} can never match a caller's namespace: {why}"))
+}
+
+fn check_principal(c: &mut Ctx<'_>, path: &str, s: &str) {
+    if let Some(m) = principal_problem(s) {
+        c.err(path, m);
+    }
+}
+
+fn check_namespace(c: &mut Ctx<'_>, path: &str, s: &str) {
+    if let Some(m) = namespace_problem(s) {
+        c.err(path, m);
     }
 }
 
@@ -549,6 +732,8 @@ const OPERATION_FIELDS: &[&str] = &[
 fn source_check(field: &str) -> Check {
     match field {
         "ipBlocks" | "notIpBlocks" => check_ip_block,
+        "principals" | "notPrincipals" => check_principal,
+        "namespaces" | "notNamespaces" => check_namespace,
         _ => check_pattern,
     }
 }
@@ -614,7 +799,8 @@ fn validate_authz(c: &mut Ctx<'_>, doc: &Value) {
                 let Some(w) = object(c, w, &wp, &["key", "values", "notValues"]) else {
                     continue;
                 };
-                match w.get("key").and_then(Value::as_str) {
+                let key = w.get("key").and_then(Value::as_str);
+                match key {
                     None => c.err(&format!("{wp}.key"), "missing or not a string"),
                     Some(k) => {
                         let ok = match header_key(k) {
@@ -635,9 +821,14 @@ fn validate_authz(c: &mut Ctx<'_>, doc: &Value) {
                 if w.get("values").is_none() && w.get("notValues").is_none() {
                     c.err(&wp, "a condition needs `values` or `notValues`");
                 }
+                let check: Check = match key {
+                    Some("source.principal") => check_principal,
+                    Some("source.namespace") => check_namespace,
+                    _ => check_pattern,
+                };
                 for k in ["values", "notValues"] {
                     if let Some(v) = w.get(k) {
-                        strings(c, v, &format!("{wp}.{k}"), check_pattern);
+                        strings(c, v, &format!("{wp}.{k}"), check);
                     }
                 }
             }
@@ -805,7 +996,13 @@ fn normalize(doc: &mut Value) {
     }
 }
 
-/// Parses a multi-document YAML text. All errors of all documents are reported.
+/// Why a file without documents (empty, blank, comments, `---` or null documents only) is
+/// refused.
+pub const NO_DOCUMENTS: &str =
+    "the file has no policy documents (delete the file to remove its policies)";
+
+/// Parses a multi-document YAML text. All errors of all documents are reported. A text with
+/// no document at all is an error: see [`NO_DOCUMENTS`].
 pub fn parse_str(file: &Path, text: &str) -> Result<Vec<Resource>, Vec<PolicyError>> {
     let docs: Vec<Value> = match serde_saphyr::from_multiple(text) {
         Ok(d) => d,
@@ -818,6 +1015,17 @@ pub fn parse_str(file: &Path, text: &str) -> Result<Vec<Resource>, Vec<PolicyErr
             }]);
         }
     };
+    // An empty file is far more likely a truncated or half-written save than a wish to drop
+    // its policies, and applying it as "no policy" would turn a DENY into an allow: refuse it,
+    // as the control plane refuses an empty mesh file.
+    if docs.iter().all(Value::is_null) {
+        return Err(vec![PolicyError {
+            file: file.to_path_buf(),
+            document: 0,
+            field: "(file)".into(),
+            message: NO_DOCUMENTS.into(),
+        }]);
+    }
     let mut c = Ctx {
         file,
         document: 0,
@@ -1004,6 +1212,289 @@ spec: { mtls: { mode: PERMISSIVE } }
 
         let e = first_err("a: [");
         assert_eq!(e.field, "(yaml)");
+    }
+
+    #[test]
+    fn non_ascii_patterns_are_checked_without_panicking() {
+        // The wildcard check once sliced bytes, so "/é" panicked the validator (and with it
+        // a control plane's reload task).
+        for (value, ok) in [
+            ("/é", true),
+            ("é", true),
+            ("*é", true),
+            ("/é*", true),
+            ("*é*", false),
+            ("/é*x", false),
+            ("**", false),
+        ] {
+            let yaml = GOOD.replace("/api/*", value);
+            assert_eq!(parse(&yaml).is_ok(), ok, "{value}");
+        }
+    }
+
+    fn source_doc(field: &str, value: &str) -> String {
+        let v = serde_json::to_string(value).expect("json");
+        format!(
+            "apiVersion: palisade.dev/v1alpha1\nkind: AuthorizationPolicy\n\
+             metadata: {{ name: a, namespace: demo }}\nspec:\n  action: DENY\n  rules:\n\
+             \x20   - from: [ {{ source: {{ {field}: [{v}] }} }} ]\n"
+        )
+    }
+
+    fn when_doc(key: &str, field: &str, value: &str) -> String {
+        let v = serde_json::to_string(value).expect("json");
+        format!(
+            "apiVersion: palisade.dev/v1alpha1\nkind: AuthorizationPolicy\n\
+             metadata: {{ name: a, namespace: demo }}\nspec:\n  action: DENY\n  rules:\n\
+             \x20   - when: [ {{ key: {key}, {field}: [{v}] }} ]\n"
+        )
+    }
+
+    #[test]
+    fn principals_that_can_match_are_accepted() {
+        for p in [
+            "cluster.local/ns/demo/sa/api",
+            "spiffe://cluster.local/ns/demo/sa/api",
+            "cluster.local/ns/Demo/sa/API.v2_x-y",
+            "other.example/ns/demo/sa/api",
+            "*",
+            "spiffe://*",
+            "cluster.local/ns/demo/*",
+            "cluster.local/ns/demo/sa/api/*",
+            "cluster.local/ns/demo/sa/ap*",
+            "spiffe://cluster.local/*",
+            "cluster.local*",
+            "clu*",
+            "*/ns/demo/sa/api",
+            "*/sa/api",
+            "*api",
+            "*.local/ns/demo/sa/api",
+            "spiffe://*/sa/api",
+        ] {
+            assert_eq!(principal_problem(p), None, "{p}");
+            parse(&source_doc("principals", p)).expect(p);
+        }
+    }
+
+    #[test]
+    fn principals_that_can_never_match_are_rejected_saying_why() {
+        for (p, why) in [
+            ("cluster.local/ns/demo/sa/api/", "ends with '/'"),
+            ("spiffe://Cluster.Local/ns/demo/sa/api", "lowercase"),
+            ("Cluster.Local/ns/demo/sa/api", "lowercase"),
+            ("cluster.local:8080/ns/demo/sa/api", "lowercase"),
+            ("spiffe://spiffe://cluster.local/ns/demo", "lowercase"),
+            ("SPIFFE://cluster.local/ns/demo/sa/api", "write the scheme"),
+            ("spiffe:/cluster.local/ns/demo/sa/api", "write the scheme"),
+            ("spiffe://", "no SPIFFE ID after the scheme"),
+            ("cluster.local", "a trust domain alone"),
+            ("spiffe://cluster.local", "a trust domain alone"),
+            ("/ns/demo/sa/api", "no trust domain"),
+            ("cluster.local//ns/demo/sa/api", "empty segment"),
+            ("cluster.local/ns/../sa/api", "'..' segment"),
+            ("cluster.local/ns/demo/sa/my api", "may contain only"),
+            ("cluster.local/ns/demo/sa/apí", "may contain only"),
+            ("cluster.local/ns/demo/sa/api?x=1", "query or fragment"),
+            ("Cluster*", "does not begin"),
+            ("cluster.local/ns//*", "does not begin"),
+            ("cluster.local/ns/./*", "does not begin"),
+            ("*/sa/api/", "does not end"),
+            ("*//sa/api", "does not end"),
+            ("*/../sa/api", "does not end"),
+            ("*:8080/ns/demo/sa/api", "does not end"),
+            ("cluster.local/ns/*/sa/api", "only at the start or the end"),
+            (
+                "spiffe://cluster.local/*/sa/api",
+                "only at the start or the end",
+            ),
+            ("*cluster.local/ns/demo/*", "not both"),
+            ("", "empty string"),
+        ] {
+            let m = principal_problem(p).unwrap_or_else(|| panic!("{p:?} accepted"));
+            assert!(m.contains(why), "{p:?}: {m}");
+            let e = first_err(&source_doc("principals", p));
+            assert_eq!(e.field, "spec.rules[0].from[0].source.principals[0]");
+            assert_eq!(e.message, m);
+        }
+        let m = principal_problem("cluster.local/ns/demo/sa/api/").unwrap_or_default();
+        assert!(m.contains("can never match"), "{m}");
+    }
+
+    #[test]
+    fn namespaces_must_be_one_valid_path_segment() {
+        for n in [
+            "demo",
+            "kube-system",
+            "Demo",
+            "a.b_c",
+            "*",
+            "de*",
+            "*mo",
+            "de.*",
+            "*.x",
+        ] {
+            assert_eq!(namespace_problem(n), None, "{n}");
+            parse(&source_doc("namespaces", n)).expect(n);
+        }
+        for (n, why) in [
+            ("de/mo", "cannot contain '/'"),
+            ("demo/", "cannot contain '/'"),
+            ("de/*", "cannot contain '/'"),
+            ("*/mo", "cannot contain '/'"),
+            (".", "'.' or '..' segment"),
+            ("..", "'.' or '..' segment"),
+            ("de mo", "may contain only"),
+            ("démo", "may contain only"),
+            ("de:*", "may contain only"),
+            ("d*o", "only at the start or the end"),
+            ("", "empty string"),
+        ] {
+            let m = namespace_problem(n).unwrap_or_else(|| panic!("{n:?} accepted"));
+            assert!(m.contains(why), "{n:?}: {m}");
+            let e = first_err(&source_doc("namespaces", n));
+            assert_eq!(e.field, "spec.rules[0].from[0].source.namespaces[0]");
+            assert_eq!(e.message, m);
+        }
+    }
+
+    #[test]
+    fn every_principal_and_namespace_field_is_checked() {
+        let bad_p = "cluster.local/ns/demo/sa/api/";
+        let bad_n = "de/mo";
+        for (doc, field) in [
+            (
+                source_doc("principals", bad_p),
+                "spec.rules[0].from[0].source.principals[0]",
+            ),
+            (
+                source_doc("notPrincipals", bad_p),
+                "spec.rules[0].from[0].source.notPrincipals[0]",
+            ),
+            (
+                when_doc("source.principal", "values", bad_p),
+                "spec.rules[0].when[0].values[0]",
+            ),
+            (
+                when_doc("source.principal", "notValues", bad_p),
+                "spec.rules[0].when[0].notValues[0]",
+            ),
+            (
+                source_doc("namespaces", bad_n),
+                "spec.rules[0].from[0].source.namespaces[0]",
+            ),
+            (
+                source_doc("notNamespaces", bad_n),
+                "spec.rules[0].from[0].source.notNamespaces[0]",
+            ),
+            (
+                when_doc("source.namespace", "values", bad_n),
+                "spec.rules[0].when[0].values[0]",
+            ),
+            (
+                when_doc("source.namespace", "notValues", bad_n),
+                "spec.rules[0].when[0].notValues[0]",
+            ),
+        ] {
+            let e = first_err(&doc);
+            assert_eq!(e.field, field, "{doc}");
+            assert!(e.message.contains("can never match"), "{e}");
+        }
+        // Other keys keep the plain wildcard rules: a header value may end with '/'.
+        parse(&when_doc("\"request.headers[x-path]\"", "values", bad_p)).expect("header value");
+    }
+
+    #[test]
+    fn principals_outside_the_mesh_trust_domain_are_found() {
+        for (p, inside) in [
+            ("cluster.local/ns/a/sa/b", true),
+            ("spiffe://cluster.local/ns/a/sa/b", true),
+            ("*", true),
+            ("clu*", true),
+            ("cluster.local*", true),
+            ("cluster.local/*", true),
+            ("*/sa/b", true),
+            ("other.example/ns/a/sa/b", false),
+            ("spiffe://other.example/*", false),
+            ("cluster.localx/ns/a/sa/b", false),
+            ("cluster.local.evil/*", false),
+            ("other*", false),
+        ] {
+            assert_eq!(principal_in_trust_domain(p, "cluster.local"), inside, "{p}");
+        }
+        let yaml = r#"
+apiVersion: palisade.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: { name: a, namespace: demo }
+spec:
+  rules:
+    - from:
+        - source: { principals: ["cluster.local/ns/a/sa/b", "other.example/ns/a/sa/b"] }
+        - source: { notPrincipals: ["spiffe://partner.example/*"] }
+    - when:
+        - { key: source.principal, values: ["*/sa/b"], notValues: ["other.example/ns/x/sa/y"] }
+        - { key: "request.headers[x-id]", values: ["other.example/ns/a/sa/b"] }
+"#;
+        let Resource::AuthorizationPolicy(p) = parse(yaml).expect("valid").remove(0) else {
+            panic!("an AuthorizationPolicy")
+        };
+        assert_eq!(p.principal_patterns().len(), 5);
+        assert_eq!(
+            p.foreign_principals("cluster.local"),
+            vec![
+                (
+                    "spec.rules[0].from[0].source.principals[1]".to_string(),
+                    "other.example/ns/a/sa/b"
+                ),
+                (
+                    "spec.rules[0].from[1].source.notPrincipals[0]".to_string(),
+                    "spiffe://partner.example/*"
+                ),
+                (
+                    "spec.rules[1].when[0].notValues[0]".to_string(),
+                    "other.example/ns/x/sa/y"
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_file_without_documents_is_an_error() {
+        for text in [
+            "",
+            "\n  \n\t\n",
+            "# all policies commented out\n# apiVersion: palisade.dev/v1alpha1\n",
+            "---\n",
+            "---\n# nothing\n---\n...\n",
+            "~\n",
+            "null\n---\n~\n",
+        ] {
+            let errs = parse(text).expect_err(text);
+            assert_eq!(errs.len(), 1, "{text:?}: {errs:?}");
+            assert_eq!(
+                errs[0].to_string(),
+                "p.yaml: document 0: (file): the file has no policy documents \
+                 (delete the file to remove its policies)",
+                "{text:?}"
+            );
+        }
+        // A null document beside a real one is still skipped.
+        assert_eq!(
+            parse(&format!("---\n~\n---\n{GOOD}")).expect("valid").len(),
+            2
+        );
+
+        // In a directory, an emptied file rejects the whole set, naming the file.
+        let dir = tempdir();
+        std::fs::write(dir.join("a.yaml"), GOOD).expect("write");
+        std::fs::write(dir.join("b.yaml"), "# emptied\n").expect("write");
+        let errs = load_path(&dir).expect_err("empty file");
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert!(errs[0].file.ends_with("b.yaml"), "{errs:?}");
+        assert_eq!(errs[0].message, NO_DOCUMENTS);
+        // Deleting it is how its policies are removed.
+        std::fs::remove_file(dir.join("b.yaml")).expect("rm");
+        assert_eq!(load_path(&dir).expect("ok").len(), 2);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -65,6 +65,7 @@ impl Model {
                 return Err(ModelError::MissingPolicies(dir));
             }
             for loaded in policy::load_path(&dir).map_err(ModelError::Policies)? {
+                model.warn_foreign_principals(&loaded);
                 model.add(loaded.resource);
             }
         }
@@ -88,6 +89,26 @@ impl Model {
             model.add(r);
         }
         model
+    }
+
+    /// A principal of another trust domain is legal (Istio allows it, for federation) but
+    /// never matches a workload of this mesh, which is more often a typo than a wish: say so
+    /// once per load, naming the policy and the value.
+    fn warn_foreign_principals(&self, loaded: &policy::Loaded) {
+        let Resource::AuthorizationPolicy(p) = &loaded.resource else {
+            return;
+        };
+        let td = self.mesh.trust_domain.as_str();
+        for (field, principal) in p.foreign_principals(td) {
+            tracing::warn!(
+                policy = %p.qualified_name(),
+                file = %loaded.file.display(),
+                field = %field,
+                principal,
+                trust_domain = td,
+                "principal is not in the mesh's trust domain: it matches no workload of this mesh, only callers from that other trust domain"
+            );
+        }
     }
 
     fn add(&mut self, resource: Resource) {
@@ -200,5 +221,127 @@ fn default_policy(d: DefaultPolicy) -> v1::DefaultPolicy {
         DefaultPolicy::Allow => v1::DefaultPolicy::Allow,
         DefaultPolicy::Deny => v1::DefaultPolicy::Deny,
         DefaultPolicy::Authenticated => v1::DefaultPolicy::Authenticated,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::path::Path;
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    const MESH: &str = "policies: policies/\nworkloads:
+  - { name: a, namespace: demo, labels: { app: a }, inboundPort: 1001, adminPort: 1002 }
+  - { name: b, namespace: demo, labels: { app: b }, inboundPort: 1003, adminPort: 1004 }
+";
+
+    fn policy(principals: &[&str]) -> String {
+        format!(
+            "apiVersion: palisade.dev/v1alpha1\nkind: AuthorizationPolicy\n\
+             metadata: {{ name: p, namespace: demo }}\nspec:\n  rules:\n\
+             \x20   - from: [ {{ source: {{ principals: {} }} }} ]\n",
+            serde_json::to_string(principals).expect("json")
+        )
+    }
+
+    /// A mesh file whose policies directory holds `policy`.
+    fn mesh_with(dir: &Path, policy: &str) -> Mesh {
+        std::fs::create_dir_all(dir.join("policies")).expect("mkdir");
+        std::fs::write(dir.join("policies/p.yaml"), policy).expect("write");
+        crate::mesh::parse(MESH, &dir.join("mesh.yaml")).expect("mesh")
+    }
+
+    /// Log output, collected in memory.
+    #[derive(Clone, Default)]
+    struct Logs(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Logs {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().expect("lock").extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Logs {
+        fn text(&self) -> String {
+            String::from_utf8_lossy(&self.0.lock().expect("lock")).into_owned()
+        }
+    }
+
+    fn logged<T>(f: impl FnOnce() -> T) -> (T, String) {
+        let logs = Logs::default();
+        let writer = logs.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        let out = tracing::subscriber::with_default(subscriber, f);
+        (out, logs.text())
+    }
+
+    const WARNING: &str = "principal is not in the mesh's trust domain";
+
+    #[test]
+    fn a_principal_of_another_trust_domain_is_a_warning_once_per_load() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let foreign = "other.example/ns/demo/sa/web";
+        let text = policy(&[foreign, "cluster.local/ns/demo/sa/web", "*/sa/web"]);
+        for generation in [1, 2] {
+            let mesh = mesh_with(dir.path(), &text);
+            let (model, logs) = logged(|| {
+                let model = Model::load(mesh, generation).expect("a warning, not a rejection");
+                // Computing every proxy's config does not repeat the warning.
+                for w in ["a", "b"] {
+                    assert!(model.proxy_config(w).is_some(), "{w}");
+                }
+                model
+            });
+            assert_eq!(model.authorization_policies.len(), 1);
+            assert_eq!(logs.matches(WARNING).count(), 1, "{logs}");
+            let line = logs
+                .lines()
+                .find(|l| l.contains(WARNING))
+                .unwrap_or_default();
+            assert!(line.contains("WARN"), "{line}");
+            assert!(line.contains("policy=demo/p"), "{line}");
+            assert!(line.contains(&format!("principal=\"{foreign}\"")), "{line}");
+            assert!(
+                line.contains("field=spec.rules[0].from[0].source.principals[0]"),
+                "{line}"
+            );
+            assert!(line.contains("p.yaml"), "{line}");
+        }
+
+        // Principals of the mesh's own trust domain are not worth a word.
+        let mesh = mesh_with(dir.path(), &policy(&["cluster.local/ns/demo/*"]));
+        let (model, logs) = logged(|| Model::load(mesh, 3));
+        assert!(model.is_ok());
+        assert!(!logs.contains(WARNING), "{logs}");
+    }
+
+    #[test]
+    fn a_principal_that_can_never_match_rejects_the_load() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mesh = mesh_with(
+            dir.path(),
+            &policy(&["spiffe://Cluster.Local/ns/demo/sa/api"]),
+        );
+        match Model::load(mesh, 1) {
+            Err(ModelError::Policies(errors)) => {
+                assert_eq!(errors.len(), 1, "{errors:?}");
+                assert!(errors[0].file.ends_with("p.yaml"));
+                assert_eq!(
+                    errors[0].field,
+                    "spec.rules[0].from[0].source.principals[0]"
+                );
+                assert!(errors[0].message.contains("can never match"), "{errors:?}");
+            }
+            other => panic!("expected a policy error, got {other:?}"),
+        }
     }
 }

@@ -351,6 +351,65 @@ mod tests {
         }
     }
 
+    /// Waits until more than `before` changes have been rejected.
+    async fn wait_for_rejection(metrics: &Metrics, before: u64) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while metrics.config_rejections.get() <= before {
+            assert!(tokio::time::Instant::now() < deadline, "not rejected");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    const DENY: &str = "apiVersion: palisade.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: { name: deny-web, namespace: default }
+spec:
+  action: DENY
+  rules: [ { from: [ { source: { principals: [\"cluster.local/ns/default/sa/web\"] } } ] } ]
+";
+
+    fn holds_the_deny(model: &Model) -> bool {
+        model.authorization_policies.len() == 1
+            && model.authorization_policies[0].metadata.name == "deny-web"
+            && model.authorization_policies[0].spec.action == palisade_api::policy::Action::Deny
+    }
+
+    #[tokio::test]
+    async fn an_emptied_policy_file_is_rejected_and_a_deleted_one_removes_its_policies() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mesh.yaml");
+        std::fs::write(&path, format!("policies: policies/\n{MESH}")).unwrap();
+        std::fs::create_dir(dir.path().join("policies")).unwrap();
+        let file = dir.path().join("policies/db.yaml");
+        std::fs::write(&file, DENY).unwrap();
+        let metrics = Metrics::new();
+        let src = LocalSource::start(&path, metrics.clone()).unwrap();
+        assert!(holds_the_deny(&src.current()));
+
+        // `> policies/db.yaml` while the mesh runs: refused, the DENY keeps being enforced.
+        std::fs::File::create(&file).unwrap();
+        wait_for_rejection(&metrics, 0).await;
+        assert_eq!(src.current().generation, 1);
+        assert!(holds_the_deny(&src.current()));
+
+        // Commented out, or only `---` left: the same.
+        for text in [
+            format!("# {}", DENY.replace('\n', "\n# ")),
+            "---\n---\n".into(),
+        ] {
+            let before = metrics.config_rejections.get();
+            std::fs::write(&file, text).unwrap();
+            wait_for_rejection(&metrics, before).await;
+            assert_eq!(src.current().generation, 1);
+            assert!(holds_the_deny(&src.current()));
+        }
+
+        // Deleting the file is how its policies go.
+        std::fs::remove_file(&file).unwrap();
+        wait_for_generation(&src, 2).await;
+        assert!(src.current().authorization_policies.is_empty());
+    }
+
     #[tokio::test]
     async fn polling_fallback_picks_up_changes_and_rejects_bad_ones() {
         let dir = tempfile::tempdir().unwrap();
