@@ -23,6 +23,8 @@ pub const CLOCK_SKEW_ALLOWANCE: Duration = Duration::from_secs(60);
 pub const MIN_LEAF_TTL: Duration = Duration::from_secs(1);
 /// Longest leaf lifetime the CA issues.
 pub const MAX_LEAF_TTL: Duration = Duration::from_secs(90 * 24 * 3600);
+/// Lifetime of a generated trust anchor; an issuer may not outlive it.
+pub const ROOT_TTL: Duration = Duration::from_secs(3650 * 24 * 3600);
 
 pub const ROOT_CERT_FILE: &str = "root-cert.pem";
 pub const ROOT_KEY_FILE: &str = "root-key.pem";
@@ -57,6 +59,8 @@ pub enum CaError {
     RootId(SpiffeId),
     #[error("lifetime {0:?} is outside {MIN_LEAF_TTL:?}..={MAX_LEAF_TTL:?}")]
     Lifetime(Duration),
+    #[error("issuer lifetime {0:?} is longer than the root's ({ROOT_TTL:?})")]
+    IssuerLifetime(Duration),
     #[error("the issuer certificate has expired")]
     IssuerExpired,
     #[error("certificate generation failed: {0}")]
@@ -127,20 +131,25 @@ fn to_offset(d: Duration) -> time::Duration {
 impl Ca {
     /// A new trust anchor (10 years) and issuer (1 year, or `issuer_ttl`).
     pub fn generate(td: &TrustDomain, issuer_ttl: Option<Duration>) -> Result<Self, CaError> {
+        let issuer_ttl = issuer_ttl.unwrap_or(Duration::from_secs(365 * 24 * 3600));
+        // The TTL comes from a flag: bound it before any date arithmetic, which panics on
+        // overflow.
+        if issuer_ttl > ROOT_TTL {
+            return Err(CaError::IssuerLifetime(issuer_ttl));
+        }
         let now = OffsetDateTime::now_utc();
         let root_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
         let root_params = ca_params(
             td,
             "Palisade root CA",
             now - to_offset(CLOCK_SKEW_ALLOWANCE),
-            now + time::Duration::days(3650),
+            now + to_offset(ROOT_TTL),
             None,
         )?;
         let root_cert = root_params.self_signed(&root_key)?;
         let root_issuer = Issuer::new(root_params, &root_key);
 
         let issuer_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
-        let issuer_ttl = issuer_ttl.unwrap_or(Duration::from_secs(365 * 24 * 3600));
         let issuer_params = ca_params(
             td,
             "Palisade issuer",

@@ -470,15 +470,8 @@ fn validate(file: MeshFile, path: &Path) -> Result<Mesh, MeshError> {
     let trust_domain = TrustDomain::new(&file.trust_domain)
         .map_err(|e| err("trustDomain".into(), e.to_string()))?;
 
-    let lifetime = palisade_certs::parse_duration(&file.certificate_lifetime).ok_or_else(|| {
-        err(
-            "certificateLifetime".into(),
-            format!(
-                "{:?} is not a duration (use e.g. 24h, 90m, 30s)",
-                file.certificate_lifetime
-            ),
-        )
-    })?;
+    let lifetime = palisade_certs::parse_duration(&file.certificate_lifetime)
+        .map_err(|e| err("certificateLifetime".into(), e.to_string()))?;
     if !(MIN_LEAF_TTL..=MAX_LEAF_TTL).contains(&lifetime) {
         return Err(err(
             "certificateLifetime".into(),
@@ -725,6 +718,23 @@ services:
         assert!(e.contains("inboundPort"), "{e}");
         let e = field_of("workloads: [\n");
         assert!(e.starts_with("(document):"), "{e}");
+    }
+
+    /// The overflowing lifetime used to panic the parser, and with it the control plane (at
+    /// start) or its config watcher (on a live reload).
+    #[test]
+    fn an_overflowing_lifetime_is_an_error_naming_the_field() {
+        for bad in [
+            "18446744073709551615s1s",
+            "18446744073709551615s 500ms 500ms",
+        ] {
+            let e = field_of(&GOOD.replace(
+                "certificateLifetime: 1h",
+                &format!("certificateLifetime: \"{bad}\""),
+            ));
+            assert!(e.starts_with("certificateLifetime:"), "{e}");
+            assert!(e.contains("too large"), "{e}");
+        }
     }
 
     #[test]
