@@ -3,6 +3,7 @@
 //! the identity its caller authenticated, whatever its CSR asks for.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rcgen::{
@@ -63,8 +64,26 @@ pub enum CaError {
     IssuerLifetime(Duration),
     #[error("the issuer certificate has expired")]
     IssuerExpired,
+    #[error("the system random number generator failed; nothing was signed")]
+    Random,
     #[error("certificate generation failed: {0}")]
     Rcgen(#[from] rcgen::Error),
+}
+
+/// Where serial numbers get their randomness. Internal, so that a test can make it fail:
+/// ring's own `SecureRandom` is a sealed trait that only ring can implement.
+trait SerialRandom: Send + Sync {
+    fn fill(&self, dest: &mut [u8]) -> Result<(), CaError>;
+}
+
+impl SerialRandom for ring::rand::SystemRandom {
+    fn fill(&self, dest: &mut [u8]) -> Result<(), CaError> {
+        ring::rand::SecureRandom::fill(self, dest).map_err(|_| CaError::Random)
+    }
+}
+
+fn system_random() -> Arc<dyn SerialRandom> {
+    Arc::new(ring::rand::SystemRandom::new())
 }
 
 /// A loaded CA: the trust anchor (certificate only is needed for bundles) and the issuer.
@@ -78,6 +97,7 @@ pub struct Ca {
     /// Only present right after `generate` or when the root key was loaded.
     root_key_pem: Option<String>,
     issuer_key_pem: String,
+    rng: Arc<dyn SerialRandom>,
 }
 
 impl std::fmt::Debug for Ca {
@@ -94,6 +114,7 @@ fn ca_params(
     not_before: OffsetDateTime,
     not_after: OffsetDateTime,
     path_len: Option<u8>,
+    rng: &dyn SerialRandom,
 ) -> Result<CertificateParams, CaError> {
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
@@ -109,19 +130,19 @@ fn ca_params(
     params.subject_alt_names = vec![SanType::URI(td.id().as_str().try_into()?)];
     params.not_before = not_before;
     params.not_after = not_after;
-    params.serial_number = Some(random_serial());
+    params.serial_number = Some(random_serial(rng)?);
     params.use_authority_key_identifier_extension = true;
     Ok(params)
 }
 
-fn random_serial() -> SerialNumber {
+/// A CSPRNG serial keeps serials unguessable (the defence against chosen-prefix collisions);
+/// if the generator fails, signing fails rather than issue all-zero or predictable serials.
+fn random_serial(rng: &dyn SerialRandom) -> Result<SerialNumber, CaError> {
     let mut bytes = [0u8; 16];
-    // ring's SystemRandom is already in the tree through rcgen; a CSPRNG keeps serials unguessable.
-    let rng = ring::rand::SystemRandom::new();
-    let _ = ring::rand::SecureRandom::fill(&rng, &mut bytes);
+    rng.fill(&mut bytes)?;
     bytes[0] &= 0x7f; // positive INTEGER
     bytes[0] |= 0x01; // no leading zero byte to strip
-    SerialNumber::from_slice(&bytes)
+    Ok(SerialNumber::from_slice(&bytes))
 }
 
 fn to_offset(d: Duration) -> time::Duration {
@@ -131,6 +152,14 @@ fn to_offset(d: Duration) -> time::Duration {
 impl Ca {
     /// A new trust anchor (10 years) and issuer (1 year, or `issuer_ttl`).
     pub fn generate(td: &TrustDomain, issuer_ttl: Option<Duration>) -> Result<Self, CaError> {
+        Self::generate_with(td, issuer_ttl, system_random())
+    }
+
+    fn generate_with(
+        td: &TrustDomain,
+        issuer_ttl: Option<Duration>,
+        rng: Arc<dyn SerialRandom>,
+    ) -> Result<Self, CaError> {
         let issuer_ttl = issuer_ttl.unwrap_or(Duration::from_secs(365 * 24 * 3600));
         // The TTL comes from a flag: bound it before any date arithmetic, which panics on
         // overflow.
@@ -145,6 +174,7 @@ impl Ca {
             now - to_offset(CLOCK_SKEW_ALLOWANCE),
             now + to_offset(ROOT_TTL),
             None,
+            rng.as_ref(),
         )?;
         let root_cert = root_params.self_signed(&root_key)?;
         let root_issuer = Issuer::new(root_params, &root_key);
@@ -156,6 +186,7 @@ impl Ca {
             now - to_offset(CLOCK_SKEW_ALLOWANCE),
             now + to_offset(issuer_ttl),
             Some(0),
+            rng.as_ref(),
         )?;
         let issuer_cert = issuer_params.signed_by(&issuer_key, &root_issuer)?;
         let (nb, na) = (issuer_params.not_before, issuer_params.not_after);
@@ -170,6 +201,7 @@ impl Ca {
             issuer_not_after: na,
             root_key_pem: Some(root_key_pem),
             issuer_key_pem,
+            rng,
         })
     }
 
@@ -225,6 +257,7 @@ impl Ca {
             issuer_not_after: na,
             root_key_pem: None,
             issuer_key_pem: key_pem,
+            rng: system_random(),
         })
     }
 
@@ -354,7 +387,7 @@ impl Ca {
         ];
         params.not_before = (now - to_offset(CLOCK_SKEW_ALLOWANCE)).max(self.issuer_not_before);
         params.not_after = (now + to_offset(ttl)).min(self.issuer_not_after);
-        params.serial_number = Some(random_serial());
+        params.serial_number = Some(random_serial(self.rng.as_ref())?);
         params.use_authority_key_identifier_extension = true;
         Ok(params)
     }
@@ -370,4 +403,43 @@ pub fn sign_with_issuer_for_tests(
     let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
     let cert = params.signed_by(&key, &ca.issuer)?;
     Ok((cert.der().clone(), key.serialize_der()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A generator that always fails, as `getrandom` can (no entropy source, seccomp).
+    struct FailingRandom;
+
+    impl SerialRandom for FailingRandom {
+        fn fill(&self, _: &mut [u8]) -> Result<(), CaError> {
+            Err(CaError::Random)
+        }
+    }
+
+    fn td() -> TrustDomain {
+        TrustDomain::new("example.org").unwrap()
+    }
+
+    #[test]
+    fn a_failing_rng_fails_signing_instead_of_issuing_a_predictable_serial() {
+        let mut ca = Ca::generate(&td(), None).unwrap();
+        let id = SpiffeId::for_workload(&td(), "demo", "web").unwrap();
+        assert!(ca.issue(&id, Duration::from_secs(60)).is_ok());
+        ca.rng = Arc::new(FailingRandom);
+        assert!(matches!(
+            ca.issue(&id, Duration::from_secs(60)),
+            Err(CaError::Random)
+        ));
+        let kc = crate::KeyAndCsr::generate(&id).unwrap();
+        assert!(matches!(
+            ca.sign_csr(kc.csr_der(), &id, Duration::from_secs(60)),
+            Err(CaError::Random)
+        ));
+        assert!(matches!(
+            Ca::generate_with(&td(), None, Arc::new(FailingRandom)),
+            Err(CaError::Random)
+        ));
+    }
 }
