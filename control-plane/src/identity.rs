@@ -189,6 +189,19 @@ impl Identity for IdentityService {
         let req = request.into_inner();
         let model = self.model.borrow().clone();
         let caller = self.authenticate(&model, peer, &req.token)?;
+        // Whatever let this caller in (a model built without mesh validation, a future
+        // Kubernetes source, a stolen control-plane certificate renewing itself), the control
+        // plane's own identity is never handed out: proxies trust it for their config.
+        if crate::control_plane_id(self.ca.trust_domain()).is_ok_and(|cp| cp == caller.id) {
+            return Err(self.refuse(
+                "permission_denied",
+                Status::permission_denied(format!(
+                    "{} is reserved for the control plane and is never issued to a workload",
+                    caller.id
+                )),
+                peer,
+            ));
+        }
 
         let uris = Self::requested_uris(&req.csr_der)
             .map_err(|m| self.refuse("invalid_csr", Status::invalid_argument(m), peer))?;
@@ -249,7 +262,43 @@ impl Identity for IdentityService {
 
 #[cfg(test)]
 mod tests {
-    use super::constant_time_eq;
+    use super::*;
+
+    /// A model that holds a workload with the control plane's identity, as only a source that
+    /// skips mesh validation could build: the Identity service still refuses to sign it.
+    #[tokio::test]
+    async fn the_control_planes_identity_is_never_signed() {
+        let text =
+            "workloads:\n  - { name: evil, namespace: demo, inboundPort: 1001, adminPort: 1002 }\n";
+        let mut mesh = crate::mesh::parse(text, std::path::Path::new("/m/mesh.yaml")).unwrap();
+        mesh.workloads[0].namespace = crate::CONTROL_PLANE_NAMESPACE.into();
+        mesh.workloads[0].service_account = Some(crate::CONTROL_PLANE_SERVICE_ACCOUNT.into());
+        let td = mesh.trust_domain.clone();
+        let model = Model::from_parts(mesh, [], 1);
+        let (_tx, rx) = watch::channel(Arc::new(model));
+        let ca = Arc::new(Ca::generate(&td, None).unwrap());
+        let metrics = Metrics::new();
+        let tokens = HashMap::from([("evil".to_string(), "token-evil-0123".to_string())]);
+        let svc = IdentityService::new(ca, rx, tokens, metrics.clone());
+        let cp_id = crate::control_plane_id(&td).unwrap();
+        let kc = palisade_certs::KeyAndCsr::generate(&cp_id).unwrap();
+        let err = svc
+            .certify(Request::new(CertifyRequest {
+                csr_der: kc.csr_der().to_vec(),
+                token: "token-evil-0123".into(),
+            }))
+            .await
+            .expect_err("the control plane's identity is refused");
+        assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+        assert!(err.message().contains("reserved"), "{err:?}");
+        assert!(
+            metrics
+                .encode()
+                .contains("palisade_identity_certificates_total{result=\"permission_denied\"} 1"),
+            "{}",
+            metrics.encode()
+        );
+    }
 
     #[test]
     fn ct_eq() {
