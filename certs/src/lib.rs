@@ -11,6 +11,7 @@ pub mod ca;
 pub mod csr;
 pub mod duration;
 pub mod pem;
+pub mod secure_fs;
 pub mod spiffe;
 pub mod store;
 pub mod svid;

@@ -2,10 +2,10 @@
 //!
 //! Zero trust starts here: the CA signs only for an authenticated workload, and only that
 //! workload's own SPIFFE ID, whatever the CSR asks for. A caller authenticates with its
-//! current SVID over mTLS (renewal) or with the bootstrap token `palisade up` gave its proxy.
-//! Every refusal is counted (`palisade_identity_certificates_total{result}`) and logged once.
+//! current SVID over mTLS (renewal) or with the bootstrap token `palisade up` gave its proxy,
+//! which then is used up (see [`crate::tokens`]). Every refusal is counted
+//! (`palisade_identity_certificates_total{result}`) and logged once.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use palisade_api::v1::identity_server::Identity;
@@ -19,23 +19,14 @@ use x509_parser::prelude::FromDer;
 use crate::conn::PeerInfo;
 use crate::metrics::Metrics;
 use crate::model::Model;
-
-/// Compares two secrets in time that depends only on their lengths, so a caller cannot learn a
-/// token byte by byte from response times.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
+use crate::tokens::{Claim, Reservation, TokenStore};
 
 /// The Identity gRPC service.
 #[derive(Clone)]
 pub struct IdentityService {
     ca: Arc<Ca>,
     model: watch::Receiver<Arc<Model>>,
-    /// Workload name -> bootstrap token.
-    tokens: Arc<HashMap<String, String>>,
+    tokens: Arc<TokenStore>,
     metrics: Arc<Metrics>,
 }
 
@@ -44,7 +35,7 @@ impl std::fmt::Debug for IdentityService {
         // Never print the tokens.
         f.debug_struct("IdentityService")
             .field("ca", &self.ca)
-            .field("tokens", &self.tokens.len())
+            .field("tokens", &self.tokens)
             .finish_non_exhaustive()
     }
 }
@@ -54,33 +45,23 @@ struct Caller {
     workload: String,
     id: SpiffeId,
     how: &'static str,
+    /// The bootstrap token it came with, consumed once the certificate is signed.
+    token: Option<Reservation>,
 }
 
 impl IdentityService {
     pub fn new(
         ca: Arc<Ca>,
         model: watch::Receiver<Arc<Model>>,
-        tokens: HashMap<String, String>,
+        tokens: Arc<TokenStore>,
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
             ca,
             model,
-            tokens: Arc::new(tokens),
+            tokens,
             metrics,
         }
-    }
-
-    /// The workload whose token this is. Every stored token is compared, so the time taken
-    /// does not say which workload (if any) came close.
-    fn token_owner(&self, token: &str) -> Option<&str> {
-        let mut owner = None;
-        for (name, t) in self.tokens.iter() {
-            if !t.is_empty() && constant_time_eq(t.as_bytes(), token.as_bytes()) {
-                owner = Some(name.as_str());
-            }
-        }
-        owner
     }
 
     fn refuse(&self, result: &'static str, status: Status, peer: Option<&PeerInfo>) -> Status {
@@ -108,6 +89,7 @@ impl IdentityService {
                     workload: w.name.clone(),
                     id: id.clone(),
                     how: "svid",
+                    token: None,
                 }),
                 None => Err(self.refuse(
                     "permission_denied",
@@ -127,14 +109,27 @@ impl IdentityService {
                 peer,
             ));
         }
-        let Some(name) = self.token_owner(token) else {
-            return Err(self.refuse(
-                "unauthenticated",
-                Status::unauthenticated("unknown bootstrap token"),
-                peer,
-            ));
+        let reservation = match self.tokens.claim(token) {
+            Claim::Owner(r) => r,
+            Claim::Replayed => {
+                return Err(self.refuse(
+                    "token_replayed",
+                    Status::unauthenticated(
+                        "this bootstrap token was already used: a token certifies one proxy start (`palisade up` gives each proxy it starts a new one)",
+                    ),
+                    peer,
+                ));
+            }
+            Claim::Unknown => {
+                return Err(self.refuse(
+                    "unauthenticated",
+                    Status::unauthenticated("unknown bootstrap token"),
+                    peer,
+                ));
+            }
         };
-        let Some(w) = model.mesh.workload(name) else {
+        let name = reservation.workload().to_string();
+        let Some(w) = model.mesh.workload(&name) else {
             return Err(self.refuse(
                 "permission_denied",
                 Status::permission_denied(format!(
@@ -145,9 +140,10 @@ impl IdentityService {
         };
         match w.spiffe_id(&model.mesh) {
             Ok(id) => Ok(Caller {
-                workload: name.to_string(),
+                workload: name,
                 id,
                 how: "token",
+                token: Some(reservation),
             }),
             Err(e) => Err(self.refuse(
                 "internal",
@@ -188,7 +184,7 @@ impl Identity for IdentityService {
         let peer = peer.as_ref();
         let req = request.into_inner();
         let model = self.model.borrow().clone();
-        let caller = self.authenticate(&model, peer, &req.token)?;
+        let mut caller = self.authenticate(&model, peer, &req.token)?;
         // Whatever let this caller in (a model built without mesh validation, a future
         // Kubernetes source, a stolen control-plane certificate renewing itself), the control
         // plane's own identity is never handed out: proxies trust it for their config.
@@ -242,6 +238,15 @@ impl Identity for IdentityService {
                 ));
             }
         };
+        if let Some(token) = caller.token.take()
+            && let Err(e) = token.commit()
+        {
+            return Err(self.refuse(
+                "internal",
+                Status::internal(format!("{e}; no certificate was issued")),
+                peer,
+            ));
+        }
         self.metrics.certificate("issued");
         tracing::info!(
             workload = %caller.workload,
@@ -278,7 +283,10 @@ mod tests {
         let (_tx, rx) = watch::channel(Arc::new(model));
         let ca = Arc::new(Ca::generate(&td, None).unwrap());
         let metrics = Metrics::new();
-        let tokens = HashMap::from([("evil".to_string(), "token-evil-0123".to_string())]);
+        let tokens =
+            std::collections::HashMap::from([("evil".to_string(), "token-evil-0123".to_string())]);
+        let state = tempfile::tempdir().unwrap();
+        let tokens = TokenStore::open(tokens, None, state.path()).unwrap();
         let svc = IdentityService::new(ca, rx, tokens, metrics.clone());
         let cp_id = crate::control_plane_id(&td).unwrap();
         let kc = palisade_certs::KeyAndCsr::generate(&cp_id).unwrap();
@@ -298,13 +306,5 @@ mod tests {
             "{}",
             metrics.encode()
         );
-    }
-
-    #[test]
-    fn ct_eq() {
-        assert!(constant_time_eq(b"abc", b"abc"));
-        assert!(!constant_time_eq(b"abc", b"abd"));
-        assert!(!constant_time_eq(b"abc", b"ab"));
-        assert!(constant_time_eq(b"", b""));
     }
 }

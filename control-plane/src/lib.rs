@@ -15,6 +15,7 @@ pub mod mesh;
 pub mod metrics;
 pub mod model;
 pub mod source;
+pub mod tokens;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -37,6 +38,7 @@ pub use mesh::{Mesh, MeshError};
 pub use metrics::Metrics;
 pub use model::{Model, ModelError};
 pub use source::{ConfigSource, LocalSource};
+pub use tokens::{TokenError, TokenStore};
 
 /// Namespace and service account of the control plane's own identity.
 pub const CONTROL_PLANE_NAMESPACE: &str = "palisade-system";
@@ -61,8 +63,12 @@ pub struct ControlPlaneConfig {
     pub state_dir: PathBuf,
     /// gRPC listen address; default `127.0.0.1:<controlPlane.port>` of the mesh file.
     pub listen: Option<SocketAddr>,
-    /// Workload name -> bootstrap token.
+    /// Workload name -> bootstrap token, given in memory.
     pub tokens: HashMap<String, String>,
+    /// A JSON file of workload name -> bootstrap token (`palisade up`'s `tokens.json`), read
+    /// at start and again whenever a proxy presents a token, so tokens added to it later are
+    /// accepted. Each token certifies one proxy start; see [`tokens`].
+    pub tokens_file: Option<PathBuf>,
     /// Serve `/metrics`, `/ready`, `/live` and `/status` over plain HTTP here.
     pub metrics_listen: Option<SocketAddr>,
 }
@@ -77,6 +83,7 @@ impl std::fmt::Debug for ControlPlaneConfig {
             .field("state_dir", &self.state_dir)
             .field("listen", &self.listen)
             .field("tokens_for", &workloads)
+            .field("tokens_file", &self.tokens_file)
             .field("metrics_listen", &self.metrics_listen)
             .finish()
     }
@@ -103,6 +110,8 @@ pub enum ControlPlaneError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Tokens(#[from] TokenError),
     #[error("cannot set up TLS: {0}")]
     Tls(String),
     #[error("the gRPC server failed: {0}")]
@@ -297,6 +306,11 @@ pub async fn start(cfg: ControlPlaneConfig) -> Result<RunningControlPlane, Contr
 
     let ca_dir = cfg.state_dir.join(CA_DIR);
     let ca = Arc::new(load_or_create_ca(&ca_dir, &td)?);
+    let token_store = TokenStore::open(
+        cfg.tokens.clone(),
+        cfg.tokens_file.as_deref(),
+        &cfg.state_dir,
+    )?;
     let bundle = TrustBundle::with_roots(&td, [ca.root_der().clone()])
         .map_err(|e| ControlPlaneError::Tls(format!("the CA root is not a trust anchor: {e}")))?;
     let own_id = control_plane_id(&td)
@@ -386,7 +400,7 @@ pub async fn start(cfg: ControlPlaneConfig) -> Result<RunningControlPlane, Contr
     let identity = identity::IdentityService::new(
         ca.clone(),
         source.subscribe(),
-        cfg.tokens.clone(),
+        token_store,
         metrics.clone(),
     );
     let discovery = discovery::DiscoveryService::new(

@@ -94,6 +94,9 @@ struct Mesh {
     _dir: tempfile::TempDir,
     mesh_path: PathBuf,
     policies: PathBuf,
+    /// The tokens file (`palisade up`'s `tokens.json`), empty (`{}`) at start.
+    tokens_file: PathBuf,
+    cfg: ControlPlaneConfig,
     cp: Option<RunningControlPlane>,
     tokens: HashMap<String, String>,
 }
@@ -130,25 +133,40 @@ impl Mesh {
             ("api-2".to_string(), "token-api2-0123456789".to_string()),
         ]
         .into();
-        let cp = within(
-            "start",
-            palisade_control_plane::start(ControlPlaneConfig {
-                mesh_path: mesh_path.clone(),
-                state_dir: dir.path().join("state"),
-                listen: Some("127.0.0.1:0".parse().unwrap()),
-                tokens: tokens.clone(),
-                metrics_listen: None,
-            }),
-        )
-        .await
-        .expect("control plane starts");
+        let tokens_file = dir.path().join("tokens.json");
+        std::fs::write(&tokens_file, "{}").unwrap();
+        let cfg = ControlPlaneConfig {
+            mesh_path: mesh_path.clone(),
+            state_dir: dir.path().join("state"),
+            listen: Some("127.0.0.1:0".parse().unwrap()),
+            tokens: tokens.clone(),
+            tokens_file: Some(tokens_file.clone()),
+            metrics_listen: None,
+        };
+        let cp = within("start", palisade_control_plane::start(cfg.clone()))
+            .await
+            .expect("control plane starts");
         Self {
             _dir: dir,
             mesh_path,
             policies,
+            tokens_file,
+            cfg,
             cp: Some(cp),
             tokens,
         }
+    }
+
+    /// Stops the control plane and starts a new one on the same state directory and tokens,
+    /// as `palisade up` does when its control plane dies.
+    async fn restart(&mut self) {
+        if let Some(cp) = self.cp.take() {
+            within("shutdown", cp.shutdown()).await;
+        }
+        let cp = within("restart", palisade_control_plane::start(self.cfg.clone()))
+            .await
+            .expect("control plane restarts");
+        self.cp = Some(cp);
     }
 
     fn cp(&self) -> &RunningControlPlane {
@@ -298,6 +316,7 @@ async fn invalid_mesh_file_fails_start_naming_the_field() {
             state_dir: dir.path().join("state"),
             listen: Some("127.0.0.1:0".parse().unwrap()),
             tokens: HashMap::new(),
+            tokens_file: None,
             metrics_listen: None,
         }),
     )
@@ -424,6 +443,72 @@ async fn random_or_missing_token_is_unauthenticated() {
         "{}",
         m.metrics()
     );
+    m.stop().await;
+}
+
+/// Counts of `palisade_identity_certificates_total` with `result`.
+fn certificates(m: &Mesh, result: &str) -> String {
+    let needle = format!("palisade_identity_certificates_total{{result=\"{result}\"}} ");
+    m.metrics()
+        .lines()
+        .find_map(|l| l.strip_prefix(&needle).map(str::to_string))
+        .unwrap_or_else(|| "0".into())
+}
+
+#[tokio::test]
+async fn a_bootstrap_token_certifies_one_proxy_start() {
+    let mut m = Mesh::start().await;
+    let store = m.bootstrap("web", "web").await;
+    let token = m.tokens["web"].clone();
+
+    // Replayed from anywhere without the SVID (a leaked token): refused and counted.
+    let thief = m.empty_store("web");
+    let kc = KeyAndCsr::generate(thief.id()).unwrap();
+    let err = m.certify(&thief, kc.csr_der(), &token).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    assert!(err.message().contains("already used"), "{err:?}");
+    assert_eq!(certificates(&m, "token_replayed"), "1");
+    assert_eq!(certificates(&m, "issued"), "1");
+
+    // Renewal is unchanged: the proxy authenticates with its SVID (and still sends its
+    // consumed token along, as real proxies do).
+    let kc = KeyAndCsr::generate(store.id()).unwrap();
+    let rsp = m
+        .certify(&store, kc.csr_der(), &token)
+        .await
+        .expect("renewed");
+    assert_eq!(rsp.spiffe_id, m.id("web").as_str());
+
+    // A restarted control plane (same state directory and tokens) still refuses it, and
+    // still accepts a token that was never used.
+    m.restart().await;
+    let err = m.certify(&thief, kc.csr_der(), &token).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    assert_eq!(certificates(&m, "token_replayed"), "1");
+    m.bootstrap("api", "api").await;
+    assert_eq!(certificates(&m, "issued"), "1");
+    m.stop().await;
+}
+
+#[tokio::test]
+async fn a_token_added_to_the_tokens_file_later_is_accepted() {
+    let m = Mesh::start().await;
+    let store = m.empty_store("web");
+    let kc = KeyAndCsr::generate(store.id()).unwrap();
+    let late = "late-token-web-0123456789";
+    let err = m.certify(&store, kc.csr_der(), late).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "not known yet: {err:?}");
+
+    // As `palisade up` does right before it starts a proxy.
+    write_atomic(&m.tokens_file, &format!("{{\"web\": \"{late}\"}}"));
+    let rsp = m
+        .certify(&store, kc.csr_der(), late)
+        .await
+        .expect("a token added to the file is accepted");
+    assert_eq!(rsp.spiffe_id, m.id("web").as_str());
+    let err = m.certify(&store, kc.csr_der(), late).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    assert_eq!(certificates(&m, "token_replayed"), "1");
     m.stop().await;
 }
 
@@ -695,6 +780,7 @@ async fn metrics_endpoint_and_handshake_errors() {
             state_dir: dir.path().join("state"),
             listen: Some("127.0.0.1:0".parse().unwrap()),
             tokens: HashMap::new(),
+            tokens_file: None,
             metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
         }),
     )

@@ -65,18 +65,25 @@ fn random_token() -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Secrets are replaced whole (temp file + rename, 0600): the control plane may read the tokens
+/// file at any moment, and nothing planted at the path is written through.
 fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    f.write_all(contents.as_bytes())?;
-    Ok(())
+    palisade_certs::secure_fs::write_private_atomic(path, contents.as_bytes())
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// Gives `w`'s proxy a fresh bootstrap token, right before it starts: its own token file, and
+/// the tokens file the control plane re-reads when a proxy presents a token. A token
+/// certifies one proxy start, so every start needs a new one.
+fn issue_token(
+    w: &Workload,
+    p: &Paths,
+    tokens: &mut BTreeMap<String, String>,
+) -> anyhow::Result<()> {
+    let t = random_token();
+    write_private(&p.state.join("tokens").join(&w.name), &t)?;
+    tokens.insert(w.name.clone(), t);
+    write_private(&p.tokens, &serde_json::to_string_pretty(tokens)?)
 }
 
 fn log_file(dir: &Path, name: &str) -> anyhow::Result<(Stdio, Stdio)> {
@@ -266,13 +273,9 @@ async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
     std::fs::create_dir_all(paths.state.join("tokens"))?;
     let _ = std::fs::remove_file(paths.state.join("mesh.json"));
 
-    // One bootstrap token per workload: the control plane signs only that workload's ID for it.
+    // Bootstrap tokens: none yet, one per proxy as it starts (the control plane signs only
+    // that workload's ID for it, once). Tokens of an earlier run are dropped.
     let mut tokens = BTreeMap::new();
-    for w in &mesh.workloads {
-        let t = random_token();
-        write_private(&paths.state.join("tokens").join(&w.name), &t)?;
-        tokens.insert(w.name.clone(), t);
-    }
     write_private(&paths.tokens, &serde_json::to_string_pretty(&tokens)?)?;
 
     let cp_addr = loopback(mesh.control_plane.port);
@@ -282,6 +285,7 @@ async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
     let mut procs = Vec::new();
     for w in &mesh.workloads {
         let app = spawn_app(w, &paths)?;
+        issue_token(w, &paths, &mut tokens)?;
         let proxy = spawn_proxy(w, &mesh, &paths)?;
         procs.push(WorkloadProcs {
             name: w.name.clone(),
