@@ -208,7 +208,8 @@ impl Identity for IdentityService {
             return Err(self.refuse(
                 "permission_denied",
                 Status::permission_denied(format!(
-                    "CSR asks for {other}; this {} may only obtain {}",
+                    "CSR asks for {}; this {} may only obtain {}",
+                    crate::limits::shown(other),
                     if caller.how == "token" {
                         "token"
                     } else {

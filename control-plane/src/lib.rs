@@ -11,6 +11,7 @@
 pub mod conn;
 pub mod discovery;
 pub mod identity;
+pub mod limits;
 pub mod mesh;
 pub mod metrics;
 pub mod model;
@@ -411,14 +412,27 @@ pub async fn start(cfg: ControlPlaneConfig) -> Result<RunningControlPlane, Contr
     );
     let incoming = ReceiverStream::new(conn_rx).map(Ok::<_, std::io::Error>);
     let mut stop_signal = stop_rx.clone();
+    let api_metrics = metrics.clone();
     let server = tokio::spawn(async move {
         tonic::transport::Server::builder()
             // Watch streams are long-lived and mostly idle: pings find proxies that vanished
             // without closing their connection, so their streams and tasks are freed.
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-            .add_service(IdentityServer::new(identity))
-            .add_service(DiscoveryServer::new(discovery))
+            .add_service(limits::OversizeGuard::new(
+                IdentityServer::new(identity)
+                    .max_decoding_message_size(limits::MAX_REQUEST_MESSAGE)
+                    .max_encoding_message_size(limits::MAX_CERTIFY_RESPONSE),
+                api_metrics.clone(),
+                "identity",
+            ))
+            .add_service(limits::OversizeGuard::new(
+                DiscoveryServer::new(discovery)
+                    .max_decoding_message_size(limits::MAX_REQUEST_MESSAGE)
+                    .max_encoding_message_size(limits::MAX_CONFIG_MESSAGE),
+                api_metrics,
+                "discovery",
+            ))
             .serve_with_incoming_shutdown(incoming, async move {
                 let _ = stop_signal.wait_for(|s| *s).await;
             })

@@ -560,6 +560,91 @@ async fn watch_for_another_workload_is_permission_denied() {
     m.stop().await;
 }
 
+/// The sample of `name{label}` in the control plane's metrics ("0" when absent).
+fn sample(m: &Mesh, name: &str, label: &str) -> String {
+    let needle = format!("{name}{{{label}}} ");
+    m.metrics()
+        .lines()
+        .find_map(|l| l.strip_prefix(&needle).map(str::to_string))
+        .unwrap_or_else(|| "0".into())
+}
+
+#[tokio::test]
+async fn refused_watch_calls_are_counted_by_reason() {
+    let m = Mesh::start().await;
+    let refused = |reason: &str| {
+        sample(
+            &m,
+            "palisade_discovery_watch_refused_total",
+            &format!("reason=\"{reason}\""),
+        )
+    };
+    let anon = m.empty_store("web");
+    assert!(m.watch(&anon, "web").await.is_err());
+    let web = m.bootstrap("web", "web").await;
+    assert!(m.watch(&web, "api").await.is_err());
+    assert!(m.watch(&web, "api").await.is_err());
+    assert!(m.watch(&web, "nope").await.is_err());
+    assert_eq!(refused("no_client_certificate"), "1");
+    assert_eq!(refused("permission_denied"), "2");
+    assert_eq!(refused("unknown_workload"), "1");
+    // An accepted Watch is not a refusal.
+    let _s = m.watch(&web, "web").await.expect("watch");
+    assert_eq!(refused("permission_denied"), "2");
+    m.stop().await;
+}
+
+#[tokio::test]
+async fn oversize_requests_are_resource_exhausted_and_counted() {
+    let m = Mesh::start().await;
+    let big = "x".repeat(palisade_control_plane::limits::MAX_REQUEST_MESSAGE + 1);
+
+    // Over mTLS, as a proxy would call.
+    let web = m.bootstrap("web", "web").await;
+    let err = m.watch(&web, &big).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert_eq!(
+        sample(
+            &m,
+            "palisade_api_oversize_requests_total",
+            "service=\"discovery\""
+        ),
+        "1"
+    );
+    assert_eq!(
+        sample(
+            &m,
+            "palisade_discovery_watch_refused_total",
+            "reason=\"message_too_large\""
+        ),
+        "1"
+    );
+
+    // And before authenticating: a bootstrapping caller with a huge CSR.
+    let anon = m.empty_store("api");
+    let err = m
+        .certify(&anon, big.as_bytes(), "token-api-0123456789")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert_eq!(
+        sample(
+            &m,
+            "palisade_api_oversize_requests_total",
+            "service=\"identity\""
+        ),
+        "1"
+    );
+    // The token was never looked at, so it still works.
+    m.bootstrap("api", "api").await;
+
+    // A request just under the limit is served as usual (here: refused for its content).
+    let near = "x".repeat(palisade_control_plane::limits::MAX_REQUEST_MESSAGE - 64);
+    let err = m.watch(&web, &near).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    m.stop().await;
+}
+
 #[tokio::test]
 async fn watch_streams_the_workloads_own_config() {
     let m = Mesh::start().await;
