@@ -14,7 +14,7 @@ use rcgen::{
 use rustls_pki_types::{CertificateDer, CertificateSigningRequestDer, pem::PemObject};
 use time::OffsetDateTime;
 
-use crate::pem::{read_file, write_private, write_public};
+use crate::pem::read_file;
 use crate::spiffe::{SpiffeId, TrustDomain};
 use crate::svid::Svid;
 
@@ -64,6 +64,8 @@ pub enum CaError {
     IssuerLifetime(Duration),
     #[error("the issuer certificate has expired")]
     IssuerExpired,
+    #[error(transparent)]
+    Unsafe(#[from] crate::secure_fs::UnsafePath),
     #[error("the system random number generator failed; nothing was signed")]
     Random,
     #[error("certificate generation failed: {0}")]
@@ -224,7 +226,9 @@ impl Ca {
                     what: "certificate",
                 }
             })?;
-        let key_pem = String::from_utf8(read_file(&key_path)?).map_err(|_| CaError::BadPem {
+        // Whoever can write the key decides what the mesh trusts: only ours, 0600, no symlink.
+        let key_bytes = crate::secure_fs::read_private_key(&key_path)?;
+        let key_pem = String::from_utf8(key_bytes).map_err(|_| CaError::BadPem {
             path: key_path.clone(),
             what: "private key",
         })?;
@@ -261,34 +265,60 @@ impl Ca {
         })
     }
 
-    /// Writes the CA into `dir` (keys with mode 0600). Refuses to overwrite an existing CA.
+    /// Writes the CA into `dir` (created 0700 if missing; keys 0600, certificates 0644).
+    /// Refuses to overwrite an existing CA: every file is created new, without following a
+    /// symlink, so nothing planted there (a file, a dangling symlink) is written through.
     pub fn save(&self, dir: &Path) -> Result<(), CaError> {
-        for f in [
+        let files = [
             ROOT_CERT_FILE,
             ISSUER_CERT_FILE,
             ISSUER_KEY_FILE,
             ROOT_KEY_FILE,
-        ] {
+        ];
+        for f in files {
             let p = dir.join(f);
-            if p.exists() {
+            // symlink_metadata: a dangling symlink counts as there.
+            if std::fs::symlink_metadata(&p).is_ok() {
                 return Err(CaError::AlreadyExists(p));
             }
         }
-        std::fs::create_dir_all(dir).map_err(|source| CaError::Write {
+        let mut b = std::fs::DirBuilder::new();
+        b.recursive(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            b.mode(crate::secure_fs::PRIVATE_DIR_MODE);
+        }
+        b.create(dir).map_err(|source| CaError::Write {
             path: dir.to_path_buf(),
             source,
         })?;
-        write_public(
-            &dir.join(ROOT_CERT_FILE),
-            &crate::pem::cert_pem(&self.root_der),
-        )?;
-        write_public(
-            &dir.join(ISSUER_CERT_FILE),
+        let create = |name: &str, contents: &str, mode: u32| {
+            let p = dir.join(name);
+            crate::secure_fs::create_new(&p, contents.as_bytes(), mode).map_err(|source| {
+                if source.kind() == std::io::ErrorKind::AlreadyExists {
+                    CaError::AlreadyExists(p.clone())
+                } else {
+                    CaError::Write {
+                        path: p.clone(),
+                        source,
+                    }
+                }
+            })
+        };
+        create(ROOT_CERT_FILE, &crate::pem::cert_pem(&self.root_der), 0o644)?;
+        create(
+            ISSUER_CERT_FILE,
             &crate::pem::cert_pem(&self.issuer_der),
+            0o644,
         )?;
-        write_private(&dir.join(ISSUER_KEY_FILE), &self.issuer_key_pem)?;
+        create(
+            ISSUER_KEY_FILE,
+            &self.issuer_key_pem,
+            crate::secure_fs::PRIVATE_FILE_MODE,
+        )?;
         if let Some(root_key) = &self.root_key_pem {
-            write_private(&dir.join(ROOT_KEY_FILE), root_key)?;
+            create(ROOT_KEY_FILE, root_key, crate::secure_fs::PRIVATE_FILE_MODE)?;
         }
         Ok(())
     }
@@ -420,6 +450,43 @@ mod tests {
 
     fn td() -> TrustDomain {
         TrustDomain::new("example.org").unwrap()
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn save_never_writes_through_a_planted_file_and_load_checks_the_key() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let ca = Ca::generate(&td(), None).unwrap();
+
+        // A dangling symlink planted where the issuer key goes: refused, target not created.
+        let dir = tmp.path().join("ca");
+        std::fs::create_dir(&dir).unwrap();
+        let target = tmp.path().join("stolen-key.pem");
+        std::os::unix::fs::symlink(&target, dir.join(ISSUER_KEY_FILE)).unwrap();
+        assert!(matches!(ca.save(&dir), Err(CaError::AlreadyExists(_))));
+        assert!(!target.exists());
+
+        // A fresh directory is 0700, keys 0600, and the CA loads back.
+        let fresh = tmp.path().join("fresh/ca");
+        ca.save(&fresh).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&fresh), 0o700);
+        assert_eq!(mode(&fresh.join(ISSUER_KEY_FILE)), 0o600);
+        assert_eq!(mode(&fresh.join(ISSUER_CERT_FILE)), 0o644);
+        Ca::load(&fresh).unwrap();
+
+        // A key anyone else can read (or that is not ours) is not loaded.
+        let key = fresh.join(ISSUER_KEY_FILE);
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = Ca::load(&fresh).unwrap_err().to_string();
+        assert!(e.contains("issuer-key.pem") && e.contains("0600"), "{e}");
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        if crate::secure_fs::current_uid() == 0 {
+            std::os::unix::fs::chown(&key, Some(65534), None).unwrap();
+            let e = Ca::load(&fresh).unwrap_err().to_string();
+            assert!(e.contains("owned by uid 65534"), "{e}");
+        }
     }
 
     #[test]

@@ -113,6 +113,8 @@ pub enum ControlPlaneError {
     },
     #[error(transparent)]
     Tokens(#[from] TokenError),
+    #[error(transparent)]
+    UnsafeStateDir(#[from] palisade_certs::secure_fs::UnsafePath),
     #[error("cannot set up TLS: {0}")]
     Tls(String),
     #[error("the gRPC server failed: {0}")]
@@ -221,7 +223,18 @@ impl Drop for RunningControlPlane {
 }
 
 /// Loads the CA from `dir`, or creates and saves one for `td` if there is none.
-fn load_or_create_ca(dir: &Path, td: &TrustDomain) -> Result<Ca, ControlPlaneError> {
+///
+/// The state directory and `dir` are created 0700, and refused if another user owns them or
+/// can write to them: a CA planted there would become the mesh's trust anchor, and the
+/// consumed-token list would be theirs to edit. `Ca::load` refuses a key that is not ours and
+/// 0600.
+fn load_or_create_ca(
+    state_dir: &Path,
+    dir: &Path,
+    td: &TrustDomain,
+) -> Result<Ca, ControlPlaneError> {
+    palisade_certs::secure_fs::ensure_private_dir(state_dir)?;
+    palisade_certs::secure_fs::ensure_private_dir(dir)?;
     let ca_err = |source| ControlPlaneError::Ca {
         dir: dir.to_path_buf(),
         source,
@@ -306,7 +319,7 @@ pub async fn start(cfg: ControlPlaneConfig) -> Result<RunningControlPlane, Contr
     let lifetime = model.mesh.certificate_lifetime;
 
     let ca_dir = cfg.state_dir.join(CA_DIR);
-    let ca = Arc::new(load_or_create_ca(&ca_dir, &td)?);
+    let ca = Arc::new(load_or_create_ca(&cfg.state_dir, &ca_dir, &td)?);
     let token_store = TokenStore::open(
         cfg.tokens.clone(),
         cfg.tokens_file.as_deref(),

@@ -965,3 +965,54 @@ async fn short_lifetimes_renew_the_control_planes_own_certificate() {
         .expect("issued after the renewal");
     m.stop().await;
 }
+
+/// The control plane started on its own (`palisade control-plane --state-dir`) makes the same
+/// checks as `up`: a fresh state dir and `ca/` end up 0700, and a state dir anyone can write
+/// to, or a CA key that is not 0600, is refused rather than trusted.
+#[tokio::test]
+async fn the_state_dir_is_private_and_a_planted_ca_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let chmod = |p: &Path, m: u32| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap();
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mesh_path = dir.path().join("mesh.yaml");
+    std::fs::create_dir_all(dir.path().join("policies")).unwrap();
+    std::fs::write(&mesh_path, MESH).unwrap();
+    let start = |state: PathBuf| {
+        palisade_control_plane::start(ControlPlaneConfig {
+            mesh_path: mesh_path.clone(),
+            state_dir: state,
+            listen: Some("127.0.0.1:0".parse().unwrap()),
+            tokens: HashMap::new(),
+            tokens_file: None,
+            metrics_listen: None,
+        })
+    };
+
+    let fresh = dir.path().join("fresh");
+    let cp = within("start", start(fresh.clone())).await.expect("starts");
+    assert_eq!(mode(&fresh), 0o700);
+    assert_eq!(mode(&fresh.join("ca")), 0o700);
+    within("shutdown", cp.shutdown()).await;
+
+    chmod(&fresh, 0o777);
+    let err = within("start", start(fresh.clone())).await.unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains(fresh.to_str().unwrap()) && msg.contains("writable by group or others"),
+        "{msg}"
+    );
+    chmod(&fresh, 0o700);
+
+    chmod(&fresh.join("ca/issuer-key.pem"), 0o644);
+    let msg = within("start", start(fresh.clone()))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("issuer-key.pem") && msg.contains("0600"),
+        "{msg}"
+    );
+}

@@ -86,6 +86,31 @@ fn issue_token(
     write_private(&p.tokens, &serde_json::to_string_pretty(tokens)?)
 }
 
+/// The state directory holds the bootstrap tokens and the CA: created 0700 if missing, and
+/// refused (one sentence naming the path) if another user owns it, `ca/` or `tokens/`, or can
+/// write to them, or if a CA key there is not ours and 0600. A directory pre-created by another
+/// local user would otherwise receive our tokens, and a CA planted in it would become the mesh's
+/// trust anchor.
+fn prepare_state_dir(dir: &Path) -> anyhow::Result<PathBuf> {
+    use palisade_certs::secure_fs::{ensure_private_dir, read_private_key};
+    ensure_private_dir(dir)?;
+    let state =
+        std::fs::canonicalize(dir).with_context(|| format!("cannot resolve {}", dir.display()))?;
+    ensure_private_dir(&state.join("tokens"))?;
+    let ca = state.join(palisade_control_plane::CA_DIR);
+    ensure_private_dir(&ca)?;
+    for key in [
+        palisade_certs::ca::ISSUER_KEY_FILE,
+        palisade_certs::ca::ROOT_KEY_FILE,
+    ] {
+        let path = ca.join(key);
+        if std::fs::symlink_metadata(&path).is_ok() {
+            read_private_key(&path)?;
+        }
+    }
+    Ok(state)
+}
+
 fn log_file(dir: &Path, name: &str) -> anyhow::Result<(Stdio, Stdio)> {
     let path = dir.join(format!("{name}.log"));
     let f = std::fs::File::create(&path)
@@ -254,9 +279,7 @@ async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
     let mesh_path = std::fs::canonicalize(&args.mesh)
         .with_context(|| format!("cannot read the mesh file {}", args.mesh.display()))?;
     let mesh = palisade_control_plane::mesh::load(&mesh_path)?;
-    std::fs::create_dir_all(&args.state_dir)
-        .with_context(|| format!("cannot create {}", args.state_dir.display()))?;
-    let state = std::fs::canonicalize(&args.state_dir)?;
+    let state = prepare_state_dir(&args.state_dir)?;
     let cp_metrics = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .context("no free port for the control plane's status")?;
@@ -269,8 +292,8 @@ async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
         state,
         proxy_bin: args.proxy_bin.clone(),
     };
-    std::fs::create_dir_all(&paths.logs)?;
-    std::fs::create_dir_all(paths.state.join("tokens"))?;
+    std::fs::create_dir_all(&paths.logs)
+        .with_context(|| format!("cannot create {}", paths.logs.display()))?;
     let _ = std::fs::remove_file(paths.state.join("mesh.json"));
 
     // Bootstrap tokens: none yet, one per proxy as it starts (the control plane signs only
