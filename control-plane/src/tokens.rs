@@ -7,7 +7,7 @@
 //!
 //! Where tokens come from: [`crate::ControlPlaneConfig::tokens`] (given in memory) and the
 //! tokens file, a JSON object of workload name to token that `palisade up` rewrites (temp file
-//! + rename) with a fresh token right before it starts each proxy. The file is re-read on
+//! and rename) with a fresh token right before it starts each proxy. The file is re-read on
 //! every Certify that authenticates with a token (once per proxy start, so cheap), which is
 //! how a running control plane learns the tokens `up` adds.
 //!
