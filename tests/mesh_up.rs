@@ -117,6 +117,19 @@ fn up_serves_web_to_api_over_mtls_and_writes_mesh_json() {
     // The connection between the proxies is mTLS: web's proxy counted an outbound handshake.
     assert!(mesh.metric_sum("web", "palisade_tls_connections_total", &["outbound"]) >= 1.0);
 
+    // Secrets live in a fresh 0700 state dir, each in a 0600 file.
+    for dir in ["", "tokens", "ca"] {
+        assert_eq!(mode(&mesh.state.join(dir)), 0o700, "{dir:?}");
+    }
+    for file in [
+        "tokens.json",
+        "tokens/web",
+        "ca/issuer-key.pem",
+        "ca/root-key.pem",
+    ] {
+        assert_eq!(mode(&mesh.state.join(file)), 0o600, "{file}");
+    }
+
     // `palisade check` passes on a running mesh.
     let out = std::process::Command::new(palisade())
         .arg("check")
@@ -136,6 +149,132 @@ fn up_serves_web_to_api_over_mtls_and_writes_mesh_json() {
         std::net::TcpStream::connect(mesh.admin("web")).is_err(),
         "web's proxy should be gone"
     );
+}
+
+fn mode(p: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p)
+        .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+        .permissions()
+        .mode()
+        & 0o777
+}
+
+fn chmod(p: &std::path::Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).expect("chmod");
+}
+
+/// Runs `palisade up` on an empty mesh with `state` as its state dir, expecting it to refuse
+/// before starting anything; returns its stderr. Killed (and the test failed) if it runs on.
+fn up_refusing(state: &std::path::Path) -> String {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mesh = dir.path().join("mesh.yaml");
+    std::fs::write(
+        &mesh,
+        format!("controlPlane: {{ port: {} }}\nworkloads: []\n", free_port()),
+    )
+    .expect("write mesh");
+    let mut child = std::process::Command::new(palisade())
+        .arg("up")
+        .arg("--mesh")
+        .arg(&mesh)
+        .arg("--state-dir")
+        .arg(state)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn palisade up");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while child.try_wait().expect("wait").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("palisade up did not refuse {}", state.display());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().expect("output");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "one sentence: {err}");
+    assert!(lines[0].starts_with("error: "), "{err}");
+    err
+}
+
+#[test]
+fn up_refuses_a_state_dir_another_user_could_have_planted() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let root = || running_as_root();
+
+    // World-writable: anyone could have put files there (works without root).
+    let open = tmp.path().join("open");
+    std::fs::create_dir(&open).unwrap();
+    chmod(&open, 0o777);
+    let err = up_refusing(&open);
+    assert!(err.contains(open.to_str().unwrap()), "{err}");
+    assert!(err.contains("writable by group or others"), "{err}");
+    assert!(!open.join("tokens").exists(), "no token written there");
+
+    // Ours, but its tokens/ is group-writable.
+    let loose = tmp.path().join("loose");
+    std::fs::create_dir_all(loose.join("tokens")).unwrap();
+    chmod(&loose, 0o700);
+    chmod(&loose.join("tokens"), 0o770);
+    let err = up_refusing(&loose);
+    assert!(err.contains("tokens") && err.contains("writable"), "{err}");
+
+    // A CA key that is not 0600 is not loaded as the mesh CA.
+    let planted = tmp.path().join("planted");
+    std::fs::create_dir_all(planted.join("ca")).unwrap();
+    chmod(&planted, 0o700);
+    chmod(&planted.join("ca"), 0o700);
+    std::fs::write(planted.join("ca/issuer-key.pem"), "not ours").unwrap();
+    chmod(&planted.join("ca/issuer-key.pem"), 0o644);
+    let err = up_refusing(&planted);
+    assert!(
+        err.contains("issuer-key.pem") && err.contains("0600"),
+        "{err}"
+    );
+
+    if root() {
+        // Owned by another user (uid 65534), mode 0700 and all.
+        let theirs = tmp.path().join("theirs");
+        std::fs::create_dir(&theirs).unwrap();
+        chmod(&theirs, 0o700);
+        std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).unwrap();
+        let err = up_refusing(&theirs);
+        assert!(err.contains("owned by uid 65534"), "{err}");
+        assert!(!theirs.join("tokens").exists());
+
+        // Our state dir, but a ca/ someone else made, or a key someone else wrote.
+        let ca_theirs = tmp.path().join("ca-theirs");
+        std::fs::create_dir_all(ca_theirs.join("ca")).unwrap();
+        chmod(&ca_theirs, 0o700);
+        std::os::unix::fs::chown(ca_theirs.join("ca"), Some(65534), Some(65534)).unwrap();
+        let err = up_refusing(&ca_theirs);
+        assert!(
+            err.contains("ca") && err.contains("owned by uid 65534"),
+            "{err}"
+        );
+
+        chmod(&planted.join("ca/issuer-key.pem"), 0o600);
+        std::os::unix::fs::chown(planted.join("ca/issuer-key.pem"), Some(65534), None).unwrap();
+        let err = up_refusing(&planted);
+        assert!(
+            err.contains("issuer-key.pem") && err.contains("owned by uid 65534"),
+            "{err}"
+        );
+    } else {
+        eprintln!("not root: skipping the other-owner cases");
+    }
+}
+
+/// Whether this test runs as root (CI does): only root can hand a directory to another uid.
+fn running_as_root() -> bool {
+    palisade_certs::secure_fs::current_uid() == 0
 }
 
 #[test]

@@ -3,6 +3,7 @@
 //! the identity its caller authenticated, whatever its CSR asks for.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rcgen::{
@@ -13,7 +14,7 @@ use rcgen::{
 use rustls_pki_types::{CertificateDer, CertificateSigningRequestDer, pem::PemObject};
 use time::OffsetDateTime;
 
-use crate::pem::{read_file, write_private, write_public};
+use crate::pem::read_file;
 use crate::spiffe::{SpiffeId, TrustDomain};
 use crate::svid::Svid;
 
@@ -23,6 +24,8 @@ pub const CLOCK_SKEW_ALLOWANCE: Duration = Duration::from_secs(60);
 pub const MIN_LEAF_TTL: Duration = Duration::from_secs(1);
 /// Longest leaf lifetime the CA issues.
 pub const MAX_LEAF_TTL: Duration = Duration::from_secs(90 * 24 * 3600);
+/// Lifetime of a generated trust anchor; an issuer may not outlive it.
+pub const ROOT_TTL: Duration = Duration::from_secs(3650 * 24 * 3600);
 
 pub const ROOT_CERT_FILE: &str = "root-cert.pem";
 pub const ROOT_KEY_FILE: &str = "root-key.pem";
@@ -57,10 +60,32 @@ pub enum CaError {
     RootId(SpiffeId),
     #[error("lifetime {0:?} is outside {MIN_LEAF_TTL:?}..={MAX_LEAF_TTL:?}")]
     Lifetime(Duration),
+    #[error("issuer lifetime {0:?} is longer than the root's ({ROOT_TTL:?})")]
+    IssuerLifetime(Duration),
     #[error("the issuer certificate has expired")]
     IssuerExpired,
+    #[error(transparent)]
+    Unsafe(#[from] crate::secure_fs::UnsafePath),
+    #[error("the system random number generator failed; nothing was signed")]
+    Random,
     #[error("certificate generation failed: {0}")]
     Rcgen(#[from] rcgen::Error),
+}
+
+/// Where serial numbers get their randomness. Internal, so that a test can make it fail:
+/// ring's own `SecureRandom` is a sealed trait that only ring can implement.
+trait SerialRandom: Send + Sync {
+    fn fill(&self, dest: &mut [u8]) -> Result<(), CaError>;
+}
+
+impl SerialRandom for ring::rand::SystemRandom {
+    fn fill(&self, dest: &mut [u8]) -> Result<(), CaError> {
+        ring::rand::SecureRandom::fill(self, dest).map_err(|_| CaError::Random)
+    }
+}
+
+fn system_random() -> Arc<dyn SerialRandom> {
+    Arc::new(ring::rand::SystemRandom::new())
 }
 
 /// A loaded CA: the trust anchor (certificate only is needed for bundles) and the issuer.
@@ -74,6 +99,7 @@ pub struct Ca {
     /// Only present right after `generate` or when the root key was loaded.
     root_key_pem: Option<String>,
     issuer_key_pem: String,
+    rng: Arc<dyn SerialRandom>,
 }
 
 impl std::fmt::Debug for Ca {
@@ -90,6 +116,7 @@ fn ca_params(
     not_before: OffsetDateTime,
     not_after: OffsetDateTime,
     path_len: Option<u8>,
+    rng: &dyn SerialRandom,
 ) -> Result<CertificateParams, CaError> {
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
@@ -105,19 +132,19 @@ fn ca_params(
     params.subject_alt_names = vec![SanType::URI(td.id().as_str().try_into()?)];
     params.not_before = not_before;
     params.not_after = not_after;
-    params.serial_number = Some(random_serial());
+    params.serial_number = Some(random_serial(rng)?);
     params.use_authority_key_identifier_extension = true;
     Ok(params)
 }
 
-fn random_serial() -> SerialNumber {
+/// A CSPRNG serial keeps serials unguessable (the defence against chosen-prefix collisions);
+/// if the generator fails, signing fails rather than issue all-zero or predictable serials.
+fn random_serial(rng: &dyn SerialRandom) -> Result<SerialNumber, CaError> {
     let mut bytes = [0u8; 16];
-    // ring's SystemRandom is already in the tree through rcgen; a CSPRNG keeps serials unguessable.
-    let rng = ring::rand::SystemRandom::new();
-    let _ = ring::rand::SecureRandom::fill(&rng, &mut bytes);
+    rng.fill(&mut bytes)?;
     bytes[0] &= 0x7f; // positive INTEGER
     bytes[0] |= 0x01; // no leading zero byte to strip
-    SerialNumber::from_slice(&bytes)
+    Ok(SerialNumber::from_slice(&bytes))
 }
 
 fn to_offset(d: Duration) -> time::Duration {
@@ -127,26 +154,41 @@ fn to_offset(d: Duration) -> time::Duration {
 impl Ca {
     /// A new trust anchor (10 years) and issuer (1 year, or `issuer_ttl`).
     pub fn generate(td: &TrustDomain, issuer_ttl: Option<Duration>) -> Result<Self, CaError> {
+        Self::generate_with(td, issuer_ttl, system_random())
+    }
+
+    fn generate_with(
+        td: &TrustDomain,
+        issuer_ttl: Option<Duration>,
+        rng: Arc<dyn SerialRandom>,
+    ) -> Result<Self, CaError> {
+        let issuer_ttl = issuer_ttl.unwrap_or(Duration::from_secs(365 * 24 * 3600));
+        // The TTL comes from a flag: bound it before any date arithmetic, which panics on
+        // overflow.
+        if issuer_ttl > ROOT_TTL {
+            return Err(CaError::IssuerLifetime(issuer_ttl));
+        }
         let now = OffsetDateTime::now_utc();
         let root_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
         let root_params = ca_params(
             td,
             "Palisade root CA",
             now - to_offset(CLOCK_SKEW_ALLOWANCE),
-            now + time::Duration::days(3650),
+            now + to_offset(ROOT_TTL),
             None,
+            rng.as_ref(),
         )?;
         let root_cert = root_params.self_signed(&root_key)?;
         let root_issuer = Issuer::new(root_params, &root_key);
 
         let issuer_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
-        let issuer_ttl = issuer_ttl.unwrap_or(Duration::from_secs(365 * 24 * 3600));
         let issuer_params = ca_params(
             td,
             "Palisade issuer",
             now - to_offset(CLOCK_SKEW_ALLOWANCE),
             now + to_offset(issuer_ttl),
             Some(0),
+            rng.as_ref(),
         )?;
         let issuer_cert = issuer_params.signed_by(&issuer_key, &root_issuer)?;
         let (nb, na) = (issuer_params.not_before, issuer_params.not_after);
@@ -161,6 +203,7 @@ impl Ca {
             issuer_not_after: na,
             root_key_pem: Some(root_key_pem),
             issuer_key_pem,
+            rng,
         })
     }
 
@@ -183,7 +226,9 @@ impl Ca {
                     what: "certificate",
                 }
             })?;
-        let key_pem = String::from_utf8(read_file(&key_path)?).map_err(|_| CaError::BadPem {
+        // Whoever can write the key decides what the mesh trusts: only ours, 0600, no symlink.
+        let key_bytes = crate::secure_fs::read_private_key(&key_path)?;
+        let key_pem = String::from_utf8(key_bytes).map_err(|_| CaError::BadPem {
             path: key_path.clone(),
             what: "private key",
         })?;
@@ -216,37 +261,64 @@ impl Ca {
             issuer_not_after: na,
             root_key_pem: None,
             issuer_key_pem: key_pem,
+            rng: system_random(),
         })
     }
 
-    /// Writes the CA into `dir` (keys with mode 0600). Refuses to overwrite an existing CA.
+    /// Writes the CA into `dir` (created 0700 if missing; keys 0600, certificates 0644).
+    /// Refuses to overwrite an existing CA: every file is created new, without following a
+    /// symlink, so nothing planted there (a file, a dangling symlink) is written through.
     pub fn save(&self, dir: &Path) -> Result<(), CaError> {
-        for f in [
+        let files = [
             ROOT_CERT_FILE,
             ISSUER_CERT_FILE,
             ISSUER_KEY_FILE,
             ROOT_KEY_FILE,
-        ] {
+        ];
+        for f in files {
             let p = dir.join(f);
-            if p.exists() {
+            // symlink_metadata: a dangling symlink counts as there.
+            if std::fs::symlink_metadata(&p).is_ok() {
                 return Err(CaError::AlreadyExists(p));
             }
         }
-        std::fs::create_dir_all(dir).map_err(|source| CaError::Write {
+        let mut b = std::fs::DirBuilder::new();
+        b.recursive(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            b.mode(crate::secure_fs::PRIVATE_DIR_MODE);
+        }
+        b.create(dir).map_err(|source| CaError::Write {
             path: dir.to_path_buf(),
             source,
         })?;
-        write_public(
-            &dir.join(ROOT_CERT_FILE),
-            &crate::pem::cert_pem(&self.root_der),
-        )?;
-        write_public(
-            &dir.join(ISSUER_CERT_FILE),
+        let create = |name: &str, contents: &str, mode: u32| {
+            let p = dir.join(name);
+            crate::secure_fs::create_new(&p, contents.as_bytes(), mode).map_err(|source| {
+                if source.kind() == std::io::ErrorKind::AlreadyExists {
+                    CaError::AlreadyExists(p.clone())
+                } else {
+                    CaError::Write {
+                        path: p.clone(),
+                        source,
+                    }
+                }
+            })
+        };
+        create(ROOT_CERT_FILE, &crate::pem::cert_pem(&self.root_der), 0o644)?;
+        create(
+            ISSUER_CERT_FILE,
             &crate::pem::cert_pem(&self.issuer_der),
+            0o644,
         )?;
-        write_private(&dir.join(ISSUER_KEY_FILE), &self.issuer_key_pem)?;
+        create(
+            ISSUER_KEY_FILE,
+            &self.issuer_key_pem,
+            crate::secure_fs::PRIVATE_FILE_MODE,
+        )?;
         if let Some(root_key) = &self.root_key_pem {
-            write_private(&dir.join(ROOT_KEY_FILE), root_key)?;
+            create(ROOT_KEY_FILE, root_key, crate::secure_fs::PRIVATE_FILE_MODE)?;
         }
         Ok(())
     }
@@ -345,7 +417,7 @@ impl Ca {
         ];
         params.not_before = (now - to_offset(CLOCK_SKEW_ALLOWANCE)).max(self.issuer_not_before);
         params.not_after = (now + to_offset(ttl)).min(self.issuer_not_after);
-        params.serial_number = Some(random_serial());
+        params.serial_number = Some(random_serial(self.rng.as_ref())?);
         params.use_authority_key_identifier_extension = true;
         Ok(params)
     }
@@ -361,4 +433,80 @@ pub fn sign_with_issuer_for_tests(
     let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
     let cert = params.signed_by(&key, &ca.issuer)?;
     Ok((cert.der().clone(), key.serialize_der()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A generator that always fails, as `getrandom` can (no entropy source, seccomp).
+    struct FailingRandom;
+
+    impl SerialRandom for FailingRandom {
+        fn fill(&self, _: &mut [u8]) -> Result<(), CaError> {
+            Err(CaError::Random)
+        }
+    }
+
+    fn td() -> TrustDomain {
+        TrustDomain::new("example.org").unwrap()
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn save_never_writes_through_a_planted_file_and_load_checks_the_key() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let ca = Ca::generate(&td(), None).unwrap();
+
+        // A dangling symlink planted where the issuer key goes: refused, target not created.
+        let dir = tmp.path().join("ca");
+        std::fs::create_dir(&dir).unwrap();
+        let target = tmp.path().join("stolen-key.pem");
+        std::os::unix::fs::symlink(&target, dir.join(ISSUER_KEY_FILE)).unwrap();
+        assert!(matches!(ca.save(&dir), Err(CaError::AlreadyExists(_))));
+        assert!(!target.exists());
+
+        // A fresh directory is 0700, keys 0600, and the CA loads back.
+        let fresh = tmp.path().join("fresh/ca");
+        ca.save(&fresh).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&fresh), 0o700);
+        assert_eq!(mode(&fresh.join(ISSUER_KEY_FILE)), 0o600);
+        assert_eq!(mode(&fresh.join(ISSUER_CERT_FILE)), 0o644);
+        Ca::load(&fresh).unwrap();
+
+        // A key anyone else can read (or that is not ours) is not loaded.
+        let key = fresh.join(ISSUER_KEY_FILE);
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = Ca::load(&fresh).unwrap_err().to_string();
+        assert!(e.contains("issuer-key.pem") && e.contains("0600"), "{e}");
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        if crate::secure_fs::current_uid() == 0 {
+            std::os::unix::fs::chown(&key, Some(65534), None).unwrap();
+            let e = Ca::load(&fresh).unwrap_err().to_string();
+            assert!(e.contains("owned by uid 65534"), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_failing_rng_fails_signing_instead_of_issuing_a_predictable_serial() {
+        let mut ca = Ca::generate(&td(), None).unwrap();
+        let id = SpiffeId::for_workload(&td(), "demo", "web").unwrap();
+        assert!(ca.issue(&id, Duration::from_secs(60)).is_ok());
+        ca.rng = Arc::new(FailingRandom);
+        assert!(matches!(
+            ca.issue(&id, Duration::from_secs(60)),
+            Err(CaError::Random)
+        ));
+        let kc = crate::KeyAndCsr::generate(&id).unwrap();
+        assert!(matches!(
+            ca.sign_csr(kc.csr_der(), &id, Duration::from_secs(60)),
+            Err(CaError::Random)
+        ));
+        assert!(matches!(
+            Ca::generate_with(&td(), None, Arc::new(FailingRandom)),
+            Err(CaError::Random)
+        ));
+    }
 }

@@ -1,6 +1,5 @@
 //! PEM files: keys are written 0600 and never world-readable, even for an instant.
 
-use std::io::Write;
 use std::path::Path;
 
 use base64::Engine;
@@ -15,27 +14,15 @@ pub(crate) fn read_file(path: &Path) -> Result<Vec<u8>, CaError> {
     })
 }
 
+/// Replaces `path` whole (temp file + rename): a symlink or file planted there is replaced,
+/// never written through.
 fn write_mode(path: &Path, contents: &str, mode: u32) -> Result<(), CaError> {
-    let err = |source| CaError::Write {
-        path: path.to_path_buf(),
-        source,
-    };
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(mode);
-    }
-    let mut f = opts.open(path).map_err(err)?;
-    #[cfg(unix)]
-    {
-        // `mode` only applies to new files; an existing file keeps its bits unless we set them.
-        use std::os::unix::fs::PermissionsExt;
-        f.set_permissions(std::fs::Permissions::from_mode(mode))
-            .map_err(err)?;
-    }
-    f.write_all(contents.as_bytes()).map_err(err)
+    crate::secure_fs::write_atomic(path, contents.as_bytes(), mode).map_err(|source| {
+        CaError::Write {
+            path: path.to_path_buf(),
+            source,
+        }
+    })
 }
 
 pub(crate) fn write_private(path: &Path, contents: &str) -> Result<(), CaError> {

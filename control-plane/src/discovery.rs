@@ -16,6 +16,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::conn::PeerInfo;
+use crate::limits::shown;
 use crate::metrics::Metrics;
 use crate::model::Model;
 
@@ -60,7 +61,7 @@ impl DiscoveryService {
         peer: &palisade_certs::SpiffeId,
     ) -> Result<ProxyConfig, Status> {
         let w = model.mesh.workload(workload).ok_or_else(|| {
-            Status::not_found(format!("workload {workload:?} is not in the mesh"))
+            Status::not_found(format!("workload {:?} is not in the mesh", shown(workload)))
         })?;
         let want = w.spiffe_id(&model.mesh).map_err(|e| {
             Status::internal(format!("workload {workload} has no valid SPIFFE ID: {e}"))
@@ -71,10 +72,20 @@ impl DiscoveryService {
             )));
         }
         let mut cfg = model.proxy_config(workload).ok_or_else(|| {
-            Status::not_found(format!("workload {workload:?} is not in the mesh"))
+            Status::not_found(format!("workload {:?} is not in the mesh", shown(workload)))
         })?;
         cfg.trust_bundle_der = self.trust_bundle_der.as_ref().clone();
         Ok(cfg)
+    }
+}
+
+/// The `reason` label of a refused Watch, from the status [`DiscoveryService::config_for`]
+/// refused it with.
+fn refusal_reason(code: tonic::Code) -> &'static str {
+    match code {
+        tonic::Code::NotFound => "unknown_workload",
+        tonic::Code::PermissionDenied => "permission_denied",
+        _ => "internal",
     }
 }
 
@@ -99,7 +110,8 @@ impl Discovery for DiscoveryService {
         let req = request.into_inner();
         let remote = peer.as_ref().map(|p| p.remote);
         let Some(id) = peer.and_then(|p| p.identity) else {
-            tracing::warn!(?remote, workload = %req.workload, "Watch refused: no client certificate");
+            self.metrics.watch_refused("no_client_certificate");
+            tracing::warn!(?remote, workload = %shown(&req.workload), "Watch refused: no client certificate");
             return Err(Status::unauthenticated(
                 "Watch needs the proxy's SVID as a client certificate",
             ));
@@ -107,7 +119,8 @@ impl Discovery for DiscoveryService {
         let mut model_rx = self.model.clone();
         let model = model_rx.borrow_and_update().clone();
         let first = self.config_for(&model, &req.workload, &id).inspect_err(|s| {
-            tracing::warn!(?remote, peer = %id, workload = %req.workload, reason = s.message(), "Watch refused");
+            self.metrics.watch_refused(refusal_reason(s.code()));
+            tracing::warn!(?remote, peer = %id, workload = %shown(&req.workload), reason = s.message(), "Watch refused");
         })?;
         if req.known_version != 0 {
             tracing::info!(

@@ -2,10 +2,10 @@
 //!
 //! Zero trust starts here: the CA signs only for an authenticated workload, and only that
 //! workload's own SPIFFE ID, whatever the CSR asks for. A caller authenticates with its
-//! current SVID over mTLS (renewal) or with the bootstrap token `palisade up` gave its proxy.
-//! Every refusal is counted (`palisade_identity_certificates_total{result}`) and logged once.
+//! current SVID over mTLS (renewal) or with the bootstrap token `palisade up` gave its proxy,
+//! which then is used up (see [`crate::tokens`]). Every refusal is counted
+//! (`palisade_identity_certificates_total{result}`) and logged once.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use palisade_api::v1::identity_server::Identity;
@@ -19,23 +19,14 @@ use x509_parser::prelude::FromDer;
 use crate::conn::PeerInfo;
 use crate::metrics::Metrics;
 use crate::model::Model;
-
-/// Compares two secrets in time that depends only on their lengths, so a caller cannot learn a
-/// token byte by byte from response times.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
+use crate::tokens::{Claim, Reservation, TokenStore};
 
 /// The Identity gRPC service.
 #[derive(Clone)]
 pub struct IdentityService {
     ca: Arc<Ca>,
     model: watch::Receiver<Arc<Model>>,
-    /// Workload name -> bootstrap token.
-    tokens: Arc<HashMap<String, String>>,
+    tokens: Arc<TokenStore>,
     metrics: Arc<Metrics>,
 }
 
@@ -44,7 +35,7 @@ impl std::fmt::Debug for IdentityService {
         // Never print the tokens.
         f.debug_struct("IdentityService")
             .field("ca", &self.ca)
-            .field("tokens", &self.tokens.len())
+            .field("tokens", &self.tokens)
             .finish_non_exhaustive()
     }
 }
@@ -54,33 +45,23 @@ struct Caller {
     workload: String,
     id: SpiffeId,
     how: &'static str,
+    /// The bootstrap token it came with, consumed once the certificate is signed.
+    token: Option<Reservation>,
 }
 
 impl IdentityService {
     pub fn new(
         ca: Arc<Ca>,
         model: watch::Receiver<Arc<Model>>,
-        tokens: HashMap<String, String>,
+        tokens: Arc<TokenStore>,
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
             ca,
             model,
-            tokens: Arc::new(tokens),
+            tokens,
             metrics,
         }
-    }
-
-    /// The workload whose token this is. Every stored token is compared, so the time taken
-    /// does not say which workload (if any) came close.
-    fn token_owner(&self, token: &str) -> Option<&str> {
-        let mut owner = None;
-        for (name, t) in self.tokens.iter() {
-            if !t.is_empty() && constant_time_eq(t.as_bytes(), token.as_bytes()) {
-                owner = Some(name.as_str());
-            }
-        }
-        owner
     }
 
     fn refuse(&self, result: &'static str, status: Status, peer: Option<&PeerInfo>) -> Status {
@@ -108,6 +89,7 @@ impl IdentityService {
                     workload: w.name.clone(),
                     id: id.clone(),
                     how: "svid",
+                    token: None,
                 }),
                 None => Err(self.refuse(
                     "permission_denied",
@@ -127,14 +109,27 @@ impl IdentityService {
                 peer,
             ));
         }
-        let Some(name) = self.token_owner(token) else {
-            return Err(self.refuse(
-                "unauthenticated",
-                Status::unauthenticated("unknown bootstrap token"),
-                peer,
-            ));
+        let reservation = match self.tokens.claim(token) {
+            Claim::Owner(r) => r,
+            Claim::Replayed => {
+                return Err(self.refuse(
+                    "token_replayed",
+                    Status::unauthenticated(
+                        "this bootstrap token was already used: a token certifies one proxy start (`palisade up` gives each proxy it starts a new one)",
+                    ),
+                    peer,
+                ));
+            }
+            Claim::Unknown => {
+                return Err(self.refuse(
+                    "unauthenticated",
+                    Status::unauthenticated("unknown bootstrap token"),
+                    peer,
+                ));
+            }
         };
-        let Some(w) = model.mesh.workload(name) else {
+        let name = reservation.workload().to_string();
+        let Some(w) = model.mesh.workload(&name) else {
             return Err(self.refuse(
                 "permission_denied",
                 Status::permission_denied(format!(
@@ -145,9 +140,10 @@ impl IdentityService {
         };
         match w.spiffe_id(&model.mesh) {
             Ok(id) => Ok(Caller {
-                workload: name.to_string(),
+                workload: name,
                 id,
                 how: "token",
+                token: Some(reservation),
             }),
             Err(e) => Err(self.refuse(
                 "internal",
@@ -188,7 +184,20 @@ impl Identity for IdentityService {
         let peer = peer.as_ref();
         let req = request.into_inner();
         let model = self.model.borrow().clone();
-        let caller = self.authenticate(&model, peer, &req.token)?;
+        let mut caller = self.authenticate(&model, peer, &req.token)?;
+        // Whatever let this caller in (a model built without mesh validation, a future
+        // Kubernetes source, a stolen control-plane certificate renewing itself), the control
+        // plane's own identity is never handed out: proxies trust it for their config.
+        if crate::control_plane_id(self.ca.trust_domain()).is_ok_and(|cp| cp == caller.id) {
+            return Err(self.refuse(
+                "permission_denied",
+                Status::permission_denied(format!(
+                    "{} is reserved for the control plane and is never issued to a workload",
+                    caller.id
+                )),
+                peer,
+            ));
+        }
 
         let uris = Self::requested_uris(&req.csr_der)
             .map_err(|m| self.refuse("invalid_csr", Status::invalid_argument(m), peer))?;
@@ -199,7 +208,8 @@ impl Identity for IdentityService {
             return Err(self.refuse(
                 "permission_denied",
                 Status::permission_denied(format!(
-                    "CSR asks for {other}; this {} may only obtain {}",
+                    "CSR asks for {}; this {} may only obtain {}",
+                    crate::limits::shown(other),
                     if caller.how == "token" {
                         "token"
                     } else {
@@ -229,6 +239,15 @@ impl Identity for IdentityService {
                 ));
             }
         };
+        if let Some(token) = caller.token.take()
+            && let Err(e) = token.commit()
+        {
+            return Err(self.refuse(
+                "internal",
+                Status::internal(format!("{e}; no certificate was issued")),
+                peer,
+            ));
+        }
         self.metrics.certificate("issued");
         tracing::info!(
             workload = %caller.workload,
@@ -249,13 +268,44 @@ impl Identity for IdentityService {
 
 #[cfg(test)]
 mod tests {
-    use super::constant_time_eq;
+    use super::*;
 
-    #[test]
-    fn ct_eq() {
-        assert!(constant_time_eq(b"abc", b"abc"));
-        assert!(!constant_time_eq(b"abc", b"abd"));
-        assert!(!constant_time_eq(b"abc", b"ab"));
-        assert!(constant_time_eq(b"", b""));
+    /// A model that holds a workload with the control plane's identity, as only a source that
+    /// skips mesh validation could build: the Identity service still refuses to sign it.
+    #[tokio::test]
+    async fn the_control_planes_identity_is_never_signed() {
+        let text =
+            "workloads:\n  - { name: evil, namespace: demo, inboundPort: 1001, adminPort: 1002 }\n";
+        let mut mesh = crate::mesh::parse(text, std::path::Path::new("/m/mesh.yaml")).unwrap();
+        mesh.workloads[0].namespace = crate::CONTROL_PLANE_NAMESPACE.into();
+        mesh.workloads[0].service_account = Some(crate::CONTROL_PLANE_SERVICE_ACCOUNT.into());
+        let td = mesh.trust_domain.clone();
+        let model = Model::from_parts(mesh, [], 1);
+        let (_tx, rx) = watch::channel(Arc::new(model));
+        let ca = Arc::new(Ca::generate(&td, None).unwrap());
+        let metrics = Metrics::new();
+        let tokens =
+            std::collections::HashMap::from([("evil".to_string(), "token-evil-0123".to_string())]);
+        let state = tempfile::tempdir().unwrap();
+        let tokens = TokenStore::open(tokens, None, state.path()).unwrap();
+        let svc = IdentityService::new(ca, rx, tokens, metrics.clone());
+        let cp_id = crate::control_plane_id(&td).unwrap();
+        let kc = palisade_certs::KeyAndCsr::generate(&cp_id).unwrap();
+        let err = svc
+            .certify(Request::new(CertifyRequest {
+                csr_der: kc.csr_der().to_vec(),
+                token: "token-evil-0123".into(),
+            }))
+            .await
+            .expect_err("the control plane's identity is refused");
+        assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+        assert!(err.message().contains("reserved"), "{err:?}");
+        assert!(
+            metrics
+                .encode()
+                .contains("palisade_identity_certificates_total{result=\"permission_denied\"} 1"),
+            "{}",
+            metrics.encode()
+        );
     }
 }

@@ -11,10 +11,12 @@
 pub mod conn;
 pub mod discovery;
 pub mod identity;
+pub mod limits;
 pub mod mesh;
 pub mod metrics;
 pub mod model;
 pub mod source;
+pub mod tokens;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -37,6 +39,7 @@ pub use mesh::{Mesh, MeshError};
 pub use metrics::Metrics;
 pub use model::{Model, ModelError};
 pub use source::{ConfigSource, LocalSource};
+pub use tokens::{TokenError, TokenStore};
 
 /// Namespace and service account of the control plane's own identity.
 pub const CONTROL_PLANE_NAMESPACE: &str = "palisade-system";
@@ -61,8 +64,12 @@ pub struct ControlPlaneConfig {
     pub state_dir: PathBuf,
     /// gRPC listen address; default `127.0.0.1:<controlPlane.port>` of the mesh file.
     pub listen: Option<SocketAddr>,
-    /// Workload name -> bootstrap token.
+    /// Workload name -> bootstrap token, given in memory.
     pub tokens: HashMap<String, String>,
+    /// A JSON file of workload name -> bootstrap token (`palisade up`'s `tokens.json`), read
+    /// at start and again whenever a proxy presents a token, so tokens added to it later are
+    /// accepted. Each token certifies one proxy start; see [`tokens`].
+    pub tokens_file: Option<PathBuf>,
     /// Serve `/metrics`, `/ready`, `/live` and `/status` over plain HTTP here.
     pub metrics_listen: Option<SocketAddr>,
 }
@@ -77,6 +84,7 @@ impl std::fmt::Debug for ControlPlaneConfig {
             .field("state_dir", &self.state_dir)
             .field("listen", &self.listen)
             .field("tokens_for", &workloads)
+            .field("tokens_file", &self.tokens_file)
             .field("metrics_listen", &self.metrics_listen)
             .finish()
     }
@@ -103,6 +111,10 @@ pub enum ControlPlaneError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Tokens(#[from] TokenError),
+    #[error(transparent)]
+    UnsafeStateDir(#[from] palisade_certs::secure_fs::UnsafePath),
     #[error("cannot set up TLS: {0}")]
     Tls(String),
     #[error("the gRPC server failed: {0}")]
@@ -211,7 +223,18 @@ impl Drop for RunningControlPlane {
 }
 
 /// Loads the CA from `dir`, or creates and saves one for `td` if there is none.
-fn load_or_create_ca(dir: &Path, td: &TrustDomain) -> Result<Ca, ControlPlaneError> {
+///
+/// The state directory and `dir` are created 0700, and refused if another user owns them or
+/// can write to them: a CA planted there would become the mesh's trust anchor, and the
+/// consumed-token list would be theirs to edit. `Ca::load` refuses a key that is not ours and
+/// 0600.
+fn load_or_create_ca(
+    state_dir: &Path,
+    dir: &Path,
+    td: &TrustDomain,
+) -> Result<Ca, ControlPlaneError> {
+    palisade_certs::secure_fs::ensure_private_dir(state_dir)?;
+    palisade_certs::secure_fs::ensure_private_dir(dir)?;
     let ca_err = |source| ControlPlaneError::Ca {
         dir: dir.to_path_buf(),
         source,
@@ -296,7 +319,12 @@ pub async fn start(cfg: ControlPlaneConfig) -> Result<RunningControlPlane, Contr
     let lifetime = model.mesh.certificate_lifetime;
 
     let ca_dir = cfg.state_dir.join(CA_DIR);
-    let ca = Arc::new(load_or_create_ca(&ca_dir, &td)?);
+    let ca = Arc::new(load_or_create_ca(&cfg.state_dir, &ca_dir, &td)?);
+    let token_store = TokenStore::open(
+        cfg.tokens.clone(),
+        cfg.tokens_file.as_deref(),
+        &cfg.state_dir,
+    )?;
     let bundle = TrustBundle::with_roots(&td, [ca.root_der().clone()])
         .map_err(|e| ControlPlaneError::Tls(format!("the CA root is not a trust anchor: {e}")))?;
     let own_id = control_plane_id(&td)
@@ -386,7 +414,7 @@ pub async fn start(cfg: ControlPlaneConfig) -> Result<RunningControlPlane, Contr
     let identity = identity::IdentityService::new(
         ca.clone(),
         source.subscribe(),
-        cfg.tokens.clone(),
+        token_store,
         metrics.clone(),
     );
     let discovery = discovery::DiscoveryService::new(
@@ -397,14 +425,27 @@ pub async fn start(cfg: ControlPlaneConfig) -> Result<RunningControlPlane, Contr
     );
     let incoming = ReceiverStream::new(conn_rx).map(Ok::<_, std::io::Error>);
     let mut stop_signal = stop_rx.clone();
+    let api_metrics = metrics.clone();
     let server = tokio::spawn(async move {
         tonic::transport::Server::builder()
             // Watch streams are long-lived and mostly idle: pings find proxies that vanished
             // without closing their connection, so their streams and tasks are freed.
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-            .add_service(IdentityServer::new(identity))
-            .add_service(DiscoveryServer::new(discovery))
+            .add_service(limits::OversizeGuard::new(
+                IdentityServer::new(identity)
+                    .max_decoding_message_size(limits::MAX_REQUEST_MESSAGE)
+                    .max_encoding_message_size(limits::MAX_CERTIFY_RESPONSE),
+                api_metrics.clone(),
+                "identity",
+            ))
+            .add_service(limits::OversizeGuard::new(
+                DiscoveryServer::new(discovery)
+                    .max_decoding_message_size(limits::MAX_REQUEST_MESSAGE)
+                    .max_encoding_message_size(limits::MAX_CONFIG_MESSAGE),
+                api_metrics,
+                "discovery",
+            ))
             .serve_with_incoming_shutdown(incoming, async move {
                 let _ = stop_signal.wait_for(|s| *s).await;
             })

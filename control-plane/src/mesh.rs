@@ -476,15 +476,8 @@ fn validate(file: MeshFile, path: &Path) -> Result<Mesh, MeshError> {
     let trust_domain = TrustDomain::new(&file.trust_domain)
         .map_err(|e| err("trustDomain".into(), e.to_string()))?;
 
-    let lifetime = palisade_certs::parse_duration(&file.certificate_lifetime).ok_or_else(|| {
-        err(
-            "certificateLifetime".into(),
-            format!(
-                "{:?} is not a duration (use e.g. 24h, 90m, 30s)",
-                file.certificate_lifetime
-            ),
-        )
-    })?;
+    let lifetime = palisade_certs::parse_duration(&file.certificate_lifetime)
+        .map_err(|e| err("certificateLifetime".into(), e.to_string()))?;
     if !(MIN_LEAF_TTL..=MAX_LEAF_TTL).contains(&lifetime) {
         return Err(err(
             "certificateLifetime".into(),
@@ -557,12 +550,24 @@ fn validate(file: MeshFile, path: &Path) -> Result<Mesh, MeshError> {
         }
         check_segment(&w.namespace).map_err(|m| err(at("namespace"), m))?;
         check_segment(w.service_account()).map_err(|m| err(at("serviceAccount"), m))?;
-        SpiffeId::for_workload(&trust_domain, &w.namespace, w.service_account()).map_err(|e| {
-            err(
+        let id = SpiffeId::for_workload(&trust_domain, &w.namespace, w.service_account()).map_err(
+            |e| {
+                err(
+                    at("serviceAccount"),
+                    format!("does not make a valid SPIFFE ID: {e}"),
+                )
+            },
+        )?;
+        // A workload holding the control plane's identity could impersonate it to every proxy
+        // (they trust that ID for config) and receive other workloads' Certify tokens.
+        if crate::control_plane_id(&trust_domain).is_ok_and(|cp| cp == id) {
+            return Err(err(
                 at("serviceAccount"),
-                format!("does not make a valid SPIFFE ID: {e}"),
-            )
-        })?;
+                format!(
+                    "{id} is reserved for the control plane; give the workload another namespace or service account"
+                ),
+            ));
+        }
         if let Some(cmd) = &w.command
             && cmd.first().is_none_or(|c| c.is_empty())
         {
@@ -740,6 +745,45 @@ services:
         assert!(e.contains("inboundPort"), "{e}");
         let e = field_of("workloads: [\n");
         assert!(e.starts_with("(document):"), "{e}");
+    }
+
+    #[test]
+    fn the_control_planes_identity_is_reserved() {
+        let explicit = GOOD.replace(
+            "    namespace: demo\n    labels: { app: api }",
+            "    namespace: palisade-system\n    serviceAccount: control-plane\n    labels: { app: api }",
+        );
+        let e = field_of(&explicit);
+        assert!(e.starts_with("workloads[1].serviceAccount:"), "{e}");
+        assert!(e.contains("reserved for the control plane"), "{e}");
+        // The service account defaults to the workload's name.
+        let implicit = GOOD
+            .replace("name: api\n", "name: control-plane\n")
+            .replace(
+                "    namespace: demo\n    labels: { app: api }",
+                "    namespace: palisade-system\n    labels: { app: api }",
+            );
+        let e = field_of(&implicit);
+        assert!(e.starts_with("workloads[1].serviceAccount:"), "{e}");
+        // The same account in another namespace is an ordinary workload.
+        assert!(parse_str(&GOOD.replace("name: api\n", "name: control-plane\n")).is_ok());
+    }
+
+    /// The overflowing lifetime used to panic the parser, and with it the control plane (at
+    /// start) or its config watcher (on a live reload).
+    #[test]
+    fn an_overflowing_lifetime_is_an_error_naming_the_field() {
+        for bad in [
+            "18446744073709551615s1s",
+            "18446744073709551615s 500ms 500ms",
+        ] {
+            let e = field_of(&GOOD.replace(
+                "certificateLifetime: 1h",
+                &format!("certificateLifetime: \"{bad}\""),
+            ));
+            assert!(e.starts_with("certificateLifetime:"), "{e}");
+            assert!(e.contains("too large"), "{e}");
+        }
     }
 
     #[test]

@@ -27,10 +27,16 @@ pub struct ResultLabel {
     pub result: &'static str,
 }
 
-/// `reason` of a failed TLS handshake.
+/// `reason` of a failed TLS handshake or a refused Watch.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabel {
     pub reason: &'static str,
+}
+
+/// `service` of the API: `identity` or `discovery`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServiceLabel {
+    pub service: &'static str,
 }
 
 /// All metrics of one control plane. Cloning the handles shares the values.
@@ -49,6 +55,10 @@ pub struct Metrics {
     pub watchers: Gauge,
     /// `palisade_discovery_pushes_total`: config messages sent to proxies.
     pub pushes: Counter,
+    /// `palisade_discovery_watch_refused_total{reason}`: Watch calls refused.
+    pub watch_refused: Family<ReasonLabel, Counter>,
+    /// `palisade_api_oversize_requests_total{service}`: requests over the message size limit.
+    pub oversize_requests: Family<ServiceLabel, Counter>,
     /// `palisade_identity_cert_expiry_timestamp_seconds`: the control plane's own SVID.
     pub cert_expiry: Gauge,
 }
@@ -62,6 +72,8 @@ impl Metrics {
         let handshake_errors = Family::<ReasonLabel, Counter>::default();
         let watchers = Gauge::default();
         let pushes = Counter::default();
+        let watch_refused = Family::<ReasonLabel, Counter>::default();
+        let oversize_requests = Family::<ServiceLabel, Counter>::default();
         let cert_expiry = Gauge::default();
         registry.register(
             "palisade_config_rejections",
@@ -94,6 +106,16 @@ impl Metrics {
             pushes.clone(),
         );
         registry.register(
+            "palisade_discovery_watch_refused",
+            "Discovery.Watch calls refused, by reason",
+            watch_refused.clone(),
+        );
+        registry.register(
+            "palisade_api_oversize_requests",
+            "API requests refused with RESOURCE_EXHAUSTED for a message over the size limit",
+            oversize_requests.clone(),
+        );
+        registry.register(
             "palisade_identity_cert_expiry_timestamp_seconds",
             "Expiry of the control plane's own SVID (unix seconds)",
             cert_expiry.clone(),
@@ -107,6 +129,8 @@ impl Metrics {
             handshake_errors,
             watchers,
             pushes,
+            watch_refused,
+            oversize_requests,
             cert_expiry,
         })
     }
@@ -115,6 +139,20 @@ impl Metrics {
     pub fn certificate(&self, result: &'static str) {
         self.certificates
             .get_or_create(&ResultLabel { result })
+            .inc();
+    }
+
+    /// Counts one refused Watch.
+    pub fn watch_refused(&self, reason: &'static str) {
+        self.watch_refused
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+    }
+
+    /// Counts one request refused for its size.
+    pub fn oversize_request(&self, service: &'static str) {
+        self.oversize_requests
+            .get_or_create(&ServiceLabel { service })
             .inc();
     }
 

@@ -410,6 +410,36 @@ spec:
         assert!(src.current().authorization_policies.is_empty());
     }
 
+    /// An overflowing `certificateLifetime` used to panic inside the reload, killing the watcher
+    /// task silently: no rejection was counted and no later edit ever applied.
+    #[tokio::test]
+    async fn an_overflowing_lifetime_is_rejected_and_the_watcher_survives() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mesh.yaml");
+        std::fs::write(&path, MESH).unwrap();
+        let metrics = Metrics::new();
+        let src = LocalSource::start(&path, metrics.clone()).unwrap();
+
+        std::fs::write(
+            &path,
+            format!("certificateLifetime: \"18446744073709551615s1s\"\n{MESH}"),
+        )
+        .unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while metrics.config_rejections.get() == 0 {
+            assert!(tokio::time::Instant::now() < deadline, "not rejected");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(src.current().generation, 1, "last good model kept");
+
+        std::fs::write(&path, format!("certificateLifetime: 2h\n{MESH}")).unwrap();
+        wait_for_generation(&src, 2).await;
+        assert_eq!(
+            src.current().mesh.certificate_lifetime,
+            Duration::from_secs(7200)
+        );
+    }
+
     #[tokio::test]
     async fn polling_fallback_picks_up_changes_and_rejects_bad_ones() {
         let dir = tempfile::tempdir().unwrap();

@@ -94,6 +94,9 @@ struct Mesh {
     _dir: tempfile::TempDir,
     mesh_path: PathBuf,
     policies: PathBuf,
+    /// The tokens file (`palisade up`'s `tokens.json`), empty (`{}`) at start.
+    tokens_file: PathBuf,
+    cfg: ControlPlaneConfig,
     cp: Option<RunningControlPlane>,
     tokens: HashMap<String, String>,
 }
@@ -130,25 +133,40 @@ impl Mesh {
             ("api-2".to_string(), "token-api2-0123456789".to_string()),
         ]
         .into();
-        let cp = within(
-            "start",
-            palisade_control_plane::start(ControlPlaneConfig {
-                mesh_path: mesh_path.clone(),
-                state_dir: dir.path().join("state"),
-                listen: Some("127.0.0.1:0".parse().unwrap()),
-                tokens: tokens.clone(),
-                metrics_listen: None,
-            }),
-        )
-        .await
-        .expect("control plane starts");
+        let tokens_file = dir.path().join("tokens.json");
+        std::fs::write(&tokens_file, "{}").unwrap();
+        let cfg = ControlPlaneConfig {
+            mesh_path: mesh_path.clone(),
+            state_dir: dir.path().join("state"),
+            listen: Some("127.0.0.1:0".parse().unwrap()),
+            tokens: tokens.clone(),
+            tokens_file: Some(tokens_file.clone()),
+            metrics_listen: None,
+        };
+        let cp = within("start", palisade_control_plane::start(cfg.clone()))
+            .await
+            .expect("control plane starts");
         Self {
             _dir: dir,
             mesh_path,
             policies,
+            tokens_file,
+            cfg,
             cp: Some(cp),
             tokens,
         }
+    }
+
+    /// Stops the control plane and starts a new one on the same state directory and tokens,
+    /// as `palisade up` does when its control plane dies.
+    async fn restart(&mut self) {
+        if let Some(cp) = self.cp.take() {
+            within("shutdown", cp.shutdown()).await;
+        }
+        let cp = within("restart", palisade_control_plane::start(self.cfg.clone()))
+            .await
+            .expect("control plane restarts");
+        self.cp = Some(cp);
     }
 
     fn cp(&self) -> &RunningControlPlane {
@@ -298,6 +316,7 @@ async fn invalid_mesh_file_fails_start_naming_the_field() {
             state_dir: dir.path().join("state"),
             listen: Some("127.0.0.1:0".parse().unwrap()),
             tokens: HashMap::new(),
+            tokens_file: None,
             metrics_listen: None,
         }),
     )
@@ -427,6 +446,72 @@ async fn random_or_missing_token_is_unauthenticated() {
     m.stop().await;
 }
 
+/// Counts of `palisade_identity_certificates_total` with `result`.
+fn certificates(m: &Mesh, result: &str) -> String {
+    let needle = format!("palisade_identity_certificates_total{{result=\"{result}\"}} ");
+    m.metrics()
+        .lines()
+        .find_map(|l| l.strip_prefix(&needle).map(str::to_string))
+        .unwrap_or_else(|| "0".into())
+}
+
+#[tokio::test]
+async fn a_bootstrap_token_certifies_one_proxy_start() {
+    let mut m = Mesh::start().await;
+    let store = m.bootstrap("web", "web").await;
+    let token = m.tokens["web"].clone();
+
+    // Replayed from anywhere without the SVID (a leaked token): refused and counted.
+    let thief = m.empty_store("web");
+    let kc = KeyAndCsr::generate(thief.id()).unwrap();
+    let err = m.certify(&thief, kc.csr_der(), &token).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    assert!(err.message().contains("already used"), "{err:?}");
+    assert_eq!(certificates(&m, "token_replayed"), "1");
+    assert_eq!(certificates(&m, "issued"), "1");
+
+    // Renewal is unchanged: the proxy authenticates with its SVID (and still sends its
+    // consumed token along, as real proxies do).
+    let kc = KeyAndCsr::generate(store.id()).unwrap();
+    let rsp = m
+        .certify(&store, kc.csr_der(), &token)
+        .await
+        .expect("renewed");
+    assert_eq!(rsp.spiffe_id, m.id("web").as_str());
+
+    // A restarted control plane (same state directory and tokens) still refuses it, and
+    // still accepts a token that was never used.
+    m.restart().await;
+    let err = m.certify(&thief, kc.csr_der(), &token).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    assert_eq!(certificates(&m, "token_replayed"), "1");
+    m.bootstrap("api", "api").await;
+    assert_eq!(certificates(&m, "issued"), "1");
+    m.stop().await;
+}
+
+#[tokio::test]
+async fn a_token_added_to_the_tokens_file_later_is_accepted() {
+    let m = Mesh::start().await;
+    let store = m.empty_store("web");
+    let kc = KeyAndCsr::generate(store.id()).unwrap();
+    let late = "late-token-web-0123456789";
+    let err = m.certify(&store, kc.csr_der(), late).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "not known yet: {err:?}");
+
+    // As `palisade up` does right before it starts a proxy.
+    write_atomic(&m.tokens_file, &format!("{{\"web\": \"{late}\"}}"));
+    let rsp = m
+        .certify(&store, kc.csr_der(), late)
+        .await
+        .expect("a token added to the file is accepted");
+    assert_eq!(rsp.spiffe_id, m.id("web").as_str());
+    let err = m.certify(&store, kc.csr_der(), late).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    assert_eq!(certificates(&m, "token_replayed"), "1");
+    m.stop().await;
+}
+
 #[tokio::test]
 async fn garbage_csr_is_invalid_argument() {
     let m = Mesh::start().await;
@@ -471,6 +556,91 @@ async fn watch_for_another_workload_is_permission_denied() {
     let err = m.watch(&web, "api").await.unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
     let err = m.watch(&web, "nope").await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    m.stop().await;
+}
+
+/// The sample of `name{label}` in the control plane's metrics ("0" when absent).
+fn sample(m: &Mesh, name: &str, label: &str) -> String {
+    let needle = format!("{name}{{{label}}} ");
+    m.metrics()
+        .lines()
+        .find_map(|l| l.strip_prefix(&needle).map(str::to_string))
+        .unwrap_or_else(|| "0".into())
+}
+
+#[tokio::test]
+async fn refused_watch_calls_are_counted_by_reason() {
+    let m = Mesh::start().await;
+    let refused = |reason: &str| {
+        sample(
+            &m,
+            "palisade_discovery_watch_refused_total",
+            &format!("reason=\"{reason}\""),
+        )
+    };
+    let anon = m.empty_store("web");
+    assert!(m.watch(&anon, "web").await.is_err());
+    let web = m.bootstrap("web", "web").await;
+    assert!(m.watch(&web, "api").await.is_err());
+    assert!(m.watch(&web, "api").await.is_err());
+    assert!(m.watch(&web, "nope").await.is_err());
+    assert_eq!(refused("no_client_certificate"), "1");
+    assert_eq!(refused("permission_denied"), "2");
+    assert_eq!(refused("unknown_workload"), "1");
+    // An accepted Watch is not a refusal.
+    let _s = m.watch(&web, "web").await.expect("watch");
+    assert_eq!(refused("permission_denied"), "2");
+    m.stop().await;
+}
+
+#[tokio::test]
+async fn oversize_requests_are_resource_exhausted_and_counted() {
+    let m = Mesh::start().await;
+    let big = "x".repeat(palisade_control_plane::limits::MAX_REQUEST_MESSAGE + 1);
+
+    // Over mTLS, as a proxy would call.
+    let web = m.bootstrap("web", "web").await;
+    let err = m.watch(&web, &big).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert_eq!(
+        sample(
+            &m,
+            "palisade_api_oversize_requests_total",
+            "service=\"discovery\""
+        ),
+        "1"
+    );
+    assert_eq!(
+        sample(
+            &m,
+            "palisade_discovery_watch_refused_total",
+            "reason=\"message_too_large\""
+        ),
+        "1"
+    );
+
+    // And before authenticating: a bootstrapping caller with a huge CSR.
+    let anon = m.empty_store("api");
+    let err = m
+        .certify(&anon, big.as_bytes(), "token-api-0123456789")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert_eq!(
+        sample(
+            &m,
+            "palisade_api_oversize_requests_total",
+            "service=\"identity\""
+        ),
+        "1"
+    );
+    // The token was never looked at, so it still works.
+    m.bootstrap("api", "api").await;
+
+    // A request just under the limit is served as usual (here: refused for its content).
+    let near = "x".repeat(palisade_control_plane::limits::MAX_REQUEST_MESSAGE - 64);
+    let err = m.watch(&web, &near).await.unwrap_err();
     assert_eq!(err.code(), Code::NotFound, "{err:?}");
     m.stop().await;
 }
@@ -695,6 +865,7 @@ async fn metrics_endpoint_and_handshake_errors() {
             state_dir: dir.path().join("state"),
             listen: Some("127.0.0.1:0".parse().unwrap()),
             tokens: HashMap::new(),
+            tokens_file: None,
             metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
         }),
     )
@@ -793,4 +964,55 @@ async fn short_lifetimes_renew_the_control_planes_own_certificate() {
         .await
         .expect("issued after the renewal");
     m.stop().await;
+}
+
+/// The control plane started on its own (`palisade control-plane --state-dir`) makes the same
+/// checks as `up`: a fresh state dir and `ca/` end up 0700, and a state dir anyone can write
+/// to, or a CA key that is not 0600, is refused rather than trusted.
+#[tokio::test]
+async fn the_state_dir_is_private_and_a_planted_ca_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let chmod = |p: &Path, m: u32| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap();
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mesh_path = dir.path().join("mesh.yaml");
+    std::fs::create_dir_all(dir.path().join("policies")).unwrap();
+    std::fs::write(&mesh_path, MESH).unwrap();
+    let start = |state: PathBuf| {
+        palisade_control_plane::start(ControlPlaneConfig {
+            mesh_path: mesh_path.clone(),
+            state_dir: state,
+            listen: Some("127.0.0.1:0".parse().unwrap()),
+            tokens: HashMap::new(),
+            tokens_file: None,
+            metrics_listen: None,
+        })
+    };
+
+    let fresh = dir.path().join("fresh");
+    let cp = within("start", start(fresh.clone())).await.expect("starts");
+    assert_eq!(mode(&fresh), 0o700);
+    assert_eq!(mode(&fresh.join("ca")), 0o700);
+    within("shutdown", cp.shutdown()).await;
+
+    chmod(&fresh, 0o777);
+    let err = within("start", start(fresh.clone())).await.unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains(fresh.to_str().unwrap()) && msg.contains("writable by group or others"),
+        "{msg}"
+    );
+    chmod(&fresh, 0o700);
+
+    chmod(&fresh.join("ca/issuer-key.pem"), 0o644);
+    let msg = within("start", start(fresh.clone()))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("issuer-key.pem") && msg.contains("0600"),
+        "{msg}"
+    );
 }

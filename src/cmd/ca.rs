@@ -39,8 +39,7 @@ pub enum CertCommand {
 }
 
 fn duration(s: &str, what: &str) -> anyhow::Result<std::time::Duration> {
-    palisade_certs::parse_duration(s)
-        .with_context(|| format!("{what} {s:?} is not a duration like 30s, 10m or 24h"))
+    palisade_certs::parse_duration(s).with_context(|| format!("invalid {what}"))
 }
 
 pub fn run_ca(cmd: CaCommand) -> anyhow::Result<ExitCode> {

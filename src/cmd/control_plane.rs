@@ -6,8 +6,6 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Context;
-
 #[derive(clap::Args)]
 pub struct ControlPlaneArgs {
     /// The mesh file (the local config source).
@@ -16,7 +14,8 @@ pub struct ControlPlaneArgs {
     /// Where the CA lives (`ca/`), created on first start.
     #[arg(long, env = "PALISADE_STATE_DIR", default_value = ".palisade")]
     pub state_dir: PathBuf,
-    /// JSON map of workload name to bootstrap token (written by `palisade up`).
+    /// JSON map of workload name to bootstrap token (written by `palisade up`); re-read when a
+    /// proxy presents a token, and each token certifies one proxy start.
     #[arg(long, env = "PALISADE_TOKENS")]
     pub tokens: Option<PathBuf>,
     /// gRPC listen address; default 127.0.0.1 and the mesh file's `controlPlane.port`.
@@ -28,20 +27,12 @@ pub struct ControlPlaneArgs {
 }
 
 pub fn run(args: ControlPlaneArgs) -> anyhow::Result<ExitCode> {
-    let tokens: HashMap<String, String> = match &args.tokens {
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("cannot read tokens file {}", path.display()))?;
-            serde_json::from_str(&text)
-                .with_context(|| format!("{} is not a JSON object of tokens", path.display()))?
-        }
-        None => HashMap::new(),
-    };
     let cfg = palisade_control_plane::ControlPlaneConfig {
         mesh_path: args.config,
         state_dir: args.state_dir,
         listen: args.listen,
-        tokens,
+        tokens: HashMap::new(),
+        tokens_file: args.tokens,
         metrics_listen: args.metrics,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -84,9 +84,10 @@ pub struct ProxyArgs {
     pub worker_threads: usize,
 }
 
+/// clap's value parser for every duration flag of the CLI: one grammar and one overflow-safe
+/// parser for the mesh file and the command line.
 pub fn duration(s: &str) -> Result<Duration, String> {
-    palisade_certs::parse_duration(s)
-        .ok_or_else(|| format!("{s:?} is not a duration like 500ms, 3s, 1m"))
+    palisade_certs::parse_duration(s).map_err(|e| e.to_string())
 }
 
 fn build_config(a: &ProxyArgs) -> anyhow::Result<ProxyConfig> {

@@ -65,18 +65,50 @@ fn random_token() -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Secrets are replaced whole (temp file + rename, 0600): the control plane may read the tokens
+/// file at any moment, and nothing planted at the path is written through.
 fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    f.write_all(contents.as_bytes())?;
-    Ok(())
+    palisade_certs::secure_fs::write_private_atomic(path, contents.as_bytes())
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// Gives `w`'s proxy a fresh bootstrap token, right before it starts: its own token file, and
+/// the tokens file the control plane re-reads when a proxy presents a token. A token
+/// certifies one proxy start, so every start needs a new one.
+fn issue_token(
+    w: &Workload,
+    p: &Paths,
+    tokens: &mut BTreeMap<String, String>,
+) -> anyhow::Result<()> {
+    let t = random_token();
+    write_private(&p.state.join("tokens").join(&w.name), &t)?;
+    tokens.insert(w.name.clone(), t);
+    write_private(&p.tokens, &serde_json::to_string_pretty(tokens)?)
+}
+
+/// The state directory holds the bootstrap tokens and the CA: created 0700 if missing, and
+/// refused (one sentence naming the path) if another user owns it, `ca/` or `tokens/`, or can
+/// write to them, or if a CA key there is not ours and 0600. A directory pre-created by another
+/// local user would otherwise receive our tokens, and a CA planted in it would become the mesh's
+/// trust anchor.
+fn prepare_state_dir(dir: &Path) -> anyhow::Result<PathBuf> {
+    use palisade_certs::secure_fs::{ensure_private_dir, read_private_key};
+    ensure_private_dir(dir)?;
+    let state =
+        std::fs::canonicalize(dir).with_context(|| format!("cannot resolve {}", dir.display()))?;
+    ensure_private_dir(&state.join("tokens"))?;
+    let ca = state.join(palisade_control_plane::CA_DIR);
+    ensure_private_dir(&ca)?;
+    for key in [
+        palisade_certs::ca::ISSUER_KEY_FILE,
+        palisade_certs::ca::ROOT_KEY_FILE,
+    ] {
+        let path = ca.join(key);
+        if std::fs::symlink_metadata(&path).is_ok() {
+            read_private_key(&path)?;
+        }
+    }
+    Ok(state)
 }
 
 fn log_file(dir: &Path, name: &str) -> anyhow::Result<(Stdio, Stdio)> {
@@ -249,9 +281,7 @@ async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
     let mesh_path = std::fs::canonicalize(&args.mesh)
         .with_context(|| format!("cannot read the mesh file {}", args.mesh.display()))?;
     let mesh = palisade_control_plane::mesh::load(&mesh_path)?;
-    std::fs::create_dir_all(&args.state_dir)
-        .with_context(|| format!("cannot create {}", args.state_dir.display()))?;
-    let state = std::fs::canonicalize(&args.state_dir)?;
+    let state = prepare_state_dir(&args.state_dir)?;
     let cp_metrics = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .context("no free port for the control plane's status")?;
@@ -264,17 +294,13 @@ async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
         state,
         proxy_bin: args.proxy_bin.clone(),
     };
-    std::fs::create_dir_all(&paths.logs)?;
-    std::fs::create_dir_all(paths.state.join("tokens"))?;
+    std::fs::create_dir_all(&paths.logs)
+        .with_context(|| format!("cannot create {}", paths.logs.display()))?;
     let _ = std::fs::remove_file(paths.state.join("mesh.json"));
 
-    // One bootstrap token per workload: the control plane signs only that workload's ID for it.
+    // Bootstrap tokens: none yet, one per proxy as it starts (the control plane signs only
+    // that workload's ID for it, once). Tokens of an earlier run are dropped.
     let mut tokens = BTreeMap::new();
-    for w in &mesh.workloads {
-        let t = random_token();
-        write_private(&paths.state.join("tokens").join(&w.name), &t)?;
-        tokens.insert(w.name.clone(), t);
-    }
     write_private(&paths.tokens, &serde_json::to_string_pretty(&tokens)?)?;
 
     let cp_addr = loopback(mesh.control_plane.port);
@@ -284,6 +310,7 @@ async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
     let mut procs = Vec::new();
     for w in &mesh.workloads {
         let app = spawn_app(w, &paths)?;
+        issue_token(w, &paths, &mut tokens)?;
         let proxy = spawn_proxy(w, &mesh, &paths)?;
         procs.push(WorkloadProcs {
             name: w.name.clone(),
