@@ -374,7 +374,11 @@ fn up_fails_fast_and_says_why_when_the_control_plane_port_is_taken() {
     let (status, lines) = mesh.wait_exit(Duration::from_secs(30));
     let text = lines.join("\n");
     assert_eq!(status.code(), Some(1), "{text}");
-    assert!(text.contains("control plane exited"), "{text}");
+    // Named before anything starts, by the mesh file's field.
+    assert!(
+        text.contains("controlPlane.port") && text.contains("is in use by another process"),
+        "{text}"
+    );
     assert!(!text.contains("mesh ready"), "{text}");
     drop(squatter);
 }

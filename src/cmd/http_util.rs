@@ -17,18 +17,6 @@ pub async fn request(
     request_with(method, addr, path, timeout, &[]).await
 }
 
-/// Asks a sidecar started with `PALISADE_ADMIN_SHUTDOWN=true` to drain and exit.
-pub async fn shutdown(addr: SocketAddr, timeout: Duration) -> anyhow::Result<(StatusCode, String)> {
-    request_with(
-        Method::POST,
-        addr,
-        "/shutdown",
-        timeout,
-        &[(palisade_proxy::admin::SHUTDOWN_HEADER, "1")],
-    )
-    .await
-}
-
 pub async fn request_with(
     method: Method,
     addr: SocketAddr,

@@ -70,7 +70,8 @@ pub struct ProxyArgs {
     #[arg(long, env = "PALISADE_MAX_CONNECTIONS", default_value_t = 10_000)]
     pub max_connections: usize,
     /// Answer `POST /shutdown` on the admin port (loopback only, with the
-    /// `palisade-admin-shutdown` header); `palisade up` turns it on for its sidecars.
+    /// `palisade-admin-shutdown` header). Off by default: every container of a pod shares
+    /// its loopback. `palisade up` stops its sidecars with SIGTERM instead.
     #[arg(long, env = "PALISADE_ADMIN_SHUTDOWN")]
     pub admin_shutdown: bool,
     /// One log line per request (target `palisade::access`).

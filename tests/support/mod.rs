@@ -174,6 +174,17 @@ impl MeshSpec {
         ports: Vec<(String, Ports)>,
         policies: &[(&str, &str)],
     ) -> Mesh {
+        self.launch_with(cp_port, ports, policies, &[])
+    }
+
+    /// [`MeshSpec::launch`] with extra arguments for `up`.
+    pub fn launch_with(
+        self,
+        cp_port: u16,
+        ports: Vec<(String, Ports)>,
+        policies: &[(&str, &str)],
+        extra: &[&str],
+    ) -> Mesh {
         let dir = tempfile::tempdir().expect("tempdir");
         let mesh_file = dir.path().join("mesh.yaml");
         std::fs::write(&mesh_file, self.render(cp_port, &ports)).expect("write mesh");
@@ -189,6 +200,7 @@ impl MeshSpec {
             .arg(&mesh_file)
             .arg("--state-dir")
             .arg(&state)
+            .args(extra)
             .env("PALISADE_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
