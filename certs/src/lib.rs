@@ -10,6 +10,7 @@ pub mod bundle;
 pub mod ca;
 pub mod csr;
 pub mod duration;
+pub mod kx;
 pub mod pem;
 pub mod secure_fs;
 pub mod spiffe;

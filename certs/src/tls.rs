@@ -21,16 +21,18 @@ pub const ALPN_H2: &[u8] = b"h2";
 /// ALPN for opaque TCP between proxies: the stream is the app's bytes, nothing else.
 pub const ALPN_OPAQUE: &[u8] = b"palisade.dev/opaque";
 
-/// The process's one crypto provider (ring). Configs are built with it explicitly, so nothing
-/// depends on a process-default provider having been installed.
+/// The process's one crypto provider: ring, with the post-quantum hybrid X25519MLKEM768
+/// preferred for key exchange ([`crate::kx`]; docs/ARCHITECTURE.md says why). Configs are built
+/// with it explicitly, so nothing depends on a process-default provider having been installed.
 pub fn provider() -> &'static Arc<CryptoProvider> {
     static P: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
-    P.get_or_init(|| Arc::new(rustls::crypto::ring::default_provider()))
+    P.get_or_init(|| Arc::new(crate::kx::provider()))
 }
 
-/// Installs ring as the process default, for libraries (tonic) that build their own configs.
+/// Installs the same provider as the process default, for libraries (tonic) that build their
+/// own configs.
 pub fn install_default_provider() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    let _ = crate::kx::provider().install_default();
 }
 
 fn to_rustls(e: SvidError) -> rustls::Error {

@@ -39,7 +39,7 @@ use crate::detect::{self, Detected};
 use crate::http::{self as phttp, OutBody, RspBody, TelemetryLayer};
 use crate::io::PrefixedIo;
 use crate::sanitize::SanitizeLayer;
-use crate::telemetry::{ConnLabels, DirLabels, Direction, Label, OpenConnGuard};
+use crate::telemetry::{ConnLabels, Direction, Label, OpenConnGuard};
 use crate::{Ctx, tls};
 
 /// Dials the app whatever the request's URI says: the app is always the one local address.
@@ -153,13 +153,8 @@ async fn handle(ctx: Arc<Ctx>, acceptor: TlsAcceptor, mut tcp: TcpStream, remote
                     return;
                 }
             };
-            ctx.metrics
-                .tls_connections
-                .get_or_create(&DirLabels {
-                    direction: Direction::inbound,
-                })
-                .inc();
             let (_, conn) = tls.get_ref();
+            ctx.metrics.tls_connection(Direction::inbound, conn);
             let peer = palisade_certs::tls::peer_identity(conn);
             let alpn = conn.alpn_protocol().map(<[u8]>::to_vec);
             let info = ConnInfo::new(peer, remote.ip(), port);

@@ -63,6 +63,14 @@ pub struct DirLabels {
     pub direction: Direction,
 }
 
+/// An mTLS connection between proxies, by the key exchange it negotiated.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TlsLabels {
+    pub direction: Direction,
+    /// `X25519MLKEM768` (post-quantum hybrid), `X25519`, … (TLS group names).
+    pub group: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
     pub direction: Direction,
@@ -98,7 +106,7 @@ pub struct Metrics {
     pub tcp_connections: Family<ConnLabels, Counter>,
     pub tcp_open: Family<DirLabels, Gauge>,
     pub tcp_bytes: Family<DirLabels, Counter>,
-    pub tls_connections: Family<DirLabels, Counter>,
+    pub tls_connections: Family<TlsLabels, Counter>,
     pub tls_handshake_errors: Family<ReasonLabels, Counter>,
     pub refused: Family<ReasonLabels, Counter>,
     pub requests_refused: Family<ReasonLabels, Counter>,
@@ -159,7 +167,7 @@ impl Metrics {
         );
         registry.register(
             "palisade_tls_connections",
-            "mTLS connections established between proxies",
+            "mTLS connections established between proxies, by negotiated key exchange group",
             m.tls_connections.clone(),
         );
         registry.register(
@@ -239,6 +247,15 @@ impl Metrics {
             .inc();
     }
 
+    pub fn tls_connection(&self, direction: Direction, conn: &rustls::CommonState) {
+        self.tls_connections
+            .get_or_create(&TlsLabels {
+                direction,
+                group: kx_group_name(conn),
+            })
+            .inc();
+    }
+
     pub fn handshake_error(&self, direction: Direction, reason: &'static str) {
         self.tls_handshake_errors
             .get_or_create(&ReasonLabels { direction, reason })
@@ -265,5 +282,18 @@ impl OpenConnGuard {
 impl Drop for OpenConnGuard {
     fn drop(&mut self) {
         self.gauge.dec();
+    }
+}
+
+/// The TLS name of the key exchange group a connection negotiated.
+pub fn kx_group_name(conn: &rustls::CommonState) -> &'static str {
+    use rustls::NamedGroup;
+    match conn.negotiated_key_exchange_group().map(|g| g.name()) {
+        Some(NamedGroup::X25519MLKEM768) => "X25519MLKEM768",
+        Some(NamedGroup::X25519) => "X25519",
+        Some(NamedGroup::secp256r1) => "secp256r1",
+        Some(NamedGroup::secp384r1) => "secp384r1",
+        Some(_) => "other",
+        None => "none",
     }
 }

@@ -18,7 +18,7 @@ use tokio_rustls::TlsConnector;
 use super::Endpoint;
 use crate::balance::{Failure, InFlight};
 use crate::http::{self as phttp, OutBody};
-use crate::telemetry::{DirLabels, Direction};
+use crate::telemetry::Direction;
 use crate::{Ctx, tls};
 
 #[derive(Debug, thiserror::Error)]
@@ -204,11 +204,7 @@ pub(crate) async fn dial(
         }
     };
     ctx.metrics
-        .tls_connections
-        .get_or_create(&DirLabels {
-            direction: Direction::outbound,
-        })
-        .inc();
+        .tls_connection(Direction::outbound, stream.get_ref().1);
     Ok(stream)
 }
 
