@@ -14,6 +14,7 @@ pub mod identity;
 pub mod mesh;
 pub mod metrics;
 pub mod model;
+pub mod served;
 pub mod source;
 
 use std::collections::HashMap;
@@ -63,7 +64,8 @@ pub struct ControlPlaneConfig {
     pub listen: Option<SocketAddr>,
     /// Workload name -> bootstrap token.
     pub tokens: HashMap<String, String>,
-    /// Serve `/metrics`, `/ready`, `/live` and `/status` over plain HTTP here.
+    /// Serve `/metrics`, `/ready`, `/live`, `/status` and `/config?workload=NAME` over plain
+    /// HTTP here.
     pub metrics_listen: Option<SocketAddr>,
 }
 
@@ -356,10 +358,17 @@ pub async fn start(cfg: ControlPlaneConfig) -> Result<RunningControlPlane, Contr
                     }).collect::<serde_json::Map<_, _>>(),
                 })
             });
+            // What the workload's proxy is served now (`palisade authz explain --live`).
+            let config_rx = source.subscribe();
+            let config: metrics::ConfigFn = Arc::new(move |workload| {
+                let m = config_rx.borrow().clone();
+                let served = m.served_config(workload)?;
+                serde_json::to_value(served).ok()
+            });
             tasks.push(tokio::spawn(metrics::serve(
                 l,
                 metrics.clone(),
-                status,
+                metrics::Routes { status, config },
                 stop_rx.clone(),
             )));
             Some(bound)
