@@ -8,6 +8,7 @@
 //! the caller's identity (or token) entitles it to.
 #![forbid(unsafe_code)]
 
+pub mod analyze;
 pub mod conn;
 pub mod discovery;
 pub mod identity;
