@@ -500,3 +500,29 @@ fn policy_check_with_a_mesh_warns_about_what_fits_no_workload() {
     assert!(err.contains("principalz"), "{err}");
     assert!(!err.contains("warning: "), "{err}");
 }
+
+#[test]
+fn the_readme_shows_what_explain_prints() {
+    let readme = std::fs::read_to_string(repo("README.md")).expect("README");
+    let cmd = "$ cargo run --release -- authz explain --workload db --from cluster.local/ns/demo/sa/web\n";
+    let shown = readme
+        .split_once(cmd)
+        .and_then(|(_, rest)| rest.split_once("```"))
+        .map(|(block, _)| block)
+        .expect("the README shows authz explain");
+    // Run as the README runs it: from the repository, with the default mesh file.
+    let out = palisade()
+        .current_dir(repo(""))
+        .args([
+            "authz",
+            "explain",
+            "--workload",
+            "db",
+            "--from",
+            "cluster.local/ns/demo/sa/web",
+        ])
+        .env_remove("PALISADE_MESH")
+        .output()
+        .expect("run");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), shown);
+}
