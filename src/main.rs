@@ -63,7 +63,7 @@ fn main() -> ExitCode {
         Command::Check(a) => cmd::check::run(a),
         Command::Bench(a) => cmd::bench::run(a),
         Command::Relay(a) => cmd::relay::run(a),
-        Command::Policy(cmd::policy::PolicyCommand::Check { path }) => cmd::policy::check(path),
+        Command::Policy(cmd::policy::PolicyCommand::Check(a)) => cmd::policy::check(a),
         Command::Authz(cmd::policy::AuthzCommand::Explain(a)) => cmd::policy::explain(a),
     };
     cmd::exit(result)

@@ -373,6 +373,31 @@ impl PeerAuthentication {
 pub struct MtlsSettings {
     pub mode: MtlsMode,
     pub port_modes: BTreeMap<u32, MtlsMode>,
+    /// The PeerAuthentication (`namespace/name`) that set `mode`; None: the mesh default
+    /// (STRICT, no PeerAuthentication says otherwise).
+    pub source: Option<String>,
+    /// The PeerAuthentication that set each of `port_modes`.
+    pub port_sources: BTreeMap<u32, String>,
+}
+
+impl MtlsSettings {
+    /// The mode for the workload's `port` (a `portLevelMtls` entry, else the workload's).
+    pub fn mode_for(&self, port: u32) -> MtlsMode {
+        self.port_modes.get(&port).copied().unwrap_or(self.mode)
+    }
+
+    /// Where the mode for `port` came from: `PeerAuthentication ns/name`, or `mesh default`.
+    pub fn source_for(&self, port: u32) -> String {
+        match self
+            .port_sources
+            .get(&port)
+            .filter(|_| self.port_modes.contains_key(&port))
+            .or(self.source.as_ref())
+        {
+            Some(name) => format!("PeerAuthentication {name}"),
+            None => "mesh default".to_string(),
+        }
+    }
 }
 
 /// Istio's precedence: a workload-selector policy beats a namespace policy, which beats the
@@ -398,26 +423,33 @@ pub fn effective_mtls(
         v.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
         v.first().copied()
     };
-    let mut mode = MtlsMode::Strict;
-    let mut port_modes = BTreeMap::new();
+    let mut settings = MtlsSettings {
+        mode: MtlsMode::Strict,
+        port_modes: BTreeMap::new(),
+        source: None,
+        port_sources: BTreeMap::new(),
+    };
     for level in 0..3 {
         if let Some(p) = pick(level) {
+            let name = || format!("{}/{}", p.metadata.namespace(), p.metadata.name);
             if let Some(m) = &p.spec.mtls
                 && m.mode != MtlsMode::Unset
             {
-                mode = m.mode;
+                settings.mode = m.mode;
+                settings.source = Some(name());
             }
             // Port-level settings only make sense with a workload selector (Istio).
             if level == 2 {
                 for (port, m) in &p.spec.port_level_mtls {
                     if m.mode != MtlsMode::Unset {
-                        port_modes.insert(*port, m.mode);
+                        settings.port_modes.insert(*port, m.mode);
+                        settings.port_sources.insert(*port, name());
                     }
                 }
             }
         }
     }
-    MtlsSettings { mode, port_modes }
+    settings
 }
 
 /// A parse or validation error, naming where it is.
@@ -1591,6 +1623,36 @@ spec:
         let s = effective_mtls(&[mesh, ported], "demo", &l);
         assert_eq!(s.mode, MtlsMode::Permissive);
         assert_eq!(s.port_modes.get(&9090), Some(&MtlsMode::Permissive));
+    }
+
+    #[test]
+    fn mtls_names_where_each_mode_came_from() {
+        let l = labels(&[("app", "db")]);
+        let none = effective_mtls(&[], "demo", &l);
+        assert_eq!(
+            (none.mode_for(8080), none.source_for(8080).as_str()),
+            (MtlsMode::Strict, "mesh default")
+        );
+        let mesh = pa(ROOT_NAMESPACE, "default", None, MtlsMode::Permissive);
+        let ns = pa("demo", "ns", None, MtlsMode::Disable);
+        // UNSET at the workload level: the namespace's mode, and its name, stand.
+        let mut ported = pa("demo", "db", Some("db"), MtlsMode::Unset);
+        ported.spec.port_level_mtls.insert(
+            9090,
+            Mtls {
+                mode: MtlsMode::Strict,
+            },
+        );
+        let s = effective_mtls(&[mesh.clone(), ns, ported], "demo", &l);
+        assert_eq!(s.mode_for(8080), MtlsMode::Disable);
+        assert_eq!(s.source_for(8080), "PeerAuthentication demo/ns");
+        assert_eq!(s.mode_for(9090), MtlsMode::Strict);
+        assert_eq!(s.source_for(9090), "PeerAuthentication demo/db");
+        let s = effective_mtls(std::slice::from_ref(&mesh), "demo", &l);
+        assert_eq!(
+            s.source_for(9090),
+            "PeerAuthentication palisade-system/default"
+        );
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! the caller's identity (or token) entitles it to.
 #![forbid(unsafe_code)]
 
+pub mod analyze;
 pub mod conn;
 pub mod discovery;
 pub mod identity;
@@ -15,6 +16,7 @@ pub mod limits;
 pub mod mesh;
 pub mod metrics;
 pub mod model;
+pub mod served;
 pub mod source;
 pub mod tokens;
 
@@ -70,7 +72,8 @@ pub struct ControlPlaneConfig {
     /// at start and again whenever a proxy presents a token, so tokens added to it later are
     /// accepted. Each token certifies one proxy start; see [`tokens`].
     pub tokens_file: Option<PathBuf>,
-    /// Serve `/metrics`, `/ready`, `/live` and `/status` over plain HTTP here.
+    /// Serve `/metrics`, `/ready`, `/live`, `/status` and `/config?workload=NAME` over plain
+    /// HTTP here.
     pub metrics_listen: Option<SocketAddr>,
 }
 
@@ -384,10 +387,17 @@ pub async fn start(cfg: ControlPlaneConfig) -> Result<RunningControlPlane, Contr
                     }).collect::<serde_json::Map<_, _>>(),
                 })
             });
+            // What the workload's proxy is served now (`palisade authz explain --live`).
+            let config_rx = source.subscribe();
+            let config: metrics::ConfigFn = Arc::new(move |workload| {
+                let m = config_rx.borrow().clone();
+                let served = m.served_config(workload)?;
+                serde_json::to_value(served).ok()
+            });
             tasks.push(tokio::spawn(metrics::serve(
                 l,
                 metrics.clone(),
-                status,
+                metrics::Routes { status, config },
                 stop_rx.clone(),
             )));
             Some(bound)

@@ -1,5 +1,6 @@
 //! The control plane's Prometheus metrics and its small HTTP endpoint (`/metrics`, `/ready`,
-//! `/live`, `/status`).
+//! `/live`, `/status`, and `/config?workload=NAME`: what it serves that workload's proxy, see
+//! [`crate::served`]).
 //!
 //! Every refusal the control plane makes (a config change, a certificate, a handshake) is
 //! counted, because those are the events an operator has to notice without reading logs.
@@ -169,6 +170,62 @@ impl Metrics {
 /// What `/status` reports, refreshed by the caller.
 pub type StatusFn = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
 
+/// What `/config?workload=NAME` reports for a workload name; None: no such workload.
+pub type ConfigFn = Arc<dyn Fn(&str) -> Option<serde_json::Value> + Send + Sync>;
+
+/// The JSON routes of the endpoint.
+#[derive(Clone)]
+pub struct Routes {
+    pub status: StatusFn,
+    pub config: ConfigFn,
+}
+
+/// The value of `name` in a query string (`a=1&b=2`), percent-decoded; None if absent or
+/// not UTF-8 once decoded.
+fn query_param(query: &str, name: &str) -> Option<String> {
+    let raw = query
+        .split('&')
+        .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))?;
+    let mut out = Vec::with_capacity(raw.len());
+    let mut bytes = raw.bytes();
+    while let Some(b) = bytes.next() {
+        match b {
+            b'+' => out.push(b' '),
+            b'%' => {
+                let hex = [bytes.next()?, bytes.next()?];
+                let hex = std::str::from_utf8(&hex).ok()?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+            }
+            b => out.push(b),
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+fn json_error(status: StatusCode, message: String) -> Response<Full<Bytes>> {
+    text(
+        status,
+        serde_json::json!({ "error": message }).to_string(),
+        "application/json",
+    )
+}
+
+fn config(routes: &Routes, query: Option<&str>) -> Response<Full<Bytes>> {
+    let Some(name) = query.and_then(|q| query_param(q, "workload")) else {
+        return json_error(
+            StatusCode::BAD_REQUEST,
+            "say which workload: /config?workload=NAME".into(),
+        );
+    };
+    match (routes.config)(&name) {
+        Some(v) => text(StatusCode::OK, v.to_string(), "application/json"),
+        None => json_error(
+            StatusCode::NOT_FOUND,
+            format!("the mesh has no workload named {name:?}"),
+        ),
+    }
+}
+
 fn text(
     status: StatusCode,
     body: impl Into<Bytes>,
@@ -183,7 +240,7 @@ fn text(
     rsp
 }
 
-fn handle(metrics: &Metrics, status: &StatusFn, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+fn handle(metrics: &Metrics, routes: &Routes, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     const PLAIN: &str = "text/plain; charset=utf-8";
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/metrics") => text(
@@ -195,7 +252,12 @@ fn handle(metrics: &Metrics, status: &StatusFn, req: &Request<Incoming>) -> Resp
         (&Method::GET, "/ready") | (&Method::GET, "/live") => {
             text(StatusCode::OK, "ready\n", PLAIN)
         }
-        (&Method::GET, "/status") => text(StatusCode::OK, status().to_string(), "application/json"),
+        (&Method::GET, "/status") => text(
+            StatusCode::OK,
+            (routes.status)().to_string(),
+            "application/json",
+        ),
+        (&Method::GET, "/config") => config(routes, req.uri().query()),
         _ => text(StatusCode::NOT_FOUND, "not found\n", PLAIN),
     }
 }
@@ -204,7 +266,7 @@ fn handle(metrics: &Metrics, status: &StatusFn, req: &Request<Incoming>) -> Resp
 pub(crate) async fn serve(
     listener: TcpListener,
     metrics: Arc<Metrics>,
-    status: StatusFn,
+    routes: Routes,
     mut stop: watch::Receiver<bool>,
 ) {
     loop {
@@ -220,10 +282,10 @@ pub(crate) async fn serve(
             _ = stop.changed() => return,
         };
         let metrics = metrics.clone();
-        let status = status.clone();
+        let routes = routes.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| {
-                let rsp = handle(&metrics, &status, &req);
+                let rsp = handle(&metrics, &routes, &req);
                 async move { Ok::<_, Infallible>(rsp) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
@@ -236,4 +298,24 @@ pub(crate) async fn serve(
 /// Binds the metrics endpoint.
 pub(crate) async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::query_param;
+
+    #[test]
+    fn query_parameters_are_found_and_decoded() {
+        assert_eq!(
+            query_param("workload=db", "workload").as_deref(),
+            Some("db")
+        );
+        assert_eq!(
+            query_param("x=1&workload=my%2Dapp+2", "workload").as_deref(),
+            Some("my-app 2")
+        );
+        assert_eq!(query_param("workloads=db", "workload"), None);
+        assert_eq!(query_param("workload=%zz", "workload"), None);
+        assert_eq!(query_param("workload=%4", "workload"), None);
+    }
 }

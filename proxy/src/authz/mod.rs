@@ -11,6 +11,11 @@
 //! TCP (Istio's documented handling): in an ALLOW policy a rule using HTTP-only fields (methods,
 //! paths, hosts, request headers) cannot match a TCP connection; in a DENY policy those fields
 //! are ignored, so the rule denies the connection more broadly (fail closed).
+//!
+//! Explaining (`palisade authz explain`): the matchers take a reporter that hears, where a
+//! matcher fails, which field did not match and why. The proxy passes a no-op reporter
+//! (monomorphized away, so decisions stay allocation-free); `Authorizer::explain_*` passes a
+//! recording one. There is one matching logic, so an explanation cannot drift from a decision.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -111,14 +116,287 @@ impl Str {
     }
 }
 
+/// The pattern as written in the policy (principals without `spiffe://`).
+impl std::fmt::Display for Str {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Str::Exact(e) => f.write_str(e),
+            Str::Prefix(p) => write!(f, "{p}*"),
+            Str::Suffix(p) => write!(f, "*{p}"),
+            Str::Any => f.write_str("*"),
+        }
+    }
+}
+
 fn any(list: &[Str], v: &str) -> bool {
     list.iter().any(|m| m.matches(v))
 }
 
-/// A positive list matches if empty or if any entry matches; a negative list matches if no
-/// entry matches.
-fn pos_neg(pos: &[Str], neg: &[Str], v: &str) -> bool {
-    (pos.is_empty() || any(pos, v)) && !any(neg, v)
+// ---------------------------------------------------------------------------------------------
+// Reporting. The matchers below are the only matching logic there is: each takes a reporter
+// (`R: FnMut(Event)`) and tells it, at the point where it returns false, what failed. The
+// proxy's decisions pass a reporter that does nothing, which inlines away (no allocation, no
+// formatting: an `Event` only borrows); `Authorizer::explain_*` passes one that records.
+// ---------------------------------------------------------------------------------------------
+
+/// Where in a rule a mismatch is: the rule itself, or entry `index` of `count` in its `from`,
+/// `to` or `when` list.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum At {
+    Rule,
+    From { index: usize, count: usize },
+    To { index: usize, count: usize },
+    When,
+}
+
+impl At {
+    /// Which part of the rule: only the misses of the part that failed the rule explain it.
+    fn part(self) -> u8 {
+        match self {
+            At::Rule => 0,
+            At::From { .. } => 1,
+            At::To { .. } => 2,
+            At::When => 3,
+        }
+    }
+}
+
+/// The field that did not match.
+#[derive(Clone, Copy, Debug)]
+enum Field<'a> {
+    /// A `source` or `operation` field (`principals`, `notMethods`, …).
+    Named(&'static str),
+    /// The `values` (or `notValues`) of a `when` condition.
+    When { key: &'a CondKey, not: bool },
+}
+
+/// The patterns of that field.
+#[derive(Clone, Copy, Debug)]
+enum Pats<'a> {
+    Strs(&'a [Str]),
+    Ports(&'a [u16]),
+    Nets(&'a [IpNet]),
+}
+
+/// What the request had for that field.
+#[derive(Clone, Copy, Debug)]
+enum Val<'a> {
+    Str(&'a str),
+    Port(u16),
+    Ip(IpAddr),
+    /// The request has no value at all; says which.
+    Absent(&'static str),
+}
+
+const NO_IDENTITY: &str = "the caller has no mTLS identity (plaintext)";
+const NO_HEADER: &str = "the request has no such header";
+
+#[derive(Clone, Copy, Debug)]
+enum Miss<'a> {
+    /// A positive list none of whose patterns matches the value.
+    NotIn {
+        at: At,
+        field: Field<'a>,
+        pats: Pats<'a>,
+        val: Val<'a>,
+    },
+    /// A negative (`not…`) list one of whose patterns matches the value.
+    In {
+        at: At,
+        field: Field<'a>,
+        pats: Pats<'a>,
+        val: Val<'a>,
+    },
+    /// An ALLOW rule with HTTP-only fields, asked about a TCP connection.
+    HttpOnlyOnTcp,
+}
+
+/// What the matchers tell a reporter, in evaluation order.
+#[derive(Clone, Copy, Debug)]
+enum Event<'a> {
+    /// A policy is about to be evaluated.
+    Policy {
+        name: &'a Arc<str>,
+        action: Action,
+        rules: usize,
+    },
+    /// Why the rule being evaluated does not match (several for a `from` or `to` list whose
+    /// entries all fail).
+    Miss(Miss<'a>),
+    /// The rule `index` of the current policy was evaluated.
+    RuleEnd { index: usize, matched: bool },
+}
+
+impl Miss<'_> {
+    fn at(&self) -> At {
+        match self {
+            Miss::NotIn { at, .. } | Miss::In { at, .. } => *at,
+            Miss::HttpOnlyOnTcp => At::Rule,
+        }
+    }
+}
+
+impl std::fmt::Display for CondKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CondKey::Header(h) => write!(f, "request.headers[{h}]"),
+            CondKey::SourceIp => f.write_str("source.ip"),
+            CondKey::SourceNamespace => f.write_str("source.namespace"),
+            CondKey::SourcePrincipal => f.write_str("source.principal"),
+            CondKey::DestinationPort => f.write_str("destination.port"),
+        }
+    }
+}
+
+impl std::fmt::Display for Field<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Field::Named(n) => f.write_str(n),
+            Field::When { key, not: false } => write!(f, "when {key} values"),
+            Field::When { key, not: true } => write!(f, "when {key} notValues"),
+        }
+    }
+}
+
+impl std::fmt::Display for Pats<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        fn list<T: std::fmt::Display>(
+            f: &mut std::fmt::Formatter<'_>,
+            items: &[T],
+        ) -> std::fmt::Result {
+            f.write_str("[")?;
+            for (i, x) in items.iter().enumerate() {
+                if i > 0 {
+                    f.write_str(", ")?;
+                }
+                write!(f, "{x}")?;
+            }
+            f.write_str("]")
+        }
+        match self {
+            Pats::Strs(v) => list(f, v),
+            Pats::Ports(v) => list(f, v),
+            Pats::Nets(v) => list(f, v),
+        }
+    }
+}
+
+impl std::fmt::Display for Val<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Val::Str("") => f.write_str("\"\""),
+            Val::Str(s) => f.write_str(s),
+            Val::Port(p) => write!(f, "{p}"),
+            Val::Ip(ip) => write!(f, "{ip}"),
+            Val::Absent(what) => f.write_str(what),
+        }
+    }
+}
+
+impl std::fmt::Display for Miss<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.at() {
+            At::From { index, count } if count > 1 => write!(f, "from[{index}]: ")?,
+            At::To { index, count } if count > 1 => write!(f, "to[{index}]: ")?,
+            _ => {}
+        }
+        match self {
+            Miss::NotIn {
+                field,
+                pats,
+                val: val @ Val::Absent(_),
+                ..
+            } => write!(f, "{field} {pats}: {val}"),
+            Miss::NotIn {
+                field, pats, val, ..
+            } => write!(f, "{field} {pats} does not contain {val}"),
+            Miss::In {
+                field, pats, val, ..
+            } => write!(f, "{field} {pats} contains {val}"),
+            Miss::HttpOnlyOnTcp => f.write_str(
+                "it uses HTTP-only fields (methods, paths, hosts or request headers), so as an ALLOW rule it cannot match a TCP connection",
+            ),
+        }
+    }
+}
+
+/// A positive list: matches if empty or if a pattern matches `v`; `None` (no value) matches
+/// only an empty list.
+fn pos<R: FnMut(Event<'_>)>(
+    r: &mut R,
+    at: At,
+    field: Field<'_>,
+    pats: &[Str],
+    v: Option<&str>,
+    absent: &'static str,
+) -> bool {
+    if pats.is_empty() {
+        return true;
+    }
+    let val = match v {
+        Some(v) if any(pats, v) => return true,
+        Some(v) => Val::Str(v),
+        None => Val::Absent(absent),
+    };
+    r(Event::Miss(Miss::NotIn {
+        at,
+        field,
+        pats: Pats::Strs(pats),
+        val,
+    }));
+    false
+}
+
+/// A negative list: matches unless a pattern matches `v` (no value: matches).
+fn neg<R: FnMut(Event<'_>)>(
+    r: &mut R,
+    at: At,
+    field: Field<'_>,
+    pats: &[Str],
+    v: Option<&str>,
+) -> bool {
+    match v {
+        Some(v) if any(pats, v) => {
+            r(Event::Miss(Miss::In {
+                at,
+                field,
+                pats: Pats::Strs(pats),
+                val: Val::Str(v),
+            }));
+            false
+        }
+        _ => true,
+    }
+}
+
+/// `ipBlocks`-like lists: the positive one matches if empty or containing `ip`, the negative
+/// one if not containing it.
+fn nets_match<R: FnMut(Event<'_>)>(
+    r: &mut R,
+    at: At,
+    (field, pos): (Field<'_>, &[IpNet]),
+    (not_field, neg): (Field<'_>, &[IpNet]),
+    ip: IpAddr,
+) -> bool {
+    if !pos.is_empty() && !pos.iter().any(|b| b.contains(&ip)) {
+        r(Event::Miss(Miss::NotIn {
+            at,
+            field,
+            pats: Pats::Nets(pos),
+            val: Val::Ip(ip),
+        }));
+        return false;
+    }
+    if neg.iter().any(|b| b.contains(&ip)) {
+        r(Event::Miss(Miss::In {
+            at,
+            field: not_field,
+            pats: Pats::Nets(neg),
+            val: Val::Ip(ip),
+        }));
+        return false;
+    }
+    true
 }
 
 #[derive(Debug, Default)]
@@ -142,27 +420,41 @@ fn namespace_of(principal: &str) -> Option<&str> {
 }
 
 impl CSource {
-    fn matches(&self, c: &ConnContext<'_>) -> bool {
+    #[inline]
+    fn matches<R: FnMut(Event<'_>)>(&self, c: &ConnContext<'_>, at: At, r: &mut R) -> bool {
+        use Field::Named;
         let principal = c.peer.map(|p| p.strip_prefix("spiffe://").unwrap_or(p));
+        let ns = principal.and_then(namespace_of);
         // Identity-based fields need an mTLS identity; negative ones also match a caller that
         // has none (Envoy's `not authenticated(…)`).
-        if !self.principals.is_empty() && !principal.is_some_and(|p| any(&self.principals, p)) {
-            return false;
-        }
-        if principal.is_some_and(|p| any(&self.not_principals, p)) {
-            return false;
-        }
-        let ns = principal.and_then(namespace_of);
-        if !self.namespaces.is_empty() && !ns.is_some_and(|n| any(&self.namespaces, n)) {
-            return false;
-        }
-        if ns.is_some_and(|n| any(&self.not_namespaces, n)) {
-            return false;
-        }
-        if !self.ip_blocks.is_empty() && !self.ip_blocks.iter().any(|b| b.contains(&c.source_ip)) {
-            return false;
-        }
-        !self.not_ip_blocks.iter().any(|b| b.contains(&c.source_ip))
+        pos(
+            r,
+            at,
+            Named("principals"),
+            &self.principals,
+            principal,
+            NO_IDENTITY,
+        ) && neg(
+            r,
+            at,
+            Named("notPrincipals"),
+            &self.not_principals,
+            principal,
+        ) && pos(
+            r,
+            at,
+            Named("namespaces"),
+            &self.namespaces,
+            ns,
+            NO_IDENTITY,
+        ) && neg(r, at, Named("notNamespaces"), &self.not_namespaces, ns)
+            && nets_match(
+                r,
+                at,
+                (Named("ipBlocks"), &self.ip_blocks),
+                (Named("notIpBlocks"), &self.not_ip_blocks),
+                c.source_ip,
+            )
     }
 }
 
@@ -180,21 +472,76 @@ struct COperation {
 }
 
 impl COperation {
-    fn matches_port(&self, port: u16) -> bool {
-        (self.ports.is_empty() || self.ports.contains(&port)) && !self.not_ports.contains(&port)
+    #[inline]
+    fn matches_port<R: FnMut(Event<'_>)>(&self, port: u16, at: At, r: &mut R) -> bool {
+        if !self.ports.is_empty() && !self.ports.contains(&port) {
+            r(Event::Miss(Miss::NotIn {
+                at,
+                field: Field::Named("ports"),
+                pats: Pats::Ports(&self.ports),
+                val: Val::Port(port),
+            }));
+            return false;
+        }
+        if self.not_ports.contains(&port) {
+            r(Event::Miss(Miss::In {
+                at,
+                field: Field::Named("notPorts"),
+                pats: Pats::Ports(&self.not_ports),
+                val: Val::Port(port),
+            }));
+            return false;
+        }
+        true
     }
 
-    fn matches_http(&self, c: &ConnContext<'_>, h: &HttpContext<'_>) -> bool {
+    #[inline]
+    fn matches_http<R: FnMut(Event<'_>)>(
+        &self,
+        c: &ConnContext<'_>,
+        h: &HttpContext<'_>,
+        at: At,
+        r: &mut R,
+    ) -> bool {
+        use Field::Named;
         let path = h.path.split_once('?').map_or(h.path, |(p, _)| p);
         let (host, bare) = (h.host, strip_port(h.host));
         // A host pattern matches the request's host with or without its port, whatever
         // its case: `api.demo` covers `API.demo:8080`.
         let host_matches = |m: &Str| m.matches_ci(host) || m.matches_ci(bare);
-        self.matches_port(c.dest_port)
-            && pos_neg(&self.methods, &self.not_methods, h.method)
-            && pos_neg(&self.paths, &self.not_paths, path)
-            && (self.hosts.is_empty() || self.hosts.iter().any(host_matches))
-            && !self.not_hosts.iter().any(host_matches)
+        if !self.matches_port(c.dest_port, at, r)
+            || !pos(r, at, Named("methods"), &self.methods, Some(h.method), "")
+            || !neg(
+                r,
+                at,
+                Named("notMethods"),
+                &self.not_methods,
+                Some(h.method),
+            )
+            || !pos(r, at, Named("paths"), &self.paths, Some(path), "")
+            || !neg(r, at, Named("notPaths"), &self.not_paths, Some(path))
+        {
+            return false;
+        }
+        if !self.hosts.is_empty() && !self.hosts.iter().any(host_matches) {
+            r(Event::Miss(Miss::NotIn {
+                at,
+                field: Named("hosts"),
+                pats: Pats::Strs(&self.hosts),
+                val: Val::Str(host),
+            }));
+            return false;
+        }
+        if self.not_hosts.iter().any(host_matches) {
+            r(Event::Miss(Miss::In {
+                at,
+                field: Named("notHosts"),
+                pats: Pats::Strs(&self.not_hosts),
+                val: Val::Str(host),
+            }));
+            return false;
+        }
+        true
     }
 }
 
@@ -233,14 +580,25 @@ impl CCondition {
         matches!(self.key, CondKey::Header(_))
     }
 
-    fn check(&self, v: Option<&str>) -> bool {
-        match v {
-            Some(v) => pos_neg(&self.values, &self.not_values, v),
-            None => self.values.is_empty(),
-        }
+    fn check<R: FnMut(Event<'_>)>(&self, v: Option<&str>, absent: &'static str, r: &mut R) -> bool {
+        let (key, at) = (&self.key, At::When);
+        pos(
+            r,
+            at,
+            Field::When { key, not: false },
+            &self.values,
+            v,
+            absent,
+        ) && neg(r, at, Field::When { key, not: true }, &self.not_values, v)
     }
 
-    fn matches(&self, c: &ConnContext<'_>, h: Option<&HttpContext<'_>>) -> bool {
+    #[inline]
+    fn matches<R: FnMut(Event<'_>)>(
+        &self,
+        c: &ConnContext<'_>,
+        h: Option<&HttpContext<'_>>,
+        r: &mut R,
+    ) -> bool {
         let principal = c.peer.map(|p| p.strip_prefix("spiffe://").unwrap_or(p));
         match &self.key {
             CondKey::Header(name) => match h {
@@ -252,32 +610,40 @@ impl CCondition {
                 Some(h) => {
                     let mut all = h.headers.get_all(name).iter();
                     let Some(first) = all.next() else {
-                        return self.check(None);
+                        return self.check(None, NO_HEADER, r);
                     };
                     let text = |v: &http::HeaderValue| v.to_str().unwrap_or("").to_owned();
                     match all.next() {
-                        None => self.check(Some(first.to_str().unwrap_or(""))),
+                        None => self.check(Some(first.to_str().unwrap_or("")), NO_HEADER, r),
                         Some(second) => {
                             let mut joined = text(first);
                             for v in std::iter::once(second).chain(all) {
                                 joined.push(',');
                                 joined.push_str(&text(v));
                             }
-                            self.check(Some(&joined))
+                            self.check(Some(&joined), NO_HEADER, r)
                         }
                     }
                 }
                 None => true,
             },
             CondKey::SourceIp => {
-                (self.ips.is_empty() || self.ips.iter().any(|b| b.contains(&c.source_ip)))
-                    && !self.not_ips.iter().any(|b| b.contains(&c.source_ip))
+                let key = &self.key;
+                nets_match(
+                    r,
+                    At::When,
+                    (Field::When { key, not: false }, &self.ips),
+                    (Field::When { key, not: true }, &self.not_ips),
+                    c.source_ip,
+                )
             }
-            CondKey::SourceNamespace => self.check(principal.and_then(namespace_of)),
-            CondKey::SourcePrincipal => self.check(principal),
+            CondKey::SourceNamespace => {
+                self.check(principal.and_then(namespace_of), NO_IDENTITY, r)
+            }
+            CondKey::SourcePrincipal => self.check(principal, NO_IDENTITY, r),
             CondKey::DestinationPort => {
                 let mut buf = itoa_buf();
-                self.check(Some(fmt_port(&mut buf, c.dest_port)))
+                self.check(Some(fmt_port(&mut buf, c.dest_port)), "", r)
             }
         }
     }
@@ -311,25 +677,44 @@ struct CRule {
 }
 
 impl CRule {
-    fn matches(&self, c: &ConnContext<'_>, h: Option<&HttpContext<'_>>, action: Action) -> bool {
+    #[inline]
+    fn matches<R: FnMut(Event<'_>)>(
+        &self,
+        c: &ConnContext<'_>,
+        h: Option<&HttpContext<'_>>,
+        action: Action,
+        r: &mut R,
+    ) -> bool {
         if h.is_none() && self.http_only && action != Action::Deny {
+            r(Event::Miss(Miss::HttpOnlyOnTcp));
             return false;
         }
-        if !self.from.is_empty() && !self.from.iter().any(|s| s.matches(c)) {
+        // At least one source (each one that fails says why).
+        let count = self.from.len();
+        if count > 0
+            && !self
+                .from
+                .iter()
+                .enumerate()
+                .any(|(index, s)| s.matches(c, At::From { index, count }, r))
+        {
             return false;
         }
-        if !self.to.is_empty() {
-            let ok = match h {
-                Some(h) => self.to.iter().any(|o| o.matches_http(c, h)),
-                None => self.to.iter().any(|o| o.matches_port(c.dest_port)),
-            };
-            if !ok {
-                return false;
-            }
+        let count = self.to.len();
+        if count > 0
+            && !self.to.iter().enumerate().any(|(index, o)| {
+                let at = At::To { index, count };
+                match h {
+                    Some(h) => o.matches_http(c, h, at, r),
+                    None => o.matches_port(c.dest_port, at, r),
+                }
+            })
+        {
+            return false;
         }
         self.when
             .iter()
-            .all(|w| (h.is_none() && w.is_http()) || w.matches(c, h))
+            .all(|w| (h.is_none() && w.is_http()) || w.matches(c, h, r))
     }
 }
 
@@ -340,13 +725,109 @@ struct CPolicy {
 }
 
 impl CPolicy {
-    fn first_match(
+    #[inline]
+    fn first_match<R: FnMut(Event<'_>)>(
         &self,
         c: &ConnContext<'_>,
         h: Option<&HttpContext<'_>>,
         action: Action,
+        r: &mut R,
     ) -> Option<usize> {
-        self.rules.iter().position(|r| r.matches(c, h, action))
+        r(Event::Policy {
+            name: &self.name,
+            action,
+            rules: self.rules.len(),
+        });
+        self.rules.iter().enumerate().find_map(|(index, rule)| {
+            let matched = rule.matches(c, h, action, r);
+            r(Event::RuleEnd { index, matched });
+            matched.then_some(index)
+        })
+    }
+}
+
+/// Why one rule of a policy did not match the request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RuleMiss {
+    /// Index of the rule in the policy's `rules`.
+    pub rule: usize,
+    /// The first condition that failed, e.g. `methods [GET] does not contain POST` (one per
+    /// entry when every entry of a `from` or `to` list failed, joined with `; `).
+    pub reason: String,
+}
+
+/// One policy as the decision evaluated it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PolicyTrace {
+    /// `namespace/name`.
+    pub name: Arc<str>,
+    pub action: Action,
+    /// How many rules it has (0: it matches nothing).
+    pub rules: usize,
+    /// The rules evaluated that did not match, in order. The evaluation of a policy stops
+    /// at its first matching rule, so rules after it are not listed.
+    pub misses: Vec<RuleMiss>,
+}
+
+/// A decision and how it was reached: the policies evaluated, in the order the decision
+/// evaluated them (AUDIT, then DENY, then ALLOW), each with why its rules did not match.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Explanation {
+    pub decision: Decision,
+    pub policies: Vec<PolicyTrace>,
+}
+
+impl Explanation {
+    /// The ALLOW policies evaluated (all of them when no ALLOW policy matched).
+    pub fn allow_policies(&self) -> impl Iterator<Item = &PolicyTrace> {
+        self.policies.iter().filter(|p| p.action == Action::Allow)
+    }
+}
+
+/// Records the events of one decision as an [`Explanation`]'s traces.
+#[derive(Default)]
+struct Recorder {
+    policies: Vec<PolicyTrace>,
+    /// The misses of the rule being evaluated, with the part of the rule they are in.
+    pending: Vec<(u8, String)>,
+}
+
+impl Recorder {
+    fn event(&mut self, e: Event<'_>) {
+        match e {
+            Event::Policy {
+                name,
+                action,
+                rules,
+            } => self.policies.push(PolicyTrace {
+                name: name.clone(),
+                action,
+                rules,
+                misses: Vec::new(),
+            }),
+            Event::Miss(m) => self.pending.push((m.at().part(), m.to_string())),
+            Event::RuleEnd { index, matched } => {
+                let pending = std::mem::take(&mut self.pending);
+                if matched {
+                    return;
+                }
+                // Evaluation stops at the part that fails the rule; misses of an earlier part
+                // come from entries of a list where a later entry matched, and explain nothing.
+                let failed = pending.last().map(|(part, _)| *part);
+                let reason = pending
+                    .into_iter()
+                    .filter(|(part, _)| Some(*part) == failed)
+                    .map(|(_, m)| m)
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                if let Some(p) = self.policies.last_mut() {
+                    p.misses.push(RuleMiss {
+                        rule: index,
+                        reason,
+                    });
+                }
+            }
+        }
     }
 }
 
@@ -524,11 +1005,32 @@ impl Authorizer {
     }
 
     pub fn authorize_tcp(&self, c: &ConnContext<'_>) -> Decision {
-        self.decide(c, None)
+        self.decide(c, None, &mut |_| {})
     }
 
     pub fn authorize_http(&self, c: &ConnContext<'_>, h: &HttpContext<'_>) -> Decision {
-        self.decide(c, Some(h))
+        self.decide(c, Some(h), &mut |_| {})
+    }
+
+    /// [`Authorizer::authorize_tcp`], and why each policy rule it evaluated did not match.
+    /// The same evaluation as the decision (not a second copy of the rules), so the two
+    /// cannot disagree; it allocates, so it is for tools, not the request path.
+    pub fn explain_tcp(&self, c: &ConnContext<'_>) -> Explanation {
+        self.explain(c, None)
+    }
+
+    /// [`Authorizer::authorize_http`], and why each policy rule it evaluated did not match.
+    pub fn explain_http(&self, c: &ConnContext<'_>, h: &HttpContext<'_>) -> Explanation {
+        self.explain(c, Some(h))
+    }
+
+    fn explain(&self, c: &ConnContext<'_>, h: Option<&HttpContext<'_>>) -> Explanation {
+        let mut rec = Recorder::default();
+        let decision = self.decide(c, h, &mut |e| rec.event(e));
+        Explanation {
+            decision,
+            policies: rec.policies,
+        }
     }
 
     /// Whether ALLOW policies exist (otherwise the default policy decides).
@@ -536,14 +1038,37 @@ impl Authorizer {
         !self.allow.is_empty()
     }
 
-    fn decide(&self, c: &ConnContext<'_>, h: Option<&HttpContext<'_>>) -> Decision {
+    /// The mesh's `defaultPolicy` this authorizer falls back to.
+    pub fn default_policy(&self) -> DefaultPolicy {
+        self.default
+    }
+
+    /// `namespace/name` and action of every compiled policy (AUDIT, DENY, then ALLOW).
+    pub fn policies(&self) -> impl Iterator<Item = (&str, Action)> {
+        fn named(ps: &[CPolicy], a: Action) -> impl Iterator<Item = (&str, Action)> {
+            ps.iter().map(move |p| (&*p.name, a))
+        }
+        named(&self.audit, Action::Audit)
+            .chain(named(&self.deny, Action::Deny))
+            .chain(named(&self.allow, Action::Allow))
+    }
+
+    /// The one decision procedure; `r` hears why rules do not match (a no-op on the request
+    /// path, which compiles away).
+    #[inline]
+    fn decide<R: FnMut(Event<'_>)>(
+        &self,
+        c: &ConnContext<'_>,
+        h: Option<&HttpContext<'_>>,
+        r: &mut R,
+    ) -> Decision {
         let audit = self
             .audit
             .iter()
-            .find(|p| p.first_match(c, h, Action::Audit).is_some())
+            .find(|p| p.first_match(c, h, Action::Audit, r).is_some())
             .map(|p| p.name.clone());
         for p in &self.deny {
-            if let Some(i) = p.first_match(c, h, Action::Deny) {
+            if let Some(i) = p.first_match(c, h, Action::Deny, r) {
                 return Decision {
                     allowed: false,
                     policy: Some(p.name.clone()),
@@ -568,7 +1093,7 @@ impl Authorizer {
             };
         }
         for p in &self.allow {
-            if let Some(i) = p.first_match(c, h, Action::Allow) {
+            if let Some(i) = p.first_match(c, h, Action::Allow, r) {
                 return Decision {
                     allowed: true,
                     policy: Some(p.name.clone()),

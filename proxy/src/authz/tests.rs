@@ -745,3 +745,413 @@ fn principals_and_namespaces_match_literally() {
         .allowed
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Explanations: the same evaluation as the decision, so they must agree with it everywhere.
+// ---------------------------------------------------------------------------------------------
+
+/// Every policy set of the tables above (and a few multi-policy ones), with its default.
+fn policy_tables() -> Vec<(DefaultPolicy, String)> {
+    let named = |action: &str, name: &str, rules: &str| {
+        pol(action, rules).replace("name: p", &format!("name: {name}"))
+    };
+    let mut t: Vec<(DefaultPolicy, String)> = Vec::new();
+    for d in [
+        DefaultPolicy::Allow,
+        DefaultPolicy::Deny,
+        DefaultPolicy::Authenticated,
+    ] {
+        t.push((d, String::new()));
+        t.push((d, pol("ALLOW", "")));
+        t.push((d, pol("DENY", "  rules: [ {} ]\n")));
+        t.push((d, pol("ALLOW", "  rules: [ {} ]\n")));
+    }
+    for rules in [
+        "  rules: [ { from: [ { source: { principals: [\"cluster.local/ns/demo/sa/web\"] } } ] } ]\n",
+        "  rules: [ { from: [ { source: { principals: [\"*\"] } } ] } ]\n",
+        "  rules: [ { from: [ { source: { principals: [\"cluster.local/ns/demo/*\"] } } ] } ]\n",
+        "  rules: [ { from: [ { source: { namespaces: [\"demo\"] } } ] } ]\n",
+        "  rules: [ { from: [ { source: { ipBlocks: [\"10.1.0.0/16\", \"192.168.1.1\"] } } ] } ]\n",
+        "  rules:\n    - to: [ { operation: { methods: [\"GET\", \"HEAD\"], paths: [\"/info*\", \"*.png\", \"/exact\"], ports: [\"8080\"], hosts: [\"*.demo\"] } } ]\n",
+        "  rules: [ { to: [ { operation: { notMethods: [\"DELETE\"], notPaths: [\"/admin*\"], notPorts: [\"9090\"] } } ] } ]\n",
+        "  rules: [ { when: [ { key: \"request.headers[X-User]\", values: [\"alice\", \"bob*\"] } ] } ]\n",
+        "  rules: [ { when: [ { key: destination.port, values: [\"8080\"] }, { key: source.ip, values: [\"10.0.0.0/8\"] } ] } ]\n",
+        "  rules: [ { from: [ { source: { principals: [\"*\"] } } ], to: [ { operation: { methods: [\"GET\"] } } ] } ]\n",
+        "  rules: [ { to: [ { operation: { ports: [\"7000\"] } } ] } ]\n",
+        "  rules: [ { when: [ { key: \"request.headers[x-tenant]\", values: [\"tenant-a\"] } ] } ]\n",
+        "  rules: [ { from: [ { source: { principals: [\"cluster.local/ns/demo/sa/a.b\"], namespaces: [\"demo\"] } } ] } ]\n",
+        // Several sources and several rules: the first rules fail in different parts.
+        "  rules:\n    - from: [ { source: { principals: [\"cluster.local/ns/demo/sa/api\"] } }, { source: { namespaces: [\"prod\"] } } ]\n    - from: [ { source: { namespaces: [\"demo\"] } } ]\n      to: [ { operation: { methods: [\"POST\"] } }, { operation: { paths: [\"/info*\"] } } ]\n    - when: [ { key: source.principal, notValues: [\"cluster.local/ns/demo/sa/web\"] } ]\n",
+    ] {
+        t.push((DefaultPolicy::Deny, pol("ALLOW", rules)));
+        t.push((DefaultPolicy::Allow, pol("DENY", rules)));
+    }
+    for rules in [
+        "  rules: [ { from: [ { source: { notNamespaces: [\"demo\"] } } ] } ]\n",
+        "  rules: [ { from: [ { source: { notPrincipals: [\"cluster.local/ns/demo/sa/web\"] } } ] } ]\n",
+        "  rules: [ { from: [ { source: { notIpBlocks: [\"10.0.0.0/8\"] } } ] } ]\n",
+        "  rules: [ { when: [ { key: source.namespace, notValues: [\"demo\"] } ] } ]\n",
+        "  rules: [ { from: [ { source: { principals: [\"cluster.local/ns/demo/sa/web\"] } } ], to: [ { operation: { methods: [\"DELETE\"] } } ] } ]\n",
+        "  rules: [ { when: [ { key: \"request.headers[x-tenant]\", notValues: [\"tenant-a\"] } ] } ]\n",
+        "  rules: [ { to: [ { operation: { hosts: [\"admin.demo\", \"*.internal\"] } } ] } ]\n",
+    ] {
+        t.push((DefaultPolicy::Allow, pol("DENY", rules)));
+        t.push((DefaultPolicy::Deny, pol("ALLOW", rules)));
+    }
+    // DENY before ALLOW, AUDIT on the side, two ALLOW policies.
+    t.push((
+        DefaultPolicy::Deny,
+        format!(
+            "{}\n---\n{}\n---\n{}\n---\n{}",
+            named(
+                "ALLOW",
+                "from-api",
+                "  rules: [ { from: [ { source: { principals: [\"cluster.local/ns/demo/sa/api\"] } } ] } ]\n"
+            ),
+            named(
+                "DENY",
+                "no-secret",
+                "  rules: [ { to: [ { operation: { paths: [\"/secret\"] } } ] } ]\n"
+            ),
+            named(
+                "AUDIT",
+                "audit-posts",
+                "  rules: [ { to: [ { operation: { methods: [\"POST\"] } } ] } ]\n"
+            ),
+            named(
+                "ALLOW",
+                "gets",
+                "  rules: [ { to: [ { operation: { methods: [\"GET\"], paths: [\"/info*\"] } } ] } ]\n"
+            ),
+        ),
+    ));
+    t
+}
+
+/// The requests the tables are asked about.
+fn table_requests() -> Vec<Req<'static>> {
+    const TWO_TENANTS: &[(&str, &str)] = &[("x-tenant", "tenant-a"), ("x-tenant", "tenant-b")];
+    let mut v = Vec::new();
+    for peer in [
+        Some(WEB),
+        Some(API),
+        Some(OTHER_NS),
+        Some("spiffe://cluster.local/ns/demo/sa/a.b"),
+        None,
+    ] {
+        for (method, path) in [
+            ("GET", "/"),
+            ("GET", "/info/x?q=1"),
+            ("POST", "/info"),
+            ("DELETE", "/admin/x"),
+            ("HEAD", "/exact"),
+            ("GET", "/secret"),
+            ("GET", "/img/a.png"),
+        ] {
+            v.push(Req {
+                peer,
+                method,
+                path,
+                ..GET
+            });
+        }
+        v.push(Req {
+            peer,
+            port: 9090,
+            ..GET
+        });
+        v.push(Req {
+            peer,
+            port: 7000,
+            ip: "192.168.1.1",
+            ..GET
+        });
+        v.push(Req {
+            peer,
+            ip: "172.16.0.1",
+            host: "db.internal:5432",
+            ..GET
+        });
+        v.push(Req {
+            peer,
+            host: "ADMIN.demo",
+            headers: &[("x-user", "alice")],
+            ..GET
+        });
+        v.push(Req {
+            peer,
+            headers: &[("x-user", "eve"), ("x-tenant", "tenant-a")],
+            ..GET
+        });
+        v.push(Req {
+            peer,
+            headers: TWO_TENANTS,
+            ..GET
+        });
+    }
+    v
+}
+
+fn explain_http(a: &Authorizer, r: &Req<'_>) -> Explanation {
+    let mut h = HeaderMap::new();
+    for (k, v) in r.headers {
+        h.append(
+            HeaderName::from_bytes(k.as_bytes()).expect("name"),
+            v.parse().expect("value"),
+        );
+    }
+    let c = ConnContext {
+        peer: r.peer,
+        source_ip: r.ip.parse().expect("ip"),
+        dest_port: r.port,
+    };
+    a.explain_http(
+        &c,
+        &HttpContext {
+            method: r.method,
+            path: r.path,
+            host: r.host,
+            headers: &h,
+        },
+    )
+}
+
+fn explain_tcp(a: &Authorizer, r: &Req<'_>) -> Explanation {
+    a.explain_tcp(&ConnContext {
+        peer: r.peer,
+        source_ip: r.ip.parse().expect("ip"),
+        dest_port: r.port,
+    })
+}
+
+/// What an explanation must say given its decision: the policies evaluated and, for each,
+/// exactly the rules that were evaluated and did not match, each with a reason.
+fn assert_consistent(a: &Authorizer, e: &Explanation, what: &str) {
+    let d = &e.decision;
+    let count = |action| a.policies().filter(|(_, x)| *x == action).count();
+    let traced = |action| e.policies.iter().filter(move |p| p.action == action);
+    for p in &e.policies {
+        // The rules evaluated and missed are 0, 1, 2, … (evaluation is in order).
+        let idx: Vec<usize> = p.misses.iter().map(|m| m.rule).collect();
+        assert_eq!(idx, (0..idx.len()).collect::<Vec<_>>(), "{what}: {e:?}");
+        for m in &p.misses {
+            assert!(
+                !m.reason.is_empty(),
+                "{what}: a miss without a reason: {e:?}"
+            );
+        }
+    }
+    // Every rule of an unmatched policy says why; a matched policy lists the rules before the
+    // one that matched.
+    let full = |p: &PolicyTrace| p.misses.len() == p.rules;
+    // AUDIT: all evaluated, up to the first that matched.
+    let audits: Vec<_> = traced(Action::Audit).collect();
+    match &d.audit {
+        Some(name) => {
+            let last = audits.last().expect("the audit policy is traced");
+            assert_eq!(&last.name, name, "{what}");
+            assert!(!full(last), "{what}: {e:?}");
+            assert!(audits[..audits.len() - 1].iter().all(|p| full(p)), "{what}");
+        }
+        None => {
+            assert_eq!(audits.len(), count(Action::Audit), "{what}");
+            assert!(audits.iter().all(|p| full(p)), "{what}: {e:?}");
+        }
+    }
+    let denies: Vec<_> = traced(Action::Deny).collect();
+    let allows: Vec<_> = traced(Action::Allow).collect();
+    match (&d.policy, d.rule) {
+        (Some(name), Some(rule)) if !d.allowed => {
+            let last = denies.last().expect("the deciding DENY policy is traced");
+            assert_eq!(&last.name, name, "{what}");
+            assert_eq!(last.misses.len(), rule, "{what}: {e:?}");
+            assert!(denies[..denies.len() - 1].iter().all(|p| full(p)), "{what}");
+            assert!(allows.is_empty(), "{what}: evaluation stops at a DENY");
+        }
+        (Some(name), Some(rule)) => {
+            assert_eq!(denies.len(), count(Action::Deny), "{what}");
+            assert!(denies.iter().all(|p| full(p)), "{what}: {e:?}");
+            let last = allows.last().expect("the deciding ALLOW policy is traced");
+            assert_eq!(&last.name, name, "{what}");
+            assert_eq!(last.misses.len(), rule, "{what}: {e:?}");
+            assert!(allows[..allows.len() - 1].iter().all(|p| full(p)), "{what}");
+        }
+        (None, _) => {
+            assert_eq!(denies.len(), count(Action::Deny), "{what}");
+            assert!(denies.iter().all(|p| full(p)), "{what}: {e:?}");
+            if d.by_default {
+                assert!(allows.is_empty() && count(Action::Allow) == 0, "{what}");
+            } else {
+                // No ALLOW policy matched: every rule of every ALLOW policy says why.
+                assert!(!d.allowed, "{what}");
+                assert_eq!(allows.len(), count(Action::Allow), "{what}");
+                assert!(allows.iter().all(|p| full(p)), "{what}: {e:?}");
+            }
+        }
+        (Some(_), None) => panic!("{what}: a deciding policy without a rule: {d:?}"),
+    }
+}
+
+#[test]
+fn explanations_agree_with_decisions_over_the_tables() {
+    let mut cases = 0;
+    for (default, yaml) in policy_tables() {
+        let a = authz(default, &yaml);
+        for r in table_requests() {
+            let what = format!(
+                "{default:?} {yaml}\n{:?} {} {} port {} host {} ip {} {:?}",
+                r.peer, r.method, r.path, r.port, r.host, r.ip, r.headers
+            );
+            let e = explain_http(&a, &r);
+            assert_eq!(e.decision, http(&a, &r), "{what}");
+            assert_consistent(&a, &e, &what);
+            let e = explain_tcp(&a, &r);
+            assert_eq!(e.decision, tcp_ip(&a, &r), "TCP {what}");
+            assert_consistent(&a, &e, &format!("TCP {what}"));
+            cases += 2;
+        }
+    }
+    assert!(cases > 1000, "{cases}");
+}
+
+fn tcp_ip(a: &Authorizer, r: &Req<'_>) -> Decision {
+    a.authorize_tcp(&ConnContext {
+        peer: r.peer,
+        source_ip: r.ip.parse().expect("ip"),
+        dest_port: r.port,
+    })
+}
+
+/// The reasons of the ALLOW policy `demo/p` for a request it did not allow.
+fn reasons(a: &Authorizer, r: &Req<'_>) -> Vec<String> {
+    let e = explain_http(a, r);
+    assert!(!e.decision.allowed, "{e:?}");
+    e.allow_policies()
+        .flat_map(|p| p.misses.iter().map(|m| m.reason.clone()))
+        .collect()
+}
+
+#[test]
+fn explanations_name_the_first_condition_that_failed() {
+    let db = authz(
+        DefaultPolicy::Allow,
+        &pol(
+            "ALLOW",
+            "  rules:\n    - from: [ { source: { principals: [\"cluster.local/ns/demo/sa/api\"] } } ]\n      to: [ { operation: { methods: [\"GET\", \"HEAD\"] } } ]\n",
+        ),
+    );
+    assert_eq!(
+        reasons(&db, &GET),
+        ["principals [cluster.local/ns/demo/sa/api] does not contain cluster.local/ns/demo/sa/web"]
+    );
+    assert_eq!(
+        reasons(
+            &db,
+            &Req {
+                peer: Some(API),
+                method: "POST",
+                ..GET
+            }
+        ),
+        ["methods [GET, HEAD] does not contain POST"]
+    );
+    assert_eq!(
+        reasons(&db, &Req { peer: None, ..GET }),
+        ["principals [cluster.local/ns/demo/sa/api]: the caller has no mTLS identity (plaintext)"]
+    );
+
+    // Several sources: each says why; a source that matched silences the earlier ones.
+    let a = authz(
+        DefaultPolicy::Deny,
+        &pol(
+            "ALLOW",
+            "  rules:\n    - from: [ { source: { principals: [\"cluster.local/ns/demo/sa/api\"] } }, { source: { namespaces: [\"prod\"] } } ]\n      to: [ { operation: { notPaths: [\"/admin*\"], ports: [\"8080\"] } } ]\n      when: [ { key: \"request.headers[x-user]\", values: [\"alice\"] } ]\n",
+        ),
+    );
+    assert_eq!(
+        reasons(&a, &GET),
+        [
+            "from[0]: principals [cluster.local/ns/demo/sa/api] does not contain cluster.local/ns/demo/sa/web; from[1]: namespaces [prod] does not contain demo"
+        ]
+    );
+    let prod = Req {
+        peer: Some(OTHER_NS),
+        ..GET
+    };
+    assert_eq!(
+        reasons(
+            &a,
+            &Req {
+                path: "/admin/x",
+                ..prod
+            }
+        ),
+        ["notPaths [/admin*] contains /admin/x"]
+    );
+    assert_eq!(
+        reasons(&a, &Req { port: 9090, ..prod }),
+        ["ports [8080] does not contain 9090"]
+    );
+    assert_eq!(
+        reasons(&a, &prod),
+        ["when request.headers[x-user] values [alice]: the request has no such header"]
+    );
+    assert_eq!(
+        reasons(
+            &a,
+            &Req {
+                headers: &[("x-user", "eve"), ("x-user", "alice")],
+                ..prod
+            }
+        ),
+        ["when request.headers[x-user] values [alice] does not contain eve,alice"]
+    );
+
+    // Two rules, each with its reason; TCP and HTTP-only fields; IPs; hosts.
+    let a = authz(
+        DefaultPolicy::Deny,
+        &pol(
+            "ALLOW",
+            "  rules:\n    - to: [ { operation: { hosts: [\"*.demo\"] } } ]\n    - from: [ { source: { ipBlocks: [\"10.0.0.0/8\"], notIpBlocks: [\"10.1.0.0/16\"] } } ]\n",
+        ),
+    );
+    assert_eq!(
+        reasons(
+            &a,
+            &Req {
+                host: "api.prod",
+                ..GET
+            }
+        ),
+        [
+            "hosts [*.demo] does not contain api.prod",
+            "notIpBlocks [10.1.0.0/16] contains 10.1.2.3"
+        ]
+    );
+    let e = a.explain_tcp(&ConnContext {
+        peer: Some(WEB),
+        source_ip: "192.168.0.1".parse().expect("ip"),
+        dest_port: 8080,
+    });
+    let got: Vec<_> = e.policies[0].misses.iter().map(|m| &*m.reason).collect();
+    assert_eq!(
+        got,
+        [
+            "it uses HTTP-only fields (methods, paths, hosts or request headers), so as an ALLOW rule it cannot match a TCP connection",
+            "ipBlocks [10.0.0.0/8] does not contain 192.168.0.1"
+        ]
+    );
+}
+
+#[test]
+fn an_allow_policy_without_rules_is_traced_with_none() {
+    let a = authz(DefaultPolicy::Allow, &pol("ALLOW", ""));
+    let e = explain_http(&a, &GET);
+    assert!(!e.decision.allowed);
+    let p: Vec<_> = e.allow_policies().collect();
+    assert_eq!(p.len(), 1);
+    assert_eq!(
+        (&*p[0].name, p[0].rules, p[0].misses.len()),
+        ("demo/p", 0, 0)
+    );
+}
