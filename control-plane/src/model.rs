@@ -185,6 +185,8 @@ impl Model {
                 namespace: s.namespace.clone(),
                 port: u32::from(s.port),
                 protocol: s.protocol.as_str().to_string(),
+                // Local services have no virtual IP: apps reach them through upstream ports.
+                virtual_ips: Vec::new(),
                 endpoints: self
                     .mesh
                     .workloads

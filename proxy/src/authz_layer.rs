@@ -26,7 +26,10 @@ pub struct ConnInfo {
     pub peer: Option<SpiffeId>,
     pub peer_label: Label,
     pub source_ip: IpAddr,
+    /// The workload's port the connection is for (what policies call the destination port).
     pub dest_port: u16,
+    /// Where its requests go: the app's address.
+    pub app: Option<std::net::SocketAddr>,
 }
 
 impl ConnInfo {

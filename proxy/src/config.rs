@@ -159,6 +159,9 @@ pub struct ServiceConfig {
     pub key: String,
     pub protocol: Protocol,
     pub endpoints: Vec<EndpointConfig>,
+    /// Virtual IP and port pairs (Kubernetes ClusterIPs) that name this service to a
+    /// redirected connection.
+    pub virtual_addrs: Vec<SocketAddr>,
 }
 
 /// Inbound settings of this workload.
@@ -270,12 +273,25 @@ impl Snapshot {
                     workload: e.workload.clone(),
                 });
             }
+            let port = u16::try_from(s.port).map_err(|_| ConfigError::Field {
+                field: format!("services[{key}].port"),
+                message: format!("{} is not a port", s.port),
+            })?;
+            let mut virtual_addrs = Vec::with_capacity(s.virtual_ips.len());
+            for ip in &s.virtual_ips {
+                let ip: std::net::IpAddr = ip.parse().map_err(|_| ConfigError::Field {
+                    field: format!("services[{key}].virtual_ips"),
+                    message: format!("{ip:?} is not an IP address"),
+                })?;
+                virtual_addrs.push(SocketAddr::new(ip, port));
+            }
             services.insert(
                 key.clone(),
                 Arc::new(ServiceConfig {
                     key,
                     protocol,
                     endpoints,
+                    virtual_addrs,
                 }),
             );
         }
@@ -326,6 +342,7 @@ impl Snapshot {
                 namespace: namespace.to_string(),
                 port: u32::from(s.port),
                 protocol: s.protocol.unwrap_or_default(),
+                virtual_ips: s.virtual_ips,
                 endpoints: s
                     .endpoints
                     .into_iter()
@@ -360,6 +377,8 @@ struct StaticService {
     name: String,
     port: u16,
     protocol: Option<String>,
+    #[serde(default)]
+    virtual_ips: Vec<String>,
     #[serde(default)]
     endpoints: Vec<StaticEndpoint>,
 }

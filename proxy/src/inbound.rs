@@ -74,6 +74,10 @@ pub(crate) struct AppClients {
 }
 
 impl AppClients {
+    pub(crate) fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
     pub(crate) fn new(addr: SocketAddr, connect_timeout: std::time::Duration) -> Self {
         let connector = AppConnector {
             addr,
@@ -124,7 +128,7 @@ pub(crate) async fn serve(
 }
 
 async fn handle(ctx: Arc<Ctx>, acceptor: TlsAcceptor, mut tcp: TcpStream, remote: SocketAddr) {
-    let port = ctx.workload_port(tcp.local_addr().map(|a| a.port()).unwrap_or(0));
+    let (port, app) = destination(&ctx, &tcp);
     let (detected, prefix) = match detect::detect(&mut tcp, ctx.cfg.timeouts.detect).await {
         Ok(x) => x,
         Err(_) => return,
@@ -157,7 +161,7 @@ async fn handle(ctx: Arc<Ctx>, acceptor: TlsAcceptor, mut tcp: TcpStream, remote
             ctx.metrics.tls_connection(Direction::inbound, conn);
             let peer = palisade_certs::tls::peer_identity(conn);
             let alpn = conn.alpn_protocol().map(<[u8]>::to_vec);
-            let info = ConnInfo::new(peer, remote.ip(), port);
+            let info = ConnInfo::new(peer, remote.ip(), port, app);
             match alpn.as_deref() {
                 Some(tls::ALPN_H2) => serve_http(ctx, tls, info, true).await,
                 Some(tls::ALPN_HTTP1) => serve_http(ctx, tls, info, false).await,
@@ -177,7 +181,7 @@ async fn handle(ctx: Arc<Ctx>, acceptor: TlsAcceptor, mut tcp: TcpStream, remote
                 tracing::info!(%remote, port, "plaintext connection refused: mTLS is STRICT");
                 return;
             }
-            let info = ConnInfo::new(None, remote.ip(), port);
+            let info = ConnInfo::new(None, remote.ip(), port, app);
             match plain {
                 Detected::Http2 if app_protocol != Protocol::Opaque => {
                     serve_http(ctx, io, info, true).await
@@ -194,11 +198,26 @@ async fn handle(ctx: Arc<Ctx>, acceptor: TlsAcceptor, mut tcp: TcpStream, remote
     }
 }
 
+/// The workload port a connection is for, and the app address its requests go to. A
+/// connection redirected by iptables (Kubernetes) keeps its original destination: the pod's
+/// port, which is the app's port on loopback. Otherwise (local mode, one app per proxy) the
+/// configured app.
+fn destination(ctx: &Ctx, tcp: &TcpStream) -> (u16, Option<SocketAddr>) {
+    let listener_port = tcp.local_addr().map(|a| a.port()).unwrap_or(0);
+    match crate::outbound::original_dst(tcp) {
+        Ok(dst) if dst.port() != listener_port => (
+            dst.port(),
+            Some(SocketAddr::from(([127, 0, 0, 1], dst.port()))),
+        ),
+        _ => (ctx.workload_port(listener_port), ctx.cfg.app_addr),
+    }
+}
+
 async fn serve_http<I>(ctx: Arc<Ctx>, io: I, info: Arc<ConnInfo>, h2: bool)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let Some(app) = ctx.app.clone() else {
+    let Some(app) = info.app.map(|a| ctx.app_clients(a)) else {
         ctx.metrics.refuse(Direction::inbound, "no_app");
         return;
     };
@@ -359,7 +378,7 @@ async fn opaque<I>(ctx: Arc<Ctx>, mut io: I, info: Arc<ConnInfo>)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let Some(app) = ctx.cfg.app_addr else {
+    let Some(app) = info.app else {
         ctx.metrics.refuse(Direction::inbound, "no_app");
         return;
     };
@@ -406,13 +425,19 @@ where
 }
 
 impl ConnInfo {
-    pub(crate) fn new(peer: Option<SpiffeId>, source_ip: IpAddr, port: u16) -> Arc<Self> {
+    pub(crate) fn new(
+        peer: Option<SpiffeId>,
+        source_ip: IpAddr,
+        port: u16,
+        app: Option<SocketAddr>,
+    ) -> Arc<Self> {
         let peer_label = Label::new(peer.as_ref().map(|p| p.as_str()).unwrap_or("unknown"));
         Arc::new(ConnInfo {
             peer,
             peer_label,
             source_ip,
             dest_port: port,
+            app,
         })
     }
 

@@ -70,6 +70,10 @@ pub struct Ctx {
     pub(crate) own_label: Label,
     pub(crate) outbound: outbound::Table,
     pub(crate) app: Option<Arc<inbound::AppClients>>,
+    /// Clients to app ports other than `app`'s, for redirected connections (a Kubernetes pod
+    /// whose app listens on several ports). Looked up once per connection.
+    pub(crate) other_apps:
+        std::sync::Mutex<std::collections::HashMap<SocketAddr, Arc<inbound::AppClients>>>,
     pub(crate) conn_limit: Arc<Semaphore>,
     pub(crate) stop_tx: watch::Sender<bool>,
     pub(crate) stop_rx: watch::Receiver<bool>,
@@ -113,6 +117,23 @@ impl Ctx {
     /// port falls back to the listener's.
     pub(crate) fn workload_port(&self, listener_port: u16) -> u16 {
         self.cfg.app_addr.map_or(listener_port, |a| a.port())
+    }
+
+    /// Pooled clients to the app at `addr`.
+    pub(crate) fn app_clients(&self, addr: SocketAddr) -> Arc<inbound::AppClients> {
+        if let Some(app) = &self.app
+            && app.addr() == addr
+        {
+            return app.clone();
+        }
+        let mut others = self
+            .other_apps
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        others
+            .entry(addr)
+            .or_insert_with(|| Arc::new(inbound::AppClients::new(addr, self.cfg.timeouts.connect)))
+            .clone()
     }
 
     pub(crate) fn begin_shutdown(&self) {
@@ -176,6 +197,7 @@ impl Proxy {
             metrics: Metrics::new(),
             outbound: ArcSwap::from_pointee(Default::default()),
             app,
+            other_apps: Default::default(),
             stop_tx,
             stop_rx,
             config_ready: AtomicBool::new(false),
@@ -245,6 +267,16 @@ impl Proxy {
     /// Replaces the dynamic config (what the Discovery stream does), for embedders and tests.
     pub fn apply(&self, snapshot: Snapshot) {
         self.ctx.apply(snapshot);
+    }
+
+    /// The outbound route a redirected connection to `dst` takes: a service key
+    /// (`name.namespace:port`), `endpoint:<ip:port>` for one pod, or None (passthrough).
+    pub fn route_for(&self, dst: SocketAddr) -> Option<String> {
+        self.ctx
+            .outbound
+            .load()
+            .for_destination(dst)
+            .map(|k| k.to_string())
     }
 
     /// Resolves when someone POSTs `/shutdown` on the admin port.

@@ -60,20 +60,43 @@ pub struct OutService {
     pub balancer: Balancer<Endpoint>,
 }
 
-/// Services by `name.namespace:port`, rebuilt when a snapshot arrives.
-pub type Table = ArcSwap<HashMap<String, Arc<OutService>>>;
+/// The outbound routing table, rebuilt when a snapshot arrives.
+pub type Table = ArcSwap<Routes>;
+
+/// Services by name, and what a redirected connection's original destination means.
+#[derive(Default)]
+pub struct Routes {
+    /// By `name.namespace:port`; also one single-endpoint entry per endpoint address
+    /// (`endpoint:<ip:port>`), for connections made to one pod directly.
+    services: HashMap<String, Arc<OutService>>,
+    /// Original destination → the key in `services`: a service's virtual IPs, and endpoint
+    /// addresses (pinned to that endpoint).
+    by_addr: HashMap<SocketAddr, Arc<str>>,
+}
+
+impl Routes {
+    pub fn get(&self, key: &str) -> Option<&Arc<OutService>> {
+        self.services.get(key)
+    }
+
+    /// The service a redirected connection to `dst` is for, if the mesh knows `dst`.
+    pub fn for_destination(&self, dst: SocketAddr) -> Option<Arc<str>> {
+        self.by_addr.get(&dst).cloned()
+    }
+}
 
 /// Builds the outbound table for a new snapshot, keeping the state (and open connections) of
 /// endpoints that are still there with the same identity.
 pub(crate) fn rebuild(ctx: &Ctx, snap: &Snapshot) {
     let old = ctx.outbound.load();
     let mut existing: HashMap<(SocketAddr, &SpiffeId), Arc<Endpoint>> = HashMap::new();
-    for svc in old.values() {
+    for svc in old.services.values() {
         for e in svc.balancer.endpoints() {
             existing.insert((e.cfg.addr, &e.cfg.identity), e.clone());
         }
     }
     let mut table = HashMap::with_capacity(snap.services.len());
+    let mut by_addr = HashMap::new();
     for (key, cfg) in &snap.services {
         let mut eps = Vec::with_capacity(cfg.endpoints.len());
         for e in &cfg.endpoints {
@@ -93,6 +116,23 @@ pub(crate) fn rebuild(ctx: &Ctx, snap: &Snapshot) {
                 Err(err) => tracing::error!(endpoint = %e.addr, error = %err, "TLS config"),
             }
         }
+        for vip in &cfg.virtual_addrs {
+            by_addr.insert(*vip, Arc::from(key.as_str()));
+        }
+        for ep in &eps {
+            // A connection to one pod's address goes to that pod, over the same pooled
+            // connection as the service's traffic to it.
+            let pinned = format!("endpoint:{}", ep.cfg.addr);
+            by_addr
+                .entry(ep.cfg.addr)
+                .or_insert_with(|| Arc::from(pinned.as_str()));
+            table.entry(pinned).or_insert_with(|| {
+                Arc::new(OutService {
+                    cfg: cfg.clone(),
+                    balancer: Balancer::new(vec![ep.clone()], ctx.cfg.balancer),
+                })
+            });
+        }
         table.insert(
             key.clone(),
             Arc::new(OutService {
@@ -102,7 +142,10 @@ pub(crate) fn rebuild(ctx: &Ctx, snap: &Snapshot) {
         );
     }
     drop(existing);
-    ctx.outbound.store(Arc::new(table));
+    ctx.outbound.store(Arc::new(Routes {
+        services: table,
+        by_addr,
+    }));
 }
 
 /// Accepts app connections for one declared upstream.
@@ -153,9 +196,13 @@ pub(crate) async fn serve_transparent(
         let ctx = ctx.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            // Services are matched by virtual IP once a source provides them (Kubernetes);
-            // until then a redirected connection passes through without mTLS.
-            handle_app_conn(ctx, tcp, Target::Passthrough(dst)).await;
+            // A service's virtual IP or an endpoint's address goes through the mesh (mTLS to
+            // the endpoint); anything else is not a mesh destination and passes through.
+            let target = match ctx.outbound.load().for_destination(dst) {
+                Some(service) => Target::Service(service),
+                None => Target::Passthrough(dst),
+            };
+            handle_app_conn(ctx, tcp, target).await;
         });
     }
 }

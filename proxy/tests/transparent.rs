@@ -1,0 +1,49 @@
+//! Transparent mode without iptables: what a redirected connection's original destination
+//! maps to. (The redirect itself is tested in network namespaces, with `palisade init`.)
+
+mod support;
+
+use palisade_proxy::Proxy;
+use support::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn original_destinations_map_to_services_and_pods() {
+    init();
+    let pki = Pki::new();
+    let yaml = format!(
+        "mode: STRICT\nservices:\n\
+         - name: api.demo\n  port: 8080\n  protocol: http\n  virtualIps: [\"10.96.0.10\", \"fd00::a\"]\n  endpoints:\n\
+         \x20   - {{ address: \"10.1.0.5:8080\", identity: \"{API}\" }}\n\
+         \x20   - {{ address: \"10.1.0.6:8080\", identity: \"{API}\" }}\n"
+    );
+    let cfg = proxy_config(&pki, "web", WEB, None, &[], &yaml);
+    let p = within(Proxy::start(cfg)).await.expect("proxy");
+    let at = |s: &str| s.parse().expect("addr");
+    assert_eq!(
+        p.route_for(at("10.96.0.10:8080")).as_deref(),
+        Some("api.demo:8080")
+    );
+    assert_eq!(
+        p.route_for(at("[fd00::a]:8080")).as_deref(),
+        Some("api.demo:8080")
+    );
+    // Another port of the virtual IP is not the service.
+    assert_eq!(p.route_for(at("10.96.0.10:9090")), None);
+    // A pod's own address goes to that pod only.
+    assert_eq!(
+        p.route_for(at("10.1.0.6:8080")).as_deref(),
+        Some("endpoint:10.1.0.6:8080")
+    );
+    // Anything else passes through (egress).
+    assert_eq!(p.route_for(at("93.184.216.34:443")), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_virtual_ip_is_a_config_error() {
+    init();
+    let pki = Pki::new();
+    let yaml = "mode: STRICT\nservices:\n- name: api.demo\n  port: 8080\n  virtualIps: [\"not-an-ip\"]\n  endpoints: []\n";
+    let cfg = proxy_config(&pki, "web", WEB, None, &[], yaml);
+    let err = Proxy::start(cfg).await.err().expect("refused");
+    assert!(err.to_string().contains("virtual_ips"), "{err}");
+}
