@@ -245,7 +245,7 @@ async fn handle_app_conn(ctx: Arc<Ctx>, mut tcp: TcpStream, target: Target) {
     let protocol = ctx
         .outbound
         .load()
-        .get(&*service)
+        .get(&service)
         .map(|s| s.cfg.protocol)
         .unwrap_or_default();
     let (detected, prefix) = if protocol == Protocol::Opaque {
