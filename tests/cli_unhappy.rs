@@ -418,6 +418,26 @@ fn mesh_file_ports_are_described_as_ports() {
 }
 
 #[test]
+fn static_config_ports_are_described_as_ports() {
+    let proxy = StaticProxy::files();
+    for (value, said) in [("70000", "70000"), ("\"http\"", "the string \"http\"")] {
+        std::fs::write(
+            proxy.dir.path().join("cfg.yaml"),
+            format!("services:\n  - {{ name: api.demo, port: {value} }}\n"),
+        )
+        .expect("cfg");
+        let out = proxy.command(&[]).output().expect("run palisade proxy");
+        assert_eq!(out.status.code(), Some(1));
+        let err = text(&out.stderr);
+        assert!(
+            err.contains(&format!("must be a port number 1–65535, not {said}")),
+            "{err}"
+        );
+        assert!(!err.contains("u16"), "{err}");
+    }
+}
+
+#[test]
 fn a_policy_name_yaml_reads_as_a_boolean_is_said_to_be_no_string() {
     let dir = tempfile::tempdir().expect("tempdir");
     let file = dir.path().join("p.yaml");
