@@ -147,6 +147,16 @@ fn cp_status(mesh: &Mesh) -> serde_json::Value {
 /// Waits until the control plane's status satisfies `f`, then until every running proxy holds
 /// the config it serves (so no "config in sync" line lags behind the change).
 fn wait_for_status(mesh: &Mesh, what: &str, f: impl Fn(&serde_json::Value) -> bool) {
+    wait_for_status_of(mesh, what, &["web", "api", "ext"], f)
+}
+
+/// [`wait_for_status`] for the proxies of `synced` only.
+fn wait_for_status_of(
+    mesh: &Mesh,
+    what: &str,
+    synced: &[&str],
+    f: impl Fn(&serde_json::Value) -> bool,
+) {
     assert!(
         eventually(Duration::from_secs(15), || f(&cp_status(mesh))),
         "the control plane's status never showed {what}: {}\n{}",
@@ -154,7 +164,7 @@ fn wait_for_status(mesh: &Mesh, what: &str, f: impl Fn(&serde_json::Value) -> bo
         mesh.logs()
     );
     let digests = cp_status(mesh)["configDigests"].clone();
-    for w in ["web", "api", "ext"] {
+    for &w in synced {
         let want = digests[w].as_u64();
         assert!(
             eventually(Duration::from_secs(15), || {
@@ -275,6 +285,25 @@ fn check_names_each_broken_part_of_the_mesh_then_a_stale_mesh_json() {
         "[FAIL] ghost proxy: no running proxy",
         &["admin port", "does not answer", "restart `palisade up`"],
     );
+
+    // 3b. The other way round: a workload removed from the mesh file while its proxy runs.
+    let start = original
+        .find("  - name: ext\n")
+        .expect("ext in the mesh file");
+    let end = original
+        .find("services:\n")
+        .expect("services in the mesh file");
+    let without_ext = format!("{}{}", &original[..start], &original[end..]);
+    write_mesh_file(&mesh, &without_ext);
+    wait_for_status_of(&mesh, "ext removed", &["web", "api"], |st| {
+        st["workloads"].as_array().is_some_and(|w| w.len() == 2)
+    });
+    assert_one_failure(
+        &mesh,
+        "[FAIL] ext config in sync: the control plane serves no such workload any more",
+        &["removed from the mesh file"],
+    );
+
     write_mesh_file(&mesh, &original);
     wait_for_status(&mesh, "the original mesh", |st| {
         st["workloads"].as_array().is_some_and(|w| w.len() == 3)

@@ -357,17 +357,17 @@ async fn check(doc: &serde_json::Value, path: &Path, r: &mut Report) {
         }
     }
     for (name, digest) in &digests {
-        let want = st["configDigests"][name].as_u64();
-        let ok = want == Some(*digest);
-        r.line(
-            ok,
-            &format!("{name} config in sync"),
-            if ok {
-                "the proxy has the control plane's current config"
-            } else {
-                "the proxy's config differs from the control plane's"
-            },
-        );
+        let (ok, detail) = match st["configDigests"][name].as_u64() {
+            Some(want) if want == *digest => {
+                (true, "the proxy has the control plane's current config")
+            }
+            Some(_) => (false, "the proxy's config differs from the control plane's"),
+            None => (
+                false,
+                "the control plane serves no such workload any more (removed from the mesh file?); the proxy keeps its last config until `palisade up` restarts",
+            ),
+        };
+        r.line(ok, &format!("{name} config in sync"), detail);
     }
 }
 
