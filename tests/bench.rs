@@ -80,7 +80,11 @@ fn http1_report_has_every_run_both_proxies_and_a_plot() {
     let dir = tempfile::tempdir().expect("tempdir");
     let json = dir.path().join("bench.json");
     let svg = dir.path().join("bench.svg");
+    // A second, lower rate: the plot has a line per mode and rate.
+    let low = (RATE / 2).to_string();
     let out = bench(&[
+        "--rate",
+        &low,
         "--out",
         json.to_str().expect("utf-8 path"),
         "--plot",
@@ -96,10 +100,17 @@ fn http1_report_has_every_run_both_proxies_and_a_plot() {
     );
     assert!(stdout.contains("added latency (mesh - direct)"), "{stdout}");
     for name in ["client", "server"] {
-        assert!(
-            stdout.contains(&format!("proxy {name}")),
-            "no line for the {name} proxy: {stdout}"
-        );
+        // CPU with its resolution: 1000 / RATE requests per clock tick of 10 ms, so ±0.05.
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with(&format!("proxy {name}")))
+            .unwrap_or_else(|| panic!("no line for the {name} proxy: {stdout}"));
+        let res: f64 = line
+            .split_once('±')
+            .and_then(|(_, r)| r.split_whitespace().next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no ± resolution: {line}"));
+        assert!((0.04..=0.06).contains(&res), "{line}");
+        assert!(line.contains(" s/1000 req"), "{line}");
     }
 
     let report = read_json(&json);
@@ -117,17 +128,21 @@ fn http1_report_has_every_run_both_proxies_and_a_plot() {
             (RATE * 9 / 10..=RATE * 11 / 10).contains(&fixed),
             "{mode} sent {fixed} requests"
         );
+        check_run(find(mode, Some(RATE / 2)));
         let max = find(mode, None);
         assert!(max["rate"].is_null(), "{max}");
         check_run(max);
     }
-    assert_eq!(runs.len(), 4, "{report}");
+    assert_eq!(runs.len(), 6, "{report}");
 
     let proxies = report["proxies"].as_array().expect("proxies");
     let names: Vec<&str> = proxies.iter().filter_map(|p| p["name"].as_str()).collect();
     assert_eq!(names, ["client", "server"], "{report}");
     for p in proxies {
         assert!(num(&p["cpu_seconds_per_1000_requests"], "cpu") > 0.0, "{p}");
+        // One tick (1/100 s) over the RATE requests of the first run, per 1000 requests.
+        let res = num(&p["cpu_resolution_seconds_per_1000_requests"], "resolution");
+        assert!((0.04..=0.06).contains(&res), "{p}");
         let rss = num(&p["peak_rss_bytes"], "peak_rss_bytes");
         assert!(rss > 1e6, "a proxy cannot run in under 1 MB: {p}");
     }
@@ -142,8 +157,59 @@ fn http1_report_has_every_run_both_proxies_and_a_plot() {
         "not an SVG: {}",
         &plot[..plot.len().min(200)]
     );
-    for label in ["direct", "mesh"] {
-        assert!(plot.contains(label), "the plot has no {label} series");
+    let texts = svg_texts(&plot);
+    for rate in [RATE, RATE / 2] {
+        for mode in ["direct", "mesh"] {
+            let label = format!("{mode} {rate} rps");
+            assert!(texts.contains(&label), "no {label:?} line: {texts:?}");
+        }
+    }
+    // The x axis is marked at the percentiles people quote, and only there.
+    let ticks: Vec<&String> = texts
+        .iter()
+        .filter(|t| {
+            t.strip_prefix('p')
+                .is_some_and(|n| n.starts_with(|c: char| c.is_ascii_digit()))
+        })
+        .collect();
+    assert_eq!(ticks, ["p50", "p90", "p99", "p99.9"], "{texts:?}");
+}
+
+/// The text of every `<text>` element of an SVG, in order.
+fn svg_texts(svg: &str) -> Vec<String> {
+    svg.split("<text")
+        .skip(1)
+        .filter_map(|t| {
+            let body = t.split_once('>')?.1;
+            Some(body.split_once("</text>")?.0.trim().to_string())
+        })
+        .collect()
+}
+
+#[test]
+fn a_zero_duration_or_rate_is_refused_before_anything_starts() {
+    for (args, needle) in [
+        (
+            &["--duration", "0s"][..],
+            "--duration must be longer than 0s",
+        ),
+        (&["--rate", "0", "--duration", "1s"][..], "--rate 0"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_palisade"))
+            .arg("bench")
+            .args(args)
+            .output()
+            .expect("run palisade bench");
+        assert_eq!(out.status.code(), Some(1));
+        let err = String::from_utf8_lossy(&out.stderr);
+        let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert_eq!(lines.len(), 1, "one sentence: {err}");
+        assert!(
+            lines[0].starts_with("error: ") && lines[0].contains(needle),
+            "{err}"
+        );
+        // Refused before the mesh: nothing printed about the sidecar it would measure.
+        assert!(!String::from_utf8_lossy(&out.stdout).contains("sidecar:"));
     }
 }
 

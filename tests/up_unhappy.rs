@@ -222,6 +222,16 @@ fn live_edits_are_answered_in_the_terminal_and_workloads_follow_the_mesh_file() 
     mesh.write_policy("deny.yaml", deny);
     let line = mesh.wait_line("applied generation 2", Duration::from_secs(10));
     assert!(line.contains("1 policy changed"), "{line}");
+    // A broken edit is answered with the reason, and the last good config keeps serving.
+    mesh.write_policy("deny.yaml", &deny.replace("principals:", "principal:"));
+    let line = mesh.wait_line("config change rejected", Duration::from_secs(10));
+    assert!(
+        line.contains("deny.yaml")
+            && line.contains("source.principal")
+            && line.contains("the last good config keeps serving"),
+        "{line}"
+    );
+    mesh.write_policy("deny.yaml", deny);
 
     // A workload added to the mesh file is started for real.
     let text = std::fs::read_to_string(&mesh.mesh_file).expect("mesh file");
@@ -235,8 +245,8 @@ fn live_edits_are_answered_in_the_terminal_and_workloads_follow_the_mesh_file() 
     let tmp = mesh.mesh_file.with_extension("tmp");
     std::fs::write(&tmp, added).expect("write");
     std::fs::rename(&tmp, &mesh.mesh_file).expect("rename");
-    let line = mesh.wait_line("applied generation 3", Duration::from_secs(10));
-    assert!(line.contains("workload extra added"), "{line}");
+    let line = mesh.wait_line("workload extra added", Duration::from_secs(10));
+    assert!(line.contains("applied generation"), "{line}");
     mesh.wait_line("workload extra started", Duration::from_secs(10));
     let admin_addr = std::net::SocketAddr::from(([127, 0, 0, 1], admin));
     assert!(

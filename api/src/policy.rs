@@ -934,15 +934,32 @@ fn validate_meta(c: &mut Ctx<'_>, doc: &Value) {
     ) else {
         return;
     };
-    match m.get("name").and_then(Value::as_str) {
-        Some(n) if !n.is_empty() => {}
-        _ => c.err("metadata.name", "missing or empty"),
+    match m.get("name") {
+        None | Some(Value::Null) => c.err("metadata.name", "missing"),
+        Some(Value::String(n)) if n.is_empty() => c.err("metadata.name", "must not be empty"),
+        Some(Value::String(_)) => {}
+        Some(other) => c.err("metadata.name", not_a_string(other)),
     }
-    if let Some(ns) = m.get("namespace")
-        && ns.as_str().is_none_or(str::is_empty)
-    {
-        c.err("metadata.namespace", "must be a non-empty string");
+    match m.get("namespace") {
+        None => {}
+        Some(Value::String(ns)) if !ns.is_empty() => {}
+        Some(Value::String(_) | Value::Null) => {
+            c.err("metadata.namespace", "must be a non-empty string")
+        }
+        Some(other) => c.err("metadata.namespace", not_a_string(other)),
     }
+}
+
+/// For a name YAML read as another type: `name: no` is the boolean false, `name: 0123` a number.
+fn not_a_string(v: &Value) -> String {
+    let hint = match v {
+        Value::Bool(_) => {
+            "; YAML reads unquoted yes/no/on/off/true/false as booleans, so quote it (name: \"no\")"
+        }
+        Value::Number(_) => "; quote it to make it a string",
+        _ => "",
+    };
+    format!("must be a string, found {}{hint}", kind_of(v))
 }
 
 /// Parses one document that is already a JSON value.

@@ -40,7 +40,7 @@ pub use conn::PeerInfo;
 pub use mesh::{Mesh, MeshError};
 pub use metrics::Metrics;
 pub use model::{Model, ModelError};
-pub use source::{ConfigSource, LocalSource};
+pub use source::{ConfigSource, LocalSource, Rejection};
 pub use tokens::{TokenError, TokenStore};
 
 /// Namespace and service account of the control plane's own identity.
@@ -372,20 +372,53 @@ pub async fn start(cfg: ControlPlaneConfig) -> Result<RunningControlPlane, Contr
                 source,
             })?;
             let model_rx = source.subscribe();
+            let rejection_rx = source.rejections();
             let status_store = store.clone();
             let status: metrics::StatusFn = Arc::new(move || {
                 let m = model_rx.borrow().clone();
-                serde_json::json!({
+                let loopback = |port: u16| SocketAddr::from(([127, 0, 0, 1], port)).to_string();
+                let mut doc = serde_json::json!({
                     "generation": m.generation,
                     "trustDomain": m.mesh.trust_domain.as_str(),
                     "identity": status_store.id().as_str(),
                     "certExpiry": status_store.expiry(),
+                    "meshFile": m.mesh.path.display().to_string(),
                     "workloads": m.mesh.workloads.iter().map(|w| w.name.clone()).collect::<Vec<_>>(),
+                    // Where each workload of the served mesh should be found (local mode).
+                    "workloadAddrs": m.mesh.workloads.iter().map(|w| (w.name.clone(), serde_json::json!({
+                        "adminAddr": loopback(w.admin_port),
+                        "appAddr": w.app_port.map(loopback),
+                        "inboundAddr": loopback(w.inbound_port),
+                    }))).collect::<serde_json::Map<_, _>>(),
+                    "services": m.mesh.services.iter().map(|s| {
+                        let endpoints: Vec<&str> = m.mesh.workloads.iter()
+                            .filter(|w| s.selects(w))
+                            .map(|w| w.name.as_str())
+                            .collect();
+                        serde_json::json!({
+                            "name": s.name,
+                            "namespace": s.namespace,
+                            "port": s.port,
+                            "protocol": s.protocol.as_str(),
+                            "selector": s.selector,
+                            "endpoints": endpoints.len(),
+                            "endpointWorkloads": endpoints,
+                        })
+                    }).collect::<Vec<_>>(),
                     "configDigests": m.mesh.workloads.iter().filter_map(|w| {
                         let cfg = m.proxy_config(&w.name)?;
                         Some((w.name.clone(), serde_json::json!(palisade_api::config_digest(&cfg))))
                     }).collect::<serde_json::Map<_, _>>(),
-                })
+                });
+                // Present only while the rejection is the latest event.
+                if let Some(r) = rejection_rx.borrow().as_ref() {
+                    doc["lastRejection"] = serde_json::json!({
+                        "error": r.error,
+                        "at": r.at,
+                        "servingGeneration": r.serving_generation,
+                    });
+                }
+                doc
             });
             // What the workload's proxy is served now (`palisade authz explain --live`).
             let config_rx = source.subscribe();

@@ -325,6 +325,30 @@ mod schema {
             .map(|e| (display_path(path), e.to_string()))
     }
 
+    /// A TCP port: what serde would call "expected u16", said as a person would.
+    fn port(v: &Value, path: &str) -> Found {
+        match v.as_u64() {
+            Some(p) if (1..=65535).contains(&p) => None,
+            _ => Some((display_path(path), super::port_message(&describe(v)))),
+        }
+    }
+
+    fn optional_port(v: &Value, path: &str) -> Found {
+        if v.is_null() { None } else { port(v, path) }
+    }
+
+    /// A value as the message names it: numbers as written, the rest by kind.
+    fn describe(v: &Value) -> String {
+        match v {
+            Value::Number(n) => n.to_string(),
+            Value::String(s) => format!("the string {s:?}"),
+            Value::Bool(b) => format!("the boolean {b}"),
+            Value::Null => "empty".into(),
+            Value::Array(_) => "a list".into(),
+            Value::Object(_) => "a mapping".into(),
+        }
+    }
+
     fn display_path(path: &str) -> String {
         if path.is_empty() {
             "(document)".into()
@@ -377,8 +401,8 @@ mod schema {
             path,
             &[
                 ("service", leaf::<String>),
-                ("port", leaf::<u16>),
-                ("localPort", leaf::<u16>),
+                ("port", port),
+                ("localPort", port),
             ],
             leaf::<super::Upstream>,
         )
@@ -395,9 +419,9 @@ mod schema {
                 ("labels", leaf::<std::collections::BTreeMap<String, String>>),
                 ("command", leaf::<Option<Vec<String>>>),
                 ("env", leaf::<std::collections::BTreeMap<String, String>>),
-                ("appPort", leaf::<Option<u16>>),
-                ("inboundPort", leaf::<u16>),
-                ("adminPort", leaf::<u16>),
+                ("appPort", optional_port),
+                ("inboundPort", port),
+                ("adminPort", port),
                 ("upstreams", |v, p| list(v, p, upstream)),
             ],
             leaf::<super::Workload>,
@@ -411,7 +435,7 @@ mod schema {
             &[
                 ("name", leaf::<String>),
                 ("namespace", leaf::<String>),
-                ("port", leaf::<u16>),
+                ("port", port),
                 (
                     "selector",
                     leaf::<std::collections::BTreeMap<String, String>>,
@@ -426,7 +450,7 @@ mod schema {
         object(
             v,
             path,
-            &[("port", leaf::<u16>)],
+            &[("port", port)],
             leaf::<super::ControlPlaneSection>,
         )
     }
@@ -448,6 +472,11 @@ mod schema {
             leaf::<super::MeshFile>,
         )
     }
+}
+
+/// What every port field of the mesh file says when its value is not a port.
+fn port_message(found: &str) -> String {
+    format!("must be a port number 1–65535, not {found}")
 }
 
 /// A name used in a SPIFFE ID path segment or as a Kubernetes-style name.
@@ -496,7 +525,7 @@ fn validate(file: MeshFile, path: &Path) -> Result<Mesh, MeshError> {
     let mut ports: HashMap<u16, String> = HashMap::new();
     let mut claim = |port: u16, field: String| -> Result<(), MeshError> {
         if port == 0 {
-            return Err(err(field, "port must be between 1 and 65535".into()));
+            return Err(err(field, port_message("0")));
         }
         if let Some(first) = ports.get(&port) {
             return Err(err(
@@ -515,7 +544,7 @@ fn validate(file: MeshFile, path: &Path) -> Result<Mesh, MeshError> {
         check_segment(&s.name).map_err(|m| err(at("name"), m))?;
         check_segment(&s.namespace).map_err(|m| err(at("namespace"), m))?;
         if s.port == 0 {
-            return Err(err(at("port"), "port must be between 1 and 65535".into()));
+            return Err(err(at("port"), port_message("0")));
         }
         if s.selector.is_empty() {
             return Err(err(
@@ -731,6 +760,54 @@ services:
         assert!(e.starts_with("services[0].protocol:"), "{e}");
         let e = field_of(&GOOD.replace("appPort: 18081", "appPort: 0"));
         assert!(e.starts_with("workloads[1].appPort:"), "{e}");
+        // Ports are said to be ports, whatever serde's type for them.
+        for (from, to, field, found) in [
+            (
+                "appPort: 18081",
+                "appPort: 70000",
+                "workloads[1].appPort",
+                "70000",
+            ),
+            (
+                "inboundPort: 14144",
+                "inboundPort: -1",
+                "workloads[1].inboundPort",
+                "-1",
+            ),
+            (
+                "adminPort: 14192",
+                "adminPort: \"x\"",
+                "workloads[1].adminPort",
+                "the string \"x\"",
+            ),
+            (
+                "localPort: 19001",
+                "localPort: 1.5",
+                "workloads[0].upstreams[0].localPort",
+                "1.5",
+            ),
+            (
+                "port: 8080, selector",
+                "port: 65536, selector",
+                "services[0].port",
+                "65536",
+            ),
+            (
+                "policies: policies/",
+                "controlPlane: { port: 0 }",
+                "controlPlane.port",
+                "0",
+            ),
+        ] {
+            let e = field_of(&GOOD.replace(from, to));
+            assert!(
+                e.starts_with(&format!(
+                    "{field}: must be a port number 1–65535, not {found}"
+                )),
+                "{e}"
+            );
+            assert!(!e.contains("u16"), "{e}");
+        }
         let e = field_of(&GOOD.replace("certificateLifetime: 1h", "certificateLifetime: 1y"));
         assert!(e.starts_with("certificateLifetime:"), "{e}");
         let e = field_of(&GOOD.replace("trustDomain: example.org", "trustDomain: Example"));

@@ -45,7 +45,21 @@ pub trait ConfigSource: Send + Sync {
 #[derive(Debug)]
 pub struct LocalSource {
     rx: watch::Receiver<Arc<Model>>,
+    rejection: watch::Receiver<Option<Rejection>>,
     task: JoinHandle<()>,
+}
+
+/// The latest change that was rejected, for as long as it is the latest event: a later
+/// change that loads (applied, or back to what is being served) clears it. What
+/// `palisade check` reports, through the control plane's `/status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    /// The error, naming file, document and field, as it was logged.
+    pub error: String,
+    /// When the change was rejected, in seconds since the Unix epoch.
+    pub at: u64,
+    /// The generation that kept serving.
+    pub serving_generation: u64,
 }
 
 impl ConfigSource for LocalSource {
@@ -103,6 +117,7 @@ struct State {
     attempted_policies: Option<PathBuf>,
     fingerprint: Fingerprint,
     tx: watch::Sender<Arc<Model>>,
+    rejection: watch::Sender<Option<Rejection>>,
     metrics: Arc<Metrics>,
     watcher: Option<notify::RecommendedWatcher>,
     watched: Vec<PathBuf>,
@@ -198,6 +213,10 @@ impl State {
                 }
                 Model::load(m, generation)
             });
+        if result.is_ok() {
+            // The files load again: whatever was rejected before is no longer the news.
+            self.rejection.send_if_modified(|r| r.take().is_some());
+        }
         match result {
             Ok(model) if model.same_content(&self.current) => {
                 tracing::debug!("config files changed but the config did not");
@@ -218,6 +237,15 @@ impl State {
             }
             Err(e) => {
                 self.metrics.config_rejections.inc();
+                let at = SystemTime::now()
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0);
+                self.rejection.send_replace(Some(Rejection {
+                    error: e.to_string(),
+                    at,
+                    serving_generation: self.current.generation,
+                }));
                 tracing::error!(
                     error = %e,
                     serving_generation = self.current.generation,
@@ -258,6 +286,7 @@ impl LocalSource {
         let attempted_policies = model.mesh.policies_dir.clone();
         let current = Arc::new(model);
         let (tx, rx) = watch::channel(current.clone());
+        let (rejection_tx, rejection_rx) = watch::channel(None);
 
         let (ev_tx, ev_rx) = mpsc::unbounded_channel::<()>();
         let handler = move |res: notify::Result<notify::Event>| {
@@ -285,6 +314,7 @@ impl LocalSource {
             attempted_policies,
             fingerprint: Vec::new(),
             tx,
+            rejection: rejection_tx,
             metrics,
             watcher,
             watched: Vec::new(),
@@ -292,12 +322,26 @@ impl LocalSource {
         state.fingerprint = state.fingerprint();
         state.update_watches();
         let task = tokio::spawn(run(state, ev_rx));
-        Ok(Self { rx, task })
+        Ok(Self {
+            rx,
+            rejection: rejection_rx,
+            task,
+        })
     }
 
     /// The model being served now.
     pub fn current(&self) -> Arc<Model> {
         self.rx.borrow().clone()
+    }
+
+    /// The latest rejected change, while no later change has loaded.
+    pub fn last_rejection(&self) -> Option<Rejection> {
+        self.rejection.borrow().clone()
+    }
+
+    /// A receiver of [`LocalSource::last_rejection`], for a status page that outlives a borrow.
+    pub fn rejections(&self) -> watch::Receiver<Option<Rejection>> {
+        self.rejection.clone()
     }
 }
 
@@ -408,6 +452,45 @@ spec:
         std::fs::remove_file(&file).unwrap();
         wait_for_generation(&src, 2).await;
         assert!(src.current().authorization_policies.is_empty());
+    }
+
+    /// The latest rejection is kept, with its error and the generation still serving, until a
+    /// later change loads: a fix back to the served content clears it as an applied change does.
+    #[tokio::test]
+    async fn the_last_rejection_is_kept_until_a_later_change_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mesh.yaml");
+        std::fs::write(&path, MESH).unwrap();
+        let metrics = Metrics::new();
+        let src = LocalSource::start(&path, metrics.clone()).unwrap();
+        assert_eq!(src.last_rejection(), None);
+
+        std::fs::write(&path, MESH.replace("1002", "1001")).unwrap();
+        wait_for_rejection(&metrics, 0).await;
+        let r = src.last_rejection().expect("a rejection");
+        assert_eq!(r.serving_generation, 1);
+        assert!(r.error.contains("adminPort"), "{}", r.error);
+        assert!(r.at > 0);
+
+        // Back to exactly what is served: no new generation, but nothing is rejected any more.
+        std::fs::write(&path, MESH).unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while src.last_rejection().is_some() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "rejection never cleared"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(src.current().generation, 1);
+
+        // Rejected again, then a real change applies: cleared as well.
+        std::fs::write(&path, "workloads: [ { name: a } ]\n").unwrap();
+        wait_for_rejection(&metrics, 1).await;
+        assert!(src.last_rejection().is_some());
+        std::fs::write(&path, MESH.replace("1002", "1003")).unwrap();
+        wait_for_generation(&src, 2).await;
+        assert_eq!(src.last_rejection(), None);
     }
 
     /// An overflowing `certificateLifetime` used to panic inside the reload, killing the watcher

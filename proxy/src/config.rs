@@ -375,6 +375,7 @@ struct StaticFile {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct StaticService {
     name: String,
+    #[serde(deserialize_with = "port")]
     port: u16,
     protocol: Option<String>,
     #[serde(default)]
@@ -390,4 +391,37 @@ struct StaticEndpoint {
     identity: String,
     weight: Option<u32>,
     workload: Option<String>,
+}
+
+/// A TCP port, refused as "must be a port number 1–65535, not X" (serde's own message would
+/// be "expected u16").
+fn port<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u16, D::Error> {
+    struct Port;
+    impl serde::de::Visitor<'_> for Port {
+        type Value = u16;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a port number 1–65535")
+        }
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<u16, E> {
+            u16::try_from(v)
+                .ok()
+                .filter(|p| *p > 0)
+                .ok_or_else(|| E::custom(format!("must be a port number 1–65535, not {v}")))
+        }
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<u16, E> {
+            match u64::try_from(v) {
+                Ok(v) => self.visit_u64(v),
+                Err(_) => Err(E::custom(format!("must be a port number 1–65535, not {v}"))),
+            }
+        }
+        fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<u16, E> {
+            Err(E::custom(format!("must be a port number 1–65535, not {v}")))
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<u16, E> {
+            Err(E::custom(format!(
+                "must be a port number 1–65535, not the string {v:?}"
+            )))
+        }
+    }
+    d.deserialize_any(Port)
 }

@@ -81,6 +81,8 @@ struct RunResult {
     hist: Histogram<u64>,
     /// Mesh and relay runs: CPU seconds per 1000 requests of each hop's process.
     proxy_cpu: Vec<(String, f64)>,
+    /// The resolution of those figures: one clock tick of /proc's CPU times per 1000 requests.
+    cpu_resolution: f64,
 }
 
 impl RunResult {
@@ -343,7 +345,25 @@ fn rss_anon(pid: u32) -> Option<u64> {
     Some(kb * 1024)
 }
 
-/// utime + stime in seconds, and peak RSS in bytes, of a process.
+/// The kernel's clock ticks per second (`USER_HZ`), the unit of /proc's CPU times: from the
+/// auxiliary vector (`AT_CLKTCK`), else 100, what every Linux this runs on uses.
+fn clock_ticks_per_second() -> u64 {
+    const AT_CLKTCK: u64 = 17;
+    let from_auxv = std::fs::read("/proc/self/auxv").ok().and_then(|auxv| {
+        let words: Vec<u64> = auxv
+            .chunks_exact(8)
+            .map(|c| u64::from_ne_bytes(c.try_into().unwrap_or([0; 8])))
+            .collect();
+        words
+            .chunks_exact(2)
+            .find(|kv| kv[0] == AT_CLKTCK)
+            .map(|kv| kv[1])
+    });
+    from_auxv.filter(|&hz| hz > 0).unwrap_or(100)
+}
+
+/// utime + stime in seconds, and peak RSS in bytes, of a process. The CPU time counts whole
+/// clock ticks ([`clock_ticks_per_second`]).
 fn proc_usage(pid: u32) -> Option<(f64, u64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let after = stat.rsplit_once(')')?.1;
@@ -357,8 +377,10 @@ fn proc_usage(pid: u32) -> Option<(f64, u64)> {
         .find_map(|l| l.strip_prefix("VmHWM:"))
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())?;
-    // USER_HZ is 100 on every Linux this runs on.
-    Some(((utime + stime) as f64 / 100.0, hwm_kb * 1024))
+    Some((
+        (utime + stime) as f64 / clock_ticks_per_second() as f64,
+        hwm_kb * 1024,
+    ))
 }
 
 enum Conn {
@@ -535,6 +557,7 @@ async fn load(
         elapsed,
         hist,
         proxy_cpu: Vec::new(),
+        cpu_resolution: 0.0,
     })
 }
 
@@ -567,6 +590,17 @@ async fn run_with_progress(
 async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
     if args.connections == 0 {
         bail!("--connections must be at least 1");
+    }
+    if args.duration.is_zero() {
+        bail!(
+            "--duration must be longer than 0s: it is how long each run sends requests (e.g. 10s)"
+        );
+    }
+    if let Some(r) = args.rates.iter().find(|r| **r == 0) {
+        bail!("--rate {r}: a rate must be at least 1 request per second");
+    }
+    for path in [&args.out, &args.plot].into_iter().flatten() {
+        create_parent(path)?;
     }
     let app = backend(args.protocol).await?;
     let sidecar = proxy_bin(args.proxy_bin.as_deref())?;
@@ -625,6 +659,8 @@ async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
             .await?;
             let after = usage(procs);
             let per_k = (r.requests + r.errors).max(1) as f64 / 1000.0;
+            // Each reading is whole ticks, so the difference is good to one tick.
+            r.cpu_resolution = 1.0 / clock_ticks_per_second() as f64 / per_k;
             for (i, (name, _)) in procs.iter().enumerate() {
                 if let (Some((c0, _)), Some((c1, _))) = (before[i], after[i]) {
                     r.proxy_cpu.push((name.clone(), (c1 - c0) / per_k));
@@ -682,10 +718,12 @@ fn hop_figures(
         let cpu = reference
             .and_then(|r| r.proxy_cpu.iter().find(|(n, _)| n == name))
             .map(|(_, c)| *c);
+        let resolution = reference.map(|r| r.cpu_resolution).unwrap_or(0.0);
         if let (Some(cpu), Some((_, rss))) = (cpu, proc_usage(*pid)) {
             out.push(serde_json::json!({
                 "name": name,
                 "cpu_seconds_per_1000_requests": cpu,
+                "cpu_resolution_seconds_per_1000_requests": resolution,
                 "peak_rss_bytes": rss,
                 "rss_anon_bytes": rss_anon(*pid),
             }));
@@ -748,9 +786,9 @@ fn print_table(
         println!("added latency (relays - direct): p50 {r50:.3} ms, p99 {r99:.3} ms");
         for r in relays {
             println!(
-                "relay {:<8} cpu {:.4} s/1000 req (two plain TCP relays: the floor of two hops)",
+                "relay {:<8} cpu {} s/1000 req (two plain TCP relays: the floor of two hops)",
                 r["name"].as_str().unwrap_or("?"),
-                r["cpu_seconds_per_1000_requests"].as_f64().unwrap_or(0.0),
+                cpu_figure(r),
             );
         }
         let cpu = |hops: &[serde_json::Value]| -> f64 {
@@ -772,66 +810,151 @@ fn print_table(
     }
     for px in proxies {
         println!(
-            "proxy {:<8} cpu {:.4} s/1000 req, peak RSS {:.1} MB (private {:.1} MB; the rest is the shared binary)",
+            "proxy {:<8} cpu {} s/1000 req, peak RSS {:.1} MB (private {:.1} MB; the rest is the shared binary)",
             px["name"].as_str().unwrap_or("?"),
-            px["cpu_seconds_per_1000_requests"].as_f64().unwrap_or(0.0),
+            cpu_figure(px),
             px["peak_rss_bytes"].as_f64().unwrap_or(0.0) / 1_048_576.0,
             px["rss_anon_bytes"].as_f64().unwrap_or(0.0) / 1_048_576.0
         );
     }
 }
 
+/// A hop's CPU figure with its resolution: `0.0452 ±0.0050`. /proc counts CPU time in clock
+/// ticks (10 ms), so over N requests a figure per 1000 requests is only good to 10 s / N.
+fn cpu_figure(hop: &serde_json::Value) -> String {
+    let cpu = hop["cpu_seconds_per_1000_requests"].as_f64().unwrap_or(0.0);
+    let res = hop["cpu_resolution_seconds_per_1000_requests"]
+        .as_f64()
+        .unwrap_or(0.0);
+    // Down to the resolution's first significant digit, no further: more would be noise.
+    let decimals = if res > 0.0 {
+        (-res.log10()).ceil().clamp(1.0, 9.0) as usize
+    } else {
+        4
+    };
+    format!("{cpu:.decimals$} ±{res:.decimals$}")
+}
+
+/// Output files may go in a directory that does not exist yet (`.palisade/bench/`): it is
+/// created 0700, as `up` wants its state directory, so a later `up` there does not refuse it.
+fn create_parent(path: &Path) -> anyhow::Result<()> {
+    let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) else {
+        return Ok(());
+    };
+    let mut b = std::fs::DirBuilder::new();
+    b.recursive(true);
+    std::os::unix::fs::DirBuilderExt::mode(&mut b, 0o700);
+    b.create(parent)
+        .with_context(|| format!("cannot create {}", parent.display()))
+}
+
+/// The percentiles the plot's x axis marks.
+const PLOT_TICKS: [(f64, &str); 4] = [(0.5, "p50"), (0.9, "p90"), (0.99, "p99"), (0.999, "p99.9")];
+
+/// The x position of quantile `q`: the number of nines, so p50, p90, p99 and p99.9 spread out.
+fn nines(q: f64) -> f64 {
+    -(1.0f64 - q).log10()
+}
+
+/// The plot's x axis: [`nines`] from p20 to past p99.9, ticks at [`PLOT_TICKS`] only, each
+/// labelled with its percentile.
+struct PercentileAxis;
+
+impl PercentileAxis {
+    const RANGE: std::ops::Range<f64> = 0.2..3.1;
+}
+
+impl plotters::coord::ranged1d::Ranged for PercentileAxis {
+    type FormatOption = plotters::coord::ranged1d::NoDefaultFormatting;
+    type ValueType = f64;
+
+    fn map(&self, value: &f64, limit: (i32, i32)) -> i32 {
+        let span = Self::RANGE.end - Self::RANGE.start;
+        let at = (value - Self::RANGE.start) / span;
+        limit.0 + (f64::from(limit.1 - limit.0) * at).round() as i32
+    }
+
+    fn key_points<H: plotters::coord::ranged1d::KeyPointHint>(&self, hint: H) -> Vec<f64> {
+        if hint.weight().allow_light_points() {
+            Vec::new()
+        } else {
+            PLOT_TICKS.iter().map(|(q, _)| nines(*q)).collect()
+        }
+    }
+
+    fn range(&self) -> std::ops::Range<f64> {
+        Self::RANGE
+    }
+}
+
+impl plotters::coord::ranged1d::ValueFormatter<f64> for PercentileAxis {
+    fn format(value: &f64) -> String {
+        PLOT_TICKS
+            .iter()
+            .find(|(q, _)| (nines(*q) - value).abs() < 1e-9)
+            .map(|(_, name)| name.to_string())
+            .unwrap_or_default()
+    }
+}
+
 fn plot(path: &Path, results: &[RunResult]) -> anyhow::Result<()> {
     use plotters::prelude::*;
     let quantiles = [0.5, 0.75, 0.9, 0.95, 0.99, 0.995, 0.999];
-    let rate = results.iter().find_map(|r| r.rate);
-    let series: Vec<(&str, Vec<(f64, f64)>)> = results
+    // One line per mode and fixed rate; the closed-loop max-throughput runs measure something
+    // else (and would flatten the rest), they are in the table and the JSON.
+    /// (legend label, mode, points).
+    type Series<'a> = (String, &'a str, Vec<(f64, f64)>);
+    let series: Vec<Series> = results
         .iter()
-        .filter(|r| r.rate == rate)
-        .map(|r| {
-            let pts = quantiles
-                .iter()
-                .map(|q| (-(1.0f64 - q).log10(), r.ms(*q)))
-                .collect();
-            (r.mode, pts)
+        .filter_map(|r| {
+            let rate = r.rate?;
+            let pts = quantiles.iter().map(|q| (nines(*q), r.ms(*q))).collect();
+            Some((format!("{} {rate} rps", r.mode), r.mode, pts))
         })
         .collect();
     let ymax = series
         .iter()
-        .flat_map(|(_, p)| p.iter().map(|x| x.1))
+        .flat_map(|(_, _, p)| p.iter().map(|x| x.1))
         .fold(0.1f64, f64::max)
         * 1.1;
     let root = SVGBackend::new(path, (800, 500)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let title = format!(
-        "latency by percentile at {}",
-        rate.map(|r| format!("{r} rps"))
-            .unwrap_or_else(|| "max".into())
-    );
     let mut chart = ChartBuilder::on(&root)
-        .caption(title, ("sans-serif", 20))
+        .caption(
+            "latency by percentile, per mode and rate",
+            ("sans-serif", 20),
+        )
         .margin(10)
         .x_label_area_size(40)
         .y_label_area_size(60)
-        .build_cartesian_2d(0.0f64..3.1f64, 0.0f64..ymax)
+        .build_cartesian_2d(PercentileAxis, 0.0f64..ymax)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     chart
         .configure_mesh()
         .x_desc("percentile")
         .y_desc("latency (ms)")
-        .x_label_formatter(&|x| format!("p{:.1}", 100.0 * (1.0 - 10f64.powf(-x))))
         .draw()
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    for (name, pts) in series {
-        let color = match name {
+    // A colour family per mode, darker for higher rates.
+    let mut seen: Vec<&str> = Vec::new();
+    for (label, mode, pts) in series {
+        let nth = seen.iter().filter(|m| **m == mode).count();
+        seen.push(mode);
+        let base: RGBColor = match mode {
             "direct" => BLUE,
             "relays" => GREEN,
             _ => RED,
         };
+        let fade = 1.0 / (1.0 + nth as f64);
+        let color = RGBColor(
+            (f64::from(base.0) * fade) as u8,
+            (f64::from(base.1) * fade) as u8,
+            (f64::from(base.2) * fade) as u8,
+        );
         chart
             .draw_series(LineSeries::new(pts, color.stroke_width(2)))
             .map_err(|e| anyhow::anyhow!("{e}"))?
-            .label(name)
+            .label(label)
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
     }
     chart

@@ -10,9 +10,13 @@ use palisade_certs::{Ca, SpiffeId, TrustDomain};
 pub enum CaCommand {
     /// Write a new trust anchor (root) and issuer (intermediate), keys included, into DIR.
     Init {
+        /// The trust domain the CA signs for: SPIFFE IDs `spiffe://<TRUST_DOMAIN>/...`.
         #[arg(long, default_value = "cluster.local")]
         trust_domain: String,
-        #[arg(long)]
+        /// Directory to write root-cert.pem, root-key.pem, issuer-cert.pem and issuer-key.pem
+        /// to (created 0700; keys 0600; existing files are never overwritten). Keep it out of
+        /// version control: it holds private keys.
+        #[arg(long, value_name = "DIR")]
         out: PathBuf,
         /// Issuer certificate lifetime (the root lives 10 years).
         #[arg(long, default_value = "8760h")]
@@ -21,13 +25,17 @@ pub enum CaCommand {
     /// Issue a leaf X509-SVID: cert.pem (leaf then chain) and key.pem into DIR.
     Issue {
         /// The CA directory written by `palisade ca init`.
-        #[arg(long)]
+        #[arg(long, value_name = "DIR")]
         ca: PathBuf,
-        #[arg(long)]
+        /// The identity to certify, `spiffe://<trust-domain>/<path>`, in the CA's trust domain.
+        #[arg(long, value_name = "ID")]
         spiffe_id: String,
+        /// Certificate lifetime (`30s`, `90m`, `24h`).
         #[arg(long, default_value = "1h")]
         ttl: String,
-        #[arg(long)]
+        /// Directory to write cert.pem (leaf then chain) and key.pem to (created if missing; the
+        /// key 0600). Keep it out of version control: it holds a private key.
+        #[arg(long, value_name = "DIR")]
         out: PathBuf,
     },
 }
@@ -35,7 +43,10 @@ pub enum CaCommand {
 #[derive(clap::Subcommand)]
 pub enum CertCommand {
     /// Print a certificate's SPIFFE ID, validity, issuer and X509-SVID conformance.
-    Inspect { file: PathBuf },
+    Inspect {
+        /// The certificate to read: PEM (the first certificate of a chain) or DER.
+        file: PathBuf,
+    },
 }
 
 fn duration(s: &str, what: &str) -> anyhow::Result<std::time::Duration> {
@@ -125,12 +136,13 @@ pub fn run_cert(cmd: CertCommand) -> anyhow::Result<ExitCode> {
     println!("Not before: {}", rfc3339(info.not_before));
     println!("Not after:  {}", rfc3339(info.not_after));
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let left = |secs: i64| super::human_duration(secs.unsigned_abs());
     let state = if now < info.not_before {
-        "not yet valid"
+        format!("not yet valid (starts in {})", left(info.not_before - now))
     } else if now > info.not_after {
-        "expired"
+        format!("expired {} ago", left(now - info.not_after))
     } else {
-        "valid"
+        format!("valid, expires in {}", left(info.not_after - now))
     };
     println!("Validity:   {state}");
     println!("CA:         {}", if info.is_ca { "yes" } else { "no" });

@@ -58,6 +58,82 @@ pub fn one_sentence(e: &anyhow::Error) -> String {
     out
 }
 
+/// What every boolean flag and `PALISADE_*` variable accepts, in any case.
+pub const BOOL_WORDS: [&str; 8] = ["1", "0", "true", "false", "yes", "no", "on", "off"];
+
+/// `1/true/yes/on` and `0/false/no/off`, in any case; anything else is None.
+pub fn parse_bool(s: &str) -> Option<bool> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Some(true),
+        "0" | "false" | "no" | "off" => Some(false),
+        _ => None,
+    }
+}
+
+/// clap's value parser for boolean flags that can also come from a `PALISADE_*` variable: the
+/// words of [`BOOL_WORDS`], listed in `--help`. A refusal is one line naming the variable when
+/// the value came from it (what a Kubernetes user set), else the flag.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct BoolValue;
+
+impl clap::builder::TypedValueParser for BoolValue {
+    type Value = bool;
+
+    fn parse_ref(
+        &self,
+        _cmd: &clap::Command,
+        arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<bool, clap::Error> {
+        let text = value.to_string_lossy();
+        if let Some(b) = parse_bool(&text) {
+            return Ok(b);
+        }
+        let flag = arg
+            .and_then(|a| a.get_long())
+            .map(|l| format!("--{l}"))
+            .unwrap_or_else(|| "the flag".into());
+        let env = arg.and_then(|a| a.get_env()).and_then(|e| {
+            let v = std::env::var_os(e)?;
+            (v == value).then(|| e.to_string_lossy().into_owned())
+        });
+        let what = match env {
+            Some(var) => format!("{var}={text:?} (the variable of {flag})"),
+            None => format!("{flag} {text:?}"),
+        };
+        Err(clap::Error::raw(
+            clap::error::ErrorKind::InvalidValue,
+            format!(
+                "{what} is not a boolean: use one of {} (any case)\n",
+                BOOL_WORDS.join(", ")
+            ),
+        ))
+    }
+
+    fn possible_values(
+        &self,
+    ) -> Option<Box<dyn Iterator<Item = clap::builder::PossibleValue> + '_>> {
+        Some(Box::new(
+            BOOL_WORDS.iter().map(clap::builder::PossibleValue::new),
+        ))
+    }
+}
+
+/// A remaining (or elapsed) time as people read it: `23h 59m`, `6d 4h`, `4m 10s`, `9s`. The
+/// two largest units only; what is cut is rounded down, so "1h 0m" is never more than is left.
+pub fn human_duration(secs: u64) -> String {
+    let (d, h, m, s) = (secs / 86_400, secs / 3600 % 24, secs / 60 % 60, secs % 60);
+    if d > 0 {
+        format!("{d}d {h}h")
+    } else if h > 0 {
+        format!("{h}h {m}m")
+    } else if m > 0 {
+        format!("{m}m {s}s")
+    } else {
+        format!("{s}s")
+    }
+}
+
 /// A port that was free a moment ago, for a mesh file written before the mesh starts (the
 /// bench's, the end-to-end tests'). Picked below the kernel's ephemeral range: a port from
 /// `bind(0)` would be back in that range once released, where the source port of any outgoing
@@ -133,7 +209,17 @@ pub async fn shutdown_signal() {
         Ok(s) => s,
         Err(_) => return std::future::pending().await,
     };
-    let watch_parent = std::env::var_os("PALISADE_WATCH_PARENT").is_some();
+    // Set by `up` for its children; any boolean word, so `PALISADE_WATCH_PARENT=0` is off. An
+    // unreadable value keeps the old meaning of "set": on.
+    let watch_parent = std::env::var("PALISADE_WATCH_PARENT")
+        .ok()
+        .map(|v| {
+            parse_bool(&v).unwrap_or_else(|| {
+                tracing::warn!(value = %v, "PALISADE_WATCH_PARENT is not a boolean (1/0/true/false/yes/no/on/off); treating it as on");
+                true
+            })
+        })
+        .unwrap_or(false);
     let parent = std::os::unix::process::parent_id();
     let orphaned = async move {
         if !watch_parent {
@@ -151,5 +237,17 @@ pub async fn shutdown_signal() {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
         _ = orphaned => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn durations_read_as_people_write_them() {
+        assert_eq!(super::human_duration(86_399), "23h 59m");
+        assert_eq!(super::human_duration(86_400 * 6 + 3600 * 4 + 59), "6d 4h");
+        assert_eq!(super::human_duration(250), "4m 10s");
+        assert_eq!(super::human_duration(9), "9s");
+        assert_eq!(super::human_duration(3600), "1h 0m");
     }
 }

@@ -7,81 +7,133 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use clap::builder::TypedValueParser as _;
 use palisade_certs::SpiffeId;
 use palisade_proxy::config::{CredentialSource, Limits, ProxyConfig, Timeouts, UpstreamListener};
 
+/// What `--help` says after the flags: the grammars the flags share, and the variables that
+/// have no flag.
+pub const PROXY_AFTER_HELP: &str = "\
+Values: IP:PORT is an IPv4 or [IPv6] address with a port number 1-65535; DURATION is a number
+with a unit (500ms, 3s, 90m, 1h30m; a bare number is refused); BOOL is 1, 0, true, false, yes,
+no, on or off, in any case.
+
+Variables without a flag:
+  PALISADE_LOG         log filter, tracing's syntax (info, debug, palisade::access=info,...) [default: info]
+  PALISADE_LOG_FORMAT  json for one JSON object per line; anything else is text [default: text]";
+
 #[derive(clap::Args)]
+#[command(after_help = PROXY_AFTER_HELP)]
 pub struct ProxyArgs {
     /// The workload this proxy serves (its name in the mesh).
-    #[arg(long, env = "PALISADE_WORKLOAD")]
+    #[arg(long, env = "PALISADE_WORKLOAD", value_name = "NAME")]
     pub workload: String,
-    /// The workload's SPIFFE ID.
-    #[arg(long, env = "PALISADE_IDENTITY")]
+    /// The workload's SPIFFE ID, `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`.
+    #[arg(long, env = "PALISADE_IDENTITY", value_name = "SPIFFE_ID")]
     pub identity: String,
     /// Where mTLS from other proxies arrives.
-    #[arg(long, env = "PALISADE_INBOUND_ADDR", default_value = "0.0.0.0:4143")]
+    #[arg(
+        long,
+        env = "PALISADE_INBOUND_ADDR",
+        value_name = "IP:PORT",
+        default_value = "0.0.0.0:4143"
+    )]
     pub inbound: SocketAddr,
     /// Admin server: /metrics /ready /live /shutdown.
-    #[arg(long, env = "PALISADE_ADMIN_ADDR", default_value = "0.0.0.0:4191")]
+    #[arg(
+        long,
+        env = "PALISADE_ADMIN_ADDR",
+        value_name = "IP:PORT",
+        default_value = "0.0.0.0:4191"
+    )]
     pub admin: SocketAddr,
     /// The app's plaintext address; omit when the workload only calls out.
-    #[arg(long, env = "PALISADE_APP_ADDR")]
+    #[arg(long, env = "PALISADE_APP_ADDR", value_name = "IP:PORT")]
     pub app: Option<SocketAddr>,
     /// Explicit outbound listeners, `SERVICE.NAMESPACE:PORT=LISTEN_ADDR` (repeat, or comma-separate in the env var).
-    #[arg(long = "upstream", env = "PALISADE_UPSTREAMS", value_delimiter = ',')]
+    #[arg(
+        long = "upstream",
+        env = "PALISADE_UPSTREAMS",
+        value_name = "SVC.NS:PORT=IP:PORT",
+        value_delimiter = ','
+    )]
     pub upstreams: Vec<String>,
     /// Transparent outbound listener (iptables REDIRECT target).
-    #[arg(long, env = "PALISADE_OUTBOUND_ADDR")]
+    #[arg(long, env = "PALISADE_OUTBOUND_ADDR", value_name = "IP:PORT")]
     pub outbound: Option<SocketAddr>,
     /// The control plane's gRPC address (identity + discovery).
-    #[arg(long, env = "PALISADE_CONTROL_PLANE")]
+    #[arg(long, env = "PALISADE_CONTROL_PLANE", value_name = "IP:PORT")]
     pub control_plane: Option<SocketAddr>,
     /// Bootstrap token for the Identity service.
-    #[arg(long, env = "PALISADE_TOKEN", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "PALISADE_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
     pub token: Option<String>,
     /// File holding the bootstrap token.
-    #[arg(long, env = "PALISADE_TOKEN_FILE")]
+    #[arg(long, env = "PALISADE_TOKEN_FILE", value_name = "FILE")]
     pub token_file: Option<PathBuf>,
     /// Trust anchors (PEM) of the mesh.
-    #[arg(long, env = "PALISADE_TRUST_BUNDLE")]
+    #[arg(long, env = "PALISADE_TRUST_BUNDLE", value_name = "FILE")]
     pub trust_bundle: PathBuf,
     /// Static mode: certificate chain (PEM) instead of the control plane.
-    #[arg(long, env = "PALISADE_CERT", requires = "key")]
+    #[arg(long, env = "PALISADE_CERT", value_name = "FILE", requires = "key")]
     pub cert: Option<PathBuf>,
     /// Static mode: private key (PEM).
-    #[arg(long, env = "PALISADE_KEY", requires = "cert")]
+    #[arg(long, env = "PALISADE_KEY", value_name = "FILE", requires = "cert")]
     pub key: Option<PathBuf>,
     /// Static mode: services and endpoints from this YAML file instead of the control plane.
-    #[arg(long, env = "PALISADE_CONFIG")]
+    #[arg(long, env = "PALISADE_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// Protocol detection timeout.
-    #[arg(long, env = "PALISADE_DETECT_TIMEOUT", default_value = "1s", value_parser = duration)]
+    #[arg(long, env = "PALISADE_DETECT_TIMEOUT", value_name = "DURATION", default_value = "1s", value_parser = duration)]
     pub detect_timeout: Duration,
     /// Connect timeout to endpoints and the app.
-    #[arg(long, env = "PALISADE_CONNECT_TIMEOUT", default_value = "3s", value_parser = duration)]
+    #[arg(long, env = "PALISADE_CONNECT_TIMEOUT", value_name = "DURATION", default_value = "3s", value_parser = duration)]
     pub connect_timeout: Duration,
     /// How long shutdown waits for in-flight requests.
-    #[arg(long, env = "PALISADE_DRAIN_TIMEOUT", default_value = "10s", value_parser = duration)]
+    #[arg(long, env = "PALISADE_DRAIN_TIMEOUT", value_name = "DURATION", default_value = "10s", value_parser = duration)]
     pub drain_timeout: Duration,
     /// Opaque TCP tunnels with no traffic either way for this long are closed.
-    #[arg(long, env = "PALISADE_TCP_IDLE_TIMEOUT", default_value = "1h", value_parser = duration)]
+    #[arg(long, env = "PALISADE_TCP_IDLE_TIMEOUT", value_name = "DURATION", default_value = "1h", value_parser = duration)]
     pub tcp_idle_timeout: Duration,
     /// Maximum concurrent connections per proxy.
-    #[arg(long, env = "PALISADE_MAX_CONNECTIONS", default_value_t = 10_000)]
+    #[arg(
+        long,
+        env = "PALISADE_MAX_CONNECTIONS",
+        value_name = "N",
+        default_value_t = 10_000
+    )]
     pub max_connections: usize,
     /// Answer `POST /shutdown` on the admin port (loopback only, with the
     /// `palisade-admin-shutdown` header). Off by default: every container of a pod shares
-    /// its loopback. `palisade up` stops its sidecars with SIGTERM instead.
-    #[arg(long, env = "PALISADE_ADMIN_SHUTDOWN")]
+    /// its loopback; `palisade up` stops its sidecars with SIGTERM instead. The flag alone
+    /// means true.
+    #[arg(long, env = "PALISADE_ADMIN_SHUTDOWN", value_name = "BOOL", value_parser = super::BoolValue,
+          num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true")]
     pub admin_shutdown: bool,
-    /// One log line per request (target `palisade::access`).
-    #[arg(long, env = "PALISADE_ACCESS_LOG")]
+    /// One log line per request (target `palisade::access`). The flag alone means true.
+    #[arg(long, env = "PALISADE_ACCESS_LOG", value_name = "BOOL", value_parser = super::BoolValue,
+          num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true")]
     pub access_log: bool,
     /// Endpoint selection: peak-ewma (power of two choices over latency) or round-robin.
-    #[arg(long, env = "PALISADE_BALANCER", default_value = "peak-ewma")]
+    #[arg(long, env = "PALISADE_BALANCER", value_name = "STRATEGY", default_value = "peak-ewma",
+          value_parser = clap::builder::PossibleValuesParser::new([
+              clap::builder::PossibleValue::new("peak-ewma"),
+              clap::builder::PossibleValue::new("round-robin"),
+              clap::builder::PossibleValue::new("p2c").hide(true),
+          ])
+              .try_map(|s| s.parse::<palisade_proxy::balance::Strategy>()))]
     pub balancer: palisade_proxy::balance::Strategy,
     /// Worker threads of the runtime (the sidecar needs few).
-    #[arg(long, env = "PALISADE_WORKER_THREADS", default_value_t = 1)]
+    #[arg(
+        long,
+        env = "PALISADE_WORKER_THREADS",
+        value_name = "N",
+        default_value_t = 1
+    )]
     pub worker_threads: usize,
 }
 
