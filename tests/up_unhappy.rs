@@ -267,3 +267,41 @@ fn live_edits_are_answered_in_the_terminal_and_workloads_follow_the_mesh_file() 
         "the removed workload's proxy still answers"
     );
 }
+
+#[test]
+fn a_missing_policies_directory_is_named_before_anything_starts() {
+    // The policies directory the mesh file names does not exist: said before anything starts.
+    let mut mesh = web_api().start(&[]);
+    let stopped = mesh.stop().expect("exit status");
+    assert!(stopped.success(), "{stopped}");
+    std::fs::remove_dir_all(&mesh.policies).expect("remove policies dir");
+    let (code, text) = up_once(&[
+        "--mesh".as_ref(),
+        mesh.mesh_file.as_os_str(),
+        "--state-dir".as_ref(),
+        mesh.state.as_os_str(),
+    ]);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(
+        text.contains("policies directory") && text.contains("does not exist"),
+        "{text}"
+    );
+}
+
+#[test]
+fn ps_shows_which_workload_a_sidecar_serves() {
+    let mesh = web_api().start(&[]);
+    let pid = mesh.mesh_json()["workloads"][0]["proxyPid"]
+        .as_u64()
+        .expect("web's proxyPid");
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).expect("cmdline");
+    let args: Vec<String> = cmdline
+        .split(|b| *b == 0)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    assert!(
+        args.windows(2)
+            .any(|w| w[0] == "--workload" && w[1] == "web"),
+        "{args:?}"
+    );
+}
