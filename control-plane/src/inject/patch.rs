@@ -231,25 +231,18 @@ fn probe_ports(spec: &PodSpec, warnings: &mut Vec<String>) -> Vec<u16> {
                 Probe {
                     http_get: Some(get),
                     ..
-                } => Some(&get.port),
+                } => Some(get.port.clone()),
                 Probe {
                     tcp_socket: Some(tcp),
                     ..
-                } if tcp.host.as_deref().is_none_or(str::is_empty) => Some(&tcp.port),
+                } if tcp.host.as_deref().is_none_or(str::is_empty) => Some(tcp.port.clone()),
                 Probe {
                     grpc: Some(grpc), ..
-                } => {
-                    if let Ok(p) = u16::try_from(grpc.port) {
-                        if p > 0 && !ports.contains(&p) {
-                            ports.push(p);
-                        }
-                    }
-                    None
-                }
+                } => Some(IntOrString::Int(grpc.port)),
                 _ => None,
             };
             let Some(port) = port else { continue };
-            match probe_port(c, port) {
+            match probe_port(c, &port) {
                 Some(p) => {
                     if !ports.contains(&p) {
                         ports.push(p);

@@ -84,12 +84,12 @@ pub struct AdmissionResponse {
 }
 
 impl ReviewResponse {
-    fn new(api_version: &str, response: AdmissionResponse) -> Self {
-        Self {
+    fn new(api_version: &str, response: AdmissionResponse) -> Box<Self> {
+        Box::new(Self {
             api_version: api_version.to_string(),
             kind: KIND.to_string(),
             response,
-        }
+        })
     }
 
     /// The decoded JSONPatch, if the response carries one.
@@ -117,7 +117,7 @@ impl ReviewResponse {
 pub enum Reviewed {
     /// An AdmissionReview to send back (the pod is allowed, patched or not, or refused).
     Answer {
-        review: ReviewResponse,
+        review: Box<ReviewResponse>,
         /// One line for the log: what was decided and why.
         summary: String,
     },
