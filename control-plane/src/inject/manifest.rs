@@ -120,12 +120,6 @@ fn inject_object(ctx: &mut Ctx<'_>, doc: &mut Value) -> Result<(), ManifestError
     if !target.is_object() {
         return Err(invalid(ctx, &resource, format!("{ptr} is not an object")));
     }
-    // A template may leave out its metadata; the patch's paths start at the pod.
-    if let Value::Object(m) = target
-        && !matches!(m.get("metadata"), Some(Value::Object(_)))
-    {
-        m.insert("metadata".to_string(), Value::Object(Default::default()));
-    }
     let mut pod: Pod = serde_json::from_value(serde_json::json!({
         "metadata": target.get("metadata"),
         "spec": target.get("spec"),
