@@ -60,11 +60,18 @@ impl Default for Limits {
     }
 }
 
-/// Why the webhook stopped.
+/// Lifetime of the webhook's serving certificate: renewed when a third of it is left
+/// ([`renew_serving_cert`]), so a renewal that fails has hours of retries before the API server
+/// sees an expired certificate.
+pub const SERVING_CERT_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// Why the webhook stopped, or could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum WebhookError {
     #[error("the webhook listener failed: {0}")]
     Accept(std::io::Error),
+    #[error("the webhook's TLS configuration: {0}")]
+    Tls(#[from] rustls::Error),
 }
 
 /// The TLS config the webhook should be served with: the serving certificate (issued by the mesh
@@ -72,6 +79,128 @@ pub enum WebhookError {
 /// HTTP/1.1 offered.
 pub fn tls_config(store: Arc<ServingCertStore>) -> Result<rustls::ServerConfig, rustls::Error> {
     palisade_certs::tls::serving_config(store, &[b"h2", b"http/1.1"])
+}
+
+/// The webhook as `palisade control-plane --source kubernetes` runs it: HTTPS on `listener`
+/// (the control plane's webhook port, behind the Service [`SERVICE_DNS_NAME`] port 443) with the
+/// certificate in `serving_cert`, until `stop` turns true (or its sender is dropped).
+///
+/// `serving_cert` is read at every TLS handshake: [`ServingCertStore::install`] (or
+/// [`renew_serving_cert`], which calls it) swaps the certificate without a restart, and open
+/// connections keep theirs. `namespaces` gives the labels of the namespaces pods are created in
+/// (a reflector's `Store<Namespace>`, see [`watch_namespaces`]); while it does not know a
+/// namespace, calls for it fail with 503 and the webhook's `failurePolicy` decides.
+pub async fn serve_webhook(
+    listener: TcpListener,
+    serving_cert: Arc<ServingCertStore>,
+    cfg: Arc<InjectConfig>,
+    namespaces: Arc<dyn NamespaceLabels>,
+    stop: watch::Receiver<bool>,
+) -> Result<(), WebhookError> {
+    let tls = Arc::new(tls_config(serving_cert)?);
+    serve(listener, tls, cfg, namespaces, stop).await
+}
+
+/// How long before trying again after a failed renewal: a tenth of the lifetime, between 1 s
+/// and a minute.
+fn retry_after(ttl: Duration) -> Duration {
+    (ttl / 10).clamp(Duration::from_secs(1), Duration::from_secs(60))
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+/// How long until the served certificate has `margin` seconds left (zero if it already has).
+fn until_renewal(store: &ServingCertStore, margin: i64) -> Duration {
+    let at = store.not_after().saturating_sub(margin);
+    Duration::from_secs(u64::try_from(at.saturating_sub(unix_now())).unwrap_or(0))
+}
+
+/// Keeps `store` serving a valid certificate until `stop` turns true (or its sender is
+/// dropped): when a third of `ttl` is left of the certificate being served, `issue` is called
+/// (e.g. `|| ca.issue_serving_cert(&[SERVICE_DNS_NAME], ttl)`) and its certificate installed;
+/// after a failure, again every [`retry_after`] (a tenth of `ttl`, 1 s to 1 min), logged each
+/// time. Returns how many certificates it installed.
+pub async fn renew_serving_cert<F, E>(
+    store: Arc<ServingCertStore>,
+    ttl: Duration,
+    mut issue: F,
+    mut stop: watch::Receiver<bool>,
+) -> u64
+where
+    F: FnMut() -> Result<palisade_certs::ServingCert, E> + Send,
+    E: std::fmt::Display,
+{
+    let margin = i64::try_from((ttl / 3).as_secs())
+        .unwrap_or(i64::MAX)
+        .max(1);
+    let mut installed = 0;
+    let mut wait = until_renewal(&store, margin);
+    loop {
+        if *stop.borrow() {
+            return installed;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            r = stop.changed() => {
+                if r.is_err() {
+                    return installed;
+                }
+                continue;
+            }
+        }
+        let renewed = issue()
+            .map_err(|e| e.to_string())
+            .and_then(|cert| store.install(&cert).map_err(|e| e.to_string()));
+        wait = match renewed {
+            Ok(()) => {
+                installed += 1;
+                let not_after = store.not_after();
+                tracing::info!(not_after, "webhook serving certificate renewed");
+                until_renewal(&store, margin).max(Duration::from_secs(1))
+            }
+            Err(e) => {
+                let retry = retry_after(ttl);
+                tracing::warn!(
+                    error = %e,
+                    expires = store.not_after(),
+                    "cannot renew the webhook serving certificate; retrying in {retry:?}"
+                );
+                retry
+            }
+        };
+    }
+}
+
+/// A reflector of the cluster's Namespaces, for [`serve_webhook`]'s `namespaces`: the store,
+/// and the future that fills it (spawn it; it runs until dropped, relisting after errors).
+/// Needs `list` and `watch` on namespaces.
+pub fn watch_namespaces(
+    client: kube::Client,
+) -> (
+    kube::runtime::reflector::Store<k8s_openapi::api::core::v1::Namespace>,
+    impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    use futures_util::StreamExt;
+    use kube::runtime::WatchStreamExt;
+    let (reader, writer) = kube::runtime::reflector::store();
+    let api: kube::Api<k8s_openapi::api::core::v1::Namespace> = kube::Api::all(client);
+    let stream = kube::runtime::watcher(api, kube::runtime::watcher::Config::default())
+        .default_backoff()
+        .reflect(writer)
+        .applied_objects();
+    let run = async move {
+        futures_util::pin_mut!(stream);
+        while let Some(event) = stream.next().await {
+            if let Err(e) = event {
+                tracing::warn!(error = %e, "watching namespaces for the injector");
+            }
+        }
+    };
+    (reader, run)
 }
 
 struct State {
@@ -164,12 +293,25 @@ pub async fn serve_with(
                         return;
                     }
                 };
+            // Set once the first request's headers are in: until then the connection has
+            // `header_read_timeout` to send one (below), whatever the protocol.
+            let requested = Arc::new(std::sync::atomic::AtomicBool::new(false));
             let svc_state = state.clone();
+            let svc_requested = requested.clone();
             let svc = hyper::service::service_fn(move |req| {
+                svc_requested.store(true, std::sync::atomic::Ordering::Relaxed);
                 let state = svc_state.clone();
                 async move { Ok::<_, Infallible>(handle(&state, req).await) }
             });
+            // The protocol ALPN agreed on, so that no bytes are awaited to guess it; without
+            // ALPN, the first bytes tell.
+            let alpn = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
             let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            builder = match alpn.as_deref() {
+                Some(b"h2") => builder.http2_only(),
+                Some(_) => builder.http1_only(),
+                None => builder,
+            };
             builder
                 .http1()
                 .timer(TokioTimer::new())
@@ -180,8 +322,24 @@ pub async fn serve_with(
                 .max_concurrent_streams(64)
                 .keep_alive_interval(Duration::from_secs(30))
                 .keep_alive_timeout(Duration::from_secs(10));
-            let conn = builder.serve_connection(TokioIo::new(tls), svc);
-            if let Err(e) = watcher.watch(conn).await {
+            let conn = watcher.watch(builder.serve_connection(TokioIo::new(tls), svc));
+            tokio::pin!(conn);
+            // HTTP/1.1's header deadline does not cover an HTTP/2 client that never sends its
+            // preface, nor the wait for the first bytes without ALPN: a connection that has
+            // not made a request within the deadline is closed.
+            let ended = tokio::select! {
+                r = &mut conn => Some(r),
+                () = tokio::time::sleep(state.limits.header_read_timeout) => None,
+            };
+            let result = match ended {
+                Some(r) => r,
+                None if requested.load(std::sync::atomic::Ordering::Relaxed) => conn.await,
+                None => {
+                    tracing::debug!(%remote, "webhook connection made no request in time; closing it");
+                    return;
+                }
+            };
+            if let Err(e) = result {
                 tracing::debug!(%remote, error = %e, "webhook connection ended with an error");
             }
         });
