@@ -4,10 +4,12 @@
 //! `palisade inject` ([`manifest::inject_yaml`]) applies the same patch to the pod templates of
 //! YAML files. So a pod gets the same sidecar whichever way it was injected.
 //!
-//! What a pod gets (docs/kubernetes.md, "Injection", says why):
-//! - `palisade-init`, the first init container: `palisade init` installs the iptables rules
-//!   (inbound to 4143, outbound to 4140, the proxy's UID [`PROXY_UID`] excluded, skipped ports
-//!   excluded). Root, `NET_ADMIN` + `NET_RAW`, nothing else.
+//! What a pod gets (docs/kubernetes.md, "Inject", says why):
+//! - `palisade-init`, the first init container: `palisade init --proxy-uid 2102 --inbound-port
+//!   4143 --outbound-port 4140 --admin-port 4191 [--skip-inbound-ports …]
+//!   [--skip-outbound-ports …]` installs the iptables rules (inbound TCP to 4143, outbound TCP
+//!   to 4140; the proxy's UID [`PROXY_UID`], the admin port and skipped ports excluded). Root,
+//!   `NET_ADMIN` + `NET_RAW`, nothing else.
 //! - `palisade-proxy`, the second: the proxy as a native sidecar (`restartPolicy: Always`) with
 //!   a startup probe on the admin `/ready`, so the app's containers start once it is ready and
 //!   a Job's pod ends when its app does. Non-root ([`PROXY_UID`]), read-only root filesystem.
@@ -75,11 +77,11 @@ pub const TRUST_BUNDLE_FILE: &str = "/var/run/palisade.dev/trust/ca.crt";
 /// root filesystem is read-only.
 pub const XTABLES_VOLUME: &str = "palisade-xtables-lock";
 
-/// The image both containers run; it holds `palisade` and `palisade-proxy` on `PATH`.
-pub const DEFAULT_IMAGE: &str = concat!(
-    "ghcr.io/palisade-mesh/palisade:v",
-    env!("CARGO_PKG_VERSION")
-);
+/// The image both containers run; it holds `palisade` and `palisade-proxy` on `PATH` (and
+/// `iptables`, which `palisade init` runs). The same local name `palisade install` gives the
+/// control plane (`palisade:<version>`: no registry publishes Palisade's image yet); a control
+/// plane started with another image should inject that one (`--proxy-image`).
+pub const DEFAULT_IMAGE: &str = concat!("palisade:", env!("CARGO_PKG_VERSION"));
 /// The control plane's Service (identity + discovery gRPC).
 pub const DEFAULT_CONTROL_PLANE: &str = "palisade-control-plane.palisade-system.svc:8086";
 /// Namespaces never injected, whatever their labels or a pod's annotations say: the cluster's

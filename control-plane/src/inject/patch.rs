@@ -373,21 +373,37 @@ fn resources(r: &ProxyResources) -> Option<ResourceRequirements> {
     })
 }
 
-fn init_container(cfg: &InjectConfig, skip_inbound: &[PortRange], s: &PodSettings) -> Container {
+/// The arguments of `palisade init`, in the order and with the flags it takes: the proxy's UID
+/// (never redirected), where inbound and outbound TCP go, the admin port (never redirected),
+/// and the skipped ports when there are any.
+fn init_args(
+    cfg: &InjectConfig,
+    skip_inbound: &[PortRange],
+    skip_outbound: &[PortRange],
+) -> Vec<String> {
     let mut args = vec![
+        "--proxy-uid".to_string(),
+        cfg.proxy_uid.to_string(),
         "--inbound-port".to_string(),
         INBOUND_PORT.to_string(),
         "--outbound-port".to_string(),
         OUTBOUND_PORT.to_string(),
-        "--proxy-uid".to_string(),
-        cfg.proxy_uid.to_string(),
-        "--skip-inbound-ports".to_string(),
-        join(skip_inbound),
+        "--admin-port".to_string(),
+        ADMIN_PORT.to_string(),
     ];
-    if !s.skip_outbound.is_empty() {
-        args.push("--skip-outbound-ports".to_string());
-        args.push(join(&s.skip_outbound));
+    if !skip_inbound.is_empty() {
+        args.push("--skip-inbound-ports".to_string());
+        args.push(join(skip_inbound));
     }
+    if !skip_outbound.is_empty() {
+        args.push("--skip-outbound-ports".to_string());
+        args.push(join(skip_outbound));
+    }
+    args
+}
+
+fn init_container(cfg: &InjectConfig, skip_inbound: &[PortRange], s: &PodSettings) -> Container {
+    let args = init_args(cfg, skip_inbound, &s.skip_outbound);
     Container {
         name: INIT_CONTAINER.to_string(),
         image: Some(cfg.image.clone()),
@@ -585,8 +601,9 @@ pub(super) fn build(
 ) -> Result<Patch, InjectError> {
     let s = settings(meta, cfg)?;
     let probes = probe_ports(spec, warnings);
-    // The admin port always bypasses redirection: the kubelet probes the proxy there.
-    let mut skip_inbound = vec![PortRange::single(ADMIN_PORT)];
+    // The admin port needs no entry: `palisade init --admin-port` never redirects it (the
+    // kubelet probes the proxy there).
+    let mut skip_inbound: Vec<PortRange> = Vec::new();
     for r in &s.skip_inbound {
         if !skip_inbound.contains(r) {
             skip_inbound.push(*r);
@@ -600,8 +617,13 @@ pub(super) fn build(
         }
     }
     if !exempted.is_empty() {
+        let (ports, bypass, them) = if exempted.len() == 1 {
+            ("port", "bypasses", "it")
+        } else {
+            ("ports", "bypass", "them")
+        };
         warnings.push(format!(
-            "kubelet probe ports {} bypass the proxy so that probes keep working under STRICT mTLS: plaintext to them reaches the app unauthenticated (probe a separate health port to keep the serving port in the mesh)",
+            "kubelet probe {ports} {} {bypass} the proxy so that probes keep working under STRICT mTLS: plaintext to {them} reaches the app unauthenticated (probe a separate health port to keep the serving port in the mesh)",
             exempted.join(", ")
         ));
     }

@@ -1,6 +1,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{Container, Pod};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde_json::{Value, json};
 
 use super::*;
@@ -297,10 +298,7 @@ fn the_init_container_runs_first_then_the_proxy_as_a_native_sidecar() {
     let startup = p.startup_probe.as_ref().expect("startup probe");
     let get = startup.http_get.as_ref().unwrap();
     assert_eq!(get.path.as_deref(), Some("/ready"));
-    assert_eq!(
-        get.port,
-        k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(i32::from(ADMIN_PORT))
-    );
+    assert_eq!(get.port, IntOrString::Int(i32::from(ADMIN_PORT)));
 
     let i = init(&pod);
     let sc = i.security_context.as_ref().unwrap();
@@ -315,9 +313,24 @@ fn the_init_container_runs_first_then_the_proxy_as_a_native_sidecar() {
     let psc = p.security_context.as_ref().unwrap();
     assert_eq!(psc.run_as_user, Some(PROXY_UID));
     assert_eq!(psc.run_as_non_root, Some(true));
-    assert_eq!(arg_after(i, "--proxy-uid"), Some("2102"));
-    assert_eq!(arg_after(i, "--inbound-port"), Some("4143"));
-    assert_eq!(arg_after(i, "--outbound-port"), Some("4140"));
+    // `palisade init`'s flags, exactly; no skip lists when nothing is skipped.
+    assert_eq!(
+        i.command.as_deref(),
+        Some(&["palisade".to_string(), "init".to_string()][..])
+    );
+    assert_eq!(
+        i.args.as_deref().unwrap_or_default(),
+        [
+            "--proxy-uid",
+            "2102",
+            "--inbound-port",
+            "4143",
+            "--outbound-port",
+            "4140",
+            "--admin-port",
+            "4191",
+        ]
+    );
 }
 
 #[test]
@@ -511,11 +524,13 @@ fn probe_ports_and_skip_annotations_reach_the_init_container() {
     let (o, patched) = run(PROBED, "demo", true);
     let (_, pod) = patched.unwrap();
     let i = init(&pod);
-    // Admin port first, then the annotation's, then the probe ports not already skipped; the
-    // probe on another host is not this pod's, the unknown named port only warns.
+    // The annotation's, then the probe ports not already skipped (the admin port is
+    // `--admin-port`'s); the probe on another host is not this pod's, the unknown named port
+    // only warns.
+    assert_eq!(arg_after(i, "--admin-port"), Some("4191"));
     assert_eq!(
         arg_after(i, "--skip-inbound-ports"),
-        Some("4191,9000-9010,7000,8081,50051")
+        Some("9000-9010,7000,8081,50051")
     );
     assert_eq!(arg_after(i, "--skip-outbound-ports"), Some("5432,6379"));
     let w = o.warnings().join("\n");
@@ -564,4 +579,99 @@ fn the_app_port_is_the_declared_one_or_the_annotations() {
     let (_, patched) = run(&none, "demo", true);
     let (_, pod) = patched.unwrap();
     assert_eq!(env(proxy(&pod), "PALISADE_APP_ADDR"), None);
+}
+
+/// Whether `palisade init`, given the injected container's arguments, leaves inbound TCP to
+/// `port` alone (its rules: the admin port and `--skip-inbound-ports` RETURN, all other TCP is
+/// redirected to the inbound port).
+fn inbound_redirected(init: &Container, port: u16) -> bool {
+    let admin: u16 = arg_after(init, "--admin-port")
+        .expect("--admin-port")
+        .parse()
+        .unwrap();
+    let skipped = arg_after(init, "--skip-inbound-ports")
+        .map(|v| parse_ports(v).expect("palisade init parses it"))
+        .unwrap_or_default();
+    port != admin && !skipped.iter().any(|r| (r.lo..=r.hi).contains(&port))
+}
+
+#[test]
+fn kubelet_probes_bypass_redirection_so_they_work_under_strict_mtls() {
+    // Every kind of kubelet probe, by port number and by name, on a health port and on the
+    // serving port; and the proxy's own probes.
+    let pod = "
+apiVersion: v1
+kind: Pod
+metadata: { name: api }
+spec:
+  containers:
+    - name: api
+      image: api
+      ports:
+        - { name: http, containerPort: 8080 }
+        - { name: health, containerPort: 8081 }
+        - { name: grpc, containerPort: 9090 }
+      livenessProbe: { httpGet: { path: /live, port: health } }
+      readinessProbe: { httpGet: { path: /ready, port: 8082, scheme: HTTP } }
+      startupProbe: { tcpSocket: { port: 8083 } }
+    - name: side
+      image: side
+      livenessProbe: { grpc: { port: 50051 } }
+      readinessProbe: { exec: { command: [ 'true' ] } }
+";
+    let (o, patched) = run(pod, "demo", true);
+    let (_, pod) = patched.unwrap();
+    let i = init(&pod);
+    for probed in [8081, 8082, 8083, 50051] {
+        assert!(
+            !inbound_redirected(i, probed),
+            "probe port {probed} would reach the proxy, which refuses plaintext under STRICT"
+        );
+    }
+    // The proxy's own probes are on the admin port, never redirected.
+    let p = proxy(&pod);
+    for probe in [&p.startup_probe, &p.readiness_probe, &p.liveness_probe] {
+        let get = probe.as_ref().unwrap().http_get.as_ref().unwrap();
+        assert_eq!(get.port, IntOrString::Int(i32::from(ADMIN_PORT)));
+    }
+    assert!(!inbound_redirected(i, ADMIN_PORT));
+    // Ports that are not probed stay in the mesh.
+    for meshed in [8080, 9090, 443] {
+        assert!(inbound_redirected(i, meshed), "port {meshed}");
+    }
+    // The exemption is said, with what it costs.
+    let w = o.warnings().join("\n");
+    assert!(
+        w.contains("kubelet probe ports 8081, 8082, 8083, 50051 bypass the proxy"),
+        "{w}"
+    );
+    assert!(w.contains("unauthenticated"), "{w}");
+
+    // The proxy's inbound mTLS goes to the one port that is served and not only probed.
+    assert_eq!(
+        env(proxy(&pod), "PALISADE_APP_ADDR"),
+        Some("127.0.0.1:8080")
+    );
+
+    // A probe on the serving port exempts it too (and the warning says so, as above): the
+    // probes work, at the cost of that port's mTLS.
+    let on_serving = "
+apiVersion: v1
+kind: Pod
+metadata: { name: web }
+spec:
+  containers:
+    - name: web
+      image: web
+      ports: [ { name: http, containerPort: 8080 } ]
+      readinessProbe: { httpGet: { path: /healthz, port: http } }
+";
+    let (o, patched) = run(on_serving, "demo", true);
+    let (_, pod) = patched.unwrap();
+    assert!(!inbound_redirected(init(&pod), 8080));
+    let w = o.warnings().join("\n");
+    assert!(
+        w.contains("kubelet probe port 8080 bypasses the proxy") && w.contains("plaintext to it"),
+        "{w}"
+    );
 }
