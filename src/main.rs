@@ -39,6 +39,8 @@ enum Command {
     /// Policy files.
     #[command(subcommand)]
     Policy(cmd::policy::PolicyCommand),
+    /// Inject the sidecar into Kubernetes YAML (or answer an AdmissionReview), as the webhook does.
+    Inject(cmd::inject::InjectArgs),
     /// Authorization decisions.
     #[command(subcommand)]
     Authz(cmd::policy::AuthzCommand),
@@ -67,6 +69,7 @@ fn main() -> ExitCode {
         Command::Init(a) => cmd::init::run(a),
         Command::Bench(a) => cmd::bench::run(a),
         Command::Relay(a) => cmd::relay::run(a),
+        Command::Inject(a) => cmd::inject::run(a),
         Command::Policy(cmd::policy::PolicyCommand::Check(a)) => cmd::policy::check(a),
         Command::Authz(cmd::policy::AuthzCommand::Explain(a)) => cmd::policy::explain(a),
     };

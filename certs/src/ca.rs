@@ -11,7 +11,9 @@ use rcgen::{
     DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
     PKCS_ECDSA_P256_SHA256, SanType, SerialNumber,
 };
-use rustls_pki_types::{CertificateDer, CertificateSigningRequestDer, pem::PemObject};
+use rustls_pki_types::{
+    CertificateDer, CertificateSigningRequestDer, PrivatePkcs8KeyDer, pem::PemObject,
+};
 use time::OffsetDateTime;
 
 use crate::pem::read_file;
@@ -68,6 +70,10 @@ pub enum CaError {
     Unsafe(#[from] crate::secure_fs::UnsafePath),
     #[error("the system random number generator failed; nothing was signed")]
     Random,
+    #[error("a serving certificate needs at least one DNS name")]
+    NoDnsNames,
+    #[error("{0:?} is not a DNS name")]
+    BadDnsName(String),
     #[error("certificate generation failed: {0}")]
     Rcgen(#[from] rcgen::Error),
 }
@@ -388,6 +394,50 @@ impl Ca {
         })
     }
 
+    /// Issues a TLS serving certificate for `dns_names` (the injector webhook's
+    /// `palisade-control-plane.palisade-system.svc`), with a key generated here.
+    ///
+    /// It is not an X509-SVID: no SPIFFE ID, only DNS SANs, `serverAuth` only. Its chain ends
+    /// at this CA's trust anchor, so a client that trusts the root (the Kubernetes API server,
+    /// given the root as the webhook's `caBundle`) verifies it as any web PKI certificate. The
+    /// lifetime rules are the leaves' ([`MIN_LEAF_TTL`]..=[`MAX_LEAF_TTL`], never past the
+    /// issuer).
+    pub fn issue_serving_cert(
+        &self,
+        dns_names: &[&str],
+        ttl: Duration,
+    ) -> Result<ServingCert, CaError> {
+        let Some(first) = dns_names.first() else {
+            return Err(CaError::NoDnsNames);
+        };
+        let mut sans = Vec::with_capacity(dns_names.len());
+        for name in dns_names {
+            // rustls' own DNS-name rules: what a rustls (or Go) client will match against.
+            if rustls_pki_types::DnsName::try_from(*name).is_err() || name.ends_with('.') {
+                return Err(CaError::BadDnsName(name.to_string()));
+            }
+            let ia5 = (*name)
+                .try_into()
+                .map_err(|_| CaError::BadDnsName(name.to_string()))?;
+            sans.push(SanType::DnsName(ia5));
+        }
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let mut params = self.base_leaf_params(ttl)?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, *first);
+        params.distinguished_name = dn;
+        params.subject_alt_names = sans;
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(ServingCert {
+            dns_names: dns_names.iter().map(|n| n.to_string()).collect(),
+            chain: vec![cert.der().clone(), self.issuer_der.clone()],
+            key: key.serialize_der().into(),
+            not_before: params.not_before.unix_timestamp(),
+            not_after: params.not_after.unix_timestamp(),
+        })
+    }
+
     fn leaf_params(&self, id: &SpiffeId, ttl: Duration) -> Result<CertificateParams, CaError> {
         if id.trust_domain_str() != self.trust_domain.as_str() {
             return Err(CaError::ForeignTrustDomain {
@@ -398,6 +448,20 @@ impl Ca {
         if id.is_root() {
             return Err(CaError::RootId(id.clone()));
         }
+        let mut params = self.base_leaf_params(ttl)?;
+        // Empty subject: the SAN extension is then critical, as X509-SVID requires.
+        params.distinguished_name = DistinguishedName::new();
+        params.subject_alt_names = vec![SanType::URI(id.as_str().try_into()?)];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        Ok(params)
+    }
+
+    /// What every leaf shares: not a CA, `digitalSignature` only, a bounded lifetime inside the
+    /// issuer's, a random serial.
+    fn base_leaf_params(&self, ttl: Duration) -> Result<CertificateParams, CaError> {
         if !(MIN_LEAF_TTL..=MAX_LEAF_TTL).contains(&ttl) {
             return Err(CaError::Lifetime(ttl));
         }
@@ -406,20 +470,46 @@ impl Ca {
             return Err(CaError::IssuerExpired);
         }
         let mut params = CertificateParams::default();
-        // Empty subject: the SAN extension is then critical, as X509-SVID requires.
-        params.distinguished_name = DistinguishedName::new();
-        params.subject_alt_names = vec![SanType::URI(id.as_str().try_into()?)];
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
         params.not_before = (now - to_offset(CLOCK_SKEW_ALLOWANCE)).max(self.issuer_not_before);
         params.not_after = (now + to_offset(ttl)).min(self.issuer_not_after);
         params.serial_number = Some(random_serial(self.rng.as_ref())?);
         params.use_authority_key_identifier_extension = true;
         Ok(params)
+    }
+}
+
+/// A TLS serving certificate for DNS names, issued by [`Ca::issue_serving_cert`].
+pub struct ServingCert {
+    pub dns_names: Vec<String>,
+    /// Leaf first, then the issuer (the root is not sent: clients have it).
+    pub chain: Vec<CertificateDer<'static>>,
+    pub key: PrivatePkcs8KeyDer<'static>,
+    /// Unix seconds.
+    pub not_before: i64,
+    pub not_after: i64,
+}
+
+impl std::fmt::Debug for ServingCert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServingCert")
+            .field("dns_names", &self.dns_names)
+            .field("not_before", &self.not_before)
+            .field("not_after", &self.not_after)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ServingCert {
+    /// The chain as PEM (leaf, then issuer).
+    pub fn chain_pem(&self) -> String {
+        crate::pem::certs_pem(&self.chain)
+    }
+
+    /// The private key as PKCS#8 PEM.
+    pub fn key_pem(&self) -> String {
+        crate::pem::encode("PRIVATE KEY", self.key.secret_pkcs8_der())
     }
 }
 

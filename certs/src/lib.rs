@@ -20,7 +20,7 @@ pub mod tls;
 pub mod verify;
 
 pub use bundle::TrustBundle;
-pub use ca::{Ca, CaError};
+pub use ca::{Ca, CaError, ServingCert};
 pub use csr::KeyAndCsr;
 pub use duration::{DurationError, parse_duration};
 pub use spiffe::{SpiffeId, SpiffeIdError, TrustDomain};

@@ -54,6 +54,12 @@ impl TrustDomain {
         Ok(Self(name.into()))
     }
 
+    /// `cluster.local`, the default trust domain (Kubernetes' default cluster domain, as
+    /// Istio's).
+    pub fn cluster_local() -> Self {
+        Self("cluster.local".into())
+    }
+
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -267,6 +273,7 @@ mod tests {
         let upper = SpiffeId::parse("SPIFFE://td/a").unwrap();
         assert_eq!(upper.as_str(), "spiffe://td/a");
         let td = TrustDomain::new("cluster.local").unwrap();
+        assert_eq!(td, TrustDomain::cluster_local());
         assert_eq!(
             SpiffeId::for_workload(&td, "demo", "api").unwrap(),
             SpiffeId::parse("spiffe://cluster.local/ns/demo/sa/api").unwrap()

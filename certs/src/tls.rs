@@ -285,3 +285,75 @@ pub fn peer_identity(conn: &rustls::CommonState) -> Option<SpiffeId> {
     let leaf = conn.peer_certificates()?.first()?;
     crate::verify::peer_id(leaf).ok()
 }
+
+/// The current TLS serving certificate of a server that is not a mesh workload (the injector
+/// webhook): swapped in place when it is renewed, so the next handshake presents the new one
+/// and open connections are untouched.
+pub struct ServingCertStore {
+    current: arc_swap::ArcSwap<rustls::sign::CertifiedKey>,
+    not_after: std::sync::atomic::AtomicI64,
+}
+
+impl std::fmt::Debug for ServingCertStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServingCertStore")
+            .field("not_after", &self.not_after())
+            .finish_non_exhaustive()
+    }
+}
+
+fn certified(cert: &crate::ca::ServingCert) -> Result<rustls::sign::CertifiedKey, rustls::Error> {
+    let key = provider()
+        .key_provider
+        .load_private_key(rustls_pki_types::PrivateKeyDer::Pkcs8(cert.key.clone_key()))?;
+    Ok(rustls::sign::CertifiedKey::new(cert.chain.clone(), key))
+}
+
+impl ServingCertStore {
+    pub fn new(cert: &crate::ca::ServingCert) -> Result<Arc<Self>, rustls::Error> {
+        Ok(Arc::new(Self {
+            current: arc_swap::ArcSwap::from_pointee(certified(cert)?),
+            not_after: std::sync::atomic::AtomicI64::new(cert.not_after),
+        }))
+    }
+
+    /// Serves `cert` from the next handshake on.
+    pub fn install(&self, cert: &crate::ca::ServingCert) -> Result<(), rustls::Error> {
+        self.current.store(Arc::new(certified(cert)?));
+        self.not_after
+            .store(cert.not_after, std::sync::atomic::Ordering::Release);
+        Ok(())
+    }
+
+    /// When the certificate being served expires (Unix seconds).
+    pub fn not_after(&self) -> i64 {
+        self.not_after.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
+#[derive(Debug)]
+struct ServingResolver(Arc<ServingCertStore>);
+
+impl rustls::server::ResolvesServerCert for ServingResolver {
+    fn resolve(
+        &self,
+        _hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.0.current.load_full())
+    }
+}
+
+/// A server config for HTTPS to clients outside the mesh (the Kubernetes API server calling
+/// the injector webhook): no client certificate asked, TLS 1.2 and 1.3 (the API server's
+/// `--tls-min-version` may be 1.2), the store's certificate, these ALPN protocols.
+pub fn serving_config(
+    store: Arc<ServingCertStore>,
+    alpn: &[&[u8]],
+) -> Result<ServerConfig, rustls::Error> {
+    let mut cfg = ServerConfig::builder_with_provider(provider().clone())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(ServingResolver(store)));
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(cfg)
+}

@@ -575,3 +575,234 @@ async fn server_sees_which_client_certificate_was_used() {
         assert_eq!(seen, want, "round {round}");
     }
 }
+
+// --- TLS serving certificates (the injector webhook's) -----------------------------------------
+
+const WEBHOOK_DNS: &str = "palisade-control-plane.palisade-system.svc";
+
+/// A plain web PKI client (rustls' own WebPKI verifier, no SPIFFE rules) trusting only `ca`'s
+/// root: what the Kubernetes API server does with the webhook's `caBundle`.
+fn web_client(ca: &Ca, versions: &[&'static rustls::SupportedProtocolVersion]) -> ClientConfig {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.root_der().clone()).unwrap();
+    ClientConfig::builder_with_provider(palisade_certs::tls::provider().clone())
+        .with_protocol_versions(versions)
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth()
+}
+
+async fn web_connect(
+    addr: SocketAddr,
+    cfg: ClientConfig,
+    name: &str,
+) -> io::Result<TlsStream<TcpStream>> {
+    let tcp = within("tcp connect", TcpStream::connect(addr)).await?;
+    let name = ServerName::try_from(name.to_string()).unwrap();
+    within(
+        "client handshake",
+        TlsConnector::from(Arc::new(cfg)).connect(name, tcp),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn a_serving_certificate_verifies_for_its_dns_name_only_under_the_mesh_root() {
+    let ca = new_ca(TD);
+    let cert = ca
+        .issue_serving_cert(&[WEBHOOK_DNS], Duration::from_secs(3600))
+        .expect("serving cert");
+    assert_eq!(cert.chain.len(), 2, "leaf and issuer");
+    let store = palisade_certs::tls::ServingCertStore::new(&cert).unwrap();
+    let (addr, _rx) =
+        spawn_server(palisade_certs::tls::serving_config(store, &[b"http/1.1"]).unwrap()).await;
+
+    for versions in [
+        &[&rustls::version::TLS13][..],
+        &[&rustls::version::TLS12][..],
+    ] {
+        let mut tls = web_connect(addr, web_client(&ca, versions), WEBHOOK_DNS)
+            .await
+            .expect("a web PKI client trusting the mesh root accepts the webhook's name");
+        echo(&mut tls, b"ping").await.unwrap();
+    }
+
+    // Another name, or another CA's root: refused.
+    let e = web_connect(
+        addr,
+        web_client(&ca, &[&rustls::version::TLS13]),
+        "other.palisade-system.svc",
+    )
+    .await
+    .expect_err("wrong name");
+    assert!(
+        matches!(
+            rustls_error(&e),
+            rustls::Error::InvalidCertificate(
+                rustls::CertificateError::NotValidForNameContext { .. }
+            )
+        ),
+        "{e:?}"
+    );
+    let other = new_ca(TD);
+    let e = web_connect(
+        addr,
+        web_client(&other, &[&rustls::version::TLS13]),
+        WEBHOOK_DNS,
+    )
+    .await
+    .expect_err("foreign root");
+    // Same trust domain, so the same issuer name: the chain is found and its signature fails.
+    assert!(
+        matches!(rustls_error(&e), rustls::Error::InvalidCertificate(_)),
+        "{e:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_renewed_serving_certificate_is_presented_from_the_next_handshake() {
+    let ca = new_ca(TD);
+    let first = ca
+        .issue_serving_cert(&[WEBHOOK_DNS], Duration::from_secs(3600))
+        .unwrap();
+    let store = palisade_certs::tls::ServingCertStore::new(&first).unwrap();
+    let (addr, _rx) =
+        spawn_server(palisade_certs::tls::serving_config(store.clone(), &[]).unwrap()).await;
+    let before = web_connect(
+        addr,
+        web_client(&ca, &[&rustls::version::TLS13]),
+        WEBHOOK_DNS,
+    )
+    .await
+    .unwrap();
+    assert_eq!(server_leaf(&before), first.chain[0]);
+
+    let second = ca
+        .issue_serving_cert(&[WEBHOOK_DNS], Duration::from_secs(7200))
+        .unwrap();
+    store.install(&second).unwrap();
+    assert_eq!(store.not_after(), second.not_after);
+    let after = web_connect(
+        addr,
+        web_client(&ca, &[&rustls::version::TLS13]),
+        WEBHOOK_DNS,
+    )
+    .await
+    .unwrap();
+    assert_eq!(server_leaf(&after), second.chain[0]);
+    assert_ne!(first.chain[0], second.chain[0]);
+}
+
+#[test]
+fn a_serving_certificate_is_a_server_only_leaf_with_dns_sans() {
+    let ca = new_ca(TD);
+    let cert = ca
+        .issue_serving_cert(
+            &[WEBHOOK_DNS, "palisade-control-plane"],
+            Duration::from_secs(60),
+        )
+        .unwrap();
+    let (_, leaf) = x509_parser::parse_x509_certificate(&cert.chain[0]).unwrap();
+    let sans: Vec<String> = leaf
+        .subject_alternative_name()
+        .unwrap()
+        .unwrap()
+        .value
+        .general_names
+        .iter()
+        .map(|n| format!("{n:?}"))
+        .collect();
+    assert_eq!(
+        sans,
+        [
+            format!("DNSName({WEBHOOK_DNS:?})"),
+            "DNSName(\"palisade-control-plane\")".to_string()
+        ]
+    );
+    assert!(!leaf.is_ca());
+    let eku = leaf.extended_key_usage().unwrap().unwrap().value;
+    assert!(eku.server_auth && !eku.client_auth);
+    let ku = leaf.key_usage().unwrap().unwrap().value;
+    assert!(ku.digital_signature() && !ku.key_cert_sign());
+    assert!(cert.key_pem().starts_with("-----BEGIN PRIVATE KEY-----"));
+    assert_eq!(cert.chain_pem().matches("BEGIN CERTIFICATE").count(), 2);
+
+    for bad in [
+        "",
+        "bad name",
+        "trailing.dot.",
+        "ünïcode.svc",
+        "-leading.svc",
+    ] {
+        assert!(
+            matches!(
+                ca.issue_serving_cert(&[bad], Duration::from_secs(60)),
+                Err(palisade_certs::CaError::BadDnsName(_))
+            ),
+            "{bad:?} accepted"
+        );
+    }
+    assert!(matches!(
+        ca.issue_serving_cert(&[], Duration::from_secs(60)),
+        Err(palisade_certs::CaError::NoDnsNames)
+    ));
+    assert!(matches!(
+        ca.issue_serving_cert(&[WEBHOOK_DNS], Duration::from_secs(365 * 24 * 3600)),
+        Err(palisade_certs::CaError::Lifetime(_))
+    ));
+}
+
+/// openssl, an independent verifier, agrees: a TLS server certificate for the webhook's name
+/// under the mesh root.
+#[test]
+fn openssl_verifies_a_serving_certificate_for_its_name() {
+    let ca = new_ca(TD);
+    let cert = ca
+        .issue_serving_cert(&[WEBHOOK_DNS], Duration::from_secs(600))
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root.pem");
+    let issuer = dir.path().join("issuer.pem");
+    let leaf = dir.path().join("leaf.pem");
+    std::fs::write(
+        &root,
+        palisade_certs::pem::certs_pem(&[ca.root_der().clone()]),
+    )
+    .unwrap();
+    std::fs::write(&issuer, palisade_certs::pem::certs_pem(&cert.chain[1..])).unwrap();
+    std::fs::write(&leaf, palisade_certs::pem::certs_pem(&cert.chain[..1])).unwrap();
+    let verify = |name: &str| {
+        std::process::Command::new("openssl")
+            .args([
+                "verify",
+                "-purpose",
+                "sslserver",
+                "-verify_hostname",
+                name,
+                "-CAfile",
+            ])
+            .arg(&root)
+            .arg("-untrusted")
+            .arg(&issuer)
+            .arg(&leaf)
+            .output()
+    };
+    let ok = match verify(WEBHOOK_DNS) {
+        Ok(out) => out,
+        Err(e) => {
+            eprintln!("skipping: openssl is not available ({e})");
+            return;
+        }
+    };
+    assert!(
+        ok.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&ok.stdout),
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let wrong = verify("other.palisade-system.svc").unwrap();
+    assert!(
+        !wrong.status.success(),
+        "a certificate for another name passed"
+    );
+}

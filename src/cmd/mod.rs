@@ -7,6 +7,7 @@ pub mod control_plane;
 pub mod demo_app;
 pub mod http_util;
 pub mod init;
+pub mod inject;
 pub mod policy;
 pub mod proxy;
 pub mod relay;
