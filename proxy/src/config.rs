@@ -334,8 +334,10 @@ impl Snapshot {
                         identity: e.identity,
                         weight: e.weight.unwrap_or(1),
                         workload: e.workload.unwrap_or_default(),
+                        ..Default::default()
                     })
                     .collect(),
+                ..Default::default()
             });
         }
         Snapshot::from_proto(&cfg).map_err(|e| file_err(e.to_string()))
