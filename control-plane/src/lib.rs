@@ -37,6 +37,7 @@ use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 
 pub use conn::PeerInfo;
+pub use identity::{BootstrapTokens, TokenAuthenticator};
 pub use mesh::{Mesh, MeshError};
 pub use metrics::Metrics;
 pub use model::{Model, ModelError};
@@ -130,12 +131,13 @@ pub enum ControlPlaneError {
 pub struct RunningControlPlane {
     addr: SocketAddr,
     metrics_addr: Option<SocketAddr>,
-    state_dir: PathBuf,
+    /// The local control plane's state directory; None on Kubernetes.
+    state_dir: Option<PathBuf>,
     trust_domain: TrustDomain,
     stop: watch::Sender<bool>,
     server: Option<JoinHandle<Result<(), String>>>,
     tasks: Vec<JoinHandle<()>>,
-    source: LocalSource,
+    source: Box<dyn ConfigSource>,
     metrics: Arc<Metrics>,
     store: Arc<CredentialStore>,
 }
@@ -152,11 +154,11 @@ impl RunningControlPlane {
     }
 
     /// The trust anchor (PEM) proxies need to verify the control plane:
-    /// `<state_dir>/ca/root-cert.pem`.
-    pub fn trust_bundle_path(&self) -> PathBuf {
+    /// `<state_dir>/ca/root-cert.pem`. None on Kubernetes, where it is the Secret's `ca.crt`.
+    pub fn trust_bundle_path(&self) -> Option<PathBuf> {
         self.state_dir
-            .join(CA_DIR)
-            .join(palisade_certs::ca::ROOT_CERT_FILE)
+            .as_ref()
+            .map(|d| d.join(CA_DIR).join(palisade_certs::ca::ROOT_CERT_FILE))
     }
 
     pub fn trust_domain(&self) -> &TrustDomain {
@@ -319,7 +321,6 @@ pub async fn start(cfg: ControlPlaneConfig) -> Result<RunningControlPlane, Contr
     let source = LocalSource::start(&cfg.mesh_path, metrics.clone())?;
     let model = source.current();
     let td = model.mesh.trust_domain.clone();
-    let lifetime = model.mesh.certificate_lifetime;
 
     let ca_dir = cfg.state_dir.join(CA_DIR);
     let ca = Arc::new(load_or_create_ca(&cfg.state_dir, &ca_dir, &td)?);
@@ -328,6 +329,47 @@ pub async fn start(cfg: ControlPlaneConfig) -> Result<RunningControlPlane, Contr
         cfg.tokens_file.as_deref(),
         &cfg.state_dir,
     )?;
+    let listen = cfg
+        .listen
+        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], model.mesh.control_plane.port)));
+    serve(Serving {
+        source: Box::new(source),
+        ca,
+        tokens: Arc::new(BootstrapTokens(token_store)),
+        metrics,
+        listen,
+        metrics_listen: cfg.metrics_listen,
+        state_dir: Some(cfg.state_dir),
+    })
+    .await
+}
+
+/// What [`serve`] needs, whatever the config source.
+pub(crate) struct Serving {
+    pub source: Box<dyn ConfigSource>,
+    pub ca: Arc<Ca>,
+    pub tokens: Arc<dyn TokenAuthenticator>,
+    pub metrics: Arc<Metrics>,
+    pub listen: SocketAddr,
+    pub metrics_listen: Option<SocketAddr>,
+    pub state_dir: Option<PathBuf>,
+}
+
+/// Issues the control plane's own SVID and serves the API (and the metrics endpoint, if
+/// asked) from `s.source`'s models. Returns once it is listening.
+pub(crate) async fn serve(s: Serving) -> Result<RunningControlPlane, ControlPlaneError> {
+    let Serving {
+        source,
+        ca,
+        tokens,
+        metrics,
+        listen,
+        metrics_listen,
+        state_dir,
+    } = s;
+    let model = source.current();
+    let td = ca.trust_domain().clone();
+    let lifetime = model.mesh.certificate_lifetime;
     let bundle = TrustBundle::with_roots(&td, [ca.root_der().clone()])
         .map_err(|e| ControlPlaneError::Tls(format!("the CA root is not a trust anchor: {e}")))?;
     let own_id = control_plane_id(&td)
@@ -336,9 +378,6 @@ pub async fn start(cfg: ControlPlaneConfig) -> Result<RunningControlPlane, Contr
     let not_after = issue_own(&ca, &store, lifetime).map_err(ControlPlaneError::Tls)?;
     metrics.cert_expiry.set(not_after);
 
-    let listen = cfg
-        .listen
-        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], model.mesh.control_plane.port)));
     let listener = TcpListener::bind(listen)
         .await
         .map_err(|source| ControlPlaneError::Listen {
@@ -359,7 +398,7 @@ pub async fn start(cfg: ControlPlaneConfig) -> Result<RunningControlPlane, Contr
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = Vec::new();
 
-    let metrics_addr = match cfg.metrics_listen {
+    let metrics_addr = match metrics_listen {
         Some(maddr) => {
             let l = metrics::bind(maddr)
                 .await
@@ -421,12 +460,8 @@ pub async fn start(cfg: ControlPlaneConfig) -> Result<RunningControlPlane, Contr
         stop_rx.clone(),
     )));
 
-    let identity = identity::IdentityService::new(
-        ca.clone(),
-        source.subscribe(),
-        token_store,
-        metrics.clone(),
-    );
+    let identity =
+        identity::IdentityService::new(ca.clone(), source.subscribe(), tokens, metrics.clone());
     let discovery = discovery::DiscoveryService::new(
         source.subscribe(),
         vec![ca.root_der().to_vec()],
@@ -483,7 +518,7 @@ pub async fn start(cfg: ControlPlaneConfig) -> Result<RunningControlPlane, Contr
     Ok(RunningControlPlane {
         addr,
         metrics_addr,
-        state_dir: cfg.state_dir,
+        state_dir,
         trust_domain: td,
         stop: stop_tx,
         server: Some(server),
@@ -500,7 +535,14 @@ pub async fn run(
     cfg: ControlPlaneConfig,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ControlPlaneError> {
-    let mut cp = start(cfg).await?;
+    serve_until(start(cfg).await?, shutdown).await
+}
+
+/// Serves until `shutdown` resolves (or the server fails), then stops gracefully.
+pub async fn serve_until(
+    mut cp: RunningControlPlane,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ControlPlaneError> {
     let failed = tokio::select! {
         _ = shutdown => None,
         r = cp.stopped() => Some(r),
