@@ -1,6 +1,7 @@
 //! Palisade's control plane: the CA behind the Identity service, the Discovery service that
 //! streams each proxy its own config, and the config sources that feed them (the local mesh
-//! file and policies directory today; Kubernetes through the same model later).
+//! file and policies directory, [`start`]; or the Kubernetes API, [`k8s::control_plane::start`])
+//! through the same model.
 //!
 //! The API is gRPC over TLS with the control plane's own SVID
 //! (`spiffe://<td>/ns/palisade-system/sa/control-plane`). A client certificate is optional at
@@ -12,6 +13,7 @@ pub mod analyze;
 pub mod conn;
 pub mod discovery;
 pub mod identity;
+pub mod k8s;
 pub mod limits;
 pub mod mesh;
 pub mod metrics;
@@ -123,6 +125,8 @@ pub enum ControlPlaneError {
     Tls(String),
     #[error("the gRPC server failed: {0}")]
     Serve(String),
+    #[error(transparent)]
+    Kubernetes(#[from] k8s::control_plane::K8sError),
 }
 
 /// A running control plane. Dropping it without [`RunningControlPlane::shutdown`] aborts its
