@@ -60,7 +60,8 @@ pub enum CredentialSource {
     },
     /// The control plane's Identity service, bootstrapped with a token.
     ControlPlane {
-        addr: SocketAddr,
+        /// Every replica's address (or names for them), tried in turn.
+        addrs: crate::control_plane::ControlPlaneAddrs,
         token: String,
         bundle: PathBuf,
         identity: SpiffeId,

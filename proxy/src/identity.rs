@@ -5,7 +5,6 @@
 //! The credentials store swaps certificates atomically: the old one serves every handshake
 //! until the new one is installed, so a renewal never fails a connection.
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,6 +16,7 @@ use rustls_pki_types::{CertificateDer, UnixTime};
 
 use crate::Ctx;
 use crate::config::CredentialSource;
+use crate::control_plane::Dialer;
 
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
@@ -25,7 +25,7 @@ pub enum IdentityError {
     #[error("trust bundle {path}: {message}")]
     Bundle { path: PathBuf, message: String },
     #[error("cannot reach the control plane at {addr}: {message}")]
-    Connect { addr: SocketAddr, message: String },
+    Connect { addr: String, message: String },
     #[error("control plane refused the certificate request: {0}")]
     Refused(String),
     #[error("the control plane returned an unusable certificate: {0}")]
@@ -58,9 +58,9 @@ pub fn load_files(id: &SpiffeId, cert: &Path, key: &Path) -> Result<Svid, Identi
 }
 
 /// One Certify call: new key, CSR, token; returns the SVID (with its key) and the bundle.
-pub async fn certify(
+pub(crate) async fn certify(
     ctx: &Ctx,
-    addr: SocketAddr,
+    dialer: &Dialer,
     token: &str,
 ) -> Result<(Svid, TrustBundle), IdentityError> {
     let id = ctx.store.id().clone();
@@ -69,16 +69,18 @@ pub async fn certify(
         .ok_or_else(|| IdentityError::Refused("no control-plane identity".into()))?;
     let tls = palisade_certs::tls::client_config(&ctx.store, cp, &[b"h2"]).map_err(|e| {
         IdentityError::Connect {
-            addr,
+            addr: dialer.addrs().to_string(),
             message: e.to_string(),
         }
     })?;
-    let channel = palisade_api::client::connect(addr, Arc::new(tls))
-        .await
-        .map_err(|e| IdentityError::Connect {
-            addr,
-            message: e.to_string(),
-        })?;
+    let (channel, _) =
+        dialer
+            .connect(Arc::new(tls))
+            .await
+            .map_err(|message| IdentityError::Connect {
+                addr: dialer.addrs().to_string(),
+                message,
+            })?;
     let kc = KeyAndCsr::generate(&id).map_err(|e| IdentityError::BadCertificate(e.to_string()))?;
     let rsp = IdentityClient::new(channel)
         .certify(CertifyRequest {
@@ -146,8 +148,8 @@ fn renew_delay(not_after: i64) -> Duration {
 
 /// Renews for as long as the proxy runs. On failure, backs off (200 ms doubling to 30 s) and
 /// keeps the current certificate in use meanwhile.
-pub(crate) async fn renew_loop(ctx: Arc<Ctx>) {
-    let CredentialSource::ControlPlane { addr, token, .. } = ctx.cfg.credentials.clone() else {
+pub(crate) async fn renew_loop(ctx: Arc<Ctx>, dialer: Arc<Dialer>) {
+    let CredentialSource::ControlPlane { token, .. } = ctx.cfg.credentials.clone() else {
         return;
     };
     let mut stop = ctx.stop_rx.clone();
@@ -163,7 +165,7 @@ pub(crate) async fn renew_loop(ctx: Arc<Ctx>) {
         }
         let mut backoff = Duration::from_millis(200);
         loop {
-            match certify(&ctx, addr, &token).await {
+            match certify(&ctx, &dialer, &token).await {
                 Ok((svid, bundle)) => {
                     ctx.store.set_bundle(merge_bundle(&ctx, bundle));
                     match install(&ctx, svid) {
