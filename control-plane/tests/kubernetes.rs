@@ -789,62 +789,74 @@ struct Issued {
 
 const TOKEN_WEB: &str = "eyJ-web-projected-token";
 
+/// The seeded fake cluster with the Secret `palisade-identity` (a fresh CA, also saved under
+/// the temp dir's `ca/`) and the tokens the tests present.
+async fn fake_cluster() -> (FakeKube, Ca, tempfile::TempDir) {
+    logs();
+    let fake = FakeKube::start().await;
+    seed(&fake);
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::generate(&td(), None).unwrap();
+    ca.save(&dir.path().join("ca")).unwrap();
+    let read = |f: &str| std::fs::read(dir.path().join("ca").join(f)).unwrap();
+    fake.add_secret(
+        "palisade-system",
+        "palisade-identity",
+        &[
+            ("ca.crt", &read(palisade_certs::ca::ROOT_CERT_FILE)),
+            ("tls.crt", &read(palisade_certs::ca::ISSUER_CERT_FILE)),
+            ("tls.key", &read(palisade_certs::ca::ISSUER_KEY_FILE)),
+        ],
+    );
+    let sa_token = |user: &str, audiences: &[&str], pod: Option<&str>| TokenEntry {
+        username: user.into(),
+        audiences: audiences.iter().map(|a| a.to_string()).collect(),
+        pod: pod.map(str::to_string),
+        audience_unaware: false,
+    };
+    fake.add_token(
+        TOKEN_WEB,
+        sa_token(
+            "system:serviceaccount:demo:web",
+            &["palisade"],
+            Some("web-1"),
+        ),
+    );
+    fake.add_token(
+        "token-for-the-api-server",
+        sa_token(
+            "system:serviceaccount:demo:web",
+            &["https://kubernetes.default.svc"],
+            Some("web-1"),
+        ),
+    );
+    let mut unaware = sa_token("system:serviceaccount:demo:web", &[], None);
+    unaware.audience_unaware = true;
+    fake.add_token("token-from-an-audience-blind-authenticator", unaware);
+    fake.add_token(
+        "token-of-a-user",
+        sa_token("kubernetes-admin", &["palisade"], None),
+    );
+    (fake, ca, dir)
+}
+
+/// A control plane (one replica) on the fake cluster.
+async fn replica(fake: &FakeKube) -> RunningControlPlane {
+    let cfg = KubernetesConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        webhook_listen: "127.0.0.1:0".parse().unwrap(),
+        sync_timeout: Duration::from_secs(5),
+        ..KubernetesConfig::default()
+    };
+    within("control plane start", start_with_client(fake.client(), cfg))
+        .await
+        .expect("the control plane starts on the fake cluster")
+}
+
 impl Cluster {
     async fn start() -> Self {
-        logs();
-        let fake = FakeKube::start().await;
-        seed(&fake);
-        let dir = tempfile::tempdir().unwrap();
-        let ca = Ca::generate(&td(), None).unwrap();
-        ca.save(&dir.path().join("ca")).unwrap();
-        let read = |f: &str| std::fs::read(dir.path().join("ca").join(f)).unwrap();
-        fake.add_secret(
-            "palisade-system",
-            "palisade-identity",
-            &[
-                ("ca.crt", &read(palisade_certs::ca::ROOT_CERT_FILE)),
-                ("tls.crt", &read(palisade_certs::ca::ISSUER_CERT_FILE)),
-                ("tls.key", &read(palisade_certs::ca::ISSUER_KEY_FILE)),
-            ],
-        );
-        let sa_token = |user: &str, audiences: &[&str], pod: Option<&str>| TokenEntry {
-            username: user.into(),
-            audiences: audiences.iter().map(|a| a.to_string()).collect(),
-            pod: pod.map(str::to_string),
-            audience_unaware: false,
-        };
-        fake.add_token(
-            TOKEN_WEB,
-            sa_token(
-                "system:serviceaccount:demo:web",
-                &["palisade"],
-                Some("web-1"),
-            ),
-        );
-        fake.add_token(
-            "token-for-the-api-server",
-            sa_token(
-                "system:serviceaccount:demo:web",
-                &["https://kubernetes.default.svc"],
-                Some("web-1"),
-            ),
-        );
-        let mut unaware = sa_token("system:serviceaccount:demo:web", &[], None);
-        unaware.audience_unaware = true;
-        fake.add_token("token-from-an-audience-blind-authenticator", unaware);
-        fake.add_token(
-            "token-of-a-user",
-            sa_token("kubernetes-admin", &["palisade"], None),
-        );
-        let cfg = KubernetesConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            webhook_listen: "127.0.0.1:0".parse().unwrap(),
-            sync_timeout: Duration::from_secs(5),
-            ..KubernetesConfig::default()
-        };
-        let cp = within("control plane start", start_with_client(fake.client(), cfg))
-            .await
-            .expect("the control plane starts on the fake cluster");
+        let (fake, ca, dir) = fake_cluster().await;
+        let cp = replica(&fake).await;
         Self {
             fake,
             cp,
@@ -1017,9 +1029,7 @@ async fn pods_of_one_name_in_two_namespaces_each_get_their_own_config() {
     })
     .await;
     for (ns, policies) in [("a", 0), ("b", 1)] {
-        let (store, svid) = c
-            .certify(&c.id(ns, "db"), &format!("token-{ns}-db"))
-            .await;
+        let (store, svid) = c.certify(&c.id(ns, "db"), &format!("token-{ns}-db")).await;
         svid.expect("certified");
         let mut stream = within(
             "watch",
@@ -1108,4 +1118,315 @@ async fn a_certified_pod_watches_its_config_over_mtls_and_follows_the_cluster() 
     .expect("renewal with the current SVID");
     assert_eq!(renewed.into_inner().spiffe_id, web.as_str());
     c.cp.shutdown().await;
+}
+
+// --- Gateway API routes ---
+
+const ROUTE_REJECTED: &str =
+    "palisade_kubernetes_object_rejections_total{kind=\"HTTPRoute.gateway.networking.k8s.io\"}";
+
+fn http_route(ns: &str, name: &str, parent: Value, path_type: &str) -> Value {
+    json!({
+        "metadata": { "name": name, "namespace": ns },
+        "spec": {
+            "parentRefs": [parent],
+            "rules": [ {
+                "matches": [ { "path": { "type": path_type, "value": "/v2" } } ],
+                "backendRefs": [ { "name": "api", "port": 8080, "weight": 90 },
+                                 { "name": "api-canary", "port": 8080, "weight": 10 } ],
+                "timeouts": { "request": "10s" }
+            } ]
+        }
+    })
+}
+
+fn routes(src: &KubernetesSource) -> Vec<String> {
+    src.routes()
+        .borrow()
+        .iter()
+        .map(|r| format!("{} {}", r.kind.kind(), r.qualified_name()))
+        .collect()
+}
+
+#[tokio::test]
+async fn gateway_routes_are_validated_alone_and_gateway_owned_ones_left_alone() {
+    let fake = FakeKube::start().await;
+    seed(&fake);
+    fake.set_served(Res::HttpRoutes, true);
+    fake.set_served(Res::GrpcRoutes, true);
+    let api = json!({ "group": "", "kind": "Service", "name": "api", "port": 8080 });
+    fake.apply(
+        Res::HttpRoutes,
+        http_route("demo", "api-split", api.clone(), "PathPrefix"),
+    );
+    // `Prefix` is not a path match type: refused alone.
+    fake.apply(
+        Res::HttpRoutes,
+        http_route("demo", "api-typo", api.clone(), "Prefix"),
+    );
+    // A route of some gateway controller, even a broken one, is not the mesh's to judge.
+    fake.apply(
+        Res::HttpRoutes,
+        http_route(
+            "demo",
+            "public",
+            json!({ "name": "public-gateway" }),
+            "Bogus",
+        ),
+    );
+    fake.apply(
+        Res::GrpcRoutes,
+        json!({
+            "metadata": { "name": "api-grpc", "namespace": "demo" },
+            "spec": {
+                "parentRefs": [ { "kind": "Service", "name": "api" } ],
+                "rules": [ { "matches": [ { "method": { "service": "demo.Api" } } ],
+                             "backendRefs": [ { "name": "api", "port": 9090 } ] } ]
+            }
+        }),
+    );
+    let (src, metrics) = start_source(&fake).await;
+    assert_eq!(
+        routes(&src),
+        ["GRPCRoute demo/api-grpc", "HTTPRoute demo/api-split"]
+    );
+    // Everything else keeps serving.
+    assert_eq!(policies(&src.current()), ["demo/api-from-web Allow"]);
+    assert_eq!(metric(&metrics, ROUTE_REJECTED), Some(1.0));
+    wait_until("the Event about the bad route", || {
+        !events_about(&fake, "api-typo").is_empty()
+    })
+    .await;
+    let ev = &events_about(&fake, "api-typo")[0];
+    assert_eq!(ev["regarding"]["kind"], "HTTPRoute");
+    let note = ev["note"].as_str().unwrap_or_default();
+    assert!(
+        note.contains("spec.rules[0].matches[0].path.type"),
+        "{note}"
+    );
+    assert!(events_about(&fake, "public").is_empty());
+
+    // Fixed, it is kept; deleted, it goes.
+    let mut rx = src.routes();
+    fake.apply(
+        Res::HttpRoutes,
+        http_route("demo", "api-typo", api, "Exact"),
+    );
+    within(
+        "the fixed route",
+        rx.wait_for(|r| r.iter().any(|r| r.name == "api-typo")),
+    )
+    .await
+    .unwrap();
+    fake.delete(Res::HttpRoutes, "demo", "api-split");
+    within(
+        "the deleted route",
+        rx.wait_for(|r| r.iter().all(|r| r.name != "api-split")),
+    )
+    .await
+    .unwrap();
+    assert_eq!(metric(&metrics, ROUTE_REJECTED), Some(1.0));
+}
+
+#[tokio::test]
+async fn without_the_gateway_api_crds_the_source_serves_and_finds_them_later() {
+    logs();
+    let fake = FakeKube::start().await;
+    seed(&fake);
+    let mut cfg = SourceConfig::new(td());
+    cfg.sync_timeout = Duration::from_secs(5);
+    cfg.istio_recheck = Duration::from_millis(200);
+    let src = within(
+        "source start",
+        KubernetesSource::start(fake.client(), cfg, Metrics::new()),
+    )
+    .await
+    .expect("starts without the Gateway API CRDs");
+    assert!(routes(&src).is_empty());
+    assert_eq!(policies(&src.current()), ["demo/api-from-web Allow"]);
+    fake.set_served(Res::HttpRoutes, true);
+    fake.apply(
+        Res::HttpRoutes,
+        http_route(
+            "demo",
+            "api-split",
+            json!({ "kind": "Service", "name": "api" }),
+            "PathPrefix",
+        ),
+    );
+    let mut rx = src.routes();
+    within("the route read", rx.wait_for(|r| !r.is_empty()))
+        .await
+        .unwrap();
+}
+
+// --- A real proxy against two control-plane replicas ---
+
+/// `address workload` of each endpoint of `key` (`name.namespace:port`) in the proxy's config.
+fn proxy_endpoints(proxy: &palisade_proxy::Proxy, key: &str) -> Vec<String> {
+    let snap = proxy.snapshot();
+    let mut v: Vec<String> = snap
+        .services
+        .get(key)
+        .map(|s| {
+            s.endpoints
+                .iter()
+                .map(|e| format!("{} {}", e.addr, e.identity))
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_follows_endpoint_slices_within_a_second_and_moves_to_the_other_replica() {
+    let (fake, ca, dir) = fake_cluster().await;
+    // Two replicas, both signing with the issuer of the one Secret.
+    let cp1 = replica(&fake).await;
+    let cp2 = replica(&fake).await;
+    let web = SpiffeId::for_workload(&td(), "demo", "web").unwrap();
+    let cfg = palisade_proxy::ProxyConfig {
+        workload: "web-1".into(),
+        identity: web.clone(),
+        credentials: palisade_proxy::config::CredentialSource::ControlPlane {
+            // What PALISADE_CONTROL_PLANE would say: both replicas; the proxy tries them in turn.
+            addrs: palisade_proxy::control_plane::ControlPlaneAddrs::parse(&format!(
+                "{},{}",
+                cp1.addr(),
+                cp2.addr()
+            ))
+            .unwrap(),
+            token: TOKEN_WEB.into(),
+            bundle: dir
+                .path()
+                .join("ca")
+                .join(palisade_certs::ca::ROOT_CERT_FILE),
+            identity: web.clone(),
+        },
+        inbound_addr: "127.0.0.1:0".parse().unwrap(),
+        admin_addr: "127.0.0.1:0".parse().unwrap(),
+        app_addr: None,
+        upstreams: Vec::new(),
+        transparent_addr: None,
+        static_config: None,
+        timeouts: palisade_proxy::config::Timeouts::default(),
+        limits: palisade_proxy::config::Limits::default(),
+        access_log: false,
+        admin_shutdown: false,
+        balancer: Default::default(),
+    };
+    let proxy = within("proxy start", palisade_proxy::Proxy::start(cfg))
+        .await
+        .expect("the proxy starts");
+    wait_until("the proxy has a certificate and its config", || {
+        proxy.is_ready()
+    })
+    .await;
+    const KEY: &str = "api.demo:8080";
+    let api = |ip: &str| format!("{ip}:4143 spiffe://cluster.local/ns/demo/sa/api");
+    assert_eq!(proxy_endpoints(&proxy, KEY), [api("10.0.0.2")]);
+    let snap = proxy.snapshot();
+    let first_version = snap.version;
+
+    // A second api pod, then the EndpointSlice change that makes it an endpoint: in the
+    // proxy's config within a second.
+    fake.apply(
+        Res::Pods,
+        pod(
+            "demo",
+            "api-2",
+            "api",
+            json!({ "app": "api" }),
+            Some("10.0.0.3"),
+            true,
+        ),
+    );
+    let mut rx = cp1.subscribe();
+    wait_model(&mut rx, PROPAGATION, "api-2 a workload", |m| {
+        m.mesh.workload("api-2").is_some()
+    })
+    .await;
+    let changed = Instant::now();
+    fake.apply(
+        Res::EndpointSlices,
+        slice(
+            "demo",
+            "api",
+            &[
+                ("10.0.0.2", "api-1", Some(true)),
+                ("10.0.0.3", "api-2", Some(true)),
+            ],
+        ),
+    );
+    wait_until("the proxy sees the new endpoint", || {
+        proxy_endpoints(&proxy, KEY) == [api("10.0.0.2"), api("10.0.0.3")]
+    })
+    .await;
+    let took = changed.elapsed();
+    assert!(took < PROPAGATION, "the EndpointSlice change took {took:?}");
+    assert!(proxy.snapshot().version > first_version);
+
+    // The replica the proxy is on (the first address) goes away. The proxy reconnects to the
+    // other, which accepts its certificate (same issuer) and keeps it up to date.
+    cp1.shutdown().await;
+    fake.apply(
+        Res::EndpointSlices,
+        slice(
+            "demo",
+            "api",
+            &[
+                ("10.0.0.2", "api-1", Some(false)),
+                ("10.0.0.3", "api-2", Some(true)),
+            ],
+        ),
+    );
+    wait_until(
+        "the proxy follows the cluster through the other replica",
+        || proxy_endpoints(&proxy, KEY) == [api("10.0.0.3")],
+    )
+    .await;
+    // A proxy starting now, with the dead replica first in its list, gets its certificate
+    // from the live one.
+    let store = CredentialStore::new(
+        web.clone(),
+        TrustBundle::with_roots(&td(), [ca.root_der().clone()]).unwrap(),
+    );
+    let kc = KeyAndCsr::generate(&web).unwrap();
+    let tls = palisade_certs::tls::client_config(
+        &store,
+        palisade_control_plane::control_plane_id(&td()).unwrap(),
+        &[b"h2"],
+    )
+    .unwrap();
+    let ch = within(
+        "connect to the live replica",
+        palisade_api::client::connect(cp2.addr(), Arc::new(tls)),
+    )
+    .await
+    .expect("the live replica serves");
+    let rsp = within(
+        "certify at the live replica",
+        IdentityClient::new(ch).certify(CertifyRequest {
+            csr_der: kc.csr_der().to_vec(),
+            token: TOKEN_WEB.into(),
+        }),
+    )
+    .await
+    .expect("certified")
+    .into_inner();
+    // Same issuer as the certificate the proxy got from the first replica.
+    let proxy_chain = proxy
+        .store()
+        .current()
+        .expect("a certificate")
+        .svid
+        .chain
+        .clone();
+    assert_eq!(
+        rsp.chain_der.get(1),
+        proxy_chain.get(1).map(|c| c.to_vec()).as_ref()
+    );
+    proxy.shutdown().await;
+    cp2.shutdown().await;
 }

@@ -190,8 +190,12 @@ mod tests {
 
     #[test]
     fn parses_names_addresses_and_lists() {
-        let a = ControlPlaneAddrs::parse("palisade-control-plane.palisade-system.svc:8086").unwrap();
-        assert_eq!(a.entries(), ["palisade-control-plane.palisade-system.svc:8086"]);
+        let a =
+            ControlPlaneAddrs::parse("palisade-control-plane.palisade-system.svc:8086").unwrap();
+        assert_eq!(
+            a.entries(),
+            ["palisade-control-plane.palisade-system.svc:8086"]
+        );
         let a = ControlPlaneAddrs::parse("10.0.0.1:8086, [::1]:8086,").unwrap();
         assert_eq!(a.entries(), ["10.0.0.1:8086", "[::1]:8086"]);
         assert_eq!(a.to_string(), "10.0.0.1:8086,[::1]:8086");

@@ -2,5 +2,6 @@
 //! that serves them (`palisade control-plane --source kubernetes`).
 
 pub mod control_plane;
+pub mod routes;
 pub mod source;
 pub mod tokenreview;

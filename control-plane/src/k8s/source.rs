@@ -59,6 +59,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::JoinHandle;
 
+use super::routes::{GATEWAY_GROUP, GATEWAY_VERSION, Route, RouteKind, is_mesh_route, parse_route};
 use crate::mesh::{ControlPlaneSection, Mesh, Protocol, Service, ServiceEndpoint, Workload};
 use crate::metrics::{KindLabel, Metrics, ResourceLabel};
 use crate::model::Model;
@@ -99,7 +100,9 @@ pub struct SourceConfig {
     pub sync_timeout: Duration,
     /// Read `security.istio.io` policies when their CRDs exist.
     pub istio: bool,
-    /// How often to ask again for the Istio CRDs while they are absent.
+    /// Read Gateway API `HTTPRoute`s and `GRPCRoute`s when their CRDs exist.
+    pub gateway_api: bool,
+    /// How often to ask again for the Istio (and Gateway API) CRDs while they are absent.
     pub istio_recheck: Duration,
     /// `reportingInstance` of the Events (the pod name), or the controller name.
     pub event_instance: Option<String>,
@@ -116,6 +119,7 @@ impl SourceConfig {
             debounce: DEBOUNCE,
             sync_timeout: DEFAULT_SYNC_TIMEOUT,
             istio: true,
+            gateway_api: true,
             istio_recheck: ISTIO_RECHECK,
             event_instance: None,
         }
@@ -150,6 +154,8 @@ fn last_errors_text(errors: &[(String, String)]) -> String {
 #[derive(Clone, Debug)]
 pub struct PolicyKind {
     pub api: ApiResource,
+    /// Set for Gateway API routes, which are validated as routes, not policies.
+    pub route: Option<RouteKind>,
 }
 
 impl PolicyKind {
@@ -162,6 +168,7 @@ impl PolicyKind {
                 kind: kind.into(),
                 plural: plural.into(),
             },
+            route: RouteKind::from_kind(kind).filter(|_| group == GATEWAY_GROUP),
         }
     }
 
@@ -173,6 +180,14 @@ impl PolicyKind {
     /// `authorizationpolicies.palisade.dev`: the `resource` label of watch errors.
     fn resource(&self) -> String {
         format!("{}.{}", self.api.plural, self.api.group)
+    }
+
+    /// `HTTPRoute` and `GRPCRoute` of the Gateway API.
+    pub fn routes() -> [PolicyKind; 2] {
+        [
+            PolicyKind::new(GATEWAY_GROUP, GATEWAY_VERSION, "HTTPRoute", "httproutes"),
+            PolicyKind::new(GATEWAY_GROUP, GATEWAY_VERSION, "GRPCRoute", "grpcroutes"),
+        ]
     }
 
     /// The AuthorizationPolicy and PeerAuthentication kinds of `group`/`version`.
@@ -336,6 +351,7 @@ struct Builder {
     policies: Arc<Mutex<Vec<PolicyStore>>>,
     metrics: Arc<Metrics>,
     accepted: HashMap<ObjKey, (String, Policy)>,
+    accepted_routes: HashMap<ObjKey, (String, Route)>,
     rejected: HashMap<ObjKey, String>,
     events: mpsc::UnboundedSender<Rejection>,
     /// Pods already warned about (skipped for a reason worth a warning), by reason.
@@ -505,7 +521,11 @@ impl Builder {
     }
 
     fn policies(&mut self) -> Vec<Policy> {
-        let stores = lock(&self.policies).clone();
+        let stores: Vec<PolicyStore> = lock(&self.policies)
+            .iter()
+            .filter(|ps| ps.kind.route.is_none())
+            .cloned()
+            .collect();
         let mut seen: HashSet<ObjKey> = HashSet::new();
         let mut out: Vec<(ObjKey, Policy)> = Vec::new();
         for ps in &stores {
@@ -518,136 +538,233 @@ impl Builder {
                 };
                 let key = (label.clone(), ns, name);
                 seen.insert(key.clone());
-                let rv = obj.metadata.resource_version.clone().unwrap_or_default();
-                let last_good = self.accepted.get(&key).cloned();
-                if let Some((good_rv, p)) = &last_good
-                    && *good_rv == rv
-                {
-                    out.push((key, p.clone()));
-                    continue;
-                }
-                if self.rejected.get(&key) == Some(&rv) {
-                    if let Some((_, p)) = last_good {
-                        out.push((key, p));
-                    }
-                    continue;
-                }
-                match self.parse(&ps.kind, &obj, &key) {
-                    Ok(p) => {
-                        if self.rejected.remove(&key).is_some() {
-                            tracing::info!(kind = %key.0, object = %format!("{}/{}", key.1, key.2), resource_version = %rv, "policy object accepted (its previous version was refused)");
-                        }
-                        self.accepted.insert(key.clone(), (rv, p.clone()));
-                        out.push((key, p));
-                    }
-                    Err(errors) => {
-                        self.reject(&ps.kind, &obj, &key, &rv, &errors, last_good.is_some());
-                        self.rejected.insert(key.clone(), rv);
-                        if let Some((_, p)) = last_good {
-                            out.push((key, p));
-                        }
-                    }
+                let td = &self.cfg.trust_domain;
+                let verdict = judge(
+                    &mut self.accepted,
+                    &mut self.rejected,
+                    &key,
+                    &obj,
+                    || parse_policy(td, &ps.kind, &obj, &key),
+                    |errors, keeps| {
+                        reject(
+                            &self.metrics,
+                            &self.events,
+                            &ps.kind,
+                            &obj,
+                            &key,
+                            errors,
+                            keeps,
+                        )
+                    },
+                );
+                if let Some(p) = verdict {
+                    out.push((key, p));
                 }
             }
         }
         self.accepted.retain(|k, _| seen.contains(k));
-        self.rejected.retain(|k, _| seen.contains(k));
+        self.forget_rejected(&stores, &seen);
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out.into_iter().map(|(_, p)| p).collect()
+    }
+
+    /// The valid mesh routes (those attached to a Service); a bad one is refused alone, like
+    /// a policy object.
+    fn routes(&mut self) -> Vec<Route> {
+        let stores: Vec<PolicyStore> = lock(&self.policies)
+            .iter()
+            .filter(|ps| ps.kind.route.is_some())
+            .cloned()
+            .collect();
+        let mut seen: HashSet<ObjKey> = HashSet::new();
+        let mut out: Vec<(ObjKey, Route)> = Vec::new();
         for ps in &stores {
+            let Some(route_kind) = ps.kind.route else {
+                continue;
+            };
             let label = ps.kind.label();
+            for obj in ps.store.state() {
+                let (Some(ns), Some(name)) =
+                    (obj.metadata.namespace.clone(), obj.metadata.name.clone())
+                else {
+                    continue;
+                };
+                let Ok(value) = serde_json::to_value(&*obj) else {
+                    continue;
+                };
+                // Routes of a gateway controller are not ours to judge.
+                if !is_mesh_route(&value) {
+                    continue;
+                }
+                let key = (label.clone(), ns, name);
+                seen.insert(key.clone());
+                let verdict = judge(
+                    &mut self.accepted_routes,
+                    &mut self.rejected,
+                    &key,
+                    &obj,
+                    || parse_route(route_kind, &value),
+                    |errors, keeps| {
+                        reject(
+                            &self.metrics,
+                            &self.events,
+                            &ps.kind,
+                            &obj,
+                            &key,
+                            errors,
+                            keeps,
+                        )
+                    },
+                );
+                if let Some(r) = verdict {
+                    out.push((key, r));
+                }
+            }
+        }
+        self.accepted_routes.retain(|k, _| seen.contains(k));
+        self.forget_rejected(&stores, &seen);
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out.into_iter().map(|(_, r)| r).collect()
+    }
+
+    /// Drops the refusals of objects of `stores`' kinds that are gone, and updates the
+    /// gauge of those kinds.
+    fn forget_rejected(&mut self, stores: &[PolicyStore], seen: &HashSet<ObjKey>) {
+        let labels: HashSet<String> = stores.iter().map(|ps| ps.kind.label()).collect();
+        self.rejected
+            .retain(|k, _| !labels.contains(&k.0) || seen.contains(k));
+        for label in labels {
             let n = self.rejected.keys().filter(|k| k.0 == label).count();
             self.metrics
                 .kubernetes_rejected_objects
                 .get_or_create(&KindLabel { kind: label })
                 .set(n as i64);
         }
-        out.sort_by(|a, b| a.0.cmp(&b.0));
-        out.into_iter().map(|(_, p)| p).collect()
     }
+}
 
-    /// Parses one object with the policy files' validator.
-    fn parse(
-        &self,
-        kind: &PolicyKind,
-        obj: &DynamicObject,
-        key: &ObjKey,
-    ) -> Result<Policy, Vec<(String, String)>> {
-        let mut value =
-            serde_json::to_value(obj).map_err(|e| vec![("(object)".to_string(), e.to_string())])?;
-        if let Some(map) = value.as_object_mut() {
-            // List items may come without their type; the watch says what they are.
-            map.entry("apiVersion")
-                .or_insert_with(|| kind.api.api_version.clone().into());
-            map.entry("kind")
-                .or_insert_with(|| kind.api.kind.clone().into());
-        }
-        let origin = format!("{} {}/{}", key.0, key.1, key.2);
-        let p = policy::parse_object(&origin, &value).map_err(|errors| {
-            errors
-                .into_iter()
-                .map(|e| (e.field, e.message))
-                .collect::<Vec<_>>()
-        })?;
-        if let Policy::AuthorizationPolicy(ap) = &p {
-            let td = self.cfg.trust_domain.as_str();
-            for (field, principal) in ap.foreign_principals(td) {
-                tracing::warn!(
-                    policy = %origin,
-                    field = %field,
-                    principal,
-                    trust_domain = td,
-                    "principal is not in the mesh's trust domain: it matches no workload of this mesh, only callers from that other trust domain"
-                );
+/// The verdict on one object: its parsed form if this version is valid, else its last
+/// accepted version (if any). Each refused version is reported once (`on_reject`), however
+/// often the model is rebuilt.
+fn judge<T: Clone>(
+    accepted: &mut HashMap<ObjKey, (String, T)>,
+    rejected: &mut HashMap<ObjKey, String>,
+    key: &ObjKey,
+    obj: &DynamicObject,
+    parse: impl FnOnce() -> Result<T, Vec<(String, String)>>,
+    on_reject: impl FnOnce(&[(String, String)], bool),
+) -> Option<T> {
+    let rv = obj.metadata.resource_version.clone().unwrap_or_default();
+    let last_good = accepted.get(key).cloned();
+    if let Some((good_rv, p)) = &last_good
+        && *good_rv == rv
+    {
+        return Some(p.clone());
+    }
+    if rejected.get(key) == Some(&rv) {
+        return last_good.map(|(_, p)| p);
+    }
+    match parse() {
+        Ok(p) => {
+            if rejected.remove(key).is_some() {
+                tracing::info!(kind = %key.0, object = %format!("{}/{}", key.1, key.2), resource_version = %rv, "object accepted (its previous version was refused)");
             }
+            accepted.insert(key.clone(), (rv, p.clone()));
+            Some(p)
         }
-        Ok(p)
+        Err(errors) => {
+            on_reject(&errors, last_good.is_some());
+            rejected.insert(key.clone(), rv);
+            last_good.map(|(_, p)| p)
+        }
     }
+}
 
-    fn reject(
-        &self,
-        kind: &PolicyKind,
-        obj: &DynamicObject,
-        key: &ObjKey,
-        rv: &str,
-        errors: &[(String, String)],
-        keeps_last_good: bool,
-    ) {
-        let problems: Vec<String> = errors.iter().map(|(f, m)| format!("{f}: {m}")).collect();
-        let problems = problems.join("; ");
-        let outcome = if keeps_last_good {
-            "its last accepted version keeps serving"
-        } else {
-            "it is not served"
-        };
-        tracing::error!(
-            kind = %key.0,
-            object = %format!("{}/{}", key.1, key.2),
-            resource_version = %rv,
-            errors = %problems,
-            "policy object refused ({outcome}); everything else keeps serving"
-        );
-        self.metrics
-            .kubernetes_object_rejections
-            .get_or_create(&KindLabel {
-                kind: key.0.clone(),
-            })
-            .inc();
-        let note: String = format!("refused by the Palisade control plane ({outcome}): {problems}")
-            .chars()
-            .take(1000)
-            .collect();
-        let _ = self.events.send(Rejection {
-            reference: ObjectReference {
-                api_version: Some(kind.api.api_version.clone()),
-                kind: Some(kind.api.kind.clone()),
-                name: Some(key.2.clone()),
-                namespace: Some(key.1.clone()),
-                uid: obj.metadata.uid.clone(),
-                resource_version: Some(rv.to_string()),
-                field_path: None,
-            },
-            note,
-        });
+/// Parses one object with the policy files' validator.
+fn parse_policy(
+    td: &TrustDomain,
+    kind: &PolicyKind,
+    obj: &DynamicObject,
+    key: &ObjKey,
+) -> Result<Policy, Vec<(String, String)>> {
+    let mut value =
+        serde_json::to_value(obj).map_err(|e| vec![("(object)".to_string(), e.to_string())])?;
+    if let Some(map) = value.as_object_mut() {
+        // List items may come without their type; the watch says what they are.
+        map.entry("apiVersion")
+            .or_insert_with(|| kind.api.api_version.clone().into());
+        map.entry("kind")
+            .or_insert_with(|| kind.api.kind.clone().into());
     }
+    let origin = format!("{} {}/{}", key.0, key.1, key.2);
+    let p = policy::parse_object(&origin, &value).map_err(|errors| {
+        errors
+            .into_iter()
+            .map(|e| (e.field, e.message))
+            .collect::<Vec<_>>()
+    })?;
+    if let Policy::AuthorizationPolicy(ap) = &p {
+        let td = td.as_str();
+        for (field, principal) in ap.foreign_principals(td) {
+            tracing::warn!(
+                policy = %origin,
+                field = %field,
+                principal,
+                trust_domain = td,
+                "principal is not in the mesh's trust domain: it matches no workload of this mesh, only callers from that other trust domain"
+            );
+        }
+    }
+    Ok(p)
+}
+
+/// Reports a refused object version: one error line, the metric, a Warning Event.
+fn reject(
+    metrics: &Metrics,
+    events: &mpsc::UnboundedSender<Rejection>,
+    kind: &PolicyKind,
+    obj: &DynamicObject,
+    key: &ObjKey,
+    errors: &[(String, String)],
+    keeps_last_good: bool,
+) {
+    let rv = obj.metadata.resource_version.clone().unwrap_or_default();
+    let problems: Vec<String> = errors.iter().map(|(f, m)| format!("{f}: {m}")).collect();
+    let problems = problems.join("; ");
+    let outcome = if keeps_last_good {
+        "its last accepted version keeps serving"
+    } else {
+        "it is not served"
+    };
+    tracing::error!(
+        kind = %key.0,
+        object = %format!("{}/{}", key.1, key.2),
+        resource_version = %rv,
+        errors = %problems,
+        "object refused ({outcome}); everything else keeps serving"
+    );
+    metrics
+        .kubernetes_object_rejections
+        .get_or_create(&KindLabel {
+            kind: key.0.clone(),
+        })
+        .inc();
+    let note: String = format!("refused by the Palisade control plane ({outcome}): {problems}")
+        .chars()
+        .take(1000)
+        .collect();
+    let _ = events.send(Rejection {
+        reference: ObjectReference {
+            api_version: Some(kind.api.api_version.clone()),
+            kind: Some(kind.api.kind.clone()),
+            name: Some(key.2.clone()),
+            namespace: Some(key.1.clone()),
+            uid: obj.metadata.uid.clone(),
+            resource_version: Some(rv),
+            field_path: None,
+        },
+        note,
+    });
 }
 
 /// The workload of a pod and its identity; None if the pod is not (or no longer) a mesh
@@ -785,25 +902,56 @@ pub fn port_protocol(app_protocol: Option<&str>, name: Option<&str>) -> Protocol
         .unwrap_or(Protocol::Detect)
 }
 
-/// Asks the API's discovery which of the Istio policy kinds exist. A missing group is an
-/// empty list, not an error.
-async fn istio_kinds(client: &Client) -> Result<Vec<PolicyKind>, kube::Error> {
-    let api_version = format!("{ISTIO_GROUP}/{ISTIO_VERSION}");
+/// Asks the API's discovery which of `candidates` (one group version) the API server serves.
+/// A missing group is an empty list, not an error.
+async fn served_kinds(
+    client: &Client,
+    candidates: &[PolicyKind],
+) -> Result<Vec<PolicyKind>, kube::Error> {
+    let Some(api_version) = candidates.first().map(|k| k.api.api_version.clone()) else {
+        return Ok(Vec::new());
+    };
     match client.list_api_group_resources(&api_version).await {
-        Ok(list) => Ok(PolicyKind::pair(ISTIO_GROUP, ISTIO_VERSION)
-            .into_iter()
+        Ok(list) => Ok(candidates
+            .iter()
             .filter(|k| list.resources.iter().any(|r| r.name == k.api.plural))
+            .cloned()
             .collect()),
         Err(kube::Error::Api(s)) if s.code == 404 => Ok(Vec::new()),
         Err(e) => Err(e),
     }
 }
 
+/// Kinds read only where their CRDs are installed: Istio's policies, the Gateway API's
+/// routes. What a group is called in logs, and its kinds.
+fn optional_groups(cfg: &SourceConfig) -> Vec<(&'static str, Vec<PolicyKind>)> {
+    let mut out = Vec::new();
+    if cfg.istio {
+        out.push((
+            "Istio policy",
+            PolicyKind::pair(ISTIO_GROUP, ISTIO_VERSION).into(),
+        ));
+    }
+    if cfg.gateway_api {
+        out.push(("Gateway API route", PolicyKind::routes().into()));
+    }
+    out
+}
+
 /// The Kubernetes API, watched live.
 #[derive(Debug)]
 pub struct KubernetesSource {
     rx: watch::Receiver<Arc<Model>>,
+    routes: watch::Receiver<Arc<Vec<Route>>>,
     tasks: Vec<JoinHandle<()>>,
+}
+
+impl KubernetesSource {
+    /// The valid mesh `HTTPRoute`s and `GRPCRoute`s, kept up to date. Not part of the model
+    /// yet: routing comes with traffic management.
+    pub fn routes(&self) -> watch::Receiver<Arc<Vec<Route>>> {
+        self.routes.clone()
+    }
 }
 
 impl ConfigSource for KubernetesSource {
@@ -878,20 +1026,23 @@ impl KubernetesSource {
 
         let policies: Arc<Mutex<Vec<PolicyStore>>> = Arc::new(Mutex::new(Vec::new()));
         let mut kinds: Vec<PolicyKind> = PolicyKind::pair(PALISADE_GROUP, PALISADE_VERSION).into();
-        let mut istio_found = false;
-        if cfg.istio {
-            match istio_kinds(&client).await {
+        let mut later = Vec::new();
+        for (what, candidates) in optional_groups(&cfg) {
+            match served_kinds(&client, &candidates).await {
                 Ok(found) if !found.is_empty() => {
                     tracing::info!(
                         kinds = ?found.iter().map(PolicyKind::label).collect::<Vec<_>>(),
-                        "Istio policy CRDs found; reading them too"
+                        "{what} CRDs found; reading them too"
                     );
-                    istio_found = true;
                     kinds.extend(found);
                 }
-                Ok(_) => tracing::debug!("no Istio policy CRDs; skipping them"),
+                Ok(_) => {
+                    tracing::info!("no {what} CRDs; asking again every {:?}", cfg.istio_recheck);
+                    later.push((what, candidates));
+                }
                 Err(e) => {
-                    tracing::warn!(error = %e, "cannot ask the API for the Istio policy CRDs; asking again later")
+                    tracing::warn!(error = %e, "cannot ask the API for the {what} CRDs; asking again later");
+                    later.push((what, candidates));
                 }
             }
         }
@@ -906,8 +1057,10 @@ impl KubernetesSource {
             )));
             lock(&policies).push(PolicyStore { kind, store });
         }
-        if cfg.istio && !istio_found {
-            tasks.push(tokio::spawn(istio_later(
+        for (what, candidates) in later {
+            tasks.push(tokio::spawn(optional_later(
+                what,
+                candidates,
                 client.clone(),
                 policies.clone(),
                 shared.clone(),
@@ -970,22 +1123,30 @@ impl KubernetesSource {
             policies,
             metrics: metrics.clone(),
             accepted: HashMap::new(),
+            accepted_routes: HashMap::new(),
             rejected: HashMap::new(),
             events: ev_tx,
             warned: HashSet::new(),
         };
         let model = Arc::new(builder.build(1));
+        let routes = Arc::new(builder.routes());
         metrics.config_generation.set(1);
         tracing::info!(
             workloads = model.mesh.workloads.len(),
             services = model.mesh.services.len(),
             authorization_policies = model.authorization_policies.len(),
             peer_authentications = model.peer_authentications.len(),
+            routes = routes.len(),
             "Kubernetes source synced"
         );
         let (tx, rx) = watch::channel(model);
-        tasks.push(tokio::spawn(run(builder, shared, tx, debounce)));
-        Ok(Self { rx, tasks })
+        let (routes_tx, routes_rx) = watch::channel(routes);
+        tasks.push(tokio::spawn(run(builder, shared, tx, routes_tx, debounce)));
+        Ok(Self {
+            rx,
+            routes: routes_rx,
+            tasks,
+        })
     }
 }
 
@@ -994,12 +1155,18 @@ async fn run(
     mut builder: Builder,
     shared: Arc<Shared>,
     tx: watch::Sender<Arc<Model>>,
+    routes_tx: watch::Sender<Arc<Vec<Route>>>,
     debounce: Duration,
 ) {
     let mut current = tx.borrow().clone();
     loop {
         shared.changed.notified().await;
         tokio::time::sleep(debounce).await;
+        let routes = builder.routes();
+        if **routes_tx.borrow() != routes {
+            tracing::info!(routes = routes.len(), "mesh routes changed");
+            routes_tx.send_replace(Arc::new(routes));
+        }
         let model = builder.build(current.generation + 1);
         if model.same_content(&current) {
             continue;
@@ -1021,9 +1188,11 @@ async fn run(
     }
 }
 
-/// Asks for the Istio CRDs every `every` ([`ISTIO_RECHECK`]) until they appear, then watches them (the
-/// watches run inside this task, so they stop with the source).
-async fn istio_later(
+/// Asks for the CRDs of `candidates` every `every` ([`ISTIO_RECHECK`]) until they appear,
+/// then watches them (the watches run inside this task, so they stop with the source).
+async fn optional_later(
+    what: &'static str,
+    candidates: Vec<PolicyKind>,
     client: Client,
     policies: Arc<Mutex<Vec<PolicyStore>>>,
     shared: Arc<Shared>,
@@ -1031,15 +1200,15 @@ async fn istio_later(
 ) {
     let found = loop {
         tokio::time::sleep(every).await;
-        match istio_kinds(&client).await {
+        match served_kinds(&client, &candidates).await {
             Ok(found) if !found.is_empty() => break found,
             Ok(_) => {}
-            Err(e) => tracing::debug!(error = %e, "cannot ask the API for the Istio policy CRDs"),
+            Err(e) => tracing::debug!(error = %e, "cannot ask the API for the {what} CRDs"),
         }
     };
     tracing::info!(
         kinds = ?found.iter().map(PolicyKind::label).collect::<Vec<_>>(),
-        "Istio policy CRDs appeared; reading them too"
+        "{what} CRDs appeared; reading them too"
     );
     let mut watches = Vec::new();
     for kind in found {

@@ -6,7 +6,8 @@
 //!   stream of `{"type":"ADDED|MODIFIED|DELETED|BOOKMARK|ERROR","object":...}` lines, first
 //!   the changes after N, then live ones; from a compacted N, one `ERROR` event with a
 //!   `410 Expired` Status and the end of the stream, as the real server does;
-//! - `GET /apis/<group>/<version>`: discovery (404 for a group it does not serve);
+//! - `GET /apis/<group>/<version>`: discovery (404 for a group it does not serve: Istio's
+//!   and the Gateway API's CRDs are absent until a test installs them);
 //! - `GET /api/v1/namespaces/<ns>/secrets/<name>`;
 //! - `POST /apis/authentication.k8s.io/v1/tokenreviews`, answered like the API server's
 //!   ServiceAccount token authenticator (audiences intersected, unauthenticated when empty),
@@ -41,9 +42,11 @@ pub enum Res {
     PeerAuthentications,
     IstioAuthorizationPolicies,
     IstioPeerAuthentications,
+    HttpRoutes,
+    GrpcRoutes,
 }
 
-pub const ALL: [Res; 7] = [
+pub const ALL: [Res; 9] = [
     Res::Pods,
     Res::Services,
     Res::EndpointSlices,
@@ -51,6 +54,8 @@ pub const ALL: [Res; 7] = [
     Res::PeerAuthentications,
     Res::IstioAuthorizationPolicies,
     Res::IstioPeerAuthentications,
+    Res::HttpRoutes,
+    Res::GrpcRoutes,
 ];
 
 impl Res {
@@ -83,6 +88,16 @@ impl Res {
                 "/apis/security.istio.io/v1/peerauthentications",
                 "security.istio.io/v1",
                 "PeerAuthentication",
+            ),
+            Res::HttpRoutes => (
+                "/apis/gateway.networking.k8s.io/v1/httproutes",
+                "gateway.networking.k8s.io/v1",
+                "HTTPRoute",
+            ),
+            Res::GrpcRoutes => (
+                "/apis/gateway.networking.k8s.io/v1/grpcroutes",
+                "gateway.networking.k8s.io/v1",
+                "GRPCRoute",
             ),
         }
     }
@@ -295,11 +310,13 @@ impl FakeKube {
             rv: 100,
             ..Default::default()
         }));
-        // Istio's CRDs are not installed unless a test says so.
+        // Istio's and the Gateway API's CRDs are not installed unless a test says so.
         {
             let mut s = state.lock().unwrap();
             s.absent.insert(Res::IstioAuthorizationPolicies);
             s.absent.insert(Res::IstioPeerAuthentications);
+            s.absent.insert(Res::HttpRoutes);
+            s.absent.insert(Res::GrpcRoutes);
         }
         let st = state.clone();
         let task = tokio::spawn(async move {
