@@ -1286,6 +1286,8 @@ async fn a_proxy_follows_endpoint_slices_within_a_second_and_moves_to_the_other_
     let cp1 = replica(&fake).await;
     let cp2 = replica(&fake).await;
     let web = SpiffeId::for_workload(&td(), "demo", "web").unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, format!("{TOKEN_WEB}\n")).unwrap();
     let cfg = palisade_proxy::ProxyConfig {
         workload: "web-1".into(),
         identity: web.clone(),
@@ -1297,7 +1299,10 @@ async fn a_proxy_follows_endpoint_slices_within_a_second_and_moves_to_the_other_
                 cp2.addr()
             ))
             .unwrap(),
-            token: TOKEN_WEB.into(),
+            // The kubelet rotates the projected token in place: the proxy presents what the
+            // file says now, not what it read at start.
+            token: "expired-token-read-at-start".into(),
+            token_file: Some(token_file),
             bundle: dir
                 .path()
                 .join("ca")

@@ -63,6 +63,9 @@ pub enum CredentialSource {
         /// Every replica's address (or names for them), tried in turn.
         addrs: crate::control_plane::ControlPlaneAddrs,
         token: String,
+        /// Where `token` came from, read again before each Certify: a projected
+        /// ServiceAccount token is rotated by the kubelet and expires.
+        token_file: Option<PathBuf>,
         bundle: PathBuf,
         identity: SpiffeId,
     },

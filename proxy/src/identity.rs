@@ -57,6 +57,28 @@ pub fn load_files(id: &SpiffeId, cert: &Path, key: &Path) -> Result<Svid, Identi
     Ok(svid)
 }
 
+/// The token to present now: the token file's current content when there is one (the
+/// kubelet rotates a projected token in place), else the token the proxy started with.
+pub(crate) fn current_token(ctx: &Ctx) -> String {
+    let CredentialSource::ControlPlane {
+        token, token_file, ..
+    } = &ctx.cfg.credentials
+    else {
+        return String::new();
+    };
+    let Some(path) = token_file else {
+        return token.clone();
+    };
+    match std::fs::read_to_string(path) {
+        Ok(t) if !t.trim().is_empty() => t.trim().to_string(),
+        Ok(_) => token.clone(),
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "cannot read the token file again; presenting the token read at start");
+            token.clone()
+        }
+    }
+}
+
 /// One Certify call: new key, CSR, token; returns the SVID (with its key) and the bundle.
 pub(crate) async fn certify(
     ctx: &Ctx,
@@ -149,9 +171,9 @@ fn renew_delay(not_after: i64) -> Duration {
 /// Renews for as long as the proxy runs. On failure, backs off (200 ms doubling to 30 s) and
 /// keeps the current certificate in use meanwhile.
 pub(crate) async fn renew_loop(ctx: Arc<Ctx>, dialer: Arc<Dialer>) {
-    let CredentialSource::ControlPlane { token, .. } = ctx.cfg.credentials.clone() else {
+    if !matches!(ctx.cfg.credentials, CredentialSource::ControlPlane { .. }) {
         return;
-    };
+    }
     let mut stop = ctx.stop_rx.clone();
     loop {
         let Some(cur) = ctx.store.current() else {
@@ -165,7 +187,7 @@ pub(crate) async fn renew_loop(ctx: Arc<Ctx>, dialer: Arc<Dialer>) {
         }
         let mut backoff = Duration::from_millis(200);
         loop {
-            match certify(&ctx, &dialer, &token).await {
+            match certify(&ctx, &dialer, &current_token(&ctx)).await {
                 Ok((svid, bundle)) => {
                     ctx.store.set_bundle(merge_bundle(&ctx, bundle));
                     match install(&ctx, svid) {

@@ -203,10 +203,10 @@ impl Proxy {
                 let svid = identity::load_files(&ctx.cfg.identity, &cert, &key)?;
                 identity::install(&ctx, svid)?;
             }
-            CredentialSource::ControlPlane { addrs, token, .. } => {
+            CredentialSource::ControlPlane { addrs, .. } => {
                 let ctx = ctx.clone();
                 let dialer = Arc::new(control_plane::Dialer::new(addrs));
-                tokio::spawn(async move { bootstrap(ctx, dialer, token).await });
+                tokio::spawn(async move { bootstrap(ctx, dialer).await });
             }
         }
         if let Some(snap) = static_snapshot {
@@ -281,11 +281,11 @@ fn local(l: &TcpListener) -> Result<SocketAddr, ProxyError> {
 
 /// First certificate from the control plane, retried with backoff; then the config stream
 /// and the renewal loop.
-async fn bootstrap(ctx: Arc<Ctx>, dialer: Arc<control_plane::Dialer>, token: String) {
+async fn bootstrap(ctx: Arc<Ctx>, dialer: Arc<control_plane::Dialer>) {
     let mut backoff = Duration::from_millis(50);
     let mut stop = ctx.stop_rx.clone();
     loop {
-        match identity::certify(&ctx, &dialer, &token).await {
+        match identity::certify(&ctx, &dialer, &identity::current_token(&ctx)).await {
             Ok((svid, bundle)) => {
                 ctx.store.set_bundle(identity::merge_bundle(&ctx, bundle));
                 match identity::install(&ctx, svid) {

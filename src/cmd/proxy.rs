@@ -115,6 +115,7 @@ fn build_config(a: &ProxyArgs) -> anyhow::Result<ProxyConfig> {
             CredentialSource::ControlPlane {
                 addrs,
                 token,
+                token_file: a.token.is_none().then(|| a.token_file.clone()).flatten(),
                 bundle: a.trust_bundle.clone(),
                 identity: identity.clone(),
             }
