@@ -147,6 +147,18 @@ pub struct RunningControlPlane {
 }
 
 impl RunningControlPlane {
+    /// Turns true when [`Self::shutdown`] begins: for servers that run beside the gRPC one
+    /// (the injector webhook) and stop with it.
+    pub fn stop_signal(&self) -> watch::Receiver<bool> {
+        self.stop.subscribe()
+    }
+
+    /// A task that lives as long as the control plane: aborted by [`Self::shutdown`] (after
+    /// the gRPC server's grace period) or when the control plane is dropped.
+    pub fn add_task(&mut self, task: JoinHandle<()>) {
+        self.tasks.push(task);
+    }
+
     /// The gRPC address actually bound (useful with port 0).
     pub fn addr(&self) -> SocketAddr {
         self.addr

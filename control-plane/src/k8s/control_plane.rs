@@ -179,15 +179,6 @@ pub async fn start_with_client(
         "CA loaded"
     );
 
-    // INJECTOR WEBHOOK (issue 18): the injector's HTTPS server,
-    // `crate::inject::webhook::serve(...)`, is to be started here on `cfg.webhook_listen`
-    // (with `client`, `ca` and `metrics` at hand, and its task added to the running control
-    // plane). Until it lands, nothing listens on that address.
-    tracing::info!(
-        addr = %cfg.webhook_listen,
-        "the injector webhook is not served by this build yet"
-    );
-
     let mut source_cfg = SourceConfig::new(td.clone());
     source_cfg.certificate_lifetime = cfg.certificate_lifetime;
     source_cfg.default_policy = cfg.default_policy;
@@ -199,14 +190,34 @@ pub async fn start_with_client(
     let source = KubernetesSource::start(client.clone(), source_cfg, metrics.clone())
         .await
         .map_err(K8sError::from)?;
-    crate::serve(Serving {
+    let cp = crate::serve(Serving {
         source: Box::new(source),
-        ca,
-        tokens: Arc::new(TokenReviewer::new(client, td)),
+        ca: ca.clone(),
+        tokens: Arc::new(TokenReviewer::new(client.clone(), td)),
         metrics,
         listen: cfg.listen,
         metrics_listen: cfg.metrics_listen,
         state_dir: None,
     })
-    .await
+    .await?;
+
+    // TODO(lead, injector merge): serve the injector webhook here, on `cfg.webhook_listen`,
+    // with the same process's CA and stop signal, roughly (with `let mut cp` above):
+    //
+    //   let listener = tokio::net::TcpListener::bind(cfg.webhook_listen).await?;
+    //   let store = Arc::new(ServingCertStore::new(
+    //       ca.issue_serving_cert(&[inject::webhook::SERVICE_DNS_NAME], ttl)?));
+    //   let (namespaces, watch) = inject::webhook::watch_namespaces(client.clone());
+    //   cp.add_task(tokio::spawn(watch));
+    //   cp.add_task(tokio::spawn(async move { renew_serving_cert(store.clone(), ttl,
+    //       move || ca.issue_serving_cert(..), cp_stop).await; }));
+    //   cp.add_task(tokio::spawn(async move { if let Err(e) = serve_webhook(listener, store,
+    //       Arc::new(inject_cfg), Arc::new(namespaces), cp.stop_signal()).await { error!(..) } }));
+    //
+    // Until then nothing listens on that address.
+    tracing::info!(
+        addr = %cfg.webhook_listen,
+        "the injector webhook is not served by this build yet"
+    );
+    Ok(cp)
 }

@@ -26,6 +26,11 @@
 //!   Kubernetes `Warning` Event on the object, and its last accepted version (if this control
 //!   plane saw one) keeps serving, so a broken edit of a DENY policy never becomes an allow.
 //!   Everything else keeps serving.
+//! - **HTTPRoute** and **GRPCRoute**, `gateway.networking.k8s.io/v1`, when their CRDs exist
+//!   (found like Istio's): routes with a Service parent are validated alone
+//!   ([`super::routes`]) and refused like policies; the valid ones are on
+//!   [`KubernetesSource::routes`], outside the model until traffic management routes by
+//!   them. Routes of gateway controllers are left alone.
 //!
 //! Any change wakes one rebuild [`DEBOUNCE`] later (a burst of events makes one model); a
 //! model with the same content as the one served is not published, so proxies only hear of
