@@ -1098,6 +1098,53 @@ pub fn parse_str(file: &Path, text: &str) -> Result<Vec<Resource>, Vec<PolicyErr
     }
 }
 
+/// The annotation `kubectl apply` keeps a whole copy of the object in: never worth sending
+/// to a proxy with the policy.
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
+/// Parses one object as the Kubernetes API server returns it (a watch event's or a list
+/// item's JSON), with the same validation as a policy file. `origin` names it in errors
+/// (`kubernetes:AuthorizationPolicy demo/name`): a [`PolicyError`]'s `file`, document 0.
+///
+/// What the API server adds is dropped before validation: `status`, and every `metadata`
+/// field but `name`, `namespace`, `labels` and `annotations` (uid, resourceVersion,
+/// managedFields...), and the `kubectl apply` copy of the object among the annotations.
+/// Everything else is checked as strictly as in a file, so a field the parser does not know
+/// is an error here too.
+pub fn parse_object(origin: &str, object: &Value) -> Result<Resource, Vec<PolicyError>> {
+    let file = Path::new(origin);
+    let mut c = Ctx {
+        file,
+        document: 0,
+        errors: Vec::new(),
+    };
+    let mut doc = object.clone();
+    if let Value::Object(map) = &mut doc {
+        map.remove("status");
+        if let Some(Value::Object(meta)) = map.get_mut("metadata") {
+            meta.retain(|k, _| {
+                matches!(k.as_str(), "name" | "namespace" | "labels" | "annotations")
+            });
+            if let Some(Value::Object(annotations)) = meta.get_mut("annotations") {
+                annotations.remove(LAST_APPLIED);
+                if annotations.is_empty() {
+                    meta.remove("annotations");
+                }
+            }
+        }
+    }
+    normalize(&mut doc);
+    match parse_value(&mut c, &doc) {
+        Some(r) if c.errors.is_empty() => Ok(r),
+        _ => {
+            if c.errors.is_empty() {
+                c.err("", "not a policy resource");
+            }
+            Err(c.errors)
+        }
+    }
+}
+
 /// Loads a file, or every `*.yaml` / `*.yml` of a directory (sorted, not recursive), as one
 /// set: any error anywhere rejects the whole set. Duplicate `namespace/name` of one kind is an
 /// error.
@@ -1688,5 +1735,43 @@ spec:
         mesh_wide.metadata.namespace = Some(ROOT_NAMESPACE.into());
         mesh_wide.spec.selector = None;
         assert!(mesh_wide.selects("any", &labels(&[]), ROOT_NAMESPACE));
+    }
+
+    /// An object as the API server returns it: server-set metadata, `status` and the
+    /// `kubectl apply` annotation are dropped, the rest is validated as a file is.
+    #[test]
+    fn an_api_server_object_parses_alone_with_the_file_validator() {
+        let object = serde_json::json!({
+            "apiVersion": "palisade.dev/v1alpha1",
+            "kind": "AuthorizationPolicy",
+            "metadata": {
+                "name": "db", "namespace": "demo", "uid": "1234", "resourceVersion": "42",
+                "generation": 3, "creationTimestamp": "2026-01-01T00:00:00Z",
+                "managedFields": [ { "manager": "kubectl" } ],
+                "annotations": { "kubectl.kubernetes.io/last-applied-configuration": "{}" },
+                "labels": { "team": "a" }
+            },
+            "spec": { "action": "DENY", "rules": [ { "to": [ { "operation": { "ports": [5432] } } ] } ] },
+            "status": { "anything": true }
+        });
+        let Ok(Resource::AuthorizationPolicy(p)) = parse_object("kubernetes:demo/db", &object)
+        else {
+            panic!("valid object refused");
+        };
+        assert_eq!(p.qualified_name(), "demo/db");
+        assert_eq!(p.spec.action, Action::Deny);
+        assert!(p.metadata.annotations.is_empty(), "{:?}", p.metadata);
+        assert_eq!(p.metadata.labels.get("team").map(String::as_str), Some("a"));
+
+        let mut bad = object.clone();
+        bad["spec"]["rules"][0]["to"][0]["operation"]["methodz"] = serde_json::json!(["GET"]);
+        let errors = parse_object("kubernetes:demo/db", &bad).expect_err("unknown field");
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].field, "spec.rules[0].to[0].operation.methodz");
+        assert_eq!(errors[0].file, Path::new("kubernetes:demo/db"));
+
+        let mut other = object;
+        other["kind"] = serde_json::json!("Secret");
+        assert!(parse_object("kubernetes:demo/db", &other).is_err());
     }
 }

@@ -219,22 +219,61 @@ impl Ca {
         let root_path = dir.join(ROOT_CERT_FILE);
         let issuer_path = dir.join(ISSUER_CERT_FILE);
         let key_path = dir.join(ISSUER_KEY_FILE);
-        let root_der = CertificateDer::from_pem_slice(&read_file(&root_path)?).map_err(|_| {
-            CaError::BadPem {
-                path: root_path.clone(),
-                what: "certificate",
-            }
+        let root_pem = read_file(&root_path)?;
+        let issuer_pem = read_file(&issuer_path)?;
+        // Whoever can write the key decides what the mesh trusts: only ours, 0600, no symlink.
+        let key_pem = crate::secure_fs::read_private_key(&key_path)?;
+        Self::from_pem_named(
+            [
+                (&root_pem, root_path),
+                (&issuer_pem, issuer_path),
+                (&key_pem, key_path),
+            ],
+            system_random(),
+        )
+    }
+
+    /// A CA from PEM held in memory (the Kubernetes Secret `palisade-identity`: `ca.crt`,
+    /// `tls.crt`, `tls.key`): the trust anchor certificate, the issuer certificate (the first
+    /// certificate of `issuer_pem`, which may be followed by its chain) and the issuer key.
+    /// `origin` names where they came from in errors (`secret palisade-system/palisade-identity`).
+    /// The trust domain comes from the issuer's URI SAN.
+    pub fn from_pem(
+        origin: &str,
+        root_pem: &[u8],
+        issuer_pem: &[u8],
+        issuer_key_pem: &[u8],
+    ) -> Result<Self, CaError> {
+        let name = |key: &str| PathBuf::from(format!("{origin}: {key}"));
+        Self::from_pem_named(
+            [
+                (root_pem, name("ca.crt")),
+                (issuer_pem, name("tls.crt")),
+                (issuer_key_pem, name("tls.key")),
+            ],
+            system_random(),
+        )
+    }
+
+    /// `[(root cert, its name), (issuer cert, ..), (issuer key, ..)]`; the names are for errors.
+    fn from_pem_named(
+        [
+            (root_pem, root_path),
+            (issuer_pem, issuer_path),
+            (key_bytes, key_path),
+        ]: [(&[u8], PathBuf); 3],
+        rng: Arc<dyn SerialRandom>,
+    ) -> Result<Self, CaError> {
+        let root_der = CertificateDer::from_pem_slice(root_pem).map_err(|_| CaError::BadPem {
+            path: root_path.clone(),
+            what: "certificate",
         })?;
         let issuer_der =
-            CertificateDer::from_pem_slice(&read_file(&issuer_path)?).map_err(|_| {
-                CaError::BadPem {
-                    path: issuer_path.clone(),
-                    what: "certificate",
-                }
+            CertificateDer::from_pem_slice(issuer_pem).map_err(|_| CaError::BadPem {
+                path: issuer_path.clone(),
+                what: "certificate",
             })?;
-        // Whoever can write the key decides what the mesh trusts: only ours, 0600, no symlink.
-        let key_bytes = crate::secure_fs::read_private_key(&key_path)?;
-        let key_pem = String::from_utf8(key_bytes).map_err(|_| CaError::BadPem {
+        let key_pem = String::from_utf8(key_bytes.to_vec()).map_err(|_| CaError::BadPem {
             path: key_path.clone(),
             what: "private key",
         })?;
@@ -267,7 +306,7 @@ impl Ca {
             issuer_not_after: na,
             root_key_pem: None,
             issuer_key_pem: key_pem,
-            rng: system_random(),
+            rng,
         })
     }
 
@@ -598,5 +637,49 @@ mod tests {
             Ca::generate_with(&td(), None, Arc::new(FailingRandom)),
             Err(CaError::Random)
         ));
+    }
+
+    /// The Kubernetes Secret holds the CA as PEM: it loads from memory as from files, the
+    /// issuer may be followed by its chain, and a bad part is named by its key.
+    #[test]
+    fn a_ca_loads_from_pem_in_memory() {
+        let tmp = tempfile::tempdir().unwrap();
+        let ca = Ca::generate(&td(), None).unwrap();
+        let dir = tmp.path().join("ca");
+        ca.save(&dir).unwrap();
+        let read = |f: &str| std::fs::read(dir.join(f)).unwrap();
+        let mut issuer_chain = read(ISSUER_CERT_FILE);
+        issuer_chain.extend(read(ROOT_CERT_FILE));
+        let loaded = Ca::from_pem(
+            "secret ns/palisade-identity",
+            &read(ROOT_CERT_FILE),
+            &issuer_chain,
+            &read(ISSUER_KEY_FILE),
+        )
+        .unwrap();
+        assert_eq!(loaded.trust_domain(), &td());
+        assert_eq!(loaded.root_der(), ca.root_der());
+        assert_eq!(loaded.issuer_der(), ca.issuer_der());
+        let id = SpiffeId::for_workload(&td(), "demo", "web").unwrap();
+        let svid = loaded.issue(&id, Duration::from_secs(60)).unwrap();
+        let bundle = crate::TrustBundle::with_roots(&td(), [ca.root_der().clone()]).unwrap();
+        let got = crate::verify::verify_svid(
+            &svid.chain,
+            &bundle,
+            Some(&td()),
+            rustls_pki_types::UnixTime::now(),
+        )
+        .unwrap();
+        assert_eq!(got, id);
+
+        let e = Ca::from_pem(
+            "secret ns/palisade-identity",
+            &read(ROOT_CERT_FILE),
+            &read(ISSUER_CERT_FILE),
+            b"not a key",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("secret ns/palisade-identity: tls.key"), "{e}");
     }
 }

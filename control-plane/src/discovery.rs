@@ -60,6 +60,13 @@ impl DiscoveryService {
         workload: &str,
         peer: &palisade_certs::SpiffeId,
     ) -> Result<ProxyConfig, Status> {
+        // On Kubernetes a workload is a pod, and two namespaces may hold pods of one name: the
+        // caller's identity (which carries its namespace) picks the right one.
+        if let Some(w) = model.mesh.workload_with_id(workload, peer) {
+            let mut cfg = model.config_of(w);
+            cfg.trust_bundle_der = self.trust_bundle_der.as_ref().clone();
+            return Ok(cfg);
+        }
         let w = model.mesh.workload(workload).ok_or_else(|| {
             Status::not_found(format!("workload {:?} is not in the mesh", shown(workload)))
         })?;
@@ -71,9 +78,7 @@ impl DiscoveryService {
                 "caller is {peer}; the config of workload {workload} is only for {want}"
             )));
         }
-        let mut cfg = model.proxy_config(workload).ok_or_else(|| {
-            Status::not_found(format!("workload {:?} is not in the mesh", shown(workload)))
-        })?;
+        let mut cfg = model.config_of(w);
         cfg.trust_bundle_der = self.trust_bundle_der.as_ref().clone();
         Ok(cfg)
     }

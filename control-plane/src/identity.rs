@@ -2,9 +2,11 @@
 //!
 //! Zero trust starts here: the CA signs only for an authenticated workload, and only that
 //! workload's own SPIFFE ID, whatever the CSR asks for. A caller authenticates with its
-//! current SVID over mTLS (renewal) or with the bootstrap token `palisade up` gave its proxy,
-//! which then is used up (see [`crate::tokens`]). Every refusal is counted
-//! (`palisade_identity_certificates_total{result}`) and logged once.
+//! current SVID over mTLS (renewal) or with a token, which a [`TokenAuthenticator`] turns into
+//! an identity: locally the bootstrap token `palisade up` gave its proxy, which then is used
+//! up ([`BootstrapTokens`], see [`crate::tokens`]); on Kubernetes the pod's projected
+//! ServiceAccount token, checked with a TokenReview (`crate::k8s::tokenreview`). Every
+//! refusal is counted (`palisade_identity_certificates_total{result}`) and logged once.
 
 use std::sync::Arc;
 
@@ -21,12 +23,100 @@ use crate::metrics::Metrics;
 use crate::model::Model;
 use crate::tokens::{Claim, Reservation, TokenStore};
 
+/// Who a Certify token says the caller is.
+#[derive(Debug)]
+pub struct TokenIdentity {
+    /// The workload, for logs (a mesh workload name locally, a pod name on Kubernetes).
+    pub workload: String,
+    /// The only identity the CA will sign for this caller.
+    pub id: SpiffeId,
+    /// How it was established, for logs (`token`, `tokenreview`).
+    pub how: &'static str,
+    /// A bootstrap token to consume once the certificate is signed.
+    pub reservation: Option<Reservation>,
+}
+
+/// Why a token was refused: the `result` label it is counted under
+/// (`palisade_identity_certificates_total{result}`) and the status the caller gets.
+#[derive(Debug)]
+pub struct TokenRefusal {
+    pub result: &'static str,
+    pub status: Status,
+}
+
+impl TokenRefusal {
+    pub fn new(result: &'static str, status: Status) -> Self {
+        Self { result, status }
+    }
+}
+
+/// Turns the token of a Certify call into the identity the CA signs. The CSR never has a say.
+#[tonic::async_trait]
+pub trait TokenAuthenticator: Send + Sync + std::fmt::Debug {
+    /// `token` is never empty (a call without one is refused before).
+    async fn authenticate(&self, token: &str, model: &Model)
+    -> Result<TokenIdentity, TokenRefusal>;
+}
+
+/// Local bootstrap tokens: each names a workload of the mesh file, and certifies one proxy
+/// start.
+#[derive(Debug, Clone)]
+pub struct BootstrapTokens(pub Arc<TokenStore>);
+
+#[tonic::async_trait]
+impl TokenAuthenticator for BootstrapTokens {
+    async fn authenticate(
+        &self,
+        token: &str,
+        model: &Model,
+    ) -> Result<TokenIdentity, TokenRefusal> {
+        let reservation = match self.0.claim(token) {
+            Claim::Owner(r) => r,
+            Claim::Replayed => {
+                return Err(TokenRefusal::new(
+                    "token_replayed",
+                    Status::unauthenticated(
+                        "this bootstrap token was already used: a token certifies one proxy start (`palisade up` gives each proxy it starts a new one)",
+                    ),
+                ));
+            }
+            Claim::Unknown => {
+                return Err(TokenRefusal::new(
+                    "unauthenticated",
+                    Status::unauthenticated("unknown bootstrap token"),
+                ));
+            }
+        };
+        let name = reservation.workload().to_string();
+        let Some(w) = model.mesh.workload(&name) else {
+            return Err(TokenRefusal::new(
+                "permission_denied",
+                Status::permission_denied(format!(
+                    "the token is for workload {name:?}, which is not in the mesh (any more)"
+                )),
+            ));
+        };
+        match w.spiffe_id(&model.mesh) {
+            Ok(id) => Ok(TokenIdentity {
+                workload: name,
+                id,
+                how: "token",
+                reservation: Some(reservation),
+            }),
+            Err(e) => Err(TokenRefusal::new(
+                "internal",
+                Status::internal(format!("workload {name} has no valid SPIFFE ID: {e}")),
+            )),
+        }
+    }
+}
+
 /// The Identity gRPC service.
 #[derive(Clone)]
 pub struct IdentityService {
     ca: Arc<Ca>,
     model: watch::Receiver<Arc<Model>>,
-    tokens: Arc<TokenStore>,
+    tokens: Arc<dyn TokenAuthenticator>,
     metrics: Arc<Metrics>,
 }
 
@@ -53,7 +143,7 @@ impl IdentityService {
     pub fn new(
         ca: Arc<Ca>,
         model: watch::Receiver<Arc<Model>>,
-        tokens: Arc<TokenStore>,
+        tokens: Arc<dyn TokenAuthenticator>,
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
@@ -76,7 +166,7 @@ impl IdentityService {
         status
     }
 
-    fn authenticate(
+    async fn authenticate(
         &self,
         model: &Model,
         peer: Option<&PeerInfo>,
@@ -104,52 +194,19 @@ impl IdentityService {
             return Err(self.refuse(
                 "unauthenticated",
                 Status::unauthenticated(
-                    "no client certificate and no bootstrap token: nothing to authenticate the caller with",
+                    "no client certificate and no token: nothing to authenticate the caller with",
                 ),
                 peer,
             ));
         }
-        let reservation = match self.tokens.claim(token) {
-            Claim::Owner(r) => r,
-            Claim::Replayed => {
-                return Err(self.refuse(
-                    "token_replayed",
-                    Status::unauthenticated(
-                        "this bootstrap token was already used: a token certifies one proxy start (`palisade up` gives each proxy it starts a new one)",
-                    ),
-                    peer,
-                ));
-            }
-            Claim::Unknown => {
-                return Err(self.refuse(
-                    "unauthenticated",
-                    Status::unauthenticated("unknown bootstrap token"),
-                    peer,
-                ));
-            }
-        };
-        let name = reservation.workload().to_string();
-        let Some(w) = model.mesh.workload(&name) else {
-            return Err(self.refuse(
-                "permission_denied",
-                Status::permission_denied(format!(
-                    "the token is for workload {name:?}, which is not in the mesh (any more)"
-                )),
-                peer,
-            ));
-        };
-        match w.spiffe_id(&model.mesh) {
-            Ok(id) => Ok(Caller {
-                workload: name,
-                id,
-                how: "token",
-                token: Some(reservation),
+        match self.tokens.authenticate(token, model).await {
+            Ok(t) => Ok(Caller {
+                workload: t.workload,
+                id: t.id,
+                how: t.how,
+                token: t.reservation,
             }),
-            Err(e) => Err(self.refuse(
-                "internal",
-                Status::internal(format!("workload {name} has no valid SPIFFE ID: {e}")),
-                peer,
-            )),
+            Err(r) => Err(self.refuse(r.result, r.status, peer)),
         }
     }
 
@@ -184,7 +241,7 @@ impl Identity for IdentityService {
         let peer = peer.as_ref();
         let req = request.into_inner();
         let model = self.model.borrow().clone();
-        let mut caller = self.authenticate(&model, peer, &req.token)?;
+        let mut caller = self.authenticate(&model, peer, &req.token).await?;
         // Whatever let this caller in (a model built without mesh validation, a future
         // Kubernetes source, a stolen control-plane certificate renewing itself), the control
         // plane's own identity is never handed out: proxies trust it for their config.
@@ -210,10 +267,10 @@ impl Identity for IdentityService {
                 Status::permission_denied(format!(
                     "CSR asks for {}; this {} may only obtain {}",
                     crate::limits::shown(other),
-                    if caller.how == "token" {
-                        "token"
-                    } else {
+                    if caller.how == "svid" {
                         "certificate"
+                    } else {
+                        "token"
                     },
                     caller.id
                 )),
@@ -288,7 +345,7 @@ mod tests {
             std::collections::HashMap::from([("evil".to_string(), "token-evil-0123".to_string())]);
         let state = tempfile::tempdir().unwrap();
         let tokens = TokenStore::open(tokens, None, state.path()).unwrap();
-        let svc = IdentityService::new(ca, rx, tokens, metrics.clone());
+        let svc = IdentityService::new(ca, rx, Arc::new(BootstrapTokens(tokens)), metrics.clone());
         let cp_id = crate::control_plane_id(&td).unwrap();
         let kc = palisade_certs::KeyAndCsr::generate(&cp_id).unwrap();
         let err = svc

@@ -1,6 +1,7 @@
 //! Palisade's control plane: the CA behind the Identity service, the Discovery service that
 //! streams each proxy its own config, and the config sources that feed them (the local mesh
-//! file and policies directory today; Kubernetes through the same model later).
+//! file and policies directory, [`start`]; or the Kubernetes API, [`k8s::control_plane::start`])
+//! through the same model.
 //!
 //! The API is gRPC over TLS with the control plane's own SVID
 //! (`spiffe://<td>/ns/palisade-system/sa/control-plane`). A client certificate is optional at
@@ -13,6 +14,7 @@ pub mod conn;
 pub mod discovery;
 pub mod identity;
 pub mod inject;
+pub mod k8s;
 pub mod limits;
 pub mod mesh;
 pub mod metrics;
@@ -38,6 +40,7 @@ use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 
 pub use conn::PeerInfo;
+pub use identity::{BootstrapTokens, TokenAuthenticator};
 pub use mesh::{Mesh, MeshError};
 pub use metrics::Metrics;
 pub use model::{Model, ModelError};
@@ -123,6 +126,8 @@ pub enum ControlPlaneError {
     Tls(String),
     #[error("the gRPC server failed: {0}")]
     Serve(String),
+    #[error(transparent)]
+    Kubernetes(#[from] k8s::control_plane::K8sError),
 }
 
 /// A running control plane. Dropping it without [`RunningControlPlane::shutdown`] aborts its
@@ -131,17 +136,30 @@ pub enum ControlPlaneError {
 pub struct RunningControlPlane {
     addr: SocketAddr,
     metrics_addr: Option<SocketAddr>,
-    state_dir: PathBuf,
+    /// The local control plane's state directory; None on Kubernetes.
+    state_dir: Option<PathBuf>,
     trust_domain: TrustDomain,
     stop: watch::Sender<bool>,
     server: Option<JoinHandle<Result<(), String>>>,
     tasks: Vec<JoinHandle<()>>,
-    source: LocalSource,
+    source: Box<dyn ConfigSource>,
     metrics: Arc<Metrics>,
     store: Arc<CredentialStore>,
 }
 
 impl RunningControlPlane {
+    /// Turns true when [`Self::shutdown`] begins: for servers that run beside the gRPC one
+    /// (the injector webhook) and stop with it.
+    pub fn stop_signal(&self) -> watch::Receiver<bool> {
+        self.stop.subscribe()
+    }
+
+    /// A task that lives as long as the control plane: aborted by [`Self::shutdown`] (after
+    /// the gRPC server's grace period) or when the control plane is dropped.
+    pub fn add_task(&mut self, task: JoinHandle<()>) {
+        self.tasks.push(task);
+    }
+
     /// The gRPC address actually bound (useful with port 0).
     pub fn addr(&self) -> SocketAddr {
         self.addr
@@ -153,11 +171,11 @@ impl RunningControlPlane {
     }
 
     /// The trust anchor (PEM) proxies need to verify the control plane:
-    /// `<state_dir>/ca/root-cert.pem`.
-    pub fn trust_bundle_path(&self) -> PathBuf {
+    /// `<state_dir>/ca/root-cert.pem`. None on Kubernetes, where it is the Secret's `ca.crt`.
+    pub fn trust_bundle_path(&self) -> Option<PathBuf> {
         self.state_dir
-            .join(CA_DIR)
-            .join(palisade_certs::ca::ROOT_CERT_FILE)
+            .as_ref()
+            .map(|d| d.join(CA_DIR).join(palisade_certs::ca::ROOT_CERT_FILE))
     }
 
     pub fn trust_domain(&self) -> &TrustDomain {
@@ -320,7 +338,6 @@ pub async fn start(cfg: ControlPlaneConfig) -> Result<RunningControlPlane, Contr
     let source = LocalSource::start(&cfg.mesh_path, metrics.clone())?;
     let model = source.current();
     let td = model.mesh.trust_domain.clone();
-    let lifetime = model.mesh.certificate_lifetime;
 
     let ca_dir = cfg.state_dir.join(CA_DIR);
     let ca = Arc::new(load_or_create_ca(&cfg.state_dir, &ca_dir, &td)?);
@@ -329,6 +346,47 @@ pub async fn start(cfg: ControlPlaneConfig) -> Result<RunningControlPlane, Contr
         cfg.tokens_file.as_deref(),
         &cfg.state_dir,
     )?;
+    let listen = cfg
+        .listen
+        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], model.mesh.control_plane.port)));
+    serve(Serving {
+        source: Box::new(source),
+        ca,
+        tokens: Arc::new(BootstrapTokens(token_store)),
+        metrics,
+        listen,
+        metrics_listen: cfg.metrics_listen,
+        state_dir: Some(cfg.state_dir),
+    })
+    .await
+}
+
+/// What [`serve`] needs, whatever the config source.
+pub(crate) struct Serving {
+    pub source: Box<dyn ConfigSource>,
+    pub ca: Arc<Ca>,
+    pub tokens: Arc<dyn TokenAuthenticator>,
+    pub metrics: Arc<Metrics>,
+    pub listen: SocketAddr,
+    pub metrics_listen: Option<SocketAddr>,
+    pub state_dir: Option<PathBuf>,
+}
+
+/// Issues the control plane's own SVID and serves the API (and the metrics endpoint, if
+/// asked) from `s.source`'s models. Returns once it is listening.
+pub(crate) async fn serve(s: Serving) -> Result<RunningControlPlane, ControlPlaneError> {
+    let Serving {
+        source,
+        ca,
+        tokens,
+        metrics,
+        listen,
+        metrics_listen,
+        state_dir,
+    } = s;
+    let model = source.current();
+    let td = ca.trust_domain().clone();
+    let lifetime = model.mesh.certificate_lifetime;
     let bundle = TrustBundle::with_roots(&td, [ca.root_der().clone()])
         .map_err(|e| ControlPlaneError::Tls(format!("the CA root is not a trust anchor: {e}")))?;
     let own_id = control_plane_id(&td)
@@ -337,9 +395,6 @@ pub async fn start(cfg: ControlPlaneConfig) -> Result<RunningControlPlane, Contr
     let not_after = issue_own(&ca, &store, lifetime).map_err(ControlPlaneError::Tls)?;
     metrics.cert_expiry.set(not_after);
 
-    let listen = cfg
-        .listen
-        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], model.mesh.control_plane.port)));
     let listener = TcpListener::bind(listen)
         .await
         .map_err(|source| ControlPlaneError::Listen {
@@ -360,7 +415,7 @@ pub async fn start(cfg: ControlPlaneConfig) -> Result<RunningControlPlane, Contr
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = Vec::new();
 
-    let metrics_addr = match cfg.metrics_listen {
+    let metrics_addr = match metrics_listen {
         Some(maddr) => {
             let l = metrics::bind(maddr)
                 .await
@@ -455,12 +510,8 @@ pub async fn start(cfg: ControlPlaneConfig) -> Result<RunningControlPlane, Contr
         stop_rx.clone(),
     )));
 
-    let identity = identity::IdentityService::new(
-        ca.clone(),
-        source.subscribe(),
-        token_store,
-        metrics.clone(),
-    );
+    let identity =
+        identity::IdentityService::new(ca.clone(), source.subscribe(), tokens, metrics.clone());
     let discovery = discovery::DiscoveryService::new(
         source.subscribe(),
         vec![ca.root_der().to_vec()],
@@ -517,7 +568,7 @@ pub async fn start(cfg: ControlPlaneConfig) -> Result<RunningControlPlane, Contr
     Ok(RunningControlPlane {
         addr,
         metrics_addr,
-        state_dir: cfg.state_dir,
+        state_dir,
         trust_domain: td,
         stop: stop_tx,
         server: Some(server),
@@ -534,7 +585,14 @@ pub async fn run(
     cfg: ControlPlaneConfig,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ControlPlaneError> {
-    let mut cp = start(cfg).await?;
+    serve_until(start(cfg).await?, shutdown).await
+}
+
+/// Serves until `shutdown` resolves (or the server fails), then stops gracefully.
+pub async fn serve_until(
+    mut cp: RunningControlPlane,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ControlPlaneError> {
     let failed = tokio::select! {
         _ = shutdown => None,
         r = cp.stopped() => Some(r),

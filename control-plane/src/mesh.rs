@@ -6,6 +6,7 @@
 //! the last good config and the user has to be able to find the mistake from one log line.
 
 use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -115,9 +116,21 @@ pub struct Workload {
     pub admin_port: u16,
     #[serde(default)]
     pub upstreams: Vec<Upstream>,
+    /// Where the workload's proxy listens: its pod IP on Kubernetes; None locally, where every
+    /// port is on 127.0.0.1. Not part of the mesh file.
+    #[serde(skip)]
+    pub pod_ip: Option<IpAddr>,
 }
 
 impl Workload {
+    /// The address other proxies dial: `<pod IP or 127.0.0.1>:<inboundPort>`.
+    pub fn inbound_addr(&self) -> SocketAddr {
+        SocketAddr::new(
+            self.pod_ip.unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+            self.inbound_port,
+        )
+    }
+
     /// The service account, which defaults to the workload's name.
     pub fn service_account(&self) -> &str {
         self.service_account.as_deref().unwrap_or(&self.name)
@@ -170,13 +183,37 @@ pub struct Service {
     pub selector: BTreeMap<String, String>,
     #[serde(default)]
     pub protocol: Protocol,
+    /// The endpoints, when a source knows them rather than the selector (Kubernetes: the
+    /// ready addresses of the Service's EndpointSlices). None: the workloads the selector
+    /// matches. Not part of the mesh file.
+    #[serde(skip)]
+    pub endpoints: Option<Vec<ServiceEndpoint>>,
+    /// Virtual IPs (Kubernetes ClusterIPs). Not part of the mesh file.
+    #[serde(skip)]
+    pub virtual_ips: Vec<IpAddr>,
+}
+
+/// One endpoint a source listed for a service explicitly.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceEndpoint {
+    /// The workload (in the service's namespace) behind the address.
+    pub workload: String,
+    /// Its address (a pod IP); the port dialled is the workload's inbound port.
+    pub address: IpAddr,
+    /// The port its app serves the service on (the resolved targetPort).
+    pub target_port: u16,
 }
 
 impl Service {
     /// Whether `w` backs this service: same namespace (as a Kubernetes Service selects only
-    /// pods of its own namespace) and every selector label present.
+    /// pods of its own namespace) and, for explicit endpoints, one of them, else every
+    /// selector label present.
     pub fn selects(&self, w: &Workload) -> bool {
-        w.namespace == self.namespace && w.matches(&self.selector)
+        w.namespace == self.namespace
+            && match &self.endpoints {
+                Some(endpoints) => endpoints.iter().any(|e| e.workload == w.name),
+                None => w.matches(&self.selector),
+            }
     }
 
     /// `name.namespace`, as upstreams spell it.
@@ -204,6 +241,15 @@ pub struct Mesh {
 impl Mesh {
     pub fn workload(&self, name: &str) -> Option<&Workload> {
         self.workloads.iter().find(|w| w.name == name)
+    }
+
+    /// The workload named `name` whose identity is `id`. Locally names are unique; on
+    /// Kubernetes a workload is a pod, whose name is unique only in its namespace, and the
+    /// namespace is part of the identity.
+    pub fn workload_with_id(&self, name: &str, id: &SpiffeId) -> Option<&Workload> {
+        self.workloads
+            .iter()
+            .find(|w| w.name == name && w.spiffe_id(self).is_ok_and(|wid| &wid == id))
     }
 
     pub fn service(&self, name: &str, namespace: &str) -> Option<&Service> {

@@ -40,6 +40,18 @@ pub struct ServiceLabel {
     pub service: &'static str,
 }
 
+/// `kind` of a Kubernetes policy object (`AuthorizationPolicy.palisade.dev`), or `resource`
+/// of a watch (`pods`, `authorizationpolicies.security.istio.io`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResourceLabel {
+    pub resource: String,
+}
+
 /// All metrics of one control plane. Cloning the handles shares the values.
 #[derive(Debug)]
 pub struct Metrics {
@@ -62,6 +74,15 @@ pub struct Metrics {
     pub oversize_requests: Family<ServiceLabel, Counter>,
     /// `palisade_identity_cert_expiry_timestamp_seconds`: the control plane's own SVID.
     pub cert_expiry: Gauge,
+    /// `palisade_kubernetes_object_rejections_total{kind}`: object versions the Kubernetes
+    /// source refused (each refused version counted once).
+    pub kubernetes_object_rejections: Family<KindLabel, Counter>,
+    /// `palisade_kubernetes_rejected_objects{kind}`: objects whose current version is refused
+    /// now (their last accepted version, if any, keeps serving).
+    pub kubernetes_rejected_objects: Family<KindLabel, Gauge>,
+    /// `palisade_kubernetes_watch_errors_total{resource}`: list/watch errors (a `410 Gone`
+    /// included), each followed by a retry or a relist.
+    pub kubernetes_watch_errors: Family<ResourceLabel, Counter>,
 }
 
 impl Metrics {
@@ -76,6 +97,9 @@ impl Metrics {
         let watch_refused = Family::<ReasonLabel, Counter>::default();
         let oversize_requests = Family::<ServiceLabel, Counter>::default();
         let cert_expiry = Gauge::default();
+        let kubernetes_object_rejections = Family::<KindLabel, Counter>::default();
+        let kubernetes_rejected_objects = Family::<KindLabel, Gauge>::default();
+        let kubernetes_watch_errors = Family::<ResourceLabel, Counter>::default();
         registry.register(
             "palisade_config_rejections",
             "Config changes rejected whole (the last good config keeps serving)",
@@ -121,6 +145,21 @@ impl Metrics {
             "Expiry of the control plane's own SVID (unix seconds)",
             cert_expiry.clone(),
         );
+        registry.register(
+            "palisade_kubernetes_object_rejections",
+            "Kubernetes policy object versions refused by the validator (the rest keeps serving)",
+            kubernetes_object_rejections.clone(),
+        );
+        registry.register(
+            "palisade_kubernetes_rejected_objects",
+            "Kubernetes policy objects whose current version is refused",
+            kubernetes_rejected_objects.clone(),
+        );
+        registry.register(
+            "palisade_kubernetes_watch_errors",
+            "Kubernetes list/watch errors by resource (each is retried or relisted)",
+            kubernetes_watch_errors.clone(),
+        );
         // prometheus-client appends `_total` to counters itself.
         Arc::new(Self {
             registry,
@@ -133,6 +172,9 @@ impl Metrics {
             watch_refused,
             oversize_requests,
             cert_expiry,
+            kubernetes_object_rejections,
+            kubernetes_rejected_objects,
+            kubernetes_watch_errors,
         })
     }
 

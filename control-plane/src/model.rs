@@ -5,6 +5,7 @@
 //! (see `source`). That makes "apply the change whole or not at all" trivial, and lets every
 //! watcher compute its proxy's config from a consistent snapshot.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use palisade_api::policy::{
@@ -131,12 +132,17 @@ impl Model {
     /// service adds it.
     pub fn proxy_config(&self, workload: &str) -> Option<v1::ProxyConfig> {
         let w = self.mesh.workload(workload)?;
-        Some(v1::ProxyConfig {
+        Some(self.config_of(w))
+    }
+
+    /// The config of the proxy of `w` (one of this model's workloads).
+    pub fn config_of(&self, w: &Workload) -> v1::ProxyConfig {
+        v1::ProxyConfig {
             version: self.generation,
             inbound: Some(self.inbound(w)),
             services: self.services(),
             trust_bundle_der: Vec::new(),
-        })
+        }
     }
 
     fn inbound(&self, w: &Workload) -> v1::Inbound {
@@ -185,23 +191,49 @@ impl Model {
                 namespace: s.namespace.clone(),
                 port: u32::from(s.port),
                 protocol: s.protocol.as_str().to_string(),
-                // Local services have no virtual IP: apps reach them through upstream ports.
-                virtual_ips: Vec::new(),
-                endpoints: self
-                    .mesh
-                    .workloads
-                    .iter()
-                    .filter(|w| s.selects(w))
-                    .filter_map(|w| {
-                        let id = w.spiffe_id(&self.mesh).ok()?;
-                        Some(v1::Endpoint {
-                            address: format!("127.0.0.1:{}", w.inbound_port),
-                            identity: id.as_str().to_string(),
-                            weight: 1,
-                            workload: w.name.clone(),
+                endpoints: match &s.endpoints {
+                    Some(listed) => listed
+                        .iter()
+                        .filter_map(|e| {
+                            let w = self
+                                .mesh
+                                .workloads
+                                .iter()
+                                .find(|w| w.namespace == s.namespace && w.name == e.workload)?;
+                            let id = w.spiffe_id(&self.mesh).ok()?;
+                            Some(v1::Endpoint {
+                                // The pod's address and the service's target port: the pod's iptables
+                                // hand that to its proxy, which then knows the app port.
+                                address: SocketAddr::new(
+                                    e.address,
+                                    if e.target_port == 0 { w.inbound_port } else { e.target_port },
+                                )
+                                .to_string(),
+                                identity: id.as_str().to_string(),
+                                weight: 1,
+                                workload: w.name.clone(),
+                                target_port: u32::from(e.target_port),
+                            })
                         })
-                    })
-                    .collect(),
+                        .collect(),
+                    None => self
+                        .mesh
+                        .workloads
+                        .iter()
+                        .filter(|w| s.selects(w))
+                        .filter_map(|w| {
+                            let id = w.spiffe_id(&self.mesh).ok()?;
+                            Some(v1::Endpoint {
+                                address: w.inbound_addr().to_string(),
+                                identity: id.as_str().to_string(),
+                                weight: 1,
+                                workload: w.name.clone(),
+                                target_port: 0,
+                            })
+                        })
+                        .collect(),
+                },
+                virtual_ips: s.virtual_ips.iter().map(|ip| ip.to_string()).collect(),
             })
             .collect()
     }

@@ -2,10 +2,9 @@
 //! policies directory and watches both live.
 //!
 //! Every source publishes immutable `Arc<Model>` snapshots on a `tokio::sync::watch` channel;
-//! the identity and discovery services only ever read that channel. That channel is the seam
-//! for the Kubernetes source to come: it will build the same [`Model`] from Pods, Services and
-//! the policy CRDs and publish it the same way, behind the same [`ConfigSource`] trait, and
-//! nothing downstream changes.
+//! the identity and discovery services only ever read that channel. The Kubernetes source
+//! (`crate::k8s::source`) builds the same [`Model`] from Pods, Services, EndpointSlices and
+//! the policy CRDs and publishes it the same way, behind the same [`ConfigSource`] trait.
 //!
 //! A change is applied whole or not at all: if the mesh file or any policy document is
 //! invalid, the change is rejected with one error log naming file, document and field,
@@ -35,10 +34,16 @@ pub const POLL_INTERVAL: Duration = Duration::from_millis(500);
 /// directory created after the start, a watched directory replaced).
 pub const SAFETY_POLL_INTERVAL: Duration = Duration::from_secs(2);
 
-/// Something that produces models. The local files today; Kubernetes later.
-pub trait ConfigSource: Send + Sync {
+/// Something that produces models: the local files, or the Kubernetes API. Dropping it stops
+/// it.
+pub trait ConfigSource: Send + Sync + std::fmt::Debug {
     /// A receiver whose current value is the model to serve.
     fn subscribe(&self) -> watch::Receiver<Arc<Model>>;
+
+    /// The model being served now.
+    fn current(&self) -> Arc<Model> {
+        self.subscribe().borrow().clone()
+    }
 }
 
 /// The mesh file and its policies directory, watched live.

@@ -182,7 +182,7 @@ impl Mesh {
     }
 
     fn bundle(&self) -> TrustBundle {
-        TrustBundle::load_pem(&self.td(), &self.cp().trust_bundle_path()).unwrap()
+        TrustBundle::load_pem(&self.td(), &self.cp().trust_bundle_path().unwrap()).unwrap()
     }
 
     /// A store for `sa` holding no certificate yet (a bootstrapping proxy).
@@ -880,7 +880,7 @@ async fn metrics_endpoint_and_handshake_errors() {
     let other_td = TrustDomain::new("other.example").unwrap();
     let other_ca = palisade_certs::Ca::generate(&other_td, None).unwrap();
     let other_id = SpiffeId::for_workload(&other_td, "demo", "web").unwrap();
-    let mut bundle = TrustBundle::load_pem(&td, &cp.trust_bundle_path()).unwrap();
+    let mut bundle = TrustBundle::load_pem(&td, &cp.trust_bundle_path().unwrap()).unwrap();
     bundle
         .add_root(&other_td, other_ca.root_der().clone())
         .unwrap();

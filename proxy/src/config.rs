@@ -60,8 +60,12 @@ pub enum CredentialSource {
     },
     /// The control plane's Identity service, bootstrapped with a token.
     ControlPlane {
-        addr: SocketAddr,
+        /// Every replica's address (or names for them), tried in turn.
+        addrs: crate::control_plane::ControlPlaneAddrs,
         token: String,
+        /// Where `token` came from, read again before each Certify: a projected
+        /// ServiceAccount token is rotated by the kubelet and expires.
+        token_file: Option<PathBuf>,
         bundle: PathBuf,
         identity: SpiffeId,
     },
@@ -351,8 +355,10 @@ impl Snapshot {
                         identity: e.identity,
                         weight: e.weight.unwrap_or(1),
                         workload: e.workload.unwrap_or_default(),
+                        ..Default::default()
                     })
                     .collect(),
+                ..Default::default()
             });
         }
         Snapshot::from_proto(&cfg).map_err(|e| file_err(e.to_string()))

@@ -2,7 +2,6 @@
 //! atomically. When the control plane is gone the proxy keeps its last config and reconnects
 //! with backoff.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,14 +10,15 @@ use palisade_api::v1::discovery_client::DiscoveryClient;
 
 use crate::Ctx;
 use crate::config::Snapshot;
+use crate::control_plane::Dialer;
 use crate::telemetry::ResultLabels;
 
-pub(crate) async fn watch_loop(ctx: Arc<Ctx>, addr: SocketAddr) {
+pub(crate) async fn watch_loop(ctx: Arc<Ctx>, dialer: Arc<Dialer>) {
     let mut stop = ctx.stop_rx.clone();
     let mut backoff = Duration::from_millis(100);
     loop {
         let outcome = tokio::select! {
-            r = watch_once(&ctx, addr) => r,
+            r = watch_once(&ctx, &dialer) => r,
             _ = stop.changed() => return,
         };
         match outcome {
@@ -36,14 +36,19 @@ pub(crate) async fn watch_loop(ctx: Arc<Ctx>, addr: SocketAddr) {
     }
 }
 
-async fn watch_once(ctx: &Arc<Ctx>, addr: SocketAddr) -> Result<(), String> {
+async fn watch_once(ctx: &Arc<Ctx>, dialer: &Dialer) -> Result<(), String> {
     let td = ctx.store.id().trust_domain();
     let cp = crate::identity::control_plane_id(&td).ok_or("no control-plane identity")?;
     let tls =
         palisade_certs::tls::client_config(&ctx.store, cp, &[b"h2"]).map_err(|e| e.to_string())?;
-    let channel = palisade_api::client::connect(addr, Arc::new(tls))
-        .await
-        .map_err(|e| e.to_string())?;
+    let (channel, addr) = dialer.connect(Arc::new(tls)).await?;
+    let r = stream_from(ctx, channel).await;
+    // A broken stream: start the next attempt from the first replica, not this one.
+    dialer.failed(addr);
+    r
+}
+
+async fn stream_from(ctx: &Arc<Ctx>, channel: tonic::transport::Channel) -> Result<(), String> {
     let known = ctx.snapshot.load().version;
     let mut stream = DiscoveryClient::new(channel)
         .watch(WatchRequest {

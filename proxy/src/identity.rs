@@ -5,7 +5,6 @@
 //! The credentials store swaps certificates atomically: the old one serves every handshake
 //! until the new one is installed, so a renewal never fails a connection.
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,6 +16,7 @@ use rustls_pki_types::{CertificateDer, UnixTime};
 
 use crate::Ctx;
 use crate::config::CredentialSource;
+use crate::control_plane::Dialer;
 
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
@@ -25,7 +25,7 @@ pub enum IdentityError {
     #[error("trust bundle {path}: {message}")]
     Bundle { path: PathBuf, message: String },
     #[error("cannot reach the control plane at {addr}: {message}")]
-    Connect { addr: SocketAddr, message: String },
+    Connect { addr: String, message: String },
     #[error("control plane refused the certificate request: {0}")]
     Refused(String),
     #[error("the control plane returned an unusable certificate: {0}")]
@@ -57,10 +57,32 @@ pub fn load_files(id: &SpiffeId, cert: &Path, key: &Path) -> Result<Svid, Identi
     Ok(svid)
 }
 
+/// The token to present now: the token file's current content when there is one (the
+/// kubelet rotates a projected token in place), else the token the proxy started with.
+pub(crate) fn current_token(ctx: &Ctx) -> String {
+    let CredentialSource::ControlPlane {
+        token, token_file, ..
+    } = &ctx.cfg.credentials
+    else {
+        return String::new();
+    };
+    let Some(path) = token_file else {
+        return token.clone();
+    };
+    match std::fs::read_to_string(path) {
+        Ok(t) if !t.trim().is_empty() => t.trim().to_string(),
+        Ok(_) => token.clone(),
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "cannot read the token file again; presenting the token read at start");
+            token.clone()
+        }
+    }
+}
+
 /// One Certify call: new key, CSR, token; returns the SVID (with its key) and the bundle.
-pub async fn certify(
+pub(crate) async fn certify(
     ctx: &Ctx,
-    addr: SocketAddr,
+    dialer: &Dialer,
     token: &str,
 ) -> Result<(Svid, TrustBundle), IdentityError> {
     let id = ctx.store.id().clone();
@@ -69,16 +91,18 @@ pub async fn certify(
         .ok_or_else(|| IdentityError::Refused("no control-plane identity".into()))?;
     let tls = palisade_certs::tls::client_config(&ctx.store, cp, &[b"h2"]).map_err(|e| {
         IdentityError::Connect {
-            addr,
+            addr: dialer.addrs().to_string(),
             message: e.to_string(),
         }
     })?;
-    let channel = palisade_api::client::connect(addr, Arc::new(tls))
-        .await
-        .map_err(|e| IdentityError::Connect {
-            addr,
-            message: e.to_string(),
-        })?;
+    let (channel, _) =
+        dialer
+            .connect(Arc::new(tls))
+            .await
+            .map_err(|message| IdentityError::Connect {
+                addr: dialer.addrs().to_string(),
+                message,
+            })?;
     let kc = KeyAndCsr::generate(&id).map_err(|e| IdentityError::BadCertificate(e.to_string()))?;
     let rsp = IdentityClient::new(channel)
         .certify(CertifyRequest {
@@ -146,10 +170,10 @@ fn renew_delay(not_after: i64) -> Duration {
 
 /// Renews for as long as the proxy runs. On failure, backs off (200 ms doubling to 30 s) and
 /// keeps the current certificate in use meanwhile.
-pub(crate) async fn renew_loop(ctx: Arc<Ctx>) {
-    let CredentialSource::ControlPlane { addr, token, .. } = ctx.cfg.credentials.clone() else {
+pub(crate) async fn renew_loop(ctx: Arc<Ctx>, dialer: Arc<Dialer>) {
+    if !matches!(ctx.cfg.credentials, CredentialSource::ControlPlane { .. }) {
         return;
-    };
+    }
     let mut stop = ctx.stop_rx.clone();
     loop {
         let Some(cur) = ctx.store.current() else {
@@ -163,7 +187,7 @@ pub(crate) async fn renew_loop(ctx: Arc<Ctx>) {
         }
         let mut backoff = Duration::from_millis(200);
         loop {
-            match certify(&ctx, addr, &token).await {
+            match certify(&ctx, &dialer, &current_token(&ctx)).await {
                 Ok((svid, bundle)) => {
                     ctx.store.set_bundle(merge_bundle(&ctx, bundle));
                     match install(&ctx, svid) {

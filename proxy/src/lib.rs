@@ -15,6 +15,7 @@ pub mod authz;
 pub mod authz_layer;
 pub mod balance;
 pub mod config;
+pub mod control_plane;
 pub mod detect;
 mod discovery;
 pub mod http;
@@ -224,9 +225,10 @@ impl Proxy {
                 let svid = identity::load_files(&ctx.cfg.identity, &cert, &key)?;
                 identity::install(&ctx, svid)?;
             }
-            CredentialSource::ControlPlane { addr, token, .. } => {
+            CredentialSource::ControlPlane { addrs, .. } => {
                 let ctx = ctx.clone();
-                tokio::spawn(async move { bootstrap(ctx, addr, token).await });
+                let dialer = Arc::new(control_plane::Dialer::new(addrs));
+                tokio::spawn(async move { bootstrap(ctx, dialer).await });
             }
         }
         if let Some(snap) = static_snapshot {
@@ -258,6 +260,11 @@ impl Proxy {
 
     pub fn store(&self) -> &Arc<CredentialStore> {
         &self.ctx.store
+    }
+
+    /// The config in use (the last one applied).
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.ctx.snapshot.load_full()
     }
 
     pub fn is_ready(&self) -> bool {
@@ -306,11 +313,11 @@ fn local(l: &TcpListener) -> Result<SocketAddr, ProxyError> {
 
 /// First certificate from the control plane, retried with backoff; then the config stream
 /// and the renewal loop.
-async fn bootstrap(ctx: Arc<Ctx>, addr: SocketAddr, token: String) {
+async fn bootstrap(ctx: Arc<Ctx>, dialer: Arc<control_plane::Dialer>) {
     let mut backoff = Duration::from_millis(50);
     let mut stop = ctx.stop_rx.clone();
     loop {
-        match identity::certify(&ctx, addr, &token).await {
+        match identity::certify(&ctx, &dialer, &identity::current_token(&ctx)).await {
             Ok((svid, bundle)) => {
                 ctx.store.set_bundle(identity::merge_bundle(&ctx, bundle));
                 match identity::install(&ctx, svid) {
@@ -328,9 +335,9 @@ async fn bootstrap(ctx: Arc<Ctx>, addr: SocketAddr, token: String) {
     }
     tracing::info!(id = %ctx.store.id(), expiry = ctx.store.expiry().unwrap_or(0), "certificate obtained");
     if ctx.cfg.static_config.is_none() {
-        tokio::spawn(discovery::watch_loop(ctx.clone(), addr));
+        tokio::spawn(discovery::watch_loop(ctx.clone(), dialer.clone()));
     }
-    identity::renew_loop(ctx).await;
+    identity::renew_loop(ctx, dialer).await;
 }
 
 /// Runs a proxy until `shutdown` resolves or `/shutdown` is posted, then drains.

@@ -10,6 +10,7 @@ use anyhow::{Context, bail};
 use clap::builder::TypedValueParser as _;
 use palisade_certs::SpiffeId;
 use palisade_proxy::config::{CredentialSource, Limits, ProxyConfig, Timeouts, UpstreamListener};
+use palisade_proxy::control_plane::ControlPlaneAddrs;
 
 /// What `--help` says after the flags: the grammars the flags share, and the variables that
 /// have no flag.
@@ -61,9 +62,11 @@ pub struct ProxyArgs {
     /// Transparent outbound listener (iptables REDIRECT target).
     #[arg(long, env = "PALISADE_OUTBOUND_ADDR", value_name = "IP:PORT")]
     pub outbound: Option<SocketAddr>,
-    /// The control plane's gRPC address (identity + discovery).
-    #[arg(long, env = "PALISADE_CONTROL_PLANE", value_name = "IP:PORT")]
-    pub control_plane: Option<SocketAddr>,
+    /// The control plane's gRPC address (identity + discovery): HOST:PORT, or several
+    /// comma-separated. Names are resolved at each connection and may stand for several
+    /// replicas; when one goes away the proxy connects to the next.
+    #[arg(long, env = "PALISADE_CONTROL_PLANE", value_name = "HOST:PORT[,HOST:PORT...]", value_parser = ControlPlaneAddrs::parse)]
+    pub control_plane: Option<ControlPlaneAddrs>,
     /// Bootstrap token for the Identity service.
     #[arg(
         long,
@@ -146,13 +149,13 @@ pub fn duration(s: &str) -> Result<Duration, String> {
 fn build_config(a: &ProxyArgs) -> anyhow::Result<ProxyConfig> {
     let identity = SpiffeId::parse(&a.identity)
         .with_context(|| format!("--identity {:?} is not a valid SPIFFE ID", a.identity))?;
-    let credentials = match (&a.cert, &a.key, a.control_plane) {
+    let credentials = match (&a.cert, &a.key, a.control_plane.clone()) {
         (Some(cert), Some(key), _) => CredentialSource::Files {
             cert: cert.clone(),
             key: key.clone(),
             bundle: a.trust_bundle.clone(),
         },
-        (_, _, Some(addr)) => {
+        (_, _, Some(addrs)) => {
             let token = match (&a.token, &a.token_file) {
                 (Some(t), _) => t.clone(),
                 (None, Some(f)) => std::fs::read_to_string(f)
@@ -162,8 +165,9 @@ fn build_config(a: &ProxyArgs) -> anyhow::Result<ProxyConfig> {
                 (None, None) => bail!("--control-plane needs --token or --token-file"),
             };
             CredentialSource::ControlPlane {
-                addr,
+                addrs,
                 token,
+                token_file: a.token.is_none().then(|| a.token_file.clone()).flatten(),
                 bundle: a.trust_bundle.clone(),
                 identity: identity.clone(),
             }
