@@ -44,6 +44,12 @@ pub trait ConfigSource: Send + Sync + std::fmt::Debug {
     fn current(&self) -> Arc<Model> {
         self.subscribe().borrow().clone()
     }
+
+    /// The latest rejected change, for `/status`. A source that rejects objects one by one
+    /// (Kubernetes: status conditions and events) has no single rejection to show.
+    fn rejections(&self) -> watch::Receiver<Option<Rejection>> {
+        watch::channel(None).1
+    }
 }
 
 /// The mesh file and its policies directory, watched live.
@@ -70,6 +76,10 @@ pub struct Rejection {
 impl ConfigSource for LocalSource {
     fn subscribe(&self) -> watch::Receiver<Arc<Model>> {
         self.rx.clone()
+    }
+
+    fn rejections(&self) -> watch::Receiver<Option<Rejection>> {
+        self.rejection.clone()
     }
 }
 
