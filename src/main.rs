@@ -42,6 +42,9 @@ enum Command {
     /// Authorization decisions.
     #[command(subcommand)]
     Authz(cmd::policy::AuthzCommand),
+    /// Print the Kubernetes manifests (CRDs, control plane, RBAC, mesh CA, injector webhook)
+    /// for `kubectl apply -f -`.
+    Install(cmd::install::InstallArgs),
     /// The latency benchmark: direct vs through the mesh, open loop, HDR histograms.
     Bench(cmd::bench::BenchArgs),
     /// A plain TCP relay: the floor `bench --relays` measures the mesh against.
@@ -61,6 +64,7 @@ fn main() -> ExitCode {
         Command::ControlPlane(a) => cmd::control_plane::run(a),
         Command::DemoApp(a) => cmd::demo_app::run(a),
         Command::Check(a) => cmd::check::run(a),
+        Command::Install(a) => cmd::install::run(a),
         Command::Bench(a) => cmd::bench::run(a),
         Command::Relay(a) => cmd::relay::run(a),
         Command::Policy(cmd::policy::PolicyCommand::Check(a)) => cmd::policy::check(a),

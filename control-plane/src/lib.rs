@@ -12,6 +12,7 @@ pub mod analyze;
 pub mod conn;
 pub mod discovery;
 pub mod identity;
+pub mod k8s;
 pub mod limits;
 pub mod mesh;
 pub mod metrics;

@@ -6,6 +6,7 @@ pub mod check;
 pub mod control_plane;
 pub mod demo_app;
 pub mod http_util;
+pub mod install;
 pub mod policy;
 pub mod proxy;
 pub mod relay;

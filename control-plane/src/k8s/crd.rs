@@ -1,0 +1,145 @@
+//! The `palisade.dev/v1alpha1` custom resources, `AuthorizationPolicy` and
+//! `PeerAuthentication`, and their CustomResourceDefinitions, generated from the Rust types.
+//!
+//! One source of truth: the spec of each resource is the api crate's policy spec type
+//! ([`palisade_api::policy::AuthorizationPolicySpec`], [`palisade_api::policy::PeerAuthenticationSpec`]),
+//! wrapped here in a serde- and schema-transparent newtype only because kube's
+//! `CustomResource` derive has to sit on a type of this crate. The JSON form of a wrapper is
+//! exactly the inner type's, and so is its schema: the patterns and rules of
+//! `palisade_api::policy::schema`, next to the parser they mirror.
+//!
+//! What the schema cannot say is still refused when the control plane parses the object with
+//! the file parser (`palisade_api::policy`); docs/kubernetes.md lists which checks live where.
+
+use std::ops::{Deref, DerefMut};
+
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::CustomResource;
+use kube::core::crd::v1::CustomResourceExt;
+use palisade_api::policy;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// The API group of Palisade's own resources.
+pub const GROUP: &str = "palisade.dev";
+/// The one version served (and stored).
+pub const VERSION: &str = "v1alpha1";
+
+// The spec of a `palisade.dev/v1alpha1` AuthorizationPolicy: the api crate's type, as is.
+/// Who may call the selected workloads: Istio's AuthorizationPolicy, in `palisade.dev`.
+#[derive(
+    CustomResource, Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema,
+)]
+#[kube(
+    group = "palisade.dev",
+    version = "v1alpha1",
+    kind = "AuthorizationPolicy",
+    namespaced,
+    derive = "PartialEq",
+    category = "palisade",
+    printcolumn(name = "Action", type_ = "string", json_path = ".spec.action"),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    ),
+    doc = "Who may call the selected workloads (Istio's AuthorizationPolicy semantics)."
+)]
+#[serde(transparent)]
+pub struct AuthorizationPolicySpec(pub policy::AuthorizationPolicySpec);
+
+// The spec of a `palisade.dev/v1alpha1` PeerAuthentication: the api crate's type, as is.
+/// The mTLS mode of the selected workloads' inbound side: Istio's PeerAuthentication, in
+/// `palisade.dev`.
+#[derive(
+    CustomResource, Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema,
+)]
+#[kube(
+    group = "palisade.dev",
+    version = "v1alpha1",
+    kind = "PeerAuthentication",
+    namespaced,
+    derive = "PartialEq",
+    category = "palisade",
+    printcolumn(name = "Mode", type_ = "string", json_path = ".spec.mtls.mode"),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    ),
+    doc = "The mTLS mode of the selected workloads' inbound traffic (Istio's PeerAuthentication)."
+)]
+#[serde(transparent)]
+pub struct PeerAuthenticationSpec(pub policy::PeerAuthenticationSpec);
+
+macro_rules! wrapper {
+    ($outer:ty, $inner:ty) => {
+        impl Deref for $outer {
+            type Target = $inner;
+            fn deref(&self) -> &$inner {
+                &self.0
+            }
+        }
+        impl DerefMut for $outer {
+            fn deref_mut(&mut self) -> &mut $inner {
+                &mut self.0
+            }
+        }
+        impl From<$inner> for $outer {
+            fn from(inner: $inner) -> Self {
+                Self(inner)
+            }
+        }
+    };
+}
+wrapper!(AuthorizationPolicySpec, policy::AuthorizationPolicySpec);
+wrapper!(PeerAuthenticationSpec, policy::PeerAuthenticationSpec);
+
+/// Both CRDs, in the order `palisade install` prints them.
+pub fn crds() -> Vec<CustomResourceDefinition> {
+    vec![
+        finish(AuthorizationPolicy::crd()),
+        finish(PeerAuthentication::crd()),
+    ]
+}
+
+/// Where a `rules[].when[]` item's schema is in the AuthorizationPolicy schema.
+const WHEN_ITEM: &str = "/properties/spec/properties/rules/items/properties/when/items";
+
+/// What the derive leaves to do.
+fn finish(mut crd: CustomResourceDefinition) -> CustomResourceDefinition {
+    for version in &mut crd.spec.versions {
+        if let Some(schema) = version
+            .schema
+            .as_mut()
+            .and_then(|s| s.open_api_v3_schema.as_mut())
+        {
+            // `nullable` (which kube adds to every Option) makes the API server store an
+            // explicit null, which the parser refuses (`selector: null` is "not a mapping").
+            // Without it, the API server drops nulls, as if the field were absent.
+            let mut value = serde_json::to_value(&*schema).unwrap_or(Value::Null);
+            strip_nullable(&mut value);
+            if let Some(when) = value.pointer_mut(WHEN_ITEM)
+                && let Some(when) = when.as_object_mut()
+            {
+                when.insert("anyOf".into(), policy::schema::condition_values_any_of());
+            }
+            if let Ok(s) = serde_json::from_value(value) {
+                *schema = s;
+            }
+        }
+    }
+    crd
+}
+
+fn strip_nullable(v: &mut Value) {
+    match v {
+        Value::Object(map) => {
+            map.remove("nullable");
+            map.values_mut().for_each(strip_nullable);
+        }
+        Value::Array(items) => items.iter_mut().for_each(strip_nullable),
+        _ => {}
+    }
+}

@@ -1,0 +1,623 @@
+//! What `palisade install` prints: everything a cluster needs to run Palisade, as YAML that
+//! `kubectl apply -f -` takes.
+//!
+//! Two parts. The static documents ([`static_documents`]) are the same for every install of a
+//! version (namespace, CRDs, RBAC, the control plane's Deployment, PodDisruptionBudget and
+//! Service): `deploy/kubernetes/palisade.yaml` is exactly [`render_static`] with the default
+//! image, and a test keeps it so. The identity documents ([`identity_documents`]) carry the
+//! mesh CA, which differs per install: the Secret `palisade-identity`, the ConfigMap
+//! `palisade-trust-bundle` and the MutatingWebhookConfiguration, whose `caBundle` is the trust
+//! anchor. They are never committed (the Secret holds the issuer's private key).
+//!
+//! The names and keys other parts of Palisade rely on are the constants below.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::ByteString;
+use k8s_openapi::api::admissionregistration::v1::{
+    MatchCondition, MutatingWebhook, MutatingWebhookConfiguration, RuleWithOperations,
+    ServiceReference, WebhookClientConfig,
+};
+use k8s_openapi::api::apps::v1::{
+    Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
+};
+use k8s_openapi::api::core::v1::{
+    Affinity, Capabilities, ConfigMap, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
+    HTTPGetAction, Namespace, PodAffinityTerm, PodAntiAffinity, PodSecurityContext, PodSpec,
+    PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, Secret, SecurityContext, Service,
+    ServiceAccount, ServicePort, ServiceSpec, Volume, VolumeMount, WeightedPodAffinityTerm,
+};
+use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+use k8s_openapi::api::rbac::v1::{
+    ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding, RoleRef, Subject,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
+    LabelSelector, LabelSelectorRequirement, ObjectMeta,
+};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use palisade_certs::Ca;
+use serde_json::Value;
+
+/// The control plane's namespace.
+pub const NAMESPACE: &str = crate::CONTROL_PLANE_NAMESPACE;
+/// The control plane's ServiceAccount: with [`NAMESPACE`], the SPIFFE ID
+/// `spiffe://<td>/ns/palisade-system/sa/control-plane` its proxies expect ([`crate::control_plane_id`]).
+pub const SERVICE_ACCOUNT: &str = crate::CONTROL_PLANE_SERVICE_ACCOUNT;
+/// The Deployment, Service, PodDisruptionBudget, ClusterRole(Binding) and Role(Binding).
+pub const NAME: &str = "palisade-control-plane";
+
+/// The Secret with the mesh CA (type `kubernetes.io/tls`, cert-manager's layout).
+pub const IDENTITY_SECRET: &str = "palisade-identity";
+/// Key of [`IDENTITY_SECRET`]: the trust anchor (root) certificate, PEM.
+pub const TRUST_ANCHOR_KEY: &str = "ca.crt";
+/// Key of [`IDENTITY_SECRET`]: the issuer (intermediate) certificate, PEM.
+pub const ISSUER_CERT_KEY: &str = "tls.crt";
+/// Key of [`IDENTITY_SECRET`]: the issuer's private key, PKCS#8 PEM.
+pub const ISSUER_KEY_KEY: &str = "tls.key";
+/// The ConfigMap with the trust anchor alone, for whoever needs to trust the mesh.
+pub const TRUST_BUNDLE_CONFIG_MAP: &str = "palisade-trust-bundle";
+/// Key of [`TRUST_BUNDLE_CONFIG_MAP`]: the trust anchor, PEM.
+pub const TRUST_BUNDLE_KEY: &str = "ca.crt";
+
+/// The MutatingWebhookConfiguration of the sidecar injector.
+pub const WEBHOOK_CONFIGURATION: &str = "palisade-injector";
+/// The webhook for pods of namespaces labelled `palisade.dev/inject=enabled`.
+pub const NAMESPACE_WEBHOOK: &str = "namespace.inject.palisade.dev";
+/// The webhook for pods annotated `palisade.dev/inject: enabled` in other namespaces.
+pub const POD_WEBHOOK: &str = "pod.inject.palisade.dev";
+/// The injector's HTTPS path on the control plane.
+pub const WEBHOOK_PATH: &str = "/inject";
+/// The name the API server checks the webhook's serving certificate for: the control
+/// plane issues itself a certificate for it, from the issuer in [`IDENTITY_SECRET`], and
+/// the API server verifies it with the `caBundle`, the trust anchor.
+pub const WEBHOOK_DNS_NAME: &str = "palisade-control-plane.palisade-system.svc";
+/// The namespace label and pod annotation (and, as an opt-out, pod label) of injection.
+pub const INJECT_KEY: &str = "palisade.dev/inject";
+
+/// gRPC (identity + discovery): container port and Service port.
+pub const GRPC_PORT: u16 = 8086;
+/// The injector webhook's container port (Service port 443).
+pub const WEBHOOK_PORT: u16 = 8443;
+/// `/metrics`, `/ready`, `/live` of the control plane (the probes).
+pub const METRICS_PORT: u16 = 9990;
+
+/// The image `palisade install` uses without `--image`: `palisade:<this version>`, a local
+/// name (no registry publishes Palisade's image yet): build it and load it into the cluster's
+/// nodes, or push your own and pass `--image` (docs/kubernetes.md).
+pub const DEFAULT_IMAGE: &str = concat!("palisade:", env!("CARGO_PKG_VERSION"));
+
+/// The command line the Deployment runs.
+pub fn control_plane_args() -> Vec<String> {
+    [
+        "control-plane",
+        "--source",
+        "kubernetes",
+        "--namespace",
+        NAMESPACE,
+        "--listen",
+        &format!("0.0.0.0:{GRPC_PORT}"),
+        "--webhook-listen",
+        &format!("0.0.0.0:{WEBHOOK_PORT}"),
+        "--metrics",
+        &format!("0.0.0.0:{METRICS_PORT}"),
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+/// What varies between installs of one version.
+#[derive(Clone, Debug)]
+pub struct InstallOptions {
+    /// The control plane's image.
+    pub image: String,
+}
+
+impl Default for InstallOptions {
+    fn default() -> Self {
+        Self {
+            image: DEFAULT_IMAGE.to_string(),
+        }
+    }
+}
+
+/// Why the manifests could not be written.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    #[error("cannot encode a Kubernetes document: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("cannot write YAML: {0}")]
+    Yaml(#[from] serde_saphyr::ser::Error),
+}
+
+fn labels(component: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app.kubernetes.io/name".to_string(), NAME.to_string()),
+        (
+            "app.kubernetes.io/part-of".to_string(),
+            "palisade".to_string(),
+        ),
+        (
+            "app.kubernetes.io/component".to_string(),
+            component.to_string(),
+        ),
+    ])
+}
+
+fn selector_labels() -> BTreeMap<String, String> {
+    BTreeMap::from([("app.kubernetes.io/name".to_string(), NAME.to_string())])
+}
+
+fn meta(name: &str, namespace: Option<&str>, component: &str) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name.to_string()),
+        namespace: namespace.map(str::to_string),
+        labels: Some(labels(component)),
+        ..Default::default()
+    }
+}
+
+fn strings(items: &[&str]) -> Vec<String> {
+    items.iter().map(|s| s.to_string()).collect()
+}
+
+fn rule(group: &str, resources: &[&str], verbs: &[&str]) -> PolicyRule {
+    PolicyRule {
+        api_groups: Some(strings(&[group])),
+        resources: Some(strings(resources)),
+        verbs: strings(verbs),
+        ..Default::default()
+    }
+}
+
+const READ: &[&str] = &["get", "list", "watch"];
+
+/// The cluster-wide rights of the control plane: read what the model is built from, review
+/// proxies' tokens, record events about the objects it rejects. Nothing else.
+pub fn cluster_role() -> ClusterRole {
+    ClusterRole {
+        metadata: meta(NAME, None, "control-plane"),
+        rules: Some(vec![
+            rule("", &["pods", "services", "namespaces"], READ),
+            rule("discovery.k8s.io", &["endpointslices"], READ),
+            rule(
+                crate::k8s::crd::GROUP,
+                &["authorizationpolicies", "peerauthentications"],
+                READ,
+            ),
+            rule(
+                "security.istio.io",
+                &["authorizationpolicies", "peerauthentications"],
+                READ,
+            ),
+            rule(
+                "gateway.networking.k8s.io",
+                &["httproutes", "grpcroutes"],
+                READ,
+            ),
+            rule("authentication.k8s.io", &["tokenreviews"], &["create"]),
+            // kube's event recorder creates an event, then patches its series count.
+            rule("", &["events"], &["create", "patch"]),
+            rule("events.k8s.io", &["events"], &["create", "patch"]),
+        ]),
+        ..Default::default()
+    }
+}
+
+/// In its own namespace, the control plane reads one Secret: the mesh CA.
+fn identity_role() -> Role {
+    Role {
+        metadata: meta(NAME, Some(NAMESPACE), "control-plane"),
+        rules: Some(vec![PolicyRule {
+            api_groups: Some(strings(&[""])),
+            resources: Some(strings(&["secrets"])),
+            resource_names: Some(strings(&[IDENTITY_SECRET])),
+            verbs: strings(READ),
+            ..Default::default()
+        }]),
+    }
+}
+
+fn subjects() -> Option<Vec<Subject>> {
+    Some(vec![Subject {
+        kind: "ServiceAccount".into(),
+        name: SERVICE_ACCOUNT.into(),
+        namespace: Some(NAMESPACE.into()),
+        ..Default::default()
+    }])
+}
+
+fn quantity(q: &str) -> Quantity {
+    Quantity(q.to_string())
+}
+
+fn http_probe(path: &str, period: i32, failures: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.to_string()),
+            port: IntOrString::String("metrics".into()),
+            ..Default::default()
+        }),
+        period_seconds: Some(period),
+        failure_threshold: Some(failures),
+        timeout_seconds: Some(2),
+        ..Default::default()
+    }
+}
+
+fn container_port(name: &str, port: u16) -> ContainerPort {
+    ContainerPort {
+        name: Some(name.to_string()),
+        container_port: i32::from(port),
+        protocol: Some("TCP".into()),
+        ..Default::default()
+    }
+}
+
+/// The control plane: two replicas, both serving (gRPC and the webhook), spread over nodes.
+pub fn deployment(opts: &InstallOptions) -> Deployment {
+    let uid = 65532;
+    let container = Container {
+        name: "control-plane".into(),
+        image: Some(opts.image.clone()),
+        image_pull_policy: Some("IfNotPresent".into()),
+        command: Some(strings(&["palisade"])),
+        args: Some(control_plane_args()),
+        env: Some(vec![EnvVar {
+            name: "PALISADE_LOG_FORMAT".into(),
+            value: Some("json".into()),
+            ..Default::default()
+        }]),
+        ports: Some(vec![
+            container_port("grpc", GRPC_PORT),
+            container_port("webhook", WEBHOOK_PORT),
+            container_port("metrics", METRICS_PORT),
+        ]),
+        readiness_probe: Some(http_probe("/ready", 5, 3)),
+        liveness_probe: Some(http_probe("/live", 10, 3)),
+        resources: Some(ResourceRequirements {
+            requests: Some(BTreeMap::from([
+                ("cpu".to_string(), quantity("100m")),
+                ("memory".to_string(), quantity("128Mi")),
+            ])),
+            limits: Some(BTreeMap::from([("memory".to_string(), quantity("512Mi"))])),
+            ..Default::default()
+        }),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            privileged: Some(false),
+            read_only_root_filesystem: Some(true),
+            run_as_non_root: Some(true),
+            run_as_user: Some(uid),
+            run_as_group: Some(uid),
+            capabilities: Some(Capabilities {
+                drop: Some(strings(&["ALL"])),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        volume_mounts: Some(vec![VolumeMount {
+            name: "tmp".into(),
+            mount_path: "/tmp".into(),
+            ..Default::default()
+        }]),
+        ..Default::default()
+    };
+    let pod = PodSpec {
+        service_account_name: Some(SERVICE_ACCOUNT.into()),
+        security_context: Some(PodSecurityContext {
+            run_as_non_root: Some(true),
+            run_as_user: Some(uid),
+            run_as_group: Some(uid),
+            seccomp_profile: Some(SeccompProfile {
+                type_: "RuntimeDefault".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        containers: vec![container],
+        volumes: Some(vec![Volume {
+            name: "tmp".into(),
+            empty_dir: Some(EmptyDirVolumeSource::default()),
+            ..Default::default()
+        }]),
+        affinity: Some(Affinity {
+            pod_anti_affinity: Some(PodAntiAffinity {
+                preferred_during_scheduling_ignored_during_execution: Some(vec![
+                    WeightedPodAffinityTerm {
+                        weight: 100,
+                        pod_affinity_term: PodAffinityTerm {
+                            label_selector: Some(LabelSelector {
+                                match_labels: Some(selector_labels()),
+                                ..Default::default()
+                            }),
+                            topology_key: "kubernetes.io/hostname".into(),
+                            ..Default::default()
+                        },
+                    },
+                ]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let mut template_meta = ObjectMeta {
+        labels: Some(labels("control-plane")),
+        ..Default::default()
+    };
+    template_meta.annotations = Some(BTreeMap::from([
+        ("prometheus.io/scrape".to_string(), "true".to_string()),
+        ("prometheus.io/port".to_string(), METRICS_PORT.to_string()),
+        ("prometheus.io/path".to_string(), "/metrics".to_string()),
+    ]));
+    Deployment {
+        metadata: meta(NAME, Some(NAMESPACE), "control-plane"),
+        spec: DeploymentSpec {
+            replicas: Some(2),
+            selector: LabelSelector {
+                match_labels: Some(selector_labels()),
+                ..Default::default()
+            },
+            // Never fewer than two serving during a rollout.
+            strategy: Some(DeploymentStrategy {
+                type_: Some("RollingUpdate".into()),
+                rolling_update: Some(RollingUpdateDeployment {
+                    max_surge: Some(IntOrString::Int(1)),
+                    max_unavailable: Some(IntOrString::Int(0)),
+                }),
+            }),
+            template: PodTemplateSpec {
+                metadata: Some(template_meta),
+                spec: Some(pod),
+            },
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+}
+
+/// Every document of an install that is the same for every install of this version.
+pub fn static_documents(opts: &InstallOptions) -> Result<Vec<Value>, ManifestError> {
+    let mut ns_meta = meta(NAMESPACE, None, "control-plane");
+    // The control plane's own pods are never injected (the webhook skips this namespace
+    // anyway); the label says so to whoever reads the namespace.
+    ns_meta
+        .labels
+        .get_or_insert_with(BTreeMap::new)
+        .insert(INJECT_KEY.into(), "disabled".into());
+    let mut docs = vec![serde_json::to_value(Namespace {
+        metadata: ns_meta,
+        ..Default::default()
+    })?];
+    for crd in crate::k8s::crd::crds() {
+        docs.push(serde_json::to_value(crd)?);
+    }
+    docs.push(serde_json::to_value(ServiceAccount {
+        metadata: meta(SERVICE_ACCOUNT, Some(NAMESPACE), "control-plane"),
+        ..Default::default()
+    })?);
+    docs.push(serde_json::to_value(cluster_role())?);
+    let role_ref = |kind: &str| RoleRef {
+        api_group: Some("rbac.authorization.k8s.io".into()),
+        kind: kind.into(),
+        name: NAME.into(),
+    };
+    docs.push(serde_json::to_value(ClusterRoleBinding {
+        metadata: meta(NAME, None, "control-plane"),
+        role_ref: role_ref("ClusterRole"),
+        subjects: subjects(),
+    })?);
+    docs.push(serde_json::to_value(identity_role())?);
+    docs.push(serde_json::to_value(RoleBinding {
+        metadata: meta(NAME, Some(NAMESPACE), "control-plane"),
+        role_ref: role_ref("Role"),
+        subjects: subjects(),
+    })?);
+    docs.push(serde_json::to_value(Service {
+        metadata: meta(NAME, Some(NAMESPACE), "control-plane"),
+        spec: Some(ServiceSpec {
+            selector: Some(selector_labels()),
+            ports: Some(vec![
+                ServicePort {
+                    name: Some("grpc".into()),
+                    port: i32::from(GRPC_PORT),
+                    target_port: Some(IntOrString::String("grpc".into())),
+                    app_protocol: Some("grpc".into()),
+                    protocol: Some("TCP".into()),
+                    ..Default::default()
+                },
+                ServicePort {
+                    name: Some("webhook".into()),
+                    port: 443,
+                    target_port: Some(IntOrString::String("webhook".into())),
+                    app_protocol: Some("https".into()),
+                    protocol: Some("TCP".into()),
+                    ..Default::default()
+                },
+            ]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    })?);
+    docs.push(serde_json::to_value(deployment(opts))?);
+    docs.push(serde_json::to_value(PodDisruptionBudget {
+        metadata: meta(NAME, Some(NAMESPACE), "control-plane"),
+        spec: Some(PodDisruptionBudgetSpec {
+            min_available: Some(IntOrString::Int(1)),
+            selector: Some(LabelSelector {
+                match_labels: Some(selector_labels()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    })?);
+    Ok(docs)
+}
+
+fn requirement(key: &str, operator: &str, values: &[&str]) -> LabelSelectorRequirement {
+    LabelSelectorRequirement {
+        key: key.into(),
+        operator: operator.into(),
+        values: Some(strings(values)),
+    }
+}
+
+fn match_condition(name: &str, expression: &str) -> MatchCondition {
+    MatchCondition {
+        name: name.into(),
+        expression: expression.into(),
+    }
+}
+
+/// CEL, on the pod being created: not on the host's network (never injected).
+pub const NOT_HOST_NETWORK: &str = "!(has(object.spec.hostNetwork) && object.spec.hostNetwork)";
+/// CEL: the pod's `palisade.dev/inject` annotation is `enabled`.
+pub const ANNOTATED_ENABLED: &str = "has(object.metadata.annotations) && 'palisade.dev/inject' in object.metadata.annotations && object.metadata.annotations['palisade.dev/inject'] == 'enabled'";
+/// CEL: the pod's `palisade.dev/inject` annotation is not `disabled`.
+pub const NOT_ANNOTATED_DISABLED: &str = "!has(object.metadata.annotations) || !('palisade.dev/inject' in object.metadata.annotations) || object.metadata.annotations['palisade.dev/inject'] != 'disabled'";
+
+/// The injector's webhooks. Both send pod CREATEs to the control plane's `/inject`, which
+/// applies the injection rules itself; the selectors and match conditions only keep away
+/// the pods it would leave alone, so that a control plane outage cannot block them:
+///
+/// - namespace webhook: pods in namespaces labelled `palisade.dev/inject=enabled`, except
+///   those annotated `disabled` (the pod wins) or on the host network;
+/// - pod webhook: pods annotated `palisade.dev/inject: enabled` in the other namespaces.
+///
+/// Never kube-system, nor the control plane's own namespace; never a pod labelled
+/// `palisade.dev/inject: disabled`. `failurePolicy: Fail`: a pod that asked for the mesh is
+/// refused, not started without its sidecar, while the injector cannot be reached (zero
+/// trust), and the control plane runs two replicas behind a PodDisruptionBudget.
+/// `sideEffects: None`: the webhook only answers with a patch.
+pub fn webhook_configuration(trust_anchor_pem: &str) -> MutatingWebhookConfiguration {
+    let webhook =
+        |name: &str, ns_operator: &str, conditions: Vec<MatchCondition>| MutatingWebhook {
+            name: name.into(),
+            admission_review_versions: strings(&["v1"]),
+            client_config: WebhookClientConfig {
+                service: Some(ServiceReference {
+                    name: NAME.into(),
+                    namespace: NAMESPACE.into(),
+                    path: Some(WEBHOOK_PATH.into()),
+                    port: Some(443),
+                }),
+                ca_bundle: Some(ByteString(trust_anchor_pem.as_bytes().to_vec())),
+                ..Default::default()
+            },
+            rules: Some(vec![RuleWithOperations {
+                operations: Some(strings(&["CREATE"])),
+                api_groups: Some(strings(&[""])),
+                api_versions: Some(strings(&["v1"])),
+                resources: Some(strings(&["pods"])),
+                scope: Some("Namespaced".into()),
+            }]),
+            namespace_selector: Some(LabelSelector {
+                match_expressions: Some(vec![
+                    requirement(
+                        "kubernetes.io/metadata.name",
+                        "NotIn",
+                        &["kube-system", NAMESPACE],
+                    ),
+                    requirement(INJECT_KEY, ns_operator, &["enabled"]),
+                ]),
+                ..Default::default()
+            }),
+            object_selector: Some(LabelSelector {
+                match_expressions: Some(vec![requirement(INJECT_KEY, "NotIn", &["disabled"])]),
+                ..Default::default()
+            }),
+            match_conditions: Some(conditions),
+            failure_policy: Some("Fail".into()),
+            side_effects: "None".into(),
+            match_policy: Some("Equivalent".into()),
+            reinvocation_policy: Some("Never".into()),
+            timeout_seconds: Some(10),
+        };
+    MutatingWebhookConfiguration {
+        metadata: meta(WEBHOOK_CONFIGURATION, None, "injector"),
+        webhooks: Some(vec![
+            webhook(
+                NAMESPACE_WEBHOOK,
+                "In",
+                vec![
+                    match_condition("not-host-network", NOT_HOST_NETWORK),
+                    match_condition("not-annotated-disabled", NOT_ANNOTATED_DISABLED),
+                ],
+            ),
+            webhook(
+                POD_WEBHOOK,
+                "NotIn",
+                vec![
+                    match_condition("not-host-network", NOT_HOST_NETWORK),
+                    match_condition("annotated-enabled", ANNOTATED_ENABLED),
+                ],
+            ),
+        ]),
+    }
+}
+
+/// The documents that carry the mesh CA: the Secret the control plane signs with, the
+/// trust bundle, and the webhook configuration whose `caBundle` is the trust anchor.
+pub fn identity_documents(ca: &Ca) -> Result<Vec<Value>, ManifestError> {
+    let anchor = palisade_certs::pem::cert_pem(ca.root_der());
+    let issuer = palisade_certs::pem::cert_pem(ca.issuer_der());
+    let secret = Secret {
+        metadata: meta(IDENTITY_SECRET, Some(NAMESPACE), "identity"),
+        type_: Some("kubernetes.io/tls".into()),
+        data: Some(BTreeMap::from([
+            (
+                TRUST_ANCHOR_KEY.to_string(),
+                ByteString(anchor.clone().into_bytes()),
+            ),
+            (ISSUER_CERT_KEY.to_string(), ByteString(issuer.into_bytes())),
+            (
+                ISSUER_KEY_KEY.to_string(),
+                ByteString(ca.issuer_key_pem().as_bytes().to_vec()),
+            ),
+        ])),
+        ..Default::default()
+    };
+    let bundle = ConfigMap {
+        metadata: meta(TRUST_BUNDLE_CONFIG_MAP, Some(NAMESPACE), "identity"),
+        data: Some(BTreeMap::from([(
+            TRUST_BUNDLE_KEY.to_string(),
+            anchor.clone(),
+        )])),
+        ..Default::default()
+    };
+    Ok(vec![
+        serde_json::to_value(secret)?,
+        serde_json::to_value(bundle)?,
+        serde_json::to_value(webhook_configuration(&anchor))?,
+    ])
+}
+
+/// The first lines of `palisade install`'s output and of `deploy/kubernetes/palisade.yaml`.
+pub const HEADER: &str = "\
+# Palisade on Kubernetes: namespace, CRDs, RBAC and the control plane.
+# Generated by `palisade install --no-identity`; do not edit (docs/kubernetes.md).
+# `palisade install` prints this and then the documents that carry the mesh CA: the Secret
+# palisade-identity, the ConfigMap palisade-trust-bundle and the webhook configuration.
+";
+
+/// YAML documents, `---` between them.
+pub fn to_yaml(docs: &[Value]) -> Result<String, ManifestError> {
+    let mut out = String::new();
+    for doc in docs {
+        out.push_str("---\n");
+        out.push_str(&serde_saphyr::to_string(doc)?);
+    }
+    Ok(out)
+}
+
+/// The static part, exactly as `deploy/kubernetes/palisade.yaml` holds it for the default image.
+pub fn render_static(opts: &InstallOptions) -> Result<String, ManifestError> {
+    Ok(format!("{HEADER}{}", to_yaml(&static_documents(opts)?)?))
+}
+
+/// The identity part, to print after [`render_static`].
+pub fn render_identity(ca: &Ca) -> Result<String, ManifestError> {
+    to_yaml(&identity_documents(ca)?)
+}
