@@ -219,10 +219,10 @@ impl Operation {
 pub struct Condition {
     #[cfg_attr(feature = "schema", schemars(pattern(schema::CONDITION_KEY)))]
     pub key: String,
-    #[cfg_attr(feature = "schema", schemars(inner(pattern(schema::WILDCARD))))]
+    /// Patterns: exact, `prefix*`, `*suffix` or `*` (for `source.principal`, principal
+    /// patterns, which may start with `spiffe://`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub values: Vec<String>,
-    #[cfg_attr(feature = "schema", schemars(inner(pattern(schema::WILDCARD))))]
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub not_values: Vec<String>,
 }

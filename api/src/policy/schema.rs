@@ -92,7 +92,8 @@ pub fn condition(schema: &mut Schema) {
 }
 
 /// The `anyOf` of a `rules[].when[]` schema: `source.principal` takes principal patterns,
-/// `source.namespace` namespace patterns, the other keys plain wildcard patterns.
+/// `source.namespace` namespace patterns, the other keys plain wildcard patterns (the core
+/// schema of `values` says nothing: `spiffe://*/sa/api` is a principal, not a wildcard).
 ///
 /// Not added by [`condition`]: kube's CRD generator reads every `anyOf` as an untagged enum
 /// and merges its branches into one object schema, which would lose what they say. The
@@ -108,7 +109,7 @@ pub fn condition_values_any_of() -> serde_json::Value {
     json!([
         branch(json!({ "enum": ["source.principal"] }), PRINCIPAL),
         branch(json!({ "enum": ["source.namespace"] }), NAMESPACE),
-        { "properties": { "key": { "pattern": PLAIN_CONDITION_KEY } } },
+        branch(json!({ "pattern": PLAIN_CONDITION_KEY }), WILDCARD),
     ])
 }
 
@@ -135,8 +136,11 @@ pub fn peer_authentication_spec(schema: &mut Schema) {
 pub fn port_level_mtls(schema: &mut Schema) {
     // schemars says "integer keys" with `patternProperties` and `additionalProperties: false`,
     // neither of which a structural schema may use: the value schema becomes
-    // `additionalProperties`, and CEL checks the keys. `int()` reads a key as Rust's u32
-    // parser does (`+` and leading zeros allowed, anything else an error, so refused).
+    // `additionalProperties`, and CEL checks the keys. The parser reads a key as a JSON
+    // number: no `+`, no leading zero, and an `int()` error (not a number) refuses the
+    // object too. Only constant-cost functions on the keys (Istio's rule is
+    // `0 < int(key) <= 65535`): map keys have no length bound for the API server's CEL cost
+    // estimate, so nothing that walks the key (`matches`, `==` on strings) fits its budget.
     let value = schema.remove("patternProperties").and_then(|p| match p {
         serde_json::Value::Object(m) => m.into_iter().next().map(|(_, v)| v),
         _ => None,
@@ -153,7 +157,7 @@ pub fn port_level_mtls(schema: &mut Schema) {
     schema.insert(
         "x-kubernetes-validations".into(),
         json!([cel(
-            "self.all(port, int(port) >= 1 && int(port) <= 65535)",
+            "self.all(port, !port.startsWith('+') && !port.startsWith('0') && int(port) >= 1 && int(port) <= 65535)",
             "portLevelMtls keys are port numbers (1-65535)",
         )]),
     );
