@@ -621,3 +621,391 @@ pub fn render_static(opts: &InstallOptions) -> Result<String, ManifestError> {
 pub fn render_identity(ca: &Ca) -> Result<String, ManifestError> {
     to_yaml(&identity_documents(ca)?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn by_kind<'a>(docs: &'a [Value], kind: &str) -> Vec<&'a Value> {
+        docs.iter().filter(|d| d["kind"] == kind).collect()
+    }
+
+    fn one<'a>(docs: &'a [Value], kind: &str) -> &'a Value {
+        let found = by_kind(docs, kind);
+        assert_eq!(found.len(), 1, "{kind}: {found:?}");
+        found[0]
+    }
+
+    fn static_docs() -> Vec<Value> {
+        static_documents(&InstallOptions::default()).expect("static documents")
+    }
+
+    #[test]
+    fn the_documents_refer_to_each_other_consistently() {
+        let docs = static_docs();
+        assert_eq!(docs[0]["kind"], "Namespace", "kubectl applies in order");
+        assert_eq!(docs[0]["metadata"]["name"], NAMESPACE);
+        for d in &docs[1..] {
+            let namespaced = !matches!(
+                d["kind"].as_str(),
+                Some("CustomResourceDefinition" | "ClusterRole" | "ClusterRoleBinding")
+            );
+            let ns = d["metadata"]["namespace"].as_str();
+            assert_eq!(ns, namespaced.then_some(NAMESPACE), "{}", d["kind"]);
+        }
+        let deploy = one(&docs, "Deployment");
+        let selector = &deploy["spec"]["selector"]["matchLabels"];
+        let template_labels = &deploy["spec"]["template"]["metadata"]["labels"];
+        for (k, v) in selector.as_object().expect("selector") {
+            assert_eq!(&template_labels[k], v, "template labels lack {k}");
+        }
+        assert_eq!(&one(&docs, "Service")["spec"]["selector"], selector);
+        assert_eq!(
+            &one(&docs, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"],
+            selector
+        );
+        assert_eq!(deploy["spec"]["replicas"], 2);
+        assert_eq!(one(&docs, "PodDisruptionBudget")["spec"]["minAvailable"], 1);
+
+        let pod = &deploy["spec"]["template"]["spec"];
+        assert_eq!(pod["serviceAccountName"], SERVICE_ACCOUNT);
+        assert_eq!(
+            one(&docs, "ServiceAccount")["metadata"]["name"],
+            SERVICE_ACCOUNT
+        );
+        for binding in ["ClusterRoleBinding", "RoleBinding"] {
+            let b = one(&docs, binding);
+            assert_eq!(b["subjects"][0]["name"], SERVICE_ACCOUNT);
+            assert_eq!(b["subjects"][0]["namespace"], NAMESPACE);
+            let role = one(&docs, b["roleRef"]["kind"].as_str().expect("roleRef kind"));
+            assert_eq!(b["roleRef"]["name"], role["metadata"]["name"]);
+        }
+
+        // Every port the Service and the probes name is a container port.
+        let container = &pod["containers"][0];
+        let port_named = |name: &Value| {
+            container["ports"]
+                .as_array()
+                .expect("ports")
+                .iter()
+                .find(|p| &p["name"] == name)
+                .map(|p| p["containerPort"].clone())
+        };
+        let service_ports = one(&docs, "Service")["spec"]["ports"].clone();
+        for p in service_ports.as_array().expect("service ports") {
+            assert!(port_named(&p["targetPort"]).is_some(), "{p}");
+        }
+        let webhook_port = service_ports
+            .as_array()
+            .and_then(|ps| ps.iter().find(|p| p["port"] == 443))
+            .expect("a Service port 443");
+        assert_eq!(
+            port_named(&webhook_port["targetPort"]),
+            Some(json!(WEBHOOK_PORT))
+        );
+        for probe in ["readinessProbe", "livenessProbe"] {
+            assert_eq!(
+                port_named(&container[probe]["httpGet"]["port"]),
+                Some(json!(METRICS_PORT)),
+                "{probe}"
+            );
+        }
+        let args: Vec<&str> = container["args"]
+            .as_array()
+            .expect("args")
+            .iter()
+            .filter_map(Value::as_str)
+            .collect();
+        assert_eq!(&args[..3], ["control-plane", "--source", "kubernetes"]);
+        assert!(args.contains(&format!("0.0.0.0:{METRICS_PORT}").as_str()));
+
+        // Hardened: non-root, read-only root, no escalation, no capabilities.
+        let sc = &container["securityContext"];
+        assert_eq!(sc["runAsNonRoot"], true);
+        assert_eq!(sc["readOnlyRootFilesystem"], true);
+        assert_eq!(sc["allowPrivilegeEscalation"], false);
+        assert_eq!(sc["capabilities"]["drop"], json!(["ALL"]));
+        assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+        assert!(container["resources"]["requests"]["memory"].is_string());
+        assert!(container["resources"]["limits"]["memory"].is_string());
+        assert_eq!(container["image"], DEFAULT_IMAGE);
+    }
+
+    #[test]
+    fn the_image_is_the_one_asked_for() {
+        let docs = static_documents(&InstallOptions {
+            image: "registry.example/palisade:dev".into(),
+        })
+        .expect("docs");
+        assert_eq!(
+            one(&docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["image"],
+            "registry.example/palisade:dev"
+        );
+    }
+
+    /// The control plane may read, and do, exactly this; nothing cluster-wide on Secrets.
+    #[test]
+    fn the_roles_grant_only_what_the_control_plane_uses() {
+        let role = serde_json::to_value(cluster_role()).expect("json");
+        let mut grants = Vec::new();
+        for r in role["rules"].as_array().expect("rules") {
+            assert!(r.get("resourceNames").is_none(), "{r}");
+            for g in r["apiGroups"].as_array().expect("groups") {
+                for res in r["resources"].as_array().expect("resources") {
+                    let verbs: Vec<&str> = r["verbs"]
+                        .as_array()
+                        .expect("verbs")
+                        .iter()
+                        .filter_map(Value::as_str)
+                        .collect();
+                    grants.push(format!(
+                        "{}/{}: {}",
+                        g.as_str().unwrap_or("?"),
+                        res.as_str().unwrap_or("?"),
+                        verbs.join(",")
+                    ));
+                }
+            }
+        }
+        grants.sort();
+        let read = "get,list,watch";
+        let mut expected = vec![
+            format!("/pods: {read}"),
+            format!("/services: {read}"),
+            format!("/namespaces: {read}"),
+            format!("discovery.k8s.io/endpointslices: {read}"),
+            format!("palisade.dev/authorizationpolicies: {read}"),
+            format!("palisade.dev/peerauthentications: {read}"),
+            format!("security.istio.io/authorizationpolicies: {read}"),
+            format!("security.istio.io/peerauthentications: {read}"),
+            format!("gateway.networking.k8s.io/httproutes: {read}"),
+            format!("gateway.networking.k8s.io/grpcroutes: {read}"),
+            "authentication.k8s.io/tokenreviews: create".to_string(),
+            "/events: create,patch".to_string(),
+            "events.k8s.io/events: create,patch".to_string(),
+        ];
+        expected.sort();
+        assert_eq!(grants, expected);
+
+        let role = serde_json::to_value(identity_role()).expect("json");
+        assert_eq!(
+            role["rules"],
+            json!([{
+                "apiGroups": [""], "resources": ["secrets"],
+                "resourceNames": [IDENTITY_SECRET], "verbs": ["get", "list", "watch"],
+            }])
+        );
+    }
+
+    fn decode(v: &Value) -> String {
+        use base64::Engine;
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(v.as_str().expect("base64 string"))
+            .expect("base64");
+        String::from_utf8(bytes).expect("PEM is text")
+    }
+
+    #[test]
+    fn the_identity_documents_carry_the_ca() {
+        let td = palisade_certs::TrustDomain::new("example.org").expect("td");
+        let ca = Ca::generate(&td, None).expect("CA");
+        let docs = identity_documents(&ca).expect("identity documents");
+        let secret = one(&docs, "Secret");
+        assert_eq!(secret["metadata"]["name"], IDENTITY_SECRET);
+        assert_eq!(secret["metadata"]["namespace"], NAMESPACE);
+        assert_eq!(secret["type"], "kubernetes.io/tls");
+        let anchor = palisade_certs::pem::cert_pem(ca.root_der());
+        assert_eq!(decode(&secret["data"][TRUST_ANCHOR_KEY]), anchor);
+        assert_eq!(
+            decode(&secret["data"][ISSUER_CERT_KEY]),
+            palisade_certs::pem::cert_pem(ca.issuer_der())
+        );
+        assert_eq!(decode(&secret["data"][ISSUER_KEY_KEY]), ca.issuer_key_pem());
+        let bundle = one(&docs, "ConfigMap");
+        assert_eq!(bundle["metadata"]["name"], TRUST_BUNDLE_CONFIG_MAP);
+        assert_eq!(bundle["data"][TRUST_BUNDLE_KEY], anchor.as_str());
+        assert!(!bundle.to_string().contains("PRIVATE KEY"));
+
+        let webhooks = one(&docs, "MutatingWebhookConfiguration");
+        assert_eq!(webhooks["metadata"]["name"], WEBHOOK_CONFIGURATION);
+        let hooks = webhooks["webhooks"].as_array().expect("webhooks");
+        assert_eq!(hooks.len(), 2);
+        for h in hooks {
+            assert_eq!(decode(&h["clientConfig"]["caBundle"]), anchor);
+            assert_eq!(
+                h["clientConfig"]["service"],
+                json!({ "name": NAME, "namespace": NAMESPACE, "path": WEBHOOK_PATH, "port": 443 })
+            );
+            assert_eq!(h["sideEffects"], "None");
+            assert_eq!(h["failurePolicy"], "Fail");
+            assert_eq!(h["rules"][0]["operations"], json!(["CREATE"]));
+            assert_eq!(h["rules"][0]["resources"], json!(["pods"]));
+        }
+        // The name the serving certificate is checked for is the Service's.
+        assert_eq!(WEBHOOK_DNS_NAME, format!("{NAME}.{NAMESPACE}.svc"));
+    }
+
+    #[test]
+    fn the_yaml_reads_back_as_the_documents() {
+        let td = palisade_certs::TrustDomain::new("cluster.local").expect("td");
+        let ca = Ca::generate(&td, None).expect("CA");
+        let mut docs = static_docs();
+        docs.extend(identity_documents(&ca).expect("identity"));
+        let text = format!(
+            "{}{}",
+            render_static(&InstallOptions::default()).expect("static"),
+            render_identity(&ca).expect("identity")
+        );
+        assert!(text.starts_with(HEADER));
+        let back: Vec<Value> = serde_saphyr::from_multiple(&text).expect("YAML");
+        let back: Vec<Value> = back.into_iter().filter(|d| !d.is_null()).collect();
+        assert_eq!(back, docs);
+    }
+
+    /// `matchLabels`/`matchExpressions` as the API server reads them.
+    fn selects(selector: &Value, labels: &BTreeMap<&str, &str>) -> bool {
+        let exprs = selector["matchExpressions"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        exprs.iter().all(|e| {
+            let key = e["key"].as_str().expect("key");
+            let values: Vec<&str> = e["values"]
+                .as_array()
+                .map(|v| v.iter().filter_map(Value::as_str).collect())
+                .unwrap_or_default();
+            let value = labels.get(key);
+            match e["operator"].as_str() {
+                Some("In") => value.is_some_and(|v| values.contains(v)),
+                Some("NotIn") => value.is_none_or(|v| !values.contains(v)),
+                other => panic!("operator {other:?}"),
+            }
+        }) && selector.get("matchLabels").is_none()
+    }
+
+    fn condition(expr: &str, pod: &Value) -> bool {
+        use kube_cel::cel::{Context, Program, Value as Cel};
+        let program = Program::compile(expr).unwrap_or_else(|e| panic!("{expr}: {e:?}"));
+        let mut ctx = Context::default();
+        ctx.add_variable("object", pod.clone()).expect("object");
+        match program.execute(&ctx) {
+            Ok(Cel::Bool(b)) => b,
+            other => panic!("{expr}: {other:?}"),
+        }
+    }
+
+    /// Which webhooks the API server calls for a pod created in a namespace: the selectors
+    /// and CEL match conditions, evaluated on the pod.
+    fn called(ns: &str, ns_label: Option<&str>, pod: &Value) -> Vec<String> {
+        let config = serde_json::to_value(webhook_configuration("x")).expect("json");
+        let mut ns_labels = BTreeMap::from([("kubernetes.io/metadata.name", ns)]);
+        if let Some(l) = ns_label {
+            ns_labels.insert(INJECT_KEY, l);
+        }
+        let pod_labels: BTreeMap<&str, &str> = pod["metadata"]["labels"]
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .map(|(k, v)| (k.as_str(), v.as_str().unwrap_or("")))
+                    .collect()
+            })
+            .unwrap_or_default();
+        config["webhooks"]
+            .as_array()
+            .expect("webhooks")
+            .iter()
+            .filter(|w| {
+                selects(&w["namespaceSelector"], &ns_labels)
+                    && selects(&w["objectSelector"], &pod_labels)
+                    && w["matchConditions"]
+                        .as_array()
+                        .expect("conditions")
+                        .iter()
+                        .all(|c| condition(c["expression"].as_str().expect("CEL"), pod))
+            })
+            .map(|w| w["name"].as_str().unwrap_or("").to_string())
+            .collect()
+    }
+
+    fn pod(annotation: Option<&str>, label: Option<&str>, host_network: bool) -> Value {
+        let mut pod = json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": { "name": "p" },
+            "spec": { "containers": [ { "name": "app", "image": "app" } ] },
+        });
+        if let Some(a) = annotation {
+            pod["metadata"]["annotations"] = json!({ INJECT_KEY: a, "other": "x" });
+        }
+        if let Some(l) = label {
+            pod["metadata"]["labels"] = json!({ INJECT_KEY: l });
+        }
+        if host_network {
+            pod["spec"]["hostNetwork"] = json!(true);
+        }
+        pod
+    }
+
+    /// The spec's rules: namespace label or pod annotation, the pod wins; never host-network
+    /// pods or kube-system; and never the control plane's own namespace.
+    #[test]
+    fn the_webhooks_are_called_for_the_pods_the_injection_rules_name() {
+        let ns_hook = || vec![NAMESPACE_WEBHOOK.to_string()];
+        let pod_hook = || vec![POD_WEBHOOK.to_string()];
+        let none = Vec::<String>::new;
+        let cases = [
+            ("demo", Some("enabled"), pod(None, None, false), ns_hook()),
+            (
+                "demo",
+                Some("enabled"),
+                pod(Some("enabled"), None, false),
+                ns_hook(),
+            ),
+            (
+                "demo",
+                Some("enabled"),
+                pod(Some("disabled"), None, false),
+                none(),
+            ),
+            (
+                "demo",
+                Some("enabled"),
+                pod(None, Some("disabled"), false),
+                none(),
+            ),
+            ("demo", Some("enabled"), pod(None, None, true), none()),
+            ("demo", None, pod(None, None, false), none()),
+            ("demo", None, pod(Some("enabled"), None, false), pod_hook()),
+            ("demo", None, pod(Some("disabled"), None, false), none()),
+            ("demo", None, pod(Some("enabled"), None, true), none()),
+            (
+                "demo",
+                Some("disabled"),
+                pod(Some("enabled"), None, false),
+                pod_hook(),
+            ),
+            ("demo", Some("disabled"), pod(None, None, false), none()),
+            (
+                "kube-system",
+                Some("enabled"),
+                pod(Some("enabled"), None, false),
+                none(),
+            ),
+            (
+                "kube-system",
+                None,
+                pod(Some("enabled"), None, false),
+                none(),
+            ),
+            (NAMESPACE, None, pod(Some("enabled"), None, false), none()),
+        ];
+        for (ns, label, pod, expected) in cases {
+            assert_eq!(
+                called(ns, label, &pod),
+                expected,
+                "namespace {ns} labelled {label:?}, pod {}",
+                pod["metadata"]
+            );
+        }
+    }
+}
