@@ -10,6 +10,9 @@
 //!
 //! What the schema cannot say is still refused when the control plane parses the object with
 //! the file parser (`palisade_api::policy`); docs/kubernetes.md lists which checks live where.
+//!
+//! Both kinds have a `status` subresource ([`PolicyStatus`]): the condition `Accepted`, for the
+//! control plane to say whether it took the object, shown by `kubectl get` as a column.
 
 use std::ops::{Deref, DerefMut};
 
@@ -36,9 +39,12 @@ pub const VERSION: &str = "v1alpha1";
     version = "v1alpha1",
     kind = "AuthorizationPolicy",
     namespaced,
+    status = "PolicyStatus",
     derive = "PartialEq",
     category = "palisade",
     printcolumn(name = "Action", type_ = "string", json_path = ".spec.action"),
+    // In JSON: a second `type_ = "string"` is a clippy `duplicated_attributes` false positive.
+    printcolumn = r#"{"name": "Accepted", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Accepted\")].status"}"#,
     printcolumn(
         name = "Age",
         type_ = "date",
@@ -60,9 +66,12 @@ pub struct AuthorizationPolicySpec(pub policy::AuthorizationPolicySpec);
     version = "v1alpha1",
     kind = "PeerAuthentication",
     namespaced,
+    status = "PolicyStatus",
     derive = "PartialEq",
     category = "palisade",
     printcolumn(name = "Mode", type_ = "string", json_path = ".spec.mtls.mode"),
+    // In JSON: a second `type_ = "string"` is a clippy `duplicated_attributes` false positive.
+    printcolumn = r#"{"name": "Accepted", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Accepted\")].status"}"#,
     printcolumn(
         name = "Age",
         type_ = "date",
@@ -72,6 +81,61 @@ pub struct AuthorizationPolicySpec(pub policy::AuthorizationPolicySpec);
 )]
 #[serde(transparent)]
 pub struct PeerAuthenticationSpec(pub policy::PeerAuthenticationSpec);
+
+// The status subresource of both kinds. Only the control plane writes it (`patch` on
+// `<plural>/status`, in its ClusterRole); a user's `kubectl apply` of the object cannot set it.
+// The doc comments below are what `kubectl explain` shows.
+/// What the control plane made of the object; written by the control plane only.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyStatus {
+    /// `Accepted` (`True`: in force; `False`: refused, `reason` and `message` say why), as
+    /// Kubernetes conditions: one per `type`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<PolicyCondition>,
+}
+
+/// The condition type the control plane reports.
+pub const CONDITION_ACCEPTED: &str = "Accepted";
+
+// The fields `metav1.Condition` requires besides `type` and `status` are optional here, so
+// that a partial status patch stays valid.
+/// One condition, as Kubernetes conditions are.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyCondition {
+    /// `Accepted`.
+    #[serde(rename = "type")]
+    #[schemars(length(min = 1, max = 316))]
+    pub type_: String,
+    pub status: ConditionStatus,
+    /// Why, in one CamelCase word, for programs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024))]
+    pub reason: Option<String>,
+    /// For people: what is wrong with the object.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32768))]
+    pub message: Option<String>,
+    /// The `metadata.generation` the condition was computed from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub observed_generation: Option<i64>,
+    /// RFC 3339: when `status` last changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("format" = "date-time"))]
+    pub last_transition_time: Option<String>,
+}
+
+/// A condition's status.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum ConditionStatus {
+    True,
+    False,
+    #[default]
+    Unknown,
+}
 
 macro_rules! wrapper {
     ($outer:ty, $inner:ty) => {
