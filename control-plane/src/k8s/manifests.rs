@@ -2,12 +2,16 @@
 //! `kubectl apply -f -` takes.
 //!
 //! Two parts. The static documents ([`static_documents`]) are the same for every install of a
-//! version (namespace, CRDs, RBAC, the control plane's Deployment, PodDisruptionBudget and
-//! Service): `deploy/kubernetes/palisade.yaml` is exactly [`render_static`] with the default
-//! image, and a test keeps it so. The identity documents ([`identity_documents`]) carry the
-//! mesh CA, which differs per install: the Secret `palisade-identity`, the ConfigMap
-//! `palisade-trust-bundle` and the MutatingWebhookConfiguration, whose `caBundle` is the trust
-//! anchor. They are never committed (the Secret holds the issuer's private key).
+//! version (namespace, CRDs, RBAC, the control plane's Service, Deployment and
+//! PodDisruptionBudget): `deploy/kubernetes/palisade.yaml` is exactly [`render_static`] with
+//! the default image (`palisade install --no-identity`). The identity documents
+//! ([`identity_documents`]) carry the mesh CA, which differs per install: the Secret
+//! `palisade-identity`, the ConfigMap `palisade-trust-bundle` and the
+//! MutatingWebhookConfiguration, whose `caBundle` is the trust anchor. For a given CA they are
+//! the same every time, so `palisade install --ca DIR` is reproducible:
+//! `deploy/kubernetes/example/identity.yaml` is [`render_identity`] for an example CA whose
+//! keys are public, and the root crate's `tests/install.rs` keeps both files byte-identical
+//! to `palisade install`'s output.
 //!
 //! The names and keys other parts of Palisade rely on are the constants below.
 
@@ -55,7 +59,15 @@ pub const TRUST_ANCHOR_KEY: &str = "ca.crt";
 pub const ISSUER_CERT_KEY: &str = "tls.crt";
 /// Key of [`IDENTITY_SECRET`]: the issuer's private key, PKCS#8 PEM.
 pub const ISSUER_KEY_KEY: &str = "tls.key";
-/// The ConfigMap with the trust anchor alone, for whoever needs to trust the mesh.
+/// The ConfigMap with the trust anchor alone (no key): what an injected proxy trusts
+/// (`PALISADE_TRUST_BUNDLE`, a volume of this ConfigMap).
+///
+/// A pod's ConfigMap volume can only name a ConfigMap of its own namespace, so this one must
+/// exist in every namespace that has injected pods. `palisade install` writes it in
+/// [`NAMESPACE`]; the control plane keeps a copy of it (same name, same data) in every other
+/// namespace except `kube-system`, `kube-public` and `kube-node-lease` (which are never
+/// injected): created when the namespace appears, patched back when it differs. That is what
+/// [`cluster_role`] grants on ConfigMaps, and docs/kubernetes.md ("Install") says so.
 pub const TRUST_BUNDLE_CONFIG_MAP: &str = "palisade-trust-bundle";
 /// Key of [`TRUST_BUNDLE_CONFIG_MAP`]: the trust anchor, PEM.
 pub const TRUST_BUNDLE_KEY: &str = "ca.crt";
@@ -64,13 +76,16 @@ pub const TRUST_BUNDLE_KEY: &str = "ca.crt";
 pub const WEBHOOK_CONFIGURATION: &str = "palisade-injector";
 /// The webhook for pods of namespaces labelled `palisade.dev/inject=enabled`.
 pub const NAMESPACE_WEBHOOK: &str = "namespace.inject.palisade.dev";
-/// The webhook for pods annotated `palisade.dev/inject: enabled` in other namespaces.
+/// The webhook for pods annotated `palisade.dev/inject` (`enabled`, or a typo to refuse) in
+/// other namespaces.
 pub const POD_WEBHOOK: &str = "pod.inject.palisade.dev";
 /// The injector's HTTPS path on the control plane.
 pub const WEBHOOK_PATH: &str = "/inject";
-/// The name the API server checks the webhook's serving certificate for: the control
-/// plane issues itself a certificate for it, from the issuer in [`IDENTITY_SECRET`], and
-/// the API server verifies it with the `caBundle`, the trust anchor.
+/// The name the API server checks the webhook's serving certificate for (the Service's): the
+/// control plane issues itself a short-lived certificate for it from the issuer in
+/// [`IDENTITY_SECRET`] and renews it, and the API server verifies it with the `caBundle`, the
+/// trust anchor. No serving certificate is installed: none could outlive the 90 days the CA
+/// allows a leaf, and with `failurePolicy: Fail` an expired one would refuse every pod.
 pub const WEBHOOK_DNS_NAME: &str = "palisade-control-plane.palisade-system.svc";
 /// The namespace label and pod annotation (and, as an opt-out, pod label) of injection.
 pub const INJECT_KEY: &str = "palisade.dev/inject";
@@ -172,9 +187,27 @@ fn rule(group: &str, resources: &[&str], verbs: &[&str]) -> PolicyRule {
 
 const READ: &[&str] = &["get", "list", "watch"];
 
-/// The cluster-wide rights of the control plane: read what the model is built from, review
-/// proxies' tokens, record events about the objects it rejects. Nothing else.
+/// The cluster-wide rights of the control plane, each for something it does; nothing else:
+///
+/// - read what the model is built from: pods, services, EndpointSlices, the policies
+///   (`palisade.dev`, and Istio's when their CRDs are installed), Gateway API routes;
+/// - read namespaces: the injector decides on a namespace's `palisade.dev/inject` label, from a
+///   watch of all namespaces (and the trust bundle copies below follow namespaces);
+/// - `create` TokenReviews: a proxy's ServiceAccount token is its proof of identity;
+/// - `create` and `patch` events.k8s.io Events: a refused policy gets a `Warning` Event (kube's
+///   event recorder creates an Event, then patches its series count);
+/// - `patch` the `status` of the `palisade.dev` policies (condition `Accepted`);
+/// - keep the ConfigMap `palisade-trust-bundle` in every namespace (see
+///   [`TRUST_BUNDLE_CONFIG_MAP`]): `create` (which no `resourceNames` can narrow), and read and
+///   `patch` only ConfigMaps of that name. A list or watch must then name it with the field
+///   selector `metadata.name=palisade-trust-bundle`, the only way the API server lets
+///   `resourceNames` apply to them.
+///
+/// Secrets are not in it: the Role [`identity_role`] gives one, in the control plane's own
+/// namespace.
 pub fn cluster_role() -> ClusterRole {
+    let mut trust_bundle = rule("", &["configmaps"], &["get", "list", "watch", "patch"]);
+    trust_bundle.resource_names = Some(strings(&[TRUST_BUNDLE_CONFIG_MAP]));
     ClusterRole {
         metadata: meta(NAME, None, "control-plane"),
         rules: Some(vec![
@@ -184,6 +217,11 @@ pub fn cluster_role() -> ClusterRole {
                 crate::k8s::crd::GROUP,
                 &["authorizationpolicies", "peerauthentications"],
                 READ,
+            ),
+            rule(
+                crate::k8s::crd::GROUP,
+                &["authorizationpolicies/status", "peerauthentications/status"],
+                &["patch"],
             ),
             rule(
                 "security.istio.io",
@@ -196,23 +234,23 @@ pub fn cluster_role() -> ClusterRole {
                 READ,
             ),
             rule("authentication.k8s.io", &["tokenreviews"], &["create"]),
-            // kube's event recorder creates an event, then patches its series count.
-            rule("", &["events"], &["create", "patch"]),
             rule("events.k8s.io", &["events"], &["create", "patch"]),
+            rule("", &["configmaps"], &["create"]),
+            trust_bundle,
         ]),
         ..Default::default()
     }
 }
 
-/// In its own namespace, the control plane reads one Secret: the mesh CA.
-fn identity_role() -> Role {
+/// In its own namespace, the control plane reads one Secret, once at start: the mesh CA.
+pub fn identity_role() -> Role {
     Role {
         metadata: meta(NAME, Some(NAMESPACE), "control-plane"),
         rules: Some(vec![PolicyRule {
             api_groups: Some(strings(&[""])),
             resources: Some(strings(&["secrets"])),
             resource_names: Some(strings(&[IDENTITY_SECRET])),
-            verbs: strings(READ),
+            verbs: strings(&["get"]),
             ..Default::default()
         }]),
     }
@@ -273,6 +311,10 @@ pub fn deployment(opts: &InstallOptions) -> Deployment {
             container_port("webhook", WEBHOOK_PORT),
             container_port("metrics", METRICS_PORT),
         ]),
+        // The control plane serves its probes once it has listed the cluster, which may take
+        // up to `--sync-timeout` (60 s): the startup probe gives it two minutes before the
+        // liveness probe starts counting.
+        startup_probe: Some(http_probe("/live", 5, 24)),
         readiness_probe: Some(http_probe("/ready", 5, 3)),
         liveness_probe: Some(http_probe("/live", 10, 3)),
         resources: Some(ResourceRequirements {
@@ -380,12 +422,16 @@ pub fn deployment(opts: &InstallOptions) -> Deployment {
 /// Every document of an install that is the same for every install of this version.
 pub fn static_documents(opts: &InstallOptions) -> Result<Vec<Value>, ManifestError> {
     let mut ns_meta = meta(NAMESPACE, None, "control-plane");
+    let ns_labels = ns_meta.labels.get_or_insert_with(BTreeMap::new);
     // The control plane's own pods are never injected (the webhook skips this namespace
     // anyway); the label says so to whoever reads the namespace.
-    ns_meta
-        .labels
-        .get_or_insert_with(BTreeMap::new)
-        .insert(INJECT_KEY.into(), "disabled".into());
+    ns_labels.insert(INJECT_KEY.into(), "disabled".into());
+    // Nothing here needs more than the `restricted` Pod Security level: the API server
+    // refuses any pod in this namespace that would.
+    ns_labels.insert(
+        "pod-security.kubernetes.io/enforce".into(),
+        "restricted".into(),
+    );
     let mut docs = vec![serde_json::to_value(Namespace {
         metadata: ns_meta,
         ..Default::default()
@@ -471,10 +517,17 @@ fn match_condition(name: &str, expression: &str) -> MatchCondition {
     }
 }
 
+/// The namespaces whose pods the API server never sends to the injector (which would leave
+/// them alone anyway): the cluster's own, and the control plane's, so that the control plane
+/// can always start, whatever state the webhook is in.
+pub const NEVER_INJECTED: [&str; 4] = ["kube-system", "kube-public", "kube-node-lease", NAMESPACE];
+
 /// CEL, on the pod being created: not on the host's network (never injected).
 pub const NOT_HOST_NETWORK: &str = "!(has(object.spec.hostNetwork) && object.spec.hostNetwork)";
-/// CEL: the pod's `palisade.dev/inject` annotation is `enabled`.
-pub const ANNOTATED_ENABLED: &str = "has(object.metadata.annotations) && 'palisade.dev/inject' in object.metadata.annotations && object.metadata.annotations['palisade.dev/inject'] == 'enabled'";
+/// CEL: the pod has a `palisade.dev/inject` annotation, and it is not `disabled`: `enabled`,
+/// or a value the injector refuses the pod for (a typo must not leave a pod out of the mesh
+/// unnoticed).
+pub const ANNOTATED_NOT_DISABLED: &str = "has(object.metadata.annotations) && 'palisade.dev/inject' in object.metadata.annotations && object.metadata.annotations['palisade.dev/inject'] != 'disabled'";
 /// CEL: the pod's `palisade.dev/inject` annotation is not `disabled`.
 pub const NOT_ANNOTATED_DISABLED: &str = "!has(object.metadata.annotations) || !('palisade.dev/inject' in object.metadata.annotations) || object.metadata.annotations['palisade.dev/inject'] != 'disabled'";
 
@@ -484,9 +537,10 @@ pub const NOT_ANNOTATED_DISABLED: &str = "!has(object.metadata.annotations) || !
 ///
 /// - namespace webhook: pods in namespaces labelled `palisade.dev/inject=enabled`, except
 ///   those annotated `disabled` (the pod wins) or on the host network;
-/// - pod webhook: pods annotated `palisade.dev/inject: enabled` in the other namespaces.
+/// - pod webhook: pods in the other namespaces that have the annotation `palisade.dev/inject`
+///   with a value other than `disabled` (the injector injects `enabled`, refuses the rest).
 ///
-/// Never kube-system, nor the control plane's own namespace; never a pod labelled
+/// Never the namespaces of [`NEVER_INJECTED`]; never a pod labelled
 /// `palisade.dev/inject: disabled`. `failurePolicy: Fail`: a pod that asked for the mesh is
 /// refused, not started without its sidecar, while the injector cannot be reached (zero
 /// trust), and the control plane runs two replicas behind a PodDisruptionBudget.
@@ -515,11 +569,7 @@ pub fn webhook_configuration(trust_anchor_pem: &str) -> MutatingWebhookConfigura
             }]),
             namespace_selector: Some(LabelSelector {
                 match_expressions: Some(vec![
-                    requirement(
-                        "kubernetes.io/metadata.name",
-                        "NotIn",
-                        &["kube-system", NAMESPACE],
-                    ),
+                    requirement("kubernetes.io/metadata.name", "NotIn", &NEVER_INJECTED),
                     requirement(INJECT_KEY, ns_operator, &["enabled"]),
                 ]),
                 ..Default::default()
@@ -551,7 +601,7 @@ pub fn webhook_configuration(trust_anchor_pem: &str) -> MutatingWebhookConfigura
                 "NotIn",
                 vec![
                     match_condition("not-host-network", NOT_HOST_NETWORK),
-                    match_condition("annotated-enabled", ANNOTATED_ENABLED),
+                    match_condition("annotated-not-disabled", ANNOTATED_NOT_DISABLED),
                 ],
             ),
         ]),
@@ -594,12 +644,18 @@ pub fn identity_documents(ca: &Ca) -> Result<Vec<Value>, ManifestError> {
     ])
 }
 
-/// The first lines of `palisade install`'s output and of `deploy/kubernetes/palisade.yaml`.
+/// The first lines of `palisade install`'s output, and of `deploy/kubernetes/palisade.yaml`.
 pub const HEADER: &str = "\
-# Palisade on Kubernetes: namespace, CRDs, RBAC and the control plane.
-# Generated by `palisade install --no-identity`; do not edit (docs/kubernetes.md).
-# `palisade install` prints this and then the documents that carry the mesh CA: the Secret
-# palisade-identity, the ConfigMap palisade-trust-bundle and the webhook configuration.
+# Palisade on Kubernetes, as `palisade install` prints it (docs/kubernetes.md); do not edit.
+# First what every install of this version shares: the namespace, the CRDs, RBAC and the
+# control plane. `palisade install --no-identity` stops there.
+";
+
+/// The line between the two parts: what follows holds the issuer's private key.
+pub const IDENTITY_HEADER: &str = "\
+# Then this install's mesh CA: the Secret palisade-identity (the issuer's private key: keep
+# this output secret), the ConfigMap palisade-trust-bundle and the injector's webhook, whose
+# caBundle is the trust anchor. The same CA (`palisade install --ca DIR`) keeps identities.
 ";
 
 /// YAML documents, `---` between them.
@@ -617,9 +673,12 @@ pub fn render_static(opts: &InstallOptions) -> Result<String, ManifestError> {
     Ok(format!("{HEADER}{}", to_yaml(&static_documents(opts)?)?))
 }
 
-/// The identity part, to print after [`render_static`].
+/// The identity part, to print after [`render_static`]: the same for the same CA.
 pub fn render_identity(ca: &Ca) -> Result<String, ManifestError> {
-    to_yaml(&identity_documents(ca)?)
+    Ok(format!(
+        "{IDENTITY_HEADER}{}",
+        to_yaml(&identity_documents(ca)?)?
+    ))
 }
 
 #[cfg(test)]
@@ -646,6 +705,12 @@ mod tests {
         let docs = static_docs();
         assert_eq!(docs[0]["kind"], "Namespace", "kubectl applies in order");
         assert_eq!(docs[0]["metadata"]["name"], NAMESPACE);
+        let ns_labels = &docs[0]["metadata"]["labels"];
+        assert_eq!(ns_labels[INJECT_KEY], "disabled");
+        assert_eq!(
+            ns_labels["pod-security.kubernetes.io/enforce"],
+            "restricted"
+        );
         for d in &docs[1..] {
             let namespaced = !matches!(
                 d["kind"].as_str(),
@@ -704,7 +769,7 @@ mod tests {
             port_named(&webhook_port["targetPort"]),
             Some(json!(WEBHOOK_PORT))
         );
-        for probe in ["readinessProbe", "livenessProbe"] {
+        for probe in ["startupProbe", "readinessProbe", "livenessProbe"] {
             assert_eq!(
                 port_named(&container[probe]["httpGet"]["port"]),
                 Some(json!(METRICS_PORT)),
@@ -744,31 +809,35 @@ mod tests {
         );
     }
 
-    /// The control plane may read, and do, exactly this; nothing cluster-wide on Secrets.
-    #[test]
-    fn the_roles_grant_only_what_the_control_plane_uses() {
-        let role = serde_json::to_value(cluster_role()).expect("json");
+    fn strs(v: &Value) -> Vec<&str> {
+        v.as_array()
+            .map(|a| a.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default()
+    }
+
+    /// Each (group, resource) a rule grants, with its verbs and resource names, one a line.
+    fn grants(role: &Value) -> Vec<String> {
         let mut grants = Vec::new();
         for r in role["rules"].as_array().expect("rules") {
-            assert!(r.get("resourceNames").is_none(), "{r}");
-            for g in r["apiGroups"].as_array().expect("groups") {
-                for res in r["resources"].as_array().expect("resources") {
-                    let verbs: Vec<&str> = r["verbs"]
-                        .as_array()
-                        .expect("verbs")
-                        .iter()
-                        .filter_map(Value::as_str)
-                        .collect();
-                    grants.push(format!(
-                        "{}/{}: {}",
-                        g.as_str().unwrap_or("?"),
-                        res.as_str().unwrap_or("?"),
-                        verbs.join(",")
-                    ));
+            for g in strs(&r["apiGroups"]) {
+                for res in strs(&r["resources"]) {
+                    let mut line = format!("{g}/{res}: {}", strs(&r["verbs"]).join(","));
+                    if r.get("resourceNames").is_some() {
+                        line.push_str(&format!(" {:?}", strs(&r["resourceNames"])));
+                    }
+                    grants.push(line);
                 }
             }
         }
         grants.sort();
+        grants
+    }
+
+    /// The control plane may read, and do, exactly this; nothing cluster-wide on Secrets, no
+    /// wildcard, no write but to the status of its own policies, Events and the trust bundle.
+    #[test]
+    fn the_roles_grant_only_what_the_control_plane_uses() {
+        let role = serde_json::to_value(cluster_role()).expect("json");
         let read = "get,list,watch";
         let mut expected = vec![
             format!("/pods: {read}"),
@@ -777,25 +846,57 @@ mod tests {
             format!("discovery.k8s.io/endpointslices: {read}"),
             format!("palisade.dev/authorizationpolicies: {read}"),
             format!("palisade.dev/peerauthentications: {read}"),
+            "palisade.dev/authorizationpolicies/status: patch".to_string(),
+            "palisade.dev/peerauthentications/status: patch".to_string(),
             format!("security.istio.io/authorizationpolicies: {read}"),
             format!("security.istio.io/peerauthentications: {read}"),
             format!("gateway.networking.k8s.io/httproutes: {read}"),
             format!("gateway.networking.k8s.io/grpcroutes: {read}"),
             "authentication.k8s.io/tokenreviews: create".to_string(),
-            "/events: create,patch".to_string(),
             "events.k8s.io/events: create,patch".to_string(),
+            "/configmaps: create".to_string(),
+            format!("/configmaps: get,list,watch,patch [{TRUST_BUNDLE_CONFIG_MAP:?}]"),
         ];
         expected.sort();
-        assert_eq!(grants, expected);
+        assert_eq!(grants(&role), expected);
+        assert!(!role.to_string().contains('*'), "no wildcard: {role}");
 
         let role = serde_json::to_value(identity_role()).expect("json");
         assert_eq!(
-            role["rules"],
-            json!([{
-                "apiGroups": [""], "resources": ["secrets"],
-                "resourceNames": [IDENTITY_SECRET], "verbs": ["get", "list", "watch"],
-            }])
+            grants(&role),
+            [format!("/secrets: get [{IDENTITY_SECRET:?}]")]
         );
+    }
+
+    /// The policies' status is a subresource: a user's apply cannot set it, the control
+    /// plane's status patch cannot change the spec.
+    #[test]
+    fn the_crds_have_a_status_subresource() {
+        for crd in crate::k8s::crd::crds() {
+            let crd = serde_json::to_value(crd).expect("json");
+            let version = &crd["spec"]["versions"][0];
+            assert_eq!(
+                version["subresources"],
+                json!({ "status": {} }),
+                "{}",
+                crd["metadata"]["name"]
+            );
+            let status = &version["schema"]["openAPIV3Schema"]["properties"]["status"];
+            let conditions = &status["properties"]["conditions"];
+            assert_eq!(conditions["x-kubernetes-list-type"], "map");
+            assert_eq!(conditions["x-kubernetes-list-map-keys"], json!(["type"]));
+            assert_eq!(
+                conditions["items"]["properties"]["status"]["enum"],
+                json!(["True", "False", "Unknown"])
+            );
+            let columns: Vec<&str> = version["additionalPrinterColumns"]
+                .as_array()
+                .expect("columns")
+                .iter()
+                .filter_map(|c| c["name"].as_str())
+                .collect();
+            assert!(columns.contains(&"Accepted"), "{columns:?}");
+        }
     }
 
     fn decode(v: &Value) -> String {
@@ -858,9 +959,32 @@ mod tests {
             render_identity(&ca).expect("identity")
         );
         assert!(text.starts_with(HEADER));
+        assert!(text.contains(&format!("\n{IDENTITY_HEADER}---\n")));
         let back: Vec<Value> = serde_saphyr::from_multiple(&text).expect("YAML");
         let back: Vec<Value> = back.into_iter().filter(|d| !d.is_null()).collect();
         assert_eq!(back, docs);
+    }
+
+    /// `palisade install --ca DIR` prints the same bytes every time (what keeps identities
+    /// on an upgrade, and what lets a test compare it with deploy/kubernetes/).
+    #[test]
+    fn the_same_ca_gives_the_same_documents() {
+        let td = palisade_certs::TrustDomain::new("cluster.local").expect("td");
+        let dir = tempfile::tempdir().expect("tempdir");
+        Ca::generate(&td, None)
+            .expect("CA")
+            .save(&dir.path().join("ca"))
+            .expect("save");
+        let load = || Ca::load(&dir.path().join("ca")).expect("load");
+        let (a, b) = (load(), load());
+        assert_eq!(
+            render_identity(&a).expect("identity"),
+            render_identity(&b).expect("identity")
+        );
+        assert_eq!(
+            render_static(&InstallOptions::default()).expect("static"),
+            render_static(&InstallOptions::default()).expect("static")
+        );
     }
 
     /// `matchLabels`/`matchExpressions` as the API server reads them.
@@ -977,6 +1101,14 @@ mod tests {
             ("demo", None, pod(None, None, false), none()),
             ("demo", None, pod(Some("enabled"), None, false), pod_hook()),
             ("demo", None, pod(Some("disabled"), None, false), none()),
+            ("demo", None, pod(Some("yes"), None, false), pod_hook()),
+            (
+                "demo",
+                Some("enabled"),
+                pod(Some("yes"), None, false),
+                ns_hook(),
+            ),
+            ("demo", Some("true"), pod(None, None, false), none()),
             ("demo", None, pod(Some("enabled"), None, true), none()),
             (
                 "demo",
@@ -997,7 +1129,20 @@ mod tests {
                 pod(Some("enabled"), None, false),
                 none(),
             ),
+            (
+                "kube-public",
+                None,
+                pod(Some("enabled"), None, false),
+                none(),
+            ),
+            (
+                "kube-node-lease",
+                Some("enabled"),
+                pod(None, None, false),
+                none(),
+            ),
             (NAMESPACE, None, pod(Some("enabled"), None, false), none()),
+            (NAMESPACE, Some("enabled"), pod(None, None, false), none()),
         ];
         for (ns, label, pod, expected) in cases {
             assert_eq!(
