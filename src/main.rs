@@ -47,6 +47,9 @@ enum Command {
     /// The iptables rules of a meshed pod (the injected init container): inbound TCP to the
     /// proxy's inbound port, outbound TCP to its transparent listener.
     Init(cmd::init::InitArgs),
+    /// Print the Kubernetes manifests (CRDs, control plane, RBAC, mesh CA, injector webhook)
+    /// for `kubectl apply -f -`.
+    Install(cmd::install::InstallArgs),
     /// The latency benchmark: direct vs through the mesh, open loop, HDR histograms.
     Bench(cmd::bench::BenchArgs),
     /// A plain TCP relay: the floor `bench --relays` measures the mesh against.
@@ -67,6 +70,7 @@ fn main() -> ExitCode {
         Command::DemoApp(a) => cmd::demo_app::run(a),
         Command::Check(a) => cmd::check::run(a),
         Command::Init(a) => cmd::init::run(a),
+        Command::Install(a) => cmd::install::run(a),
         Command::Bench(a) => cmd::bench::run(a),
         Command::Relay(a) => cmd::relay::run(a),
         Command::Inject(a) => cmd::inject::run(a),

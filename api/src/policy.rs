@@ -15,6 +15,9 @@ use palisade_certs::SpiffeId;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+#[cfg(feature = "schema")]
+pub mod schema;
+
 pub const API_VERSION: &str = "palisade.dev/v1alpha1";
 const ISTIO_VERSIONS: &[&str] = &["security.istio.io/v1", "security.istio.io/v1beta1"];
 /// Policies in this namespace apply to every workload of the mesh (Istio's root namespace).
@@ -51,9 +54,12 @@ impl ObjectMeta {
     }
 }
 
+/// Which workloads of the policy's namespace it applies to: those with all these labels.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct WorkloadSelector {
+    /// Labels a workload must all have.
     #[serde(default)]
     pub match_labels: BTreeMap<String, String>,
 }
@@ -66,7 +72,9 @@ impl WorkloadSelector {
     }
 }
 
+/// What a matching rule does: ALLOW (the default), DENY, or AUDIT (log only).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "UPPERCASE")]
 pub enum Action {
     #[default]
@@ -85,9 +93,15 @@ pub struct AuthorizationPolicy {
     pub spec: AuthorizationPolicySpec,
 }
 
+/// Who may call the selected workloads, with Istio's semantics: any matching DENY denies; no
+/// ALLOW policy selecting a workload means the mesh's default policy; else a matching ALLOW
+/// rule allows and nothing else does.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AuthorizationPolicySpec {
+    /// Absent: every workload of the policy's namespace (every workload of the mesh in the
+    /// root namespace, palisade-system).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<WorkloadSelector>,
     #[serde(default)]
@@ -97,7 +111,10 @@ pub struct AuthorizationPolicySpec {
     pub rules: Option<Vec<Rule>>,
 }
 
+/// Matches a request when one `from` source, one `to` operation and every `when` condition
+/// match (an absent list matches anything; `{}` matches every request).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Rule {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -109,52 +126,74 @@ pub struct Rule {
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RuleFrom {
     pub source: Source,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RuleTo {
     pub operation: Operation,
 }
 
+/// Who calls. Patterns: exact, `prefix*`, `*suffix` or `*`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[cfg_attr(feature = "schema", schemars(transform = schema::not_empty))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Source {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[cfg_attr(feature = "schema", schemars(inner(pattern(schema::PRINCIPAL), length(max = schema::MAX_ID_PATTERN_LEN))))]
     pub principals: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[cfg_attr(feature = "schema", schemars(inner(pattern(schema::PRINCIPAL), length(max = schema::MAX_ID_PATTERN_LEN))))]
     pub not_principals: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[cfg_attr(feature = "schema", schemars(inner(pattern(schema::NAMESPACE), length(max = schema::MAX_ID_PATTERN_LEN))))]
     pub namespaces: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[cfg_attr(feature = "schema", schemars(inner(pattern(schema::NAMESPACE), length(max = schema::MAX_ID_PATTERN_LEN))))]
     pub not_namespaces: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[cfg_attr(feature = "schema", schemars(inner(pattern(schema::IP_BLOCK))))]
     pub ip_blocks: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[cfg_attr(feature = "schema", schemars(inner(pattern(schema::IP_BLOCK))))]
     pub not_ip_blocks: Vec<String>,
 }
 
+/// What is called. Patterns: exact, `prefix*`, `*suffix` or `*`; ports are strings.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[cfg_attr(feature = "schema", schemars(transform = schema::not_empty))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Operation {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[cfg_attr(feature = "schema", schemars(inner(pattern(schema::WILDCARD))))]
     pub hosts: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[cfg_attr(feature = "schema", schemars(inner(pattern(schema::WILDCARD))))]
     pub not_hosts: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[cfg_attr(feature = "schema", schemars(inner(pattern(schema::PORT))))]
     pub ports: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[cfg_attr(feature = "schema", schemars(inner(pattern(schema::PORT))))]
     pub not_ports: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[cfg_attr(feature = "schema", schemars(inner(pattern(schema::WILDCARD))))]
     pub methods: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[cfg_attr(feature = "schema", schemars(inner(pattern(schema::WILDCARD))))]
     pub not_methods: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[cfg_attr(feature = "schema", schemars(inner(pattern(schema::WILDCARD))))]
     pub paths: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[cfg_attr(feature = "schema", schemars(inner(pattern(schema::WILDCARD))))]
     pub not_paths: Vec<String>,
 }
 
@@ -170,10 +209,18 @@ impl Operation {
     }
 }
 
+/// A condition on the request: `key` is `request.headers[NAME]`, `source.ip`,
+/// `source.namespace`, `source.principal` or `destination.port`; it matches when the value
+/// matches one of `values` (if given) and none of `notValues`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[cfg_attr(feature = "schema", schemars(transform = schema::condition))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Condition {
+    #[cfg_attr(feature = "schema", schemars(pattern(schema::CONDITION_KEY)))]
     pub key: String,
+    /// Patterns: exact, `prefix*`, `*suffix` or `*` (for `source.principal`, principal
+    /// patterns, which may start with `spiffe://`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub values: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -203,7 +250,10 @@ fn header_key(key: &str) -> Option<&str> {
         .and_then(|r| r.strip_suffix(']'))
 }
 
+/// STRICT: mTLS only; PERMISSIVE: mTLS or plaintext; DISABLE: plaintext; UNSET: inherit
+/// (the namespace's, then the mesh's, then STRICT).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "UPPERCASE")]
 pub enum MtlsMode {
     #[default]
@@ -214,6 +264,7 @@ pub enum MtlsMode {
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Mtls {
     #[serde(default)]
@@ -230,14 +281,20 @@ pub struct PeerAuthentication {
     pub spec: PeerAuthenticationSpec,
 }
 
+/// The mTLS mode of the selected workloads' inbound side: per namespace (no selector), per
+/// workload (selector), per port (`portLevelMtls`, with a selector). Without any: STRICT.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[cfg_attr(feature = "schema", schemars(transform = schema::peer_authentication_spec))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PeerAuthenticationSpec {
+    /// Absent: every workload of the namespace (of the mesh, in palisade-system).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<WorkloadSelector>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mtls: Option<Mtls>,
     /// Keyed by port number (a string in YAML, as in Istio).
+    #[cfg_attr(feature = "schema", schemars(transform = schema::port_level_mtls))]
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub port_level_mtls: BTreeMap<u32, Mtls>,
 }

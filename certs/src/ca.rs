@@ -380,6 +380,12 @@ impl Ca {
         &self.issuer_der
     }
 
+    /// The issuer's private key (PKCS#8 PEM), for `palisade install` to put into the
+    /// Kubernetes Secret the control plane signs with. A secret: never log it.
+    pub fn issuer_key_pem(&self) -> &str {
+        &self.issuer_key_pem
+    }
+
     /// The chain a leaf is sent with, after the leaf itself (the root is not sent: peers have it).
     pub fn chain(&self) -> Vec<CertificateDer<'static>> {
         vec![self.issuer_der.clone()]

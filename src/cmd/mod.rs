@@ -8,6 +8,7 @@ pub mod demo_app;
 pub mod http_util;
 pub mod init;
 pub mod inject;
+pub mod install;
 pub mod policy;
 pub mod proxy;
 pub mod relay;
