@@ -6,7 +6,7 @@
 FROM rust:1-bookworm AS build
 WORKDIR /src
 COPY . .
-RUN cargo build --release --locked --bin palisade
+RUN cargo build --release --locked --bin palisade --bin palisade-proxy
 
 FROM debian:bookworm-slim
 # iptables for `palisade init` (the init container runs as root with NET_ADMIN/NET_RAW);
@@ -14,6 +14,6 @@ FROM debian:bookworm-slim
 RUN apt-get update \
  && apt-get install -y --no-install-recommends iptables \
  && rm -rf /var/lib/apt/lists/*
-COPY --from=build /src/target/release/palisade /usr/local/bin/palisade
+COPY --from=build /src/target/release/palisade /src/target/release/palisade-proxy /usr/local/bin/
 USER 2102:2102
 ENTRYPOINT ["/usr/local/bin/palisade"]

@@ -358,7 +358,6 @@ impl Snapshot {
                         ..Default::default()
                     })
                     .collect(),
-                ..Default::default()
             });
         }
         Snapshot::from_proto(&cfg).map_err(|e| file_err(e.to_string()))
