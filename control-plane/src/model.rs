@@ -206,7 +206,11 @@ impl Model {
                                 // hand that to its proxy, which then knows the app port.
                                 address: SocketAddr::new(
                                     e.address,
-                                    if e.target_port == 0 { w.inbound_port } else { e.target_port },
+                                    if e.target_port == 0 {
+                                        w.inbound_port
+                                    } else {
+                                        e.target_port
+                                    },
                                 )
                                 .to_string(),
                                 identity: id.as_str().to_string(),
