@@ -202,17 +202,11 @@ impl Model {
                                 .find(|w| w.namespace == s.namespace && w.name == e.workload)?;
                             let id = w.spiffe_id(&self.mesh).ok()?;
                             Some(v1::Endpoint {
-                                // The pod's address and the service's target port: the pod's iptables
-                                // hand that to its proxy, which then knows the app port.
-                                address: SocketAddr::new(
-                                    e.address,
-                                    if e.target_port == 0 {
-                                        w.inbound_port
-                                    } else {
-                                        e.target_port
-                                    },
-                                )
-                                .to_string(),
+                                // The pod's proxy's inbound port: a probed port is left out of the pod's
+                                // redirection (see docs/kubernetes.md), so `<podIP>:<targetPort>`
+                                // could reach the app without its proxy. The target port travels
+                                // in `target_port`.
+                                address: SocketAddr::new(e.address, w.inbound_port).to_string(),
                                 identity: id.as_str().to_string(),
                                 weight: 1,
                                 workload: w.name.clone(),
