@@ -119,12 +119,12 @@ impl Pods {
             .into_owned()
     }
 
-    /// A plain HTTP/1.1 request from `ns` (as root, so not the proxy's UID) with bash's
-    /// `/dev/tcp`: the app knows nothing of the mesh.
-    fn plain_get(&self, ns: &str, ip: &str, port: u16) -> String {
+    /// A plain HTTP/1.1 GET from `ns` (as root, so not the proxy's UID) with bash's
+    /// `/dev/tcp`: the caller knows nothing of the mesh.
+    fn plain_get(&self, ns: &str, ip: &str, port: u16, path: &str) -> String {
         let script = format!(
             "exec 3<>/dev/tcp/{ip}/{port} || exit 1; \
-             printf 'GET /hello HTTP/1.1\\r\\nHost: api\\r\\nConnection: close\\r\\n\\r\\n' >&3; \
+             printf 'GET {path} HTTP/1.1\\r\\nHost: {ip}\\r\\nConnection: close\\r\\n\\r\\n' >&3; \
              timeout 5 cat <&3"
         );
         let out = run(&mut self.cmd(ns, &["timeout", "8", "bash", "-c", &script]));
@@ -293,7 +293,7 @@ fn init_sends_plain_connections_between_pods_through_both_proxies_over_mtls() {
     let expected = format!("hello from api; caller: {A_ID}");
     let mut last = String::new();
     let through_pod_ip = eventually(Duration::from_secs(20), || {
-        last = pods.plain_get(&pods.a, &b_ip, 8080);
+        last = pods.plain_get(&pods.a, &b_ip, 8080, "/hello");
         last.contains(&expected)
     });
     assert!(
@@ -304,11 +304,12 @@ fn init_sends_plain_connections_between_pods_through_both_proxies_over_mtls() {
         app.log()
     );
     // The service's virtual IP goes the same way (a ClusterIP on Kubernetes).
-    let via_vip = pods.plain_get(&pods.a, vip, 8080);
+    let via_vip = pods.plain_get(&pods.a, vip, 8080, "/hello");
     assert!(via_vip.contains(&expected), "via {vip}: {via_vip:?}");
 
-    // And it really was mTLS between the proxies: B's proxy counted inbound TLS from A.
-    let metrics = pods.plain_get_admin(&pods.b);
+    // And it really was mTLS between the proxies: B's proxy counted inbound TLS from A (read
+    // from inside B: its admin port is never redirected).
+    let metrics = pods.plain_get(&pods.b, "127.0.0.1", 4191, "/metrics");
     assert!(
         metric_sum(
             &metrics,
@@ -317,15 +318,4 @@ fn init_sends_plain_connections_between_pods_through_both_proxies_over_mtls() {
         ) >= 1.0,
         "{metrics}"
     );
-}
-
-impl Pods {
-    /// B's proxy metrics from inside B (its admin port is never redirected).
-    fn plain_get_admin(&self, ns: &str) -> String {
-        let script = "exec 3<>/dev/tcp/127.0.0.1/4191 || exit 1; \
-             printf 'GET /metrics HTTP/1.1\\r\\nHost: admin\\r\\nConnection: close\\r\\n\\r\\n' >&3; \
-             timeout 5 cat <&3";
-        let out = run(&mut self.cmd(ns, &["timeout", "8", "bash", "-c", script]));
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
 }

@@ -78,6 +78,7 @@ impl ConfigSource for LocalSource {
         self.rx.clone()
     }
 
+    /// A receiver of [`LocalSource::last_rejection`], for a status page that outlives a borrow.
     fn rejections(&self) -> watch::Receiver<Option<Rejection>> {
         self.rejection.clone()
     }
@@ -352,11 +353,6 @@ impl LocalSource {
     /// The latest rejected change, while no later change has loaded.
     pub fn last_rejection(&self) -> Option<Rejection> {
         self.rejection.borrow().clone()
-    }
-
-    /// A receiver of [`LocalSource::last_rejection`], for a status page that outlives a borrow.
-    pub fn rejections(&self) -> watch::Receiver<Option<Rejection>> {
-        self.rejection.clone()
     }
 }
 

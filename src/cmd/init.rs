@@ -89,39 +89,16 @@ pub fn rules(a: &InitArgs) -> anyhow::Result<(Vec<Rule>, Vec<Rule>)> {
         a.admin_port.to_string(),
         a.proxy_uid.to_string(),
     );
-    let mut chain = Vec::new();
-    chain.push(rule(&[
-        "-A",
-        INBOUND_CHAIN,
-        "-p",
-        "tcp",
-        "--dport",
-        &admin,
-        "-j",
-        "RETURN",
-    ]));
-    for p in &skip_in {
-        chain.push(rule(&[
-            "-A",
-            INBOUND_CHAIN,
-            "-p",
-            "tcp",
-            "--dport",
-            p,
-            "-j",
-            "RETURN",
-        ]));
-    }
-    chain.push(rule(&[
-        "-A",
-        INBOUND_CHAIN,
-        "-p",
-        "tcp",
-        "-j",
-        "REDIRECT",
-        "--to-ports",
-        &inbound,
-    ]));
+    // `-A CHAIN -p tcp --dport PORT -j RETURN`: leave this port alone.
+    let leave = |chain: &str, port: &str| {
+        rule(&["-A", chain, "-p", "tcp", "--dport", port, "-j", "RETURN"])
+    };
+    let redirect = |chain: &str, to: &str| {
+        rule(&["-A", chain, "-p", "tcp", "-j", "REDIRECT", "--to-ports", to])
+    };
+    let mut chain = vec![leave(INBOUND_CHAIN, &admin)];
+    chain.extend(skip_in.iter().map(|p| leave(INBOUND_CHAIN, p)));
+    chain.push(redirect(INBOUND_CHAIN, &inbound));
     chain.push(rule(&[
         "-A",
         OUTPUT_CHAIN,
@@ -133,28 +110,8 @@ pub fn rules(a: &InitArgs) -> anyhow::Result<(Vec<Rule>, Vec<Rule>)> {
         "RETURN",
     ]));
     chain.push(rule(&["-A", OUTPUT_CHAIN, "-o", "lo", "-j", "RETURN"]));
-    for p in &skip_out {
-        chain.push(rule(&[
-            "-A",
-            OUTPUT_CHAIN,
-            "-p",
-            "tcp",
-            "--dport",
-            p,
-            "-j",
-            "RETURN",
-        ]));
-    }
-    chain.push(rule(&[
-        "-A",
-        OUTPUT_CHAIN,
-        "-p",
-        "tcp",
-        "-j",
-        "REDIRECT",
-        "--to-ports",
-        &outbound,
-    ]));
+    chain.extend(skip_out.iter().map(|p| leave(OUTPUT_CHAIN, p)));
+    chain.push(redirect(OUTPUT_CHAIN, &outbound));
     let jumps = vec![
         rule(&["PREROUTING", "-p", "tcp", "-j", INBOUND_CHAIN]),
         rule(&["OUTPUT", "-p", "tcp", "-j", OUTPUT_CHAIN]),
