@@ -494,10 +494,9 @@ mod tests {
         );
         assert_eq!(
             err(|i| {
-                i.authorization_policies[1].rules[0].from[0]
-                    .source
-                    .as_mut()
-                    .map(|s| s.principals.push(v1::StringMatch::default()));
+                if let Some(s) = i.authorization_policies[1].rules[0].from[0].source.as_mut() {
+                    s.principals.push(v1::StringMatch::default());
+                }
             }),
             "inbound.authorization_policies[1].rules[0].from[0].source.principals[1]: \
              policy demo/p: no match type (exact, prefix, suffix or presence)"
