@@ -1,9 +1,9 @@
 //! Authorization with Istio's semantics, compiled per workload.
 //!
-//! The control plane sends the AuthorizationPolicies that select this workload; they are
-//! compiled once per config snapshot into matchers (strings pre-split into exact / prefix /
-//! suffix / any, CIDRs parsed, ports as integers, header names lowercased), so a decision only
-//! borrows: no allocation, no lock.
+//! The control plane sends the AuthorizationPolicies that select this workload, typed
+//! (`v1::Authorization`: patterns already exact / prefix / suffix / presence, CIDRs and ports as
+//! numbers, header names lowercased); they are compiled once per config snapshot into matchers
+//! that own their strings, so a decision only borrows: no allocation, no lock.
 //!
 //! Order (Istio): any matching DENY → deny; no ALLOW policy → the mesh `defaultPolicy`; any
 //! matching ALLOW → allow; else deny. AUDIT only records.
