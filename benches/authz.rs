@@ -5,10 +5,12 @@ use std::path::Path;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use http::HeaderMap;
-use palisade_api::policy::{AuthorizationPolicy, DefaultPolicy, Resource, parse_str};
+use palisade_api::policy::{DefaultPolicy, Resource, parse_str};
+use palisade_api::v1;
 use palisade_proxy::authz::{Authorizer, ConnContext, HttpContext};
 
-fn policy_with_rules(n: usize) -> AuthorizationPolicy {
+/// The policy as the proxy gets it, in the wire form.
+fn policy_with_rules(n: usize) -> v1::Authorization {
     let mut yaml = String::from(
         "apiVersion: palisade.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: { name: bench, namespace: demo }\nspec:\n  action: ALLOW\n  rules:\n",
     );
@@ -29,7 +31,9 @@ fn policy_with_rules(n: usize) -> AuthorizationPolicy {
         ));
     }
     match parse_str(Path::new("bench.yaml"), &yaml).map(|mut v| v.remove(0)) {
-        Ok(Resource::AuthorizationPolicy(p)) => p,
+        Ok(Resource::AuthorizationPolicy(p)) => {
+            v1::Authorization::try_from(&p).expect("bench policy converts")
+        }
         other => panic!("bench policy did not parse: {other:?}"),
     }
 }

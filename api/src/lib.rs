@@ -8,11 +8,14 @@ pub mod v1 {
     tonic::include_proto!("palisade.v1");
 }
 
+pub mod authorization;
 pub mod client;
+pub mod mtls;
 pub mod path;
 pub mod policy;
 pub mod protocol;
 
+pub use mtls::MtlsMode;
 pub use path::PathNormalization;
 pub use protocol::Protocol;
 

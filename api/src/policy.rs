@@ -17,6 +17,7 @@ use serde_json::Value;
 
 #[cfg(feature = "schema")]
 pub mod schema;
+pub use crate::MtlsMode;
 
 pub const API_VERSION: &str = "palisade.dev/v1alpha1";
 const ISTIO_VERSIONS: &[&str] = &["security.istio.io/v1", "security.istio.io/v1beta1"];
@@ -248,19 +249,6 @@ impl Condition {
 fn header_key(key: &str) -> Option<&str> {
     key.strip_prefix("request.headers[")
         .and_then(|r| r.strip_suffix(']'))
-}
-
-/// STRICT: mTLS only; PERMISSIVE: mTLS or plaintext; DISABLE: plaintext; UNSET: inherit
-/// (the namespace's, then the mesh's, then STRICT).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
-#[serde(rename_all = "UPPERCASE")]
-pub enum MtlsMode {
-    #[default]
-    Unset,
-    Strict,
-    Permissive,
-    Disable,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -911,6 +899,9 @@ fn validate_authz(c: &mut Ctx<'_>, doc: &Value) {
                     c.err(&wp, "a condition needs `values` or `notValues`");
                 }
                 let check: Check = match key {
+                    // The proxy matches source.ip by address, so a pattern would be refused
+                    // by every proxy the policy reaches: refuse it here, with its field.
+                    Some("source.ip") => check_ip_block,
                     Some("source.principal") => check_principal,
                     Some("source.namespace") => check_namespace,
                     _ => check_pattern,
@@ -1341,6 +1332,12 @@ spec: { mtls: { mode: PERMISSIVE } }
 
         let e = first_err(&GOOD.replace("10.0.0.0/8", "10.0.0/33"));
         assert_eq!(e.field, "spec.rules[0].from[0].source.ipBlocks[0]");
+
+        let e = first_err(&GOOD.replace(
+            "key: \"request.headers[x-user]\", values: [\"alice\"]",
+            "key: source.ip, values: [\"10.0.0.0/8\", \"10.*\"]",
+        ));
+        assert_eq!(e.field, "spec.rules[0].when[0].values[1]");
 
         let e = first_err(&GOOD.replace("8080", "80800"));
         assert_eq!(e.field, "spec.rules[0].to[0].operation.ports[0]");

@@ -1,7 +1,10 @@
 //! What an app or a service speaks (the Kubernetes `appProtocol` / Istio port-name convention),
-//! shared by the mesh file, the wire config and the proxy so the three cannot drift apart.
+//! shared by the mesh file, the wire config (as the proto enum) and the proxy so the three
+//! cannot drift apart.
 
 use serde::{Deserialize, Serialize};
+
+use crate::v1;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -17,7 +20,7 @@ pub enum Protocol {
 }
 
 impl Protocol {
-    /// The wire name used in the proto (`ProxyConfig`).
+    /// The name in the mesh file and the proxy's static file.
     pub fn as_str(self) -> &'static str {
         match self {
             Protocol::Detect => "detect",
@@ -28,13 +31,35 @@ impl Protocol {
         }
     }
 
+    pub fn to_proto(self) -> v1::Protocol {
+        match self {
+            Protocol::Detect => v1::Protocol::Detect,
+            Protocol::Http => v1::Protocol::Http,
+            Protocol::Http2 => v1::Protocol::Http2,
+            Protocol::Grpc => v1::Protocol::Grpc,
+            Protocol::Opaque => v1::Protocol::Opaque,
+        }
+    }
+
+    /// None for a value this build does not know (a newer control plane): refused by the
+    /// caller, since guessing would change what reaches the app.
+    pub fn from_proto(v: i32) -> Option<Self> {
+        Some(match v1::Protocol::try_from(v).ok()? {
+            v1::Protocol::Detect => Protocol::Detect,
+            v1::Protocol::Http => Protocol::Http,
+            v1::Protocol::Http2 => Protocol::Http2,
+            v1::Protocol::Grpc => Protocol::Grpc,
+            v1::Protocol::Opaque => Protocol::Opaque,
+        })
+    }
+
     /// Spoken over HTTP only: such an app or service is never reached through a tunnel.
     pub fn is_http(self) -> bool {
         matches!(self, Protocol::Http | Protocol::Http2 | Protocol::Grpc)
     }
 
-    /// Parses a wire name. An empty string (an unset proto field) is `detect`, and `tcp` is
-    /// accepted for `opaque`.
+    /// Parses a name as the proxy's static file writes it. An empty string is `detect`, and
+    /// `tcp` is accepted for `opaque`.
     pub fn parse(s: &str) -> Result<Self, String> {
         match s {
             "" | "detect" => Ok(Protocol::Detect),
@@ -69,9 +94,11 @@ mod tests {
             Protocol::Opaque,
         ] {
             assert_eq!(Protocol::parse(p.as_str()), Ok(p));
+            assert_eq!(Protocol::from_proto(p.to_proto() as i32), Some(p));
         }
         assert_eq!(Protocol::parse(""), Ok(Protocol::Detect));
         assert_eq!(Protocol::parse("tcp"), Ok(Protocol::Opaque));
         assert!(Protocol::parse("udp").is_err());
+        assert_eq!(Protocol::from_proto(99), None);
     }
 }

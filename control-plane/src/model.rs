@@ -8,9 +8,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use palisade_api::policy::{
-    self, AuthorizationPolicy, DefaultPolicy, PeerAuthentication, PolicyError, Resource,
-};
+use palisade_api::policy::{self, AuthorizationPolicy, PeerAuthentication, PolicyError, Resource};
 use palisade_api::v1;
 
 use crate::mesh::{Mesh, MeshError, Protocol, Workload};
@@ -147,19 +145,11 @@ impl Model {
 
     fn inbound(&self, w: &Workload) -> v1::Inbound {
         let mtls = policy::effective_mtls(&self.peer_authentications, &w.namespace, &w.labels);
-        let authorization_policies_json = self
+        let authorization_policies = self
             .authorization_policies
             .iter()
             .filter(|p| p.selects(&w.namespace, &w.labels, policy::ROOT_NAMESPACE))
-            .filter_map(|p| match serde_json::to_string(p) {
-                Ok(json) => Some(json),
-                Err(e) => {
-                    // Cannot happen for plain data; never push a config silently missing a
-                    // policy without saying so.
-                    tracing::error!(error = %e, "cannot serialize an AuthorizationPolicy");
-                    None
-                }
-            })
+            .map(wire_policy)
             .collect();
         let app_protocol = self
             .mesh
@@ -168,16 +158,19 @@ impl Model {
             .find(|s| s.selects(w))
             .map(|s| s.protocol)
             .unwrap_or(Protocol::Detect);
+        // `effective_mtls` resolves UNSET by inheritance, ending at STRICT; a proxy is never sent
+        // an unset mode it would have to guess about.
+        let mode = |m: policy::MtlsMode| m.effective().to_proto() as i32;
         v1::Inbound {
-            mode: mtls_mode(mtls.mode) as i32,
+            mode: mode(mtls.mode),
             port_modes: mtls
                 .port_modes
                 .iter()
-                .map(|(port, mode)| (*port, mtls_mode(*mode) as i32))
+                .map(|(port, m)| (*port, mode(*m)))
                 .collect(),
-            default_policy: default_policy(self.mesh.default_policy) as i32,
-            authorization_policies_json,
-            app_protocol: app_protocol.as_str().to_string(),
+            default_policy: self.mesh.default_policy.to_proto() as i32,
+            authorization_policies,
+            app_protocol: app_protocol.to_proto() as i32,
             path_normalization: self.mesh.path_normalization.to_proto() as i32,
         }
     }
@@ -190,7 +183,7 @@ impl Model {
                 name: s.name.clone(),
                 namespace: s.namespace.clone(),
                 port: u32::from(s.port),
-                protocol: s.protocol.as_str().to_string(),
+                protocol: s.protocol.to_proto() as i32,
                 endpoints: match &s.endpoints {
                     Some(listed) => listed
                         .iter()
@@ -237,23 +230,20 @@ impl Model {
     }
 }
 
-fn mtls_mode(m: policy::MtlsMode) -> v1::MtlsMode {
-    match m {
-        policy::MtlsMode::Strict => v1::MtlsMode::Strict,
-        policy::MtlsMode::Permissive => v1::MtlsMode::Permissive,
-        policy::MtlsMode::Disable => v1::MtlsMode::Disable,
-        // `effective_mtls` resolves UNSET by inheritance, ending at STRICT; never send a
-        // proxy an unset mode it would have to guess about.
-        policy::MtlsMode::Unset => v1::MtlsMode::Strict,
-    }
-}
-
-fn default_policy(d: DefaultPolicy) -> v1::DefaultPolicy {
-    match d {
-        DefaultPolicy::Allow => v1::DefaultPolicy::Allow,
-        DefaultPolicy::Deny => v1::DefaultPolicy::Deny,
-        DefaultPolicy::Authenticated => v1::DefaultPolicy::Authenticated,
-    }
+/// A selected policy in its wire form. Validation guarantees the conversion (policies reach the
+/// model only through the validating parser); should one still fail, the workload gets a policy
+/// of the same name that denies everything, never a config silently missing a policy — a
+/// missing DENY, or a missing ALLOW that leaves none, would fail open.
+fn wire_policy(p: &AuthorizationPolicy) -> v1::Authorization {
+    v1::Authorization::try_from(p).unwrap_or_else(|e| {
+        tracing::error!(policy = %p.qualified_name(), error = %e, "cannot convert an AuthorizationPolicy to its wire form; its workloads deny every request until it is fixed");
+        v1::Authorization {
+            name: p.metadata.name.clone(),
+            namespace: p.metadata.namespace().to_string(),
+            action: v1::Action::Deny as i32,
+            rules: vec![v1::Rule::default()],
+        }
+    })
 }
 
 #[cfg(test)]
@@ -354,6 +344,37 @@ mod tests {
         let (model, logs) = logged(|| Model::load(mesh, 3));
         assert!(model.is_ok());
         assert!(!logs.contains(WARNING), "{logs}");
+    }
+
+    #[test]
+    fn a_policy_without_a_wire_form_denies_rather_than_vanishes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mesh = mesh_with(dir.path(), &policy(&["cluster.local/ns/demo/sa/web"]));
+        let good = Model::load(mesh.clone(), 1).expect("loads");
+        let served = good.proxy_config("a").expect("a").inbound.expect("inbound");
+        assert_eq!(
+            served.authorization_policies[0].action,
+            v1::Action::Allow as i32
+        );
+        // Only a resource that skipped validation can get here (from_parts takes anything).
+        let mut broken = good.authorization_policies[0].clone();
+        if let Some(rules) = broken.spec.rules.as_mut() {
+            rules[0].from[0].source.ip_blocks = vec!["10.*".into()];
+        }
+        let model = Model::from_parts(mesh, [Resource::AuthorizationPolicy(broken)], 2);
+        let (cfg, logs) = logged(|| model.proxy_config("a").expect("a"));
+        let p = &cfg.inbound.expect("inbound").authorization_policies[0];
+        assert_eq!((p.namespace.as_str(), p.name.as_str()), ("demo", "p"));
+        assert_eq!(p.action, v1::Action::Deny as i32);
+        assert_eq!(
+            p.rules,
+            vec![v1::Rule::default()],
+            "one rule that matches anything"
+        );
+        assert!(
+            logs.contains("ERROR") && logs.contains("ipBlocks[0]"),
+            "{logs}"
+        );
     }
 
     #[test]

@@ -2,15 +2,16 @@
 //! endpoint's `GET /config?workload=NAME`, and what `palisade authz explain` decides from,
 //! whether it asks a running control plane (`--live`) or builds the same thing from the files.
 //!
-//! `inbound` is the served `v1::Inbound` itself in proto3's JSON mapping (enum values by
-//! name), taken from [`Model::proxy_config`], so a reader that turns it back into a
-//! `v1::ProxyConfig` and compiles it the way the proxy does decides as the proxy does. The
+//! `inbound` is the served `v1::Inbound` itself, taken from [`Model::proxy_config`]: in
+//! proto3's JSON mapping (enum values by name), its authorization policies in the resources'
+//! shape. A reader that turns it back into a `v1::ProxyConfig` gets the very config served, and
+//! compiling that the way the proxy does decides as the proxy does. The
 //! rest is what a person needs around it: the generation, the workload, where each mTLS mode
 //! came from, and the identities of the mesh.
 
 use std::collections::BTreeMap;
 
-use palisade_api::policy::{self, MtlsMode};
+use palisade_api::policy::{self, AuthorizationPolicy, MtlsMode};
 use palisade_api::v1;
 use serde::{Deserialize, Serialize};
 
@@ -54,7 +55,9 @@ impl ServedWorkload {
     }
 }
 
-/// `v1::Inbound` in proto3's JSON mapping.
+/// `v1::Inbound` in proto3's JSON mapping (enum values by name), except its authorization
+/// policies: those are shown in the resources' own shape (`palisade_api::authorization`), which
+/// a person can read and which converts back to the very `v1::Authorization` served.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct InboundJson {
@@ -63,45 +66,56 @@ pub struct InboundJson {
     pub port_modes: BTreeMap<u32, String>,
     pub default_policy: String,
     #[serde(default)]
-    pub authorization_policies_json: Vec<String>,
-    #[serde(default)]
+    pub authorization_policies: Vec<AuthorizationPolicy>,
     pub app_protocol: String,
     pub path_normalization: String,
 }
 
-/// A served config that does not read back.
+/// A served config that does not convert, naming the field.
 #[derive(Debug, thiserror::Error)]
-#[error("served config: {field}: unknown value {value:?}")]
+#[error("served config: {field}: {message}")]
 pub struct ServedError {
     pub field: String,
-    pub value: String,
+    pub message: String,
+}
+
+/// A proto enum value by its name, or its number when this build does not know it.
+fn enum_name<E: TryFrom<i32>>(v: i32, name: fn(&E) -> &'static str) -> String {
+    E::try_from(v)
+        .map(|e| name(&e).to_string())
+        .unwrap_or_else(|_| v.to_string())
 }
 
 impl InboundJson {
-    pub fn from_proto(i: &v1::Inbound) -> Self {
-        let mode = |m: i32| {
-            v1::MtlsMode::try_from(m)
-                .map(|m| m.as_str_name().to_string())
-                .unwrap_or_else(|_| m.to_string())
-        };
-        InboundJson {
+    /// Fails only for a policy with no resource form, which the control plane's own
+    /// conversion never produces.
+    pub fn from_proto(i: &v1::Inbound) -> Result<Self, ServedError> {
+        let mode = |m: i32| enum_name(m, v1::MtlsMode::as_str_name);
+        let authorization_policies = i
+            .authorization_policies
+            .iter()
+            .enumerate()
+            .map(|(n, a)| {
+                AuthorizationPolicy::try_from(a).map_err(|e| ServedError {
+                    field: format!("inbound.authorization_policies[{n}].{}", e.field),
+                    message: e.message,
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(InboundJson {
             mode: mode(i.mode),
             port_modes: i.port_modes.iter().map(|(p, m)| (*p, mode(*m))).collect(),
-            default_policy: v1::DefaultPolicy::try_from(i.default_policy)
-                .map(|d| d.as_str_name().to_string())
-                .unwrap_or_else(|_| i.default_policy.to_string()),
-            authorization_policies_json: i.authorization_policies_json.clone(),
-            app_protocol: i.app_protocol.clone(),
-            path_normalization: v1::PathNormalization::try_from(i.path_normalization)
-                .map(|p| p.as_str_name().to_string())
-                .unwrap_or_else(|_| i.path_normalization.to_string()),
-        }
+            default_policy: enum_name(i.default_policy, v1::DefaultPolicy::as_str_name),
+            authorization_policies,
+            app_protocol: enum_name(i.app_protocol, v1::Protocol::as_str_name),
+            path_normalization: enum_name(i.path_normalization, v1::PathNormalization::as_str_name),
+        })
     }
 
     pub fn to_proto(&self) -> Result<v1::Inbound, ServedError> {
         let bad = |field: &str, value: &str| ServedError {
             field: field.to_string(),
-            value: value.to_string(),
+            message: format!("unknown value {value:?}"),
         };
         let mode = |field: &str, s: &str| {
             v1::MtlsMode::from_str_name(s)
@@ -112,14 +126,27 @@ impl InboundJson {
         for (p, m) in &self.port_modes {
             port_modes.insert(*p, mode(&format!("inbound.portModes.{p}"), m)?);
         }
+        let authorization_policies = self
+            .authorization_policies
+            .iter()
+            .enumerate()
+            .map(|(n, p)| {
+                v1::Authorization::try_from(p).map_err(|e| ServedError {
+                    field: format!("inbound.authorizationPolicies[{n}].{}", e.field),
+                    message: e.message,
+                })
+            })
+            .collect::<Result<_, _>>()?;
         Ok(v1::Inbound {
             mode: mode("inbound.mode", &self.mode)?,
             port_modes,
             default_policy: v1::DefaultPolicy::from_str_name(&self.default_policy)
                 .ok_or_else(|| bad("inbound.defaultPolicy", &self.default_policy))?
                 as i32,
-            authorization_policies_json: self.authorization_policies_json.clone(),
-            app_protocol: self.app_protocol.clone(),
+            authorization_policies,
+            app_protocol: v1::Protocol::from_str_name(&self.app_protocol)
+                .ok_or_else(|| bad("inbound.appProtocol", &self.app_protocol))?
+                as i32,
             path_normalization: v1::PathNormalization::from_str_name(&self.path_normalization)
                 .ok_or_else(|| bad("inbound.pathNormalization", &self.path_normalization))?
                 as i32,
@@ -150,10 +177,18 @@ impl ServedConfig {
 }
 
 impl Model {
-    /// What this model serves `workload`'s proxy, or None if the mesh has no such workload.
+    /// What this model serves `workload`'s proxy, or None if the mesh has no such workload (or,
+    /// logged, if the config has no JSON form, which the model's own conversion rules out).
     pub fn served_config(&self, workload: &str) -> Option<ServedConfig> {
         let w = self.mesh.workload(workload)?;
         let cfg = self.proxy_config(workload)?;
+        let inbound = match InboundJson::from_proto(&cfg.inbound.clone().unwrap_or_default()) {
+            Ok(i) => i,
+            Err(e) => {
+                tracing::error!(workload, error = %e, "cannot show the served config");
+                return None;
+            }
+        };
         let mtls = policy::effective_mtls(&self.peer_authentications, &w.namespace, &w.labels);
         let port_mtls_sources = mtls
             .port_modes
@@ -181,7 +216,7 @@ impl Model {
                 .iter()
                 .filter_map(|w| Some(w.spiffe_id(&self.mesh).ok()?.as_str().to_string()))
                 .collect(),
-            inbound: InboundJson::from_proto(&cfg.inbound.unwrap_or_default()),
+            inbound,
             mtls_source: match &mtls.source {
                 Some(name) => format!("PeerAuthentication {name}"),
                 None => "mesh default".to_string(),
@@ -247,7 +282,16 @@ spec:
         assert_eq!(s.inbound.mode, "STRICT");
         assert_eq!(s.inbound.default_policy, "DEFAULT_POLICY_DENY");
         assert_eq!(s.inbound.path_normalization, "MERGE_SLASHES");
-        assert_eq!(s.inbound.authorization_policies_json.len(), 1);
+        assert_eq!(s.inbound.authorization_policies.len(), 1);
+        assert_eq!(s.inbound.app_protocol, "PROTOCOL_DETECT");
+        let p = &s.inbound.authorization_policies[0];
+        assert_eq!(p.qualified_name(), "demo/db-from-api");
+        assert_eq!(
+            p.spec.rules.as_ref().expect("rules")[0].from[0]
+                .source
+                .principals,
+            vec!["cluster.local/ns/demo/sa/api"]
+        );
         assert_eq!(
             s.mtls_source_for(8080),
             "PeerAuthentication palisade-system/default"
@@ -255,7 +299,7 @@ spec:
         assert_eq!(s.mtls_source_for(9090), "PeerAuthentication demo/db-probes");
         // web: no policy selects it; the same mesh-wide mode.
         let w = m.served_config("web").expect("web");
-        assert!(w.inbound.authorization_policies_json.is_empty());
+        assert!(w.inbound.authorization_policies.is_empty());
         assert_eq!(w.workload.port(), 1003);
         assert!(m.served_config("nope").is_none());
     }
@@ -268,6 +312,19 @@ spec:
         assert_eq!(
             e.to_string(),
             "served config: inbound.mode: unknown value \"SOMETIMES\""
+        );
+        let mut s = model().served_config("db").expect("db");
+        s.inbound.app_protocol = "http".into();
+        let e = s.proxy_config().expect_err("a protocol by its file name");
+        assert_eq!(e.field, "inbound.appProtocol");
+        let mut s = model().served_config("db").expect("db");
+        if let Some(rules) = s.inbound.authorization_policies[0].spec.rules.as_mut() {
+            rules[0].from[0].source.ip_blocks = vec!["10.*".into()];
+        }
+        let e = s.proxy_config().expect_err("a bad CIDR");
+        assert_eq!(
+            e.field,
+            "inbound.authorizationPolicies[0].spec.rules[0].from[0].source.ipBlocks[0]"
         );
     }
 }

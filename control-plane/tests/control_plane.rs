@@ -655,7 +655,7 @@ async fn watch_streams_the_workloads_own_config() {
     assert_eq!(endpoints(&cfg, "api"), vec!["api"]);
     let api = &cfg.services[0];
     assert_eq!(api.port, 8080);
-    assert_eq!(api.protocol, "http");
+    assert_eq!(api.protocol, palisade_api::v1::Protocol::Http as i32);
     assert_eq!(api.endpoints[0].address, "127.0.0.1:24144");
     assert_eq!(
         api.endpoints[0].identity,
@@ -666,10 +666,14 @@ async fn watch_streams_the_workloads_own_config() {
     let inbound = cfg.inbound.as_ref().unwrap();
     assert_eq!(inbound.mode, palisade_api::v1::MtlsMode::Strict as i32);
     assert!(
-        inbound.authorization_policies_json.is_empty(),
+        inbound.authorization_policies.is_empty(),
         "no policy selects web"
     );
-    assert_eq!(inbound.app_protocol, "detect", "no service selects web");
+    assert_eq!(
+        inbound.app_protocol,
+        palisade_api::v1::Protocol::Detect as i32,
+        "no service selects web"
+    );
     assert_eq!(
         inbound.default_policy,
         palisade_api::v1::DefaultPolicy::Allow as i32
@@ -679,14 +683,25 @@ async fn watch_streams_the_workloads_own_config() {
     let mut s = m.watch(&api, "api").await.expect("watch");
     let cfg = next(&mut s).await;
     let inbound = cfg.inbound.as_ref().unwrap();
-    assert_eq!(inbound.app_protocol, "http");
-    assert_eq!(inbound.authorization_policies_json.len(), 1);
-    let policy: serde_json::Value =
-        serde_json::from_str(&inbound.authorization_policies_json[0]).unwrap();
     assert_eq!(
-        policy.pointer("/metadata/name").and_then(|v| v.as_str()),
-        Some("api-from-web"),
-        "{policy}"
+        inbound.app_protocol,
+        palisade_api::v1::Protocol::Http as i32
+    );
+    assert_eq!(inbound.authorization_policies.len(), 1);
+    let policy = &inbound.authorization_policies[0];
+    assert_eq!(
+        (policy.namespace.as_str(), policy.name.as_str()),
+        ("demo", "api-from-web"),
+        "{policy:?}"
+    );
+    assert_eq!(policy.action, palisade_api::v1::Action::Allow as i32);
+    let source = policy.rules[0].from[0].source.as_ref().unwrap();
+    assert_eq!(
+        source.principals,
+        vec![palisade_api::authorization::string_match(
+            "cluster.local/ns/demo/sa/web"
+        )],
+        "typed on the wire"
     );
     m.stop().await;
 }
@@ -780,11 +795,7 @@ async fn a_change_that_does_not_concern_a_proxy_is_not_pushed_to_it() {
     let web1 = next(&mut ws).await;
     assert!(web1.version > web0.version);
     assert_eq!(
-        web1.inbound
-            .as_ref()
-            .unwrap()
-            .authorization_policies_json
-            .len(),
+        web1.inbound.as_ref().unwrap().authorization_policies.len(),
         1
     );
     quiet(

@@ -285,17 +285,14 @@ async fn the_model_is_built_from_pods_services_slices_and_policies() {
     let api: Vec<_> = cfg.services.iter().filter(|s| s.name == "api").collect();
     assert_eq!(api.len(), 1, "{:?}", cfg.services);
     assert_eq!(api[0].port, 8080);
-    assert_eq!(api[0].protocol, "http");
+    assert_eq!(api[0].protocol, palisade_api::v1::Protocol::Http as i32);
     assert_eq!(api[0].virtual_ips, ["10.96.0.10"]);
     assert_eq!(api_endpoints(&m), [API_1]);
     // The policy selects api, not web.
     assert_eq!(policies(&m), ["demo/api-from-web Allow"]);
     let api_cfg = m.proxy_config("api-1").unwrap();
-    assert_eq!(
-        api_cfg.inbound.unwrap().authorization_policies_json.len(),
-        1
-    );
-    assert!(cfg.inbound.unwrap().authorization_policies_json.is_empty());
+    assert_eq!(api_cfg.inbound.unwrap().authorization_policies.len(), 1);
+    assert!(cfg.inbound.unwrap().authorization_policies.is_empty());
 }
 
 #[tokio::test]
@@ -1042,7 +1039,7 @@ async fn pods_of_one_name_in_two_namespaces_each_get_their_own_config() {
         .unwrap_or_else(|e| panic!("{ns}/db-0 may watch db-0: {e:?}"))
         .into_inner();
         let cfg = within("config", stream.message()).await.unwrap().unwrap();
-        let json = cfg.inbound.unwrap().authorization_policies_json;
+        let json = cfg.inbound.unwrap().authorization_policies;
         assert_eq!(json.len(), policies, "{ns}: {json:?}");
     }
     c.cp.shutdown().await;
@@ -1101,8 +1098,12 @@ async fn a_certified_pod_watches_its_config_over_mtls_and_follows_the_cluster() 
         .unwrap();
     assert!(added.elapsed() < PROPAGATION, "took {:?}", added.elapsed());
     let inbound = next.inbound.unwrap();
-    assert_eq!(inbound.authorization_policies_json.len(), 1);
-    assert!(inbound.authorization_policies_json[0].contains("web-from-api"));
+    assert_eq!(inbound.authorization_policies.len(), 1);
+    assert!(
+        inbound.authorization_policies[0]
+            .name
+            .contains("web-from-api")
+    );
     assert!(next.version > first.version);
 
     // Renewal with the SVID alone works while the pod is in the cluster.

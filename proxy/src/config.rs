@@ -8,11 +8,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use palisade_api::policy::DefaultPolicy;
 use palisade_api::v1;
 use palisade_certs::SpiffeId;
 use serde::Deserialize;
 
-use crate::authz::Authorizer;
+use crate::authz::{Authorizer, AuthzError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -28,26 +29,7 @@ pub enum ConfigError {
     Field { field: String, message: String },
 }
 
-pub use palisade_api::{PathNormalization, Protocol};
-
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "UPPERCASE")]
-pub enum MtlsMode {
-    #[default]
-    Strict,
-    Permissive,
-    Disable,
-}
-
-impl MtlsMode {
-    fn from_proto(v: i32) -> Self {
-        match v1::MtlsMode::try_from(v) {
-            Ok(v1::MtlsMode::Permissive) => MtlsMode::Permissive,
-            Ok(v1::MtlsMode::Disable) => MtlsMode::Disable,
-            _ => MtlsMode::Strict,
-        }
-    }
-}
+pub use palisade_api::{MtlsMode, PathNormalization, Protocol};
 
 /// Where the proxy's certificate comes from.
 #[derive(Clone, Debug)]
@@ -179,8 +161,14 @@ pub struct InboundConfig {
 }
 
 impl InboundConfig {
+    /// The mode enforced on `port`: never UNSET, so a mode set by hand (tests, tools) cannot
+    /// let plaintext in by being neither STRICT nor anything else.
     pub fn mode_for(&self, port: u16) -> MtlsMode {
-        self.port_modes.get(&port).copied().unwrap_or(self.mode)
+        self.port_modes
+            .get(&port)
+            .copied()
+            .unwrap_or(self.mode)
+            .effective()
     }
 }
 
@@ -213,50 +201,45 @@ impl Snapshot {
 
     pub fn from_proto(cfg: &v1::ProxyConfig) -> Result<Self, ConfigError> {
         let inbound = cfg.inbound.clone().unwrap_or_default();
+        // An unknown mode (a newer control plane) is STRICT, the mode that refuses plaintext.
+        let mode = |v: i32| {
+            MtlsMode::from_proto(v)
+                .unwrap_or(MtlsMode::Strict)
+                .effective()
+        };
         let mut port_modes = HashMap::new();
-        for (port, mode) in &inbound.port_modes {
+        for (port, m) in &inbound.port_modes {
             let port = u16::try_from(*port).map_err(|_| ConfigError::Field {
                 field: "inbound.port_modes".into(),
                 message: format!("port {port} out of range"),
             })?;
-            port_modes.insert(port, MtlsMode::from_proto(*mode));
+            port_modes.insert(port, mode(*m));
         }
-        let app_protocol =
-            Protocol::parse(&inbound.app_protocol).map_err(|message| ConfigError::Field {
-                field: "inbound.app_protocol".into(),
-                message,
-            })?;
-        let path_normalization = PathNormalization::from_proto(inbound.path_normalization)
-            .ok_or_else(|| ConfigError::Field {
-                field: "inbound.path_normalization".into(),
-                message: format!("unknown value {}", inbound.path_normalization),
-            })?;
-        let default = match v1::DefaultPolicy::try_from(inbound.default_policy) {
-            Ok(v1::DefaultPolicy::Deny) => palisade_api::policy::DefaultPolicy::Deny,
-            Ok(v1::DefaultPolicy::Authenticated) => {
-                palisade_api::policy::DefaultPolicy::Authenticated
-            }
-            _ => palisade_api::policy::DefaultPolicy::Allow,
+        let unknown = |field: &str, value: i32| ConfigError::Field {
+            field: field.into(),
+            message: format!("unknown value {value}"),
         };
-        let mut policies = Vec::with_capacity(inbound.authorization_policies_json.len());
-        for (i, json) in inbound.authorization_policies_json.iter().enumerate() {
-            let p = serde_json::from_str(json).map_err(|e| ConfigError::Field {
-                field: format!("inbound.authorization_policies_json[{i}]"),
-                message: e.to_string(),
-            })?;
-            policies.push(p);
-        }
-        let authz = Authorizer::compile(default, &policies).map_err(|e| ConfigError::Field {
-            field: "inbound.authorization_policies_json".into(),
-            message: e.to_string(),
-        })?;
+        let app_protocol = Protocol::from_proto(inbound.app_protocol)
+            .ok_or_else(|| unknown("inbound.app_protocol", inbound.app_protocol))?;
+        let path_normalization = PathNormalization::from_proto(inbound.path_normalization)
+            .ok_or_else(|| unknown("inbound.path_normalization", inbound.path_normalization))?;
+        let default = DefaultPolicy::from_proto(inbound.default_policy)
+            .ok_or_else(|| unknown("inbound.default_policy", inbound.default_policy))?;
+        let authz = Authorizer::compile(default, &inbound.authorization_policies).map_err(
+            |AuthzError::Invalid {
+                 policy,
+                 field,
+                 message,
+             }| ConfigError::Field {
+                field: format!("inbound.{field}"),
+                message: format!("policy {policy}: {message}"),
+            },
+        )?;
         let mut services = HashMap::new();
         for s in &cfg.services {
             let key = format!("{}.{}:{}", s.name, s.namespace, s.port);
-            let protocol = Protocol::parse(&s.protocol).map_err(|message| ConfigError::Field {
-                field: format!("services[{key}].protocol"),
-                message,
-            })?;
+            let protocol = Protocol::from_proto(s.protocol)
+                .ok_or_else(|| unknown(&format!("services[{key}].protocol"), s.protocol))?;
             let mut endpoints = Vec::with_capacity(s.endpoints.len());
             for (index, e) in s.endpoints.iter().enumerate() {
                 let err = |message: String| ConfigError::Endpoint {
@@ -302,7 +285,7 @@ impl Snapshot {
         Ok(Snapshot {
             version: cfg.version,
             inbound: InboundConfig {
-                mode: MtlsMode::from_proto(inbound.mode),
+                mode: mode(inbound.mode),
                 port_modes,
                 app_protocol,
                 path_normalization,
@@ -322,21 +305,21 @@ impl Snapshot {
         let text = std::fs::read_to_string(path).map_err(|e| file_err(e.to_string()))?;
         let file: StaticFile =
             serde_saphyr::from_str(&text).map_err(|e| file_err(e.to_string()))?;
+        let protocol = |field: &str, p: Option<String>| {
+            Protocol::parse(p.as_deref().unwrap_or_default())
+                .map_err(|e| file_err(format!("{field}: {e}")))
+        };
         let mut cfg = v1::ProxyConfig {
             version: 1,
             inbound: Some(v1::Inbound {
-                mode: match file.mode {
-                    MtlsMode::Strict => v1::MtlsMode::Strict,
-                    MtlsMode::Permissive => v1::MtlsMode::Permissive,
-                    MtlsMode::Disable => v1::MtlsMode::Disable,
-                } as i32,
-                app_protocol: file.app_protocol.unwrap_or_default(),
+                mode: file.mode.effective().to_proto() as i32,
+                app_protocol: protocol("appProtocol", file.app_protocol)?.to_proto() as i32,
                 path_normalization: file.path_normalization.to_proto() as i32,
                 ..Default::default()
             }),
             ..Default::default()
         };
-        for s in file.services {
+        for (i, s) in file.services.into_iter().enumerate() {
             let (name, namespace) = s
                 .name
                 .split_once('.')
@@ -345,7 +328,8 @@ impl Snapshot {
                 name: name.to_string(),
                 namespace: namespace.to_string(),
                 port: u32::from(s.port),
-                protocol: s.protocol.unwrap_or_default(),
+                protocol: protocol(&format!("services[{i}].protocol"), s.protocol)?.to_proto()
+                    as i32,
                 virtual_ips: s.virtual_ips,
                 endpoints: s
                     .endpoints
@@ -429,4 +413,128 @@ fn port<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u16, D::Error> {
         }
     }
     d.deserialize_any(Port)
+}
+
+#[cfg(test)]
+mod tests {
+    use palisade_api::authorization::string_match;
+
+    use super::*;
+
+    fn policy() -> v1::Authorization {
+        v1::Authorization {
+            name: "p".into(),
+            namespace: "demo".into(),
+            action: v1::Action::Deny as i32,
+            rules: vec![v1::Rule {
+                from: vec![v1::rule::From {
+                    source: Some(v1::Source {
+                        principals: vec![string_match("cluster.local/ns/demo/sa/web")],
+                        ..Default::default()
+                    }),
+                }],
+                ..Default::default()
+            }],
+        }
+    }
+
+    fn config(edit: impl FnOnce(&mut v1::Inbound)) -> v1::ProxyConfig {
+        let mut inbound = v1::Inbound {
+            mode: v1::MtlsMode::Permissive as i32,
+            app_protocol: v1::Protocol::Grpc as i32,
+            default_policy: v1::DefaultPolicy::Deny as i32,
+            authorization_policies: vec![policy(), policy()],
+            ..Default::default()
+        };
+        edit(&mut inbound);
+        v1::ProxyConfig {
+            version: 3,
+            inbound: Some(inbound),
+            services: vec![v1::Service {
+                name: "api".into(),
+                namespace: "demo".into(),
+                port: 8080,
+                protocol: v1::Protocol::Opaque as i32,
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_typed_config_compiles() {
+        let s = Snapshot::from_proto(&config(|_| {})).expect("compiles");
+        assert_eq!(s.inbound.mode_for(1), MtlsMode::Permissive);
+        assert_eq!(s.inbound.app_protocol, Protocol::Grpc);
+        assert_eq!(s.inbound.authz.default_policy(), DefaultPolicy::Deny);
+        assert_eq!(s.inbound.authz.policies().count(), 2);
+        assert_eq!(s.services["api.demo:8080"].protocol, Protocol::Opaque);
+        // UNSET on the wire (never sent) and an unknown mode are both STRICT.
+        for m in [v1::MtlsMode::Unset as i32, 42] {
+            let s = Snapshot::from_proto(&config(|i| {
+                i.mode = m;
+                i.port_modes.insert(9090, m);
+            }))
+            .expect("compiles");
+            assert_eq!(s.inbound.mode_for(1), MtlsMode::Strict, "{m}");
+            assert_eq!(s.inbound.mode_for(9090), MtlsMode::Strict, "{m}");
+        }
+    }
+
+    #[test]
+    fn unknown_or_invalid_values_are_refused_naming_the_field() {
+        let err = |edit: fn(&mut v1::Inbound)| {
+            Snapshot::from_proto(&config(edit))
+                .expect_err("refused")
+                .to_string()
+        };
+        assert_eq!(
+            err(|i| i.app_protocol = 9),
+            "inbound.app_protocol: unknown value 9"
+        );
+        assert_eq!(
+            err(|i| i.default_policy = 9),
+            "inbound.default_policy: unknown value 9",
+            "an unknown default is not guessed to be allow"
+        );
+        assert_eq!(
+            err(|i| {
+                if let Some(s) = i.authorization_policies[1].rules[0].from[0].source.as_mut() {
+                    s.principals.push(v1::StringMatch::default());
+                }
+            }),
+            "inbound.authorization_policies[1].rules[0].from[0].source.principals[1]: \
+             policy demo/p: no match type (exact, prefix, suffix or presence)"
+        );
+        let mut cfg = config(|_| {});
+        cfg.services[0].protocol = 9;
+        assert_eq!(
+            Snapshot::from_proto(&cfg).expect_err("refused").to_string(),
+            "services[api.demo:8080].protocol: unknown value 9"
+        );
+    }
+
+    #[test]
+    fn the_static_file_names_protocols_as_the_mesh_file_does() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("proxy.yaml");
+        let write = |text: &str| std::fs::write(&file, text).expect("write");
+        write(
+            "mode: PERMISSIVE\nappProtocol: http2\nservices:\n  - { name: db.demo, port: 5432, protocol: tcp }\n",
+        );
+        let s = Snapshot::load_static(&file).expect("loads");
+        assert_eq!(s.inbound.mode_for(1), MtlsMode::Permissive);
+        assert_eq!(s.inbound.app_protocol, Protocol::Http2);
+        assert_eq!(s.services["db.demo:5432"].protocol, Protocol::Opaque);
+        write("services: []\n");
+        let s = Snapshot::load_static(&file).expect("loads");
+        assert_eq!(s.inbound.mode_for(1), MtlsMode::Strict);
+        assert_eq!(s.inbound.app_protocol, Protocol::Detect);
+        write("services:\n  - { name: db.demo, port: 5432, protocol: smtp }\n");
+        let e = Snapshot::load_static(&file).expect_err("smtp").to_string();
+        assert!(
+            e.contains("services[0].protocol: unknown protocol \"smtp\""),
+            "{e}"
+        );
+    }
 }

@@ -20,10 +20,10 @@ fn apply_policies(server: &Proxy, yaml: &str, level: PathNormalization, version:
     } else {
         parse_str(std::path::Path::new("test.yaml"), yaml).expect("valid policies")
     };
-    let json = parsed
-        .into_iter()
+    let policies = parsed
+        .iter()
         .map(|r| match r {
-            Resource::AuthorizationPolicy(p) => serde_json::to_string(&p).expect("json"),
+            Resource::AuthorizationPolicy(p) => v1::Authorization::try_from(p).expect("converts"),
             Resource::PeerAuthentication(_) => panic!("authorization policies only"),
         })
         .collect();
@@ -31,7 +31,7 @@ fn apply_policies(server: &Proxy, yaml: &str, level: PathNormalization, version:
         version,
         inbound: Some(v1::Inbound {
             mode: v1::MtlsMode::Strict as i32,
-            authorization_policies_json: json,
+            authorization_policies: policies,
             path_normalization: level.to_proto() as i32,
             ..Default::default()
         }),

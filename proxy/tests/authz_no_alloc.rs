@@ -8,6 +8,7 @@ use std::path::Path;
 
 use http::{HeaderMap, HeaderValue};
 use palisade_api::policy::{DefaultPolicy, Resource, parse_str};
+use palisade_api::v1;
 use palisade_proxy::authz::{Authorizer, ConnContext, HttpContext};
 
 /// Counts the allocations of the current thread, so tests running beside it do not count.
@@ -85,6 +86,11 @@ fn decisions_do_not_allocate() {
             Resource::AuthorizationPolicy(p) => Some(p),
             Resource::PeerAuthentication(_) => None,
         })
+        .collect();
+    // As the proxy gets them: in the wire form.
+    let policies: Vec<v1::Authorization> = policies
+        .iter()
+        .map(|p| v1::Authorization::try_from(p).expect("converts"))
         .collect();
     let authz = Authorizer::compile(DefaultPolicy::Deny, &policies).expect("compiles");
     let mut headers = HeaderMap::new();

@@ -8,13 +8,13 @@ use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use http::{HeaderMap, HeaderName, HeaderValue};
+use palisade_api::MtlsMode;
 use palisade_api::policy::{self, DefaultPolicy};
 use palisade_certs::SpiffeId;
 use palisade_control_plane::Model;
 use palisade_control_plane::served::ServedConfig;
 use palisade_proxy::Snapshot;
 use palisade_proxy::authz::{ConnContext, Explanation, HttpContext};
-use palisade_proxy::config::MtlsMode;
 
 use super::http_util;
 
@@ -177,7 +177,7 @@ pub fn explain(a: ExplainArgs) -> anyhow::Result<ExitCode> {
         format!("{} {} port {port}", a.method, a.path)
     };
     let mode = inbound.mode_for(port);
-    let mode_line = format!("{} ({})", mode_name(mode), served.mtls_source_for(port));
+    let mode_line = format!("{mode} ({})", served.mtls_source_for(port));
     let context = |out: &mut Vec<String>| {
         out.push(format!(
             "  workload {} ({}), caller {caller}, {request}",
@@ -309,11 +309,7 @@ fn verdict(
         (Some(p), None) => format!("policy {p}"),
         (None, _) if d.by_default => format!(
             "by the mesh defaultPolicy {} (no ALLOW policy selects {workload}){}",
-            match default {
-                DefaultPolicy::Allow => "allow",
-                DefaultPolicy::Deny => "deny",
-                DefaultPolicy::Authenticated => "authenticated",
-            },
+            default.as_str(),
             if default == DefaultPolicy::Authenticated && from.is_none() {
                 ": the caller has no mTLS identity"
             } else {
@@ -323,14 +319,6 @@ fn verdict(
         (None, _) => "no ALLOW policy matched".to_string(),
     };
     format!("{word} {why}")
-}
-
-fn mode_name(m: MtlsMode) -> &'static str {
-    match m {
-        MtlsMode::Strict => "STRICT",
-        MtlsMode::Permissive => "PERMISSIVE",
-        MtlsMode::Disable => "DISABLE",
-    }
 }
 
 /// `--from`, with or without `spiffe://`: a caller the proxy could have verified, so a valid

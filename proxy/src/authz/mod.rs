@@ -1,9 +1,9 @@
 //! Authorization with Istio's semantics, compiled per workload.
 //!
-//! The control plane sends the AuthorizationPolicies that select this workload; they are
-//! compiled once per config snapshot into matchers (strings pre-split into exact / prefix /
-//! suffix / any, CIDRs parsed, ports as integers, header names lowercased), so a decision only
-//! borrows: no allocation, no lock.
+//! The control plane sends the AuthorizationPolicies that select this workload, typed
+//! (`v1::Authorization`: patterns already exact / prefix / suffix / presence, CIDRs and ports as
+//! numbers, header names lowercased); they are compiled once per config snapshot into matchers
+//! that own their strings, so a decision only borrows: no allocation, no lock.
 //!
 //! Order (Istio): any matching DENY → deny; no ALLOW policy → the mesh `defaultPolicy`; any
 //! matching ALLOW → allow; else deny. AUDIT only records.
@@ -23,7 +23,7 @@ use std::sync::Arc;
 use http::{HeaderMap, HeaderName};
 use ipnet::IpNet;
 use palisade_api::policy::{
-    Action, AuthorizationPolicy, Condition, DefaultPolicy, Operation, Source,
+    Action, AuthorizationPolicy, Condition, DefaultPolicy, Operation, Rule, Source,
 };
 
 #[cfg(test)]
@@ -848,158 +848,447 @@ fn invalid(policy: &str, field: String, message: String) -> AuthzError {
     }
 }
 
-fn strs(v: &[String]) -> Vec<Str> {
-    v.iter().map(|s| Str::new(s)).collect()
+impl CRule {
+    fn new(from: Vec<CSource>, to: Vec<COperation>, when: Vec<CCondition>) -> Self {
+        let http_only = to.iter().any(|o| o.http_only) || when.iter().any(CCondition::is_http);
+        CRule {
+            from,
+            to,
+            when,
+            http_only,
+        }
+    }
 }
 
-fn nets(policy: &str, field: &str, v: &[String]) -> Result<Vec<IpNet>, AuthzError> {
-    v.iter()
-        .map(|s| {
-            s.parse::<IpNet>()
-                .or_else(|_| s.parse::<IpAddr>().map(IpNet::from))
-                .map_err(|_| invalid(policy, field.into(), format!("{s:?} is not a CIDR")))
-        })
-        .collect()
+impl COperation {
+    fn set_http_only(mut self) -> Self {
+        self.http_only = !(self.hosts.is_empty()
+            && self.not_hosts.is_empty()
+            && self.methods.is_empty()
+            && self.not_methods.is_empty()
+            && self.paths.is_empty()
+            && self.not_paths.is_empty());
+        self
+    }
 }
 
-fn ports(policy: &str, field: &str, v: &[String]) -> Result<Vec<u16>, AuthzError> {
-    v.iter()
-        .map(|s| {
-            s.parse::<u16>()
-                .map_err(|_| invalid(policy, field.into(), format!("{s:?} is not a port")))
-        })
-        .collect()
-}
+// ---------------------------------------------------------------------------------------------
+// From the wire (`v1::Authorization`): the proxy's path. Everything is typed already; what is
+// checked is what a proto can hold and a policy cannot (an unset match, a 5-byte address, port
+// 70000), each error naming its field from `authorization_policies[i]` down.
+// ---------------------------------------------------------------------------------------------
 
-fn compile_source(name: &str, s: &Source) -> Result<CSource, AuthzError> {
-    Ok(CSource {
-        principals: s.principals.iter().map(|p| Str::principal(p)).collect(),
-        not_principals: s.not_principals.iter().map(|p| Str::principal(p)).collect(),
-        namespaces: strs(&s.namespaces),
-        not_namespaces: strs(&s.not_namespaces),
-        ip_blocks: nets(name, "ipBlocks", &s.ip_blocks)?,
-        not_ip_blocks: nets(name, "notIpBlocks", &s.not_ip_blocks)?,
-    })
-}
+mod wire {
+    use super::*;
+    use palisade_api::authorization::ip_net;
+    use palisade_api::v1;
+    use palisade_api::v1::condition::Key;
+    use palisade_api::v1::string_match::MatchType;
 
-fn compile_operation(name: &str, o: &Operation) -> Result<COperation, AuthzError> {
-    Ok(COperation {
-        hosts: strs(&o.hosts),
-        not_hosts: strs(&o.not_hosts),
-        ports: ports(name, "ports", &o.ports)?,
-        not_ports: ports(name, "notPorts", &o.not_ports)?,
-        methods: strs(&o.methods),
-        not_methods: strs(&o.not_methods),
-        paths: strs(&o.paths),
-        not_paths: strs(&o.not_paths),
-        http_only: o.has_http_fields(),
-    })
-}
+    /// Where errors are: the policy's name and the field path being compiled.
+    pub(super) struct Loc<'a> {
+        pub policy: &'a str,
+        pub path: String,
+    }
 
-fn compile_condition(name: &str, w: &Condition) -> Result<CCondition, AuthzError> {
-    let key = if let Some(h) = w.header_name() {
-        CondKey::Header(
-            HeaderName::from_bytes(h.to_ascii_lowercase().as_bytes())
-                .map_err(|_| invalid(name, "when.key".into(), format!("bad header {h:?}")))?,
-        )
-    } else {
-        match w.key.as_str() {
-            "source.ip" => CondKey::SourceIp,
-            "source.namespace" => CondKey::SourceNamespace,
-            "source.principal" => CondKey::SourcePrincipal,
-            "destination.port" => CondKey::DestinationPort,
-            other => {
-                return Err(invalid(
-                    name,
-                    "when.key".into(),
-                    format!("unsupported key {other:?}"),
-                ));
+    impl Loc<'_> {
+        fn at(&self, field: &str) -> Loc<'_> {
+            Loc {
+                policy: self.policy,
+                path: format!("{}.{field}", self.path),
             }
         }
-    };
-    let (ips, not_ips) = if matches!(key, CondKey::SourceIp) {
-        (
-            nets(name, "when.values", &w.values)?,
-            nets(name, "when.notValues", &w.not_values)?,
-        )
-    } else {
-        (Vec::new(), Vec::new())
-    };
-    let principal = matches!(key, CondKey::SourcePrincipal);
-    let conv = |v: &[String]| -> Vec<Str> {
-        if principal {
-            v.iter().map(|p| Str::principal(p)).collect()
-        } else {
-            strs(v)
+
+        fn err(&self, message: impl Into<String>) -> AuthzError {
+            invalid(self.policy, self.path.clone(), message.into())
         }
-    };
-    Ok(CCondition {
-        values: conv(&w.values),
-        not_values: conv(&w.not_values),
-        key,
-        ips,
-        not_ips,
-    })
+
+        fn err_at(&self, i: usize, message: impl Into<String>) -> AuthzError {
+            invalid(self.policy, format!("{}[{i}]", self.path), message.into())
+        }
+    }
+
+    fn str_match(m: &v1::StringMatch) -> Result<Str, &'static str> {
+        Ok(match &m.match_type {
+            None => return Err("no match type (exact, prefix, suffix or presence)"),
+            Some(MatchType::Exact(e)) => Str::Exact(e.as_str().into()),
+            Some(MatchType::Prefix(p)) => Str::Prefix(p.as_str().into()),
+            Some(MatchType::Suffix(s)) => Str::Suffix(s.as_str().into()),
+            Some(MatchType::Presence(())) => Str::Any,
+        })
+    }
+
+    fn strs(at: Loc<'_>, v: &[v1::StringMatch]) -> Result<Vec<Str>, AuthzError> {
+        v.iter()
+            .enumerate()
+            .map(|(i, m)| str_match(m).map_err(|e| at.err_at(i, e)))
+            .collect()
+    }
+
+    /// Principals are compared without `spiffe://`: a match that keeps it could never match,
+    /// which in a `notPrincipals` or a DENY policy would fail open, so it is refused.
+    fn principals(at: Loc<'_>, v: &[v1::StringMatch]) -> Result<Vec<Str>, AuthzError> {
+        v.iter()
+            .enumerate()
+            .map(|(i, m)| {
+                let s = str_match(m).map_err(|e| at.err_at(i, e))?;
+                if let Str::Exact(p) | Str::Prefix(p) = &s
+                    && p.starts_with("spiffe:")
+                {
+                    return Err(at.err_at(
+                        i,
+                        format!("{p:?}: principals are matched without the `spiffe://` scheme"),
+                    ));
+                }
+                Ok(s)
+            })
+            .collect()
+    }
+
+    fn nets(at: Loc<'_>, v: &[v1::Cidr]) -> Result<Vec<IpNet>, AuthzError> {
+        v.iter()
+            .enumerate()
+            .map(|(i, c)| ip_net(c).map_err(|e| at.err_at(i, e)))
+            .collect()
+    }
+
+    fn ports(at: Loc<'_>, v: &[u32]) -> Result<Vec<u16>, AuthzError> {
+        v.iter()
+            .enumerate()
+            .map(|(i, p)| u16::try_from(*p).map_err(|_| at.err_at(i, format!("{p} is not a port"))))
+            .collect()
+    }
+
+    fn source(at: Loc<'_>, s: Option<&v1::Source>) -> Result<CSource, AuthzError> {
+        let s = s.ok_or_else(|| at.err("missing"))?;
+        Ok(CSource {
+            principals: principals(at.at("principals"), &s.principals)?,
+            not_principals: principals(at.at("not_principals"), &s.not_principals)?,
+            namespaces: strs(at.at("namespaces"), &s.namespaces)?,
+            not_namespaces: strs(at.at("not_namespaces"), &s.not_namespaces)?,
+            ip_blocks: nets(at.at("ip_blocks"), &s.ip_blocks)?,
+            not_ip_blocks: nets(at.at("not_ip_blocks"), &s.not_ip_blocks)?,
+        })
+    }
+
+    fn operation(at: Loc<'_>, o: Option<&v1::Operation>) -> Result<COperation, AuthzError> {
+        let o = o.ok_or_else(|| at.err("missing"))?;
+        let op = COperation {
+            hosts: strs(at.at("hosts"), &o.hosts)?,
+            not_hosts: strs(at.at("not_hosts"), &o.not_hosts)?,
+            ports: ports(at.at("ports"), &o.ports)?,
+            not_ports: ports(at.at("not_ports"), &o.not_ports)?,
+            methods: strs(at.at("methods"), &o.methods)?,
+            not_methods: strs(at.at("not_methods"), &o.not_methods)?,
+            paths: strs(at.at("paths"), &o.paths)?,
+            not_paths: strs(at.at("not_paths"), &o.not_paths)?,
+            http_only: false,
+        };
+        Ok(op.set_http_only())
+    }
+
+    fn condition(at: Loc<'_>, c: &v1::Condition) -> Result<CCondition, AuthzError> {
+        let plain = |key: CondKey, values: Vec<Str>, not_values: Vec<Str>| CCondition {
+            key,
+            values,
+            not_values,
+            ips: Vec::new(),
+            not_ips: Vec::new(),
+        };
+        Ok(match &c.key {
+            None => return Err(at.err("no key")),
+            Some(Key::RequestHeader(h)) => {
+                let at = at.at("request_header");
+                let name = HeaderName::from_bytes(h.name.to_ascii_lowercase().as_bytes())
+                    .map_err(|_| at.at("name").err(format!("bad header name {:?}", h.name)))?;
+                plain(
+                    CondKey::Header(name),
+                    strs(at.at("values"), &h.values)?,
+                    strs(at.at("not_values"), &h.not_values)?,
+                )
+            }
+            Some(Key::SourceIp(ips)) => {
+                let at = at.at("source_ip");
+                CCondition {
+                    key: CondKey::SourceIp,
+                    values: Vec::new(),
+                    not_values: Vec::new(),
+                    ips: nets(at.at("values"), &ips.values)?,
+                    not_ips: nets(at.at("not_values"), &ips.not_values)?,
+                }
+            }
+            Some(Key::SourceNamespace(s)) => {
+                let at = at.at("source_namespace");
+                plain(
+                    CondKey::SourceNamespace,
+                    strs(at.at("values"), &s.values)?,
+                    strs(at.at("not_values"), &s.not_values)?,
+                )
+            }
+            Some(Key::SourcePrincipal(s)) => {
+                let at = at.at("source_principal");
+                plain(
+                    CondKey::SourcePrincipal,
+                    principals(at.at("values"), &s.values)?,
+                    principals(at.at("not_values"), &s.not_values)?,
+                )
+            }
+            Some(Key::DestinationPort(s)) => {
+                let at = at.at("destination_port");
+                plain(
+                    CondKey::DestinationPort,
+                    strs(at.at("values"), &s.values)?,
+                    strs(at.at("not_values"), &s.not_values)?,
+                )
+            }
+        })
+    }
+
+    pub(super) fn rule(at: Loc<'_>, r: &v1::Rule) -> Result<CRule, AuthzError> {
+        let from = r
+            .from
+            .iter()
+            .enumerate()
+            .map(|(j, f)| source(at.at(&format!("from[{j}].source")), f.source.as_ref()))
+            .collect::<Result<_, _>>()?;
+        let to =
+            r.to.iter()
+                .enumerate()
+                .map(|(j, t)| operation(at.at(&format!("to[{j}].operation")), t.operation.as_ref()))
+                .collect::<Result<_, _>>()?;
+        let when = r
+            .when
+            .iter()
+            .enumerate()
+            .map(|(j, c)| condition(at.at(&format!("when[{j}]")), c))
+            .collect::<Result<_, _>>()?;
+        Ok(CRule::new(from, to, when))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// From the resources as written (`AuthorizationPolicy`), reading the policy language's strings:
+// the reference the wire path is tested against, and what tools holding parsed policies use.
+// ---------------------------------------------------------------------------------------------
+
+mod spec {
+    use super::*;
+
+    fn strs(v: &[String]) -> Vec<Str> {
+        v.iter().map(|s| Str::new(s)).collect()
+    }
+
+    fn principals(v: &[String]) -> Vec<Str> {
+        v.iter().map(|s| Str::principal(s)).collect()
+    }
+
+    fn nets(policy: &str, field: String, v: &[String]) -> Result<Vec<IpNet>, AuthzError> {
+        v.iter()
+            .enumerate()
+            .map(|(i, s)| {
+                s.parse::<IpNet>()
+                    .or_else(|_| s.parse::<IpAddr>().map(IpNet::from))
+                    .map_err(|_| {
+                        invalid(
+                            policy,
+                            format!("{field}[{i}]"),
+                            format!("{s:?} is not a CIDR"),
+                        )
+                    })
+            })
+            .collect()
+    }
+
+    fn ports(policy: &str, field: String, v: &[String]) -> Result<Vec<u16>, AuthzError> {
+        v.iter()
+            .enumerate()
+            .map(|(i, s)| {
+                s.parse::<u16>().map_err(|_| {
+                    invalid(
+                        policy,
+                        format!("{field}[{i}]"),
+                        format!("{s:?} is not a port"),
+                    )
+                })
+            })
+            .collect()
+    }
+
+    fn source(name: &str, path: &str, s: &Source) -> Result<CSource, AuthzError> {
+        Ok(CSource {
+            principals: principals(&s.principals),
+            not_principals: principals(&s.not_principals),
+            namespaces: strs(&s.namespaces),
+            not_namespaces: strs(&s.not_namespaces),
+            ip_blocks: nets(name, format!("{path}.ipBlocks"), &s.ip_blocks)?,
+            not_ip_blocks: nets(name, format!("{path}.notIpBlocks"), &s.not_ip_blocks)?,
+        })
+    }
+
+    fn operation(name: &str, path: &str, o: &Operation) -> Result<COperation, AuthzError> {
+        let op = COperation {
+            hosts: strs(&o.hosts),
+            not_hosts: strs(&o.not_hosts),
+            ports: ports(name, format!("{path}.ports"), &o.ports)?,
+            not_ports: ports(name, format!("{path}.notPorts"), &o.not_ports)?,
+            methods: strs(&o.methods),
+            not_methods: strs(&o.not_methods),
+            paths: strs(&o.paths),
+            not_paths: strs(&o.not_paths),
+            http_only: false,
+        };
+        Ok(op.set_http_only())
+    }
+
+    fn condition(name: &str, path: &str, w: &Condition) -> Result<CCondition, AuthzError> {
+        let key = if let Some(h) = w.header_name() {
+            CondKey::Header(
+                HeaderName::from_bytes(h.to_ascii_lowercase().as_bytes()).map_err(|_| {
+                    invalid(name, format!("{path}.key"), format!("bad header {h:?}"))
+                })?,
+            )
+        } else {
+            match w.key.as_str() {
+                "source.ip" => CondKey::SourceIp,
+                "source.namespace" => CondKey::SourceNamespace,
+                "source.principal" => CondKey::SourcePrincipal,
+                "destination.port" => CondKey::DestinationPort,
+                other => {
+                    return Err(invalid(
+                        name,
+                        format!("{path}.key"),
+                        format!("unsupported key {other:?}"),
+                    ));
+                }
+            }
+        };
+        let (ips, not_ips) = if matches!(key, CondKey::SourceIp) {
+            (
+                nets(name, format!("{path}.values"), &w.values)?,
+                nets(name, format!("{path}.notValues"), &w.not_values)?,
+            )
+        } else {
+            (Vec::new(), Vec::new())
+        };
+        let (values, not_values) = match key {
+            CondKey::SourcePrincipal => (principals(&w.values), principals(&w.not_values)),
+            CondKey::SourceIp => (Vec::new(), Vec::new()),
+            _ => (strs(&w.values), strs(&w.not_values)),
+        };
+        Ok(CCondition {
+            key,
+            values,
+            not_values,
+            ips,
+            not_ips,
+        })
+    }
+
+    pub(super) fn rule(name: &str, path: &str, r: &Rule) -> Result<CRule, AuthzError> {
+        let from = r
+            .from
+            .iter()
+            .enumerate()
+            .map(|(j, f)| source(name, &format!("{path}.from[{j}].source"), &f.source))
+            .collect::<Result<_, _>>()?;
+        let to =
+            r.to.iter()
+                .enumerate()
+                .map(|(j, t)| operation(name, &format!("{path}.to[{j}].operation"), &t.operation))
+                .collect::<Result<_, _>>()?;
+        let when = r
+            .when
+            .iter()
+            .enumerate()
+            .map(|(j, w)| condition(name, &format!("{path}.when[{j}]"), w))
+            .collect::<Result<_, _>>()?;
+        Ok(CRule::new(from, to, when))
+    }
 }
 
 impl Authorizer {
     /// Everything allowed: the config before the control plane has said anything.
     pub fn allow_all() -> Self {
+        Self::empty(DefaultPolicy::Allow)
+    }
+
+    fn empty(default: DefaultPolicy) -> Self {
         Authorizer {
-            default: DefaultPolicy::Allow,
+            default,
             deny: Vec::new(),
             allow: Vec::new(),
             audit: Vec::new(),
         }
     }
 
-    /// Compiles the policies that select one workload.
+    fn add(&mut self, name: &str, action: Action, rules: Vec<CRule>) {
+        let cp = CPolicy {
+            name: Arc::from(name),
+            rules,
+        };
+        match action {
+            Action::Deny => self.deny.push(cp),
+            Action::Allow => self.allow.push(cp),
+            Action::Audit => self.audit.push(cp),
+        }
+    }
+
+    /// Compiles the policies that select one workload, as the control plane sends them. Error
+    /// fields are paths from `authorization_policies[i]`, the caller's list.
     pub fn compile(
+        default: DefaultPolicy,
+        policies: &[palisade_api::v1::Authorization],
+    ) -> Result<Self, AuthzError> {
+        let mut a = Self::empty(default);
+        for (i, p) in policies.iter().enumerate() {
+            let name = format!("{}/{}", p.namespace, p.name);
+            let at = wire::Loc {
+                policy: &name,
+                path: format!("authorization_policies[{i}]"),
+            };
+            let action = Action::from_proto(p.action).ok_or_else(|| {
+                invalid(
+                    &name,
+                    format!("{}.action", at.path),
+                    format!("unknown value {}", p.action),
+                )
+            })?;
+            let rules = p
+                .rules
+                .iter()
+                .enumerate()
+                .map(|(j, r)| {
+                    let at = wire::Loc {
+                        policy: &name,
+                        path: format!("{}.rules[{j}]", at.path),
+                    };
+                    wire::rule(at, r)
+                })
+                .collect::<Result<_, _>>()?;
+            a.add(&name, action, rules);
+        }
+        Ok(a)
+    }
+
+    /// Compiles policies as written, reading the policy language's strings itself: the
+    /// reference that the wire conversion (`palisade_api::authorization`) and [`Authorizer::compile`]
+    /// are tested against. Error fields are the resource's (`spec.rules[0]…`).
+    pub fn compile_spec(
         default: DefaultPolicy,
         policies: &[AuthorizationPolicy],
     ) -> Result<Self, AuthzError> {
-        let mut a = Authorizer {
-            default,
-            deny: Vec::new(),
-            allow: Vec::new(),
-            audit: Vec::new(),
-        };
+        let mut a = Self::empty(default);
         for p in policies {
             let name = p.qualified_name();
-            let mut rules = Vec::new();
-            for r in p.spec.rules.iter().flatten() {
-                let from = r
-                    .from
-                    .iter()
-                    .map(|f| compile_source(&name, &f.source))
-                    .collect::<Result<Vec<_>, _>>()?;
-                let to =
-                    r.to.iter()
-                        .map(|t| compile_operation(&name, &t.operation))
-                        .collect::<Result<Vec<_>, _>>()?;
-                let when = r
-                    .when
-                    .iter()
-                    .map(|w| compile_condition(&name, w))
-                    .collect::<Result<Vec<_>, _>>()?;
-                let http_only =
-                    to.iter().any(|o| o.http_only) || when.iter().any(CCondition::is_http);
-                rules.push(CRule {
-                    from,
-                    to,
-                    when,
-                    http_only,
-                });
-            }
-            let cp = CPolicy {
-                name: Arc::from(name.as_str()),
-                rules,
-            };
-            match p.spec.action {
-                Action::Deny => a.deny.push(cp),
-                Action::Allow => a.allow.push(cp),
-                Action::Audit => a.audit.push(cp),
-            }
+            let rules = p
+                .spec
+                .rules
+                .iter()
+                .flatten()
+                .enumerate()
+                .map(|(i, r)| spec::rule(&name, &format!("spec.rules[{i}]"), r))
+                .collect::<Result<_, _>>()?;
+            a.add(&name, p.spec.action, rules);
         }
         Ok(a)
     }

@@ -5,6 +5,7 @@ use std::path::Path;
 
 use http::HeaderMap;
 use palisade_api::policy::{AuthorizationPolicy, DefaultPolicy, Resource, parse_str};
+use palisade_api::v1;
 
 use super::*;
 
@@ -27,8 +28,17 @@ fn policies(yaml: &str) -> Vec<AuthorizationPolicy> {
         .collect()
 }
 
+/// The policies as the proxy gets them: converted to the wire form by the control plane's
+/// conversion, compiled from it.
+fn wire(policies: &[AuthorizationPolicy]) -> Vec<v1::Authorization> {
+    policies
+        .iter()
+        .map(|p| v1::Authorization::try_from(p).expect("converts"))
+        .collect()
+}
+
 fn authz(default: DefaultPolicy, yaml: &str) -> Authorizer {
-    Authorizer::compile(default, &policies(yaml)).expect("compiles")
+    Authorizer::compile(default, &wire(&policies(yaml))).expect("compiles")
 }
 
 struct Req<'a> {
@@ -1012,6 +1022,126 @@ fn explanations_agree_with_decisions_over_the_tables() {
         }
     }
     assert!(cases > 1000, "{cases}");
+}
+
+#[test]
+fn the_wire_form_decides_and_explains_as_the_policies_as_written() {
+    let mut cases = 0;
+    for (default, yaml) in policy_tables() {
+        let ps = policies(&yaml);
+        let written = Authorizer::compile_spec(default, &ps).expect("compiles");
+        let sent = Authorizer::compile(default, &wire(&ps)).expect("compiles");
+        assert_eq!(
+            written.policies().collect::<Vec<_>>(),
+            sent.policies().collect::<Vec<_>>()
+        );
+        for r in table_requests() {
+            let what = format!("{default:?} {yaml}\n{:?} {} {}", r.peer, r.method, r.path);
+            assert_eq!(
+                explain_http(&written, &r),
+                explain_http(&sent, &r),
+                "{what}"
+            );
+            assert_eq!(
+                explain_tcp(&written, &r),
+                explain_tcp(&sent, &r),
+                "TCP {what}"
+            );
+            cases += 2;
+        }
+    }
+    assert!(cases > 1000, "{cases}");
+}
+
+#[test]
+fn wire_values_a_policy_cannot_hold_are_refused_naming_the_field() {
+    let ps = policies(&pol(
+        "DENY",
+        "  rules:\n    - from: [ { source: { namespaces: [\"demo\"] } }, { source: { principals: [\"cluster.local/ns/demo/sa/web\"], ipBlocks: [\"10.0.0.0/8\"] } } ]\n      to: [ { operation: { ports: [\"8080\"] } } ]\n      when: [ { key: source.principal, values: [\"*\"] }, { key: \"request.headers[x-a]\", values: [\"b\"] } ]\n",
+    ));
+    let base = wire(&ps);
+    let with = |edit: &dyn Fn(&mut v1::Rule)| {
+        let mut w = vec![base[0].clone(), base[0].clone()];
+        edit(&mut w[1].rules[0]);
+        Authorizer::compile(DefaultPolicy::Allow, &w)
+            .map(|_| ())
+            .expect_err("refused")
+            .to_string()
+    };
+    let source = |r: &mut v1::Rule| r.from[1].source.clone().expect("source");
+    use v1::string_match::MatchType;
+    for (edit, field, why) in [
+        (
+            Box::new(|r: &mut v1::Rule| {
+                let mut s = source(r);
+                s.principals[0].match_type = None;
+                r.from[1].source = Some(s);
+            }) as Box<dyn Fn(&mut v1::Rule)>,
+            "authorization_policies[1].rules[0].from[1].source.principals[0]",
+            "no match type",
+        ),
+        (
+            Box::new(|r: &mut v1::Rule| {
+                let mut s = source(r);
+                s.principals[0].match_type = Some(MatchType::Exact(
+                    "spiffe://cluster.local/ns/demo/sa/web".into(),
+                ));
+                r.from[1].source = Some(s);
+            }),
+            "authorization_policies[1].rules[0].from[1].source.principals[0]",
+            "without the `spiffe://` scheme",
+        ),
+        (
+            Box::new(|r: &mut v1::Rule| {
+                let mut s = source(r);
+                s.ip_blocks[0].address.push(0);
+                r.from[1].source = Some(s);
+            }),
+            "authorization_policies[1].rules[0].from[1].source.ip_blocks[0]",
+            "4 or 16 bytes",
+        ),
+        (
+            Box::new(|r: &mut v1::Rule| r.from[0].source = None),
+            "authorization_policies[1].rules[0].from[0].source",
+            "missing",
+        ),
+        (
+            Box::new(|r: &mut v1::Rule| {
+                let mut o = r.to[0].operation.clone().expect("operation");
+                o.ports.push(70000);
+                r.to[0].operation = Some(o);
+            }),
+            "authorization_policies[1].rules[0].to[0].operation.ports[1]",
+            "70000 is not a port",
+        ),
+        (
+            Box::new(|r: &mut v1::Rule| r.when[1].key = None),
+            "authorization_policies[1].rules[0].when[1]",
+            "no key",
+        ),
+        (
+            Box::new(|r: &mut v1::Rule| {
+                if let Some(v1::condition::Key::RequestHeader(h)) = &mut r.when[1].key {
+                    h.name = "bad header".into();
+                }
+            }),
+            "authorization_policies[1].rules[0].when[1].request_header.name",
+            "bad header name",
+        ),
+    ] {
+        let e = with(&*edit);
+        assert!(
+            e.starts_with(&format!("policy demo/p: {field}: ")) && e.contains(why),
+            "{e}"
+        );
+    }
+    let mut w = base.clone();
+    w[0].action = 7;
+    let e = Authorizer::compile(DefaultPolicy::Allow, &w).expect_err("unknown action");
+    assert_eq!(
+        e.to_string(),
+        "policy demo/p: authorization_policies[0].action: unknown value 7"
+    );
 }
 
 fn tcp_ip(a: &Authorizer, r: &Req<'_>) -> Decision {
