@@ -537,7 +537,7 @@ fn every_string_field_agrees_with_the_parser() {
         ] {
             check(format!("{f} {v:?}"), operation(f, v), Known::Agree);
         }
-        for key in ["request.headers[x-a]", "source.ip", "destination.port"] {
+        for key in ["request.headers[x-a]", "destination.port"] {
             check(
                 format!("{key} {v:?}"),
                 when(key, "notValues", v),
@@ -554,6 +554,20 @@ fn every_string_field_agrees_with_the_parser() {
         for f in ["ipBlocks", "notIpBlocks"] {
             check(format!("{f} {v:?}"), source(f, v), Known::Agree);
         }
+        for f in ["values", "notValues"] {
+            check(
+                format!("source.ip {f} {v:?}"),
+                when("source.ip", f, v),
+                Known::Agree,
+            );
+        }
+    }
+    for v in ["*", "/api", "10.*"] {
+        check(
+            format!("source.ip {v:?}"),
+            when("source.ip", "values", v),
+            Known::Agree,
+        );
     }
     for v in parser_only_ips {
         check(

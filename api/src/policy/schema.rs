@@ -70,7 +70,7 @@ pub const CONDITION_KEY: &str = r"^(?:request\.headers\[[-!#$%&'*+.^_`|~0-9A-Za-
 
 /// The `when` keys whose values are plain wildcard patterns.
 const PLAIN_CONDITION_KEY: &str =
-    r"^(?:request\.headers\[[-!#$%&'*+.^_`|~0-9A-Za-z]+\]|source\.ip|destination\.port)$";
+    r"^(?:request\.headers\[[-!#$%&'*+.^_`|~0-9A-Za-z]+\]|destination\.port)$";
 
 /// Longest principal or namespace pattern worth storing: a SPIFFE ID is at most 2048 bytes.
 pub const MAX_ID_PATTERN_LEN: u32 = 2048;
@@ -92,7 +92,8 @@ pub fn condition(schema: &mut Schema) {
 }
 
 /// The `anyOf` of a `rules[].when[]` schema: `source.principal` takes principal patterns,
-/// `source.namespace` namespace patterns, the other keys plain wildcard patterns (the core
+/// `source.namespace` namespace patterns, `source.ip` IP blocks (the proxy compares
+/// addresses, not strings), the other keys plain wildcard patterns (the core
 /// schema of `values` says nothing: `spiffe://*/sa/api` is a principal, not a wildcard).
 ///
 /// Not added by [`condition`]: kube's CRD generator reads every `anyOf` as an untagged enum
@@ -109,6 +110,7 @@ pub fn condition_values_any_of() -> serde_json::Value {
     json!([
         branch(json!({ "enum": ["source.principal"] }), PRINCIPAL),
         branch(json!({ "enum": ["source.namespace"] }), NAMESPACE),
+        branch(json!({ "enum": ["source.ip"] }), IP_BLOCK),
         branch(json!({ "pattern": PLAIN_CONDITION_KEY }), WILDCARD),
     ])
 }
