@@ -136,6 +136,7 @@ pub enum ControlPlaneError {
 pub struct RunningControlPlane {
     addr: SocketAddr,
     metrics_addr: Option<SocketAddr>,
+    webhook_addr: Option<SocketAddr>,
     /// The local control plane's state directory; None on Kubernetes.
     state_dir: Option<PathBuf>,
     trust_domain: TrustDomain,
@@ -163,6 +164,15 @@ impl RunningControlPlane {
     /// The gRPC address actually bound (useful with port 0).
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The injector webhook's address actually bound, when this control plane serves it.
+    pub fn webhook_addr(&self) -> Option<SocketAddr> {
+        self.webhook_addr
+    }
+
+    pub(crate) fn set_webhook_addr(&mut self, addr: SocketAddr) {
+        self.webhook_addr = Some(addr);
     }
 
     /// The metrics endpoint actually bound, if one was asked for.
@@ -568,6 +578,7 @@ pub(crate) async fn serve(s: Serving) -> Result<RunningControlPlane, ControlPlan
     Ok(RunningControlPlane {
         addr,
         metrics_addr,
+        webhook_addr: None,
         state_dir,
         trust_domain: td,
         stop: stop_tx,

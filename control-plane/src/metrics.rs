@@ -83,6 +83,9 @@ pub struct Metrics {
     /// `palisade_kubernetes_watch_errors_total{resource}`: list/watch errors (a `410 Gone`
     /// included), each followed by a retry or a relist.
     pub kubernetes_watch_errors: Family<ResourceLabel, Counter>,
+    /// `palisade_kubernetes_trust_bundle_writes_total{result}`: copies of the ConfigMap
+    /// `palisade-trust-bundle` written (`ok`) or refused (`error`, retried).
+    pub trust_bundle_writes: Family<ResultLabel, Counter>,
 }
 
 impl Metrics {
@@ -100,6 +103,7 @@ impl Metrics {
         let kubernetes_object_rejections = Family::<KindLabel, Counter>::default();
         let kubernetes_rejected_objects = Family::<KindLabel, Gauge>::default();
         let kubernetes_watch_errors = Family::<ResourceLabel, Counter>::default();
+        let trust_bundle_writes = Family::<ResultLabel, Counter>::default();
         registry.register(
             "palisade_config_rejections",
             "Config changes rejected whole (the last good config keeps serving)",
@@ -160,6 +164,11 @@ impl Metrics {
             "Kubernetes list/watch errors by resource (each is retried or relisted)",
             kubernetes_watch_errors.clone(),
         );
+        registry.register(
+            "palisade_kubernetes_trust_bundle_writes",
+            "Writes of the trust bundle ConfigMap copies by result (a failed one is retried)",
+            trust_bundle_writes.clone(),
+        );
         // prometheus-client appends `_total` to counters itself.
         Arc::new(Self {
             registry,
@@ -175,12 +184,20 @@ impl Metrics {
             kubernetes_object_rejections,
             kubernetes_rejected_objects,
             kubernetes_watch_errors,
+            trust_bundle_writes,
         })
     }
 
     /// Counts one Certify outcome.
     pub fn certificate(&self, result: &'static str) {
         self.certificates
+            .get_or_create(&ResultLabel { result })
+            .inc();
+    }
+
+    /// Counts one write of a trust bundle copy.
+    pub fn trust_bundle_write(&self, result: &'static str) {
+        self.trust_bundle_writes
             .get_or_create(&ResultLabel { result })
             .inc();
     }

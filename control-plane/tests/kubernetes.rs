@@ -841,7 +841,7 @@ async fn fake_cluster() -> (FakeKube, Ca, tempfile::TempDir) {
 async fn replica(fake: &FakeKube) -> RunningControlPlane {
     let cfg = KubernetesConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
-        webhook_listen: "127.0.0.1:0".parse().unwrap(),
+        webhook_listen: Some("127.0.0.1:0".parse().unwrap()),
         sync_timeout: Duration::from_secs(5),
         ..KubernetesConfig::default()
     };
@@ -1435,4 +1435,255 @@ async fn a_proxy_follows_endpoint_slices_within_a_second_and_moves_to_the_other_
     );
     proxy.shutdown().await;
     cp2.shutdown().await;
+}
+
+fn namespace(name: &str, labels: Value) -> Value {
+    json!({ "metadata": { "name": name, "labels": labels } })
+}
+
+/// POSTs `review` to the control plane's webhook over HTTPS as the API server does: trusting
+/// only the mesh root (the webhook's `caBundle`) and checking the Service's DNS name.
+async fn call_webhook(c: &Cluster, review: &Value) -> (http::StatusCode, Value) {
+    use http_body_util::BodyExt;
+    let addr = c.cp.webhook_addr().expect("the webhook is served");
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(c.ca.root_der().clone()).unwrap();
+    let tls = rustls::ClientConfig::builder_with_provider(palisade_certs::tls::provider().clone())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from(
+        palisade_control_plane::inject::webhook::SERVICE_DNS_NAME,
+    )
+    .unwrap();
+    let stream = within(
+        "TLS to the webhook",
+        tokio_rustls::TlsConnector::from(Arc::new(tls)).connect(name, tcp),
+    )
+    .await
+    .expect("the webhook's certificate verifies against the mesh root for the Service name");
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::post("/inject")
+        .header(
+            http::header::HOST,
+            "palisade-control-plane.palisade-system.svc",
+        )
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(http_body_util::Full::new(bytes::Bytes::from(
+            review.to_string(),
+        )))
+        .unwrap();
+    let rsp = within("webhook call", sender.send_request(req))
+        .await
+        .unwrap();
+    let status = rsp.status();
+    let body = rsp.into_body().collect().await.unwrap().to_bytes();
+    (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
+}
+
+fn pod_review(ns: &str) -> Value {
+    json!({
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": "705ab4f5-6393-11e8-b7cc-42010a800002",
+            "kind": { "group": "", "version": "v1", "kind": "Pod" },
+            "resource": { "group": "", "version": "v1", "resource": "pods" },
+            "namespace": ns,
+            "operation": "CREATE",
+            "userInfo": { "username": "system:serviceaccount:kube-system:replicaset-controller" },
+            "object": {
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": { "generateName": "web-", "namespace": ns, "labels": { "app": "web" } },
+                "spec": { "serviceAccountName": "web", "containers": [ { "name": "web", "image": "nginx" } ] }
+            },
+            "oldObject": null
+        }
+    })
+}
+
+#[tokio::test]
+async fn the_control_plane_serves_the_injector_webhook_with_namespace_labels_from_the_cluster() {
+    let (fake, ca, dir) = fake_cluster().await;
+    fake.apply(
+        Res::Namespaces,
+        namespace("demo", json!({ "palisade.dev/inject": "enabled" })),
+    );
+    fake.apply(Res::Namespaces, namespace("plain", json!({})));
+    let cfg = KubernetesConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        webhook_listen: Some("127.0.0.1:0".parse().unwrap()),
+        sync_timeout: Duration::from_secs(5),
+        inject: palisade_control_plane::inject::InjectConfig {
+            image: "registry.example/palisade:test".into(),
+            ..Default::default()
+        },
+        ..KubernetesConfig::default()
+    };
+    let cp = within("start", start_with_client(fake.client(), cfg))
+        .await
+        .unwrap();
+    let c = Cluster {
+        fake,
+        cp,
+        ca,
+        _dir: dir,
+    };
+
+    // The namespace watch fills in shortly after the start; until then the call fails (503)
+    // and the webhook's failurePolicy decides.
+    let deadline = Instant::now() + T;
+    let response = loop {
+        let (status, body) = call_webhook(&c, &pod_review("demo")).await;
+        if status == http::StatusCode::OK {
+            break body;
+        }
+        assert_eq!(status, http::StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert!(
+            Instant::now() < deadline,
+            "the namespace never became known"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let rsp = &response["response"];
+    assert_eq!(rsp["uid"], "705ab4f5-6393-11e8-b7cc-42010a800002");
+    assert_eq!(rsp["allowed"], true);
+    assert_eq!(rsp["patchType"], "JSONPatch");
+    let patch = base64_decode(rsp["patch"].as_str().expect("a patch"));
+    let patch: Value = serde_json::from_slice(&patch).unwrap();
+    let mut pod = pod_review("demo")["request"]["object"].clone();
+    let patch: json_patch::Patch = serde_json::from_value(patch).unwrap();
+    json_patch::patch(&mut pod, &patch).unwrap();
+    let pod: k8s_openapi::api::core::v1::Pod = serde_json::from_value(pod).unwrap();
+    let inits = pod.spec.unwrap().init_containers.unwrap();
+    let proxy = inits
+        .iter()
+        .find(|c| c.restart_policy.as_deref() == Some("Always"))
+        .expect("the proxy as a native sidecar");
+    assert_eq!(
+        proxy.image.as_deref(),
+        Some("registry.example/palisade:test")
+    );
+    let env = |name: &str| {
+        proxy
+            .env
+            .iter()
+            .flatten()
+            .find(|e| e.name == name)
+            .and_then(|e| e.value.clone())
+    };
+    assert_eq!(
+        env("PALISADE_CONTROL_PLANE").as_deref(),
+        Some("palisade-control-plane.palisade-system.svc:8086")
+    );
+
+    // A namespace without the label: allowed, nothing added.
+    let (status, body) = call_webhook(&c, &pod_review("plain")).await;
+    assert_eq!(status, http::StatusCode::OK);
+    assert_eq!(body["response"]["allowed"], true);
+    assert!(body["response"]["patch"].is_null(), "{body}");
+
+    // It stops with the control plane.
+    let addr = c.cp.webhook_addr().unwrap();
+    within("shutdown", c.cp.shutdown()).await;
+    assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+}
+
+fn base64_decode(s: &str) -> Vec<u8> {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.decode(s).unwrap()
+}
+
+fn copy_of(fake: &FakeKube, ns: &str) -> Option<String> {
+    fake.get(Res::ConfigMaps, ns, "palisade-trust-bundle")
+        .and_then(|cm| cm["data"]["ca.crt"].as_str().map(str::to_string))
+}
+
+#[tokio::test]
+async fn the_trust_bundle_configmap_is_kept_in_every_namespace() {
+    let (fake, ca, dir) = fake_cluster().await;
+    for ns in [
+        "demo",
+        "other",
+        "palisade-system",
+        "kube-system",
+        "kube-public",
+    ] {
+        fake.apply(Res::Namespaces, namespace(ns, json!({})));
+    }
+    let anchor = String::from_utf8(
+        std::fs::read(
+            dir.path()
+                .join("ca")
+                .join(palisade_certs::ca::ROOT_CERT_FILE),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    // The copy install wrote is already right: left alone.
+    fake.apply(
+        Res::ConfigMaps,
+        json!({ "metadata": { "name": "palisade-trust-bundle", "namespace": "palisade-system" },
+                "data": { "ca.crt": anchor } }),
+    );
+    let c = Cluster {
+        cp: replica(&fake).await,
+        fake,
+        ca,
+        _dir: dir,
+    };
+    let has = |ns: &str| copy_of(&c.fake, ns).as_deref() == Some(anchor.as_str());
+    wait_until("copies in demo and other", || has("demo") && has("other")).await;
+    assert!(copy_of(&c.fake, "kube-system").is_none());
+    assert!(copy_of(&c.fake, "kube-public").is_none());
+    let written = |n: &str| {
+        metric(
+            c.cp.metrics(),
+            &format!("palisade_kubernetes_trust_bundle_writes_total{{result=\"{n}\"}}"),
+        )
+    };
+    assert_eq!(written("ok"), Some(2.0));
+    assert!(
+        !c.fake
+            .applies()
+            .contains(&"palisade-system/palisade-trust-bundle".to_string()),
+        "a right copy is not rewritten: {:?}",
+        c.fake.applies()
+    );
+
+    // A new namespace gets one within a second; an edited copy is put back; a deleted one too.
+    let started = Instant::now();
+    c.fake.apply(Res::Namespaces, namespace("later", json!({})));
+    wait_until("a copy in the new namespace", || has("later")).await;
+    assert!(
+        started.elapsed() < PROPAGATION * 2,
+        "{:?}",
+        started.elapsed()
+    );
+    c.fake.apply(
+        Res::ConfigMaps,
+        json!({ "metadata": { "name": "palisade-trust-bundle", "namespace": "demo" },
+                "data": { "ca.crt": "not the anchor" } }),
+    );
+    wait_until("the edited copy put back", || has("demo")).await;
+    c.fake
+        .delete(Res::ConfigMaps, "other", "palisade-trust-bundle");
+    wait_until("the deleted copy put back", || has("other")).await;
+
+    // Refused writes are counted, and the copy arrives once the API server accepts again.
+    c.fake.refuse_writes(Some(403));
+    c.fake
+        .apply(Res::Namespaces, namespace("locked", json!({})));
+    wait_until("a refused write counted", || written("error") >= Some(1.0)).await;
+    assert!(copy_of(&c.fake, "locked").is_none());
+    c.fake.refuse_writes(None);
+    c.fake
+        .apply(Res::Namespaces, namespace("unlocked", json!({})));
+    wait_until("both copies written", || has("locked") && has("unlocked")).await;
 }

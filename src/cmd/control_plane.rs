@@ -46,10 +46,14 @@ pub struct ControlPlaneArgs {
     /// Serve /metrics, /ready, /live, /status and /config here.
     #[arg(long, env = "PALISADE_CONTROL_PLANE_METRICS_ADDR")]
     pub metrics: Option<SocketAddr>,
-    /// The injector webhook's HTTPS address, default 0.0.0.0:8443 (kubernetes only). Not
-    /// served by this build yet: nothing listens there until the injector lands.
+    /// The injector webhook's HTTPS address, default 0.0.0.0:8443 (kubernetes only).
     #[arg(long, env = "PALISADE_WEBHOOK_ADDR")]
     pub webhook_listen: Option<SocketAddr>,
+    /// The image of the containers the injector adds (the proxy and `palisade init`),
+    /// default palisade:<version> (kubernetes only; `palisade install --image` sets it to
+    /// the control plane's own image).
+    #[arg(long, env = "PALISADE_PROXY_IMAGE")]
+    pub proxy_image: Option<String>,
     /// The namespace holding the Secret `palisade-identity`, default palisade-system
     /// (kubernetes only).
     #[arg(long, env = "PALISADE_NAMESPACE")]
@@ -85,6 +89,7 @@ pub fn run(args: ControlPlaneArgs) -> anyhow::Result<ExitCode> {
     }
     let kubernetes_only = [
         ("--webhook-listen", args.webhook_listen.is_some()),
+        ("--proxy-image", args.proxy_image.is_some()),
         ("--namespace", args.namespace.is_some()),
         (
             "--certificate-lifetime",
@@ -116,6 +121,23 @@ fn run_kubernetes(args: ControlPlaneArgs) -> anyhow::Result<ExitCode> {
         );
     }
     let defaults = KubernetesConfig::default();
+    let namespace = args
+        .namespace
+        .unwrap_or_else(|| DEFAULT_NAMESPACE.to_string());
+    let listen = args.listen.unwrap_or(DEFAULT_LISTEN);
+    let mut inject = defaults.inject.clone();
+    if let Some(image) = args.proxy_image {
+        if image.trim().is_empty() {
+            bail!("--proxy-image is empty");
+        }
+        inject.image = image;
+    }
+    // Injected proxies dial the control plane's Service in its namespace.
+    inject.control_plane = format!(
+        "{}:{}",
+        palisade_control_plane::k8s::control_plane::service_dns_name(&namespace),
+        listen.port()
+    );
     let lifetime = args
         .certificate_lifetime
         .unwrap_or(defaults.certificate_lifetime);
@@ -127,11 +149,10 @@ fn run_kubernetes(args: ControlPlaneArgs) -> anyhow::Result<ExitCode> {
         bail!("--certificate-lifetime {lifetime:?} is outside {min:?}..={max:?}");
     }
     let cfg = KubernetesConfig {
-        namespace: args
-            .namespace
-            .unwrap_or_else(|| DEFAULT_NAMESPACE.to_string()),
-        listen: args.listen.unwrap_or(DEFAULT_LISTEN),
-        webhook_listen: args.webhook_listen.unwrap_or(DEFAULT_WEBHOOK_LISTEN),
+        namespace,
+        listen,
+        webhook_listen: Some(args.webhook_listen.unwrap_or(DEFAULT_WEBHOOK_LISTEN)),
+        inject,
         metrics_listen: args.metrics,
         certificate_lifetime: lifetime,
         default_policy: args.default_policy.unwrap_or(defaults.default_policy),

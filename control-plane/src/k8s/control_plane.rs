@@ -15,6 +15,8 @@ use palisade_certs::{Ca, CaError, TrustBundle};
 
 use super::source::{KubernetesSource, SourceConfig, SourceError};
 use super::tokenreview::TokenReviewer;
+use crate::inject::InjectConfig;
+use crate::inject::webhook::{self, SERVING_CERT_TTL};
 use crate::metrics::Metrics;
 use crate::{ControlPlaneError, RunningControlPlane, Serving};
 
@@ -39,8 +41,14 @@ pub struct KubernetesConfig {
     /// Where the Secret [`IDENTITY_SECRET`] is.
     pub namespace: String,
     pub listen: SocketAddr,
-    /// The injector webhook's address (see [`start_with_client`]: not served yet).
-    pub webhook_listen: SocketAddr,
+    /// The injector webhook's address (HTTPS, `/inject`); `None` serves no webhook.
+    pub webhook_listen: Option<SocketAddr>,
+    /// What the injector adds: the image, resources and the proxy's control-plane address
+    /// (its trust domain is always the CA's).
+    pub inject: InjectConfig,
+    /// Keep the ConfigMap `palisade-trust-bundle` in every namespace
+    /// ([`trust_bundle`](super::trust_bundle)).
+    pub trust_bundle_copies: bool,
     /// `/metrics`, `/ready`, `/live`, `/status`, `/config?workload=NAME` over plain HTTP.
     pub metrics_listen: Option<SocketAddr>,
     pub certificate_lifetime: Duration,
@@ -59,7 +67,9 @@ impl Default for KubernetesConfig {
         Self {
             namespace: DEFAULT_NAMESPACE.into(),
             listen: DEFAULT_LISTEN,
-            webhook_listen: DEFAULT_WEBHOOK_LISTEN,
+            webhook_listen: Some(DEFAULT_WEBHOOK_LISTEN),
+            inject: InjectConfig::default(),
+            trust_bundle_copies: true,
             metrics_listen: None,
             certificate_lifetime: Duration::from_secs(24 * 3600),
             default_policy: DefaultPolicy::default(),
@@ -106,8 +116,10 @@ pub async fn default_client() -> Result<Client, K8sError> {
 }
 
 /// Reads the CA from the Secret [`IDENTITY_SECRET`] in `namespace`, and checks that the
-/// issuer's certificates verify against the trust anchor.
-pub async fn load_ca(client: &Client, namespace: &str) -> Result<Ca, K8sError> {
+/// issuer's certificates verify against the trust anchor. Also returns the Secret's
+/// [`SECRET_CA_CERT`] as it is (every root it holds, during a rotation two), which is what the
+/// proxies must trust.
+pub async fn load_ca(client: &Client, namespace: &str) -> Result<(Ca, String), K8sError> {
     let secret = Api::<Secret>::namespaced(client.clone(), namespace)
         .get(IDENTITY_SECRET)
         .await
@@ -125,6 +137,7 @@ pub async fn load_ca(client: &Client, namespace: &str) -> Result<Ca, K8sError> {
                 key,
             })
     };
+    let anchor_pem = String::from_utf8_lossy(get(SECRET_CA_CERT)?).into_owned();
     let ca = Ca::from_pem(
         &format!("Secret {namespace}/{IDENTITY_SECRET}"),
         get(SECRET_CA_CERT)?,
@@ -153,7 +166,13 @@ pub async fn load_ca(client: &Client, namespace: &str) -> Result<Ca, K8sError> {
         rustls_pki_types::UnixTime::now(),
     )
     .map_err(|e| chain_err(e.to_string()))?;
-    Ok(ca)
+    Ok((ca, anchor_pem))
+}
+
+/// The control plane's Service in its namespace: what injected proxies dial, and the name the
+/// API server calls the webhook at (so the serving certificate's).
+pub fn service_dns_name(namespace: &str) -> String {
+    format!("{}.{namespace}.svc", super::manifests::NAME)
 }
 
 /// Starts the control plane with the client [`default_client`] makes.
@@ -171,7 +190,8 @@ pub async fn start_with_client(
 ) -> Result<RunningControlPlane, ControlPlaneError> {
     palisade_certs::tls::install_default_provider();
     let metrics = Metrics::new();
-    let ca = Arc::new(load_ca(&client, &cfg.namespace).await?);
+    let (ca, anchor_pem) = load_ca(&client, &cfg.namespace).await?;
+    let ca = Arc::new(ca);
     let td = ca.trust_domain().clone();
     tracing::info!(
         secret = %format!("{}/{IDENTITY_SECRET}", cfg.namespace),
@@ -190,34 +210,78 @@ pub async fn start_with_client(
     let source = KubernetesSource::start(client.clone(), source_cfg, metrics.clone())
         .await
         .map_err(K8sError::from)?;
-    let cp = crate::serve(Serving {
+    let mut cp = crate::serve(Serving {
         source: Box::new(source),
         ca: ca.clone(),
-        tokens: Arc::new(TokenReviewer::new(client.clone(), td)),
-        metrics,
+        tokens: Arc::new(TokenReviewer::new(client.clone(), td.clone())),
+        metrics: metrics.clone(),
         listen: cfg.listen,
         metrics_listen: cfg.metrics_listen,
         state_dir: None,
     })
     .await?;
 
-    // TODO(lead, injector merge): serve the injector webhook here, on `cfg.webhook_listen`,
-    // with the same process's CA and stop signal, roughly (with `let mut cp` above):
-    //
-    //   let listener = tokio::net::TcpListener::bind(cfg.webhook_listen).await?;
-    //   let store = Arc::new(ServingCertStore::new(
-    //       ca.issue_serving_cert(&[inject::webhook::SERVICE_DNS_NAME], ttl)?));
-    //   let (namespaces, watch) = inject::webhook::watch_namespaces(client.clone());
-    //   cp.add_task(tokio::spawn(watch));
-    //   cp.add_task(tokio::spawn(async move { renew_serving_cert(store.clone(), ttl,
-    //       move || ca.issue_serving_cert(..), cp_stop).await; }));
-    //   cp.add_task(tokio::spawn(async move { if let Err(e) = serve_webhook(listener, store,
-    //       Arc::new(inject_cfg), Arc::new(namespaces), cp.stop_signal()).await { error!(..) } }));
-    //
-    // Until then nothing listens on that address.
-    tracing::info!(
-        addr = %cfg.webhook_listen,
-        "the injector webhook is not served by this build yet"
-    );
+    if cfg.trust_bundle_copies {
+        let task = super::trust_bundle::keep_trust_bundles(
+            client.clone(),
+            anchor_pem,
+            metrics,
+            cp.stop_signal(),
+        );
+        cp.add_task(tokio::spawn(task));
+    }
+    if let Some(addr) = cfg.webhook_listen {
+        let mut inject = cfg.inject.clone();
+        inject.trust_domain = td;
+        let bound = serve_injector(&mut cp, client, ca, &cfg.namespace, addr, inject).await?;
+        tracing::info!(addr = %bound, path = webhook::PATH, "injector webhook serving");
+    }
     Ok(cp)
+}
+
+/// Starts the injector webhook beside the gRPC server: its serving certificate from the mesh CA
+/// (renewed by [`webhook::renew_serving_cert`]), namespace labels from a watch of Namespaces,
+/// stopped with the control plane. Returns the bound address.
+async fn serve_injector(
+    cp: &mut RunningControlPlane,
+    client: Client,
+    ca: Arc<Ca>,
+    namespace: &str,
+    addr: SocketAddr,
+    inject: InjectConfig,
+) -> Result<SocketAddr, ControlPlaneError> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| ControlPlaneError::Listen { addr, source })?;
+    let bound = listener
+        .local_addr()
+        .map_err(|source| ControlPlaneError::Listen { addr, source })?;
+    let dns = service_dns_name(namespace);
+    let issue = move || ca.issue_serving_cert(&[dns.as_str()], SERVING_CERT_TTL);
+    let cert = issue().map_err(|e| ControlPlaneError::Tls(e.to_string()))?;
+    let store = palisade_certs::tls::ServingCertStore::new(&cert)
+        .map_err(|e| ControlPlaneError::Tls(e.to_string()))?;
+    let (namespaces, watch) = webhook::watch_namespaces(client);
+    cp.add_task(tokio::spawn(watch));
+    cp.add_task(tokio::spawn({
+        let (store, stop) = (store.clone(), cp.stop_signal());
+        async move {
+            webhook::renew_serving_cert(store, SERVING_CERT_TTL, issue, stop).await;
+        }
+    }));
+    let stop = cp.stop_signal();
+    cp.add_task(tokio::spawn(async move {
+        let served = webhook::serve_webhook(
+            listener,
+            store,
+            Arc::new(inject),
+            Arc::new(namespaces),
+            stop,
+        );
+        if let Err(e) = served.await {
+            tracing::error!(error = %e, "the injector webhook stopped");
+        }
+    }));
+    cp.set_webhook_addr(bound);
+    Ok(bound)
 }

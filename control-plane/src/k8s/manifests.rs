@@ -102,9 +102,10 @@ pub const METRICS_PORT: u16 = 9990;
 /// nodes, or push your own and pass `--image` (docs/kubernetes.md).
 pub const DEFAULT_IMAGE: &str = concat!("palisade:", env!("CARGO_PKG_VERSION"));
 
-/// The command line the Deployment runs.
-pub fn control_plane_args() -> Vec<String> {
-    [
+/// The command line the Deployment runs: the injector adds containers of the control plane's
+/// own image (it holds both binaries).
+pub fn control_plane_args(image: &str) -> Vec<String> {
+    let mut args: Vec<String> = [
         "control-plane",
         "--source",
         "kubernetes",
@@ -118,7 +119,9 @@ pub fn control_plane_args() -> Vec<String> {
         &format!("0.0.0.0:{METRICS_PORT}"),
     ]
     .map(String::from)
-    .to_vec()
+    .to_vec();
+    args.extend(["--proxy-image".to_string(), image.to_string()]);
+    args
 }
 
 /// What varies between installs of one version.
@@ -300,7 +303,7 @@ pub fn deployment(opts: &InstallOptions) -> Deployment {
         image: Some(opts.image.clone()),
         image_pull_policy: Some("IfNotPresent".into()),
         command: Some(strings(&["palisade"])),
-        args: Some(control_plane_args()),
+        args: Some(control_plane_args(&opts.image)),
         env: Some(vec![EnvVar {
             name: "PALISADE_LOG_FORMAT".into(),
             value: Some("json".into()),

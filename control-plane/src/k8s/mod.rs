@@ -8,3 +8,4 @@ pub mod manifests;
 pub mod routes;
 pub mod source;
 pub mod tokenreview;
+pub mod trust_bundle;

@@ -44,9 +44,11 @@ pub enum Res {
     IstioPeerAuthentications,
     HttpRoutes,
     GrpcRoutes,
+    Namespaces,
+    ConfigMaps,
 }
 
-pub const ALL: [Res; 9] = [
+pub const ALL: [Res; 11] = [
     Res::Pods,
     Res::Services,
     Res::EndpointSlices,
@@ -56,6 +58,8 @@ pub const ALL: [Res; 9] = [
     Res::IstioPeerAuthentications,
     Res::HttpRoutes,
     Res::GrpcRoutes,
+    Res::Namespaces,
+    Res::ConfigMaps,
 ];
 
 impl Res {
@@ -99,6 +103,8 @@ impl Res {
                 "gateway.networking.k8s.io/v1",
                 "GRPCRoute",
             ),
+            Res::Namespaces => ("/api/v1/namespaces", "v1", "Namespace"),
+            Res::ConfigMaps => ("/api/v1/configmaps", "v1", "ConfigMap"),
         }
     }
 
@@ -116,6 +122,10 @@ impl Res {
 
     fn plural(self) -> &'static str {
         self.path().rsplit('/').next().unwrap_or_default()
+    }
+
+    fn cluster_scoped(self) -> bool {
+        self == Res::Namespaces
     }
 
     fn is_istio(self) -> bool {
@@ -159,6 +169,10 @@ struct State {
     reviews: Vec<Value>,
     events: Vec<Value>,
     requests: Vec<String>,
+    /// Server-side applies of ConfigMaps, `ns/name`, oldest first.
+    applies: Vec<String>,
+    /// When set, writes of ConfigMaps are refused with this status code.
+    refuse_writes: Option<u16>,
 }
 
 /// The running fake. Dropping it stops the server.
@@ -249,15 +263,21 @@ impl State {
         let rv = self.next_rv();
         obj["apiVersion"] = json!(res.api_version());
         obj["kind"] = json!(res.kind());
-        let ns = obj["metadata"]["namespace"]
-            .as_str()
-            .unwrap_or("default")
-            .to_string();
+        let ns = if res.cluster_scoped() {
+            String::new()
+        } else {
+            obj["metadata"]["namespace"]
+                .as_str()
+                .unwrap_or("default")
+                .to_string()
+        };
         let name = obj["metadata"]["name"]
             .as_str()
             .expect("objects have a name")
             .to_string();
-        obj["metadata"]["namespace"] = json!(ns);
+        if !res.cluster_scoped() {
+            obj["metadata"]["namespace"] = json!(ns);
+        }
         obj["metadata"]["resourceVersion"] = json!(rv.to_string());
         let objects = self.objects.entry(res).or_default();
         let existed = objects.get(&(ns.clone(), name.clone())).cloned();
@@ -454,6 +474,25 @@ impl FakeKube {
     }
 
     /// The Events created or patched, as sent.
+    /// The ConfigMap server-side applies so far, `ns/name`, oldest first.
+    pub fn applies(&self) -> Vec<String> {
+        self.state().applies.clone()
+    }
+
+    /// Refuse ConfigMap writes with `code` (e.g. 403), or accept them again with `None`.
+    pub fn refuse_writes(&self, code: Option<u16>) {
+        self.state().refuse_writes = code;
+    }
+
+    /// The stored object, if any (`ns` is "" for a cluster-scoped one).
+    pub fn get(&self, res: Res, ns: &str, name: &str) -> Option<Value> {
+        self.state()
+            .objects
+            .get(&res)
+            .and_then(|m| m.get(&(ns.to_string(), name.to_string())))
+            .cloned()
+    }
+
     pub fn events(&self) -> Vec<Value> {
         self.state().events.clone()
     }
@@ -492,6 +531,10 @@ impl FakeKube {
 
 async fn handle(st: Arc<Mutex<State>>, req: Request<Incoming>) -> Response<Body> {
     let method = req.method().clone();
+    let applied = req
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes() == b"application/apply-patch+yaml");
     let path = req.uri().path().to_string();
     let q = req.uri().query().map(str::to_string);
     fn lock(st: &Arc<Mutex<State>>) -> MutexGuard<'_, State> {
@@ -655,6 +698,34 @@ async fn handle(st: Arc<Mutex<State>>, req: Request<Incoming>) -> Response<Body>
             review["metadata"] = json!({ "creationTimestamp": null });
             review["status"] = status;
             json_response(StatusCode::CREATED, &review)
+        }
+        // Server-side apply of a ConfigMap (kube sends the object as JSON with the content type
+        // application/apply-patch+yaml): created or replaced, and the change watched.
+        (Method::PATCH, ["api", "v1", "namespaces", ns, "configmaps", name]) => {
+            let mut s = lock(&st);
+            if let Some(code) = s.refuse_writes {
+                return json_response(
+                    StatusCode::from_u16(code).unwrap_or(StatusCode::FORBIDDEN),
+                    &status(code, "Forbidden", "configmaps is forbidden"),
+                );
+            }
+            if !params.contains_key("fieldManager") || !applied {
+                return json_response(
+                    StatusCode::BAD_REQUEST,
+                    &status(
+                        400,
+                        "BadRequest",
+                        "expected a server-side apply with a fieldManager",
+                    ),
+                );
+            }
+            let mut obj = body.clone();
+            obj["metadata"]["namespace"] = json!(ns);
+            obj["metadata"]["name"] = json!(name);
+            s.put(Res::ConfigMaps, obj, true);
+            s.applies.push(format!("{ns}/{name}"));
+            let stored = s.objects[&Res::ConfigMaps][&(ns.to_string(), name.to_string())].clone();
+            json_response(StatusCode::OK, &stored)
         }
         (Method::POST, ["apis", "events.k8s.io", "v1", "namespaces", _ns, "events"]) => {
             lock(&st).events.push(body.clone());
