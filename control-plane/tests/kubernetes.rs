@@ -512,6 +512,21 @@ async fn a_bad_policy_object_is_rejected_alone_and_a_broken_edit_keeps_the_last_
     let note = ev["note"].as_str().unwrap_or_default();
     assert!(note.contains("spec.rules[0].form"), "{note}");
     assert!(note.contains("it is not served"), "{note}");
+    // And in the object's status (`kubectl get` shows the Accepted column).
+    wait_until("Accepted conditions written", || {
+        accepted(&fake, "typo").is_some_and(|c| c["status"] == "False")
+            && accepted(&fake, "api-from-web").is_some_and(|c| c["status"] == "True")
+    })
+    .await;
+    let c = accepted(&fake, "typo").unwrap();
+    assert_eq!(c["reason"], "Invalid");
+    assert!(
+        c["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("spec.rules[0].form") && m.contains("not served")),
+        "{c}"
+    );
+    assert_eq!(c["observedGeneration"], 1);
 
     // Unrelated changes rebuild the model; the same bad version is not reported again.
     fake.apply(
@@ -559,6 +574,15 @@ async fn a_bad_policy_object_is_rejected_alone_and_a_broken_edit_keeps_the_last_
         "{:?}",
         policies(&src.current())
     );
+    wait_until("the broken edit's condition", || {
+        accepted(&fake, "api-from-web").is_some_and(|c| {
+            c["status"] == "False"
+                && c["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("last accepted version keeps serving"))
+        })
+    })
+    .await;
     wait_until("the Event about the broken edit", || {
         events_about(&fake, "api-from-web").iter().any(|e| {
             e["note"]
@@ -599,6 +623,29 @@ async fn a_bad_policy_object_is_rejected_alone_and_a_broken_edit_keeps_the_last_
     .await;
     assert_eq!(metric(&metrics, REJECTED_NOW), Some(0.0));
     assert_eq!(metric(&metrics, REJECTED), Some(2.0));
+    wait_until("both accepted again", || {
+        ["typo", "api-from-web"].iter().all(|n| {
+            let obj = fake.get(Res::AuthorizationPolicies, "demo", n).unwrap();
+            accepted(&fake, n).is_some_and(|c| {
+                c["status"] == "True" && c["observedGeneration"] == obj["metadata"]["generation"]
+            })
+        })
+    })
+    .await;
+    // A written condition is judged again and found there: no write loop. Seven verdicts
+    // changed a condition in this test; a loop would write hundreds.
+    let writes = fake.status_patches().len();
+    assert!((7..=10).contains(&writes), "{writes} status writes");
+}
+
+/// The `Accepted` condition of an AuthorizationPolicy in `demo`.
+fn accepted(fake: &FakeKube, name: &str) -> Option<Value> {
+    let obj = fake.get(Res::AuthorizationPolicies, "demo", name)?;
+    obj["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == "Accepted")
+        .cloned()
 }
 
 #[tokio::test]

@@ -7,5 +7,6 @@ pub mod crd;
 pub mod manifests;
 pub mod routes;
 pub mod source;
+pub mod status;
 pub mod tokenreview;
 pub mod trust_bundle;

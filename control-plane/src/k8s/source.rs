@@ -65,6 +65,7 @@ use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::JoinHandle;
 
 use super::routes::{GATEWAY_GROUP, GATEWAY_VERSION, Route, RouteKind, is_mesh_route, parse_route};
+use super::status::{self, StatusUpdate, Verdict};
 use crate::mesh::{ControlPlaneSection, Mesh, Protocol, Service, ServiceEndpoint, Workload};
 use crate::metrics::{KindLabel, Metrics, ResourceLabel};
 use crate::model::Model;
@@ -359,6 +360,8 @@ struct Builder {
     accepted_routes: HashMap<ObjKey, (String, Route)>,
     rejected: HashMap<ObjKey, String>,
     events: mpsc::UnboundedSender<Rejection>,
+    /// `Accepted` conditions to write ([`status`]).
+    status: mpsc::UnboundedSender<StatusUpdate>,
     /// Pods already warned about (skipped for a reason worth a warning), by reason.
     warned: HashSet<(String, String)>,
 }
@@ -554,12 +557,18 @@ impl Builder {
                         reject(
                             &self.metrics,
                             &self.events,
+                            &self.status,
                             &ps.kind,
                             &obj,
                             &key,
                             errors,
                             keeps,
                         )
+                    },
+                    || {
+                        if let Some(u) = status::update_for(&ps.kind.api, &obj, Verdict::Accepted) {
+                            let _ = self.status.send(u);
+                        }
                     },
                 );
                 if let Some(p) = verdict {
@@ -613,6 +622,7 @@ impl Builder {
                         reject(
                             &self.metrics,
                             &self.events,
+                            &self.status,
                             &ps.kind,
                             &obj,
                             &key,
@@ -620,6 +630,7 @@ impl Builder {
                             keeps,
                         )
                     },
+                    || {},
                 );
                 if let Some(r) = verdict {
                     out.push((key, r));
@@ -658,8 +669,9 @@ fn judge<T: Clone>(
     obj: &DynamicObject,
     parse: impl FnOnce() -> Result<T, Vec<(String, String)>>,
     on_reject: impl FnOnce(&[(String, String)], bool),
+    on_accept: impl FnOnce(),
 ) -> Option<T> {
-    let rv = obj.metadata.resource_version.clone().unwrap_or_default();
+    let rv = spec_version(obj);
     let last_good = accepted.get(key).cloned();
     if let Some((good_rv, p)) = &last_good
         && *good_rv == rv
@@ -675,6 +687,7 @@ fn judge<T: Clone>(
                 tracing::info!(kind = %key.0, object = %format!("{}/{}", key.1, key.2), resource_version = %rv, "object accepted (its previous version was refused)");
             }
             accepted.insert(key.clone(), (rv, p.clone()));
+            on_accept();
             Some(p)
         }
         Err(errors) => {
@@ -682,6 +695,15 @@ fn judge<T: Clone>(
             rejected.insert(key.clone(), rv);
             last_good.map(|(_, p)| p)
         }
+    }
+}
+
+/// What identifies the version of an object's spec: its `metadata.generation`, which a status
+/// write (ours: the `Accepted` condition) leaves alone, else its resourceVersion.
+fn spec_version(obj: &DynamicObject) -> String {
+    match obj.metadata.generation {
+        Some(g) => format!("generation {g}"),
+        None => obj.metadata.resource_version.clone().unwrap_or_default(),
     }
 }
 
@@ -723,10 +745,13 @@ fn parse_policy(
     Ok(p)
 }
 
-/// Reports a refused object version: one error line, the metric, a Warning Event.
+/// Reports a refused object version: one error line, the metric, a Warning Event, and the
+/// `Accepted: False` condition on our own kinds.
+#[allow(clippy::too_many_arguments)]
 fn reject(
     metrics: &Metrics,
     events: &mpsc::UnboundedSender<Rejection>,
+    status: &mpsc::UnboundedSender<StatusUpdate>,
     kind: &PolicyKind,
     obj: &DynamicObject,
     key: &ObjKey,
@@ -754,6 +779,13 @@ fn reject(
             kind: key.0.clone(),
         })
         .inc();
+    let verdict = Verdict::Refused {
+        problems: &problems,
+        keeps_last_good,
+    };
+    if let Some(u) = status::update_for(&kind.api, obj, verdict) {
+        let _ = status.send(u);
+    }
     let note: String = format!("refused by the Palisade control plane ({outcome}): {problems}")
         .chars()
         .take(1000)
@@ -1115,6 +1147,11 @@ impl KubernetesSource {
             controller: EVENT_CONTROLLER.into(),
             instance: cfg.event_instance.clone(),
         };
+        let (status_tx, status_rx) = mpsc::unbounded_channel();
+        tasks.push(tokio::spawn(status::publish_status(
+            client.clone(),
+            status_rx,
+        )));
         tasks.push(tokio::spawn(publish_events(
             Recorder::new(client, reporter),
             ev_rx,
@@ -1131,6 +1168,7 @@ impl KubernetesSource {
             accepted_routes: HashMap::new(),
             rejected: HashMap::new(),
             events: ev_tx,
+            status: status_tx,
             warned: HashSet::new(),
         };
         let model = Arc::new(builder.build(1));

@@ -171,6 +171,8 @@ struct State {
     requests: Vec<String>,
     /// Server-side applies of ConfigMaps, `ns/name`, oldest first.
     applies: Vec<String>,
+    /// Status subresource patches, oldest first.
+    status_patches: Vec<Value>,
     /// When set, writes of ConfigMaps are refused with this status code.
     refuse_writes: Option<u16>,
 }
@@ -289,6 +291,18 @@ impl State {
             }
         };
         obj["metadata"]["uid"] = json!(uid);
+        // As with a status subresource: writing the object keeps the status.
+        if obj.get("status").is_none()
+            && let Some(st) = existed.as_ref().and_then(|o| o.get("status"))
+        {
+            obj["status"] = st.clone();
+        }
+        // Every write through put() changes the spec (status writes keep the generation).
+        let generation = existed
+            .as_ref()
+            .and_then(|o| o["metadata"]["generation"].as_i64())
+            .unwrap_or(0);
+        obj["metadata"]["generation"] = json!(generation + 1);
         obj["metadata"]["creationTimestamp"] = json!("2026-12-01T00:00:00Z");
         obj["metadata"]["managedFields"] = json!([{ "manager": "kubectl", "operation": "Apply" }]);
         self.objects
@@ -477,6 +491,11 @@ impl FakeKube {
     /// The ConfigMap server-side applies so far, `ns/name`, oldest first.
     pub fn applies(&self) -> Vec<String> {
         self.state().applies.clone()
+    }
+
+    /// The status patches so far, oldest first.
+    pub fn status_patches(&self) -> Vec<Value> {
+        self.state().status_patches.clone()
     }
 
     /// Refuse ConfigMap writes with `code` (e.g. 403), or accept them again with `None`.
@@ -726,6 +745,47 @@ async fn handle(st: Arc<Mutex<State>>, req: Request<Incoming>) -> Response<Body>
             s.applies.push(format!("{ns}/{name}"));
             let stored = s.objects[&Res::ConfigMaps][&(ns.to_string(), name.to_string())].clone();
             json_response(StatusCode::OK, &stored)
+        }
+        // A merge patch of the status subresource: the status replaced, the generation kept.
+        (
+            Method::PATCH,
+            [
+                "apis",
+                group,
+                version,
+                "namespaces",
+                ns,
+                plural,
+                name,
+                "status",
+            ],
+        ) => {
+            let mut s = lock(&st);
+            let api_version = format!("{group}/{version}");
+            let Some(res) = ALL
+                .iter()
+                .copied()
+                .find(|r| r.api_version() == api_version && r.plural() == *plural)
+            else {
+                return json_response(
+                    StatusCode::NOT_FOUND,
+                    &status(404, "NotFound", "no such resource"),
+                );
+            };
+            let key = (ns.to_string(), name.to_string());
+            let Some(mut obj) = s.objects.get(&res).and_then(|m| m.get(&key)).cloned() else {
+                return json_response(
+                    StatusCode::NOT_FOUND,
+                    &status(404, "NotFound", &format!("{plural} \"{name}\" not found")),
+                );
+            };
+            obj["status"] = body["status"].clone();
+            let rv = s.next_rv();
+            obj["metadata"]["resourceVersion"] = json!(rv.to_string());
+            s.objects.entry(res).or_default().insert(key, obj.clone());
+            s.status_patches.push(body.clone());
+            s.emit(res, "MODIFIED", obj.clone());
+            json_response(StatusCode::OK, &obj)
         }
         (Method::POST, ["apis", "events.k8s.io", "v1", "namespaces", _ns, "events"]) => {
             lock(&st).events.push(body.clone());
