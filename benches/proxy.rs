@@ -115,6 +115,7 @@ async fn pair() -> Pair {
         limits: Limits::default(),
         access_log: false,
         admin_shutdown: false,
+        app_probes: Default::default(),
         balancer: Default::default(),
     };
     let scfg = dir.path().join("server.yaml");

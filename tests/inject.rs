@@ -181,7 +181,7 @@ fn the_report_on_stderr_says_what_was_injected_and_why_not() {
         ),
         (
             "probes-and-skip-ports",
-            "pod/api injected\n  warning: kubelet probe ports 8081, 8080 bypass the proxy",
+            "pod/api injected\n  warning: the pod declares ports 8080, 8081",
         ),
     ];
     for (name, want) in cases {

@@ -8,6 +8,7 @@ pub mod v1 {
     tonic::include_proto!("palisade.v1");
 }
 
+pub mod app_probe;
 pub mod authorization;
 pub mod client;
 pub mod mtls;

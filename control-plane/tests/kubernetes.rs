@@ -1367,6 +1367,7 @@ async fn a_proxy_follows_endpoint_slices_within_a_second_and_moves_to_the_other_
         limits: palisade_proxy::config::Limits::default(),
         access_log: false,
         admin_shutdown: false,
+        app_probes: Default::default(),
         balancer: Default::default(),
     };
     let proxy = within("proxy start", palisade_proxy::Proxy::start(cfg))

@@ -1,4 +1,5 @@
-//! The admin server: `/metrics`, `/ready`, `/live`, `/status`, `/shutdown`.
+//! The admin server: `/metrics`, `/ready`, `/live`, `/status`, `/shutdown`, and the app's
+//! rewritten kubelet probes (`/app-health/…`, [`crate::app_probe`]).
 //!
 //! Plain HTTP/1.1 on its own port, never through the data-plane stacks, so probes and scrapes
 //! work whatever the mTLS mode and authorization policy say.
@@ -44,9 +45,18 @@ pub(crate) async fn serve(listener: TcpListener, ctx: Arc<Ctx>, mut stop: watch:
         let ctx = ctx.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            let svc = hyper::service::service_fn(move |req| {
+            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let ctx = ctx.clone();
-                async move { Ok::<_, Infallible>(handle(&ctx, req, remote)) }
+                async move {
+                    let probe = (req.method() == Method::GET)
+                        .then(|| ctx.cfg.app_probes.get(req.uri().path()))
+                        .flatten();
+                    let rsp = match probe {
+                        Some(p) => crate::app_probe::run(p).await,
+                        None => handle(&ctx, req, remote),
+                    };
+                    Ok::<_, Infallible>(rsp)
+                }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())

@@ -128,6 +128,9 @@ pub struct ProxyConfig {
     pub admin_shutdown: bool,
     /// How endpoints are picked (HTTPRoute weights come with traffic management).
     pub balancer: crate::balance::Strategy,
+    /// The app's kubelet probes the injector pointed at the admin port
+    /// ([`palisade_api::app_probe`]).
+    pub app_probes: std::sync::Arc<palisade_api::app_probe::AppProbes>,
 }
 
 /// One endpoint of a service: the inbound port of a peer proxy and the identity it must prove.

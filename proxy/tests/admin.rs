@@ -122,3 +122,59 @@ async fn the_transparent_listener_counts_against_the_connection_limit() {
         "the limit is checked first"
     );
 }
+
+/// The kubelet's probes, rewritten by the injector to the admin port, reach the app on
+/// loopback while the inbound port refuses plaintext (STRICT).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rewritten_kubelet_probes_are_run_against_the_app() {
+    init();
+    let pki = Pki::new();
+    let app = echo_app().await;
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").port()
+    };
+    let json = format!(
+        r#"{{"/app-health/api/readyz":{{"httpGet":{{"port":{app},"path":"/healthz"}}}},
+            "/app-health/api/livez":{{"tcpSocket":{{"port":{app}}}}},
+            "/app-health/api/startupz":{{"tcpSocket":{{"port":{closed}}}}}}}"#,
+        app = app.addr.port()
+    );
+    let mut cfg = proxy_config(
+        &pki,
+        "api",
+        API,
+        Some(app.addr),
+        &[],
+        "mode: STRICT\nservices: []\n",
+    );
+    cfg.app_probes = std::sync::Arc::new(palisade_api::app_probe::parse(&json).expect("probes"));
+    let p = within(Proxy::start(cfg)).await.expect("proxy");
+    let r = within(get(p.admin_addr, "/app-health/api/readyz"))
+        .await
+        .expect("readiness");
+    assert_eq!(r.status, StatusCode::OK);
+    let r = within(get(p.admin_addr, "/app-health/api/livez"))
+        .await
+        .expect("liveness");
+    assert_eq!(r.status, StatusCode::OK);
+    let r = within(get(p.admin_addr, "/app-health/api/startupz"))
+        .await
+        .expect("startup");
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(String::from_utf8_lossy(&r.body).contains("probe failed"));
+    // A path the injector did not write is not a way to reach the app.
+    let r = within(get(p.admin_addr, "/app-health/api/other"))
+        .await
+        .expect("unknown");
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    // The same app through the inbound port in plaintext: refused under STRICT.
+    let refused = within(get(p.inbound_addr, "/healthz")).await;
+    assert!(
+        refused
+            .as_ref()
+            .map_or(true, |r| r.status != StatusCode::OK),
+        "plaintext reached the app: {:?}",
+        refused.map(|r| r.status)
+    );
+}

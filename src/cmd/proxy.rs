@@ -117,6 +117,12 @@ pub struct ProxyArgs {
     #[arg(long, env = "PALISADE_ADMIN_SHUTDOWN", value_name = "BOOL", value_parser = super::BoolValue,
           num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true")]
     pub admin_shutdown: bool,
+    /// The app's kubelet probes the injector pointed at the admin port: a JSON object of
+    /// `/app-health/<container>/<livez|readyz|startupz>` → the original httpGet or tcpSocket
+    /// probe, which the proxy runs against the app on loopback.
+    #[arg(long, env = "PALISADE_APP_PROBES", value_name = "JSON",
+          value_parser = |s: &str| palisade_api::app_probe::parse(s).map_err(|e| e.to_string()))]
+    pub app_probes: Option<palisade_api::app_probe::AppProbes>,
     /// One log line per request (target `palisade::access`). The flag alone means true.
     #[arg(long, env = "PALISADE_ACCESS_LOG", value_name = "BOOL", value_parser = super::BoolValue,
           num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true")]
@@ -216,6 +222,7 @@ fn build_config(a: &ProxyArgs) -> anyhow::Result<ProxyConfig> {
         },
         access_log: a.access_log,
         admin_shutdown: a.admin_shutdown,
+        app_probes: std::sync::Arc::new(a.app_probes.clone().unwrap_or_default()),
         balancer: a.balancer,
     })
 }

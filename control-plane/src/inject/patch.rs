@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use json_patch::jsonptr::PointerBuf;
-use json_patch::{AddOperation, Patch, PatchOperation};
+use json_patch::{AddOperation, Patch, PatchOperation, ReplaceOperation};
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
     EnvVarSource, HTTPGetAction, KeyToPath, ObjectFieldSelector, PodSpec, Probe,
@@ -13,6 +13,7 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use palisade_api::app_probe::{self, AppProbe, AppProbes};
 
 use super::*;
 
@@ -210,56 +211,155 @@ fn probe_port(c: &Container, port: &IntOrString) -> Option<u16> {
     }
 }
 
-/// The ports the kubelet probes the app on. Kubelet probes come from the node in plaintext:
-/// redirected to the proxy they would be refused under STRICT mTLS, so these ports are left out
-/// of inbound redirection (docs/kubernetes.md says what that costs and how to avoid it).
-fn probe_ports(spec: &PodSpec, warnings: &mut Vec<String>) -> Vec<u16> {
-    let mut ports = Vec::new();
-    for c in app_containers(spec) {
+/// What becomes of the app's kubelet probes. Kubelet probes come from the node in plaintext:
+/// redirected to the proxy they would be refused under STRICT mTLS. HTTP and TCP probes are
+/// pointed at the proxy's admin port, which runs them against the app on loopback
+/// ([`palisade_api::app_probe`], as Istio rewrites them); the rest (gRPC, HTTPS) keep their
+/// port, which is then left out of inbound redirection (docs/kubernetes.md says what that
+/// costs).
+#[derive(Default)]
+struct ProbePlan {
+    /// Every port the app is probed on (not a serving-port candidate when it serves nothing
+    /// else).
+    ports: Vec<u16>,
+    /// The ports of probes left as they are, exempted from redirection.
+    exempt: Vec<u16>,
+    /// JSONPatch replacements of the rewritten probes.
+    rewrites: Vec<PatchOperation>,
+    /// `PALISADE_APP_PROBES`: admin path → the original probe.
+    app_probes: AppProbes,
+}
+
+fn plan_probes(spec: &PodSpec, warnings: &mut Vec<String>) -> ProbePlan {
+    let mut plan = ProbePlan::default();
+    let regular = spec
+        .containers
+        .iter()
+        .enumerate()
+        .map(|(i, c)| ("containers", i, c));
+    let sidecars = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .enumerate()
+        .filter(|(_, c)| c.restart_policy.as_deref() == Some("Always"))
+        .map(|(i, c)| ("initContainers", i, c));
+    for (list, index, c) in regular.chain(sidecars) {
         let probes = [
-            ("liveness", &c.liveness_probe),
-            ("readiness", &c.readiness_probe),
-            ("startup", &c.startup_probe),
+            ("liveness", "livenessProbe", &c.liveness_probe),
+            ("readiness", "readinessProbe", &c.readiness_probe),
+            ("startup", "startupProbe", &c.startup_probe),
         ];
-        for (kind, probe) in probes {
+        for (kind, field, probe) in probes {
             let Some(probe) = probe else { continue };
-            let port = match probe {
-                Probe {
-                    http_get: Some(HTTPGetAction { host: Some(h), .. }),
-                    ..
-                } if !h.is_empty() => continue, // probes another host, not this pod
+            let local = |h: &Option<String>| h.as_deref().is_none_or(str::is_empty);
+            // (port, the original probe if it can be rewritten)
+            let (port, original) = match probe {
                 Probe {
                     http_get: Some(get),
                     ..
-                } => Some(get.port.clone()),
+                } if !local(&get.host) => continue, // probes another host, not this pod
+                Probe {
+                    http_get: Some(get),
+                    ..
+                } => {
+                    let http = get
+                        .scheme
+                        .as_deref()
+                        .is_none_or(|s| s.eq_ignore_ascii_case("HTTP"));
+                    (get.port.clone(), http.then_some(ProbeKind::Http(get)))
+                }
                 Probe {
                     tcp_socket: Some(tcp),
                     ..
-                } if tcp.host.as_deref().is_none_or(str::is_empty) => Some(tcp.port.clone()),
+                } if local(&tcp.host) => (tcp.port.clone(), Some(ProbeKind::Tcp)),
                 Probe {
                     grpc: Some(grpc), ..
-                } => Some(IntOrString::Int(grpc.port)),
-                _ => None,
+                } => (IntOrString::Int(grpc.port), None),
+                _ => continue,
             };
-            let Some(port) = port else { continue };
-            match probe_port(c, &port) {
-                Some(p) => {
-                    if !ports.contains(&p) {
-                        ports.push(p);
-                    }
-                }
-                None => warnings.push(format!(
-                    "the {kind} probe of container {} names port {port:?}, which the container does not declare; it is not exempted from redirection",
+            let Some(p) = probe_port(c, &port) else {
+                warnings.push(format!(
+                    "the {kind} probe of container {} names port {port:?}, which the container does not declare; it is left as it is",
                     c.name,
                     port = match port {
                         IntOrString::Int(n) => n.to_string(),
                         IntOrString::String(s) => s.clone(),
                     }
-                )),
+                ));
+                continue;
+            };
+            if !plan.ports.contains(&p) {
+                plan.ports.push(p);
+            }
+            let Some(original) = original else {
+                if !plan.exempt.contains(&p) {
+                    plan.exempt.push(p);
+                }
+                continue;
+            };
+            let path = app_probe::path(&c.name, kind);
+            let timeout = probe
+                .timeout_seconds
+                .and_then(|t| u32::try_from(t).ok())
+                .unwrap_or(1)
+                .clamp(1, app_probe::MAX_TIMEOUT_SECONDS);
+            let entry = match original {
+                ProbeKind::Http(get) => AppProbe {
+                    http_get: Some(app_probe::HttpGet {
+                        port: p,
+                        path: get
+                            .path
+                            .clone()
+                            .filter(|p| p.starts_with('/'))
+                            .unwrap_or_else(|| "/".into()),
+                        http_headers: get
+                            .http_headers
+                            .iter()
+                            .flatten()
+                            .map(|h| app_probe::Header {
+                                name: h.name.clone(),
+                                value: h.value.clone(),
+                            })
+                            .collect(),
+                    }),
+                    tcp_socket: None,
+                    timeout_seconds: timeout,
+                },
+                ProbeKind::Tcp => AppProbe {
+                    http_get: None,
+                    tcp_socket: Some(app_probe::TcpSocket { port: p }),
+                    timeout_seconds: timeout,
+                },
+            };
+            let rewritten = Probe {
+                http_get: Some(HTTPGetAction {
+                    path: Some(path.clone()),
+                    port: IntOrString::Int(i32::from(ADMIN_PORT)),
+                    scheme: Some("HTTP".into()),
+                    ..Default::default()
+                }),
+                tcp_socket: None,
+                grpc: None,
+                exec: None,
+                ..probe.clone()
+            };
+            if let Ok(value) = serde_json::to_value(&rewritten) {
+                plan.rewrites
+                    .push(PatchOperation::Replace(ReplaceOperation {
+                        path: PointerBuf::from_tokens(["spec", list, &index.to_string(), field]),
+                        value,
+                    }));
+                plan.app_probes.insert(path, entry);
             }
         }
     }
-    ports
+    plan
+}
+
+enum ProbeKind<'a> {
+    Http(&'a HTTPGetAction),
+    Tcp,
 }
 
 /// Where the proxy sends inbound mTLS traffic: the annotation's port, else the one TCP port the
@@ -449,7 +549,12 @@ fn init_container(cfg: &InjectConfig, skip_inbound: &[PortRange], s: &PodSetting
     }
 }
 
-fn proxy_container(cfg: &InjectConfig, s: &PodSettings, app_port: Option<u16>) -> Container {
+fn proxy_container(
+    cfg: &InjectConfig,
+    s: &PodSettings,
+    app_port: Option<u16>,
+    app_probes: &AppProbes,
+) -> Container {
     let mut envs = vec![
         env_field("POD_NAMESPACE", "metadata.namespace"),
         env_field("POD_SERVICE_ACCOUNT", "spec.serviceAccountName"),
@@ -474,6 +579,11 @@ fn proxy_container(cfg: &InjectConfig, s: &PodSettings, app_port: Option<u16>) -
     ];
     if let Some(p) = app_port {
         envs.push(env("PALISADE_APP_ADDR", format!("127.0.0.1:{p}")));
+    }
+    if !app_probes.is_empty()
+        && let Ok(json) = serde_json::to_string(app_probes)
+    {
+        envs.push(env("PALISADE_APP_PROBES", json));
     }
     if let Some(level) = &s.log_level {
         envs.push(env("PALISADE_LOG", level.clone()));
@@ -600,7 +710,8 @@ pub(super) fn build(
     warnings: &mut Vec<String>,
 ) -> Result<Patch, InjectError> {
     let s = settings(meta, cfg)?;
-    let probes = probe_ports(spec, warnings);
+    let plan = plan_probes(spec, warnings);
+    let probes = plan.ports.clone();
     // The admin port needs no entry: `palisade init --admin-port` never redirects it (the
     // kubelet probes the proxy there).
     let mut skip_inbound: Vec<PortRange> = Vec::new();
@@ -610,7 +721,7 @@ pub(super) fn build(
         }
     }
     let mut exempted = Vec::new();
-    for p in &probes {
+    for p in &plan.exempt {
         if !skip_inbound.iter().any(|r| r.contains(*p)) {
             skip_inbound.push(PortRange::single(*p));
             exempted.push(p.to_string());
@@ -623,7 +734,7 @@ pub(super) fn build(
             ("ports", "bypass", "them")
         };
         warnings.push(format!(
-            "kubelet probe {ports} {} {bypass} the proxy so that probes keep working under STRICT mTLS: plaintext to {them} reaches the app unauthenticated (probe a separate health port to keep the serving port in the mesh)",
+            "gRPC or HTTPS kubelet probe {ports} {} {bypass} the proxy so that probes keep working under STRICT mTLS: plaintext to {them} reaches the app unauthenticated (probe a separate health port, or use an HTTP or TCP probe, which the proxy runs for the kubelet)",
             exempted.join(", ")
         ));
     }
@@ -637,8 +748,9 @@ pub(super) fn build(
     }
 
     let init = to_value(&init_container(cfg, &skip_inbound, &s))?;
-    let proxy = to_value(&proxy_container(cfg, &s, app_port))?;
-    let mut ops = Vec::new();
+    let proxy = to_value(&proxy_container(cfg, &s, app_port, &plan.app_probes))?;
+    // The probes first: their paths index the pod's own lists, before ours are added.
+    let mut ops = plan.rewrites;
     // First the iptables rules, then the proxy, then whatever init containers the pod has:
     // those run meshed, after the proxy is ready.
     match &spec.init_containers {

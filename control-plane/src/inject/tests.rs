@@ -524,21 +524,18 @@ fn probe_ports_and_skip_annotations_reach_the_init_container() {
     let (o, patched) = run(PROBED, "demo", true);
     let (_, pod) = patched.unwrap();
     let i = init(&pod);
-    // The annotation's, then the probe ports not already skipped (the admin port is
-    // `--admin-port`'s); the probe on another host is not this pod's, the unknown named port
-    // only warns.
+    // The annotation's, then the ports of probes the proxy cannot run (gRPC) not already
+    // skipped (the admin port is `--admin-port`'s); HTTP and TCP probes go through the admin
+    // port; the probe on another host is not this pod's, the unknown named port only warns.
     assert_eq!(arg_after(i, "--admin-port"), Some("4191"));
     assert_eq!(
         arg_after(i, "--skip-inbound-ports"),
-        Some("9000-9010,7000,8081,50051")
+        Some("9000-9010,7000,50051")
     );
     assert_eq!(arg_after(i, "--skip-outbound-ports"), Some("5432,6379"));
     let w = o.warnings().join("\n");
     assert!(w.contains("names port \"nope\""), "{w}");
-    assert!(
-        w.contains("probe ports 8081, 50051 bypass the proxy"),
-        "{w}"
-    );
+    assert!(w.contains("probe port 50051 bypasses the proxy"), "{w}");
     // The one serving port left: 8080 (8081 is probes only, 9001 is skipped).
     assert_eq!(
         env(proxy(&pod), "PALISADE_APP_ADDR"),
@@ -595,8 +592,24 @@ fn inbound_redirected(init: &Container, port: u16) -> bool {
     port != admin && !skipped.iter().any(|r| (r.lo..=r.hi).contains(&port))
 }
 
+/// The app's probes as the proxy receives them.
+fn app_probes(pod: &Pod) -> palisade_api::app_probe::AppProbes {
+    palisade_api::app_probe::parse(env(proxy(pod), "PALISADE_APP_PROBES").unwrap_or_default())
+        .expect("the proxy parses what the injector writes")
+}
+
+fn probe_target(probe: &Option<k8s_openapi::api::core::v1::Probe>) -> (IntOrString, String) {
+    let get = probe
+        .as_ref()
+        .unwrap()
+        .http_get
+        .as_ref()
+        .expect("an HTTP probe");
+    (get.port.clone(), get.path.clone().unwrap_or_default())
+}
+
 #[test]
-fn kubelet_probes_bypass_redirection_so_they_work_under_strict_mtls() {
+fn kubelet_probes_work_under_strict_mtls_through_the_admin_port_or_by_exemption() {
     // Every kind of kubelet probe, by port number and by name, on a health port and on the
     // serving port; and the proxy's own probes.
     let pod = "
@@ -604,6 +617,11 @@ apiVersion: v1
 kind: Pod
 metadata: { name: api }
 spec:
+  initContainers:
+    - name: log-shipper
+      image: shipper
+      restartPolicy: Always
+      livenessProbe: { tcpSocket: { port: 7070 } }
   containers:
     - name: api
       image: api
@@ -611,50 +629,111 @@ spec:
         - { name: http, containerPort: 8080 }
         - { name: health, containerPort: 8081 }
         - { name: grpc, containerPort: 9090 }
-      livenessProbe: { httpGet: { path: /live, port: health } }
-      readinessProbe: { httpGet: { path: /ready, port: 8082, scheme: HTTP } }
-      startupProbe: { tcpSocket: { port: 8083 } }
+      livenessProbe: { httpGet: { path: /live, port: health, httpHeaders: [ { name: X-Probe, value: k } ] }, periodSeconds: 7, timeoutSeconds: 3 }
+      readinessProbe: { httpGet: { path: /ready?deep=1, port: 8082, scheme: HTTP } }
+      startupProbe: { tcpSocket: { port: 8083 }, failureThreshold: 30 }
     - name: side
       image: side
       livenessProbe: { grpc: { port: 50051 } }
-      readinessProbe: { exec: { command: [ 'true' ] } }
+      readinessProbe: { httpGet: { path: /ready, port: 8443, scheme: HTTPS } }
+      startupProbe: { exec: { command: [ 'true' ] } }
 ";
     let (o, patched) = run(pod, "demo", true);
     let (_, pod) = patched.unwrap();
     let i = init(&pod);
-    for probed in [8081, 8082, 8083, 50051] {
-        assert!(
-            !inbound_redirected(i, probed),
-            "probe port {probed} would reach the proxy, which refuses plaintext under STRICT"
-        );
-    }
-    // The proxy's own probes are on the admin port, never redirected.
-    let p = proxy(&pod);
-    for probe in [&p.startup_probe, &p.readiness_probe, &p.liveness_probe] {
-        let get = probe.as_ref().unwrap().http_get.as_ref().unwrap();
-        assert_eq!(get.port, IntOrString::Int(i32::from(ADMIN_PORT)));
-    }
+    let spec = pod.spec.as_ref().unwrap();
+    let api = &spec.containers[0];
+    let admin = IntOrString::Int(i32::from(ADMIN_PORT));
+    // HTTP and TCP probes now ask the proxy's admin port, which is never redirected, and keep
+    // their timing.
+    assert_eq!(
+        probe_target(&api.liveness_probe),
+        (admin.clone(), "/app-health/api/livez".into())
+    );
+    assert_eq!(api.liveness_probe.as_ref().unwrap().period_seconds, Some(7));
+    assert_eq!(
+        probe_target(&api.readiness_probe),
+        (admin.clone(), "/app-health/api/readyz".into())
+    );
+    assert_eq!(
+        probe_target(&api.startup_probe),
+        (admin.clone(), "/app-health/api/startupz".into())
+    );
+    assert_eq!(
+        api.startup_probe.as_ref().unwrap().failure_threshold,
+        Some(30)
+    );
+    assert!(api.startup_probe.as_ref().unwrap().tcp_socket.is_none());
+    let shipper = init_containers(&pod)
+        .iter()
+        .find(|c| c.name == "log-shipper")
+        .unwrap();
+    assert_eq!(
+        probe_target(&shipper.liveness_probe),
+        (admin.clone(), "/app-health/log-shipper/livez".into())
+    );
     assert!(!inbound_redirected(i, ADMIN_PORT));
-    // Ports that are not probed stay in the mesh.
-    for meshed in [8080, 9090, 443] {
+    // The proxy gets the originals.
+    let probes = app_probes(&pod);
+    let live = &probes["/app-health/api/livez"];
+    let get = live.http_get.as_ref().unwrap();
+    assert_eq!((get.port, get.path.as_str()), (8081, "/live"));
+    assert_eq!(get.http_headers[0].name, "X-Probe");
+    assert_eq!(live.timeout_seconds, 3);
+    let ready = probes["/app-health/api/readyz"].http_get.as_ref().unwrap();
+    assert_eq!((ready.port, ready.path.as_str()), (8082, "/ready?deep=1"));
+    assert_eq!(
+        probes["/app-health/api/startupz"]
+            .tcp_socket
+            .as_ref()
+            .unwrap()
+            .port,
+        8083
+    );
+    assert_eq!(
+        probes["/app-health/log-shipper/livez"]
+            .tcp_socket
+            .as_ref()
+            .unwrap()
+            .port,
+        7070
+    );
+    assert_eq!(probes.len(), 4);
+    // So those ports stay in the mesh, the serving port with them.
+    for meshed in [8080, 8081, 8082, 8083, 7070, 9090, 443] {
         assert!(inbound_redirected(i, meshed), "port {meshed}");
     }
-    // The exemption is said, with what it costs.
+    // gRPC and HTTPS probes are left as they are, and their ports exempted, with a warning
+    // saying what that costs.
+    let side = &spec.containers[1];
+    assert!(side.liveness_probe.as_ref().unwrap().grpc.is_some());
+    assert_eq!(
+        probe_target(&side.readiness_probe),
+        (IntOrString::Int(8443), "/ready".into())
+    );
+    assert!(side.startup_probe.as_ref().unwrap().exec.is_some());
+    for exempt in [50051, 8443] {
+        assert!(!inbound_redirected(i, exempt), "port {exempt}");
+    }
     let w = o.warnings().join("\n");
     assert!(
-        w.contains("kubelet probe ports 8081, 8082, 8083, 50051 bypass the proxy"),
+        w.contains("probe ports 50051, 8443 bypass the proxy"),
         "{w}"
     );
     assert!(w.contains("unauthenticated"), "{w}");
 
+    // The proxy's own probes are on the admin port.
+    let p = proxy(&pod);
+    for probe in [&p.startup_probe, &p.readiness_probe, &p.liveness_probe] {
+        assert_eq!(probe_target(probe).0, admin);
+    }
     // The proxy's inbound mTLS goes to the one port that is served and not only probed.
     assert_eq!(
         env(proxy(&pod), "PALISADE_APP_ADDR"),
         Some("127.0.0.1:8080")
     );
 
-    // A probe on the serving port exempts it too (and the warning says so, as above): the
-    // probes work, at the cost of that port's mTLS.
+    // A probe on the serving port keeps that port in the mesh.
     let on_serving = "
 apiVersion: v1
 kind: Pod
@@ -668,10 +747,10 @@ spec:
 ";
     let (o, patched) = run(on_serving, "demo", true);
     let (_, pod) = patched.unwrap();
-    assert!(!inbound_redirected(init(&pod), 8080));
-    let w = o.warnings().join("\n");
-    assert!(
-        w.contains("kubelet probe port 8080 bypasses the proxy") && w.contains("plaintext to it"),
-        "{w}"
+    assert!(inbound_redirected(init(&pod), 8080));
+    assert!(o.warnings().is_empty(), "{:?}", o.warnings());
+    assert_eq!(
+        env(proxy(&pod), "PALISADE_APP_ADDR"),
+        Some("127.0.0.1:8080")
     );
 }

@@ -173,6 +173,7 @@ pub fn proxy_config(
         limits: Limits::default(),
         access_log: false,
         admin_shutdown: true,
+        app_probes: Default::default(),
         balancer: Default::default(),
     }
 }
