@@ -2,8 +2,9 @@
 //!
 //! The caller's SVID decides what it receives: a proxy can watch only the workload whose
 //! SPIFFE ID it holds, so a compromised workload cannot read another's policies. On every
-//! model change each stream recomputes its own workload's config and sends it only if it
-//! differs (ignoring the version): a change pushes only to the proxies it concerns.
+//! model change each stream assembles its own workload's config from the generation's shared
+//! pieces ([`crate::pieces`]) and sends it only if its inbound part or the digest of one of its
+//! services differs: a change pushes only to the proxies it concerns.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -17,8 +18,10 @@ use tonic::{Request, Response, Status};
 
 use crate::conn::PeerInfo;
 use crate::limits::shown;
+use crate::mesh::Workload;
 use crate::metrics::Metrics;
 use crate::model::Model;
+use crate::pieces::SharedService;
 
 /// The Discovery gRPC service.
 #[derive(Debug, Clone)]
@@ -30,11 +33,6 @@ pub struct DiscoveryService {
     /// Flips at shutdown: streams never end by themselves, and a graceful server shutdown
     /// waits for open streams.
     stop: watch::Receiver<bool>,
-}
-
-/// Whether two configs say the same thing, whatever their versions.
-pub fn same_config(a: &ProxyConfig, b: &ProxyConfig) -> bool {
-    a.inbound == b.inbound && a.services == b.services && a.trust_bundle_der == b.trust_bundle_der
 }
 
 impl DiscoveryService {
@@ -52,35 +50,72 @@ impl DiscoveryService {
         }
     }
 
-    /// The config of `workload` in `model` for a caller with `peer`'s identity, or why it may
+    /// The workload `workload` of `model` for a caller with `peer`'s identity, or why it may
     /// not have it.
-    fn config_for(
-        &self,
-        model: &Model,
+    fn workload_for<'m>(
+        model: &'m Model,
         workload: &str,
         peer: &palisade_certs::SpiffeId,
-    ) -> Result<ProxyConfig, Status> {
+    ) -> Result<&'m Workload, Status> {
         // On Kubernetes a workload is a pod, and two namespaces may hold pods of one name: the
         // caller's identity (which carries its namespace) picks the right one.
-        if let Some(w) = model.mesh.workload_with_id(workload, peer) {
-            let mut cfg = model.config_of(w);
-            cfg.trust_bundle_der = self.trust_bundle_der.as_ref().clone();
-            return Ok(cfg);
+        if let Some(w) = model.workload_with_id(workload, peer) {
+            return Ok(w);
         }
-        let w = model.mesh.workload(workload).ok_or_else(|| {
-            Status::not_found(format!("workload {:?} is not in the mesh", shown(workload)))
-        })?;
+        let w = model
+            .pieces()
+            .workloads_named(workload)
+            .first()
+            .map(|&i| &model.mesh.workloads[i])
+            .ok_or_else(|| {
+                Status::not_found(format!("workload {:?} is not in the mesh", shown(workload)))
+            })?;
         let want = w.spiffe_id(&model.mesh).map_err(|e| {
             Status::internal(format!("workload {workload} has no valid SPIFFE ID: {e}"))
         })?;
-        if &want != peer {
-            return Err(Status::permission_denied(format!(
-                "caller is {peer}; the config of workload {workload} is only for {want}"
-            )));
+        Err(Status::permission_denied(format!(
+            "caller is {peer}; the config of workload {workload} is only for {want}"
+        )))
+    }
+
+    /// What `workload`'s proxy gets from `model`: the parts to compare, or why it may not.
+    fn parts_for(
+        model: &Model,
+        workload: &str,
+        peer: &palisade_certs::SpiffeId,
+    ) -> Result<Parts, Status> {
+        let w = Self::workload_for(model, workload, peer)?;
+        let (inbound, services) = model.parts_of(w);
+        Ok(Parts {
+            version: model.generation,
+            digests: services.iter().map(|s| s.digest).collect(),
+            inbound,
+            services,
+        })
+    }
+
+    fn message(&self, parts: &Parts) -> ProxyConfig {
+        ProxyConfig {
+            version: parts.version,
+            inbound: Some(parts.inbound.clone()),
+            services: parts.services.iter().map(|s| s.msg.clone()).collect(),
+            trust_bundle_der: self.trust_bundle_der.as_ref().clone(),
         }
-        let mut cfg = model.config_of(w);
-        cfg.trust_bundle_der = self.trust_bundle_der.as_ref().clone();
-        Ok(cfg)
+    }
+}
+
+/// One proxy's config at one generation, as shared pieces.
+struct Parts {
+    version: u64,
+    inbound: palisade_api::v1::Inbound,
+    services: Vec<Arc<SharedService>>,
+    digests: Vec<u64>,
+}
+
+impl Parts {
+    /// Whether the proxy would hear nothing new (the version aside).
+    fn same_as(&self, other: &Parts) -> bool {
+        self.digests == other.digests && self.inbound == other.inbound
     }
 }
 
@@ -123,7 +158,7 @@ impl Discovery for DiscoveryService {
         };
         let mut model_rx = self.model.clone();
         let model = model_rx.borrow_and_update().clone();
-        let first = self.config_for(&model, &req.workload, &id).inspect_err(|s| {
+        let first = Self::parts_for(&model, &req.workload, &id).inspect_err(|s| {
             self.metrics.watch_refused(refusal_reason(s.code()));
             tracing::warn!(?remote, peer = %id, workload = %shown(&req.workload), reason = s.message(), "Watch refused");
         })?;
@@ -146,8 +181,9 @@ impl Discovery for DiscoveryService {
         tokio::spawn(async move {
             let _guard = guard;
             let mut stop = this.stop.clone();
-            let mut last = first.clone();
-            if tx.send(Ok(first)).await.is_err() {
+            let message = this.message(&first);
+            let mut last = first;
+            if tx.send(Ok(message)).await.is_err() {
                 return;
             }
             this.metrics.pushes.inc();
@@ -162,13 +198,14 @@ impl Discovery for DiscoveryService {
                     _ = stop.changed() => return,
                 }
                 let model = model_rx.borrow_and_update().clone();
-                match this.config_for(&model, &workload, &id) {
-                    Ok(cfg) if same_config(&cfg, &last) => {
+                match Self::parts_for(&model, &workload, &id) {
+                    Ok(parts) if parts.same_as(&last) => {
                         tracing::trace!(%workload, generation = model.generation, "change does not concern this proxy");
                     }
-                    Ok(cfg) => {
-                        tracing::debug!(%workload, version = cfg.version, "pushing config");
-                        last = cfg.clone();
+                    Ok(parts) => {
+                        tracing::debug!(%workload, version = parts.version, "pushing config");
+                        let cfg = this.message(&parts);
+                        last = parts;
                         if tx.send(Ok(cfg)).await.is_err() {
                             return;
                         }

@@ -19,6 +19,7 @@ pub mod limits;
 pub mod mesh;
 pub mod metrics;
 pub mod model;
+pub mod pieces;
 pub mod served;
 pub mod source;
 pub mod tokens;
@@ -456,10 +457,9 @@ pub(crate) async fn serve(s: Serving) -> Result<RunningControlPlane, ControlPlan
                         "appAddr": w.app_port.map(loopback),
                         "inboundAddr": loopback(w.inbound_port),
                     }))).collect::<serde_json::Map<_, _>>(),
-                    "services": m.mesh.services.iter().map(|s| {
-                        let endpoints: Vec<&str> = m.mesh.workloads.iter()
-                            .filter(|w| s.selects(w))
-                            .map(|w| w.name.as_str())
+                    "services": m.mesh.services.iter().zip(&m.pieces().services).map(|(s, shared)| {
+                        let endpoints: Vec<&str> = shared.msg.endpoints.iter()
+                            .map(|e| e.workload.as_str())
                             .collect();
                         serde_json::json!({
                             "name": s.name,
@@ -471,9 +471,9 @@ pub(crate) async fn serve(s: Serving) -> Result<RunningControlPlane, ControlPlan
                             "endpointWorkloads": endpoints,
                         })
                     }).collect::<Vec<_>>(),
-                    "configDigests": m.mesh.workloads.iter().filter_map(|w| {
-                        let cfg = m.proxy_config(&w.name)?;
-                        Some((w.name.clone(), serde_json::json!(palisade_api::config_digest(&cfg))))
+                    "configDigests": m.mesh.workloads.iter().map(|w| {
+                        let cfg = m.config_of(w);
+                        (w.name.clone(), serde_json::json!(palisade_api::config_digest(&cfg)))
                     }).collect::<serde_json::Map<_, _>>(),
                 });
                 // Present only while the rejection is the latest event.

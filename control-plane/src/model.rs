@@ -5,13 +5,15 @@
 //! (see `source`). That makes "apply the change whole or not at all" trivial, and lets every
 //! watcher compute its proxy's config from a consistent snapshot.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use palisade_api::policy::{self, AuthorizationPolicy, PeerAuthentication, PolicyError, Resource};
 use palisade_api::v1;
 
-use crate::mesh::{Mesh, MeshError, Protocol, Workload};
+use std::sync::{Arc, OnceLock};
+
+use crate::mesh::{Mesh, MeshError, Workload};
+use crate::pieces::{Pieces, SharedService};
 
 /// The mesh and its policies at one generation.
 #[derive(Debug, Clone)]
@@ -21,6 +23,9 @@ pub struct Model {
     pub mesh: Mesh,
     pub authorization_policies: Vec<AuthorizationPolicy>,
     pub peer_authentications: Vec<PeerAuthentication>,
+    /// The pieces proxies' configs are assembled from, built once for this generation on
+    /// first use ([`Model::pieces`]).
+    pieces: OnceLock<Arc<Pieces>>,
 }
 
 /// Why a model could not be built. Policy errors are all reported at once, so one edit-reload
@@ -58,6 +63,7 @@ impl Model {
             mesh,
             authorization_policies: Vec::new(),
             peer_authentications: Vec::new(),
+            pieces: OnceLock::new(),
         };
         if let Some(dir) = model.mesh.policies_dir.clone() {
             if !dir.exists() {
@@ -83,6 +89,7 @@ impl Model {
             mesh,
             authorization_policies: Vec::new(),
             peer_authentications: Vec::new(),
+            pieces: OnceLock::new(),
         };
         for r in resources {
             model.add(r);
@@ -129,21 +136,36 @@ impl Model {
     /// workload. The trust bundle is left empty: it belongs to the CA, and the discovery
     /// service adds it.
     pub fn proxy_config(&self, workload: &str) -> Option<v1::ProxyConfig> {
-        let w = self.mesh.workload(workload)?;
-        Some(self.config_of(w))
+        let i = *self.pieces().workloads_named(workload).first()?;
+        Some(self.config_of(&self.mesh.workloads[i]))
+    }
+
+    /// The pieces of this generation, built on first use. Changing the model's fields after
+    /// that is a bug: a model is immutable once published.
+    pub fn pieces(&self) -> &Pieces {
+        self.pieces
+            .get_or_init(|| Arc::new(Pieces::build(&self.mesh)))
     }
 
     /// The config of the proxy of `w` (one of this model's workloads).
     pub fn config_of(&self, w: &Workload) -> v1::ProxyConfig {
+        let (inbound, services) = self.parts_of(w);
         v1::ProxyConfig {
             version: self.generation,
-            inbound: Some(self.inbound(w)),
-            services: self.services(),
+            inbound: Some(inbound),
+            services: services.iter().map(|s| s.msg.clone()).collect(),
             trust_bundle_der: Vec::new(),
         }
     }
 
-    fn inbound(&self, w: &Workload) -> v1::Inbound {
+    /// The inbound config of `w`'s proxy and the shared services it gets: what a Watch
+    /// stream compares (by digest) to know whether a change concerns its proxy.
+    pub fn parts_of(&self, w: &Workload) -> (v1::Inbound, Vec<Arc<SharedService>>) {
+        let pieces = self.pieces();
+        (self.inbound(w, pieces), pieces.services_for(w))
+    }
+
+    fn inbound(&self, w: &Workload, pieces: &Pieces) -> v1::Inbound {
         let mtls = policy::effective_mtls(&self.peer_authentications, &w.namespace, &w.labels);
         let authorization_policies = self
             .authorization_policies
@@ -151,13 +173,24 @@ impl Model {
             .filter(|p| p.selects(&w.namespace, &w.labels, policy::ROOT_NAMESPACE))
             .map(wire_policy)
             .collect();
-        let app_protocol = self
-            .mesh
-            .services
+        let index = pieces
+            .workloads_named(&w.name)
             .iter()
-            .find(|s| s.selects(w))
-            .map(|s| s.protocol)
-            .unwrap_or(Protocol::Detect);
+            .copied()
+            .find(|&i| {
+                self.mesh
+                    .workloads
+                    .get(i)
+                    .is_some_and(|x| std::ptr::eq(x, w))
+            })
+            .or_else(|| {
+                pieces
+                    .workloads_named(&w.name)
+                    .iter()
+                    .copied()
+                    .find(|&i| self.mesh.workloads[i].namespace == w.namespace)
+            });
+        let app_protocol = index.map_or(crate::mesh::Protocol::Detect, |i| pieces.app_protocol(i));
         // `effective_mtls` resolves UNSET by inheritance, ending at STRICT; a proxy is never sent
         // an unset mode it would have to guess about.
         let mode = |m: policy::MtlsMode| m.effective().to_proto() as i32;
@@ -175,58 +208,14 @@ impl Model {
         }
     }
 
-    fn services(&self) -> Vec<v1::Service> {
-        self.mesh
-            .services
+    /// The workload named `name` whose identity is `id` (see [`Mesh::workload_with_id`]),
+    /// found through this generation's index.
+    pub fn workload_with_id(&self, name: &str, id: &palisade_certs::SpiffeId) -> Option<&Workload> {
+        self.pieces()
+            .workloads_named(name)
             .iter()
-            .map(|s| v1::Service {
-                name: s.name.clone(),
-                namespace: s.namespace.clone(),
-                port: u32::from(s.port),
-                protocol: s.protocol.to_proto() as i32,
-                endpoints: match &s.endpoints {
-                    Some(listed) => listed
-                        .iter()
-                        .filter_map(|e| {
-                            let w = self
-                                .mesh
-                                .workloads
-                                .iter()
-                                .find(|w| w.namespace == s.namespace && w.name == e.workload)?;
-                            let id = w.spiffe_id(&self.mesh).ok()?;
-                            Some(v1::Endpoint {
-                                // The pod's proxy's inbound port: a probed port is left out of the pod's
-                                // redirection (see docs/kubernetes.md), so `<podIP>:<targetPort>`
-                                // could reach the app without its proxy. The target port travels
-                                // in `target_port`.
-                                address: SocketAddr::new(e.address, w.inbound_port).to_string(),
-                                identity: id.as_str().to_string(),
-                                weight: 1,
-                                workload: w.name.clone(),
-                                target_port: u32::from(e.target_port),
-                            })
-                        })
-                        .collect(),
-                    None => self
-                        .mesh
-                        .workloads
-                        .iter()
-                        .filter(|w| s.selects(w))
-                        .filter_map(|w| {
-                            let id = w.spiffe_id(&self.mesh).ok()?;
-                            Some(v1::Endpoint {
-                                address: w.inbound_addr().to_string(),
-                                identity: id.as_str().to_string(),
-                                weight: 1,
-                                workload: w.name.clone(),
-                                target_port: 0,
-                            })
-                        })
-                        .collect(),
-                },
-                virtual_ips: s.virtual_ips.iter().map(|ip| ip.to_string()).collect(),
-            })
-            .collect()
+            .map(|&i| &self.mesh.workloads[i])
+            .find(|w| w.spiffe_id(&self.mesh).is_ok_and(|wid| &wid == id))
     }
 }
 

@@ -828,6 +828,31 @@ async fn a_change_that_does_not_concern_a_proxy_is_not_pushed_to_it() {
     )
     .await;
     assert_eq!(api0.version, 1);
+
+    // A service web does not call: web, which declares its upstreams, gets only those and
+    // hears nothing; api, which declares none (as a transparent proxy), gets every service.
+    assert_eq!(
+        web0.services
+            .iter()
+            .map(|s| s.name.as_str())
+            .collect::<Vec<_>>(),
+        ["api"]
+    );
+    let with_other = MESH.replace("adminPort: 24192", "adminPort: 24199").replace(
+        "services:\n",
+        "services:\n  - { name: other, namespace: demo, port: 9090, selector: { app: other } }\n",
+    );
+    write_atomic(&m.mesh_path, &with_other);
+    let api1 = next(&mut as_).await;
+    let mut names: Vec<&str> = api1.services.iter().map(|s| s.name.as_str()).collect();
+    names.sort();
+    assert_eq!(names, ["api", "other"]);
+    quiet(
+        &mut ws,
+        Duration::from_millis(300),
+        "web after a service it does not call was added",
+    )
+    .await;
     m.stop().await;
 }
 

@@ -37,7 +37,10 @@ pub enum BenchProtocol {
 }
 
 #[derive(clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct BenchArgs {
+    #[command(subcommand)]
+    pub command: Option<BenchCommand>,
     /// Request rates to run at (requests per second); repeat for several.
     #[arg(long = "rate", default_values_t = vec![1000u64])]
     pub rates: Vec<u64>,
@@ -70,6 +73,13 @@ pub struct BenchArgs {
     /// the least two extra hops cost on this machine, measured in the same run.
     #[arg(long)]
     pub relays: bool,
+}
+
+#[derive(clap::Subcommand)]
+pub enum BenchCommand {
+    /// The control-plane scale benchmark: a real control plane, N simulated proxies over
+    /// gRPC + mTLS, endpoints churning.
+    ControlPlane(super::bench_control_plane::ControlPlaneBenchArgs),
 }
 
 struct RunResult {
@@ -108,6 +118,9 @@ impl RunResult {
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
+    if let Some(BenchCommand::ControlPlane(a)) = args.command {
+        return super::bench_control_plane::run(a);
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -364,7 +377,7 @@ fn clock_ticks_per_second() -> u64 {
 
 /// utime + stime in seconds, and peak RSS in bytes, of a process. The CPU time counts whole
 /// clock ticks ([`clock_ticks_per_second`]).
-fn proc_usage(pid: u32) -> Option<(f64, u64)> {
+pub(crate) fn proc_usage(pid: u32) -> Option<(f64, u64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let after = stat.rsplit_once(')')?.1;
     let fields: Vec<&str> = after.split_whitespace().collect();

@@ -1,6 +1,7 @@
 //! One module per subcommand.
 
 pub mod bench;
+pub mod bench_control_plane;
 pub mod ca;
 pub mod check;
 pub mod control_plane;

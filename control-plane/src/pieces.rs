@@ -1,0 +1,255 @@
+//! What every proxy's config is assembled from, computed once per model generation and shared.
+//!
+//! Before this, each Watch stream rebuilt the whole service list of the mesh for its own proxy
+//! on every change, finding each endpoint's workload by a linear scan: the work of one change
+//! grew with proxies × services × endpoints × workloads. Now a generation's services are built
+//! once (on first use, by whichever stream gets there first), each with a digest, and a stream
+//! only assembles its proxy's config from them and compares digests to see whether a change
+//! concerns it.
+//!
+//! A proxy that declares upstreams (the local mesh file) gets only those services; one that
+//! declares none (transparent mode, Kubernetes) gets them all.
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use palisade_api::v1;
+use prost::Message;
+
+use crate::mesh::{Mesh, Protocol, Workload};
+
+/// One service in its wire form, and a digest of it.
+#[derive(Debug)]
+pub struct SharedService {
+    pub msg: v1::Service,
+    /// Of the encoded message: equal digests, same service (for the purpose of skipping a push).
+    pub digest: u64,
+}
+
+/// The pieces of one generation.
+#[derive(Debug, Default)]
+pub struct Pieces {
+    /// In the mesh's order.
+    pub services: Vec<Arc<SharedService>>,
+    /// `(name, namespace, port)` → index in `services`.
+    by_key: HashMap<(String, String, u16), usize>,
+    /// Workload name → indices in the mesh's workloads (names repeat across namespaces on
+    /// Kubernetes).
+    workloads_by_name: HashMap<String, Vec<usize>>,
+    /// Per workload index: what its app speaks (the protocol of the first service selecting it).
+    app_protocol: Vec<Protocol>,
+}
+
+fn digest(msg: &v1::Service) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    msg.encode_to_vec().hash(&mut h);
+    h.finish()
+}
+
+impl Pieces {
+    pub fn build(mesh: &Mesh) -> Self {
+        let mut workloads_by_name: HashMap<String, Vec<usize>> = HashMap::new();
+        let mut by_ns_name: HashMap<(&str, &str), usize> = HashMap::new();
+        // (namespace, label key, label value) → workloads carrying that label.
+        let mut by_label: HashMap<(&str, &str, &str), Vec<usize>> = HashMap::new();
+        let mut by_ns: HashMap<&str, Vec<usize>> = HashMap::new();
+        for (i, w) in mesh.workloads.iter().enumerate() {
+            workloads_by_name.entry(w.name.clone()).or_default().push(i);
+            by_ns_name.insert((w.namespace.as_str(), w.name.as_str()), i);
+            by_ns.entry(w.namespace.as_str()).or_default().push(i);
+            for (k, v) in &w.labels {
+                by_label
+                    .entry((w.namespace.as_str(), k.as_str(), v.as_str()))
+                    .or_default()
+                    .push(i);
+            }
+        }
+        let mut app_protocol: Vec<Option<Protocol>> = vec![None; mesh.workloads.len()];
+        let ids: Vec<Option<String>> = mesh
+            .workloads
+            .iter()
+            .map(|w| w.spiffe_id(mesh).ok().map(|id| id.as_str().to_string()))
+            .collect();
+        let mut services = Vec::with_capacity(mesh.services.len());
+        let mut by_key = HashMap::with_capacity(mesh.services.len());
+        for s in &mesh.services {
+            let endpoints: Vec<v1::Endpoint> = match &s.endpoints {
+                Some(listed) => listed
+                    .iter()
+                    .filter_map(|e| {
+                        let i = *by_ns_name.get(&(s.namespace.as_str(), e.workload.as_str()))?;
+                        let w = &mesh.workloads[i];
+                        if app_protocol[i].is_none() {
+                            app_protocol[i] = Some(s.protocol);
+                        }
+                        Some(v1::Endpoint {
+                            // The pod's proxy's inbound port (see docs/kubernetes.md, "How
+                            // identities map"); the target port travels in `target_port`.
+                            address: SocketAddr::new(e.address, w.inbound_port).to_string(),
+                            identity: ids[i].clone()?,
+                            weight: 1,
+                            workload: w.name.clone(),
+                            target_port: u32::from(e.target_port),
+                        })
+                    })
+                    .collect(),
+                None => {
+                    // Candidates: the workloads with the selector's first label (or the whole
+                    // namespace for an empty selector), then every label checked.
+                    let candidates: &[usize] = match s.selector.iter().next() {
+                        Some((k, v)) => by_label
+                            .get(&(s.namespace.as_str(), k.as_str(), v.as_str()))
+                            .map_or(&[], Vec::as_slice),
+                        None => by_ns.get(s.namespace.as_str()).map_or(&[], Vec::as_slice),
+                    };
+                    candidates
+                        .iter()
+                        .filter(|i| s.selects(&mesh.workloads[**i]))
+                        .filter_map(|&i| {
+                            let w = &mesh.workloads[i];
+                            if app_protocol[i].is_none() {
+                                app_protocol[i] = Some(s.protocol);
+                            }
+                            Some(v1::Endpoint {
+                                address: w.inbound_addr().to_string(),
+                                identity: ids[i].clone()?,
+                                weight: 1,
+                                workload: w.name.clone(),
+                                target_port: 0,
+                            })
+                        })
+                        .collect()
+                }
+            };
+            let msg = v1::Service {
+                name: s.name.clone(),
+                namespace: s.namespace.clone(),
+                port: u32::from(s.port),
+                protocol: s.protocol.to_proto() as i32,
+                endpoints,
+                virtual_ips: s.virtual_ips.iter().map(|ip| ip.to_string()).collect(),
+            };
+            by_key
+                .entry((s.name.clone(), s.namespace.clone(), s.port))
+                .or_insert(services.len());
+            services.push(Arc::new(SharedService {
+                digest: digest(&msg),
+                msg,
+            }));
+        }
+        Pieces {
+            services,
+            by_key,
+            workloads_by_name,
+            app_protocol: app_protocol
+                .into_iter()
+                .map(|p| p.unwrap_or(Protocol::Detect))
+                .collect(),
+        }
+    }
+
+    /// The services `w`'s proxy gets: its upstreams' if it declares any, else all.
+    pub fn services_for(&self, w: &Workload) -> Vec<Arc<SharedService>> {
+        if w.upstreams.is_empty() {
+            return self.services.clone();
+        }
+        let mut out: Vec<Arc<SharedService>> = Vec::with_capacity(w.upstreams.len());
+        for u in &w.upstreams {
+            let (name, ns) = u.service_ref();
+            if let Some(&i) = self.by_key.get(&(name.to_string(), ns.to_string(), u.port))
+                && !out.iter().any(|s| Arc::ptr_eq(s, &self.services[i]))
+            {
+                out.push(self.services[i].clone());
+            }
+        }
+        out
+    }
+
+    /// Indices of the workloads named `name`.
+    pub fn workloads_named(&self, name: &str) -> &[usize] {
+        self.workloads_by_name.get(name).map_or(&[], Vec::as_slice)
+    }
+
+    /// What the app of workload `index` speaks.
+    pub fn app_protocol(&self, index: usize) -> Protocol {
+        self.app_protocol
+            .get(index)
+            .copied()
+            .unwrap_or(Protocol::Detect)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MESH: &str = "workloads:
+  - { name: web, namespace: demo, labels: { app: web }, inboundPort: 1001, adminPort: 1002,
+      upstreams: [ { service: api.demo, port: 8080, localPort: 1003 } ] }
+  - { name: api-1, namespace: demo, serviceAccount: api, labels: { app: api, tier: x }, inboundPort: 1004, adminPort: 1005 }
+  - { name: api-2, namespace: demo, serviceAccount: api, labels: { app: api }, inboundPort: 1006, adminPort: 1007 }
+  - { name: api-3, namespace: other, labels: { app: api }, inboundPort: 1008, adminPort: 1009 }
+services:
+  - { name: api, namespace: demo, port: 8080, selector: { app: api }, protocol: grpc }
+  - { name: x, namespace: demo, port: 8081, selector: { app: api, tier: x } }
+  - { name: webs, namespace: demo, port: 8082, selector: { app: web } }
+";
+
+    fn mesh(text: &str) -> Mesh {
+        crate::mesh::parse(text, std::path::Path::new("mesh.yaml")).expect("mesh")
+    }
+
+    fn names(p: &Pieces, s: usize) -> Vec<&str> {
+        p.services[s]
+            .msg
+            .endpoints
+            .iter()
+            .map(|e| e.workload.as_str())
+            .collect()
+    }
+
+    #[test]
+    fn selectors_match_every_label_in_the_services_namespace_only() {
+        let m = mesh(MESH);
+        let p = Pieces::build(&m);
+        assert_eq!(names(&p, 0), ["api-1", "api-2"]);
+        assert_eq!(names(&p, 1), ["api-1"]);
+        assert_eq!(names(&p, 2), ["web"]);
+        assert_eq!(p.app_protocol(1), Protocol::Grpc);
+        assert_eq!(
+            p.app_protocol(0),
+            Protocol::Detect,
+            "only `all` selects web"
+        );
+        assert_eq!(p.app_protocol(3), Protocol::Detect, "another namespace");
+        assert_eq!(p.workloads_named("api-2"), [2]);
+    }
+
+    #[test]
+    fn a_proxy_gets_its_upstreams_or_everything() {
+        let m = mesh(MESH);
+        let p = Pieces::build(&m);
+        let web: Vec<String> = p
+            .services_for(&m.workloads[0])
+            .iter()
+            .map(|s| s.msg.name.clone())
+            .collect();
+        assert_eq!(web, ["api"]);
+        assert_eq!(p.services_for(&m.workloads[1]).len(), 3);
+    }
+
+    #[test]
+    fn digests_change_with_the_service_and_only_then() {
+        let a = Pieces::build(&mesh(MESH));
+        let b = Pieces::build(&mesh(MESH));
+        let moved = Pieces::build(&mesh(&MESH.replace(
+            "labels: { app: api, tier: x }",
+            "labels: { app: api, tier: y }",
+        )));
+        assert_eq!(a.services[0].digest, b.services[0].digest);
+        assert_eq!(a.services[0].digest, moved.services[0].digest);
+        assert_ne!(a.services[1].digest, moved.services[1].digest);
+    }
+}
