@@ -201,7 +201,7 @@ const READ: &[&str] = &["get", "list", "watch"];
 ///   event recorder creates an Event, then patches its series count);
 /// - `patch` the `status` of the `palisade.dev` policies (condition `Accepted`);
 /// - keep the ConfigMap `palisade-trust-bundle` in every namespace (see
-///   [`TRUST_BUNDLE_CONFIG_MAP`]): `create` (which no `resourceNames` can narrow), and read and
+///   [`TRUST_BUNDLE_CONFIG_MAP`]): `create` (which no `resourceNames` can narrow), and list, watch and
 ///   `patch` only ConfigMaps of that name. A list or watch must then name it with the field
 ///   selector `metadata.name=palisade-trust-bundle`, the only way the API server lets
 ///   `resourceNames` apply to them.
@@ -209,7 +209,7 @@ const READ: &[&str] = &["get", "list", "watch"];
 /// Secrets are not in it: the Role [`identity_role`] gives one, in the control plane's own
 /// namespace.
 pub fn cluster_role() -> ClusterRole {
-    let mut trust_bundle = rule("", &["configmaps"], &["get", "list", "watch", "patch"]);
+    let mut trust_bundle = rule("", &["configmaps"], &["list", "watch", "patch"]);
     trust_bundle.resource_names = Some(strings(&[TRUST_BUNDLE_CONFIG_MAP]));
     ClusterRole {
         metadata: meta(NAME, None, "control-plane"),
@@ -858,7 +858,7 @@ mod tests {
             "authentication.k8s.io/tokenreviews: create".to_string(),
             "events.k8s.io/events: create,patch".to_string(),
             "/configmaps: create".to_string(),
-            format!("/configmaps: get,list,watch,patch [{TRUST_BUNDLE_CONFIG_MAP:?}]"),
+            format!("/configmaps: list,watch,patch [{TRUST_BUNDLE_CONFIG_MAP:?}]"),
         ];
         expected.sort();
         assert_eq!(grants(&role), expected);
