@@ -239,7 +239,18 @@ async fn bench(args: ControlPlaneBenchArgs) -> anyhow::Result<ExitCode> {
     };
     let n = args.proxies;
     let m = args.services;
-    let cp_port = free_port()?;
+    // The mesh file names the control plane's port: never one of the generated workloads'.
+    let generated = FIRST_PORT..FIRST_PORT + 3 * n;
+    let mut cp_port = free_port()?;
+    for _ in 0..100 {
+        if !generated.contains(&usize::from(cp_port)) {
+            break;
+        }
+        cp_port = free_port()?;
+    }
+    if generated.contains(&usize::from(cp_port)) {
+        bail!("no free port outside {generated:?} for the control plane");
+    }
     let metrics_port = free_port()?;
     let cp: SocketAddr = ([127, 0, 0, 1], cp_port).into();
     let metrics: SocketAddr = ([127, 0, 0, 1], metrics_port).into();
@@ -389,28 +400,30 @@ async fn bench(args: ControlPlaneBenchArgs) -> anyhow::Result<ExitCode> {
             w.push(Instant::now());
         }
     }
-    // Settle: every proxy at the last generation, or 30 s.
+    // Settle: the generation no longer moves and no proxy has heard anything for 500 ms (a
+    // proxy a change does not concern hears nothing at all), or 30 s.
     let settle_deadline = Instant::now() + Duration::from_secs(30);
     let mut final_gen = gen0;
+    let mut stable_since = Instant::now();
     while Instant::now() < settle_deadline {
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
         let g = generation(metrics).await.unwrap_or(final_gen);
-        final_gen = g;
-        let behind = received
+        if g != final_gen {
+            final_gen = g;
+            stable_since = Instant::now();
+        }
+        let last_heard = received
             .iter()
-            .filter(|r| {
-                r.lock()
-                    .ok()
-                    .and_then(|v| v.last().map(|x| x.0))
-                    .is_some_and(|v| v < g)
-            })
-            .count();
-        let quiet = writes
-            .lock()
-            .ok()
-            .and_then(|w| w.last().copied())
-            .is_some_and(|t| t.elapsed() > Duration::from_millis(500));
-        if behind == 0 && quiet && g > gen0 {
+            .filter_map(|r| r.lock().ok().and_then(|v| v.last().map(|x| x.1)))
+            .max();
+        let quiet =
+            |t: Option<Instant>| t.is_some_and(|t| t.elapsed() > Duration::from_millis(500));
+        let last_write = writes.lock().ok().and_then(|w| w.last().copied());
+        if g > gen0
+            && quiet(last_write)
+            && quiet(last_heard)
+            && stable_since.elapsed() > Duration::from_millis(500)
+        {
             break;
         }
     }
