@@ -20,8 +20,7 @@ use crate::conn::PeerInfo;
 use crate::limits::shown;
 use crate::mesh::Workload;
 use crate::metrics::Metrics;
-use crate::model::Model;
-use crate::pieces::SharedService;
+use crate::model::{Model, ProxyParts};
 
 /// The Discovery gRPC service.
 #[derive(Debug, Clone)]
@@ -83,43 +82,16 @@ impl DiscoveryService {
         model: &Model,
         workload: &str,
         peer: &palisade_certs::SpiffeId,
-    ) -> Result<Parts, Status> {
-        let w = Self::workload_for(model, workload, peer)?;
-        let (inbound, services) = model.parts_of(w);
-        Ok(Parts {
-            version: model.generation,
-            digests: services.iter().map(|s| s.digest).collect(),
-            inbound,
-            services,
-        })
+    ) -> Result<ProxyParts, Status> {
+        Ok(model.parts_of(Self::workload_for(model, workload, peer)?))
     }
 
-    fn message(&self, parts: &Parts) -> ProxyConfig {
-        ProxyConfig {
-            version: parts.version,
-            inbound: Some(parts.inbound.clone()),
-            services: parts.services.iter().map(|s| s.msg.clone()).collect(),
-            trust_bundle_der: self.trust_bundle_der.as_ref().clone(),
-        }
+    fn message(&self, parts: &ProxyParts) -> ProxyConfig {
+        parts.config(self.trust_bundle_der.as_ref().clone())
     }
 }
 
-/// One proxy's config at one generation, as shared pieces.
-struct Parts {
-    version: u64,
-    inbound: palisade_api::v1::Inbound,
-    services: Vec<Arc<SharedService>>,
-    digests: Vec<u64>,
-}
-
-impl Parts {
-    /// Whether the proxy would hear nothing new (the version aside).
-    fn same_as(&self, other: &Parts) -> bool {
-        self.digests == other.digests && self.inbound == other.inbound
-    }
-}
-
-/// The `reason` label of a refused Watch, from the status [`DiscoveryService::config_for`]
+/// The `reason` label of a refused Watch, from the status [`DiscoveryService::workload_for`]
 /// refused it with.
 fn refusal_reason(code: tonic::Code) -> &'static str {
     match code {

@@ -243,15 +243,6 @@ impl Mesh {
         self.workloads.iter().find(|w| w.name == name)
     }
 
-    /// The workload named `name` whose identity is `id`. Locally names are unique; on
-    /// Kubernetes a workload is a pod, whose name is unique only in its namespace, and the
-    /// namespace is part of the identity.
-    pub fn workload_with_id(&self, name: &str, id: &SpiffeId) -> Option<&Workload> {
-        self.workloads
-            .iter()
-            .find(|w| w.name == name && w.spiffe_id(self).is_ok_and(|wid| &wid == id))
-    }
-
     pub fn service(&self, name: &str, namespace: &str) -> Option<&Service> {
         self.services
             .iter()

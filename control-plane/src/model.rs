@@ -149,20 +149,18 @@ impl Model {
 
     /// The config of the proxy of `w` (one of this model's workloads).
     pub fn config_of(&self, w: &Workload) -> v1::ProxyConfig {
-        let (inbound, services) = self.parts_of(w);
-        v1::ProxyConfig {
-            version: self.generation,
-            inbound: Some(inbound),
-            services: services.iter().map(|s| s.msg.clone()).collect(),
-            trust_bundle_der: Vec::new(),
-        }
+        self.parts_of(w).config(Vec::new())
     }
 
-    /// The inbound config of `w`'s proxy and the shared services it gets: what a Watch
-    /// stream compares (by digest) to know whether a change concerns its proxy.
-    pub fn parts_of(&self, w: &Workload) -> (v1::Inbound, Vec<Arc<SharedService>>) {
+    /// The config of `w`'s proxy as shared pieces: what a Watch stream compares (by digest)
+    /// to know whether a change concerns its proxy, and sends when it does.
+    pub fn parts_of(&self, w: &Workload) -> ProxyParts {
         let pieces = self.pieces();
-        (self.inbound(w, pieces), pieces.services_for(w))
+        ProxyParts {
+            version: self.generation,
+            inbound: self.inbound(w, pieces),
+            services: pieces.services_for(w),
+        }
     }
 
     fn inbound(&self, w: &Workload, pieces: &Pieces) -> v1::Inbound {
@@ -173,24 +171,12 @@ impl Model {
             .filter(|p| p.selects(&w.namespace, &w.labels, policy::ROOT_NAMESPACE))
             .map(wire_policy)
             .collect();
-        let index = pieces
+        // A workload is its name in its namespace (pod names repeat across namespaces).
+        let app_protocol = pieces
             .workloads_named(&w.name)
             .iter()
-            .copied()
-            .find(|&i| {
-                self.mesh
-                    .workloads
-                    .get(i)
-                    .is_some_and(|x| std::ptr::eq(x, w))
-            })
-            .or_else(|| {
-                pieces
-                    .workloads_named(&w.name)
-                    .iter()
-                    .copied()
-                    .find(|&i| self.mesh.workloads[i].namespace == w.namespace)
-            });
-        let app_protocol = index.map_or(crate::mesh::Protocol::Detect, |i| pieces.app_protocol(i));
+            .find(|&&i| self.mesh.workloads[i].namespace == w.namespace)
+            .map_or(crate::mesh::Protocol::Detect, |&i| pieces.app_protocol(i));
         // `effective_mtls` resolves UNSET by inheritance, ending at STRICT; a proxy is never sent
         // an unset mode it would have to guess about.
         let mode = |m: policy::MtlsMode| m.effective().to_proto() as i32;
@@ -208,14 +194,46 @@ impl Model {
         }
     }
 
-    /// The workload named `name` whose identity is `id` (see [`Mesh::workload_with_id`]),
-    /// found through this generation's index.
+    /// The workload named `name` whose identity is `id`. Locally names are unique; on
+    /// Kubernetes a workload is a pod, whose name is unique only in its namespace, and the
+    /// namespace is part of the identity.
     pub fn workload_with_id(&self, name: &str, id: &palisade_certs::SpiffeId) -> Option<&Workload> {
         self.pieces()
             .workloads_named(name)
             .iter()
             .map(|&i| &self.mesh.workloads[i])
             .find(|w| w.spiffe_id(&self.mesh).is_ok_and(|wid| &wid == id))
+    }
+}
+
+/// One proxy's config at one generation, its services shared with every proxy that gets them.
+#[derive(Debug)]
+pub struct ProxyParts {
+    pub version: u64,
+    pub inbound: v1::Inbound,
+    pub services: Vec<Arc<SharedService>>,
+}
+
+impl ProxyParts {
+    /// Whether the proxy would hear nothing new (the version aside).
+    pub fn same_as(&self, other: &ProxyParts) -> bool {
+        self.inbound == other.inbound
+            && self.services.len() == other.services.len()
+            && self
+                .services
+                .iter()
+                .zip(&other.services)
+                .all(|(a, b)| a.digest == b.digest)
+    }
+
+    /// The message to send, with the CA's current roots.
+    pub fn config(&self, trust_bundle_der: Vec<Vec<u8>>) -> v1::ProxyConfig {
+        v1::ProxyConfig {
+            version: self.version,
+            inbound: Some(self.inbound.clone()),
+            services: self.services.iter().map(|s| s.msg.clone()).collect(),
+            trust_bundle_der,
+        }
     }
 }
 

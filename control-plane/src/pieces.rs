@@ -75,24 +75,17 @@ impl Pieces {
         let mut services = Vec::with_capacity(mesh.services.len());
         let mut by_key = HashMap::with_capacity(mesh.services.len());
         for s in &mesh.services {
-            let endpoints: Vec<v1::Endpoint> = match &s.endpoints {
+            // The workloads backing the service, with the address their proxy is dialled at
+            // and the port their app serves it on.
+            let backing: Vec<(usize, SocketAddr, u16)> = match &s.endpoints {
                 Some(listed) => listed
                     .iter()
                     .filter_map(|e| {
                         let i = *by_ns_name.get(&(s.namespace.as_str(), e.workload.as_str()))?;
-                        let w = &mesh.workloads[i];
-                        if app_protocol[i].is_none() {
-                            app_protocol[i] = Some(s.protocol);
-                        }
-                        Some(v1::Endpoint {
-                            // The pod's proxy's inbound port (see docs/kubernetes.md, "How
-                            // identities map"); the target port travels in `target_port`.
-                            address: SocketAddr::new(e.address, w.inbound_port).to_string(),
-                            identity: ids[i].clone()?,
-                            weight: 1,
-                            workload: w.name.clone(),
-                            target_port: u32::from(e.target_port),
-                        })
+                        // The pod's proxy's inbound port (see docs/kubernetes.md, "How
+                        // identities map"); the target port travels in `target_port`.
+                        let addr = SocketAddr::new(e.address, mesh.workloads[i].inbound_port);
+                        Some((i, addr, e.target_port))
                     })
                     .collect(),
                 None => {
@@ -107,22 +100,25 @@ impl Pieces {
                     candidates
                         .iter()
                         .filter(|i| s.selects(&mesh.workloads[**i]))
-                        .filter_map(|&i| {
-                            let w = &mesh.workloads[i];
-                            if app_protocol[i].is_none() {
-                                app_protocol[i] = Some(s.protocol);
-                            }
-                            Some(v1::Endpoint {
-                                address: w.inbound_addr().to_string(),
-                                identity: ids[i].clone()?,
-                                weight: 1,
-                                workload: w.name.clone(),
-                                target_port: 0,
-                            })
-                        })
+                        .map(|&i| (i, mesh.workloads[i].inbound_addr(), 0))
                         .collect()
                 }
             };
+            let endpoints: Vec<v1::Endpoint> = backing
+                .into_iter()
+                .filter_map(|(i, addr, target_port)| {
+                    if app_protocol[i].is_none() {
+                        app_protocol[i] = Some(s.protocol);
+                    }
+                    Some(v1::Endpoint {
+                        address: addr.to_string(),
+                        identity: ids[i].clone()?,
+                        weight: 1,
+                        workload: mesh.workloads[i].name.clone(),
+                        target_port: u32::from(target_port),
+                    })
+                })
+                .collect();
             let msg = v1::Service {
                 name: s.name.clone(),
                 namespace: s.namespace.clone(),

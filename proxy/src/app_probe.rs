@@ -15,18 +15,10 @@ use hyper_util::rt::TokioIo;
 use palisade_api::app_probe::{AppProbe, HttpGet};
 use tokio::net::TcpStream;
 
+use crate::admin::text;
+
 /// The kubelet's User-Agent, so an app that logs or special-cases probes sees the same.
 const USER_AGENT: &str = "kube-probe/palisade";
-
-fn answer(status: StatusCode, body: String) -> Response<Full<Bytes>> {
-    let mut rsp = Response::new(Full::new(Bytes::from(body)));
-    *rsp.status_mut() = status;
-    rsp.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    rsp
-}
 
 /// Runs `probe` against the app and answers as the app (or the connection) did.
 pub async fn run(probe: &AppProbe) -> Response<Full<Bytes>> {
@@ -43,12 +35,12 @@ pub async fn run(probe: &AppProbe) -> Response<Full<Bytes>> {
     })
     .await;
     match outcome {
-        Ok(Ok(status)) => answer(status, String::new()),
-        Ok(Err(why)) => answer(
+        Ok(Ok(status)) => text(status, Bytes::new()),
+        Ok(Err(why)) => text(
             StatusCode::SERVICE_UNAVAILABLE,
             format!("probe failed: {why}\n"),
         ),
-        Err(_) => answer(
+        Err(_) => text(
             StatusCode::SERVICE_UNAVAILABLE,
             format!("probe failed: no answer within {limit:?}\n"),
         ),

@@ -18,7 +18,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -99,23 +99,10 @@ fn mesh_yaml(cp_port: u16, label_of: &[usize], services: usize) -> String {
     y
 }
 
-/// Writes `path` whole or not at all (the control plane never reads half a file).
-fn write_atomic(path: &Path, text: &str) -> anyhow::Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
-    Ok(())
-}
-
 fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
-}
-
-fn token() -> String {
-    let bytes: [u8; 32] = rand::random();
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The control plane's `palisade_config_generation`, from its metrics endpoint.
@@ -256,10 +243,12 @@ async fn bench(args: ControlPlaneBenchArgs) -> anyhow::Result<ExitCode> {
     let metrics: SocketAddr = ([127, 0, 0, 1], metrics_port).into();
     let mut label_of: Vec<usize> = (0..n).map(|i| i % m).collect();
     let mesh = dir.join("mesh.yaml");
-    write_atomic(&mesh, &mesh_yaml(cp_port, &label_of, m))?;
-    let tokens: BTreeMap<String, String> = (0..n).map(|i| (workload(i), token())).collect();
+    super::up::write_private(&mesh, &mesh_yaml(cp_port, &label_of, m))?;
+    let tokens: BTreeMap<String, String> = (0..n)
+        .map(|i| (workload(i), super::up::random_token()))
+        .collect();
     let tokens_file = dir.join("tokens.json");
-    write_atomic(&tokens_file, &serde_json::to_string(&tokens)?)?;
+    super::up::write_private(&tokens_file, &serde_json::to_string(&tokens)?)?;
     let log = std::fs::File::create(dir.join("control-plane.log"))?;
     let bin = match &args.control_plane_bin {
         Some(b) => b.clone(),
@@ -395,7 +384,7 @@ async fn bench(args: ControlPlaneBenchArgs) -> anyhow::Result<ExitCode> {
         let from = label_of[k];
         label_of[k] = (from + m.div_ceil(2)) % m;
         changed.push([from, label_of[k]]);
-        write_atomic(&mesh, &mesh_yaml(cp_port, &label_of, m))?;
+        super::up::write_private(&mesh, &mesh_yaml(cp_port, &label_of, m))?;
         if let Ok(mut w) = writes.lock() {
             w.push(Instant::now());
         }

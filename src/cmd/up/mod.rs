@@ -61,9 +61,15 @@ pub fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     rt.block_on(up(args))
 }
 
+/// A bootstrap token: 32 random bytes, hex (what the control plane's tokens file holds).
+pub(crate) fn random_token() -> String {
+    let bytes: [u8; 32] = rand::random();
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// Secrets are replaced whole (temp file + rename, 0600): the control plane may read the tokens
 /// file at any moment, and nothing planted at the path is written through.
-fn write_private(path: &std::path::Path, contents: &str) -> anyhow::Result<()> {
+pub(crate) fn write_private(path: &std::path::Path, contents: &str) -> anyhow::Result<()> {
     palisade_certs::secure_fs::write_private_atomic(path, contents.as_bytes())
         .with_context(|| format!("cannot write {}", path.display()))
 }

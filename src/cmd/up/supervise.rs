@@ -78,11 +78,6 @@ pub(super) struct Up {
     seen_rejection: Option<String>,
 }
 
-fn random_token() -> String {
-    let bytes: [u8; 32] = rand::random();
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 impl Up {
     pub fn new(
         paths: Paths,
@@ -107,7 +102,7 @@ impl Up {
     /// and the tokens file the control plane re-reads when a proxy presents a token. A token
     /// certifies one proxy start, so every start needs a new one.
     fn issue_token(&mut self, w: &Workload) -> anyhow::Result<()> {
-        let t = random_token();
+        let t = super::random_token();
         super::write_private(&self.paths.state.join("tokens").join(&w.name), &t)?;
         self.tokens.insert(w.name.clone(), t);
         super::write_private(
