@@ -3,24 +3,31 @@
 //! The caller's SVID decides what it receives: a proxy can watch only the workload whose
 //! SPIFFE ID it holds, so a compromised workload cannot read another's policies. On every
 //! model change each stream assembles its own workload's config from the generation's shared
-//! pieces ([`crate::pieces`]) and sends it only if its inbound part or the digest of one of its
-//! services differs: a change pushes only to the proxies it concerns.
+//! pieces ([`crate::pieces`]) and sends something only if its inbound part or the digest of one
+//! of its services differs: a change pushes only to the proxies it concerns.
+//!
+//! `Deltas` (what proxies use) sends a full snapshot first and then only what changed: the
+//! services added or changed, the keys of those gone, the inbound config if it differs. The
+//! proxy acknowledges each; a refused delta (the proxy's version is not the delta's base) is
+//! answered with a full snapshot. `Watch` sends the whole config every time, for proxies of
+//! earlier releases.
 
 use std::pin::Pin;
 use std::sync::Arc;
 
 use futures_util::Stream;
 use palisade_api::v1::discovery_server::Discovery;
-use palisade_api::v1::{ProxyConfig, WatchRequest};
+use palisade_api::v1::{ConfigDelta, DeltaRequest, ProxyConfig, WatchRequest};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 
 use crate::conn::PeerInfo;
 use crate::limits::shown;
 use crate::mesh::Workload;
-use crate::metrics::Metrics;
-use crate::model::{Model, ProxyParts};
+use crate::metrics::{Metrics, ResultLabel};
+use crate::model::Model;
+use crate::parts::ProxyParts;
 
 /// The Discovery gRPC service.
 #[derive(Debug, Clone)]
@@ -110,9 +117,66 @@ impl Drop for WatcherGuard {
     }
 }
 
+/// A stream the caller may have: who it is, the model it starts from, its first parts.
+struct Opened {
+    id: palisade_certs::SpiffeId,
+    model_rx: watch::Receiver<Arc<Model>>,
+    first: ProxyParts,
+}
+
+impl DiscoveryService {
+    /// Checks that the caller may watch `workload` and finds what it gets first; counts and logs
+    /// a refusal. `known_version` is what the proxy held before (0: nothing).
+    fn open(
+        &self,
+        peer: Option<PeerInfo>,
+        workload: &str,
+        known_version: u64,
+    ) -> Result<Opened, Status> {
+        let remote = peer.as_ref().map(|p| p.remote);
+        let Some(id) = peer.and_then(|p| p.identity) else {
+            self.metrics.watch_refused("no_client_certificate");
+            tracing::warn!(?remote, workload = %shown(workload), "Watch refused: no client certificate");
+            return Err(Status::unauthenticated(
+                "Watch needs the proxy's SVID as a client certificate",
+            ));
+        };
+        let mut model_rx = self.model.clone();
+        let model = model_rx.borrow_and_update().clone();
+        let first = Self::parts_for(&model, workload, &id).inspect_err(|s| {
+            self.metrics.watch_refused(refusal_reason(s.code()));
+            tracing::warn!(?remote, peer = %id, workload = %shown(workload), reason = s.message(), "Watch refused");
+        })?;
+        if known_version != 0 {
+            tracing::info!(%workload, known_version, version = first.version, "proxy resyncing");
+        } else {
+            tracing::info!(%workload, version = first.version, "proxy watching");
+        }
+        Ok(Opened {
+            id,
+            model_rx,
+            first,
+        })
+    }
+
+    /// The model's next generation, once one arrives; `None` when the stream should end
+    /// quietly (the server is stopping).
+    async fn next_generation(
+        model_rx: &mut watch::Receiver<Arc<Model>>,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Option<Arc<Model>> {
+        tokio::select! {
+            changed = model_rx.changed() => changed.ok()?,
+            _ = stop.changed() => return None,
+        }
+        Some(model_rx.borrow_and_update().clone())
+    }
+}
+
 #[tonic::async_trait]
 impl Discovery for DiscoveryService {
     type WatchStream = Pin<Box<dyn Stream<Item = Result<ProxyConfig, Status>> + Send + 'static>>;
+    type DeltasStream = Pin<Box<dyn Stream<Item = Result<ConfigDelta, Status>> + Send + 'static>>;
 
     async fn watch(
         &self,
@@ -120,30 +184,11 @@ impl Discovery for DiscoveryService {
     ) -> Result<Response<Self::WatchStream>, Status> {
         let peer = PeerInfo::of(&request).cloned();
         let req = request.into_inner();
-        let remote = peer.as_ref().map(|p| p.remote);
-        let Some(id) = peer.and_then(|p| p.identity) else {
-            self.metrics.watch_refused("no_client_certificate");
-            tracing::warn!(?remote, workload = %shown(&req.workload), "Watch refused: no client certificate");
-            return Err(Status::unauthenticated(
-                "Watch needs the proxy's SVID as a client certificate",
-            ));
-        };
-        let mut model_rx = self.model.clone();
-        let model = model_rx.borrow_and_update().clone();
-        let first = Self::parts_for(&model, &req.workload, &id).inspect_err(|s| {
-            self.metrics.watch_refused(refusal_reason(s.code()));
-            tracing::warn!(?remote, peer = %id, workload = %shown(&req.workload), reason = s.message(), "Watch refused");
-        })?;
-        if req.known_version != 0 {
-            tracing::info!(
-                workload = %req.workload,
-                known_version = req.known_version,
-                version = first.version,
-                "proxy resyncing"
-            );
-        } else {
-            tracing::info!(workload = %req.workload, version = first.version, "proxy watching");
-        }
+        let Opened {
+            id,
+            mut model_rx,
+            first,
+        } = self.open(peer, &req.workload, req.known_version)?;
 
         let (tx, rx) = mpsc::channel::<Result<ProxyConfig, Status>>(4);
         let this = self.clone();
@@ -160,16 +205,13 @@ impl Discovery for DiscoveryService {
             }
             this.metrics.pushes.inc();
             loop {
-                tokio::select! {
-                    changed = model_rx.changed() => {
-                        if changed.is_err() {
-                            return; // the source is gone: the server is stopping
-                        }
-                    }
+                let model = tokio::select! {
+                    m = Self::next_generation(&mut model_rx, &mut stop) => match m {
+                        Some(m) => m,
+                        None => return,
+                    },
                     _ = tx.closed() => return,
-                    _ = stop.changed() => return,
-                }
-                let model = model_rx.borrow_and_update().clone();
+                };
                 match Self::parts_for(&model, &workload, &id) {
                     Ok(parts) if parts.same_as(&last) => {
                         tracing::trace!(%workload, generation = model.generation, "change does not concern this proxy");
@@ -187,6 +229,104 @@ impl Discovery for DiscoveryService {
                         // The workload left the mesh or changed identity: this stream's
                         // caller is no longer entitled to it. The proxy keeps its last config.
                         tracing::warn!(%workload, peer = %id, reason = status.message(), "ending Watch");
+                        let _ = tx.send(Err(status)).await;
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn deltas(
+        &self,
+        request: Request<Streaming<DeltaRequest>>,
+    ) -> Result<Response<Self::DeltasStream>, Status> {
+        let peer = PeerInfo::of(&request).cloned();
+        let mut incoming = request.into_inner();
+        let Some(hello) = incoming.message().await? else {
+            return Err(Status::invalid_argument(
+                "Deltas: the first message names the workload",
+            ));
+        };
+        let Opened {
+            id,
+            mut model_rx,
+            first,
+        } = self.open(peer, &hello.workload, hello.version)?;
+
+        let (tx, rx) = mpsc::channel::<Result<ConfigDelta, Status>>(4);
+        let this = self.clone();
+        let workload = hello.workload;
+        self.metrics.watchers.inc();
+        let guard = WatcherGuard(self.metrics.clone());
+        tokio::spawn(async move {
+            let _guard = guard;
+            let mut stop = this.stop.clone();
+            let bundle = || this.trust_bundle_der.as_ref().clone();
+            // The parts the proxy holds (as far as this stream knows), and the version of the
+            // last full snapshot: a refused snapshot is not answered with another one.
+            let mut last = first;
+            let mut snapshot_version = last.version;
+            if tx.send(Ok(last.snapshot(bundle()))).await.is_err() {
+                return;
+            }
+            this.metrics.pushes.inc();
+            loop {
+                let model = tokio::select! {
+                    m = Self::next_generation(&mut model_rx, &mut stop) => match m {
+                        Some(m) => m,
+                        None => return,
+                    },
+                    reply = incoming.message() => {
+                        let Ok(Some(reply)) = reply else {
+                            return; // the proxy hung up
+                        };
+                        if reply.error.is_empty() {
+                            this.metrics.acks.get_or_create(&ResultLabel { result: "ack" }).inc();
+                            continue;
+                        }
+                        this.metrics.acks.get_or_create(&ResultLabel { result: "nack" }).inc();
+                        if reply.version == snapshot_version {
+                            tracing::warn!(%workload, version = reply.version, error = %shown(&reply.error), "proxy refused a full snapshot; it keeps its last good config");
+                            continue;
+                        }
+                        tracing::info!(%workload, version = reply.version, error = %shown(&reply.error), "proxy refused a delta; sending a full snapshot");
+                        let model = model_rx.borrow().clone();
+                        match Self::parts_for(&model, &workload, &id) {
+                            Ok(parts) => {
+                                snapshot_version = parts.version;
+                                let msg = parts.snapshot(bundle());
+                                last = parts;
+                                if tx.send(Ok(msg)).await.is_err() {
+                                    return;
+                                }
+                                this.metrics.pushes.inc();
+                                continue;
+                            }
+                            Err(status) => {
+                                let _ = tx.send(Err(status)).await;
+                                return;
+                            }
+                        }
+                    }
+                    _ = tx.closed() => return,
+                };
+                match Self::parts_for(&model, &workload, &id) {
+                    Ok(parts) => {
+                        let Some(delta) = parts.delta_from(&last) else {
+                            tracing::trace!(%workload, generation = model.generation, "change does not concern this proxy");
+                            continue;
+                        };
+                        tracing::debug!(%workload, version = parts.version, base = last.version, "pushing a delta");
+                        last = parts;
+                        if tx.send(Ok(delta)).await.is_err() {
+                            return;
+                        }
+                        this.metrics.pushes.inc();
+                    }
+                    Err(status) => {
+                        tracing::warn!(%workload, peer = %id, reason = status.message(), "ending Deltas");
                         let _ = tx.send(Err(status)).await;
                         return;
                     }

@@ -19,6 +19,7 @@ pub mod limits;
 pub mod mesh;
 pub mod metrics;
 pub mod model;
+pub mod parts;
 pub mod pieces;
 pub mod served;
 pub mod source;

@@ -70,6 +70,9 @@ pub struct Metrics {
     pub pushes: Counter,
     /// `palisade_discovery_watch_refused_total{reason}`: Watch calls refused.
     pub watch_refused: Family<ReasonLabel, Counter>,
+    /// `palisade_discovery_acks_total{result}`: deltas proxies acknowledged (`ack`) or refused
+    /// (`nack`, answered with a full snapshot when it was a delta).
+    pub acks: Family<ResultLabel, Counter>,
     /// `palisade_api_oversize_requests_total{service}`: requests over the message size limit.
     pub oversize_requests: Family<ServiceLabel, Counter>,
     /// `palisade_identity_cert_expiry_timestamp_seconds`: the control plane's own SVID.
@@ -98,6 +101,7 @@ impl Metrics {
         let watchers = Gauge::default();
         let pushes = Counter::default();
         let watch_refused = Family::<ReasonLabel, Counter>::default();
+        let acks = Family::<ResultLabel, Counter>::default();
         let oversize_requests = Family::<ServiceLabel, Counter>::default();
         let cert_expiry = Gauge::default();
         let kubernetes_object_rejections = Family::<KindLabel, Counter>::default();
@@ -140,6 +144,11 @@ impl Metrics {
             watch_refused.clone(),
         );
         registry.register(
+            "palisade_discovery_acks",
+            "Config deltas acknowledged (ack) or refused (nack) by proxies",
+            acks.clone(),
+        );
+        registry.register(
             "palisade_api_oversize_requests",
             "API requests refused with RESOURCE_EXHAUSTED for a message over the size limit",
             oversize_requests.clone(),
@@ -179,6 +188,7 @@ impl Metrics {
             watchers,
             pushes,
             watch_refused,
+            acks,
             oversize_requests,
             cert_expiry,
             kubernetes_object_rejections,

@@ -13,7 +13,8 @@ use palisade_api::v1;
 use std::sync::{Arc, OnceLock};
 
 use crate::mesh::{Mesh, MeshError, Workload};
-use crate::pieces::{Pieces, SharedService};
+use crate::parts::ProxyParts;
+use crate::pieces::Pieces;
 
 /// The mesh and its policies at one generation.
 #[derive(Debug, Clone)]
@@ -203,37 +204,6 @@ impl Model {
             .iter()
             .map(|&i| &self.mesh.workloads[i])
             .find(|w| w.spiffe_id(&self.mesh).is_ok_and(|wid| &wid == id))
-    }
-}
-
-/// One proxy's config at one generation, its services shared with every proxy that gets them.
-#[derive(Debug)]
-pub struct ProxyParts {
-    pub version: u64,
-    pub inbound: v1::Inbound,
-    pub services: Vec<Arc<SharedService>>,
-}
-
-impl ProxyParts {
-    /// Whether the proxy would hear nothing new (the version aside).
-    pub fn same_as(&self, other: &ProxyParts) -> bool {
-        self.inbound == other.inbound
-            && self.services.len() == other.services.len()
-            && self
-                .services
-                .iter()
-                .zip(&other.services)
-                .all(|(a, b)| a.digest == b.digest)
-    }
-
-    /// The message to send, with the CA's current roots.
-    pub fn config(&self, trust_bundle_der: Vec<Vec<u8>>) -> v1::ProxyConfig {
-        v1::ProxyConfig {
-            version: self.version,
-            inbound: Some(self.inbound.clone()),
-            services: self.services.iter().map(|s| s.msg.clone()).collect(),
-            trust_bundle_der,
-        }
     }
 }
 

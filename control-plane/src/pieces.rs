@@ -31,7 +31,7 @@ pub struct SharedService {
 /// The pieces of one generation.
 #[derive(Debug, Default)]
 pub struct Pieces {
-    /// In the mesh's order.
+    /// In key order ([`SharedService::key`]).
     pub services: Vec<Arc<SharedService>>,
     /// `(name, namespace, port)` → index in `services`.
     by_key: HashMap<(String, String, u16), usize>,
@@ -40,6 +40,17 @@ pub struct Pieces {
     workloads_by_name: HashMap<String, Vec<usize>>,
     /// Per workload index: what its app speaks (the protocol of the first service selecting it).
     app_protocol: Vec<Protocol>,
+}
+
+impl SharedService {
+    /// What a proxy's services are ordered and told apart by.
+    pub fn key(&self) -> (&str, &str, u32) {
+        (
+            self.msg.name.as_str(),
+            self.msg.namespace.as_str(),
+            self.msg.port,
+        )
+    }
 }
 
 fn digest(msg: &v1::Service) -> u64 {
@@ -72,7 +83,7 @@ impl Pieces {
             .iter()
             .map(|w| w.spiffe_id(mesh).ok().map(|id| id.as_str().to_string()))
             .collect();
-        let mut services = Vec::with_capacity(mesh.services.len());
+        let mut services: Vec<Arc<SharedService>> = Vec::with_capacity(mesh.services.len());
         let mut by_key = HashMap::with_capacity(mesh.services.len());
         for s in &mesh.services {
             // The workloads backing the service, with the address their proxy is dialled at
@@ -127,13 +138,21 @@ impl Pieces {
                 endpoints,
                 virtual_ips: s.virtual_ips.iter().map(|ip| ip.to_string()).collect(),
             };
-            by_key
-                .entry((s.name.clone(), s.namespace.clone(), s.port))
-                .or_insert(services.len());
             services.push(Arc::new(SharedService {
                 digest: digest(&msg),
                 msg,
             }));
+        }
+        // Key order, the order of a proxy's config (`palisade_api::delta`): a proxy's services
+        // and a delta's are then merged in one walk.
+        services.sort_by(|a, b| a.key().cmp(&b.key()));
+        for (i, s) in services.iter().enumerate() {
+            let (name, ns, port) = s.key();
+            // A port is a u16 on the way in (`port: u32::from(s.port)` above).
+            let port = u16::try_from(port).unwrap_or(u16::MAX);
+            by_key
+                .entry((name.to_string(), ns.to_string(), port))
+                .or_insert(i);
         }
         Pieces {
             services,
@@ -160,6 +179,7 @@ impl Pieces {
                 out.push(self.services[i].clone());
             }
         }
+        out.sort_by(|a, b| a.key().cmp(&b.key()));
         out
     }
 
@@ -210,9 +230,10 @@ services:
     fn selectors_match_every_label_in_the_services_namespace_only() {
         let m = mesh(MESH);
         let p = Pieces::build(&m);
+        // Key order: api, webs, x.
         assert_eq!(names(&p, 0), ["api-1", "api-2"]);
-        assert_eq!(names(&p, 1), ["api-1"]);
-        assert_eq!(names(&p, 2), ["web"]);
+        assert_eq!(names(&p, 1), ["web"]);
+        assert_eq!(names(&p, 2), ["api-1"]);
         assert_eq!(p.app_protocol(1), Protocol::Grpc);
         assert_eq!(
             p.app_protocol(0),
@@ -246,6 +267,7 @@ services:
         )));
         assert_eq!(a.services[0].digest, b.services[0].digest);
         assert_eq!(a.services[0].digest, moved.services[0].digest);
-        assert_ne!(a.services[1].digest, moved.services[1].digest);
+        assert_eq!(a.services[1].digest, moved.services[1].digest);
+        assert_ne!(a.services[2].digest, moved.services[2].digest, "x");
     }
 }

@@ -7,9 +7,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use palisade_api::delta::View;
 use palisade_api::v1::discovery_client::DiscoveryClient;
 use palisade_api::v1::identity_client::IdentityClient;
-use palisade_api::v1::{CertifyRequest, ProxyConfig, WatchRequest};
+use palisade_api::v1::{CertifyRequest, ConfigDelta, DeltaRequest, ProxyConfig, WatchRequest};
 use palisade_certs::{CredentialStore, KeyAndCsr, SpiffeId, Svid, TrustBundle, TrustDomain};
 use palisade_control_plane::{ControlPlaneConfig, RunningControlPlane, control_plane_id};
 use rustls_pki_types::{CertificateDer, UnixTime};
@@ -728,6 +729,115 @@ async fn adding_an_endpoint_pushes_within_a_second() {
     let cfg2 = next(&mut s).await;
     assert!(cfg2.version > cfg.version);
     assert_eq!(endpoints(&cfg2, "api"), vec!["api"]);
+    m.stop().await;
+}
+
+/// One message of a `Deltas` stream.
+async fn next_delta(stream: &mut tonic::Streaming<ConfigDelta>) -> ConfigDelta {
+    within("next delta", stream.message())
+        .await
+        .expect("stream ok")
+        .expect("stream open")
+}
+
+fn reply(version: u64, error: &str) -> DeltaRequest {
+    DeltaRequest {
+        workload: String::new(),
+        version,
+        error: error.into(),
+    }
+}
+
+/// Waits until `name{label}` reads `want` in the control plane's metrics.
+async fn metric_reaches(m: &Mesh, name: &str, label: &str, want: &str) {
+    let deadline = Instant::now() + T;
+    while sample(m, name, label) != want {
+        assert!(
+            Instant::now() < deadline,
+            "{name}{{{label}}} is {}, never {want}",
+            sample(m, name, label)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn deltas_carry_what_changed_and_a_refused_one_is_answered_with_a_snapshot() {
+    let m = Mesh::start().await;
+    let web = m.bootstrap("web", "web").await;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let hello = DeltaRequest {
+        workload: "web".into(),
+        version: 0,
+        error: String::new(),
+    };
+    tx.send(hello).await.unwrap();
+    let ch = m.channel(&web).await;
+    let mut s = within(
+        "deltas",
+        DiscoveryClient::new(ch).deltas(tokio_stream::wrappers::ReceiverStream::new(rx)),
+    )
+    .await
+    .expect("deltas")
+    .into_inner();
+    let first = next_delta(&mut s).await;
+    assert_eq!(first.base_version, 0, "a full snapshot first");
+    assert!(first.inbound.is_some() && first.trust_bundle.is_some());
+    let mut view = View::default();
+    view.apply(first.clone()).expect("snapshot applies");
+    assert_eq!(endpoints(view.config(), "api"), ["api"]);
+    tx.send(reply(first.version, "")).await.unwrap();
+
+    // An endpoint joins api: only api travels, on top of the snapshot.
+    write_atomic(
+        &m.mesh_path,
+        &MESH.replace("services:\n", &format!("{API2}services:\n")),
+    );
+    let d = next_delta(&mut s).await;
+    assert_eq!(d.base_version, first.version);
+    assert!(d.inbound.is_none() && d.trust_bundle.is_none() && d.removed_services.is_empty());
+    let names: Vec<&str> = d.services.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["api"]);
+    view.apply(d.clone()).expect("delta applies");
+    assert_eq!(endpoints(view.config(), "api"), ["api", "api-2"]);
+    tx.send(reply(d.version, "")).await.unwrap();
+
+    // A policy now selects web: only the inbound config travels.
+    std::fs::write(m.policies.join("web.yaml"), POLICY_WEB).unwrap();
+    let p = next_delta(&mut s).await;
+    assert_eq!(p.base_version, d.version);
+    assert!(p.services.is_empty() && p.removed_services.is_empty());
+    let inbound = p.inbound.clone().expect("the inbound config changed");
+    assert_eq!(inbound.authorization_policies.len(), 1);
+    view.apply(p.clone()).expect("delta applies");
+    tx.send(reply(p.version, "")).await.unwrap();
+    metric_reaches(&m, "palisade_discovery_acks_total", "result=\"ack\"", "3").await;
+
+    // The proxy refuses a delta: a full snapshot of what is served now follows.
+    tx.send(reply(p.version, "version gap")).await.unwrap();
+    let again = next_delta(&mut s).await;
+    assert_eq!((again.base_version, again.version), (0, p.version));
+    let mut fresh = View::default();
+    fresh.apply(again.clone()).expect("snapshot applies");
+    assert_eq!(
+        fresh.config(),
+        view.config(),
+        "the snapshot is what the deltas built"
+    );
+    // A refused snapshot is not answered with another one (no loop).
+    tx.send(reply(again.version, "does not compile"))
+        .await
+        .unwrap();
+    metric_reaches(&m, "palisade_discovery_acks_total", "result=\"nack\"", "2").await;
+    // The next message is the next change, as a delta on top of that snapshot.
+    write_atomic(&m.mesh_path, MESH);
+    let after = next_delta(&mut s).await;
+    assert_eq!(
+        after.base_version, again.version,
+        "a delta, not another snapshot"
+    );
+    fresh.apply(after).expect("delta applies");
+    assert_eq!(endpoints(fresh.config(), "api"), ["api"]);
     m.stop().await;
 }
 

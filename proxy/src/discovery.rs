@@ -1,15 +1,18 @@
-//! The Discovery client: a stream of config snapshots from the control plane, each applied
-//! atomically. When the control plane is gone the proxy keeps its last config and reconnects
-//! with backoff.
+//! The Discovery client: a full config snapshot from the control plane, then deltas, each
+//! assembled into the config held and applied atomically, and acknowledged. When the control
+//! plane is gone the proxy keeps its last config and reconnects with backoff; the new stream
+//! starts with a full snapshot again, so a proxy that lands on another replica resyncs whole.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use palisade_api::v1::WatchRequest;
+use palisade_api::delta::View;
 use palisade_api::v1::discovery_client::DiscoveryClient;
+use palisade_api::v1::{self, DeltaRequest, WatchRequest};
+use tokio::sync::mpsc;
 
 use crate::Ctx;
-use crate::config::Snapshot;
+use crate::config::{ConfigError, Snapshot};
 use crate::control_plane::Dialer;
 use crate::telemetry::ResultLabels;
 
@@ -50,41 +53,105 @@ async fn watch_once(ctx: &Arc<Ctx>, dialer: &Dialer) -> Result<(), String> {
 
 async fn stream_from(ctx: &Arc<Ctx>, channel: tonic::transport::Channel) -> Result<(), String> {
     let known = ctx.snapshot.load().version;
+    let status = |s: tonic::Status| format!("{:?}: {}", s.code(), s.message());
+    // Requests: the hello naming the workload, then one ack (or refusal) per delta.
+    let (replies, requests) = mpsc::channel::<DeltaRequest>(4);
+    let hello = DeltaRequest {
+        workload: ctx.cfg.workload.clone(),
+        version: known,
+        error: String::new(),
+    };
+    replies
+        .send(hello)
+        .await
+        .map_err(|_| "request stream closed")?;
+    let mut stream = match DiscoveryClient::new(channel.clone())
+        .deltas(futures_util::stream::unfold(
+            requests,
+            |mut rx| async move { rx.recv().await.map(|m| (m, rx)) },
+        ))
+        .await
+    {
+        Ok(r) => r.into_inner(),
+        Err(s) if s.code() == tonic::Code::Unimplemented => {
+            tracing::info!(
+                "the control plane has no Deltas (an earlier release); watching full snapshots"
+            );
+            return watch_from(ctx, channel, known).await;
+        }
+        Err(s) => return Err(status(s)),
+    };
+    // What the control plane has sent on this stream; the proxy serves what of it compiled.
+    let mut view = View::default();
+    loop {
+        let Some(delta) = stream.message().await.map_err(status)? else {
+            return Ok(());
+        };
+        let version = delta.version;
+        let error = match view.apply(delta) {
+            Ok(()) => apply(ctx, view.config()).err().map(|e| e.to_string()),
+            Err(e) => {
+                count(ctx, "resync");
+                tracing::warn!(version, error = %e, "config delta does not apply; asking for a full snapshot");
+                Some(e.to_string())
+            }
+        };
+        let reply = DeltaRequest {
+            workload: String::new(),
+            version,
+            error: error.unwrap_or_default(),
+        };
+        if replies.send(reply).await.is_err() {
+            return Ok(());
+        }
+    }
+}
+
+/// The stream of full snapshots, from a control plane of an earlier release.
+async fn watch_from(
+    ctx: &Arc<Ctx>,
+    channel: tonic::transport::Channel,
+    known: u64,
+) -> Result<(), String> {
+    let status = |s: tonic::Status| format!("{:?}: {}", s.code(), s.message());
     let mut stream = DiscoveryClient::new(channel)
         .watch(WatchRequest {
             workload: ctx.cfg.workload.clone(),
             known_version: known,
         })
         .await
-        .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
+        .map_err(status)?
         .into_inner();
-    loop {
-        let msg = stream
-            .message()
-            .await
-            .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?;
-        let Some(cfg) = msg else {
-            return Ok(());
-        };
-        match Snapshot::from_proto(&cfg) {
-            Ok(snap) => {
-                ctx.metrics
-                    .config_updates
-                    .get_or_create(&ResultLabels { result: "applied" })
-                    .inc();
-                ctx.apply(snap);
-                ctx.config_digest.store(
-                    palisade_api::config_digest(&cfg),
-                    std::sync::atomic::Ordering::Relaxed,
-                );
-            }
-            Err(e) => {
-                ctx.metrics
-                    .config_updates
-                    .get_or_create(&ResultLabels { result: "rejected" })
-                    .inc();
-                tracing::error!(version = cfg.version, error = %e, "config rejected; keeping the last good one");
-            }
+    while let Some(cfg) = stream.message().await.map_err(status)? {
+        // A rejected snapshot is logged and counted in `apply`; the next one may do.
+        let _ = apply(ctx, &cfg);
+    }
+    Ok(())
+}
+
+fn count(ctx: &Ctx, result: &'static str) {
+    ctx.metrics
+        .config_updates
+        .get_or_create(&ResultLabels { result })
+        .inc();
+}
+
+/// Compiles `cfg` and serves it, or keeps the last good config and says why.
+fn apply(ctx: &Ctx, cfg: &v1::ProxyConfig) -> Result<(), ConfigError> {
+    match Snapshot::from_proto(cfg) {
+        Ok(snap) => {
+            count(ctx, "applied");
+            ctx.apply(snap);
+            ctx.config_digest.store(
+                palisade_api::config_digest(cfg),
+                std::sync::atomic::Ordering::Relaxed,
+            );
+            Ok(())
+        }
+        Err(e) => {
+            count(ctx, "rejected");
+            tracing::error!(version = cfg.version, error = %e, "config rejected; keeping the last good one");
+            Err(e)
         }
     }
 }

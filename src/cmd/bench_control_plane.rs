@@ -3,7 +3,8 @@
 //! Runs a real control plane (`palisade control-plane`, a child process, so its RSS and CPU are
 //! its own) on a generated mesh file of N workloads and M services, and simulates N proxies in
 //! this process, each as a real proxy starts: a key and CSR, `Identity.Certify` with its
-//! bootstrap token over TLS, then `Discovery.Watch` over mTLS with the certificate it got.
+//! bootstrap token over TLS, then `Discovery.Deltas` over mTLS with the certificate it got,
+//! acknowledging each delta it applies.
 //! Then it churns endpoints: R times a second one workload moves from one service to another
 //! (its `app` label changes in the mesh file, which the control plane watches).
 //!
@@ -11,7 +12,7 @@
 //! to each proxy's first config of a generation that includes it: the control plane's
 //! `palisade_config_generation` is polled to learn which generation took which writes, and a
 //! proxy counts for a generation when it receives a config of that generation or a later one);
-//! bytes pushed per change (encoded config bytes received by all proxies, first configs
+//! bytes pushed per change (encoded config bytes received by all proxies, first snapshots
 //! excluded, divided by the changes written); the control plane's peak RSS (VmHWM) and its CPU
 //! seconds per change written (a burst of writes may make one generation: the control plane
 //! debounces 100 ms).
@@ -24,9 +25,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use palisade_api::delta::View;
 use palisade_api::v1::discovery_client::DiscoveryClient;
 use palisade_api::v1::identity_client::IdentityClient;
-use palisade_api::v1::{CertifyRequest, WatchRequest};
+use palisade_api::v1::{CertifyRequest, DeltaRequest, WatchRequest};
 use palisade_certs::{CredentialStore, KeyAndCsr, SpiffeId, Svid, TrustBundle, TrustDomain};
 use prost::Message;
 use rustls_pki_types::CertificateDer;
@@ -159,25 +161,68 @@ async fn start_proxy(
     store.install(kc.into_svid(svid)?)?;
     // A new connection, presenting the certificate.
     let ch = palisade_api::client::connect(cp, tls).await?;
-    let mut stream = DiscoveryClient::new(ch)
-        .watch(WatchRequest {
-            workload: name.clone(),
-            known_version: 0,
-        })
-        .await
-        .with_context(|| format!("{name}: Watch"))?
-        .into_inner();
-    tokio::spawn(async move {
-        // Keep the store alive with the stream: the TLS config reads the certificate from it.
-        let _store = store;
-        while let Ok(Some(cfg)) = stream.message().await {
-            let at = Instant::now();
-            let bytes = cfg.encoded_len();
-            if let Ok(mut r) = received.lock() {
-                r.push((cfg.version, at, bytes, cfg.services.len()));
-            }
-        }
+    // As a proxy does: Deltas, each applied to the config held and acknowledged; full
+    // snapshots over Watch from a control plane without Deltas (an A/B against an earlier
+    // build with `--control-plane-bin`).
+    let (replies, requests) = tokio::sync::mpsc::channel::<DeltaRequest>(4);
+    let hello = DeltaRequest {
+        workload: name.clone(),
+        version: 0,
+        error: String::new(),
+    };
+    replies.send(hello).await?;
+    let requests = futures_util::stream::unfold(requests, |mut rx| async move {
+        rx.recv().await.map(|m| (m, rx))
     });
+    let mut client = DiscoveryClient::new(ch);
+    match client.deltas(requests).await {
+        Ok(rsp) => {
+            let mut stream = rsp.into_inner();
+            tokio::spawn(async move {
+                let _store = store;
+                let mut view = View::default();
+                while let Ok(Some(delta)) = stream.message().await {
+                    let at = Instant::now();
+                    let (version, bytes) = (delta.version, delta.encoded_len());
+                    let error = view.apply(delta).err().map(|e| e.to_string());
+                    if let Ok(mut r) = received.lock() {
+                        r.push((version, at, bytes, view.config().services.len()));
+                    }
+                    let reply = DeltaRequest {
+                        workload: String::new(),
+                        version,
+                        error: error.unwrap_or_default(),
+                    };
+                    if replies.send(reply).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        Err(s) if s.code() == tonic::Code::Unimplemented => {
+            let mut stream = client
+                .watch(WatchRequest {
+                    workload: name.clone(),
+                    known_version: 0,
+                })
+                .await
+                .with_context(|| format!("{name}: Watch"))?
+                .into_inner();
+            tokio::spawn(async move {
+                // Keep the store alive with the stream: the TLS config reads the certificate
+                // from it.
+                let _store = store;
+                while let Ok(Some(cfg)) = stream.message().await {
+                    let at = Instant::now();
+                    let bytes = cfg.encoded_len();
+                    if let Ok(mut r) = received.lock() {
+                        r.push((cfg.version, at, bytes, cfg.services.len()));
+                    }
+                }
+            });
+        }
+        Err(s) => return Err(s).with_context(|| format!("{name}: Deltas")),
+    }
     Ok(())
 }
 

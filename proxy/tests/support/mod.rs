@@ -755,6 +755,16 @@ type WatchStream =
 #[tonic::async_trait]
 impl v1::discovery_server::Discovery for TestDiscovery {
     type WatchStream = WatchStream;
+    type DeltasStream =
+        Pin<Box<dyn futures_util::Stream<Item = Result<v1::ConfigDelta, tonic::Status>> + Send>>;
+
+    /// Answers as a server of an earlier release would.
+    async fn deltas(
+        &self,
+        _req: tonic::Request<tonic::Streaming<v1::DeltaRequest>>,
+    ) -> Result<tonic::Response<Self::DeltasStream>, tonic::Status> {
+        Err(tonic::Status::unimplemented("not served by the test app"))
+    }
 
     async fn watch(
         &self,

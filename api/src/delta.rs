@@ -1,0 +1,209 @@
+//! Incremental config (`Discovery.Deltas`): what a proxy holds, assembled from a full snapshot
+//! and the deltas after it.
+//!
+//! A proxy's services are kept in key order (name, namespace, port) — the order the control
+//! plane sends a full snapshot in — so the assembled config encodes exactly like a full snapshot
+//! of the same version and [`crate::config_digest`] agrees on both sides.
+
+use std::cmp::Ordering;
+
+use crate::v1;
+
+/// Why a delta was not applied. The proxy refuses it on the stream and the control plane
+/// answers with a full snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DeltaError {
+    #[error("a delta on top of version {base}, but version {held} is held")]
+    VersionGap { base: u64, held: u64 },
+    #[error("a full snapshot without its inbound config")]
+    NoInbound,
+    #[error("version {version} does not follow its base {base}")]
+    NotNewer { version: u64, base: u64 },
+}
+
+/// The ordering key of a service.
+pub fn key_of(s: &v1::Service) -> v1::ServiceKey {
+    v1::ServiceKey {
+        name: s.name.clone(),
+        namespace: s.namespace.clone(),
+        port: s.port,
+    }
+}
+
+/// What services are ordered by.
+fn order(s: &v1::Service) -> (&str, &str, u32) {
+    (s.name.as_str(), s.namespace.as_str(), s.port)
+}
+
+/// Orders a service against a key without building the service's key.
+pub fn cmp_key(s: &v1::Service, k: &v1::ServiceKey) -> Ordering {
+    order(s).cmp(&(k.name.as_str(), k.namespace.as_str(), k.port))
+}
+
+/// Sorts services into the order a full snapshot carries them in.
+pub fn sort_services(services: &mut [v1::Service]) {
+    services.sort_by(|a, b| order(a).cmp(&order(b)));
+}
+
+/// The config assembled so far from one stream. Empty (version 0) until the first snapshot.
+#[derive(Debug, Default, Clone)]
+pub struct View {
+    config: v1::ProxyConfig,
+}
+
+impl View {
+    /// The version held; 0 before the first snapshot.
+    pub fn version(&self) -> u64 {
+        self.config.version
+    }
+
+    /// The config held, as a full snapshot of [`Self::version`] would carry it.
+    pub fn config(&self) -> &v1::ProxyConfig {
+        &self.config
+    }
+
+    /// Applies `delta`, whole or not at all.
+    pub fn apply(&mut self, delta: v1::ConfigDelta) -> Result<(), DeltaError> {
+        if delta.base_version == 0 {
+            let inbound = delta.inbound.ok_or(DeltaError::NoInbound)?;
+            let mut services = delta.services;
+            sort_services(&mut services);
+            services.dedup_by(|a, b| order(a) == order(b));
+            self.config = v1::ProxyConfig {
+                version: delta.version,
+                inbound: Some(inbound),
+                services,
+                trust_bundle_der: delta.trust_bundle.map(|b| b.der).unwrap_or_default(),
+            };
+            return Ok(());
+        }
+        if delta.base_version != self.config.version {
+            return Err(DeltaError::VersionGap {
+                base: delta.base_version,
+                held: self.config.version,
+            });
+        }
+        if delta.version <= delta.base_version {
+            return Err(DeltaError::NotNewer {
+                version: delta.version,
+                base: delta.base_version,
+            });
+        }
+        let services = &mut self.config.services;
+        for gone in &delta.removed_services {
+            if let Ok(i) = services.binary_search_by(|s| cmp_key(s, gone)) {
+                services.remove(i);
+            }
+        }
+        for s in delta.services {
+            match services.binary_search_by(|x| order(x).cmp(&order(&s))) {
+                Ok(i) => services[i] = s,
+                Err(i) => services.insert(i, s),
+            }
+        }
+        if let Some(inbound) = delta.inbound {
+            self.config.inbound = Some(inbound);
+        }
+        if let Some(bundle) = delta.trust_bundle {
+            self.config.trust_bundle_der = bundle.der;
+        }
+        self.config.version = delta.version;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn svc(name: &str, port: u32, endpoints: &[&str]) -> v1::Service {
+        v1::Service {
+            name: name.into(),
+            namespace: "ns".into(),
+            port,
+            endpoints: endpoints
+                .iter()
+                .map(|a| v1::Endpoint {
+                    address: (*a).into(),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    fn full(version: u64, services: Vec<v1::Service>) -> v1::ConfigDelta {
+        v1::ConfigDelta {
+            version,
+            inbound: Some(v1::Inbound::default()),
+            services,
+            trust_bundle: Some(v1::TrustBundle {
+                der: vec![b"root".to_vec()],
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn names(v: &View) -> Vec<(String, u32, usize)> {
+        v.config()
+            .services
+            .iter()
+            .map(|s| (s.name.clone(), s.port, s.endpoints.len()))
+            .collect()
+    }
+
+    #[test]
+    fn a_snapshot_then_deltas_add_change_and_remove_in_key_order() {
+        let mut v = View::default();
+        v.apply(full(3, vec![svc("b", 1, &["x"]), svc("a", 2, &[])]))
+            .unwrap();
+        assert_eq!(names(&v), [("a".into(), 2, 0), ("b".into(), 1, 1)]);
+        assert_eq!(v.config().trust_bundle_der, [b"root".to_vec()]);
+        v.apply(v1::ConfigDelta {
+            version: 5,
+            base_version: 3,
+            services: vec![svc("c", 1, &[]), svc("b", 1, &["x", "y"])],
+            removed_services: vec![key_of(&svc("a", 2, &[]))],
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(names(&v), [("b".into(), 1, 2), ("c".into(), 1, 0)]);
+        assert_eq!(v.version(), 5);
+        assert!(v.config().inbound.is_some(), "an absent inbound is kept");
+        assert_eq!(
+            v.config().trust_bundle_der,
+            [b"root".to_vec()],
+            "an absent bundle is kept"
+        );
+    }
+
+    #[test]
+    fn a_gap_or_a_snapshot_without_inbound_changes_nothing() {
+        let mut v = View::default();
+        v.apply(full(3, vec![svc("a", 1, &[])])).unwrap();
+        let before = v.config().clone();
+        let gap = v1::ConfigDelta {
+            version: 9,
+            base_version: 4,
+            removed_services: vec![key_of(&svc("a", 1, &[]))],
+            ..Default::default()
+        };
+        assert_eq!(
+            v.apply(gap),
+            Err(DeltaError::VersionGap { base: 4, held: 3 })
+        );
+        let mut no_inbound = full(10, vec![]);
+        no_inbound.inbound = None;
+        assert_eq!(v.apply(no_inbound), Err(DeltaError::NoInbound));
+        let backwards = v1::ConfigDelta {
+            version: 3,
+            base_version: 3,
+            ..Default::default()
+        };
+        assert!(matches!(
+            v.apply(backwards),
+            Err(DeltaError::NotNewer { .. })
+        ));
+        assert_eq!(v.config(), &before);
+    }
+}

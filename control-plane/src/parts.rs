@@ -1,0 +1,265 @@
+//! What one proxy gets at one generation, and what changed for it between two: the inbound
+//! config built for its workload, and the generation's shared services it receives.
+
+use std::sync::Arc;
+
+use palisade_api::v1;
+
+use crate::pieces::SharedService;
+
+/// One proxy's config at one generation, its services shared with every proxy that gets them.
+#[derive(Debug)]
+pub struct ProxyParts {
+    pub version: u64,
+    pub inbound: v1::Inbound,
+    pub services: Vec<Arc<SharedService>>,
+}
+
+impl ProxyParts {
+    /// Whether the proxy would hear nothing new (the version aside).
+    pub fn same_as(&self, other: &ProxyParts) -> bool {
+        self.inbound == other.inbound
+            && self.services.len() == other.services.len()
+            && self
+                .services
+                .iter()
+                .zip(&other.services)
+                .all(|(a, b)| a.digest == b.digest)
+    }
+
+    /// The message to send, with the CA's current roots.
+    pub fn config(&self, trust_bundle_der: Vec<Vec<u8>>) -> v1::ProxyConfig {
+        v1::ProxyConfig {
+            version: self.version,
+            inbound: Some(self.inbound.clone()),
+            services: self.services.iter().map(|s| s.msg.clone()).collect(),
+            trust_bundle_der,
+        }
+    }
+
+    /// The first message of a `Deltas` stream, and the answer to a proxy that refused a delta.
+    pub fn snapshot(&self, trust_bundle_der: Vec<Vec<u8>>) -> v1::ConfigDelta {
+        v1::ConfigDelta {
+            version: self.version,
+            base_version: 0,
+            inbound: Some(self.inbound.clone()),
+            services: self.services.iter().map(|s| s.msg.clone()).collect(),
+            removed_services: Vec::new(),
+            trust_bundle: Some(v1::TrustBundle {
+                der: trust_bundle_der,
+            }),
+        }
+    }
+
+    /// What a proxy holding `base` needs to hold `self`: the inbound config if it differs, the
+    /// services added or changed, the keys of those gone; `None` when nothing changed. Both
+    /// service lists are in key order, so this is one merge walk comparing digests, never
+    /// messages.
+    pub fn delta_from(&self, base: &ProxyParts) -> Option<v1::ConfigDelta> {
+        use std::cmp::Ordering::{Equal, Greater, Less};
+        let mut services = Vec::new();
+        let mut removed_services = Vec::new();
+        let (mut old, mut new) = (
+            base.services.iter().peekable(),
+            self.services.iter().peekable(),
+        );
+        loop {
+            let order = match (old.peek(), new.peek()) {
+                (None, None) => break,
+                (Some(_), None) => Less,
+                (None, Some(_)) => Greater,
+                (Some(o), Some(n)) => o.key().cmp(&n.key()),
+            };
+            match order {
+                // In the base only: gone.
+                Less => {
+                    if let Some(o) = old.next() {
+                        removed_services.push(palisade_api::delta::key_of(&o.msg));
+                    }
+                }
+                // New only: added.
+                Greater => {
+                    if let Some(n) = new.next() {
+                        services.push(n.msg.clone());
+                    }
+                }
+                Equal => {
+                    if let (Some(o), Some(n)) = (old.next(), new.next())
+                        && o.digest != n.digest
+                    {
+                        services.push(n.msg.clone());
+                    }
+                }
+            }
+        }
+        let inbound = (self.inbound != base.inbound).then(|| self.inbound.clone());
+        if inbound.is_none() && services.is_empty() && removed_services.is_empty() {
+            return None;
+        }
+        Some(v1::ConfigDelta {
+            version: self.version,
+            base_version: base.version,
+            inbound,
+            services,
+            removed_services,
+            trust_bundle: None,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mesh::Mesh;
+    use crate::model::Model;
+    use palisade_api::delta::View;
+    use proptest::prelude::*;
+
+    const BUNDLE: &[u8] = b"root";
+
+    /// A mesh of up to six workloads (`w0` always, transparent; `c` always, declaring one
+    /// upstream) and up to five services, from what the strategy chose.
+    #[derive(Clone, Debug)]
+    struct Shape {
+        /// Per workload w1..w5: present, and its `app` label.
+        workloads: [(bool, u8); 5],
+        /// Per service s0..s4: present, its selector's `app`, its port, and whether it is HTTP.
+        services: [(bool, u8, u8, bool); 5],
+        deny_by_default: bool,
+        w0_app: u8,
+    }
+
+    fn shape() -> impl Strategy<Value = Shape> {
+        (
+            proptest::array::uniform5((any::<bool>(), 0u8..3)),
+            proptest::array::uniform5((any::<bool>(), 0u8..3, 0u8..2, any::<bool>())),
+            any::<bool>(),
+            0u8..3,
+        )
+            .prop_map(|(workloads, services, deny_by_default, w0_app)| Shape {
+                workloads,
+                services,
+                deny_by_default,
+                w0_app,
+            })
+    }
+
+    fn mesh(s: &Shape) -> Mesh {
+        let app = |a: u8| ["a", "b", "c"][usize::from(a)];
+        let mut text = format!(
+            "defaultPolicy: {}\nworkloads:\n  - {{ name: w0, namespace: demo, labels: {{ app: {} }}, inboundPort: 2000, adminPort: 2001 }}\n  - {{ name: c, namespace: demo, labels: {{ app: c }}, inboundPort: 2002, adminPort: 2003, upstreams: [ {{ service: s0.demo, port: 80, localPort: 2004 }} ] }}\n",
+            if s.deny_by_default { "deny" } else { "allow" },
+            app(s.w0_app)
+        );
+        for (i, (present, a)) in s.workloads.iter().enumerate() {
+            if *present {
+                let port = 3000 + 2 * i;
+                text += &format!(
+                    "  - {{ name: w{}, namespace: demo, labels: {{ app: {} }}, inboundPort: {port}, adminPort: {} }}\n",
+                    i + 1,
+                    app(*a),
+                    port + 1
+                );
+            }
+        }
+        text += "services:\n  - { name: s0, namespace: demo, port: 80, selector: { app: a } }\n";
+        for (i, (present, a, port, http)) in s.services.iter().enumerate() {
+            if *present {
+                text += &format!(
+                    "  - {{ name: s{}, namespace: demo, port: {}, selector: {{ app: {} }}, protocol: {} }}\n",
+                    i + 1,
+                    80 + u16::from(*port),
+                    app(*a),
+                    if *http { "http" } else { "detect" }
+                );
+            }
+        }
+        crate::mesh::parse(&text, std::path::Path::new("mesh.yaml")).expect("a valid mesh")
+    }
+
+    fn parts(model: &Model, name: &str) -> ProxyParts {
+        let w = model.mesh.workload(name).expect("workload");
+        model.parts_of(w)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// After any sequence of changes, a proxy that applied the deltas holds exactly the
+        /// full snapshot of the last generation (same encoding, so the same config digest);
+        /// a lost delta is noticed as a version gap and a full snapshot repairs it.
+        #[test]
+        fn deltas_assemble_the_full_snapshot(
+            shapes in proptest::collection::vec(shape(), 1..8),
+            lost in proptest::collection::vec(any::<bool>(), 8),
+        ) {
+            for proxy in ["w0", "c"] {
+                let first = parts(&Model::from_parts(mesh(&shapes[0]), [], 1), proxy);
+                let mut view = View::default();
+                view.apply(first.snapshot(vec![BUNDLE.to_vec()])).expect("snapshot");
+                let mut last = first;
+                for (i, s) in shapes.iter().enumerate().skip(1) {
+                    let next = parts(&Model::from_parts(mesh(s), [], i as u64 + 1), proxy);
+                    let delta = next.delta_from(&last);
+                    prop_assert_eq!(delta.is_none(), next.same_as(&last));
+                    if let Some(delta) = delta {
+                        prop_assert!(delta.trust_bundle.is_none());
+                        if lost[i] {
+                            // This one never arrives; the one after it does not fit.
+                            last = next;
+                            continue;
+                        }
+                        if let Err(e) = view.apply(delta) {
+                            let gap = matches!(e, palisade_api::delta::DeltaError::VersionGap { .. });
+                            prop_assert!(gap, "{}", e);
+                            view.apply(next.snapshot(vec![BUNDLE.to_vec()])).expect("resync");
+                        }
+                    }
+                    last = next;
+                    if view.version() == last.version {
+                        let full = last.config(vec![BUNDLE.to_vec()]);
+                        prop_assert_eq!(view.config(), &full);
+                        prop_assert_eq!(
+                            palisade_api::config_digest(view.config()),
+                            palisade_api::config_digest(&full)
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_delta_names_only_what_changed() {
+        let mut s = Shape {
+            workloads: [(true, 0), (true, 1), (false, 0), (false, 0), (false, 0)],
+            services: [
+                (true, 1, 0, false),
+                (true, 2, 1, false),
+                (false, 0, 0, false),
+                (false, 0, 0, false),
+                (false, 0, 0, false),
+            ],
+            deny_by_default: false,
+            w0_app: 2,
+        };
+        let before = parts(&Model::from_parts(mesh(&s), [], 1), "w0");
+        // w2 leaves s1's selector; s2 goes away; s3 appears.
+        s.workloads[1].1 = 2;
+        s.services[1].0 = false;
+        s.services[2] = (true, 0, 0, false);
+        let after = parts(&Model::from_parts(mesh(&s), [], 2), "w0");
+        let d = after.delta_from(&before).expect("a change");
+        let names: Vec<&str> = d.services.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["s1", "s3"], "changed, then added; s0 unchanged");
+        let gone: Vec<&str> = d.removed_services.iter().map(|k| k.name.as_str()).collect();
+        assert_eq!(gone, ["s2"]);
+        assert!(d.inbound.is_none(), "the inbound config did not change");
+        assert_eq!((d.version, d.base_version), (2, 1));
+        s.deny_by_default = true;
+        let denied = parts(&Model::from_parts(mesh(&s), [], 3), "w0");
+        let d = denied.delta_from(&after).expect("a change");
+        assert!(d.inbound.is_some() && d.services.is_empty() && d.removed_services.is_empty());
+        assert!(denied.delta_from(&denied).is_none());
+    }
+}
