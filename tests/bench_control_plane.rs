@@ -6,8 +6,8 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-#[test]
-fn the_control_plane_bench_reports_every_figure_of_the_spec() {
+/// Runs the bench on 24 proxies and 4 services with `extra` arguments; its stdout and JSON.
+fn bench(extra: &[&str]) -> (String, serde_json::Value, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("tempdir");
     let out = dir.path().join("cp.json");
     let mut child = Command::new(env!("CARGO_BIN_EXE_palisade"))
@@ -23,6 +23,7 @@ fn the_control_plane_bench_reports_every_figure_of_the_spec() {
         .arg(&out)
         .arg("--state-dir")
         .arg(dir.path().join("state"))
+        .args(extra)
         .env("PALISADE_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -38,7 +39,7 @@ fn the_control_plane_bench_reports_every_figure_of_the_spec() {
         std::thread::sleep(Duration::from_millis(50));
     }
     let output = child.wait_with_output().expect("output");
-    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     assert!(
         output.status.success(),
         "{stdout}\n{}",
@@ -48,9 +49,14 @@ fn the_control_plane_bench_reports_every_figure_of_the_spec() {
         stdout.contains("24/24 proxies hold their first config"),
         "{stdout}"
     );
-
     let v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&out).expect("--out")).expect("JSON");
+    (stdout, v, dir)
+}
+
+#[test]
+fn the_control_plane_bench_reports_every_figure_of_the_spec() {
+    let (_stdout, v, dir) = bench(&[]);
     assert_eq!(v["proxies"], 24);
     assert_eq!(v["services"], 4);
     assert_eq!(v["proxiesSynced"], 24);
@@ -74,4 +80,21 @@ fn the_control_plane_bench_reports_every_figure_of_the_spec() {
     let pushed = v["generationsPushed"].as_u64().expect("generations");
     assert!((1..=5).contains(&pushed), "{v}");
     assert!(dir.path().join("state/control-plane.log").exists());
+}
+
+/// Transparent proxies get every service: a full snapshot per change carries all of them, a
+/// delta only the two services a moved endpoint left and joined.
+#[test]
+fn deltas_push_less_than_full_snapshots_to_transparent_proxies() {
+    let (_, deltas, _d1) = bench(&["--transparent"]);
+    let (_, full, _d2) = bench(&["--transparent", "--full-snapshots"]);
+    let bytes = |v: &serde_json::Value| v["bytesPerChange"].as_f64().expect("bytesPerChange");
+    assert!(bytes(&deltas) > 0.0, "{deltas}");
+    assert!(
+        bytes(&deltas) < bytes(&full),
+        "deltas {deltas}\nfull snapshots {full}"
+    );
+    for v in [&deltas, &full] {
+        assert_eq!(v["proxiesSynced"], 24, "{v}");
+    }
 }

@@ -62,6 +62,14 @@ pub struct ControlPlaneBenchArgs {
     /// Proxies connecting at once.
     #[arg(long, default_value_t = 32)]
     pub concurrency: usize,
+    /// Workloads declare no upstreams, so every proxy gets every service, as transparent
+    /// proxies on Kubernetes do.
+    #[arg(long)]
+    pub transparent: bool,
+    /// Simulated proxies watch full snapshots (`Discovery.Watch`, what proxies of earlier
+    /// releases use) instead of deltas: an A/B of the two in one build.
+    #[arg(long)]
+    pub full_snapshots: bool,
 }
 
 /// What one simulated proxy received: (config version, when, encoded bytes, services).
@@ -76,7 +84,7 @@ fn workload(i: usize) -> String {
 }
 
 /// The mesh file with workload `i` labelled `app: s<label_of[i]>`.
-fn mesh_yaml(cp_port: u16, label_of: &[usize], services: usize) -> String {
+fn mesh_yaml(cp_port: u16, label_of: &[usize], services: usize, transparent: bool) -> String {
     let n = label_of.len();
     let mut y = String::with_capacity(n * 120 + services * 80);
     y.push_str(&format!(
@@ -84,12 +92,19 @@ fn mesh_yaml(cp_port: u16, label_of: &[usize], services: usize) -> String {
     ));
     for (i, s) in label_of.iter().enumerate() {
         let upstream = (i + 1) % services;
+        let upstreams = if transparent {
+            String::new()
+        } else {
+            format!(
+                ", upstreams: [ {{ service: s{upstream}.{NAMESPACE}, port: 8080, localPort: {lp} }} ]",
+                lp = FIRST_PORT + 2 * n + i
+            )
+        };
         y.push_str(&format!(
-            "  - {{ name: {w}, namespace: {NAMESPACE}, labels: {{ app: s{s} }}, inboundPort: {ip}, adminPort: {ap}, upstreams: [ {{ service: s{upstream}.{NAMESPACE}, port: 8080, localPort: {lp} }} ] }}\n",
+            "  - {{ name: {w}, namespace: {NAMESPACE}, labels: {{ app: s{s} }}, inboundPort: {ip}, adminPort: {ap}{upstreams} }}\n",
             w = workload(i),
             ip = FIRST_PORT + i,
             ap = FIRST_PORT + n + i,
-            lp = FIRST_PORT + 2 * n + i,
         ));
     }
     y.push_str("services:\n");
@@ -127,6 +142,7 @@ async fn start_proxy(
     bundle: &TrustBundle,
     token: &str,
     received: Arc<Received>,
+    full_snapshots: bool,
 ) -> anyhow::Result<()> {
     let name = workload(i);
     let id = SpiffeId::for_workload(td, NAMESPACE, &name)?;
@@ -163,7 +179,7 @@ async fn start_proxy(
     let ch = palisade_api::client::connect(cp, tls).await?;
     // As a proxy does: Deltas, each applied to the config held and acknowledged; full
     // snapshots over Watch from a control plane without Deltas (an A/B against an earlier
-    // build with `--control-plane-bin`).
+    // build with `--control-plane-bin`) or with `--full-snapshots`.
     let (replies, requests) = tokio::sync::mpsc::channel::<DeltaRequest>(4);
     let hello = DeltaRequest {
         workload: name.clone(),
@@ -175,7 +191,12 @@ async fn start_proxy(
         rx.recv().await.map(|m| (m, rx))
     });
     let mut client = DiscoveryClient::new(ch);
-    match client.deltas(requests).await {
+    let deltas = if full_snapshots {
+        Err(tonic::Status::unimplemented("--full-snapshots"))
+    } else {
+        client.deltas(requests).await
+    };
+    match deltas {
         Ok(rsp) => {
             let mut stream = rsp.into_inner();
             tokio::spawn(async move {
@@ -288,7 +309,7 @@ async fn bench(args: ControlPlaneBenchArgs) -> anyhow::Result<ExitCode> {
     let metrics: SocketAddr = ([127, 0, 0, 1], metrics_port).into();
     let mut label_of: Vec<usize> = (0..n).map(|i| i % m).collect();
     let mesh = dir.join("mesh.yaml");
-    super::up::write_private(&mesh, &mesh_yaml(cp_port, &label_of, m))?;
+    super::up::write_private(&mesh, &mesh_yaml(cp_port, &label_of, m, args.transparent))?;
     let tokens: BTreeMap<String, String> = (0..n)
         .map(|i| (workload(i), super::up::random_token()))
         .collect();
@@ -348,10 +369,11 @@ async fn bench(args: ControlPlaneBenchArgs) -> anyhow::Result<ExitCode> {
     let mut bundle = TrustBundle::new();
     bundle.add_pem(&td, &root)?;
 
-    // Every proxy: Certify, then Watch.
+    // Every proxy: Certify, then Deltas (or Watch).
     let received: Vec<Arc<Received>> = (0..n).map(|_| Arc::new(Mutex::new(Vec::new()))).collect();
     let slots = Arc::new(Semaphore::new(args.concurrency.max(1)));
     let sync_start = Instant::now();
+    let full_snapshots = args.full_snapshots;
     let mut starts = Vec::with_capacity(n);
     for (i, r) in received.iter().enumerate() {
         let permit = slots.clone().acquire_owned().await?;
@@ -359,7 +381,7 @@ async fn bench(args: ControlPlaneBenchArgs) -> anyhow::Result<ExitCode> {
         let token = tokens[&workload(i)].clone();
         starts.push(tokio::spawn(async move {
             let _permit = permit;
-            start_proxy(i, cp, &td, &bundle, &token, r).await
+            start_proxy(i, cp, &td, &bundle, &token, r, full_snapshots).await
         }));
     }
     let mut failed = 0usize;
@@ -429,7 +451,7 @@ async fn bench(args: ControlPlaneBenchArgs) -> anyhow::Result<ExitCode> {
         let from = label_of[k];
         label_of[k] = (from + m.div_ceil(2)) % m;
         changed.push([from, label_of[k]]);
-        super::up::write_private(&mesh, &mesh_yaml(cp_port, &label_of, m))?;
+        super::up::write_private(&mesh, &mesh_yaml(cp_port, &label_of, m, args.transparent))?;
         if let Ok(mut w) = writes.lock() {
             w.push(Instant::now());
         }
