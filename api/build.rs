@@ -6,6 +6,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         // Ordered maps: encoding is deterministic, so config digests compare across processes.
         .btree_map(".")
+        // Small initial stream buffers (src/codec.rs): memory per Discovery stream.
+        .codec_path("crate::codec::SmallBuffers")
         .build_client(true)
         .build_server(true)
         .compile_fds(fds)?;

@@ -11,6 +11,7 @@ pub mod v1 {
 pub mod app_probe;
 pub mod authorization;
 pub mod client;
+pub mod codec;
 pub mod delta;
 pub mod mtls;
 pub mod path;

@@ -15,7 +15,7 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
-use futures_util::Stream;
+use futures_util::{Stream, StreamExt};
 use palisade_api::v1::discovery_server::Discovery;
 use palisade_api::v1::{ConfigDelta, DeltaRequest, ProxyConfig, WatchRequest};
 use tokio::sync::{mpsc, watch};
@@ -108,6 +108,18 @@ fn refusal_reason(code: tonic::Code) -> &'static str {
     }
 }
 
+/// What a stream task hands to its response stream. Boxed: a channel allocates 32 slots at
+/// once whatever its bound, and a `Result<ConfigDelta, Status>` is about 170 bytes, so unboxed
+/// slots were 5 kB per proxy of the control plane's memory.
+type Outbox<T> = (
+    mpsc::Sender<Box<Result<T, Status>>>,
+    mpsc::Receiver<Box<Result<T, Status>>>,
+);
+
+fn outbox<T>() -> Outbox<T> {
+    mpsc::channel(4)
+}
+
 /// Decrements the watcher gauge however the stream task ends.
 struct WatcherGuard(Arc<Metrics>);
 
@@ -190,7 +202,7 @@ impl Discovery for DiscoveryService {
             first,
         } = self.open(peer, &req.workload, req.known_version)?;
 
-        let (tx, rx) = mpsc::channel::<Result<ProxyConfig, Status>>(4);
+        let (tx, rx) = outbox::<ProxyConfig>();
         let this = self.clone();
         let workload = req.workload;
         self.metrics.watchers.inc();
@@ -200,7 +212,7 @@ impl Discovery for DiscoveryService {
             let mut stop = this.stop.clone();
             let message = this.message(&first);
             let mut last = first;
-            if tx.send(Ok(message)).await.is_err() {
+            if tx.send(Box::new(Ok(message))).await.is_err() {
                 return;
             }
             this.metrics.pushes.inc();
@@ -220,7 +232,7 @@ impl Discovery for DiscoveryService {
                         tracing::debug!(%workload, version = parts.version, "pushing config");
                         let cfg = this.message(&parts);
                         last = parts;
-                        if tx.send(Ok(cfg)).await.is_err() {
+                        if tx.send(Box::new(Ok(cfg))).await.is_err() {
                             return;
                         }
                         this.metrics.pushes.inc();
@@ -229,13 +241,13 @@ impl Discovery for DiscoveryService {
                         // The workload left the mesh or changed identity: this stream's
                         // caller is no longer entitled to it. The proxy keeps its last config.
                         tracing::warn!(%workload, peer = %id, reason = status.message(), "ending Watch");
-                        let _ = tx.send(Err(status)).await;
+                        let _ = tx.send(Box::new(Err(status))).await;
                         return;
                     }
                 }
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx).map(|m| *m))))
     }
 
     async fn deltas(
@@ -255,7 +267,7 @@ impl Discovery for DiscoveryService {
             first,
         } = self.open(peer, &hello.workload, hello.version)?;
 
-        let (tx, rx) = mpsc::channel::<Result<ConfigDelta, Status>>(4);
+        let (tx, rx) = outbox::<ConfigDelta>();
         let this = self.clone();
         let workload = hello.workload;
         self.metrics.watchers.inc();
@@ -268,7 +280,11 @@ impl Discovery for DiscoveryService {
             // last full snapshot: a refused snapshot is not answered with another one.
             let mut last = first;
             let mut snapshot_version = last.version;
-            if tx.send(Ok(last.snapshot(bundle()))).await.is_err() {
+            if tx
+                .send(Box::new(Ok(last.snapshot(bundle()))))
+                .await
+                .is_err()
+            {
                 return;
             }
             this.metrics.pushes.inc();
@@ -298,14 +314,14 @@ impl Discovery for DiscoveryService {
                                 snapshot_version = parts.version;
                                 let msg = parts.snapshot(bundle());
                                 last = parts;
-                                if tx.send(Ok(msg)).await.is_err() {
+                                if tx.send(Box::new(Ok(msg))).await.is_err() {
                                     return;
                                 }
                                 this.metrics.pushes.inc();
                                 continue;
                             }
                             Err(status) => {
-                                let _ = tx.send(Err(status)).await;
+                                let _ = tx.send(Box::new(Err(status))).await;
                                 return;
                             }
                         }
@@ -320,19 +336,19 @@ impl Discovery for DiscoveryService {
                         };
                         tracing::debug!(%workload, version = parts.version, base = last.version, "pushing a delta");
                         last = parts;
-                        if tx.send(Ok(delta)).await.is_err() {
+                        if tx.send(Box::new(Ok(delta))).await.is_err() {
                             return;
                         }
                         this.metrics.pushes.inc();
                     }
                     Err(status) => {
                         tracing::warn!(%workload, peer = %id, reason = status.message(), "ending Deltas");
-                        let _ = tx.send(Err(status)).await;
+                        let _ = tx.send(Box::new(Err(status))).await;
                         return;
                     }
                 }
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx).map(|m| *m))))
     }
 }
