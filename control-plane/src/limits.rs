@@ -8,7 +8,7 @@
 //! tonic refuses a request over the decoding limit with `OUT_OF_RANGE`; gRPC's own servers
 //! answer `RESOURCE_EXHAUSTED` for that, which is what clients and operators look for.
 //! [`OversizeGuard`] rewrites the status and counts the refusal
-//! (`palisade_api_oversize_requests_total{service}`, and for Watch also
+//! (`palisade_api_oversize_requests_total{service}`, and for Watch and Deltas also
 //! `palisade_discovery_watch_refused_total{reason="message_too_large"}`).
 
 use std::convert::Infallible;
@@ -110,7 +110,7 @@ where
                     (tonic::Code::ResourceExhausted as i32).into(),
                 );
                 metrics.oversize_request(label);
-                if method.ends_with("/Watch") {
+                if method.ends_with("/Watch") || method.ends_with("/Deltas") {
                     metrics.watch_refused("message_too_large");
                 }
                 tracing::warn!(

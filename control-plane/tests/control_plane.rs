@@ -264,6 +264,34 @@ impl Mesh {
         .map(|r| r.into_inner())
     }
 
+    /// Opens `Discovery.Deltas` for `workload`; the sender carries the proxy's replies.
+    async fn deltas(
+        &self,
+        store: &Arc<CredentialStore>,
+        workload: &str,
+    ) -> Result<
+        (
+            tokio::sync::mpsc::Sender<DeltaRequest>,
+            tonic::Streaming<ConfigDelta>,
+        ),
+        tonic::Status,
+    > {
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let hello = DeltaRequest {
+            workload: workload.into(),
+            version: 0,
+            error: String::new(),
+        };
+        tx.send(hello).await.expect("queue the hello");
+        let ch = self.channel(store).await;
+        let rsp = within(
+            "deltas",
+            DiscoveryClient::new(ch).deltas(tokio_stream::wrappers::ReceiverStream::new(rx)),
+        )
+        .await?;
+        Ok((tx, rsp.into_inner()))
+    }
+
     fn metrics(&self) -> String {
         self.cp().metrics().encode()
     }
@@ -621,6 +649,18 @@ async fn oversize_requests_are_resource_exhausted_and_counted() {
         "1"
     );
 
+    // The same for the hello of a Deltas stream.
+    let err = m.deltas(&web, &big).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert_eq!(
+        sample(
+            &m,
+            "palisade_discovery_watch_refused_total",
+            "reason=\"message_too_large\""
+        ),
+        "2"
+    );
+
     // And before authenticating: a bootstrapping caller with a huge CSR.
     let anon = m.empty_store("api");
     let err = m
@@ -765,21 +805,7 @@ async fn metric_reaches(m: &Mesh, name: &str, label: &str, want: &str) {
 async fn deltas_carry_what_changed_and_a_refused_one_is_answered_with_a_snapshot() {
     let m = Mesh::start().await;
     let web = m.bootstrap("web", "web").await;
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    let hello = DeltaRequest {
-        workload: "web".into(),
-        version: 0,
-        error: String::new(),
-    };
-    tx.send(hello).await.unwrap();
-    let ch = m.channel(&web).await;
-    let mut s = within(
-        "deltas",
-        DiscoveryClient::new(ch).deltas(tokio_stream::wrappers::ReceiverStream::new(rx)),
-    )
-    .await
-    .expect("deltas")
-    .into_inner();
+    let (tx, mut s) = m.deltas(&web, "web").await.expect("deltas");
     let first = next_delta(&mut s).await;
     assert_eq!(first.base_version, 0, "a full snapshot first");
     assert!(first.inbound.is_some() && first.trust_bundle.is_some());
