@@ -8,8 +8,8 @@
 //!
 //! `Deltas` (what proxies use) sends a full snapshot first and then only what changed: the
 //! services added or changed, the keys of those gone, the inbound config if it differs. The
-//! proxy acknowledges each; a refused delta (the proxy's version is not the delta's base) is
-//! answered with a full snapshot. `Watch` sends the whole config every time, for proxies of
+//! proxy acknowledges each; a refusal that asks for a resync (the proxy's version is not the
+//! delta's base) is answered with a full snapshot. `Watch` sends the whole config every time, for proxies of
 //! earlier releases.
 
 use std::pin::Pin;
@@ -108,6 +108,9 @@ fn refusal_reason(code: tonic::Code) -> &'static str {
     }
 }
 
+/// How long a Deltas caller has to name its workload.
+const HELLO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// What a stream task hands to its response stream. Boxed: a channel allocates 32 slots at
 /// once whatever its bound, and a `Result<ConfigDelta, Status>` is about 170 bytes, so unboxed
 /// slots were 5 kB per proxy of the control plane's memory.
@@ -137,6 +140,13 @@ struct Opened {
 }
 
 impl DiscoveryService {
+    /// Counts, logs and answers a stream opened without a client certificate.
+    fn no_certificate(&self, remote: Option<std::net::SocketAddr>, workload: &str) -> Status {
+        self.metrics.watch_refused("no_client_certificate");
+        tracing::warn!(?remote, workload = %shown(workload), "Watch refused: no client certificate");
+        Status::unauthenticated("Watch needs the proxy's SVID as a client certificate")
+    }
+
     /// Checks that the caller may watch `workload` and finds what it gets first; counts and logs
     /// a refusal. `known_version` is what the proxy held before (0: nothing).
     fn open(
@@ -147,11 +157,7 @@ impl DiscoveryService {
     ) -> Result<Opened, Status> {
         let remote = peer.as_ref().map(|p| p.remote);
         let Some(id) = peer.and_then(|p| p.identity) else {
-            self.metrics.watch_refused("no_client_certificate");
-            tracing::warn!(?remote, workload = %shown(workload), "Watch refused: no client certificate");
-            return Err(Status::unauthenticated(
-                "Watch needs the proxy's SVID as a client certificate",
-            ));
+            return Err(self.no_certificate(remote, workload));
         };
         let mut model_rx = self.model.clone();
         let model = model_rx.borrow_and_update().clone();
@@ -255,11 +261,20 @@ impl Discovery for DiscoveryService {
         request: Request<Streaming<DeltaRequest>>,
     ) -> Result<Response<Self::DeltasStream>, Status> {
         let peer = PeerInfo::of(&request).cloned();
+        // Before waiting for the hello: a caller without a certificate (allowed on this port
+        // for bootstrap) gets nothing to hold open.
+        if peer.as_ref().and_then(|p| p.identity.as_ref()).is_none() {
+            return Err(self.no_certificate(peer.map(|p| p.remote), ""));
+        }
         let mut incoming = request.into_inner();
-        let Some(hello) = incoming.message().await? else {
-            return Err(Status::invalid_argument(
-                "Deltas: the first message names the workload",
-            ));
+        let hello = match tokio::time::timeout(HELLO_TIMEOUT, incoming.message()).await {
+            Ok(Ok(Some(hello))) => hello,
+            Ok(Ok(None)) | Err(_) => {
+                return Err(Status::invalid_argument(
+                    "Deltas: the first message names the workload",
+                ));
+            }
+            Ok(Err(status)) => return Err(status),
         };
         let Opened {
             id,
@@ -276,10 +291,8 @@ impl Discovery for DiscoveryService {
             let _guard = guard;
             let mut stop = this.stop.clone();
             let bundle = || this.trust_bundle_der.as_ref().clone();
-            // The parts the proxy holds (as far as this stream knows), and the version of the
-            // last full snapshot: a refused snapshot is not answered with another one.
+            // The parts the proxy holds, as far as this stream knows.
             let mut last = first;
-            let mut snapshot_version = last.version;
             if tx
                 .send(Box::new(Ok(last.snapshot(bundle()))))
                 .await
@@ -303,15 +316,14 @@ impl Discovery for DiscoveryService {
                             continue;
                         }
                         this.metrics.acks.get_or_create(&ResultLabel { result: "nack" }).inc();
-                        if reply.version == snapshot_version {
-                            tracing::warn!(%workload, version = reply.version, error = %shown(&reply.error), "proxy refused a full snapshot; it keeps its last good config");
+                        if !reply.resync {
+                            tracing::warn!(%workload, version = reply.version, error = %shown(&reply.error), "proxy refused its config; it keeps its last good one");
                             continue;
                         }
-                        tracing::info!(%workload, version = reply.version, error = %shown(&reply.error), "proxy refused a delta; sending a full snapshot");
+                        tracing::info!(%workload, version = reply.version, error = %shown(&reply.error), "proxy asks for a resync; sending a full snapshot");
                         let model = model_rx.borrow().clone();
                         match Self::parts_for(&model, &workload, &id) {
                             Ok(parts) => {
-                                snapshot_version = parts.version;
                                 let msg = parts.snapshot(bundle());
                                 last = parts;
                                 if tx.send(Box::new(Ok(msg))).await.is_err() {

@@ -458,10 +458,12 @@ pub(crate) async fn serve(s: Serving) -> Result<RunningControlPlane, ControlPlan
                         "appAddr": w.app_port.map(loopback),
                         "inboundAddr": loopback(w.inbound_port),
                     }))).collect::<serde_json::Map<_, _>>(),
-                    "services": m.mesh.services.iter().zip(&m.pieces().services).map(|(s, shared)| {
-                        let endpoints: Vec<&str> = shared.msg.endpoints.iter()
-                            .map(|e| e.workload.as_str())
-                            .collect();
+                    // The mesh's services in its order, each with its piece (the pieces are in
+                    // key order).
+                    "services": m.mesh.services.iter().map(|s| {
+                        let endpoints: Vec<&str> = m.pieces().service(&s.name, &s.namespace, s.port)
+                            .map(|shared| shared.msg.endpoints.iter().map(|e| e.workload.as_str()).collect())
+                            .unwrap_or_default();
                         serde_json::json!({
                             "name": s.name,
                             "namespace": s.namespace,

@@ -127,6 +127,10 @@ mod tests {
         services: [(bool, u8, u8, bool); 5],
         deny_by_default: bool,
         w0_app: u8,
+        /// Per service s1..s5: in namespace `other` instead of `demo`.
+        other_ns: [bool; 5],
+        /// The order the mesh file lists s1..s5 in (the pieces are in key order whatever it is).
+        order: Vec<usize>,
     }
 
     fn shape() -> impl Strategy<Value = Shape> {
@@ -135,19 +139,25 @@ mod tests {
             proptest::array::uniform5((any::<bool>(), 0u8..3, 0u8..2, any::<bool>())),
             any::<bool>(),
             0u8..3,
+            proptest::array::uniform5(any::<bool>()),
+            Just((0..5).collect::<Vec<usize>>()).prop_shuffle(),
         )
-            .prop_map(|(workloads, services, deny_by_default, w0_app)| Shape {
-                workloads,
-                services,
-                deny_by_default,
-                w0_app,
-            })
+            .prop_map(
+                |(workloads, services, deny_by_default, w0_app, other_ns, order)| Shape {
+                    workloads,
+                    services,
+                    deny_by_default,
+                    w0_app,
+                    other_ns,
+                    order,
+                },
+            )
     }
 
     fn mesh(s: &Shape) -> Mesh {
         let app = |a: u8| ["a", "b", "c"][usize::from(a)];
         let mut text = format!(
-            "defaultPolicy: {}\nworkloads:\n  - {{ name: w0, namespace: demo, labels: {{ app: {} }}, inboundPort: 2000, adminPort: 2001 }}\n  - {{ name: c, namespace: demo, labels: {{ app: c }}, inboundPort: 2002, adminPort: 2003, upstreams: [ {{ service: s0.demo, port: 80, localPort: 2004 }} ] }}\n",
+            "defaultPolicy: {}\nworkloads:\n  - {{ name: w0, namespace: demo, labels: {{ app: {} }}, inboundPort: 2000, adminPort: 2001 }}\n  - {{ name: c, namespace: demo, labels: {{ app: c }}, inboundPort: 2002, adminPort: 2003, upstreams: [ {{ service: s0.demo, port: 80, localPort: 2004 }}, {{ service: a0.other, port: 80, localPort: 2005 }} ] }}\n",
             if s.deny_by_default { "deny" } else { "allow" },
             app(s.w0_app)
         );
@@ -163,17 +173,21 @@ mod tests {
             }
         }
         text += "services:\n  - { name: s0, namespace: demo, port: 80, selector: { app: a } }\n";
-        for (i, (present, a, port, http)) in s.services.iter().enumerate() {
+        for &i in &s.order {
+            let (present, a, port, http) = &s.services[i];
             if *present {
                 text += &format!(
-                    "  - {{ name: s{}, namespace: demo, port: {}, selector: {{ app: {} }}, protocol: {} }}\n",
+                    "  - {{ name: s{}, namespace: {}, port: {}, selector: {{ app: {} }}, protocol: {} }}\n",
                     i + 1,
+                    if s.other_ns[i] { "other" } else { "demo" },
                     80 + u16::from(*port),
                     app(*a),
                     if *http { "http" } else { "detect" }
                 );
             }
         }
+        // Listed last, named first: key order is not the file's.
+        text += "  - { name: a0, namespace: other, port: 80, selector: { app: a } }\n";
         crate::mesh::parse(&text, std::path::Path::new("mesh.yaml")).expect("a valid mesh")
     }
 
@@ -242,6 +256,8 @@ mod tests {
             ],
             deny_by_default: false,
             w0_app: 2,
+            other_ns: [false; 5],
+            order: vec![0, 1, 2, 3, 4],
         };
         let before = parts(&Model::from_parts(mesh(&s), [], 1), "w0");
         // w2 leaves s1's selector; s2 goes away; s3 appears.

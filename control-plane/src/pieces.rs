@@ -183,6 +183,14 @@ impl Pieces {
         out
     }
 
+    /// The service `(name, namespace, port)`.
+    pub fn service(&self, name: &str, namespace: &str, port: u16) -> Option<&Arc<SharedService>> {
+        let i = self
+            .by_key
+            .get(&(name.to_string(), namespace.to_string(), port))?;
+        self.services.get(*i)
+    }
+
     /// Indices of the workloads named `name`.
     pub fn workloads_named(&self, name: &str) -> &[usize] {
         self.workloads_by_name.get(name).map_or(&[], Vec::as_slice)

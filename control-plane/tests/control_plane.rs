@@ -281,6 +281,7 @@ impl Mesh {
             workload: workload.into(),
             version: 0,
             error: String::new(),
+            resync: false,
         };
         tx.send(hello).await.expect("queue the hello");
         let ch = self.channel(store).await;
@@ -780,11 +781,12 @@ async fn next_delta(stream: &mut tonic::Streaming<ConfigDelta>) -> ConfigDelta {
         .expect("stream open")
 }
 
-fn reply(version: u64, error: &str) -> DeltaRequest {
+fn reply(version: u64, error: &str, resync: bool) -> DeltaRequest {
     DeltaRequest {
         workload: String::new(),
         version,
         error: error.into(),
+        resync,
     }
 }
 
@@ -812,7 +814,7 @@ async fn deltas_carry_what_changed_and_a_refused_one_is_answered_with_a_snapshot
     let mut view = View::default();
     view.apply(first.clone()).expect("snapshot applies");
     assert_eq!(endpoints(view.config(), "api"), ["api"]);
-    tx.send(reply(first.version, "")).await.unwrap();
+    tx.send(reply(first.version, "", false)).await.unwrap();
 
     // An endpoint joins api: only api travels, on top of the snapshot.
     write_atomic(
@@ -826,7 +828,7 @@ async fn deltas_carry_what_changed_and_a_refused_one_is_answered_with_a_snapshot
     assert_eq!(names, ["api"]);
     view.apply(d.clone()).expect("delta applies");
     assert_eq!(endpoints(view.config(), "api"), ["api", "api-2"]);
-    tx.send(reply(d.version, "")).await.unwrap();
+    tx.send(reply(d.version, "", false)).await.unwrap();
 
     // A policy now selects web: only the inbound config travels.
     std::fs::write(m.policies.join("web.yaml"), POLICY_WEB).unwrap();
@@ -836,11 +838,13 @@ async fn deltas_carry_what_changed_and_a_refused_one_is_answered_with_a_snapshot
     let inbound = p.inbound.clone().expect("the inbound config changed");
     assert_eq!(inbound.authorization_policies.len(), 1);
     view.apply(p.clone()).expect("delta applies");
-    tx.send(reply(p.version, "")).await.unwrap();
+    tx.send(reply(p.version, "", false)).await.unwrap();
     metric_reaches(&m, "palisade_discovery_acks_total", "result=\"ack\"", "3").await;
 
-    // The proxy refuses a delta: a full snapshot of what is served now follows.
-    tx.send(reply(p.version, "version gap")).await.unwrap();
+    // The proxy asks for a resync: a full snapshot of what is served now follows.
+    tx.send(reply(p.version, "version gap", true))
+        .await
+        .unwrap();
     let again = next_delta(&mut s).await;
     assert_eq!((again.base_version, again.version), (0, p.version));
     let mut fresh = View::default();
@@ -850,8 +854,8 @@ async fn deltas_carry_what_changed_and_a_refused_one_is_answered_with_a_snapshot
         view.config(),
         "the snapshot is what the deltas built"
     );
-    // A refused snapshot is not answered with another one (no loop).
-    tx.send(reply(again.version, "does not compile"))
+    // A config refused without a resync (it did not compile) is not sent again.
+    tx.send(reply(again.version, "does not compile", false))
         .await
         .unwrap();
     metric_reaches(&m, "palisade_discovery_acks_total", "result=\"nack\"", "2").await;
@@ -1029,7 +1033,13 @@ async fn metrics_endpoint_and_handshake_errors() {
     let dir = tempfile::tempdir().unwrap();
     let mesh_path = dir.path().join("mesh.yaml");
     std::fs::create_dir_all(dir.path().join("policies")).unwrap();
-    std::fs::write(&mesh_path, MESH).unwrap();
+    // A service listed before one whose key sorts first: /status pairs each with its own
+    // endpoints whatever the order.
+    let mesh = MESH.replace(
+        "services:\n",
+        "services:\n  - { name: zz, namespace: demo, port: 9090, selector: { app: web } }\n",
+    );
+    std::fs::write(&mesh_path, mesh).unwrap();
     let cp = within(
         "start",
         palisade_control_plane::start(ControlPlaneConfig {
@@ -1046,6 +1056,27 @@ async fn metrics_endpoint_and_handshake_errors() {
     let maddr = cp.metrics_addr().expect("metrics bound");
     let ready = http_get(maddr, "/ready").await;
     assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
+    let status = http_get(maddr, "/status").await;
+    let body = status.split("\r\n\r\n").nth(1).expect("a body");
+    let doc: serde_json::Value = serde_json::from_str(body).expect("status JSON");
+    let services: Vec<(String, serde_json::Value)> = doc["services"]
+        .as_array()
+        .expect("services")
+        .iter()
+        .map(|s| {
+            (
+                s["name"].as_str().unwrap_or("").to_string(),
+                s["endpointWorkloads"].clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        services,
+        [
+            ("zz".to_string(), serde_json::json!(["web"])),
+            ("api".to_string(), serde_json::json!(["api"]))
+        ]
+    );
 
     // A client whose SVID comes from another trust domain: refused in the handshake.
     let td = cp.trust_domain().clone();

@@ -799,7 +799,9 @@ async fn without_the_crds_the_start_fails_naming_them() {
     let fake = FakeKube::start().await;
     fake.set_served(Res::AuthorizationPolicies, false);
     let mut cfg = SourceConfig::new(td());
-    cfg.sync_timeout = Duration::from_secs(2);
+    // Long enough for the served resources to sync on a loaded machine (the whole suite runs
+    // beside this), so that only the missing CRD is named.
+    cfg.sync_timeout = Duration::from_secs(5);
     let err = within(
         "failing start",
         KubernetesSource::start(fake.client(), cfg, Metrics::new()),

@@ -226,9 +226,16 @@ async fn proxies_move_to_the_other_replica_under_load_and_no_request_fails() {
     let before = api.snapshot().version;
     let at_failover = ok.load(Ordering::Relaxed);
     within("replica 1 stops", cp1.shutdown()).await;
-    wait_until("both proxies watch replica 2", || {
-        sample(&cp2, "palisade_discovery_watchers") == "2"
-    })
+    // On Deltas (not a fallback to Watch): both acknowledge replica 2's snapshots.
+    wait_until(
+        "both proxies watch replica 2 and acknowledge its config",
+        || {
+            sample(&cp2, "palisade_discovery_watchers") == "2"
+                && sample(&cp2, "palisade_discovery_acks_total{result=\"ack\"}")
+                    .parse::<u64>()
+                    .is_ok_and(|n| n >= 2)
+        },
+    )
     .await;
 
     // A policy change now reaches api through replica 2 (web stays allowed).

@@ -60,6 +60,7 @@ async fn stream_from(ctx: &Arc<Ctx>, channel: tonic::transport::Channel) -> Resu
         workload: ctx.cfg.workload.clone(),
         version: known,
         error: String::new(),
+        resync: false,
     };
     replies
         .send(hello)
@@ -88,18 +89,24 @@ async fn stream_from(ctx: &Arc<Ctx>, channel: tonic::transport::Channel) -> Resu
             return Ok(());
         };
         let version = delta.version;
-        let error = match view.apply(delta) {
-            Ok(()) => apply(ctx, view.config()).err().map(|e| e.to_string()),
+        // A delta that does not fit asks for a full snapshot; a config that does not compile is
+        // refused, and the last good one keeps serving.
+        let (error, resync) = match view.apply(delta) {
+            Ok(()) => (
+                apply(ctx, view.config()).err().map(|e| e.to_string()),
+                false,
+            ),
             Err(e) => {
                 count(ctx, "resync");
                 tracing::warn!(version, error = %e, "config delta does not apply; asking for a full snapshot");
-                Some(e.to_string())
+                (Some(e.to_string()), true)
             }
         };
         let reply = DeltaRequest {
             workload: String::new(),
             version,
             error: error.unwrap_or_default(),
+            resync,
         };
         if replies.send(reply).await.is_err() {
             return Ok(());

@@ -185,6 +185,7 @@ async fn start_proxy(
         workload: name.clone(),
         version: 0,
         error: String::new(),
+        resync: false,
     };
     replies.send(hello).await?;
     let requests = futures_util::stream::unfold(requests, |mut rx| async move {
@@ -206,6 +207,7 @@ async fn start_proxy(
                     let at = Instant::now();
                     let (version, bytes) = (delta.version, delta.encoded_len());
                     let error = view.apply(delta).err().map(|e| e.to_string());
+                    let resync = error.is_some();
                     if let Ok(mut r) = received.lock() {
                         r.push((version, at, bytes, view.config().services.len()));
                     }
@@ -213,6 +215,7 @@ async fn start_proxy(
                         workload: String::new(),
                         version,
                         error: error.unwrap_or_default(),
+                        resync,
                     };
                     if replies.send(reply).await.is_err() {
                         break;
