@@ -1,6 +1,7 @@
 //! Two control-plane replicas and two real proxies carrying HTTP traffic: the replica the
 //! proxies watch goes away under load, they resync from the other (a full snapshot on a new
-//! Deltas stream), keep following config changes through it, and no request fails.
+//! Deltas stream), keep following config changes through it, and no request fails. And a
+//! proxy on a control plane of an earlier release (no Deltas) watches full snapshots instead.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -265,4 +266,167 @@ async fn proxies_move_to_the_other_replica_under_load_and_no_request_fails() {
     web.shutdown().await;
     api.shutdown().await;
     within("replica 2 stops", cp2.shutdown()).await;
+}
+
+/// A control plane of an earlier release: Certify signs the caller's CSR for the identity its
+/// token names, Discovery serves `Watch` only (`Deltas` is `UNIMPLEMENTED`, as a server
+/// without the method answers).
+mod legacy {
+    use std::pin::Pin;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use palisade_api::v1;
+    use palisade_certs::{Ca, SpiffeId};
+    use tonic::{Request, Response, Status, Streaming};
+
+    pub struct Identity {
+        pub ca: Arc<Ca>,
+        pub id: SpiffeId,
+    }
+
+    #[tonic::async_trait]
+    impl v1::identity_server::Identity for Identity {
+        async fn certify(
+            &self,
+            req: Request<v1::CertifyRequest>,
+        ) -> Result<Response<v1::CertifyResponse>, Status> {
+            let r = req.into_inner();
+            let svid = self
+                .ca
+                .sign_csr(&r.csr_der, &self.id, Duration::from_secs(3600))
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            Ok(Response::new(v1::CertifyResponse {
+                chain_der: svid.chain.iter().map(|c| c.to_vec()).collect(),
+                trust_bundle_der: vec![self.ca.root_der().to_vec()],
+                trust_domain: self.id.trust_domain().to_string(),
+                spiffe_id: self.id.as_str().to_string(),
+                valid_until_unix: svid.not_after,
+            }))
+        }
+    }
+
+    pub struct Discovery {
+        /// What `Watch` streams (then it stays open).
+        pub config: v1::ProxyConfig,
+    }
+
+    type Stream<T> = Pin<Box<dyn futures_util::Stream<Item = Result<T, Status>> + Send>>;
+
+    #[tonic::async_trait]
+    impl v1::discovery_server::Discovery for Discovery {
+        type WatchStream = Stream<v1::ProxyConfig>;
+        type DeltasStream = Stream<v1::ConfigDelta>;
+
+        async fn watch(
+            &self,
+            _req: Request<v1::WatchRequest>,
+        ) -> Result<Response<Self::WatchStream>, Status> {
+            let first = futures_util::stream::iter([Ok(self.config.clone())]);
+            let open = futures_util::stream::pending();
+            Ok(Response::new(Box::pin(futures_util::StreamExt::chain(
+                first, open,
+            ))))
+        }
+
+        async fn deltas(
+            &self,
+            _req: Request<Streaming<v1::DeltaRequest>>,
+        ) -> Result<Response<Self::DeltasStream>, Status> {
+            Err(Status::unimplemented("an earlier release"))
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_on_a_control_plane_without_deltas_watches_full_snapshots() {
+    use palisade_api::v1;
+    palisade_certs::tls::install_default_provider();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let td = palisade_certs::TrustDomain::new("cluster.local").expect("trust domain");
+    let ca = Arc::new(palisade_certs::Ca::generate(&td, None).expect("CA"));
+    let bundle_path = dir.path().join("root.pem");
+    std::fs::write(&bundle_path, palisade_certs::pem::cert_pem(ca.root_der()))
+        .expect("write the bundle");
+
+    // The control plane's own SVID, and its TLS server (client certificates optional).
+    let cp_id = palisade_control_plane::control_plane_id(&td).expect("cp id");
+    let cp_store = palisade_certs::CredentialStore::new(
+        cp_id.clone(),
+        palisade_certs::TrustBundle::with_roots(&td, [ca.root_der().clone()]).expect("bundle"),
+    );
+    cp_store
+        .install(
+            ca.issue(&cp_id, Duration::from_secs(3600))
+                .expect("cp svid"),
+        )
+        .expect("install");
+    let tls = palisade_certs::tls::server_config_optional_client(&cp_store, None, &[b"h2"])
+        .expect("server config");
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let cp_addr = listener.local_addr().expect("addr");
+    let incoming = futures_util::stream::unfold((listener, acceptor), |(l, a)| async move {
+        loop {
+            let Ok((tcp, _)) = l.accept().await else {
+                return None;
+            };
+            if let Ok(tls) = a.accept(tcp).await {
+                return Some((Ok::<_, std::io::Error>(tls), (l, a)));
+            }
+        }
+    });
+    let web = SpiffeId::for_workload(&td, "demo", "web").expect("web id");
+    let config = v1::ProxyConfig {
+        version: 7,
+        inbound: Some(v1::Inbound::default()),
+        services: vec![v1::Service {
+            name: "api".into(),
+            namespace: "demo".into(),
+            port: 8080,
+            endpoints: vec![v1::Endpoint {
+                address: "127.0.0.1:1".into(),
+                identity: "spiffe://cluster.local/ns/demo/sa/api".into(),
+                weight: 1,
+                workload: "api".into(),
+                target_port: 0,
+            }],
+            ..Default::default()
+        }],
+        trust_bundle_der: vec![ca.root_der().to_vec()],
+    };
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(v1::identity_server::IdentityServer::new(legacy::Identity {
+                ca: ca.clone(),
+                id: web.clone(),
+            }))
+            .add_service(v1::discovery_server::DiscoveryServer::new(
+                legacy::Discovery {
+                    config: config.clone(),
+                },
+            ))
+            .serve_with_incoming(incoming),
+    );
+
+    let cps = ControlPlaneAddrs::one(cp_addr);
+    let mut cfg = proxy_config("web", "web", &cps, "any-token", &bundle_path);
+    cfg.upstreams = vec![UpstreamListener {
+        service: "api.demo:8080".into(),
+        listen: "127.0.0.1:0".parse().expect("addr"),
+    }];
+    let proxy = within("proxy", palisade_proxy::Proxy::start(cfg))
+        .await
+        .expect("the proxy starts");
+    wait_until("the proxy holds the full snapshot from Watch", || {
+        proxy.is_ready() && proxy.snapshot().version == 7
+    })
+    .await;
+    let snap = proxy.snapshot();
+    let api = snap.services.get("api.demo:8080").expect("api.demo:8080");
+    assert_eq!(api.endpoints.len(), 1);
+    proxy.shutdown().await;
+    server.abort();
 }
