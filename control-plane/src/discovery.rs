@@ -111,16 +111,36 @@ fn refusal_reason(code: tonic::Code) -> &'static str {
 /// How long a Deltas caller has to name its workload.
 const HELLO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// What a stream task hands to its response stream. Boxed: a channel allocates 32 slots at
-/// once whatever its bound, and a `Result<ConfigDelta, Status>` is about 170 bytes, so unboxed
-/// slots were 5 kB per proxy of the control plane's memory.
-type Outbox<T> = (
-    mpsc::Sender<Box<Result<T, Status>>>,
-    mpsc::Receiver<Box<Result<T, Status>>>,
-);
+/// A stream task's end of its response stream: sends config messages and counts them.
+///
+/// Messages go through the channel boxed: a channel allocates 32 slots at once whatever its
+/// bound, and a `Result<ConfigDelta, Status>` is about 170 bytes, so unboxed slots were 5 kB
+/// per proxy of the control plane's memory.
+struct Outbox<T> {
+    tx: mpsc::Sender<Box<Result<T, Status>>>,
+    metrics: Arc<Metrics>,
+}
 
-fn outbox<T>() -> Outbox<T> {
-    mpsc::channel(4)
+impl<T> Outbox<T> {
+    /// Sends `msg` and counts it in `palisade_discovery_pushes_total`; false when the proxy is
+    /// gone.
+    async fn push(&self, msg: T) -> bool {
+        if self.tx.send(Box::new(Ok(msg))).await.is_err() {
+            return false;
+        }
+        self.metrics.pushes.inc();
+        true
+    }
+
+    /// Ends the stream with `status`.
+    async fn end(&self, status: Status) {
+        let _ = self.tx.send(Box::new(Err(status))).await;
+    }
+
+    /// Resolves when the proxy is gone.
+    async fn closed(&self) {
+        self.tx.closed().await;
+    }
 }
 
 /// Decrements the watcher gauge however the stream task ends.
@@ -131,6 +151,8 @@ impl Drop for WatcherGuard {
         self.0.watchers.dec();
     }
 }
+
+type ConfigStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
 /// A stream the caller may have: who it is, the model it starts from, its first parts.
 struct Opened {
@@ -189,12 +211,33 @@ impl DiscoveryService {
         }
         Some(model_rx.borrow_and_update().clone())
     }
+
+    /// Runs `task` for one proxy's stream, counted in `palisade_discovery_watchers` while it
+    /// runs; what it pushes to its outbox is the response stream.
+    fn stream<T, F>(&self, task: impl FnOnce(Outbox<T>) -> F) -> ConfigStream<T>
+    where
+        T: Send + 'static,
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let (tx, rx) = mpsc::channel(4);
+        self.metrics.watchers.inc();
+        let guard = WatcherGuard(self.metrics.clone());
+        let run = task(Outbox {
+            tx,
+            metrics: self.metrics.clone(),
+        });
+        tokio::spawn(async move {
+            let _guard = guard;
+            run.await;
+        });
+        Box::pin(ReceiverStream::new(rx).map(|m| *m))
+    }
 }
 
 #[tonic::async_trait]
 impl Discovery for DiscoveryService {
-    type WatchStream = Pin<Box<dyn Stream<Item = Result<ProxyConfig, Status>> + Send + 'static>>;
-    type DeltasStream = Pin<Box<dyn Stream<Item = Result<ConfigDelta, Status>> + Send + 'static>>;
+    type WatchStream = ConfigStream<ProxyConfig>;
+    type DeltasStream = ConfigStream<ConfigDelta>;
 
     async fn watch(
         &self,
@@ -207,28 +250,21 @@ impl Discovery for DiscoveryService {
             mut model_rx,
             first,
         } = self.open(peer, &req.workload, req.known_version)?;
-
-        let (tx, rx) = outbox::<ProxyConfig>();
         let this = self.clone();
         let workload = req.workload;
-        self.metrics.watchers.inc();
-        let guard = WatcherGuard(self.metrics.clone());
-        tokio::spawn(async move {
-            let _guard = guard;
+        Ok(Response::new(self.stream(|out| async move {
             let mut stop = this.stop.clone();
-            let message = this.message(&first);
-            let mut last = first;
-            if tx.send(Box::new(Ok(message))).await.is_err() {
+            if !out.push(this.message(&first)).await {
                 return;
             }
-            this.metrics.pushes.inc();
+            let mut last = first;
             loop {
                 let model = tokio::select! {
                     m = Self::next_generation(&mut model_rx, &mut stop) => match m {
                         Some(m) => m,
                         None => return,
                     },
-                    _ = tx.closed() => return,
+                    _ = out.closed() => return,
                 };
                 match Self::parts_for(&model, &workload, &id) {
                     Ok(parts) if parts.same_as(&last) => {
@@ -236,24 +272,21 @@ impl Discovery for DiscoveryService {
                     }
                     Ok(parts) => {
                         tracing::debug!(%workload, version = parts.version, "pushing config");
-                        let cfg = this.message(&parts);
-                        last = parts;
-                        if tx.send(Box::new(Ok(cfg))).await.is_err() {
+                        if !out.push(this.message(&parts)).await {
                             return;
                         }
-                        this.metrics.pushes.inc();
+                        last = parts;
                     }
                     Err(status) => {
                         // The workload left the mesh or changed identity: this stream's
                         // caller is no longer entitled to it. The proxy keeps its last config.
                         tracing::warn!(%workload, peer = %id, reason = status.message(), "ending Watch");
-                        let _ = tx.send(Box::new(Err(status))).await;
+                        out.end(status).await;
                         return;
                     }
                 }
             }
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx).map(|m| *m))))
+        })))
     }
 
     async fn deltas(
@@ -281,30 +314,22 @@ impl Discovery for DiscoveryService {
             mut model_rx,
             first,
         } = self.open(peer, &hello.workload, hello.version)?;
-
-        let (tx, rx) = outbox::<ConfigDelta>();
         let this = self.clone();
         let workload = hello.workload;
-        self.metrics.watchers.inc();
-        let guard = WatcherGuard(self.metrics.clone());
-        tokio::spawn(async move {
-            let _guard = guard;
+        Ok(Response::new(self.stream(|out| async move {
             let mut stop = this.stop.clone();
             let bundle = || this.trust_bundle_der.as_ref().clone();
-            // The parts the proxy holds, as far as this stream knows.
-            let mut last = first;
-            if tx
-                .send(Box::new(Ok(last.snapshot(bundle()))))
-                .await
-                .is_err()
-            {
+            if !out.push(first.snapshot(bundle())).await {
                 return;
             }
-            this.metrics.pushes.inc();
+            // The parts the proxy holds, as far as this stream knows.
+            let mut last = first;
             loop {
-                let model = tokio::select! {
+                // A new generation is answered with a delta (if it concerns the proxy), a
+                // request for a resync with a full snapshot of the current one.
+                let (model, resync) = tokio::select! {
                     m = Self::next_generation(&mut model_rx, &mut stop) => match m {
-                        Some(m) => m,
+                        Some(m) => (m, false),
                         None => return,
                     },
                     reply = incoming.message() => {
@@ -321,46 +346,32 @@ impl Discovery for DiscoveryService {
                             continue;
                         }
                         tracing::info!(%workload, version = reply.version, error = %shown(&reply.error), "proxy asks for a resync; sending a full snapshot");
-                        let model = model_rx.borrow().clone();
-                        match Self::parts_for(&model, &workload, &id) {
-                            Ok(parts) => {
-                                let msg = parts.snapshot(bundle());
-                                last = parts;
-                                if tx.send(Box::new(Ok(msg))).await.is_err() {
-                                    return;
-                                }
-                                this.metrics.pushes.inc();
-                                continue;
-                            }
-                            Err(status) => {
-                                let _ = tx.send(Box::new(Err(status))).await;
-                                return;
-                            }
-                        }
+                        (model_rx.borrow().clone(), true)
                     }
-                    _ = tx.closed() => return,
+                    _ = out.closed() => return,
                 };
-                match Self::parts_for(&model, &workload, &id) {
-                    Ok(parts) => {
-                        let Some(delta) = parts.delta_from(&last) else {
-                            tracing::trace!(%workload, generation = model.generation, "change does not concern this proxy");
-                            continue;
-                        };
-                        tracing::debug!(%workload, version = parts.version, base = last.version, "pushing a delta");
-                        last = parts;
-                        if tx.send(Box::new(Ok(delta))).await.is_err() {
-                            return;
-                        }
-                        this.metrics.pushes.inc();
-                    }
+                let parts = match Self::parts_for(&model, &workload, &id) {
+                    Ok(parts) => parts,
                     Err(status) => {
                         tracing::warn!(%workload, peer = %id, reason = status.message(), "ending Deltas");
-                        let _ = tx.send(Box::new(Err(status))).await;
+                        out.end(status).await;
                         return;
                     }
+                };
+                let msg = if resync {
+                    parts.snapshot(bundle())
+                } else if let Some(delta) = parts.delta_from(&last) {
+                    tracing::debug!(%workload, version = parts.version, base = last.version, "pushing a delta");
+                    delta
+                } else {
+                    tracing::trace!(%workload, generation = model.generation, "change does not concern this proxy");
+                    continue;
+                };
+                if !out.push(msg).await {
+                    return;
                 }
+                last = parts;
             }
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx).map(|m| *m))))
+        })))
     }
 }
