@@ -112,6 +112,104 @@ impl View {
     }
 }
 
+/// One delta as it arrived on a [`Subscription`].
+#[derive(Debug)]
+pub struct Arrived {
+    pub version: u64,
+    /// Its encoded size (what it cost on the wire).
+    pub encoded_len: usize,
+    /// Whether it applied to the view held. When it did not, the subscription has already
+    /// asked the control plane for a full snapshot.
+    pub applied: Result<(), DeltaError>,
+}
+
+/// A proxy's end of a `Discovery.Deltas` stream: the hello, each delta applied to the view
+/// held, and the replies (a refusal that asks for a resync when a delta does not fit).
+pub struct Subscription {
+    replies: tokio::sync::mpsc::Sender<v1::DeltaRequest>,
+    stream: tonic::Streaming<v1::ConfigDelta>,
+    view: View,
+}
+
+impl Subscription {
+    /// Opens the stream for `workload`, which held `known_version` before (0: nothing). A
+    /// control plane of an earlier release answers `UNIMPLEMENTED`.
+    pub async fn open(
+        channel: tonic::transport::Channel,
+        workload: String,
+        known_version: u64,
+    ) -> Result<Self, tonic::Status> {
+        let (replies, requests) = tokio::sync::mpsc::channel::<v1::DeltaRequest>(4);
+        let hello = v1::DeltaRequest {
+            workload,
+            version: known_version,
+            error: String::new(),
+            resync: false,
+        };
+        replies
+            .send(hello)
+            .await
+            .map_err(|_| tonic::Status::internal("request stream closed"))?;
+        let requests = futures_util::stream::unfold(requests, |mut rx| async move {
+            rx.recv().await.map(|m| (m, rx))
+        });
+        let stream = v1::discovery_client::DiscoveryClient::new(channel)
+            .deltas(requests)
+            .await?
+            .into_inner();
+        Ok(Self {
+            replies,
+            stream,
+            view: View::default(),
+        })
+    }
+
+    /// The next delta, applied to the view held; `None` when the control plane ended the
+    /// stream.
+    pub async fn next(&mut self) -> Result<Option<Arrived>, tonic::Status> {
+        use prost::Message;
+        let Some(delta) = self.stream.message().await? else {
+            return Ok(None);
+        };
+        let (version, encoded_len) = (delta.version, delta.encoded_len());
+        let applied = self.view.apply(delta);
+        if let Err(e) = &applied {
+            self.reply(version, e.to_string(), true).await;
+        }
+        Ok(Some(Arrived {
+            version,
+            encoded_len,
+            applied,
+        }))
+    }
+
+    /// The config held: every delta applied so far.
+    pub fn config(&self) -> &v1::ProxyConfig {
+        self.view.config()
+    }
+
+    /// Acknowledges `version`; false when the stream is gone.
+    pub async fn ack(&self, version: u64) -> bool {
+        self.reply(version, String::new(), false).await
+    }
+
+    /// Refuses `version`, which applied but cannot be served (it does not compile): no resync,
+    /// the same content again would not compile either. False when the stream is gone.
+    pub async fn refuse(&self, version: u64, error: String) -> bool {
+        self.reply(version, error, false).await
+    }
+
+    async fn reply(&self, version: u64, error: String, resync: bool) -> bool {
+        let reply = v1::DeltaRequest {
+            workload: String::new(),
+            version,
+            error,
+            resync,
+        };
+        self.replies.send(reply).await.is_ok()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

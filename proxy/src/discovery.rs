@@ -6,10 +6,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use palisade_api::delta::View;
+use palisade_api::delta::Subscription;
 use palisade_api::v1::discovery_client::DiscoveryClient;
-use palisade_api::v1::{self, DeltaRequest, WatchRequest};
-use tokio::sync::mpsc;
+use palisade_api::v1::{self, WatchRequest};
 
 use crate::Ctx;
 use crate::config::{ConfigError, Snapshot};
@@ -54,26 +53,9 @@ async fn watch_once(ctx: &Arc<Ctx>, dialer: &Dialer) -> Result<(), String> {
 async fn stream_from(ctx: &Arc<Ctx>, channel: tonic::transport::Channel) -> Result<(), String> {
     let known = ctx.snapshot.load().version;
     let status = |s: tonic::Status| format!("{:?}: {}", s.code(), s.message());
-    // Requests: the hello naming the workload, then one ack (or refusal) per delta.
-    let (replies, requests) = mpsc::channel::<DeltaRequest>(4);
-    let hello = DeltaRequest {
-        workload: ctx.cfg.workload.clone(),
-        version: known,
-        error: String::new(),
-        resync: false,
-    };
-    replies
-        .send(hello)
-        .await
-        .map_err(|_| "request stream closed")?;
-    let mut stream = match DiscoveryClient::new(channel.clone())
-        .deltas(futures_util::stream::unfold(
-            requests,
-            |mut rx| async move { rx.recv().await.map(|m| (m, rx)) },
-        ))
-        .await
-    {
-        Ok(r) => r.into_inner(),
+    let workload = ctx.cfg.workload.clone();
+    let mut sub = match Subscription::open(channel.clone(), workload, known).await {
+        Ok(sub) => sub,
         Err(s) if s.code() == tonic::Code::Unimplemented => {
             tracing::info!(
                 "the control plane has no Deltas (an earlier release); watching full snapshots"
@@ -83,35 +65,24 @@ async fn stream_from(ctx: &Arc<Ctx>, channel: tonic::transport::Channel) -> Resu
         Err(s) => return Err(status(s)),
     };
     // What the control plane has sent on this stream; the proxy serves what of it compiled.
-    let mut view = View::default();
-    loop {
-        let Some(delta) = stream.message().await.map_err(status)? else {
-            return Ok(());
+    while let Some(arrived) = sub.next().await.map_err(status)? {
+        let version = arrived.version;
+        if let Err(e) = arrived.applied {
+            // The subscription asked for a full snapshot.
+            count(ctx, "resync");
+            tracing::warn!(version, error = %e, "config delta does not apply; asking for a full snapshot");
+            continue;
+        }
+        // A config that does not compile is refused; the last good one keeps serving.
+        let sent = match apply(ctx, sub.config()) {
+            Ok(()) => sub.ack(version).await,
+            Err(e) => sub.refuse(version, e.to_string()).await,
         };
-        let version = delta.version;
-        // A delta that does not fit asks for a full snapshot; a config that does not compile is
-        // refused, and the last good one keeps serving.
-        let (error, resync) = match view.apply(delta) {
-            Ok(()) => (
-                apply(ctx, view.config()).err().map(|e| e.to_string()),
-                false,
-            ),
-            Err(e) => {
-                count(ctx, "resync");
-                tracing::warn!(version, error = %e, "config delta does not apply; asking for a full snapshot");
-                (Some(e.to_string()), true)
-            }
-        };
-        let reply = DeltaRequest {
-            workload: String::new(),
-            version,
-            error: error.unwrap_or_default(),
-            resync,
-        };
-        if replies.send(reply).await.is_err() {
+        if !sent {
             return Ok(());
         }
     }
+    Ok(())
 }
 
 /// The stream of full snapshots, from a control plane of an earlier release.

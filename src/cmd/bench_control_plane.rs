@@ -25,10 +25,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use palisade_api::delta::View;
+use palisade_api::delta::Subscription;
 use palisade_api::v1::discovery_client::DiscoveryClient;
 use palisade_api::v1::identity_client::IdentityClient;
-use palisade_api::v1::{CertifyRequest, DeltaRequest, WatchRequest};
+use palisade_api::v1::{CertifyRequest, WatchRequest};
 use palisade_certs::{CredentialStore, KeyAndCsr, SpiffeId, Svid, TrustBundle, TrustDomain};
 use prost::Message;
 use rustls_pki_types::CertificateDer;
@@ -180,51 +180,34 @@ async fn start_proxy(
     // As a proxy does: Deltas, each applied to the config held and acknowledged; full
     // snapshots over Watch from a control plane without Deltas (an A/B against an earlier
     // build with `--control-plane-bin`) or with `--full-snapshots`.
-    let (replies, requests) = tokio::sync::mpsc::channel::<DeltaRequest>(4);
-    let hello = DeltaRequest {
-        workload: name.clone(),
-        version: 0,
-        error: String::new(),
-        resync: false,
-    };
-    replies.send(hello).await?;
-    let requests = futures_util::stream::unfold(requests, |mut rx| async move {
-        rx.recv().await.map(|m| (m, rx))
-    });
-    let mut client = DiscoveryClient::new(ch);
     let deltas = if full_snapshots {
         Err(tonic::Status::unimplemented("--full-snapshots"))
     } else {
-        client.deltas(requests).await
+        Subscription::open(ch.clone(), name.clone(), 0).await
     };
     match deltas {
-        Ok(rsp) => {
-            let mut stream = rsp.into_inner();
+        Ok(mut sub) => {
             tokio::spawn(async move {
                 let _store = store;
-                let mut view = View::default();
-                while let Ok(Some(delta)) = stream.message().await {
+                while let Ok(Some(arrived)) = sub.next().await {
                     let at = Instant::now();
-                    let (version, bytes) = (delta.version, delta.encoded_len());
-                    let error = view.apply(delta).err().map(|e| e.to_string());
-                    let resync = error.is_some();
                     if let Ok(mut r) = received.lock() {
-                        r.push((version, at, bytes, view.config().services.len()));
+                        r.push((
+                            arrived.version,
+                            at,
+                            arrived.encoded_len,
+                            sub.config().services.len(),
+                        ));
                     }
-                    let reply = DeltaRequest {
-                        workload: String::new(),
-                        version,
-                        error: error.unwrap_or_default(),
-                        resync,
-                    };
-                    if replies.send(reply).await.is_err() {
+                    // A delta that did not apply has already asked for a resync.
+                    if arrived.applied.is_ok() && !sub.ack(arrived.version).await {
                         break;
                     }
                 }
             });
         }
         Err(s) if s.code() == tonic::Code::Unimplemented => {
-            let mut stream = client
+            let mut stream = DiscoveryClient::new(ch)
                 .watch(WatchRequest {
                     workload: name.clone(),
                     known_version: 0,
