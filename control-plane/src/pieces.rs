@@ -34,7 +34,7 @@ pub struct Pieces {
     /// In key order ([`SharedService::key`]).
     pub services: Vec<Arc<SharedService>>,
     /// `(name, namespace, port)` → index in `services`.
-    by_key: HashMap<(String, String, u16), usize>,
+    by_key: HashMap<(String, String, u32), usize>,
     /// Workload name → indices in the mesh's workloads (names repeat across namespaces on
     /// Kubernetes).
     workloads_by_name: HashMap<String, Vec<usize>>,
@@ -148,8 +148,6 @@ impl Pieces {
         services.sort_by(|a, b| a.key().cmp(&b.key()));
         for (i, s) in services.iter().enumerate() {
             let (name, ns, port) = s.key();
-            // A port is a u16 on the way in (`port: u32::from(s.port)` above).
-            let port = u16::try_from(port).unwrap_or(u16::MAX);
             by_key
                 .entry((name.to_string(), ns.to_string(), port))
                 .or_insert(i);
@@ -173,10 +171,10 @@ impl Pieces {
         let mut out: Vec<Arc<SharedService>> = Vec::with_capacity(w.upstreams.len());
         for u in &w.upstreams {
             let (name, ns) = u.service_ref();
-            if let Some(&i) = self.by_key.get(&(name.to_string(), ns.to_string(), u.port))
-                && !out.iter().any(|s| Arc::ptr_eq(s, &self.services[i]))
+            if let Some(s) = self.service(name, ns, u.port)
+                && !out.iter().any(|o| Arc::ptr_eq(o, s))
             {
-                out.push(self.services[i].clone());
+                out.push(s.clone());
             }
         }
         out.sort_by(|a, b| a.key().cmp(&b.key()));
@@ -187,7 +185,7 @@ impl Pieces {
     pub fn service(&self, name: &str, namespace: &str, port: u16) -> Option<&Arc<SharedService>> {
         let i = self
             .by_key
-            .get(&(name.to_string(), namespace.to_string(), port))?;
+            .get(&(name.to_string(), namespace.to_string(), u32::from(port)))?;
         self.services.get(*i)
     }
 
