@@ -30,19 +30,15 @@ pub fn key_of(s: &v1::Service) -> v1::ServiceKey {
     }
 }
 
-/// What services are ordered by.
-fn order(s: &v1::Service) -> (&str, &str, u32) {
+/// What a proxy's services are ordered and told apart by: the order a full snapshot carries
+/// them in.
+pub fn sort_key(s: &v1::Service) -> (&str, &str, u32) {
     (s.name.as_str(), s.namespace.as_str(), s.port)
 }
 
 /// Orders a service against a key without building the service's key.
-pub fn cmp_key(s: &v1::Service, k: &v1::ServiceKey) -> Ordering {
-    order(s).cmp(&(k.name.as_str(), k.namespace.as_str(), k.port))
-}
-
-/// Sorts services into the order a full snapshot carries them in.
-pub fn sort_services(services: &mut [v1::Service]) {
-    services.sort_by(|a, b| order(a).cmp(&order(b)));
+fn cmp_key(s: &v1::Service, k: &v1::ServiceKey) -> Ordering {
+    sort_key(s).cmp(&(k.name.as_str(), k.namespace.as_str(), k.port))
 }
 
 /// The config assembled so far from one stream. Empty (version 0) until the first snapshot.
@@ -67,8 +63,8 @@ impl View {
         if delta.base_version == 0 {
             let inbound = delta.inbound.ok_or(DeltaError::NoInbound)?;
             let mut services = delta.services;
-            sort_services(&mut services);
-            services.dedup_by(|a, b| order(a) == order(b));
+            services.sort_by(|a, b| sort_key(a).cmp(&sort_key(b)));
+            services.dedup_by(|a, b| sort_key(a) == sort_key(b));
             self.config = v1::ProxyConfig {
                 version: delta.version,
                 inbound: Some(inbound),
@@ -96,7 +92,7 @@ impl View {
             }
         }
         for s in delta.services {
-            match services.binary_search_by(|x| order(x).cmp(&order(&s))) {
+            match services.binary_search_by(|x| sort_key(x).cmp(&sort_key(&s))) {
                 Ok(i) => services[i] = s,
                 Err(i) => services.insert(i, s),
             }

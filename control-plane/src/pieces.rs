@@ -45,11 +45,7 @@ pub struct Pieces {
 impl SharedService {
     /// What a proxy's services are ordered and told apart by.
     pub fn key(&self) -> (&str, &str, u32) {
-        (
-            self.msg.name.as_str(),
-            self.msg.namespace.as_str(),
-            self.msg.port,
-        )
+        palisade_api::delta::sort_key(&self.msg)
     }
 }
 
