@@ -3,6 +3,8 @@
 
 #[path = "support/fake_kube.rs"]
 mod fake_kube;
+#[path = "support/proxy.rs"]
+mod proxy;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -1338,40 +1340,24 @@ async fn a_proxy_follows_endpoint_slices_within_a_second_and_moves_to_the_other_
     let web = SpiffeId::for_workload(&td(), "demo", "web").unwrap();
     let token_file = dir.path().join("token");
     std::fs::write(&token_file, format!("{TOKEN_WEB}\n")).unwrap();
-    let cfg = palisade_proxy::ProxyConfig {
-        workload: "web-1".into(),
-        identity: web.clone(),
-        credentials: palisade_proxy::config::CredentialSource::ControlPlane {
-            // What PALISADE_CONTROL_PLANE would say: both replicas; the proxy tries them in turn.
-            addrs: palisade_proxy::control_plane::ControlPlaneAddrs::parse(&format!(
-                "{},{}",
-                cp1.addr(),
-                cp2.addr()
-            ))
-            .unwrap(),
-            // The kubelet rotates the projected token in place: the proxy presents what the
-            // file says now, not what it read at start.
-            token: "expired-token-read-at-start".into(),
-            token_file: Some(token_file),
-            bundle: dir
-                .path()
-                .join("ca")
-                .join(palisade_certs::ca::ROOT_CERT_FILE),
-            identity: web.clone(),
-        },
-        inbound_addr: "127.0.0.1:0".parse().unwrap(),
-        admin_addr: "127.0.0.1:0".parse().unwrap(),
-        app_addr: None,
-        upstreams: Vec::new(),
-        transparent_addr: None,
-        static_config: None,
-        timeouts: palisade_proxy::config::Timeouts::default(),
-        limits: palisade_proxy::config::Limits::default(),
-        access_log: false,
-        admin_shutdown: false,
-        app_probes: Default::default(),
-        balancer: Default::default(),
-    };
+    let cfg = proxy::on_control_plane(
+        "web-1",
+        web.clone(),
+        // What PALISADE_CONTROL_PLANE would say: both replicas; the proxy tries them in turn.
+        palisade_proxy::control_plane::ControlPlaneAddrs::parse(&format!(
+            "{},{}",
+            cp1.addr(),
+            cp2.addr()
+        ))
+        .unwrap(),
+        // The kubelet rotates the projected token in place: the proxy presents what the file
+        // says now, not what it read at start.
+        "expired-token-read-at-start",
+        Some(token_file),
+        dir.path()
+            .join("ca")
+            .join(palisade_certs::ca::ROOT_CERT_FILE),
+    );
     let proxy = within("proxy start", palisade_proxy::Proxy::start(cfg))
         .await
         .expect("the proxy starts");

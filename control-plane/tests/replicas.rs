@@ -14,8 +14,11 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use palisade_certs::SpiffeId;
 use palisade_control_plane::{ControlPlaneConfig, RunningControlPlane};
-use palisade_proxy::config::{CredentialSource, UpstreamListener};
+use palisade_proxy::config::UpstreamListener;
 use palisade_proxy::control_plane::ControlPlaneAddrs;
+
+#[path = "support/proxy.rs"]
+mod proxy;
 
 const T: Duration = Duration::from_secs(15);
 
@@ -73,29 +76,14 @@ fn proxy_config(
 ) -> palisade_proxy::ProxyConfig {
     let td = palisade_certs::TrustDomain::new("cluster.local").expect("trust domain");
     let identity = SpiffeId::for_workload(&td, "demo", sa).expect("identity");
-    palisade_proxy::ProxyConfig {
-        workload: workload.into(),
-        identity: identity.clone(),
-        credentials: CredentialSource::ControlPlane {
-            addrs: cps.clone(),
-            token: token.into(),
-            token_file: None,
-            bundle: bundle.to_path_buf(),
-            identity,
-        },
-        inbound_addr: "127.0.0.1:0".parse().expect("addr"),
-        admin_addr: "127.0.0.1:0".parse().expect("addr"),
-        app_addr: None,
-        upstreams: Vec::new(),
-        transparent_addr: None,
-        static_config: None,
-        timeouts: palisade_proxy::config::Timeouts::default(),
-        limits: palisade_proxy::config::Limits::default(),
-        access_log: false,
-        admin_shutdown: false,
-        app_probes: Default::default(),
-        balancer: Default::default(),
-    }
+    proxy::on_control_plane(
+        workload,
+        identity,
+        cps.clone(),
+        token,
+        None,
+        bundle.to_path_buf(),
+    )
 }
 
 /// Requests over one keep-alive connection to `addr` until `stop`; counts each outcome.
