@@ -17,7 +17,7 @@ pub enum DeltaError {
     VersionGap { base: u64, held: u64 },
     #[error("a full snapshot without its inbound config")]
     NoInbound,
-    #[error("version {version} does not follow its base {base}")]
+    #[error("version {version} is older than its base {base}")]
     NotNewer { version: u64, base: u64 },
 }
 
@@ -79,7 +79,8 @@ impl View {
                 held: self.config.version,
             });
         }
-        if delta.version <= delta.base_version {
+        // Equal versions: an answer to lookups within the same generation of the mesh.
+        if delta.version < delta.base_version {
             return Err(DeltaError::NotNewer {
                 version: delta.version,
                 base: delta.base_version,
@@ -117,6 +118,20 @@ pub struct Arrived {
     /// Whether it applied to the view held. When it did not, the subscription has already
     /// asked the control plane for a full snapshot.
     pub applied: Result<(), DeltaError>,
+    /// The answers to lookups it carried.
+    pub lookups: Vec<v1::Lookup>,
+}
+
+/// How a proxy opens its stream.
+#[derive(Debug, Clone, Default)]
+pub struct Hello {
+    pub workload: String,
+    /// The version held before (0: nothing).
+    pub known_version: u64,
+    /// Resolve outbound services on demand ([`Lookups`]) instead of receiving the whole mesh.
+    pub on_demand: bool,
+    /// Services resolved on demand over an earlier stream, to keep.
+    pub services: Vec<v1::ServiceKey>,
 }
 
 /// A proxy's end of a `Discovery.Deltas` stream: the hello, each delta applied to the view
@@ -127,6 +142,25 @@ pub struct Subscription {
     view: View,
 }
 
+/// Asks for services on a [`Subscription`]'s stream, from any task.
+#[derive(Clone, Debug)]
+pub struct Lookups {
+    replies: tokio::sync::mpsc::Sender<v1::DeltaRequest>,
+}
+
+impl Lookups {
+    /// Asks the control plane to resolve `destinations` (`ip:port`) and to drop `releases`;
+    /// false when the stream is gone. The answers arrive as [`Arrived::lookups`].
+    pub async fn send(&self, destinations: Vec<String>, releases: Vec<v1::ServiceKey>) -> bool {
+        let msg = v1::DeltaRequest {
+            lookups: destinations,
+            releases,
+            ..Default::default()
+        };
+        self.replies.send(msg).await.is_ok()
+    }
+}
+
 impl Subscription {
     /// Opens the stream for `workload`, which held `known_version` before (0: nothing). A
     /// control plane of an earlier release answers `UNIMPLEMENTED`.
@@ -135,12 +169,29 @@ impl Subscription {
         workload: String,
         known_version: u64,
     ) -> Result<Self, tonic::Status> {
-        let (replies, requests) = tokio::sync::mpsc::channel::<v1::DeltaRequest>(4);
+        Self::open_with(
+            channel,
+            Hello {
+                workload,
+                known_version,
+                ..Default::default()
+            },
+        )
+        .await
+    }
+
+    /// Opens the stream as `hello` says.
+    pub async fn open_with(
+        channel: tonic::transport::Channel,
+        hello: Hello,
+    ) -> Result<Self, tonic::Status> {
+        let (replies, requests) = tokio::sync::mpsc::channel::<v1::DeltaRequest>(16);
         let hello = v1::DeltaRequest {
-            workload,
-            version: known_version,
-            error: String::new(),
-            resync: false,
+            workload: hello.workload,
+            version: hello.known_version,
+            on_demand: hello.on_demand,
+            services: hello.services,
+            ..Default::default()
         };
         replies
             .send(hello)
@@ -164,10 +215,11 @@ impl Subscription {
     /// stream.
     pub async fn next(&mut self) -> Result<Option<Arrived>, tonic::Status> {
         use prost::Message;
-        let Some(delta) = self.stream.message().await? else {
+        let Some(mut delta) = self.stream.message().await? else {
             return Ok(None);
         };
         let (version, encoded_len) = (delta.version, delta.encoded_len());
+        let lookups = std::mem::take(&mut delta.lookups);
         let applied = self.view.apply(delta);
         if let Err(e) = &applied {
             self.reply(version, e.to_string(), true).await;
@@ -176,7 +228,15 @@ impl Subscription {
             version,
             encoded_len,
             applied,
+            lookups,
         }))
+    }
+
+    /// A handle that asks for services on this stream.
+    pub fn lookups(&self) -> Lookups {
+        Lookups {
+            replies: self.replies.clone(),
+        }
     }
 
     /// The config held: every delta applied so far.
@@ -197,10 +257,10 @@ impl Subscription {
 
     async fn reply(&self, version: u64, error: String, resync: bool) -> bool {
         let reply = v1::DeltaRequest {
-            workload: String::new(),
             version,
             error,
             resync,
+            ..Default::default()
         };
         self.replies.send(reply).await.is_ok()
     }
@@ -290,7 +350,7 @@ mod tests {
         no_inbound.inbound = None;
         assert_eq!(v.apply(no_inbound), Err(DeltaError::NoInbound));
         let backwards = v1::ConfigDelta {
-            version: 3,
+            version: 2,
             base_version: 3,
             ..Default::default()
         };

@@ -17,7 +17,9 @@ use std::sync::Arc;
 
 use futures_util::{Stream, StreamExt};
 use palisade_api::v1::discovery_server::Discovery;
-use palisade_api::v1::{ConfigDelta, DeltaRequest, ProxyConfig, WatchRequest};
+use palisade_api::v1::{
+    ConfigDelta, DeltaRequest, Lookup, LookupResult, ProxyConfig, ServiceKey, WatchRequest,
+};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -28,6 +30,7 @@ use crate::mesh::Workload;
 use crate::metrics::{Metrics, ResultLabel};
 use crate::model::Model;
 use crate::parts::ProxyParts;
+use crate::pieces::Wanted;
 
 /// The Discovery gRPC service.
 #[derive(Debug, Clone)]
@@ -89,8 +92,13 @@ impl DiscoveryService {
         model: &Model,
         workload: &str,
         peer: &palisade_certs::SpiffeId,
+        scope: &Scope,
     ) -> Result<ProxyParts, Status> {
-        Ok(model.parts_of(Self::workload_for(model, workload, peer)?))
+        let w = Self::workload_for(model, workload, peer)?;
+        Ok(match scope {
+            Scope::Declared => model.parts_of(w),
+            Scope::OnDemand(wanted) => model.parts_on_demand(w, wanted),
+        })
     }
 
     fn message(&self, parts: &ProxyParts) -> ProxyConfig {
@@ -105,6 +113,73 @@ fn refusal_reason(code: tonic::Code) -> &'static str {
         tonic::Code::NotFound => "unknown_workload",
         tonic::Code::PermissionDenied => "permission_denied",
         _ => "internal",
+    }
+}
+
+/// Which services a stream's proxy gets.
+enum Scope {
+    /// Its declared upstreams, or the whole mesh if it declares none (`Watch`, and `Deltas`
+    /// without `on_demand`).
+    Declared,
+    /// Its declared upstreams and the services it resolved on demand.
+    OnDemand(Wanted),
+}
+
+/// The most services one proxy may resolve on demand at once; lookups past it are refused
+/// (the proxy evicts before it gets there, 1,000 by default).
+pub const MAX_ON_DEMAND: usize = 4096;
+
+impl Scope {
+    /// Resolves `lookups` against `model` (services found join the scope) and drops
+    /// `releases`; the answers, counted in `palisade_discovery_lookups_total`.
+    fn resolve(
+        &mut self,
+        model: &Model,
+        lookups: &[String],
+        releases: &[ServiceKey],
+        metrics: &Metrics,
+    ) -> Vec<Lookup> {
+        let Scope::OnDemand(wanted) = self else {
+            // Not an on-demand stream: it holds what it declared, nothing joins.
+            return lookups
+                .iter()
+                .map(|d| Self::answer(metrics, d, LookupResult::LookupRefused))
+                .collect();
+        };
+        for r in releases {
+            wanted.remove(&(r.name.clone(), r.namespace.clone(), r.port));
+        }
+        lookups
+            .iter()
+            .map(|d| {
+                let Some(found) = d.parse().ok().and_then(|dst| model.pieces().lookup(dst)) else {
+                    return Self::answer(metrics, d, LookupResult::LookupNotFound);
+                };
+                let (name, ns, port) = found.key();
+                let key = (name.to_string(), ns.to_string(), port);
+                if !wanted.contains(&key) && wanted.len() >= MAX_ON_DEMAND {
+                    return Self::answer(metrics, d, LookupResult::LookupRefused);
+                }
+                wanted.insert(key);
+                Self::answer(metrics, d, LookupResult::LookupFound)
+            })
+            .collect()
+    }
+
+    fn answer(metrics: &Metrics, destination: &str, result: LookupResult) -> Lookup {
+        let label = match result {
+            LookupResult::LookupFound => "found",
+            LookupResult::LookupNotFound => "not_found",
+            LookupResult::LookupRefused => "refused",
+        };
+        metrics
+            .lookups
+            .get_or_create(&ResultLabel { result: label })
+            .inc();
+        Lookup {
+            destination: destination.to_string(),
+            result: result as i32,
+        }
     }
 }
 
@@ -176,6 +251,7 @@ impl DiscoveryService {
         peer: Option<PeerInfo>,
         workload: &str,
         known_version: u64,
+        scope: &Scope,
     ) -> Result<Opened, Status> {
         let remote = peer.as_ref().map(|p| p.remote);
         let Some(id) = peer.and_then(|p| p.identity) else {
@@ -183,7 +259,7 @@ impl DiscoveryService {
         };
         let mut model_rx = self.model.clone();
         let model = model_rx.borrow_and_update().clone();
-        let first = Self::parts_for(&model, workload, &id).inspect_err(|s| {
+        let first = Self::parts_for(&model, workload, &id, scope).inspect_err(|s| {
             self.metrics.watch_refused(refusal_reason(s.code()));
             tracing::warn!(?remote, peer = %id, workload = %shown(workload), reason = s.message(), "Watch refused");
         })?;
@@ -249,7 +325,7 @@ impl Discovery for DiscoveryService {
             id,
             mut model_rx,
             first,
-        } = self.open(peer, &req.workload, req.known_version)?;
+        } = self.open(peer, &req.workload, req.known_version, &Scope::Declared)?;
         let this = self.clone();
         let workload = req.workload;
         Ok(Response::new(self.stream(|out| async move {
@@ -266,7 +342,7 @@ impl Discovery for DiscoveryService {
                     },
                     _ = out.closed() => return,
                 };
-                match Self::parts_for(&model, &workload, &id) {
+                match Self::parts_for(&model, &workload, &id, &Scope::Declared) {
                     Ok(parts) if parts.same_as(&last) => {
                         tracing::trace!(%workload, generation = model.generation, "change does not concern this proxy");
                     }
@@ -309,11 +385,23 @@ impl Discovery for DiscoveryService {
             }
             Ok(Err(status)) => return Err(status),
         };
+        let mut scope = if hello.on_demand {
+            Scope::OnDemand(
+                hello
+                    .services
+                    .iter()
+                    .take(MAX_ON_DEMAND)
+                    .map(|k| (k.name.clone(), k.namespace.clone(), k.port))
+                    .collect(),
+            )
+        } else {
+            Scope::Declared
+        };
         let Opened {
             id,
             mut model_rx,
             first,
-        } = self.open(peer, &hello.workload, hello.version)?;
+        } = self.open(peer, &hello.workload, hello.version, &scope)?;
         let this = self.clone();
         let workload = hello.workload;
         Ok(Response::new(self.stream(|out| async move {
@@ -326,31 +414,37 @@ impl Discovery for DiscoveryService {
             let mut last = first;
             loop {
                 // A new generation is answered with a delta (if it concerns the proxy), a
-                // request for a resync with a full snapshot of the current one.
-                let (model, resync) = tokio::select! {
+                // request for a resync with a full snapshot of the current one, lookups with a
+                // delta that carries the answers.
+                let (model, resync, answers) = tokio::select! {
                     m = Self::next_generation(&mut model_rx, &mut stop) => match m {
-                        Some(m) => (m, false),
+                        Some(m) => (m, false, Vec::new()),
                         None => return,
                     },
                     reply = incoming.message() => {
                         let Ok(Some(reply)) = reply else {
                             return; // the proxy hung up
                         };
-                        if reply.error.is_empty() {
+                        if !reply.lookups.is_empty() || !reply.releases.is_empty() {
+                            let model = model_rx.borrow().clone();
+                            let answers = scope.resolve(&model, &reply.lookups, &reply.releases, &this.metrics);
+                            (model, false, answers)
+                        } else if reply.error.is_empty() {
                             this.metrics.acks.get_or_create(&ResultLabel { result: "ack" }).inc();
                             continue;
-                        }
-                        this.metrics.acks.get_or_create(&ResultLabel { result: "nack" }).inc();
-                        if !reply.resync {
+                        } else if !reply.resync {
+                            this.metrics.acks.get_or_create(&ResultLabel { result: "nack" }).inc();
                             tracing::warn!(%workload, version = reply.version, error = %shown(&reply.error), "proxy refused its config; it keeps its last good one");
                             continue;
+                        } else {
+                            this.metrics.acks.get_or_create(&ResultLabel { result: "nack" }).inc();
+                            tracing::info!(%workload, version = reply.version, error = %shown(&reply.error), "proxy asks for a resync; sending a full snapshot");
+                            (model_rx.borrow().clone(), true, Vec::new())
                         }
-                        tracing::info!(%workload, version = reply.version, error = %shown(&reply.error), "proxy asks for a resync; sending a full snapshot");
-                        (model_rx.borrow().clone(), true)
                     }
                     _ = out.closed() => return,
                 };
-                let parts = match Self::parts_for(&model, &workload, &id) {
+                let parts = match Self::parts_for(&model, &workload, &id, &scope) {
                     Ok(parts) => parts,
                     Err(status) => {
                         tracing::warn!(%workload, peer = %id, reason = status.message(), "ending Deltas");
@@ -358,15 +452,20 @@ impl Discovery for DiscoveryService {
                         return;
                     }
                 };
-                let msg = if resync {
+                let mut msg = if resync {
                     parts.snapshot(bundle())
                 } else if let Some(delta) = parts.delta_from(&last) {
                     tracing::debug!(%workload, version = parts.version, base = last.version, "pushing a delta");
                     delta
+                } else if !answers.is_empty() {
+                    // Nothing changed (the services were held already, or none was found):
+                    // the answers alone, on the version held.
+                    parts.unchanged_from(&last)
                 } else {
                     tracing::trace!(%workload, generation = model.generation, "change does not concern this proxy");
                     continue;
                 };
+                msg.lookups = answers;
                 if !out.push(msg).await {
                     return;
                 }

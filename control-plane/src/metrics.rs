@@ -73,6 +73,9 @@ pub struct Metrics {
     /// `palisade_discovery_acks_total{result}`: deltas proxies acknowledged (`ack`) or refused
     /// (`nack`, answered with a full snapshot when it was a delta).
     pub acks: Family<ResultLabel, Counter>,
+    /// `palisade_discovery_lookups_total{result}`: destinations proxies resolved on demand
+    /// (`found`, `not_found`, `refused` over the per-proxy cap).
+    pub lookups: Family<ResultLabel, Counter>,
     /// `palisade_api_oversize_requests_total{service}`: requests over the message size limit.
     pub oversize_requests: Family<ServiceLabel, Counter>,
     /// `palisade_identity_cert_expiry_timestamp_seconds`: the control plane's own SVID.
@@ -102,6 +105,7 @@ impl Metrics {
         let pushes = Counter::default();
         let watch_refused = Family::<ReasonLabel, Counter>::default();
         let acks = Family::<ResultLabel, Counter>::default();
+        let lookups = Family::<ResultLabel, Counter>::default();
         let oversize_requests = Family::<ServiceLabel, Counter>::default();
         let cert_expiry = Gauge::default();
         let kubernetes_object_rejections = Family::<KindLabel, Counter>::default();
@@ -149,6 +153,11 @@ impl Metrics {
             acks.clone(),
         );
         registry.register(
+            "palisade_discovery_lookups",
+            "Original destinations proxies resolved on demand, by result",
+            lookups.clone(),
+        );
+        registry.register(
             "palisade_api_oversize_requests",
             "API requests refused with RESOURCE_EXHAUSTED for a message over the size limit",
             oversize_requests.clone(),
@@ -189,6 +198,7 @@ impl Metrics {
             pushes,
             watch_refused,
             acks,
+            lookups,
             oversize_requests,
             cert_expiry,
             kubernetes_object_rejections,

@@ -164,6 +164,17 @@ impl Model {
         }
     }
 
+    /// The config of `w`'s proxy when it resolves services on demand: its declared upstreams
+    /// and the services of `wanted`.
+    pub fn parts_on_demand(&self, w: &Workload, wanted: &crate::pieces::Wanted) -> ProxyParts {
+        let pieces = self.pieces();
+        ProxyParts {
+            version: self.generation,
+            inbound: self.inbound(w, pieces),
+            services: pieces.services_on_demand(w, wanted),
+        }
+    }
+
     fn inbound(&self, w: &Workload, pieces: &Pieces) -> v1::Inbound {
         let mtls = policy::effective_mtls(&self.peer_authentications, &w.namespace, &w.labels);
         let authorization_policies = self

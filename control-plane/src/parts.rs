@@ -48,6 +48,17 @@ impl ProxyParts {
             trust_bundle: Some(v1::TrustBundle {
                 der: trust_bundle_der,
             }),
+            lookups: Vec::new(),
+        }
+    }
+
+    /// A delta from `base` to `self` when nothing the proxy holds differs (the generation
+    /// aside): what carries answers to lookups that added no service.
+    pub fn unchanged_from(&self, base: &ProxyParts) -> v1::ConfigDelta {
+        v1::ConfigDelta {
+            version: self.version,
+            base_version: base.version,
+            ..Default::default()
         }
     }
 
@@ -103,6 +114,7 @@ impl ProxyParts {
             services,
             removed_services,
             trust_bundle: None,
+            lookups: Vec::new(),
         })
     }
 }
@@ -196,6 +208,25 @@ mod tests {
         model.parts_of(w)
     }
 
+    /// The parts of `name` as a proxy that resolves on demand and wants `wanted`: (service
+    /// index 0..=5 for s0..s5 or 6 for a0, in namespace `other`, port 81).
+    fn on_demand(model: &Model, name: &str, wanted: &[(u8, bool, bool)]) -> ProxyParts {
+        let w = model.mesh.workload(name).expect("workload");
+        let wanted: crate::pieces::Wanted = wanted
+            .iter()
+            .map(|&(i, other, high)| {
+                let name = if i == 6 {
+                    "a0".to_string()
+                } else {
+                    format!("s{i}")
+                };
+                let ns = if other { "other" } else { "demo" };
+                (name, ns.to_string(), if high { 81 } else { 80 })
+            })
+            .collect();
+        model.parts_on_demand(w, &wanted)
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(64))]
 
@@ -206,14 +237,22 @@ mod tests {
         fn deltas_assemble_the_full_snapshot(
             shapes in proptest::collection::vec(shape(), 1..8),
             lost in proptest::collection::vec(any::<bool>(), 8),
+            wanted in proptest::collection::vec(
+                proptest::collection::vec((0u8..7, any::<bool>(), any::<bool>()), 0..4), 8),
         ) {
-            for proxy in ["w0", "c"] {
-                let first = parts(&Model::from_parts(mesh(&shapes[0]), [], 1), proxy);
+            // w0 receiving the whole mesh, c its upstreams, and c resolving on demand (its
+            // upstreams and the services it looked up, a set that changes with each step).
+            for proxy in ["w0", "c", "c on demand"] {
+                let parts = |model: &Model, i: usize| match proxy {
+                    "c on demand" => on_demand(model, "c", &wanted[i]),
+                    _ => parts(model, proxy),
+                };
+                let first = parts(&Model::from_parts(mesh(&shapes[0]), [], 1), 0);
                 let mut view = View::default();
                 view.apply(first.snapshot(vec![BUNDLE.to_vec()])).expect("snapshot");
                 let mut last = first;
                 for (i, s) in shapes.iter().enumerate().skip(1) {
-                    let next = parts(&Model::from_parts(mesh(s), [], i as u64 + 1), proxy);
+                    let next = parts(&Model::from_parts(mesh(s), [], i as u64 + 1), i);
                     let delta = next.delta_from(&last);
                     prop_assert_eq!(delta.is_none(), next.same_as(&last));
                     if let Some(delta) = delta {
@@ -277,5 +316,56 @@ mod tests {
         let d = denied.delta_from(&after).expect("a change");
         assert!(d.inbound.is_some() && d.services.is_empty() && d.removed_services.is_empty());
         assert!(denied.delta_from(&denied).is_none());
+    }
+
+    #[test]
+    fn a_proxy_on_demand_gets_its_upstreams_and_what_it_looked_up() {
+        let s = Shape {
+            workloads: [(true, 0), (true, 1), (false, 0), (false, 0), (false, 0)],
+            services: [
+                (true, 1, 0, false),
+                (true, 2, 1, false),
+                (false, 0, 0, false),
+                (false, 0, 0, false),
+                (false, 0, 0, false),
+            ],
+            deny_by_default: false,
+            w0_app: 2,
+            other_ns: [false; 5],
+            order: vec![0, 1, 2, 3, 4],
+        };
+        let model = Model::from_parts(mesh(&s), [], 1);
+        let keys = |p: &ProxyParts| -> Vec<String> {
+            p.services
+                .iter()
+                .map(|s| format!("{}.{}:{}", s.msg.name, s.msg.namespace, s.msg.port))
+                .collect()
+        };
+        // Upstreams s0.demo:80 and a0.other:80; nothing looked up yet.
+        let none = on_demand(&model, "c", &[]);
+        assert_eq!(keys(&none), ["a0.other:80", "s0.demo:80"]);
+        // s2.demo:81 looked up (and s5, which does not exist, and s0 again).
+        let more = on_demand(
+            &model,
+            "c",
+            &[(2, false, true), (5, false, false), (0, false, false)],
+        );
+        assert_eq!(keys(&more), ["a0.other:80", "s0.demo:80", "s2.demo:81"]);
+        let d = more.delta_from(&none).expect("s2 joined");
+        assert_eq!(d.services.len(), 1);
+        // Released again: a delta that removes it.
+        let d = none.delta_from(&more).expect("s2 left");
+        assert_eq!(d.removed_services.len(), 1);
+        assert_eq!(d.removed_services[0].name, "s2");
+        // w0 declares nothing: on demand, it starts empty (not the whole mesh).
+        assert!(on_demand(&model, "w0", &[]).services.is_empty());
+        assert_eq!(parts(&model, "w0").services.len(), 4);
+        // Lookups by address: s1 is served by w2 (inbound port 3002).
+        let pieces = model.pieces();
+        let found = pieces
+            .lookup("127.0.0.1:3002".parse().unwrap())
+            .expect("an endpoint");
+        assert_eq!(found.msg.name, "s1");
+        assert!(pieces.lookup("127.0.0.1:3003".parse().unwrap()).is_none());
     }
 }

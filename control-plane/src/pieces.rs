@@ -7,8 +7,10 @@
 //! only assembles its proxy's config from them and compares digests to see whether a change
 //! concerns it.
 //!
-//! A proxy that declares upstreams (the local mesh file) gets only those services; one that
-//! declares none (transparent mode, Kubernetes) gets them all.
+//! A proxy that declares upstreams (the local mesh file) gets only those services. One that
+//! resolves on demand (a transparent proxy on `Deltas`) gets those and the services it looked
+//! up by original destination ([`Pieces::lookup`]). One that declares none and does not resolve
+//! on demand (a transparent proxy of an earlier release, on `Watch`) gets them all.
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
@@ -28,6 +30,9 @@ pub struct SharedService {
     pub digest: u64,
 }
 
+/// The services a proxy resolved on demand, by key (name, namespace, port).
+pub type Wanted = std::collections::BTreeSet<(String, String, u32)>;
+
 /// The pieces of one generation.
 #[derive(Debug, Default)]
 pub struct Pieces {
@@ -35,6 +40,10 @@ pub struct Pieces {
     pub services: Vec<Arc<SharedService>>,
     /// `(name, namespace, port)` → index in `services`.
     by_key: HashMap<(String, String, u32), usize>,
+    /// Original destination → index in `services`: each virtual IP with the service's port,
+    /// and each endpoint address (for an address several services share, the first in key
+    /// order).
+    by_addr: HashMap<SocketAddr, usize>,
     /// Workload name → indices in the mesh's workloads (names repeat across namespaces on
     /// Kubernetes).
     workloads_by_name: HashMap<String, Vec<usize>>,
@@ -142,15 +151,32 @@ impl Pieces {
         // Key order, the order of a proxy's config (`palisade_api::delta`): a proxy's services
         // and a delta's are then merged in one walk.
         services.sort_by(|a, b| a.key().cmp(&b.key()));
+        let mut by_addr = HashMap::new();
         for (i, s) in services.iter().enumerate() {
             let (name, ns, port) = s.key();
             by_key
                 .entry((name.to_string(), ns.to_string(), port))
                 .or_insert(i);
+            if let Ok(port) = u16::try_from(port) {
+                for vip in &s.msg.virtual_ips {
+                    if let Ok(ip) = vip.parse::<std::net::IpAddr>() {
+                        by_addr.insert(SocketAddr::new(ip, port), i);
+                    }
+                }
+            }
+        }
+        // Virtual IPs first: an endpoint address never shadows a service's virtual address.
+        for (i, s) in services.iter().enumerate() {
+            for e in &s.msg.endpoints {
+                if let Ok(addr) = e.address.parse::<SocketAddr>() {
+                    by_addr.entry(addr).or_insert(i);
+                }
+            }
         }
         Pieces {
             services,
             by_key,
+            by_addr,
             workloads_by_name,
             app_protocol: app_protocol
                 .into_iter()
@@ -175,6 +201,31 @@ impl Pieces {
         }
         out.sort_by(|a, b| a.key().cmp(&b.key()));
         out
+    }
+
+    /// The services a proxy that resolves on demand gets: its declared upstreams and the
+    /// services of `wanted` that exist, in key order.
+    pub fn services_on_demand(&self, w: &Workload, wanted: &Wanted) -> Vec<Arc<SharedService>> {
+        let mut out: Vec<Arc<SharedService>> = Vec::with_capacity(w.upstreams.len() + wanted.len());
+        for u in &w.upstreams {
+            let (name, ns) = u.service_ref();
+            if let Some(s) = self.service(name, ns, u.port) {
+                out.push(s.clone());
+            }
+        }
+        for key in wanted {
+            if let Some(&i) = self.by_key.get(key) {
+                out.push(self.services[i].clone());
+            }
+        }
+        out.sort_by(|a, b| a.key().cmp(&b.key()));
+        out.dedup_by(|a, b| Arc::ptr_eq(a, b));
+        out
+    }
+
+    /// The service a connection redirected from its original destination `dst` is for.
+    pub fn lookup(&self, dst: SocketAddr) -> Option<&Arc<SharedService>> {
+        self.services.get(*self.by_addr.get(&dst)?)
     }
 
     /// The service `(name, namespace, port)`.

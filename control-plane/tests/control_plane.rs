@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 use palisade_api::delta::View;
 use palisade_api::v1::discovery_client::DiscoveryClient;
 use palisade_api::v1::identity_client::IdentityClient;
-use palisade_api::v1::{CertifyRequest, ConfigDelta, DeltaRequest, ProxyConfig, WatchRequest};
+use palisade_api::v1::{
+    CertifyRequest, ConfigDelta, DeltaRequest, LookupResult, ProxyConfig, ServiceKey, WatchRequest,
+};
 use palisade_certs::{CredentialStore, KeyAndCsr, SpiffeId, Svid, TrustBundle, TrustDomain};
 use palisade_control_plane::{ControlPlaneConfig, RunningControlPlane, control_plane_id};
 use rustls_pki_types::{CertificateDer, UnixTime};
@@ -276,13 +278,26 @@ impl Mesh {
         ),
         tonic::Status,
     > {
-        let (tx, rx) = tokio::sync::mpsc::channel(4);
         let hello = DeltaRequest {
             workload: workload.into(),
-            version: 0,
-            error: String::new(),
-            resync: false,
+            ..Default::default()
         };
+        self.deltas_with(store, hello).await
+    }
+
+    /// A Deltas stream opened with `hello`, and the sender of the messages after it.
+    async fn deltas_with(
+        &self,
+        store: &Arc<CredentialStore>,
+        hello: DeltaRequest,
+    ) -> Result<
+        (
+            tokio::sync::mpsc::Sender<DeltaRequest>,
+            tonic::Streaming<ConfigDelta>,
+        ),
+        tonic::Status,
+    > {
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
         tx.send(hello).await.expect("queue the hello");
         let ch = self.channel(store).await;
         let rsp = within(
@@ -783,10 +798,10 @@ async fn next_delta(stream: &mut tonic::Streaming<ConfigDelta>) -> ConfigDelta {
 
 fn reply(version: u64, error: &str, resync: bool) -> DeltaRequest {
     DeltaRequest {
-        workload: String::new(),
         version,
         error: error.into(),
         resync,
+        ..Default::default()
     }
 }
 
@@ -868,6 +883,131 @@ async fn deltas_carry_what_changed_and_a_refused_one_is_answered_with_a_snapshot
     );
     fresh.apply(after).expect("delta applies");
     assert_eq!(endpoints(fresh.config(), "api"), ["api"]);
+    m.stop().await;
+}
+
+/// The names of the services `cfg` holds.
+fn service_names(cfg: &ProxyConfig) -> Vec<&str> {
+    cfg.services.iter().map(|s| s.name.as_str()).collect()
+}
+
+#[tokio::test]
+async fn a_proxy_on_demand_gets_only_the_services_it_looked_up() {
+    let m = Mesh::start().await;
+    // api declares no upstreams: without on-demand it gets the whole mesh.
+    let api = m.bootstrap("api", "api").await;
+    let (_tx, mut whole) = m.deltas(&api, "api").await.expect("deltas");
+    assert_eq!(
+        service_names(&{
+            let mut v = View::default();
+            v.apply(next_delta(&mut whole).await).unwrap();
+            v.config().clone()
+        }),
+        ["api"]
+    );
+
+    let hello = DeltaRequest {
+        workload: "api".into(),
+        on_demand: true,
+        ..Default::default()
+    };
+    let (tx, mut s) = m.deltas_with(&api, hello.clone()).await.expect("deltas");
+    let first = next_delta(&mut s).await;
+    let mut view = View::default();
+    view.apply(first.clone()).expect("snapshot");
+    assert!(view.config().services.is_empty(), "nothing looked up yet");
+
+    // api's own endpoint address (its inbound listener) and an address no service has.
+    let lookup = |dsts: &[&str], releases: Vec<ServiceKey>| DeltaRequest {
+        lookups: dsts.iter().map(|d| d.to_string()).collect(),
+        releases,
+        ..Default::default()
+    };
+    tx.send(lookup(
+        &["127.0.0.1:24144", "127.0.0.1:9", "not an address"],
+        vec![],
+    ))
+    .await
+    .unwrap();
+    let answer = next_delta(&mut s).await;
+    assert_eq!(
+        (answer.base_version, answer.version),
+        (first.version, first.version),
+        "the same generation: the version stays"
+    );
+    let results: Vec<(&str, LookupResult)> = answer
+        .lookups
+        .iter()
+        .map(|l| (l.destination.as_str(), l.result()))
+        .collect();
+    assert_eq!(
+        results,
+        [
+            ("127.0.0.1:24144", LookupResult::LookupFound),
+            ("127.0.0.1:9", LookupResult::LookupNotFound),
+            ("not an address", LookupResult::LookupNotFound),
+        ]
+    );
+    view.apply(answer).expect("the answer applies");
+    assert_eq!(service_names(view.config()), ["api"]);
+    assert_eq!(endpoints(view.config(), "api"), ["api"]);
+    metric_reaches(
+        &m,
+        "palisade_discovery_lookups_total",
+        "result=\"found\"",
+        "1",
+    )
+    .await;
+    metric_reaches(
+        &m,
+        "palisade_discovery_lookups_total",
+        "result=\"not_found\"",
+        "2",
+    )
+    .await;
+
+    // A change to a service it looked up reaches it as a delta.
+    write_atomic(
+        &m.mesh_path,
+        &MESH.replace("services:\n", &format!("{API2}services:\n")),
+    );
+    let d = next_delta(&mut s).await;
+    view.apply(d).expect("delta applies");
+    assert_eq!(endpoints(view.config(), "api"), ["api", "api-2"]);
+
+    // Looking up a held service again changes nothing but is answered.
+    tx.send(lookup(&["127.0.0.1:24145"], vec![])).await.unwrap();
+    let again = next_delta(&mut s).await;
+    assert!(again.services.is_empty() && again.removed_services.is_empty());
+    assert_eq!(again.lookups[0].result(), LookupResult::LookupFound);
+    view.apply(again).expect("applies");
+
+    // Released: the service leaves the config.
+    let key = ServiceKey {
+        name: "api".into(),
+        namespace: "demo".into(),
+        port: 8080,
+    };
+    tx.send(lookup(&[], vec![key.clone()])).await.unwrap();
+    let gone = next_delta(&mut s).await;
+    assert_eq!(gone.removed_services, std::slice::from_ref(&key));
+    view.apply(gone).expect("applies");
+    assert!(view.config().services.is_empty());
+
+    // A reconnecting proxy names what it resolved before; its first snapshot keeps it.
+    let (_tx2, mut s2) = m
+        .deltas_with(
+            &api,
+            DeltaRequest {
+                services: vec![key],
+                ..hello
+            },
+        )
+        .await
+        .expect("deltas");
+    let mut fresh = View::default();
+    fresh.apply(next_delta(&mut s2).await).expect("snapshot");
+    assert_eq!(service_names(fresh.config()), ["api"]);
     m.stop().await;
 }
 

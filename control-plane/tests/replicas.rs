@@ -416,5 +416,29 @@ async fn a_proxy_on_a_control_plane_without_deltas_watches_full_snapshots() {
     let api = snap.services.get("api.demo:8080").expect("api.demo:8080");
     assert_eq!(api.endpoints.len(), 1);
     proxy.shutdown().await;
+
+    // A transparent proxy gets the whole mesh from Watch: it has nothing to look up, and what
+    // its table does not know passes through.
+    let mut cfg = proxy_config("web", "web", &cps, "any-token", &bundle_path);
+    cfg.transparent_addr = Some("127.0.0.1:0".parse().expect("addr"));
+    let proxy = within("transparent proxy", palisade_proxy::Proxy::start(cfg))
+        .await
+        .expect("the proxy starts");
+    wait_until("the transparent proxy holds the full snapshot", || {
+        proxy.is_ready() && proxy.snapshot().version == 7
+    })
+    .await;
+    use palisade_proxy::outbound::Routed;
+    let endpoint: SocketAddr = "127.0.0.1:1".parse().expect("addr");
+    assert!(matches!(
+        within("route", proxy.route_for(endpoint)).await,
+        Routed::Service(_)
+    ));
+    let elsewhere: SocketAddr = "127.0.0.1:2".parse().expect("addr");
+    assert_eq!(
+        within("route", proxy.route_for(elsewhere)).await,
+        Routed::Passthrough
+    );
+    proxy.shutdown().await;
     server.abort();
 }

@@ -85,6 +85,9 @@ pub struct Limits {
     pub max_header_bytes: usize,
     pub max_concurrent_streams: u32,
     pub max_connections: usize,
+    /// Services a transparent proxy holds because the app dialled them; past it the least
+    /// recently dialled are released.
+    pub max_on_demand_services: usize,
 }
 
 impl Default for Limits {
@@ -93,6 +96,7 @@ impl Default for Limits {
             max_header_bytes: 64 * 1024,
             max_concurrent_streams: 1000,
             max_connections: 10_000,
+            max_on_demand_services: 1000,
         }
     }
 }

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use palisade_api::delta::Subscription;
+use palisade_api::delta::{Hello, Subscription};
 use palisade_api::v1::discovery_client::DiscoveryClient;
 use palisade_api::v1::{self, WatchRequest};
 
@@ -50,11 +50,30 @@ async fn watch_once(ctx: &Arc<Ctx>, dialer: &Dialer) -> Result<(), String> {
     r
 }
 
+/// Detaches the on-demand resolver from a stream however the stream ends.
+struct Attached<'a>(&'a Ctx);
+
+impl Drop for Attached<'_> {
+    fn drop(&mut self) {
+        if let Some(od) = &self.0.on_demand {
+            od.detach(&self.0.metrics);
+        }
+    }
+}
+
 async fn stream_from(ctx: &Arc<Ctx>, channel: tonic::transport::Channel) -> Result<(), String> {
     let known = ctx.snapshot.load().version;
     let status = |s: tonic::Status| format!("{:?}: {}", s.code(), s.message());
-    let workload = ctx.cfg.workload.clone();
-    let mut sub = match Subscription::open(channel.clone(), workload, known).await {
+    let on_demand = ctx.on_demand.as_ref();
+    let hello = Hello {
+        workload: ctx.cfg.workload.clone(),
+        known_version: known,
+        on_demand: on_demand.is_some(),
+        // What it resolved over an earlier stream: the first snapshot keeps it.
+        services: on_demand.map(|od| od.held()).unwrap_or_default(),
+    };
+    let _attached = Attached(ctx);
+    let mut sub = match Subscription::open_with(channel.clone(), hello).await {
         Ok(sub) => sub,
         Err(s) if s.code() == tonic::Code::Unimplemented => {
             tracing::info!(
@@ -64,6 +83,9 @@ async fn stream_from(ctx: &Arc<Ctx>, channel: tonic::transport::Channel) -> Resu
         }
         Err(s) => return Err(status(s)),
     };
+    if let Some(od) = on_demand {
+        od.attach(sub.lookups());
+    }
     // What the control plane has sent on this stream; the proxy serves what of it compiled.
     while let Some(arrived) = sub.next().await.map_err(status)? {
         let version = arrived.version;
@@ -71,6 +93,9 @@ async fn stream_from(ctx: &Arc<Ctx>, channel: tonic::transport::Channel) -> Resu
             // The subscription asked for a full snapshot.
             count(ctx, "resync");
             tracing::warn!(version, error = %e, "config delta does not apply; asking for a full snapshot");
+            if let Some(od) = on_demand {
+                od.answered(&arrived.lookups, &ctx.metrics);
+            }
             continue;
         }
         // A config that does not compile is refused; the last good one keeps serving.
@@ -78,6 +103,20 @@ async fn stream_from(ctx: &Arc<Ctx>, channel: tonic::transport::Channel) -> Resu
             Ok(()) => sub.ack(version).await,
             Err(e) => sub.refuse(version, e.to_string()).await,
         };
+        if let Some(od) = on_demand {
+            // After the apply: a connection woken by a found answer finds its service.
+            od.answered(&arrived.lookups, &ctx.metrics);
+            let released = od.held_now(sub.config(), &ctx.metrics);
+            if !released.is_empty() {
+                tracing::debug!(
+                    count = released.len(),
+                    "releasing services past the on-demand cap"
+                );
+                if !sub.lookups().send(Vec::new(), released).await {
+                    return Ok(());
+                }
+            }
+        }
         if !sent {
             return Ok(());
         }
@@ -92,6 +131,10 @@ async fn watch_from(
     known: u64,
 ) -> Result<(), String> {
     let status = |s: tonic::Status| format!("{:?}: {}", s.code(), s.message());
+    if let Some(od) = &ctx.on_demand {
+        // Watch sends the whole mesh to a proxy that declares no upstreams.
+        od.attach_whole_mesh();
+    }
     let mut stream = DiscoveryClient::new(channel)
         .watch(WatchRequest {
             workload: ctx.cfg.workload.clone(),

@@ -71,6 +71,9 @@ pub struct Ctx {
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) own_label: Label,
     pub(crate) outbound: outbound::Table,
+    /// Set when the proxy resolves redirected destinations on demand (a transparent listener
+    /// and a control plane).
+    pub(crate) on_demand: Option<outbound::OnDemand>,
     pub(crate) app: Option<Arc<inbound::AppClients>>,
     /// Clients to app ports other than `app`'s, for redirected connections (a Kubernetes pod
     /// whose app listens on several ports). Looked up once per connection.
@@ -198,6 +201,14 @@ impl Proxy {
             version_tx,
             metrics: Metrics::new(),
             outbound: ArcSwap::from_pointee(Default::default()),
+            on_demand: (transparent.is_some()
+                && matches!(cfg.credentials, CredentialSource::ControlPlane { .. }))
+            .then(|| {
+                outbound::OnDemand::new(
+                    cfg.limits.max_on_demand_services,
+                    cfg.upstreams.iter().map(|u| u.service.clone()).collect(),
+                )
+            }),
             app,
             other_apps: Default::default(),
             stop_tx,
@@ -259,6 +270,14 @@ impl Proxy {
         &self.ctx.metrics
     }
 
+    /// Where the transparent listener sends a connection whose original destination was
+    /// `dst`, resolving it on demand as a redirected connection would. A redirected connection
+    /// needs iptables in a network namespace; this lets a test without them drive the same
+    /// resolution.
+    pub async fn route_for(&self, dst: SocketAddr) -> outbound::Routed {
+        outbound::transparent_target(&self.ctx, dst).await
+    }
+
     pub fn store(&self) -> &Arc<CredentialStore> {
         &self.ctx.store
     }
@@ -275,16 +294,6 @@ impl Proxy {
     /// Replaces the dynamic config (what the Discovery stream does), for embedders and tests.
     pub fn apply(&self, snapshot: Snapshot) {
         self.ctx.apply(snapshot);
-    }
-
-    /// The outbound route a redirected connection to `dst` takes: a service key
-    /// (`name.namespace:port`), `endpoint:<ip:port>` for one pod, or None (passthrough).
-    pub fn route_for(&self, dst: SocketAddr) -> Option<String> {
-        self.ctx
-            .outbound
-            .load()
-            .for_destination(dst)
-            .map(|k| k.to_string())
     }
 
     /// Resolves when someone POSTs `/shutdown` on the admin port.

@@ -116,6 +116,10 @@ pub struct Metrics {
     pub renewals: Family<ResultLabels, Counter>,
     pub config_updates: Family<ResultLabels, Counter>,
     pub config_version: Gauge,
+    /// Original destinations resolved on demand, by result.
+    pub lookups: Family<ResultLabels, Counter>,
+    pub on_demand_services: Gauge,
+    pub on_demand_evictions: Counter,
     registry: Registry,
 }
 
@@ -138,6 +142,9 @@ impl Metrics {
             renewals: Family::default(),
             config_updates: Family::default(),
             config_version: Gauge::default(),
+            lookups: Family::default(),
+            on_demand_services: Gauge::default(),
+            on_demand_evictions: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -209,6 +216,21 @@ impl Metrics {
             "palisade_config_updates",
             "Config snapshots received, by result",
             m.config_updates.clone(),
+        );
+        registry.register(
+            "palisade_outbound_lookups",
+            "Original destinations resolved on demand through the control plane, by result",
+            m.lookups.clone(),
+        );
+        registry.register(
+            "palisade_outbound_on_demand_services",
+            "Services held because the app dialled them (transparent mode)",
+            m.on_demand_services.clone(),
+        );
+        registry.register(
+            "palisade_outbound_on_demand_evictions",
+            "Services released past the on-demand cap, least recently dialled first",
+            m.on_demand_evictions.clone(),
         );
         registry.register(
             "palisade_config_version",

@@ -3,8 +3,21 @@
 
 mod support;
 
+use std::net::SocketAddr;
+
 use palisade_proxy::Proxy;
+use palisade_proxy::outbound::Routed;
 use support::*;
+
+/// The outbound table's key a redirected connection to `dst` goes to; None: passthrough.
+async fn route(p: &Proxy, dst: &str) -> Option<String> {
+    let dst: SocketAddr = dst.parse().expect("addr");
+    match within(p.route_for(dst)).await {
+        Routed::Service(key) => Some(key.to_string()),
+        Routed::Passthrough => None,
+        refused => panic!("{dst}: {refused:?}"),
+    }
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn original_destinations_map_to_services_and_pods() {
@@ -18,24 +31,23 @@ async fn original_destinations_map_to_services_and_pods() {
     );
     let cfg = proxy_config(&pki, "web", WEB, None, &[], &yaml);
     let p = within(Proxy::start(cfg)).await.expect("proxy");
-    let at = |s: &str| s.parse().expect("addr");
     assert_eq!(
-        p.route_for(at("10.96.0.10:8080")).as_deref(),
+        route(&p, "10.96.0.10:8080").await.as_deref(),
         Some("api.demo:8080")
     );
     assert_eq!(
-        p.route_for(at("[fd00::a]:8080")).as_deref(),
+        route(&p, "[fd00::a]:8080").await.as_deref(),
         Some("api.demo:8080")
     );
     // Another port of the virtual IP is not the service.
-    assert_eq!(p.route_for(at("10.96.0.10:9090")), None);
+    assert_eq!(route(&p, "10.96.0.10:9090").await, None);
     // A pod's own address goes to that pod only.
     assert_eq!(
-        p.route_for(at("10.1.0.6:8080")).as_deref(),
+        route(&p, "10.1.0.6:8080").await.as_deref(),
         Some("endpoint:10.1.0.6:8080")
     );
     // Anything else passes through (egress).
-    assert_eq!(p.route_for(at("93.184.216.34:443")), None);
+    assert_eq!(route(&p, "93.184.216.34:443").await, None);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -110,6 +110,15 @@ pub struct ProxyArgs {
         default_value_t = 10_000
     )]
     pub max_connections: usize,
+    /// Services a transparent proxy resolves on demand and keeps; past it the least recently
+    /// dialled are released (and looked up again when dialled).
+    #[arg(
+        long,
+        env = "PALISADE_MAX_ON_DEMAND_SERVICES",
+        value_name = "N",
+        default_value_t = 1000
+    )]
+    pub max_on_demand_services: usize,
     /// Answer `POST /shutdown` on the admin port (loopback only, with the
     /// `palisade-admin-shutdown` header). Off by default: every container of a pod shares
     /// its loopback; `palisade up` stops its sidecars with SIGTERM instead. The flag alone
@@ -218,6 +227,7 @@ fn build_config(a: &ProxyArgs) -> anyhow::Result<ProxyConfig> {
         },
         limits: Limits {
             max_connections: a.max_connections,
+            max_on_demand_services: a.max_on_demand_services,
             ..Limits::default()
         },
         access_log: a.access_log,

@@ -21,6 +21,9 @@
 mod endpoint;
 mod http;
 mod opaque;
+mod resolve;
+
+pub use resolve::{LOOKUP_TIMEOUT, NOT_FOUND_TTL, OnDemand, Resolved};
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -196,14 +199,58 @@ pub(crate) async fn serve_transparent(
         let ctx = ctx.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            // A service's virtual IP or an endpoint's address goes through the mesh (mTLS to
-            // the endpoint); anything else is not a mesh destination and passes through.
-            let target = match ctx.outbound.load().for_destination(dst) {
-                Some(service) => Target::Service(service),
-                None => Target::Passthrough(dst),
+            let target = match transparent_target(&ctx, dst).await {
+                Routed::Service(s) => Target::Service(s),
+                Routed::Passthrough => Target::Passthrough(dst),
+                Routed::Refused(reason) => {
+                    tracing::debug!(%dst, reason, "refusing a redirected connection: its destination is not resolved");
+                    ctx.metrics.refuse(Direction::outbound, reason);
+                    return;
+                }
             };
             handle_app_conn(ctx, tcp, target).await;
         });
+    }
+}
+
+/// Where a redirected connection goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Routed {
+    /// Through the mesh, to this entry of the outbound table (`name.namespace:port`, or
+    /// `endpoint:<ip:port>` for a connection to one pod's address).
+    Service(Arc<str>),
+    /// Not a mesh destination: passed through as it is.
+    Passthrough,
+    /// Refused: the control plane could not resolve it (the reason, as counted).
+    Refused(&'static str),
+}
+
+/// Where a redirected connection to `dst` goes: a service's virtual IP or an endpoint's address
+/// goes through the mesh (mTLS to the endpoint); anything else is not a mesh destination and
+/// passes through. A proxy that resolves on demand asks the control plane about a destination
+/// its table does not know, and refuses the connection when that cannot be answered.
+pub(crate) async fn transparent_target(ctx: &Ctx, dst: SocketAddr) -> Routed {
+    let table = ctx.outbound.load();
+    if let Some(service) = table.for_destination(dst) {
+        if let Some(od) = &ctx.on_demand
+            && let Some(s) = table.get(&service)
+        {
+            od.touch(&s.cfg.key);
+        }
+        return Routed::Service(service);
+    }
+    let Some(od) = &ctx.on_demand else {
+        return Routed::Passthrough;
+    };
+    drop(table);
+    match od.resolve(dst, &ctx.metrics).await {
+        Resolved::NotFound => Routed::Passthrough,
+        Resolved::Found => match ctx.outbound.load().for_destination(dst) {
+            Some(service) => Routed::Service(service),
+            // Found, but the config that carried it did not compile.
+            None => Routed::Refused("discovery_unavailable"),
+        },
+        Resolved::Unavailable(reason) => Routed::Refused(reason),
     }
 }
 
