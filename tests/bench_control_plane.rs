@@ -98,3 +98,18 @@ fn deltas_push_less_than_full_snapshots_to_transparent_proxies() {
         assert_eq!(v["proxiesSynced"], 24, "{v}");
     }
 }
+
+/// Transparent proxies that resolve on demand hold the one service they call, not the mesh: a
+/// change reaches only the proxies calling one of the two services it touched.
+#[test]
+fn proxies_on_demand_are_pushed_less_than_proxies_holding_the_mesh() {
+    let (stdout, on_demand, _d1) = bench(&["--on-demand"]);
+    let (_, whole, _d2) = bench(&["--transparent"]);
+    let bytes = |v: &serde_json::Value| v["bytesPerChange"].as_f64().expect("bytesPerChange");
+    assert_eq!(on_demand["proxiesSynced"], 24, "{stdout}");
+    assert!(bytes(&on_demand) > 0.0, "{on_demand}");
+    assert!(
+        bytes(&on_demand) < bytes(&whole),
+        "on demand {on_demand}\nwhole mesh {whole}"
+    );
+}

@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use palisade_api::delta::Subscription;
+use palisade_api::delta::{Hello, Subscription};
 use palisade_api::v1::discovery_client::DiscoveryClient;
 use palisade_api::v1::identity_client::IdentityClient;
 use palisade_api::v1::{CertifyRequest, WatchRequest};
@@ -63,13 +63,29 @@ pub struct ControlPlaneBenchArgs {
     #[arg(long, default_value_t = 32)]
     pub concurrency: usize,
     /// Workloads declare no upstreams, so every proxy gets every service, as transparent
-    /// proxies on Kubernetes do.
+    /// proxies of earlier releases (and any proxy on `Watch`) did.
     #[arg(long)]
     pub transparent: bool,
     /// Simulated proxies watch full snapshots (`Discovery.Watch`, what proxies of earlier
     /// releases use) instead of deltas: an A/B of the two in one build.
     #[arg(long)]
     pub full_snapshots: bool,
+    /// Workloads declare no upstreams (as with `--transparent`) and each simulated proxy
+    /// resolves the one service it calls on demand, as this release's transparent proxies do:
+    /// it opens Deltas with `on_demand` and looks up an endpoint address of its service.
+    #[arg(long, conflicts_with = "full_snapshots")]
+    pub on_demand: bool,
+}
+
+/// How a simulated proxy gets its config.
+#[derive(Clone, Copy, Debug)]
+enum Mode {
+    /// `Watch`, the whole config every time.
+    FullSnapshots,
+    /// `Deltas`, receiving its declared upstream or (`--transparent`) every service.
+    Deltas,
+    /// `Deltas` on demand, looking up the one address it dials.
+    OnDemand { dials: SocketAddr },
 }
 
 /// What one simulated proxy received: (config version, when, encoded bytes, services).
@@ -142,7 +158,7 @@ async fn start_proxy(
     bundle: &TrustBundle,
     token: &str,
     received: Arc<Received>,
-    full_snapshots: bool,
+    mode: Mode,
 ) -> anyhow::Result<()> {
     let name = workload(i);
     let id = SpiffeId::for_workload(td, NAMESPACE, &name)?;
@@ -180,17 +196,39 @@ async fn start_proxy(
     // As a proxy does: Deltas, each applied to the config held and acknowledged; full
     // snapshots over Watch from a control plane without Deltas (an A/B against an earlier
     // build with `--control-plane-bin`) or with `--full-snapshots`.
-    let deltas = if full_snapshots {
-        Err(tonic::Status::unimplemented("--full-snapshots"))
-    } else {
-        Subscription::open(ch.clone(), name.clone(), 0).await
+    let deltas = match mode {
+        Mode::FullSnapshots => Err(tonic::Status::unimplemented("--full-snapshots")),
+        Mode::Deltas => Subscription::open(ch.clone(), name.clone(), 0).await,
+        Mode::OnDemand { .. } => {
+            let hello = Hello {
+                workload: name.clone(),
+                on_demand: true,
+                ..Default::default()
+            };
+            Subscription::open_with(ch.clone(), hello).await
+        }
     };
     match deltas {
         Ok(mut sub) => {
             tokio::spawn(async move {
                 let _store = store;
+                // On demand: the snapshot (no services) is not the config the proxy works
+                // with; the answer to its lookup is, and is recorded as its first.
+                let mut lookup = match mode {
+                    Mode::OnDemand { dials } => Some(dials),
+                    _ => None,
+                };
                 while let Ok(Some(arrived)) = sub.next().await {
                     let at = Instant::now();
+                    if let Some(dst) = lookup.take() {
+                        if arrived.applied.is_err()
+                            || !sub.ack(arrived.version).await
+                            || !sub.lookups().send(vec![dst.to_string()], Vec::new()).await
+                        {
+                            break;
+                        }
+                        continue;
+                    }
                     if let Ok(mut r) = received.lock() {
                         r.push((
                             arrived.version,
@@ -295,7 +333,10 @@ async fn bench(args: ControlPlaneBenchArgs) -> anyhow::Result<ExitCode> {
     let metrics: SocketAddr = ([127, 0, 0, 1], metrics_port).into();
     let mut label_of: Vec<usize> = (0..n).map(|i| i % m).collect();
     let mesh = dir.join("mesh.yaml");
-    super::up::write_private(&mesh, &mesh_yaml(cp_port, &label_of, m, args.transparent))?;
+    super::up::write_private(
+        &mesh,
+        &mesh_yaml(cp_port, &label_of, m, args.transparent || args.on_demand),
+    )?;
     let tokens: BTreeMap<String, String> = (0..n)
         .map(|i| (workload(i), super::up::random_token()))
         .collect();
@@ -359,15 +400,26 @@ async fn bench(args: ControlPlaneBenchArgs) -> anyhow::Result<ExitCode> {
     let received: Vec<Arc<Received>> = (0..n).map(|_| Arc::new(Mutex::new(Vec::new()))).collect();
     let slots = Arc::new(Semaphore::new(args.concurrency.max(1)));
     let sync_start = Instant::now();
-    let full_snapshots = args.full_snapshots;
     let mut starts = Vec::with_capacity(n);
     for (i, r) in received.iter().enumerate() {
         let permit = slots.clone().acquire_owned().await?;
         let (td, bundle, r) = (td.clone(), bundle.clone(), r.clone());
         let token = tokens[&workload(i)].clone();
+        let mode = if args.full_snapshots {
+            Mode::FullSnapshots
+        } else if args.on_demand {
+            // An endpoint of the service it calls: workload `upstream` is labelled for it
+            // until the churn moves it.
+            let upstream = (i + 1) % m;
+            Mode::OnDemand {
+                dials: ([127, 0, 0, 1], u16::try_from(FIRST_PORT + upstream)?).into(),
+            }
+        } else {
+            Mode::Deltas
+        };
         starts.push(tokio::spawn(async move {
             let _permit = permit;
-            start_proxy(i, cp, &td, &bundle, &token, r, full_snapshots).await
+            start_proxy(i, cp, &td, &bundle, &token, r, mode).await
         }));
     }
     let mut failed = 0usize;
@@ -437,7 +489,10 @@ async fn bench(args: ControlPlaneBenchArgs) -> anyhow::Result<ExitCode> {
         let from = label_of[k];
         label_of[k] = (from + m.div_ceil(2)) % m;
         changed.push([from, label_of[k]]);
-        super::up::write_private(&mesh, &mesh_yaml(cp_port, &label_of, m, args.transparent))?;
+        super::up::write_private(
+            &mesh,
+            &mesh_yaml(cp_port, &label_of, m, args.transparent || args.on_demand),
+        )?;
         if let Ok(mut w) = writes.lock() {
             w.push(Instant::now());
         }
