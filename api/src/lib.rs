@@ -10,6 +10,7 @@ pub mod v1 {
 
 pub mod app_probe;
 pub mod authorization;
+pub mod call;
 pub mod client;
 pub mod codec;
 pub mod delta;

@@ -183,6 +183,12 @@ pub struct Service {
     pub selector: BTreeMap<String, String>,
     #[serde(default)]
     pub protocol: Protocol,
+    /// Request timeout (`2s`): the caller's proxy answers 504 past it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
+    /// Retries of failed calls (`{codes: [502, 503], attempts: 3, backoff: 25ms}`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<palisade_api::call::RetrySpec>,
     /// The endpoints, when a source knows them rather than the selector (Kubernetes: the
     /// ready addresses of the Service's EndpointSlices). None: the workloads the selector
     /// matches. Not part of the mesh file.
@@ -582,6 +588,12 @@ fn validate(file: MeshFile, path: &Path) -> Result<Mesh, MeshError> {
         check_segment(&s.namespace).map_err(|m| err(at("namespace"), m))?;
         if s.port == 0 {
             return Err(err(at("port"), port_message("0")));
+        }
+        if let Some(t) = &s.timeout {
+            palisade_api::call::parse_timeout(t).map_err(|e| err(at("timeout"), e.to_string()))?;
+        }
+        if let Some(r) = &s.retry {
+            r.validate().map_err(|e| err(at("retry"), e.to_string()))?;
         }
         if s.selector.is_empty() {
             return Err(err(

@@ -142,6 +142,17 @@ impl Pieces {
                 protocol: s.protocol.to_proto() as i32,
                 endpoints,
                 virtual_ips: s.virtual_ips.iter().map(|ip| ip.to_string()).collect(),
+                // Validated when the mesh was read (file) or the Service was (annotations).
+                request_timeout_ms: palisade_api::call::timeout_to_proto(
+                    s.timeout
+                        .as_deref()
+                        .and_then(|t| palisade_api::call::parse_timeout(t).ok()),
+                ),
+                retry: s
+                    .retry
+                    .as_ref()
+                    .and_then(|r| r.validate().ok())
+                    .map(|r| r.to_proto()),
             };
             services.push(Arc::new(SharedService {
                 digest: digest(&msg),

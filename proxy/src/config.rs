@@ -155,6 +155,9 @@ pub struct ServiceConfig {
     /// Virtual IP and port pairs (Kubernetes ClusterIPs) that name this service to a
     /// redirected connection.
     pub virtual_addrs: Vec<SocketAddr>,
+    /// Past it (response headers not in, retries included) the caller gets 504.
+    pub timeout: Option<std::time::Duration>,
+    pub retry: Option<palisade_api::call::RetryPolicy>,
 }
 
 /// Inbound settings of this workload.
@@ -279,6 +282,18 @@ impl Snapshot {
                 })?;
                 virtual_addrs.push(SocketAddr::new(ip, port));
             }
+            let call_err = |field: &str, e: palisade_api::call::CallError| ConfigError::Field {
+                field: format!("services[{key}].{field}"),
+                message: e.to_string(),
+            };
+            let timeout = palisade_api::call::timeout_from_proto(s.request_timeout_ms)
+                .map_err(|e| call_err("request_timeout_ms", e))?;
+            let retry = s
+                .retry
+                .as_ref()
+                .map(palisade_api::call::RetryPolicy::from_proto)
+                .transpose()
+                .map_err(|e| call_err("retry", e))?;
             services.insert(
                 key.clone(),
                 Arc::new(ServiceConfig {
@@ -286,6 +301,8 @@ impl Snapshot {
                     protocol,
                     endpoints,
                     virtual_addrs,
+                    timeout,
+                    retry,
                 }),
             );
         }
@@ -338,6 +355,19 @@ impl Snapshot {
                 protocol: protocol(&format!("services[{i}].protocol"), s.protocol)?.to_proto()
                     as i32,
                 virtual_ips: s.virtual_ips,
+                request_timeout_ms: palisade_api::call::timeout_to_proto(
+                    s.timeout
+                        .as_deref()
+                        .map(palisade_api::call::parse_timeout)
+                        .transpose()
+                        .map_err(|e| file_err(format!("services[{i}].timeout: {e}")))?,
+                ),
+                retry: s
+                    .retry
+                    .as_ref()
+                    .map(|r| r.validate().map(|p| p.to_proto()))
+                    .transpose()
+                    .map_err(|e| file_err(format!("services[{i}].retry: {e}")))?,
                 endpoints: s
                     .endpoints
                     .into_iter()
@@ -378,6 +408,8 @@ struct StaticService {
     virtual_ips: Vec<String>,
     #[serde(default)]
     endpoints: Vec<StaticEndpoint>,
+    timeout: Option<String>,
+    retry: Option<palisade_api::call::RetrySpec>,
 }
 
 #[derive(Deserialize)]

@@ -50,7 +50,9 @@ pub fn grpc_response(code: u8, message: &'static str) -> Response<RspBody> {
         HeaderValue::from_static("application/grpc"),
     );
     let code = match code {
+        4 => HeaderValue::from_static("4"),
         7 => HeaderValue::from_static("7"),
+        13 => HeaderValue::from_static("13"),
         14 => HeaderValue::from_static("14"),
         _ => HeaderValue::from_static("2"),
     };
@@ -334,6 +336,8 @@ pub const PROXY_ERROR: HeaderName = HeaderName::from_static("palisade-proxy-erro
 /// request being retried).
 pub struct OutBody {
     inner: Option<Incoming>,
+    /// A buffered body (a request being retried), sent once.
+    buffered: Option<Bytes>,
     /// Set when the client's body failed. Only requests that have a body carry one, so a
     /// bodiless request costs no allocation.
     failed: Option<Arc<std::sync::atomic::AtomicBool>>,
@@ -359,6 +363,7 @@ impl OutBody {
             return (
                 OutBody {
                     inner: Some(body),
+                    buffered: None,
                     failed: None,
                 },
                 BodyWatch(None),
@@ -368,6 +373,7 @@ impl OutBody {
         (
             OutBody {
                 inner: Some(body),
+                buffered: None,
                 failed: Some(flag.clone()),
             },
             BodyWatch(Some(flag)),
@@ -377,6 +383,21 @@ impl OutBody {
     pub fn empty() -> OutBody {
         OutBody {
             inner: None,
+            buffered: None,
+            failed: None,
+        }
+    }
+
+    /// Tells, after a failed exchange, whether this body (the client's) was at fault.
+    pub fn watch(&self) -> BodyWatch {
+        BodyWatch(self.failed.clone())
+    }
+
+    /// A body already read whole (empty bytes: no body).
+    pub fn buffered(bytes: Bytes) -> OutBody {
+        OutBody {
+            inner: None,
+            buffered: (!bytes.is_empty()).then_some(bytes),
             failed: None,
         }
     }
@@ -391,6 +412,9 @@ impl http_body::Body for OutBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Bytes>, hyper::Error>>> {
         let this = &mut *self;
+        if let Some(bytes) = this.buffered.take() {
+            return Poll::Ready(Some(Ok(http_body::Frame::data(bytes))));
+        }
         let Some(inner) = this.inner.as_mut() else {
             return Poll::Ready(None);
         };
@@ -402,15 +426,18 @@ impl http_body::Body for OutBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner
-            .as_ref()
-            .is_none_or(http_body::Body::is_end_stream)
+        self.buffered.is_none()
+            && self
+                .inner
+                .as_ref()
+                .is_none_or(http_body::Body::is_end_stream)
     }
 
     fn size_hint(&self) -> http_body::SizeHint {
-        match &self.inner {
-            Some(b) => http_body::Body::size_hint(b),
-            None => http_body::SizeHint::with_exact(0),
+        match (&self.buffered, &self.inner) {
+            (Some(b), _) => http_body::SizeHint::with_exact(b.len() as u64),
+            (None, Some(b)) => http_body::Body::size_hint(b),
+            (None, None) => http_body::SizeHint::with_exact(0),
         }
     }
 }

@@ -19,6 +19,7 @@ pub mod config;
 pub mod control_plane;
 pub mod detect;
 mod discovery;
+pub mod errors;
 pub mod http;
 pub mod identity;
 pub mod inbound;

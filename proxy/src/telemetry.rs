@@ -116,6 +116,10 @@ pub struct Metrics {
     pub renewals: Family<ResultLabels, Counter>,
     pub config_updates: Family<ResultLabels, Counter>,
     pub config_version: Gauge,
+    /// Requests the proxy answered itself because something failed, by reason.
+    pub proxy_errors: Family<ReasonLabels, Counter>,
+    /// Retries by result (`retried`, `budget_exhausted`, `gave_up`).
+    pub retries: Family<ResultLabels, Counter>,
     /// Original destinations resolved on demand, by result.
     pub lookups: Family<ResultLabels, Counter>,
     pub on_demand_services: Gauge,
@@ -142,6 +146,8 @@ impl Metrics {
             renewals: Family::default(),
             config_updates: Family::default(),
             config_version: Gauge::default(),
+            proxy_errors: Family::default(),
+            retries: Family::default(),
             lookups: Family::default(),
             on_demand_services: Gauge::default(),
             on_demand_evictions: Counter::default(),
@@ -218,6 +224,16 @@ impl Metrics {
             m.config_updates.clone(),
         );
         registry.register(
+            "palisade_proxy_errors",
+            "Requests the proxy answered itself because something failed (502, 503, 504, or gRPC UNAVAILABLE / DEADLINE_EXCEEDED), by reason",
+            m.proxy_errors.clone(),
+        );
+        registry.register(
+            "palisade_retries",
+            "Retries of failed requests by result: retried (sent again), budget_exhausted (not sent: the retry budget is spent), gave_up (attempts used up)",
+            m.retries.clone(),
+        );
+        registry.register(
             "palisade_outbound_lookups",
             "Original destinations resolved on demand through the control plane, by result",
             m.lookups.clone(),
@@ -253,6 +269,16 @@ impl Metrics {
         self.refused
             .get_or_create(&ReasonLabels { direction, reason })
             .inc();
+    }
+
+    pub fn proxy_error(&self, direction: Direction, reason: &'static str) {
+        self.proxy_errors
+            .get_or_create(&ReasonLabels { direction, reason })
+            .inc();
+    }
+
+    pub fn retry(&self, result: &'static str) {
+        self.retries.get_or_create(&ResultLabels { result }).inc();
     }
 
     pub fn refuse_request(&self, direction: Direction, reason: &'static str) {

@@ -472,6 +472,7 @@ impl Builder {
             vips.sort();
             vips.dedup();
             let selector = spec.selector.clone().unwrap_or_default();
+            let (timeout, retry) = call_annotations(&svc.metadata, &ns, &name);
             let no_slices = Vec::new();
             let own_slices = slices
                 .get(&(ns.clone(), name.clone()))
@@ -521,6 +522,8 @@ impl Builder {
                     protocol: port_protocol(port.app_protocol.as_deref(), port.name.as_deref()),
                     endpoints: Some(endpoints),
                     virtual_ips: vips.clone(),
+                    timeout: timeout.clone(),
+                    retry: retry.clone(),
                 });
             }
         }
@@ -1283,6 +1286,72 @@ async fn publish_events(recorder: Recorder, mut rx: mpsc::UnboundedReceiver<Reje
                 error = %e,
                 "cannot record the refusal as a Kubernetes Event (the log and the metric have it)"
             );
+        }
+    }
+}
+
+/// The request timeout and retry policy a Service's annotations set
+/// (`timeout.palisade.dev/request`, `retry.palisade.dev/{codes,attempts,backoff}`). One that
+/// does not parse is left out, and said so: the Service keeps routing without it.
+fn call_annotations(
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    ns: &str,
+    name: &str,
+) -> (Option<String>, Option<palisade_api::call::RetrySpec>) {
+    let Some(a) = meta.annotations.as_ref() else {
+        return (None, None);
+    };
+    let timeout = a.get("timeout.palisade.dev/request").and_then(|t| {
+        match palisade_api::call::parse_timeout(t) {
+            Ok(_) => Some(t.clone()),
+            Err(e) => {
+                tracing::warn!(service = %format!("{ns}/{name}"), error = %e, "ignoring annotation timeout.palisade.dev/request");
+                None
+            }
+        }
+    });
+    let (codes, attempts, backoff) = (
+        a.get("retry.palisade.dev/codes"),
+        a.get("retry.palisade.dev/attempts"),
+        a.get("retry.palisade.dev/backoff"),
+    );
+    if codes.is_none() && attempts.is_none() && backoff.is_none() {
+        return (timeout, None);
+    }
+    let parsed = (|| {
+        let codes = codes
+            .map(|c| {
+                c.split(',')
+                    .map(str::trim)
+                    .filter(|c| !c.is_empty())
+                    .map(|c| {
+                        c.parse::<u16>()
+                            .map_err(|_| format!("{c:?} is not an HTTP status"))
+                    })
+                    .collect::<Result<Vec<u16>, String>>()
+            })
+            .transpose()?
+            .unwrap_or_default();
+        let attempts = attempts
+            .map(|n| {
+                n.trim()
+                    .parse::<u32>()
+                    .map_err(|_| format!("attempts {n:?} is not a number"))
+            })
+            .transpose()?;
+        let spec = palisade_api::call::RetrySpec {
+            codes,
+            attempts,
+            backoff: backoff.cloned(),
+        };
+        spec.validate().map_err(|e| e.to_string())?;
+        Ok::<_, String>(spec)
+    })();
+    match parsed {
+        Ok(spec) => (timeout, Some(spec)),
+        Err(e) => {
+            tracing::warn!(service = %format!("{ns}/{name}"), error = %e, "ignoring the retry.palisade.dev annotations");
+            (timeout, None)
         }
     }
 }

@@ -22,7 +22,7 @@ use crate::telemetry::Direction;
 use crate::{Ctx, tls};
 
 #[derive(Debug, thiserror::Error)]
-pub(crate) enum EndpointError {
+pub enum EndpointError {
     #[error("connect to {addr}: {source}")]
     Connect {
         addr: SocketAddr,
@@ -56,22 +56,30 @@ impl EndpointError {
         }
     }
 
-    /// The response the app gets when no endpoint could answer.
-    pub(crate) fn response(&self) -> Response<phttp::RspBody> {
-        let (status, reason) = match self {
+    /// The `reason` label and response body (see [`crate::errors`]).
+    pub(crate) fn reason(&self) -> &'static str {
+        match self {
             EndpointError::Connect { source, .. }
                 if source.kind() == std::io::ErrorKind::TimedOut =>
             {
-                (StatusCode::GATEWAY_TIMEOUT, "connect timeout")
+                "connect_timeout"
             }
-            EndpointError::Connect { .. } => (StatusCode::BAD_GATEWAY, "connect refused"),
-            EndpointError::Tls { .. } => (StatusCode::BAD_GATEWAY, "tls handshake failed"),
-            EndpointError::Http { .. } => (StatusCode::BAD_GATEWAY, "upstream reset"),
-        };
-        let mut rsp = phttp::local_response(status, "upstream unavailable\n");
-        rsp.headers_mut()
-            .insert(phttp::PROXY_ERROR, http::HeaderValue::from_static(reason));
-        rsp
+            EndpointError::Connect { .. } => "connect_refused",
+            EndpointError::Tls { .. } => "tls_handshake_failed",
+            EndpointError::Http { .. } => "peer_reset",
+        }
+    }
+
+    pub(crate) fn is_timeout(&self) -> bool {
+        matches!(self, EndpointError::Connect { source, .. } if source.kind() == std::io::ErrorKind::TimedOut)
+    }
+
+    /// Failed before a byte of the request left (connecting or the handshake).
+    pub(crate) fn not_sent(&self) -> bool {
+        matches!(
+            self,
+            EndpointError::Connect { .. } | EndpointError::Tls { .. }
+        )
     }
 }
 
@@ -79,7 +87,7 @@ impl EndpointError {
 pub(crate) enum Attempt {
     Response(Response<Incoming>),
     /// Failed before the request left: it comes back, untouched.
-    NotSent(EndpointError, Request<OutBody>),
+    NotSent(EndpointError, Box<Request<OutBody>>),
     /// Failed after the request left.
     Failed(EndpointError),
 }
@@ -94,7 +102,7 @@ pub(crate) async fn send_h2(
 ) -> Attempt {
     let mut sender = match h2_sender(ctx, ep).await {
         Ok(s) => s,
-        Err(e) => return Attempt::NotSent(e, req),
+        Err(e) => return Attempt::NotSent(e, Box::new(req)),
     };
     guard.sent();
     let req = match sender.try_send_request(req).await {
@@ -117,7 +125,7 @@ pub(crate) async fn send_h2(
     };
     let mut sender = match h2_sender(ctx, ep).await {
         Ok(s) => s,
-        Err(e) => return Attempt::NotSent(e, req),
+        Err(e) => return Attempt::NotSent(e, Box::new(req)),
     };
     guard.sent();
     match sender.send_request(req).await {

@@ -1,5 +1,6 @@
-//! The outbound HTTP stack: Telemetry -> Sanitize -> [seam: route, timeout, retry] ->
-//! Balance + Endpoint.
+//! The outbound HTTP stack: Telemetry -> Sanitize -> Rescue -> Route -> Timeout -> Retry ->
+//! Balance + Endpoint. Below Rescue every stage fails with a typed [`ProxyError`], which Rescue
+//! turns into the caller's response ([`crate::errors`]).
 //!
 //! The balance stage picks an endpoint, sends, and tells the balancer how it went. A request
 //! that never left (the endpoint refused the connection, or failed the identity check) goes
@@ -8,7 +9,6 @@
 //! never reached its app (`palisade-proxy-error`), or, for an idempotent method, when the
 //! connection dies under it. Requests to healthy endpoints carry no copy.
 
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -17,17 +17,20 @@ use http::{Method, Request, Response, StatusCode, Version};
 use http_body::Body as _;
 use http_body_util::Either;
 use hyper::body::Incoming;
+use palisade_api::call::RetryPolicy;
 use tokio::net::TcpStream;
-use tower::ServiceBuilder;
+use tower::retry::budget::Budget as _;
+use tower::{ServiceBuilder, ServiceExt};
 
 use super::endpoint::{self, Attempt};
 use super::{Endpoint, OutService};
 use crate::Ctx;
 use crate::balance::Failure;
+use crate::errors::{ProxyError, RescueLayer};
 use crate::http::{self as phttp, DstIdentity, OutBody, RspBody, TelemetryLayer};
 use crate::io::PrefixedIo;
 use crate::sanitize::SanitizeLayer;
-use crate::telemetry::{Direction, Label};
+use crate::telemetry::{Direction, Label, Metrics};
 
 /// One try, and one more on another endpoint.
 const MAX_ATTEMPTS: usize = 2;
@@ -38,48 +41,301 @@ pub(super) async fn serve_http(
     service: Arc<str>,
     h2: bool,
 ) {
+    let metrics = ctx.metrics.clone();
     let svc = ServiceBuilder::new()
         .layer(TelemetryLayer::new(
-            ctx.metrics.clone(),
+            metrics.clone(),
             Direction::outbound,
             ctx.own_label.clone(),
             Label::new("unknown"),
             ctx.cfg.access_log,
         ))
         .layer(SanitizeLayer::new(
-            ctx.metrics.clone(),
+            metrics.clone(),
             Direction::outbound,
             None,
         ))
-        // Seam: per-route timeouts and retries slot in here, between telemetry and the
-        // balancer, once HTTPRoute lands.
-        .service(Forward {
-            ctx: ctx.clone(),
-            service,
-        });
+        .layer(RescueLayer::new(metrics.clone(), Direction::outbound))
+        .layer(RouteLayer::new(ctx.clone(), service))
+        .layer(TimeoutLayer)
+        .layer(RetryLayer::new(metrics))
+        .service(Balance { ctx: ctx.clone() });
     phttp::serve_connection(&ctx, io, svc, h2).await;
 }
 
-/// The balancer and endpoint stage of the outbound HTTP stack.
+/// A request on its way to one service: what the layers below the route need, and nothing of
+/// the proxy's.
+pub(crate) struct Call {
+    pub svc: Arc<OutService>,
+    pub req: Request<OutBody>,
+}
+
+/// Finds the connection's service for each request (the table may have changed since the
+/// connection was accepted) and readies the request for the HTTP/2 hop. Upgrades (WebSocket)
+/// leave the stack here for their own connection: nothing below applies to them.
 #[derive(Clone)]
-struct Forward {
+pub(crate) struct RouteLayer {
     ctx: Arc<Ctx>,
     service: Arc<str>,
 }
 
-impl tower::Service<Request<Incoming>> for Forward {
-    type Response = Response<RspBody>;
-    type Error = Infallible;
-    type Future = BoxFuture<'static, Result<Response<RspBody>, Infallible>>;
+impl RouteLayer {
+    fn new(ctx: Arc<Ctx>, service: Arc<str>) -> Self {
+        Self { ctx, service }
+    }
+}
 
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+impl<S> tower::Layer<S> for RouteLayer {
+    type Service = Route<S>;
+    fn layer(&self, inner: S) -> Route<S> {
+        Route {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub(crate) struct Route<S> {
+    inner: S,
+    layer: RouteLayer,
+}
+
+impl<S> tower::Service<Request<Incoming>> for Route<S>
+where
+    S: tower::Service<Call, Response = Response<RspBody>, Error = ProxyError>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send,
+{
+    type Response = Response<RspBody>;
+    type Error = ProxyError;
+    type Future = BoxFuture<'static, Result<Response<RspBody>, ProxyError>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
         Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+        let inner = self.inner.clone();
+        let RouteLayer { ctx, service } = self.layer.clone();
+        Box::pin(async move {
+            let svc = ctx
+                .outbound
+                .load()
+                .get(&service)
+                .cloned()
+                .ok_or(ProxyError::UnknownService)?;
+            if phttp::is_upgrade(&req) {
+                return upgrade(&ctx, &service, &svc, req).await;
+            }
+            let req = for_h2(req, &service).map_err(|_| ProxyError::BadRequestTarget)?;
+            let (parts, body) = req.into_parts();
+            let (body, _) = OutBody::watched(body);
+            let req = Request::from_parts(parts, body);
+            inner.oneshot(Call { svc, req }).await
+        })
+    }
+}
+
+/// The service's request timeout, over everything below (retries included), until the
+/// response headers: past it the caller gets 504 / `DEADLINE_EXCEEDED`.
+#[derive(Clone, Copy)]
+pub(crate) struct TimeoutLayer;
+
+impl<S> tower::Layer<S> for TimeoutLayer {
+    type Service = Timeout<S>;
+    fn layer(&self, inner: S) -> Timeout<S> {
+        Timeout { inner }
+    }
+}
+
+#[derive(Clone)]
+pub(crate) struct Timeout<S> {
+    inner: S,
+}
+
+impl<S> tower::Service<Call> for Timeout<S>
+where
+    S: tower::Service<Call, Response = Response<RspBody>, Error = ProxyError>,
+    S::Future: Send + 'static,
+{
+    type Response = Response<RspBody>;
+    type Error = ProxyError;
+    type Future = BoxFuture<'static, Result<Response<RspBody>, ProxyError>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, call: Call) -> Self::Future {
+        let limit = call.svc.cfg.timeout;
+        let fut = self.inner.call(call);
+        Box::pin(async move {
+            match limit {
+                None => fut.await,
+                Some(d) => tokio::time::timeout(d, fut)
+                    .await
+                    .unwrap_or(Err(ProxyError::RequestTimeout(d))),
+            }
+        })
+    }
+}
+
+/// The largest request body kept for a retry: a longer one (or one of unknown length) is sent
+/// once. Linkerd's replay body has the same bound.
+pub const MAX_REPLAY_BODY: u64 = 64 * 1024;
+
+/// Retries per the service's policy: responses with one of its status codes and failures to
+/// reach an endpoint, for idempotent methods only (a request that never left the proxy goes to
+/// another endpoint in [`Balance`] whatever its method), within the service's retry budget
+/// (20% of its requests, and at least 10 a second), with exponential backoff and jitter.
+#[derive(Clone)]
+pub(crate) struct RetryLayer {
+    metrics: Arc<Metrics>,
+}
+
+impl RetryLayer {
+    fn new(metrics: Arc<Metrics>) -> Self {
+        Self { metrics }
+    }
+}
+
+impl<S> tower::Layer<S> for RetryLayer {
+    type Service = Retry<S>;
+    fn layer(&self, inner: S) -> Retry<S> {
+        Retry {
+            inner,
+            metrics: self.metrics.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub(crate) struct Retry<S> {
+    inner: S,
+    metrics: Arc<Metrics>,
+}
+
+impl<S> tower::Service<Call> for Retry<S>
+where
+    S: tower::Service<Call, Response = Response<RspBody>, Error = ProxyError>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send,
+{
+    type Response = Response<RspBody>;
+    type Error = ProxyError;
+    type Future = BoxFuture<'static, Result<Response<RspBody>, ProxyError>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, call: Call) -> Self::Future {
+        let inner = self.inner.clone();
+        let metrics = self.metrics.clone();
+        Box::pin(retrying(inner, call, metrics))
+    }
+}
+
+/// Whether a failed attempt may be tried again (the policy allowing).
+fn retryable(result: &Result<Response<RspBody>, ProxyError>, policy: &RetryPolicy) -> bool {
+    match result {
+        Ok(rsp) => policy.retries_status(rsp.status().as_u16()),
+        Err(ProxyError::Endpoint(_) | ProxyError::NoEndpoints) => true,
+        Err(_) => false,
+    }
+}
+
+async fn retrying<S>(
+    inner: S,
+    call: Call,
+    metrics: Arc<Metrics>,
+) -> Result<Response<RspBody>, ProxyError>
+where
+    S: tower::Service<Call, Response = Response<RspBody>, Error = ProxyError> + Clone,
+{
+    let Some(policy) = call.svc.cfg.retry.clone() else {
+        return inner.oneshot(call).await;
+    };
+    call.svc.budget.deposit();
+    let replayable = idempotent(call.req.method())
+        && call
+            .req
+            .body()
+            .size_hint()
+            .exact()
+            .is_some_and(|n| n <= MAX_REPLAY_BODY);
+    if !replayable {
+        return inner.oneshot(call).await;
+    }
+    let Call { svc, req } = call;
+    let (parts, body) = req.into_parts();
+    let body = http_body_util::BodyExt::collect(body)
+        .await
+        .map_err(|_| ProxyError::BadRequestBody)?
+        .to_bytes();
+    let head = Request::from_parts(parts, ());
+    let copy = |head: &Request<()>| {
+        let mut r = Request::new(OutBody::buffered(body.clone()));
+        *r.method_mut() = head.method().clone();
+        *r.uri_mut() = head.uri().clone();
+        *r.version_mut() = head.version();
+        *r.headers_mut() = head.headers().clone();
+        r
+    };
+    let mut backoff = policy.backoff;
+    for attempt in 1..=policy.attempts {
+        let result = inner
+            .clone()
+            .oneshot(Call {
+                svc: svc.clone(),
+                req: copy(&head),
+            })
+            .await;
+        if !retryable(&result, &policy) {
+            return result;
+        }
+        if attempt == policy.attempts {
+            metrics.retry("gave_up");
+            return result;
+        }
+        if !svc.budget.withdraw() {
+            metrics.retry("budget_exhausted");
+            return result;
+        }
+        metrics.retry("retried");
+        tracing::debug!(service = %svc.cfg.key, attempt, "retrying");
+        drop(result);
+        // ±25% so clients that failed together do not retry together.
+        let jitter = 0.75 + f64::from(rand::random::<u16>()) / f64::from(u16::MAX) / 2.0;
+        tokio::time::sleep(backoff.mul_f64(jitter)).await;
+        backoff = backoff.saturating_mul(2);
+    }
+    Err(ProxyError::NoEndpoints)
+}
+
+/// The balancer and endpoint stage of the outbound HTTP stack.
+#[derive(Clone)]
+pub(crate) struct Balance {
+    ctx: Arc<Ctx>,
+}
+
+impl tower::Service<Call> for Balance {
+    type Response = Response<RspBody>;
+    type Error = ProxyError;
+    type Future = BoxFuture<'static, Result<Response<RspBody>, ProxyError>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, call: Call) -> Self::Future {
         let ctx = self.ctx.clone();
-        let service = self.service.clone();
-        Box::pin(async move { Ok(forward(ctx, &service, req).await) })
+        Box::pin(async move { forward(&ctx, call).await })
     }
 }
 
@@ -155,21 +411,12 @@ fn for_h2(mut req: Request<Incoming>, service: &str) -> Result<Request<Incoming>
     Ok(req)
 }
 
-async fn forward(ctx: Arc<Ctx>, service: &str, req: Request<Incoming>) -> Response<RspBody> {
-    let Some(svc) = ctx.outbound.load().get(service).cloned() else {
-        return phttp::local_response(StatusCode::SERVICE_UNAVAILABLE, "unknown service\n");
-    };
-    if phttp::is_upgrade(&req) {
-        return upgrade(&ctx, service, &svc, req).await;
-    }
-    let req = match for_h2(req, service) {
-        Ok(r) => r,
-        Err(status) => return phttp::local_response(status, "bad request target\n"),
-    };
-    let (parts, body) = req.into_parts();
-    let (body, watch) = OutBody::watched(body);
-    let bodiless = body.is_end_stream();
-    let mut req = Request::from_parts(parts, body);
+/// Picks an endpoint and sends; a request that never left goes to another endpoint, and a
+/// bodiless one to a suspect endpoint may too (see the module docs).
+async fn forward(ctx: &Ctx, call: Call) -> Result<Response<RspBody>, ProxyError> {
+    let Call { svc, mut req } = call;
+    let service = svc.cfg.key.as_str();
+    let bodiless = req.body().is_end_stream();
     let mut tried: Option<Arc<Endpoint>> = None;
     for attempt in 1..=MAX_ATTEMPTS {
         let picked = match &tried {
@@ -177,18 +424,19 @@ async fn forward(ctx: Arc<Ctx>, service: &str, req: Request<Incoming>) -> Respon
             Some(t) => svc.balancer.pick_other(t),
         };
         let Some(ep) = picked.cloned() else {
-            return phttp::local_response(StatusCode::SERVICE_UNAVAILABLE, "no endpoints\n");
+            return Err(ProxyError::NoEndpoints);
         };
         let last = attempt == MAX_ATTEMPTS || svc.balancer.endpoints().len() < 2;
         let replay = (!last && bodiless && ep.load.is_suspect()).then(|| head_copy(&req));
         let method = req.method().clone();
+        let watch = req.body().watch();
         let mut guard = ep.load.start();
-        match endpoint::send_h2(&ctx, &ep, req, &mut guard).await {
+        match endpoint::send_h2(ctx, &ep, req, &mut guard).await {
             Attempt::Response(rsp) => {
                 let failure = judge(&rsp);
                 match failure {
                     None => guard.success(),
-                    Some(kind) => ejected(&ctx, service, &ep, guard.failure(kind)),
+                    Some(kind) => ejected(ctx, service, &ep, guard.failure(kind)),
                 }
                 if let Some(again) = replay
                     && never_reached_app(&rsp)
@@ -198,31 +446,26 @@ async fn forward(ctx: Arc<Ctx>, service: &str, req: Request<Incoming>) -> Respon
                     tried = Some(ep);
                     continue;
                 }
-                return tag(rsp.map(Either::Left), &ep);
+                return Ok(tag(rsp.map(Either::Left), &ep));
             }
             Attempt::NotSent(e, back) => {
                 tracing::warn!(service, endpoint = %ep.cfg.addr, error = %e, "outbound request failed before it was sent");
-                ejected(&ctx, service, &ep, guard.failure(e.failure()));
+                ejected(ctx, service, &ep, guard.failure(e.failure()));
                 if !last {
-                    req = back;
+                    req = *back;
                     tried = Some(ep);
                     continue;
                 }
-                return tag(e.response(), &ep);
+                return Err(e.into());
             }
             Attempt::Failed(e) => {
                 if watch.client_failed() {
                     // The app's own body broke (a malformed chunk): not the endpoint's fault.
                     drop(guard);
-                    ctx.metrics
-                        .refuse_request(Direction::outbound, "bad_request_body");
-                    return phttp::local_response(
-                        StatusCode::BAD_REQUEST,
-                        "bad request: the request body is malformed\n",
-                    );
+                    return Err(ProxyError::BadRequestBody);
                 }
                 tracing::warn!(service, endpoint = %ep.cfg.addr, error = %e, "outbound request failed");
-                ejected(&ctx, service, &ep, guard.failure(e.failure()));
+                ejected(ctx, service, &ep, guard.failure(e.failure()));
                 if let Some(again) = replay
                     && idempotent(&method)
                 {
@@ -230,11 +473,11 @@ async fn forward(ctx: Arc<Ctx>, service: &str, req: Request<Incoming>) -> Respon
                     tried = Some(ep);
                     continue;
                 }
-                return tag(e.response(), &ep);
+                return Err(e.into());
             }
         }
     }
-    phttp::local_response(StatusCode::SERVICE_UNAVAILABLE, "no endpoints\n")
+    Err(ProxyError::NoEndpoints)
 }
 
 /// WebSocket and other upgrades: one endpoint, its own HTTP/1.1 connection, no retry (the
@@ -244,10 +487,12 @@ async fn upgrade(
     service: &str,
     svc: &OutService,
     req: Request<Incoming>,
-) -> Response<RspBody> {
-    let Some(ep) = svc.balancer.pick().cloned() else {
-        return phttp::local_response(StatusCode::SERVICE_UNAVAILABLE, "no endpoints\n");
-    };
+) -> Result<Response<RspBody>, ProxyError> {
+    let ep = svc
+        .balancer
+        .pick()
+        .cloned()
+        .ok_or(ProxyError::NoEndpoints)?;
     let mut guard = ep.load.start();
     guard.sent();
     match endpoint::forward_upgrade(ctx, &ep, req).await {
@@ -256,12 +501,12 @@ async fn upgrade(
                 None => guard.success(),
                 Some(kind) => ejected(ctx, service, &ep, guard.failure(kind)),
             }
-            tag(rsp.map(Either::Left), &ep)
+            Ok(tag(rsp.map(Either::Left), &ep))
         }
         Err(e) => {
             tracing::warn!(service, endpoint = %ep.cfg.addr, error = %e, "upgrade failed");
             ejected(ctx, service, &ep, guard.failure(e.failure()));
-            tag(e.response(), &ep)
+            Err(e.into())
         }
     }
 }

@@ -23,6 +23,7 @@ mod http;
 mod opaque;
 mod resolve;
 
+pub use endpoint::EndpointError;
 pub use resolve::{LOOKUP_TIMEOUT, NOT_FOUND_TTL, OnDemand, Resolved};
 
 use std::collections::HashMap;
@@ -61,6 +62,14 @@ impl HasLoad for Endpoint {
 pub struct OutService {
     pub cfg: Arc<ServiceConfig>,
     pub balancer: Balancer<Endpoint>,
+    /// What retries of calls to this service may spend (see `http::Retry`).
+    pub budget: tower::retry::budget::TpsBudget,
+}
+
+/// Retries may add 20% to a service's requests, and at least 10 a second, counted over 10 s
+/// (Linkerd's and Finagle's default budget).
+fn retry_budget() -> tower::retry::budget::TpsBudget {
+    tower::retry::budget::TpsBudget::new(std::time::Duration::from_secs(10), 10, 0.2)
 }
 
 /// The outbound routing table, rebuilt when a snapshot arrives.
@@ -133,6 +142,7 @@ pub(crate) fn rebuild(ctx: &Ctx, snap: &Snapshot) {
                 Arc::new(OutService {
                     cfg: cfg.clone(),
                     balancer: Balancer::new(vec![ep.clone()], ctx.cfg.balancer),
+                    budget: retry_budget(),
                 })
             });
         }
@@ -141,6 +151,7 @@ pub(crate) fn rebuild(ctx: &Ctx, snap: &Snapshot) {
             Arc::new(OutService {
                 cfg: cfg.clone(),
                 balancer: Balancer::new(eps, ctx.cfg.balancer),
+                budget: retry_budget(),
             }),
         );
     }

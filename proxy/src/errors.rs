@@ -1,0 +1,198 @@
+//! What goes wrong on a proxy's request path, and the one place that turns it into a response.
+//!
+//! Every stage of an HTTP stack below [`Rescue`] returns a [`ProxyError`] instead of making up
+//! a response, and the rescue layer at the top of the stack answers it: HTTP 400/502/503/504
+//! with a short body naming the reason, or, to a gRPC caller, trailers-only `grpc-status`
+//! `UNAVAILABLE` / `DEADLINE_EXCEEDED` / `INTERNAL` with a message, as linkerd2-proxy's
+//! `errors::respond` does. Each is counted in `palisade_proxy_errors_total{direction,reason}`.
+//! An error that means the request never reached an app carries `palisade-proxy-error`, so the
+//! caller's proxy may send it elsewhere.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::{HeaderValue, Request, Response, StatusCode};
+
+use crate::http::{self as phttp, RspBody};
+use crate::outbound::EndpointError;
+use crate::telemetry::{Direction, Metrics};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// The outbound table has no such service (it left the config).
+    #[error("unknown service")]
+    UnknownService,
+    /// The service has no endpoints.
+    #[error("no endpoints")]
+    NoEndpoints,
+    /// The request's target cannot be made into an HTTP/2 request.
+    #[error("bad request target")]
+    BadRequestTarget,
+    /// The client's own body broke (a malformed chunk).
+    #[error("the request body is malformed")]
+    BadRequestBody,
+    /// No response headers within the service's request timeout.
+    #[error("request timed out after {0:?}")]
+    RequestTimeout(Duration),
+    /// The endpoint could not be reached or failed the exchange.
+    #[error(transparent)]
+    Endpoint(#[from] EndpointError),
+    /// The local app refused the connection (the request never reached it).
+    #[error("app unavailable: {0}")]
+    AppUnavailable(hyper_util::client::legacy::Error),
+    /// The exchange with the local app failed after the request was sent.
+    #[error("app reset: {0}")]
+    AppReset(hyper_util::client::legacy::Error),
+}
+
+impl ProxyError {
+    /// The `reason` label, also the body of the response.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ProxyError::UnknownService => "unknown_service",
+            ProxyError::NoEndpoints => "no_endpoints",
+            ProxyError::BadRequestTarget => "bad_request_target",
+            ProxyError::BadRequestBody => "bad_request_body",
+            ProxyError::RequestTimeout(_) => "request_timeout",
+            ProxyError::Endpoint(e) => e.reason(),
+            ProxyError::AppUnavailable(_) => "app_unavailable",
+            ProxyError::AppReset(_) => "app_reset",
+        }
+    }
+
+    pub fn http_status(&self) -> StatusCode {
+        match self {
+            ProxyError::UnknownService | ProxyError::NoEndpoints => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::BadRequestTarget | ProxyError::BadRequestBody => StatusCode::BAD_REQUEST,
+            ProxyError::RequestTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::Endpoint(e) if e.is_timeout() => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::Endpoint(_) | ProxyError::AppUnavailable(_) | ProxyError::AppReset(_) => {
+                StatusCode::BAD_GATEWAY
+            }
+        }
+    }
+
+    /// The gRPC status code (`DEADLINE_EXCEEDED` 4, `INTERNAL` 13, `UNAVAILABLE` 14).
+    pub fn grpc_code(&self) -> u8 {
+        match self.http_status() {
+            StatusCode::GATEWAY_TIMEOUT => 4,
+            StatusCode::BAD_REQUEST => 13,
+            _ => 14,
+        }
+    }
+
+    /// The request never reached an app: another endpoint may take it.
+    pub fn never_reached_app(&self) -> bool {
+        match self {
+            ProxyError::AppUnavailable(_) => true,
+            ProxyError::Endpoint(e) => e.not_sent(),
+            _ => false,
+        }
+    }
+
+    /// The answer to a caller; `grpc` when it asked in gRPC.
+    pub fn response(&self, grpc: bool) -> Response<RspBody> {
+        let reason = self.reason();
+        let mut rsp = if grpc {
+            phttp::grpc_response(self.grpc_code(), reason)
+        } else {
+            phttp::local_response(self.http_status(), body(reason))
+        };
+        if self.never_reached_app() || matches!(self, ProxyError::Endpoint(_)) {
+            rsp.headers_mut()
+                .insert(phttp::PROXY_ERROR, HeaderValue::from_static(reason));
+        }
+        rsp
+    }
+}
+
+/// The body of an error response: the reason and a newline, without allocating.
+fn body(reason: &'static str) -> &'static str {
+    match reason {
+        "unknown_service" => "unknown_service\n",
+        "no_endpoints" => "no_endpoints\n",
+        "bad_request_target" => "bad_request_target\n",
+        "bad_request_body" => "bad_request_body\n",
+        "request_timeout" => "request_timeout\n",
+        "app_unavailable" => "app_unavailable\n",
+        "app_reset" => "app_reset\n",
+        "connect_refused" => "connect_refused\n",
+        "connect_timeout" => "connect_timeout\n",
+        "tls_handshake_failed" => "tls_handshake_failed\n",
+        "peer_reset" => "peer_reset\n",
+        _ => "proxy_error\n",
+    }
+}
+
+/// The top of an HTTP stack: answers and counts what the stack below failed with.
+#[derive(Clone)]
+pub struct RescueLayer {
+    metrics: Arc<Metrics>,
+    direction: Direction,
+}
+
+impl RescueLayer {
+    pub fn new(metrics: Arc<Metrics>, direction: Direction) -> Self {
+        Self { metrics, direction }
+    }
+}
+
+impl<S> tower::Layer<S> for RescueLayer {
+    type Service = Rescue<S>;
+    fn layer(&self, inner: S) -> Rescue<S> {
+        Rescue {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Rescue<S> {
+    inner: S,
+    layer: RescueLayer,
+}
+
+impl<S, B> tower::Service<Request<B>> for Rescue<S>
+where
+    S: tower::Service<Request<B>, Response = Response<RspBody>, Error = ProxyError>,
+    S::Future: Send + 'static,
+{
+    type Response = Response<RspBody>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<RspBody>, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        match self.inner.poll_ready(cx) {
+            Poll::Ready(_) => Poll::Ready(Ok(())),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let grpc = phttp::is_grpc(&req);
+        let fut = self.inner.call(req);
+        let layer = self.layer.clone();
+        Box::pin(async move {
+            match fut.await {
+                Ok(rsp) => Ok(rsp),
+                Err(e) => {
+                    let reason = e.reason();
+                    layer.metrics.proxy_error(layer.direction, reason);
+                    if matches!(e, ProxyError::BadRequestBody) {
+                        layer
+                            .metrics
+                            .refuse_request(layer.direction, "bad_request_body");
+                    } else {
+                        tracing::debug!(direction = ?layer.direction, reason, error = %e, "request failed in the proxy");
+                    }
+                    Ok(e.response(grpc))
+                }
+            }
+        })
+    }
+}
