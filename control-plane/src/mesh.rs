@@ -762,6 +762,30 @@ services:
     }
 
     #[test]
+    fn a_services_timeout_and_retry_are_checked_and_reach_its_wire_form() {
+        let with =
+            |extra: &str| GOOD.replace("protocol: http }", &format!("protocol: http, {extra} }}"));
+        let m = parse_str(&with(
+            "timeout: 2s, retry: { codes: [503, 502], attempts: 3, backoff: 50ms }",
+        ))
+        .unwrap();
+        let pieces = crate::pieces::Pieces::build(&m);
+        let wire = &pieces.service("api", "demo", 8080).unwrap().msg;
+        assert_eq!(wire.request_timeout_ms, 2000);
+        let retry = wire.retry.as_ref().expect("a retry policy");
+        assert_eq!(
+            (retry.codes.as_slice(), retry.attempts, retry.backoff_ms),
+            (&[502, 503][..], 3, 50)
+        );
+        let e = field_of(&with("timeout: 0s"));
+        assert!(e.starts_with("services[0].timeout:"), "{e}");
+        let e = field_of(&with("retry: { codes: [503], attempts: 40 }"));
+        assert!(e.starts_with("services[0].retry: attempts"), "{e}");
+        let e = field_of(&with("retry: { codes: [503], tries: 2 }"));
+        assert!(e.starts_with("services[0].retry"), "{e}");
+    }
+
+    #[test]
     fn minimal_file() {
         assert!(parse_str("# nothing\n\n").is_err());
         let m = parse_str("workloads: []\n").unwrap();

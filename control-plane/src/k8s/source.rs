@@ -1361,6 +1361,43 @@ mod tests {
     use super::*;
 
     #[test]
+    fn timeout_and_retry_annotations_are_read_and_a_bad_one_is_left_out() {
+        let meta =
+            |pairs: &[(&str, &str)]| k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+                annotations: Some(
+                    pairs
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect(),
+                ),
+                ..Default::default()
+            };
+        let (t, r) = call_annotations(
+            &meta(&[
+                ("timeout.palisade.dev/request", "2s"),
+                ("retry.palisade.dev/codes", "502, 503"),
+                ("retry.palisade.dev/attempts", "3"),
+                ("retry.palisade.dev/backoff", "10ms"),
+            ]),
+            "demo",
+            "api",
+        );
+        assert_eq!(t.as_deref(), Some("2s"));
+        let p = r.expect("a retry policy").validate().expect("valid");
+        assert_eq!((p.codes, p.attempts), (vec![502, 503], 3));
+        let (t, r) = call_annotations(
+            &meta(&[
+                ("timeout.palisade.dev/request", "soon"),
+                ("retry.palisade.dev/codes", "5xx"),
+            ]),
+            "demo",
+            "api",
+        );
+        assert_eq!((t, r), (None, None));
+        assert_eq!(call_annotations(&meta(&[]), "demo", "api"), (None, None));
+    }
+
+    #[test]
     fn protocols_follow_app_protocol_then_the_port_name() {
         assert_eq!(port_protocol(Some("http"), Some("grpc")), Protocol::Http);
         assert_eq!(
