@@ -4,7 +4,6 @@
 //! The authorizer comes from the config snapshot in force when the request arrives, so a
 //! policy change applies to the next request without restarting anything.
 
-use std::convert::Infallible;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -133,9 +132,9 @@ pin_project_lite::pin_project! {
     }
 }
 
-impl<F> Future for Noted<F>
+impl<F, E> Future for Noted<F>
 where
-    F: Future<Output = Result<Response<RspBody>, Infallible>>,
+    F: Future<Output = Result<Response<RspBody>, E>>,
 {
     type Output = F::Output;
 
@@ -171,13 +170,13 @@ pub struct Authz<S> {
 
 impl<S, B> tower::Service<Request<B>> for Authz<S>
 where
-    S: tower::Service<Request<B>, Response = Response<RspBody>, Error = Infallible>,
+    S: tower::Service<Request<B>, Response = Response<RspBody>>,
 {
     type Response = Response<RspBody>;
-    type Error = Infallible;
-    type Future = Either<Ready<Result<Response<RspBody>, Infallible>>, Noted<S::Future>>;
+    type Error = S::Error;
+    type Future = Either<Ready<Result<Response<RspBody>, S::Error>>, Noted<S::Future>>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
         self.inner.poll_ready(cx)
     }
 

@@ -12,11 +12,10 @@
 //!                opaque    -> TCP authorization -> app (bidirectional copy, re-checked on
 //!                             policy change)
 //!   plaintext: STRICT -> refused; PERMISSIVE / DISABLE -> detect -> HTTP stack or TCP
-//! HTTP stack: Telemetry -> Sanitize (one Host, normalized path) -> Authorization -> Identity headers (x-forwarded-client-cert,
+//! HTTP stack: Telemetry -> Sanitize (one Host, normalized path) -> Rescue -> Authorization -> Identity headers (x-forwarded-client-cert,
 //!             version restore) -> App client (HTTP/1.1 or HTTP/2 per the app's protocol)
 //! ```
 
-use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -36,6 +35,7 @@ use tower::ServiceBuilder;
 use crate::authz_layer::{AuthzLayer, ConnInfo};
 use crate::config::{MtlsMode, Protocol};
 use crate::detect::{self, Detected};
+use crate::errors::{ProxyError, RescueLayer};
 use crate::http::{self as phttp, OutBody, RspBody, TelemetryLayer};
 use crate::io::PrefixedIo;
 use crate::sanitize::SanitizeLayer;
@@ -238,6 +238,7 @@ where
                 move || ctx.snapshot.load().inbound.path_normalization
             })),
         ))
+        .layer(RescueLayer::new(ctx.metrics.clone(), Direction::inbound))
         .layer(AuthzLayer::new(ctx.clone(), info.clone()))
         .service(ToApp {
             ctx: ctx.clone(),
@@ -257,10 +258,10 @@ struct ToApp {
 
 impl tower::Service<Request<Incoming>> for ToApp {
     type Response = Response<RspBody>;
-    type Error = Infallible;
-    type Future = BoxFuture<'static, Result<Response<RspBody>, Infallible>>;
+    type Error = ProxyError;
+    type Future = BoxFuture<'static, Result<Response<RspBody>, ProxyError>>;
 
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
         Poll::Ready(Ok(()))
     }
 
@@ -281,7 +282,7 @@ impl tower::Service<Request<Incoming>> for ToApp {
         };
         let app = self.app.clone();
         let ctx = self.ctx.clone();
-        Box::pin(async move { Ok(call_app(&ctx, &app, req, to_h2, orig).await) })
+        Box::pin(async move { call_app(&ctx, &app, req, to_h2, orig).await })
     }
 }
 
@@ -291,11 +292,9 @@ async fn call_app(
     mut req: Request<Incoming>,
     to_h2: bool,
     orig: Option<HeaderValue>,
-) -> Response<RspBody> {
+) -> Result<Response<RspBody>, ProxyError> {
     let upgrade = phttp::is_upgrade(&req);
-    if let Err(status) = phttp::set_absolute_uri(&mut req, &app.authority) {
-        return phttp::local_response(status, "bad request target\n");
-    }
+    phttp::set_absolute_uri(&mut req, &app.authority).map_err(|_| ProxyError::BadRequestTarget)?;
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (parts, body) = req.into_parts();
     let (body, watch) = OutBody::watched(body);
@@ -345,29 +344,20 @@ async fn call_app(
                     }
                 });
             }
-            rsp.map(Either::Left)
+            Ok(rsp.map(Either::Left))
         }
-        Err(_) if watch.client_failed() => {
-            // The caller's body broke (a malformed chunk): its fault, not the app's.
-            ctx.metrics
-                .refuse_request(Direction::inbound, "bad_request_body");
-            phttp::local_response(
-                StatusCode::BAD_REQUEST,
-                "bad request: the request body is malformed\n",
-            )
-        }
+        // The caller's body broke (a malformed chunk): its fault, not the app's.
+        Err(_) if watch.client_failed() => Err(ProxyError::BadRequestBody),
         Err(e) => {
             tracing::warn!(app = %app.addr, error = %e, "app request failed");
-            let mut rsp = phttp::local_response(StatusCode::BAD_GATEWAY, "app unavailable\n");
             if e.is_connect() {
                 // The request never reached the app: the caller's proxy may send it
-                // elsewhere, and takes this endpoint out of rotation.
-                rsp.headers_mut().insert(
-                    phttp::PROXY_ERROR,
-                    HeaderValue::from_static("app unavailable"),
-                );
+                // elsewhere, and takes this endpoint out of rotation (the rescue layer
+                // marks the response `palisade-proxy-error`).
+                Err(ProxyError::AppUnavailable(e))
+            } else {
+                Err(ProxyError::AppReset(e))
             }
-            rsp
         }
     }
 }

@@ -303,14 +303,21 @@ impl Proxy {
     }
 
     /// Stops accepting, lets in-flight requests finish up to the drain deadline, then returns.
+    ///
+    /// Every connection of every listener (HTTP and opaque, inbound, outbound and redirected)
+    /// holds a permit of the connection limit until it ends, and HTTP connections shut down
+    /// gracefully when the proxy stops: the drain is over when every permit is back.
     pub async fn shutdown(self) {
         let _ = self.ctx.stop_tx.send(true);
-        let max = self.ctx.cfg.limits.max_connections;
+        let all = u32::try_from(self.ctx.cfg.limits.max_connections).unwrap_or(u32::MAX);
         let deadline = tokio::time::Instant::now() + self.ctx.cfg.timeouts.drain;
-        while self.ctx.conn_limit.available_permits() < max
-            && tokio::time::Instant::now() < deadline
-        {
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        match tokio::time::timeout_at(deadline, self.ctx.conn_limit.acquire_many(all)).await {
+            Ok(_) => tracing::debug!("every connection finished"),
+            Err(_) => tracing::info!(
+                open =
+                    self.ctx.cfg.limits.max_connections - self.ctx.conn_limit.available_permits(),
+                "drain deadline reached; closing the connections left"
+            ),
         }
     }
 }

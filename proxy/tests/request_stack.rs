@@ -251,3 +251,30 @@ async fn the_retry_budget_caps_retries_when_every_request_fails() {
     assert!(refused >= 100.0, "{refused} refused");
     assert_eq!(sent, N + retried as usize);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_that_is_down_is_answered_by_the_inbound_rescue_layer() {
+    init();
+    let pki = Pki::new();
+    let dead_app = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr")
+    };
+    let server = start_server_proxy(&pki, dead_app, "STRICT", "http", test_timeouts()).await;
+    let p = client(&pki, &server.inbound_addr.to_string(), API, "").await;
+    let r = get(upstream_addr(&p, SERVICE), "/")
+        .await
+        .expect("response");
+    assert_eq!(r.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(r.body, "app_unavailable\n");
+    // Made by the server's proxy: the request never reached an app, so it says so.
+    assert_eq!(r.header("palisade-proxy-error"), Some("app_unavailable"));
+    assert_eq!(
+        metric(
+            &server,
+            "palisade_proxy_errors_total",
+            &[("direction", "inbound"), ("reason", "app_unavailable")]
+        ),
+        1.0
+    );
+}
