@@ -30,6 +30,8 @@ pub const EJECT_AFTER: u32 = 7;
 /// [`EJECT_MAX`].
 pub const EJECT_BASE: Duration = Duration::from_secs(1);
 pub const EJECT_MAX: Duration = Duration::from_secs(60);
+/// The longest an endpoint's `Retry-After` keeps it out of rotation.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(30);
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Strategy {
@@ -100,6 +102,16 @@ impl Load {
         self.failures.load(Ordering::Relaxed) > 0 || self.ejections.load(Ordering::Relaxed) > 0
     }
 
+    /// How long nothing has been asked of the endpoint: zero while a request is in flight,
+    /// else the time since its last response.
+    pub fn idle_for(&self, now: Instant) -> Duration {
+        if self.in_flight.load(Ordering::Relaxed) > 0 {
+            return Duration::ZERO;
+        }
+        let stamp = self.stamp_ns.load(Ordering::Relaxed);
+        Duration::from_nanos(self.ns(now).saturating_sub(stamp))
+    }
+
     pub fn is_ejected(&self) -> bool {
         !self.available(Instant::now())
     }
@@ -140,6 +152,19 @@ impl Load {
             self.failures.store(0, Ordering::Relaxed);
             self.ejections.store(0, Ordering::Relaxed);
             self.ejected_until_ns.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// The endpoint said it is overloaded (HTTP 429, gRPC `RESOURCE_EXHAUSTED`): traffic moves
+    /// away, for `retry_after` (capped at [`MAX_RETRY_AFTER`]) when it said how long, else by
+    /// the latency penalty. Not a failure: it counts toward no ejection, the endpoint works.
+    fn throttled(&self, retry_after: Option<Duration>, now: Instant) {
+        self.observe(FAILURE_PENALTY, now);
+        if let Some(d) = retry_after {
+            let until = self.ns(now).saturating_add(
+                u64::try_from(d.min(MAX_RETRY_AFTER).as_nanos()).unwrap_or(u64::MAX),
+            );
+            self.ejected_until_ns.fetch_max(until, Ordering::Relaxed);
         }
     }
 
@@ -196,6 +221,11 @@ impl InFlight<'_> {
         self.load.readmit();
     }
 
+    /// The endpoint answered that it is overloaded (429 / `RESOURCE_EXHAUSTED`).
+    pub fn throttled(self, retry_after: Option<Duration>) {
+        self.load.throttled(retry_after, Instant::now());
+    }
+
     /// The request failed because of the endpoint; returns the ejection time if it was
     /// ejected now (for the caller to log and count once).
     pub fn failure(self, kind: Failure) -> Option<Duration> {
@@ -212,6 +242,12 @@ impl Drop for InFlight<'_> {
 /// Something the balancer can pick.
 pub trait HasLoad {
     fn load(&self) -> &Load;
+    /// Its share of traffic relative to the others' (`EndpointConfig.weight`): P2C compares
+    /// cost per unit of weight, so an endpoint of weight 3 is picked over one of weight 1
+    /// until it carries three times the load.
+    fn weight(&self) -> u32 {
+        1
+    }
 }
 
 /// A set of endpoints and how to choose among them.
@@ -276,11 +312,10 @@ impl<E: HasLoad> Balancer<E> {
                 match (a, b) {
                     (Some(a), Some(b)) => {
                         let (ea, eb) = (&self.endpoints[a], &self.endpoints[b]);
-                        Some(if ea.load().cost(now) <= eb.load().cost(now) {
-                            a
-                        } else {
-                            b
-                        })
+                        // cost_a / weight_a <= cost_b / weight_b, without dividing.
+                        let ca = ea.load().cost(now) * f64::from(eb.weight().max(1));
+                        let cb = eb.load().cost(now) * f64::from(ea.weight().max(1));
+                        Some(if ca <= cb { a } else { b })
                     }
                     (a, _) => a,
                 }
@@ -325,6 +360,66 @@ mod tests {
     impl HasLoad for E {
         fn load(&self) -> &Load {
             &self.0
+        }
+    }
+
+    struct W(Load, u32);
+    impl HasLoad for W {
+        fn load(&self) -> &Load {
+            &self.0
+        }
+        fn weight(&self) -> u32 {
+            self.1
+        }
+    }
+
+    #[test]
+    fn p2c_sends_more_to_a_heavier_endpoint() {
+        let b = Balancer::new(
+            vec![
+                Arc::new(W(Load::default(), 3)),
+                Arc::new(W(Load::default(), 1)),
+            ],
+            Strategy::PeakEwma,
+        );
+        // Both as fast; the heavy one carries up to three times the requests in flight
+        // before the light one is preferred.
+        let mut counts = [0usize; 2];
+        for _ in 0..400 {
+            let e = b.pick().unwrap();
+            let i = usize::from(!Arc::ptr_eq(e, &b.endpoints()[0]));
+            counts[i] += 1;
+            e.0.in_flight.fetch_add(1, Ordering::Relaxed);
+        }
+        println!("weight 3 vs 1: {counts:?}");
+        assert!(counts[0] > 2 * counts[1], "{counts:?}");
+    }
+
+    #[test]
+    fn a_throttled_endpoint_gets_nothing_for_its_retry_after_and_is_not_ejected() {
+        let b = three(Strategy::PeakEwma);
+        let now = Instant::now();
+        b.endpoints()[2]
+            .0
+            .throttled(Some(Duration::from_secs(2)), now);
+        for _ in 0..100 {
+            assert_ne!(index(&b, b.pick_at(now, None).unwrap()), 2);
+        }
+        let e2 = &b.endpoints()[2].0;
+        assert!(!e2.is_suspect(), "busy, not failing");
+        assert!(e2.available(now + Duration::from_millis(2001)));
+        // A Retry-After of an hour is capped.
+        e2.throttled(Some(Duration::from_secs(3600)), now);
+        assert!(e2.available(now + MAX_RETRY_AFTER + Duration::from_millis(1)));
+        // Without Retry-After only the penalty: still available, but P2C avoids it.
+        let b = three(Strategy::PeakEwma);
+        for e in b.endpoints() {
+            e.0.observe(Duration::from_millis(2), now);
+        }
+        b.endpoints()[0].0.throttled(None, now);
+        assert!(b.endpoints()[0].0.available(now));
+        for _ in 0..100 {
+            assert_ne!(index(&b, b.pick_at(now, None).unwrap()), 0);
         }
     }
 

@@ -278,3 +278,122 @@ async fn an_app_that_is_down_is_answered_by_the_inbound_rescue_layer() {
         1.0
     );
 }
+
+/// An app answering every request with `status` (and `Retry-After: 5` when it is 429) and
+/// counting them.
+async fn fixed_app(status: StatusCode) -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = count.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let svc =
+                    hyper::service::service_fn(move |_req: Request<hyper::body::Incoming>| {
+                        seen.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        async move {
+                            let mut rsp = Response::new(Full::new(Bytes::from_static(b"x")));
+                            *rsp.status_mut() = status;
+                            if status == StatusCode::TOO_MANY_REQUESTS {
+                                rsp.headers_mut()
+                                    .insert("retry-after", http::HeaderValue::from_static("5"));
+                            }
+                            Ok::<_, std::convert::Infallible>(rsp)
+                        }
+                    });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, count)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_answering_429_gets_no_traffic_for_its_retry_after() {
+    init();
+    let pki = Pki::new();
+    let (busy_app, busy) = fixed_app(StatusCode::TOO_MANY_REQUESTS).await;
+    let (ok_app, ok) = fixed_app(StatusCode::OK).await;
+    let busy_proxy = start_server_proxy(&pki, busy_app, "STRICT", "http", test_timeouts()).await;
+    let ok_proxy = start_server_proxy(&pki, ok_app, "STRICT", "http", test_timeouts()).await;
+    let yaml = format!(
+        "mode: STRICT\nservices:\n- name: api.demo\n  port: 8080\n  protocol: http\n  endpoints:\n    - {{ address: \"{}\", identity: \"{API}\" }}\n    - {{ address: \"{}\", identity: \"{API}\" }}\n",
+        busy_proxy.inbound_addr, ok_proxy.inbound_addr
+    );
+    let cfg = proxy_config(&pki, "web", WEB, None, &[SERVICE], &yaml);
+    let client = within(Proxy::start(cfg)).await.expect("client proxy");
+    let mut c = h1_client(upstream_addr(&client, SERVICE)).await;
+    let mut statuses = Vec::new();
+    for _ in 0..100 {
+        statuses.push(
+            h1_send(&mut c, get_req("/"))
+                .await
+                .expect("response")
+                .status,
+        );
+    }
+    let throttled = statuses
+        .iter()
+        .filter(|s| **s == StatusCode::TOO_MANY_REQUESTS)
+        .count();
+    let (b, o) = (
+        busy.load(std::sync::atomic::Ordering::Relaxed),
+        ok.load(std::sync::atomic::Ordering::Relaxed),
+    );
+    println!("100 requests: {b} reached the overloaded endpoint, {o} the other");
+    // The first 429 takes it out for its Retry-After (5 s, longer than this loop).
+    assert!(
+        b <= 1,
+        "{b} requests went to the endpoint that answered 429"
+    );
+    assert_eq!(throttled, b);
+    assert_eq!(o, 100 - b);
+    // Busy is not broken: it was not ejected.
+    assert_eq!(
+        metric(
+            &client,
+            "palisade_endpoint_ejections_total",
+            &[("dst_identity", API)]
+        ),
+        0.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooled_connection_between_proxies_closes_when_idle() {
+    init();
+    let pki = Pki::new();
+    let (app, _) = scripted_app().await;
+    let server = start_server_proxy(&pki, app, "STRICT", "http", test_timeouts()).await;
+    let yaml = format!(
+        "mode: STRICT\nservices:\n- name: api.demo\n  port: 8080\n  protocol: http\n  endpoints:\n    - {{ address: \"{}\", identity: \"{API}\" }}\n",
+        server.inbound_addr
+    );
+    let mut cfg = proxy_config(&pki, "web", WEB, None, &[SERVICE], &yaml);
+    cfg.timeouts.idle = Duration::from_millis(300);
+    let client = within(Proxy::start(cfg)).await.expect("client proxy");
+    let up = upstream_addr(&client, SERVICE);
+    assert_eq!(get(up, "/").await.expect("response").status, StatusCode::OK);
+    let open = || {
+        metric(
+            &server,
+            "palisade_tcp_open_connections",
+            &[("direction", "inbound")],
+        )
+    };
+    assert_eq!(open(), 1.0, "the pooled connection is open");
+    // Nothing more is sent: the client's proxy closes it within two idle periods.
+    within(async {
+        while open() > 0.0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    // The next request dials again.
+    assert_eq!(get(up, "/").await.expect("response").status, StatusCode::OK);
+    assert_eq!(open(), 1.0);
+}

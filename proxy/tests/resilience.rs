@@ -194,3 +194,153 @@ async fn a_refused_endpoint_is_not_favoured_and_the_request_goes_elsewhere() {
         "{text}"
     );
 }
+
+/// An HTTP app that answers its name after `delay`.
+async fn slow_app(name: &'static str, delay: Duration) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |_req: Request<_>| async move {
+                    tokio::time::sleep(delay).await;
+                    Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from(name))))
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// A client proxy for `api.demo:8080` over `endpoints`, with `extra` service settings and
+/// `balancer`.
+async fn client_over(
+    pki: &Pki,
+    endpoints: &[SocketAddr],
+    extra: &str,
+    balancer: palisade_proxy::balance::Strategy,
+) -> Proxy {
+    let list: String = endpoints
+        .iter()
+        .map(|a| format!("    - {{ address: \"{a}\", identity: \"{API}\" }}\n"))
+        .collect();
+    let yaml = format!(
+        "mode: STRICT\nservices:\n- name: api.demo\n  port: 8080\n  protocol: http\n{extra}  endpoints:\n{list}"
+    );
+    let mut cfg = proxy_config(pki, "web", WEB, None, &[SERVICE], &yaml);
+    cfg.balancer = balancer;
+    within(Proxy::start(cfg)).await.expect("client proxy")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_retries_no_request_fails_when_an_app_and_then_a_proxy_die() {
+    init();
+    let pki = Pki::new();
+    let (app_a, kill_a) = killable_app("a").await;
+    let (app_b, _keep_b) = killable_app("b").await;
+    let (app_c, _keep_c) = killable_app("c").await;
+    let start = |app| start_server_proxy(&pki, app, "STRICT", "http", test_timeouts());
+    let (pa, pb, pc) = (start(app_a).await, start(app_b).await, start(app_c).await);
+    let client = client_over(
+        &pki,
+        &[pa.inbound_addr, pb.inbound_addr, pc.inbound_addr],
+        "  retry: { codes: [502, 503], attempts: 3, backoff: 5ms }\n",
+        Default::default(),
+    )
+    .await;
+    let upstream = upstream_addr(&client, SERVICE);
+    let log: Log = Arc::default();
+    let load = {
+        let log = log.clone();
+        tokio::spawn(async move {
+            let mut c = h1_client(upstream).await;
+            let mut tick = tokio::time::interval(Duration::from_millis(10));
+            for _ in 0..3000 {
+                tick.tick().await;
+                let at = Instant::now();
+                let (status, body) = match h1_send(&mut c, get_req("/")).await {
+                    Ok(r) => (
+                        r.status.as_u16(),
+                        String::from_utf8_lossy(&r.body).into_owned(),
+                    ),
+                    Err(_) => {
+                        c = h1_client(upstream).await;
+                        (0, String::new())
+                    }
+                };
+                log.lock().expect("log").push((at, status, body));
+            }
+        })
+    };
+    let answered_by_all = || {
+        let l = log.lock().expect("log");
+        ["a", "b", "c"]
+            .iter()
+            .all(|n| l.iter().any(|(_, s, b)| *s == 200 && b == n))
+    };
+    within(async {
+        while !answered_by_all() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let t0 = Instant::now();
+    kill_a.abort();
+    tokio::time::sleep_until(t0 + Duration::from_secs(2)).await;
+    let stopping = tokio::spawn(pb.shutdown());
+    tokio::time::sleep_until(t0 + Duration::from_secs(4)).await;
+    load.abort();
+    let _ = stopping.await;
+    let failures = failures_between(&log, t0 - Duration::from_secs(60), Instant::now());
+    let total = log.lock().expect("log").len();
+    println!(
+        "{total} requests, {} failed; retries: {}",
+        failures.len(),
+        client
+            .metrics()
+            .encode()
+            .lines()
+            .filter(|l| l.starts_with("palisade_retries_total"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    assert!(failures.is_empty(), "{failures:?}");
+    assert!(total > 200, "{total} requests");
+    drop((pa, pc));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_endpoint_gets_less_traffic_under_peak_ewma_than_round_robin() {
+    init();
+    let pki = Pki::new();
+    let slow = slow_app("slow", Duration::from_millis(20)).await;
+    let fast = slow_app("fast", Duration::ZERO).await;
+    let start = |app| start_server_proxy(&pki, app, "STRICT", "http", test_timeouts());
+    let (ps, pf) = (start(slow).await, start(fast).await);
+    let mut shares = Vec::new();
+    for strategy in [
+        palisade_proxy::balance::Strategy::RoundRobin,
+        palisade_proxy::balance::Strategy::PeakEwma,
+    ] {
+        let client = client_over(&pki, &[ps.inbound_addr, pf.inbound_addr], "", strategy).await;
+        let mut c = h1_client(upstream_addr(&client, SERVICE)).await;
+        let mut to_slow = 0;
+        for _ in 0..200 {
+            let r = h1_send(&mut c, get_req("/")).await.expect("response");
+            if r.body.as_ref() == b"slow" {
+                to_slow += 1;
+            }
+        }
+        println!("{strategy:?}: {to_slow} of 200 requests went to the 20 ms endpoint");
+        shares.push(to_slow);
+    }
+    assert!(
+        shares[1] * 3 < shares[0],
+        "round robin {} vs peak-EWMA {}",
+        shares[0],
+        shares[1]
+    );
+}

@@ -102,6 +102,10 @@ pub struct ProxyArgs {
     /// Opaque TCP tunnels with no traffic either way for this long are closed.
     #[arg(long, env = "PALISADE_TCP_IDLE_TIMEOUT", value_name = "DURATION", default_value = "1h", value_parser = duration)]
     pub tcp_idle_timeout: Duration,
+    /// A pooled HTTP/2 connection to a peer proxy with no request for this long is closed
+    /// (also the HTTP/1 header read timeout).
+    #[arg(long, env = "PALISADE_IDLE_TIMEOUT", value_name = "DURATION", default_value = "90s", value_parser = duration)]
+    pub idle_timeout: Duration,
     /// Maximum concurrent connections per proxy.
     #[arg(
         long,
@@ -223,6 +227,7 @@ fn build_config(a: &ProxyArgs) -> anyhow::Result<ProxyConfig> {
             detect: a.detect_timeout,
             drain: a.drain_timeout,
             tcp_idle: a.tcp_idle_timeout,
+            idle: a.idle_timeout,
             ..Timeouts::default()
         },
         limits: Limits {

@@ -96,7 +96,7 @@ pub(crate) enum Attempt {
 /// connection turns out to be gone. `guard` is told when the request actually leaves.
 pub(crate) async fn send_h2(
     ctx: &Ctx,
-    ep: &Endpoint,
+    ep: &Arc<Endpoint>,
     req: Request<OutBody>,
     guard: &mut InFlight<'_>,
 ) -> Attempt {
@@ -138,7 +138,7 @@ pub(crate) async fn send_h2(
 }
 
 /// The endpoint's pooled HTTP/2 connection, dialed once and shared by every request.
-async fn h2_sender(ctx: &Ctx, ep: &Endpoint) -> Result<SendRequest<OutBody>, EndpointError> {
+async fn h2_sender(ctx: &Ctx, ep: &Arc<Endpoint>) -> Result<SendRequest<OutBody>, EndpointError> {
     if let Some(s) = ep.h2.load().as_ref()
         && !s.is_closed()
     {
@@ -171,8 +171,42 @@ async fn h2_sender(ctx: &Ctx, ep: &Endpoint) -> Result<SendRequest<OutBody>, End
             tracing::debug!(endpoint = %addr, error = %e, "h2 connection closed");
         }
     });
-    ep.h2.store(Some(Arc::new(sender.clone())));
+    let pooled = Arc::new(sender.clone());
+    close_when_idle(ep, &pooled, ctx.cfg.timeouts.idle);
+    ep.h2.store(Some(pooled));
     Ok(sender)
+}
+
+/// Drops the pooled connection once no request has used it for `idle` (checked every
+/// `idle`, so it closes between one and two idle periods after its last request): hyper then
+/// closes it when its streams are done. A connection that was replaced (redialled) or whose
+/// endpoint left the config is no longer this task's concern. Idleness comes from the
+/// endpoint's load (no request in flight, none answered for `idle`), so requests pay nothing
+/// for it.
+fn close_when_idle(
+    ep: &Arc<Endpoint>,
+    pooled: &Arc<SendRequest<OutBody>>,
+    idle: std::time::Duration,
+) {
+    let ep = Arc::downgrade(ep);
+    let pooled = Arc::downgrade(pooled);
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(idle).await;
+            let (Some(ep), Some(pooled)) = (ep.upgrade(), pooled.upgrade()) else {
+                return;
+            };
+            let current = ep.h2.load();
+            if !current.as_ref().is_some_and(|c| Arc::ptr_eq(c, &pooled)) {
+                return;
+            }
+            if ep.load.idle_for(std::time::Instant::now()) >= idle {
+                tracing::debug!(endpoint = %ep.cfg.addr, ?idle, "closing an idle connection to a peer");
+                ep.h2.store(None);
+                return;
+            }
+        }
+    });
 }
 
 /// TCP + mTLS to the endpoint's inbound port, checking its SPIFFE ID.

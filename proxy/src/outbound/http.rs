@@ -339,17 +339,61 @@ impl tower::Service<Call> for Balance {
     }
 }
 
-/// How the endpoint did, judged from its response: 5xx is a failure (Linkerd's HTTP failure
-/// accrual); one the peer proxy made because its app was unreachable is a hard one.
-fn judge(rsp: &Response<Incoming>) -> Option<Failure> {
-    if !rsp.status().is_server_error() {
-        return None;
+/// How the endpoint did, judged from its response.
+enum Verdict {
+    Success,
+    /// 5xx is a failure (Linkerd's HTTP failure accrual); one the peer proxy made because its
+    /// app was unreachable is a hard one.
+    Failure(Failure),
+    /// 429 or gRPC `RESOURCE_EXHAUSTED`: overloaded, for `Retry-After` if it says (Linkerd
+    /// 2.20 steers traffic away from rate-limited endpoints the same way).
+    Throttled(Option<std::time::Duration>),
+}
+
+fn judge(rsp: &Response<Incoming>) -> Verdict {
+    let status = rsp.status();
+    let grpc_exhausted = rsp
+        .headers()
+        .get("grpc-status")
+        .is_some_and(|v| v.as_bytes() == b"8");
+    if status == StatusCode::TOO_MANY_REQUESTS || grpc_exhausted {
+        return Verdict::Throttled(retry_after(rsp.headers()));
     }
-    Some(if never_reached_app(rsp) {
+    if !status.is_server_error() {
+        return Verdict::Success;
+    }
+    Verdict::Failure(if never_reached_app(rsp) {
         Failure::Hard
     } else {
         Failure::Soft
     })
+}
+
+/// `Retry-After` in seconds (the HTTP-date form is not honoured: clocks differ).
+fn retry_after(headers: &http::HeaderMap) -> Option<std::time::Duration> {
+    let v = headers.get(http::header::RETRY_AFTER)?.to_str().ok()?;
+    v.trim()
+        .parse::<u64>()
+        .ok()
+        .map(std::time::Duration::from_secs)
+}
+
+/// Tells the balancer how the endpoint did.
+fn report(
+    ctx: &Ctx,
+    service: &str,
+    ep: &Endpoint,
+    guard: crate::balance::InFlight<'_>,
+    verdict: Verdict,
+) {
+    match verdict {
+        Verdict::Success => guard.success(),
+        Verdict::Failure(kind) => ejected(ctx, service, ep, guard.failure(kind)),
+        Verdict::Throttled(after) => {
+            tracing::debug!(service, endpoint = %ep.cfg.addr, retry_after = ?after, "endpoint overloaded; steering traffic away");
+            guard.throttled(after);
+        }
+    }
 }
 
 fn never_reached_app<B>(rsp: &Response<B>) -> bool {
@@ -433,11 +477,7 @@ async fn forward(ctx: &Ctx, call: Call) -> Result<Response<RspBody>, ProxyError>
         let mut guard = ep.load.start();
         match endpoint::send_h2(ctx, &ep, req, &mut guard).await {
             Attempt::Response(rsp) => {
-                let failure = judge(&rsp);
-                match failure {
-                    None => guard.success(),
-                    Some(kind) => ejected(ctx, service, &ep, guard.failure(kind)),
-                }
+                report(ctx, service, &ep, guard, judge(&rsp));
                 if let Some(again) = replay
                     && never_reached_app(&rsp)
                 {
@@ -497,10 +537,7 @@ async fn upgrade(
     guard.sent();
     match endpoint::forward_upgrade(ctx, &ep, req).await {
         Ok(rsp) => {
-            match judge(&rsp) {
-                None => guard.success(),
-                Some(kind) => ejected(ctx, service, &ep, guard.failure(kind)),
-            }
+            report(ctx, service, &ep, guard, judge(&rsp));
             Ok(tag(rsp.map(Either::Left), &ep))
         }
         Err(e) => {

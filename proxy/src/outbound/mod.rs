@@ -57,6 +57,9 @@ impl HasLoad for Endpoint {
     fn load(&self) -> &Load {
         &self.load
     }
+    fn weight(&self) -> u32 {
+        self.cfg.weight
+    }
 }
 
 pub struct OutService {
