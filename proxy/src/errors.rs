@@ -6,7 +6,8 @@
 //! `UNAVAILABLE` / `DEADLINE_EXCEEDED` / `INTERNAL` with a message, as linkerd2-proxy's
 //! `errors::respond` does. Each is counted in `palisade_proxy_errors_total{direction,reason}`.
 //! An error that means the request never reached an app carries `palisade-proxy-error`, so the
-//! caller's proxy may send it elsewhere.
+//! caller's proxy may send it elsewhere. An opaque TCP connection that cannot be carried is
+//! reset ([`rescue_tcp`]).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -125,6 +126,25 @@ fn body(reason: &'static str) -> &'static str {
         "tls_handshake_failed" => "tls_handshake_failed\n",
         "peer_reset" => "peer_reset\n",
         _ => "proxy_error\n",
+    }
+}
+
+/// The TCP form of the rescue layer: a connection the proxy could not carry is reset (not
+/// closed: a FIN would look like an answer to a server-speaks-first client) and the reason
+/// counted, as for HTTP.
+pub fn rescue_tcp(
+    metrics: &Metrics,
+    direction: Direction,
+    tcp: &tokio::net::TcpStream,
+    e: &ProxyError,
+) {
+    let reason = e.reason();
+    metrics.proxy_error(direction, reason);
+    // Kept for dashboards built on it: a refused opaque connection.
+    metrics.refuse(direction, reason);
+    tracing::debug!(?direction, reason, error = %e, "resetting a TCP connection the proxy could not carry");
+    if let Err(err) = socket2::SockRef::from(tcp).set_linger(Some(Duration::ZERO)) {
+        tracing::debug!(error = %err, "cannot set SO_LINGER; the connection closes instead");
     }
 }
 

@@ -397,3 +397,35 @@ async fn a_pooled_connection_between_proxies_closes_when_idle() {
     assert_eq!(get(up, "/").await.expect("response").status, StatusCode::OK);
     assert_eq!(open(), 1.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_opaque_connection_that_cannot_be_carried_is_reset_and_counted() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    init();
+    let pki = Pki::new();
+    let dead: SocketAddr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr")
+    };
+    let p = start_client_proxy(&pki, dead, API, "http", test_timeouts()).await;
+    let mut tcp = within(tokio::net::TcpStream::connect(upstream_addr(
+        &p,
+        RAW_SERVICE,
+    )))
+    .await
+    .expect("connect");
+    tcp.write_all(b"hello").await.expect("write");
+    let mut buf = [0u8; 16];
+    let read = within(tcp.read(&mut buf)).await;
+    assert_eq!(
+        read.map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::ConnectionReset),
+        "a reset, not an orderly close"
+    );
+    assert_eq!(
+        errors(&p, "connect_refused"),
+        1.0,
+        "{}",
+        p.metrics().encode()
+    );
+}

@@ -547,3 +547,88 @@ async fn upgrade(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    use super::*;
+    use crate::balance::{Balancer, Strategy};
+    use crate::config::{Protocol, ServiceConfig};
+
+    fn call(timeout: Option<Duration>, retry: Option<RetryPolicy>) -> Call {
+        let cfg = Arc::new(ServiceConfig {
+            key: "api.demo:8080".into(),
+            protocol: Protocol::Http,
+            endpoints: Vec::new(),
+            virtual_addrs: Vec::new(),
+            timeout,
+            retry,
+        });
+        Call {
+            svc: Arc::new(OutService {
+                cfg,
+                balancer: Balancer::new(Vec::new(), Strategy::default()),
+                budget: super::super::retry_budget(),
+            }),
+            req: Request::get("http://api.demo/")
+                .body(OutBody::empty())
+                .unwrap(),
+        }
+    }
+
+    fn status(s: StatusCode) -> Response<RspBody> {
+        phttp::local_response(s, "")
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_without_an_answer_times_out_at_the_services_timeout() {
+        let never = tower::service_fn(|_c: Call| {
+            futures_util::future::pending::<Result<Response<RspBody>, ProxyError>>()
+        });
+        let start = tokio::time::Instant::now();
+        let r = Timeout { inner: never }
+            .oneshot(call(Some(Duration::from_secs(2)), None))
+            .await;
+        assert!(matches!(r, Err(ProxyError::RequestTimeout(d)) if d == Duration::from_secs(2)));
+        assert_eq!(start.elapsed(), Duration::from_secs(2));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retries_back_off_exponentially_and_stop_at_a_success() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counted = calls.clone();
+        let flaky = tower::service_fn(move |_c: Call| {
+            let n = counted.fetch_add(1, Ordering::Relaxed);
+            async move {
+                Ok::<_, ProxyError>(status(if n < 2 {
+                    StatusCode::SERVICE_UNAVAILABLE
+                } else {
+                    StatusCode::OK
+                }))
+            }
+        });
+        let policy = RetryPolicy {
+            codes: vec![503],
+            attempts: 3,
+            backoff: Duration::from_millis(100),
+        };
+        let start = tokio::time::Instant::now();
+        let r = Retry {
+            inner: flaky,
+            metrics: Metrics::new(),
+        }
+        .oneshot(call(None, Some(policy)))
+        .await
+        .expect("a response");
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(calls.load(Ordering::Relaxed), 3);
+        // 100 ms then 200 ms, each ±25%.
+        let waited = start.elapsed();
+        assert!(
+            waited >= Duration::from_millis(225) && waited <= Duration::from_millis(375),
+            "{waited:?}"
+        );
+    }
+}
