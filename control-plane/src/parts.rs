@@ -282,9 +282,9 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_delta_names_only_what_changed() {
-        let mut s = Shape {
+    /// w1 (app a) and w2 (app b), w0 of app c; s1 selects b on port 80, s2 selects c on 81.
+    fn small() -> Shape {
+        Shape {
             workloads: [(true, 0), (true, 1), (false, 0), (false, 0), (false, 0)],
             services: [
                 (true, 1, 0, false),
@@ -297,7 +297,12 @@ mod tests {
             w0_app: 2,
             other_ns: [false; 5],
             order: vec![0, 1, 2, 3, 4],
-        };
+        }
+    }
+
+    #[test]
+    fn a_delta_names_only_what_changed() {
+        let mut s = small();
         let before = parts(&Model::from_parts(mesh(&s), [], 1), "w0");
         // w2 leaves s1's selector; s2 goes away; s3 appears.
         s.workloads[1].1 = 2;
@@ -320,20 +325,7 @@ mod tests {
 
     #[test]
     fn a_proxy_on_demand_gets_its_upstreams_and_what_it_looked_up() {
-        let s = Shape {
-            workloads: [(true, 0), (true, 1), (false, 0), (false, 0), (false, 0)],
-            services: [
-                (true, 1, 0, false),
-                (true, 2, 1, false),
-                (false, 0, 0, false),
-                (false, 0, 0, false),
-                (false, 0, 0, false),
-            ],
-            deny_by_default: false,
-            w0_app: 2,
-            other_ns: [false; 5],
-            order: vec![0, 1, 2, 3, 4],
-        };
+        let s = small();
         let model = Model::from_parts(mesh(&s), [], 1);
         let keys = |p: &ProxyParts| -> Vec<String> {
             p.services

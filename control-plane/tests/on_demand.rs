@@ -9,41 +9,19 @@
 //! (`tests/init_netns.rs` covers the redirect itself).
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
 
 use palisade_certs::SpiffeId;
 use palisade_control_plane::{ControlPlaneConfig, RunningControlPlane};
 use palisade_proxy::control_plane::ControlPlaneAddrs;
 use palisade_proxy::outbound::Routed;
 
+#[path = "support/bounded.rs"]
+mod bounded;
 #[path = "support/proxy.rs"]
 mod proxy;
 
-const T: Duration = Duration::from_secs(15);
-
-async fn within<F: Future>(what: &str, f: F) -> F::Output {
-    match tokio::time::timeout(T, f).await {
-        Ok(v) => v,
-        Err(_) => panic!("timed out: {what}"),
-    }
-}
-
-async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + T;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
-}
+use bounded::{free_port, wait_until, within};
 
 /// The value of the sample `name` (with its labels) in `text`; 0 when absent.
 fn sample(text: &str, name: &str) -> u64 {

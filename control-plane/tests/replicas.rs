@@ -4,11 +4,10 @@
 //! proxy on a control plane of an earlier release (no Deltas) watches full snapshots instead.
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -17,32 +16,12 @@ use palisade_control_plane::{ControlPlaneConfig, RunningControlPlane};
 use palisade_proxy::config::UpstreamListener;
 use palisade_proxy::control_plane::ControlPlaneAddrs;
 
+#[path = "support/bounded.rs"]
+mod bounded;
 #[path = "support/proxy.rs"]
 mod proxy;
 
-const T: Duration = Duration::from_secs(15);
-
-async fn within<F: Future>(what: &str, f: F) -> F::Output {
-    match tokio::time::timeout(T, f).await {
-        Ok(v) => v,
-        Err(_) => panic!("timed out: {what}"),
-    }
-}
-
-async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + T;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
-}
+use bounded::{free_port, wait_until, within};
 
 /// An app answering every request with 200 `ok`.
 async fn app() -> SocketAddr {

@@ -50,6 +50,51 @@ fn failures_between(log: &Log, from: Instant, to: Instant) -> Vec<(Duration, u16
         .collect()
 }
 
+/// Load: a keep-alive client, one GET every 10 ms (at most 3000), each outcome logged; a
+/// transport error reconnects.
+fn load(upstream: SocketAddr) -> (Log, JoinHandle<()>) {
+    let log: Log = Arc::default();
+    let task = {
+        let log = log.clone();
+        tokio::spawn(async move {
+            let mut c = h1_client(upstream).await;
+            let mut tick = tokio::time::interval(Duration::from_millis(10));
+            for _ in 0..3000 {
+                tick.tick().await;
+                let at = Instant::now();
+                let (status, body) = match h1_send(&mut c, get_req("/")).await {
+                    Ok(r) => (
+                        r.status.as_u16(),
+                        String::from_utf8_lossy(&r.body).into_owned(),
+                    ),
+                    Err(_) => {
+                        c = h1_client(upstream).await;
+                        (0, String::new())
+                    }
+                };
+                log.lock().expect("log").push((at, status, body));
+            }
+        })
+    };
+    (log, task)
+}
+
+/// Waits until each of the apps `a`, `b` and `c` has answered, before anything dies.
+async fn all_answer(log: &Log) {
+    let all_seen = || {
+        let l = log.lock().expect("log");
+        ["a", "b", "c"]
+            .iter()
+            .all(|n| l.iter().any(|(_, s, b)| *s == 200 && b == n))
+    };
+    within(async {
+        while !all_seen() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failures_stop_within_two_seconds_of_an_app_death_and_a_proxy_death() {
     init();
@@ -75,43 +120,8 @@ async fn failures_stop_within_two_seconds_of_an_app_death_and_a_proxy_death() {
     let client = within(Proxy::start(cfg)).await.expect("client proxy");
     let upstream = upstream_addr(&client, SERVICE);
 
-    // Load: a keep-alive client, one request every 10 ms, each outcome logged.
-    let log: Log = Arc::default();
-    let load = {
-        let log = log.clone();
-        tokio::spawn(async move {
-            let mut c = h1_client(upstream).await;
-            let mut tick = tokio::time::interval(Duration::from_millis(10));
-            for _ in 0..3000 {
-                tick.tick().await;
-                let at = Instant::now();
-                let (status, body) = match h1_send(&mut c, get_req("/")).await {
-                    Ok(r) => (
-                        r.status.as_u16(),
-                        String::from_utf8_lossy(&r.body).into_owned(),
-                    ),
-                    Err(_) => {
-                        c = h1_client(upstream).await;
-                        (0, String::new())
-                    }
-                };
-                log.lock().expect("log").push((at, status, body));
-            }
-        })
-    };
-    // Every endpoint answers before anything dies.
-    let all_seen = || {
-        let l = log.lock().expect("log");
-        ["a", "b", "c"]
-            .iter()
-            .all(|n| l.iter().any(|(_, s, b)| *s == 200 && b == n))
-    };
-    within(async {
-        while !all_seen() {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
+    let (log, traffic) = load(upstream);
+    all_answer(&log).await;
 
     // a's app dies.
     let t1 = Instant::now();
@@ -121,7 +131,7 @@ async fn failures_stop_within_two_seconds_of_an_app_death_and_a_proxy_death() {
     let t2 = Instant::now();
     let stopping = tokio::spawn(pb.shutdown());
     tokio::time::sleep_until(t2 + Duration::from_secs(3)).await;
-    load.abort();
+    traffic.abort();
     let _ = stopping.await;
 
     let late_after_app = failures_between(&log, t1 + Duration::from_secs(2), t2);
@@ -252,47 +262,14 @@ async fn with_retries_no_request_fails_when_an_app_and_then_a_proxy_die() {
     )
     .await;
     let upstream = upstream_addr(&client, SERVICE);
-    let log: Log = Arc::default();
-    let load = {
-        let log = log.clone();
-        tokio::spawn(async move {
-            let mut c = h1_client(upstream).await;
-            let mut tick = tokio::time::interval(Duration::from_millis(10));
-            for _ in 0..3000 {
-                tick.tick().await;
-                let at = Instant::now();
-                let (status, body) = match h1_send(&mut c, get_req("/")).await {
-                    Ok(r) => (
-                        r.status.as_u16(),
-                        String::from_utf8_lossy(&r.body).into_owned(),
-                    ),
-                    Err(_) => {
-                        c = h1_client(upstream).await;
-                        (0, String::new())
-                    }
-                };
-                log.lock().expect("log").push((at, status, body));
-            }
-        })
-    };
-    let answered_by_all = || {
-        let l = log.lock().expect("log");
-        ["a", "b", "c"]
-            .iter()
-            .all(|n| l.iter().any(|(_, s, b)| *s == 200 && b == n))
-    };
-    within(async {
-        while !answered_by_all() {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
+    let (log, traffic) = load(upstream);
+    all_answer(&log).await;
     let t0 = Instant::now();
     kill_a.abort();
     tokio::time::sleep_until(t0 + Duration::from_secs(2)).await;
     let stopping = tokio::spawn(pb.shutdown());
     tokio::time::sleep_until(t0 + Duration::from_secs(4)).await;
-    load.abort();
+    traffic.abort();
     let _ = stopping.await;
     let failures = failures_between(&log, t0 - Duration::from_secs(60), Instant::now());
     let total = log.lock().expect("log").len();
