@@ -186,6 +186,10 @@ pub struct Service {
     /// Request timeout (`2s`): the caller's proxy answers 504 past it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<String>,
+    /// How long a response may stream without a byte (`30s`) before the caller's proxy
+    /// cancels it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout: Option<String>,
     /// Retries of failed calls (`{codes: [502, 503], attempts: 3, backoff: 25ms}`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry: Option<palisade_api::call::RetrySpec>,
@@ -592,6 +596,10 @@ fn validate(file: MeshFile, path: &Path) -> Result<Mesh, MeshError> {
         if let Some(t) = &s.timeout {
             palisade_api::call::parse_timeout(t).map_err(|e| err(at("timeout"), e.to_string()))?;
         }
+        if let Some(t) = &s.idle_timeout {
+            palisade_api::call::parse_timeout(t)
+                .map_err(|e| err(at("idleTimeout"), e.to_string()))?;
+        }
         if let Some(r) = &s.retry {
             r.validate().map_err(|e| err(at("retry"), e.to_string()))?;
         }
@@ -766,17 +774,20 @@ services:
         let with =
             |extra: &str| GOOD.replace("protocol: http }", &format!("protocol: http, {extra} }}"));
         let m = parse_str(&with(
-            "timeout: 2s, retry: { codes: [503, 502], attempts: 3, backoff: 50ms }",
+            "timeout: 2s, idleTimeout: 30s, retry: { codes: [503, 502], attempts: 3, backoff: 50ms }",
         ))
         .unwrap();
         let pieces = crate::pieces::Pieces::build(&m);
         let wire = &pieces.service("api", "demo", 8080).unwrap().msg;
         assert_eq!(wire.request_timeout_ms, 2000);
+        assert_eq!(wire.idle_timeout_ms, 30_000);
         let retry = wire.retry.as_ref().expect("a retry policy");
         assert_eq!(
             (retry.codes.as_slice(), retry.attempts, retry.backoff_ms),
             (&[502, 503][..], 3, 50)
         );
+        let e = field_of(&with("idleTimeout: never"));
+        assert!(e.starts_with("services[0].idleTimeout:"), "{e}");
         let e = field_of(&with("timeout: 0s"));
         assert!(e.starts_with("services[0].timeout:"), "{e}");
         let e = field_of(&with("retry: { codes: [503], attempts: 40 }"));

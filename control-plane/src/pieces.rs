@@ -148,6 +148,11 @@ impl Pieces {
                         .as_deref()
                         .and_then(|t| palisade_api::call::parse_timeout(t).ok()),
                 ),
+                idle_timeout_ms: palisade_api::call::timeout_to_proto(
+                    s.idle_timeout
+                        .as_deref()
+                        .and_then(|t| palisade_api::call::parse_timeout(t).ok()),
+                ),
                 retry: s
                     .retry
                     .as_ref()

@@ -157,6 +157,8 @@ pub struct ServiceConfig {
     pub virtual_addrs: Vec<SocketAddr>,
     /// Past it (response headers not in, retries included) the caller gets 504.
     pub timeout: Option<std::time::Duration>,
+    /// A response stream without a frame for this long is cancelled.
+    pub idle_timeout: Option<std::time::Duration>,
     pub retry: Option<palisade_api::call::RetryPolicy>,
 }
 
@@ -288,6 +290,8 @@ impl Snapshot {
             };
             let timeout = palisade_api::call::timeout_from_proto(s.request_timeout_ms)
                 .map_err(|e| call_err("request_timeout_ms", e))?;
+            let idle_timeout = palisade_api::call::timeout_from_proto(s.idle_timeout_ms)
+                .map_err(|e| call_err("idle_timeout_ms", e))?;
             let retry = s
                 .retry
                 .as_ref()
@@ -302,6 +306,7 @@ impl Snapshot {
                     endpoints,
                     virtual_addrs,
                     timeout,
+                    idle_timeout,
                     retry,
                 }),
             );
@@ -362,6 +367,13 @@ impl Snapshot {
                         .transpose()
                         .map_err(|e| file_err(format!("services[{i}].timeout: {e}")))?,
                 ),
+                idle_timeout_ms: palisade_api::call::timeout_to_proto(
+                    s.idle_timeout
+                        .as_deref()
+                        .map(palisade_api::call::parse_timeout)
+                        .transpose()
+                        .map_err(|e| file_err(format!("services[{i}].idleTimeout: {e}")))?,
+                ),
                 retry: s
                     .retry
                     .as_ref()
@@ -409,6 +421,7 @@ struct StaticService {
     #[serde(default)]
     endpoints: Vec<StaticEndpoint>,
     timeout: Option<String>,
+    idle_timeout: Option<String>,
     retry: Option<palisade_api::call::RetrySpec>,
 }
 

@@ -17,7 +17,92 @@ use hyper::body::Incoming;
 use crate::telemetry::{Direction, Label, Metrics, RequestLabels};
 
 /// Responses are either the peer's body, streamed, or a small local body (errors, denials).
-pub type RspBody = Either<Incoming, Full<Bytes>>;
+pub type RspBody = Either<PeerBody, Full<Bytes>>;
+
+/// A response body from a peer proxy or the app, streamed, and cancelled when the service's
+/// stream idle timeout passes without a frame (Linkerd's `timeout.linkerd.io/idle`). Without
+/// a timeout it is the body as it came, at no cost.
+pub struct PeerBody {
+    inner: Incoming,
+    idle: Option<IdleTimer>,
+}
+
+struct IdleTimer {
+    limit: std::time::Duration,
+    sleep: Pin<Box<tokio::time::Sleep>>,
+    metrics: Arc<Metrics>,
+    direction: Direction,
+}
+
+/// Why a streamed response body ended early.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error(transparent)]
+    Peer(#[from] hyper::Error),
+    #[error("no frame for {0:?}: the response stream idled out")]
+    Idle(std::time::Duration),
+}
+
+impl PeerBody {
+    pub fn new(inner: Incoming) -> Self {
+        PeerBody { inner, idle: None }
+    }
+
+    /// `inner`, cancelled after `limit` without a frame (counted as `stream_idle_timeout`).
+    pub fn with_idle_timeout(
+        inner: Incoming,
+        limit: Option<std::time::Duration>,
+        metrics: &Arc<Metrics>,
+        direction: Direction,
+    ) -> Self {
+        let idle = limit.map(|limit| IdleTimer {
+            limit,
+            sleep: Box::pin(tokio::time::sleep(limit)),
+            metrics: metrics.clone(),
+            direction,
+        });
+        PeerBody { inner, idle }
+    }
+}
+
+impl http_body::Body for PeerBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, BodyError>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(frame) => {
+                if let Some(t) = &mut this.idle {
+                    let next = tokio::time::Instant::now() + t.limit;
+                    t.sleep.as_mut().reset(next);
+                }
+                Poll::Ready(frame.map(|f| f.map_err(BodyError::Peer)))
+            }
+            Poll::Pending => {
+                if let Some(t) = &mut this.idle
+                    && t.sleep.as_mut().poll(cx).is_ready()
+                {
+                    t.metrics.proxy_error(t.direction, "stream_idle_timeout");
+                    tracing::debug!(limit = ?t.limit, "cancelling a response stream that idled out");
+                    return Poll::Ready(Some(Err(BodyError::Idle(t.limit))));
+                }
+                Poll::Pending
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
 
 /// Between proxies, the HTTP version the app spoke when it was HTTP/1.x (requests are
 /// multiplexed over HTTP/2, and the receiving proxy restores the version).

@@ -344,7 +344,7 @@ async fn call_app(
                     }
                 });
             }
-            Ok(rsp.map(Either::Left))
+            Ok(rsp.map(|b| Either::Left(phttp::PeerBody::new(b))))
         }
         // The caller's body broke (a malformed chunk): its fault, not the app's.
         Err(_) if watch.client_failed() => Err(ProxyError::BadRequestBody),

@@ -429,3 +429,46 @@ async fn an_opaque_connection_that_cannot_be_carried_is_reset_and_counted() {
         p.metrics().encode()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_stream_that_idles_is_cancelled_at_the_services_idle_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    init();
+    let pki = Pki::new();
+    // An app that sends the headers and one chunk, then nothing for 10 s.
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let app = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = tcp.read(&mut buf).await;
+                let _ = tcp
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n",
+                    )
+                    .await;
+                tokio::time::sleep(Duration::from_secs(10)).await;
+            });
+        }
+    });
+    let server = start_server_proxy(&pki, app, "STRICT", "http", test_timeouts()).await;
+    let p = client(
+        &pki,
+        &server.inbound_addr.to_string(),
+        API,
+        "  idleTimeout: 300ms\n",
+    )
+    .await;
+    let r = within(get(upstream_addr(&p, SERVICE), "/")).await;
+    assert!(
+        r.is_err(),
+        "the body must end in an error, not complete: {r:?}"
+    );
+    assert_eq!(
+        errors(&p, "stream_idle_timeout"),
+        1.0,
+        "{}",
+        p.metrics().encode()
+    );
+}

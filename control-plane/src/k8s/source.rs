@@ -473,6 +473,8 @@ impl Builder {
             vips.dedup();
             let selector = spec.selector.clone().unwrap_or_default();
             let (timeout, retry) = call_annotations(&svc.metadata, &ns, &name);
+            let idle_timeout =
+                duration_annotation(&svc.metadata, "timeout.palisade.dev/idle", &ns, &name);
             let no_slices = Vec::new();
             let own_slices = slices
                 .get(&(ns.clone(), name.clone()))
@@ -523,6 +525,7 @@ impl Builder {
                     endpoints: Some(endpoints),
                     virtual_ips: vips.clone(),
                     timeout: timeout.clone(),
+                    idle_timeout: idle_timeout.clone(),
                     retry: retry.clone(),
                 });
             }
@@ -1290,6 +1293,24 @@ async fn publish_events(recorder: Recorder, mut rx: mpsc::UnboundedReceiver<Reje
     }
 }
 
+/// A duration annotation (`timeout.palisade.dev/idle: 30s`); one that does not parse is left
+/// out, and said so.
+fn duration_annotation(
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    key: &str,
+    ns: &str,
+    name: &str,
+) -> Option<String> {
+    let v = meta.annotations.as_ref()?.get(key)?;
+    match palisade_api::call::parse_timeout(v) {
+        Ok(_) => Some(v.clone()),
+        Err(e) => {
+            tracing::warn!(service = %format!("{ns}/{name}"), error = %e, "ignoring annotation {key}");
+            None
+        }
+    }
+}
+
 /// The request timeout and retry policy a Service's annotations set
 /// (`timeout.palisade.dev/request`, `retry.palisade.dev/{codes,attempts,backoff}`). One that
 /// does not parse is left out, and said so: the Service keeps routing without it.
@@ -1395,6 +1416,16 @@ mod tests {
         );
         assert_eq!((t, r), (None, None));
         assert_eq!(call_annotations(&meta(&[]), "demo", "api"), (None, None));
+        let idle = |v: &str| {
+            duration_annotation(
+                &meta(&[("timeout.palisade.dev/idle", v)]),
+                "timeout.palisade.dev/idle",
+                "demo",
+                "api",
+            )
+        };
+        assert_eq!(idle("30s").as_deref(), Some("30s"));
+        assert_eq!(idle("forever"), None);
     }
 
     #[test]

@@ -27,7 +27,7 @@ use super::{Endpoint, OutService};
 use crate::Ctx;
 use crate::balance::Failure;
 use crate::errors::{ProxyError, RescueLayer};
-use crate::http::{self as phttp, DstIdentity, OutBody, RspBody, TelemetryLayer};
+use crate::http::{self as phttp, DstIdentity, OutBody, PeerBody, RspBody, TelemetryLayer};
 use crate::io::PrefixedIo;
 use crate::sanitize::SanitizeLayer;
 use crate::telemetry::{Direction, Label, Metrics};
@@ -486,7 +486,15 @@ async fn forward(ctx: &Ctx, call: Call) -> Result<Response<RspBody>, ProxyError>
                     tried = Some(ep);
                     continue;
                 }
-                return Ok(tag(rsp.map(Either::Left), &ep));
+                let body = |b| {
+                    Either::Left(PeerBody::with_idle_timeout(
+                        b,
+                        svc.cfg.idle_timeout,
+                        &ctx.metrics,
+                        Direction::outbound,
+                    ))
+                };
+                return Ok(tag(rsp.map(body), &ep));
             }
             Attempt::NotSent(e, back) => {
                 tracing::warn!(service, endpoint = %ep.cfg.addr, error = %e, "outbound request failed before it was sent");
@@ -538,7 +546,7 @@ async fn upgrade(
     match endpoint::forward_upgrade(ctx, &ep, req).await {
         Ok(rsp) => {
             report(ctx, service, &ep, guard, judge(&rsp));
-            Ok(tag(rsp.map(Either::Left), &ep))
+            Ok(tag(rsp.map(|b| Either::Left(PeerBody::new(b))), &ep))
         }
         Err(e) => {
             tracing::warn!(service, endpoint = %ep.cfg.addr, error = %e, "upgrade failed");
@@ -564,6 +572,7 @@ mod tests {
             endpoints: Vec::new(),
             virtual_addrs: Vec::new(),
             timeout,
+            idle_timeout: None,
             retry,
         });
         Call {
