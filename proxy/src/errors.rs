@@ -180,11 +180,10 @@ pub struct Rescue<S> {
 impl<S, B> tower::Service<Request<B>> for Rescue<S>
 where
     S: tower::Service<Request<B>, Response = Response<RspBody>, Error = ProxyError>,
-    S::Future: Send + 'static,
 {
     type Response = Response<RspBody>;
     type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<RspBody>, Infallible>> + Send>>;
+    type Future = RescueFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         match self.inner.poll_ready(cx) {
@@ -195,24 +194,46 @@ where
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let grpc = phttp::is_grpc(&req);
-        let fut = self.inner.call(req);
-        let layer = self.layer.clone();
-        Box::pin(async move {
-            match fut.await {
-                Ok(rsp) => Ok(rsp),
-                Err(e) => {
-                    let reason = e.reason();
-                    layer.metrics.proxy_error(layer.direction, reason);
-                    if matches!(e, ProxyError::BadRequestBody) {
-                        layer
-                            .metrics
-                            .refuse_request(layer.direction, "bad_request_body");
-                    } else {
-                        tracing::debug!(direction = ?layer.direction, reason, error = %e, "request failed in the proxy");
-                    }
-                    Ok(e.response(grpc))
-                }
-            }
-        })
+        RescueFuture {
+            inner: self.inner.call(req),
+            grpc,
+            layer: self.layer.clone(),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The inner call's response, or the answer to its error.
+    pub struct RescueFuture<F> {
+        #[pin]
+        inner: F,
+        grpc: bool,
+        layer: RescueLayer,
+    }
+}
+
+impl<F> Future for RescueFuture<F>
+where
+    F: Future<Output = Result<Response<RspBody>, ProxyError>>,
+{
+    type Output = Result<Response<RspBody>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let e = match this.inner.poll(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Ok(rsp)) => return Poll::Ready(Ok(rsp)),
+            Poll::Ready(Err(e)) => e,
+        };
+        let (layer, reason) = (&*this.layer, e.reason());
+        layer.metrics.proxy_error(layer.direction, reason);
+        if matches!(e, ProxyError::BadRequestBody) {
+            layer
+                .metrics
+                .refuse_request(layer.direction, "bad_request_body");
+        } else {
+            tracing::debug!(direction = ?layer.direction, reason, error = %e, "request failed in the proxy");
+        }
+        Poll::Ready(Ok(e.response(*this.grpc)))
     }
 }

@@ -12,6 +12,7 @@
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use futures_util::future;
 use futures_util::future::BoxFuture;
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body::Body as _;
@@ -101,41 +102,42 @@ pub(crate) struct Route<S> {
     layer: RouteLayer,
 }
 
+/// What a layer below the route returns: the inner call's own future on the common path, a
+/// boxed one only for what is rare or configured (an upgrade, an early error, a retry policy),
+/// so a request allocates no future per layer.
+pub(crate) type Answer = BoxFuture<'static, Result<Response<RspBody>, ProxyError>>;
+
 impl<S> tower::Service<Request<Incoming>> for Route<S>
 where
-    S: tower::Service<Call, Response = Response<RspBody>, Error = ProxyError>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send,
+    S: tower::Service<Call, Response = Response<RspBody>, Error = ProxyError>,
+    S::Future: Send + 'static,
 {
     type Response = Response<RspBody>;
     type Error = ProxyError;
-    type Future = BoxFuture<'static, Result<Response<RspBody>, ProxyError>>;
+    type Future = future::Either<S::Future, Answer>;
 
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
-        Poll::Ready(Ok(()))
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, req: Request<Incoming>) -> Self::Future {
-        let inner = self.inner.clone();
-        let RouteLayer { ctx, service } = self.layer.clone();
-        Box::pin(async move {
-            let svc = ctx
-                .outbound
-                .load()
-                .get(&service)
-                .cloned()
-                .ok_or(ProxyError::UnknownService)?;
-            if phttp::is_upgrade(&req) {
-                return upgrade(&ctx, &service, &svc, req).await;
-            }
-            let req = for_h2(req, &service).map_err(|_| ProxyError::BadRequestTarget)?;
-            let (parts, body) = req.into_parts();
-            let (body, _) = OutBody::watched(body);
-            let req = Request::from_parts(parts, body);
-            inner.oneshot(Call { svc, req }).await
-        })
+        let RouteLayer { ctx, service } = &self.layer;
+        let Some(svc) = ctx.outbound.load().get(service).cloned() else {
+            return future::Either::Right(Box::pin(async { Err(ProxyError::UnknownService) }));
+        };
+        if phttp::is_upgrade(&req) {
+            let (ctx, service) = (ctx.clone(), service.clone());
+            return future::Either::Right(Box::pin(async move {
+                upgrade(&ctx, &service, &svc, req).await
+            }));
+        }
+        let Ok(req) = for_h2(req, service) else {
+            return future::Either::Right(Box::pin(async { Err(ProxyError::BadRequestTarget) }));
+        };
+        let (parts, body) = req.into_parts();
+        let (body, _) = OutBody::watched(body);
+        let req = Request::from_parts(parts, body);
+        future::Either::Left(self.inner.call(Call { svc, req }))
     }
 }
 
@@ -159,11 +161,10 @@ pub(crate) struct Timeout<S> {
 impl<S> tower::Service<Call> for Timeout<S>
 where
     S: tower::Service<Call, Response = Response<RspBody>, Error = ProxyError>,
-    S::Future: Send + 'static,
 {
     type Response = Response<RspBody>;
     type Error = ProxyError;
-    type Future = BoxFuture<'static, Result<Response<RspBody>, ProxyError>>;
+    type Future = TimeoutFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
         self.inner.poll_ready(cx)
@@ -171,15 +172,44 @@ where
 
     fn call(&mut self, call: Call) -> Self::Future {
         let limit = call.svc.cfg.timeout;
-        let fut = self.inner.call(call);
-        Box::pin(async move {
-            match limit {
-                None => fut.await,
-                Some(d) => tokio::time::timeout(d, fut)
-                    .await
-                    .unwrap_or(Err(ProxyError::RequestTimeout(d))),
-            }
-        })
+        TimeoutFuture {
+            inner: self.inner.call(call),
+            sleep: limit.map(tokio::time::sleep),
+            limit,
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The inner call, failed with [`ProxyError::RequestTimeout`] at the limit; no timer
+    /// without one.
+    pub(crate) struct TimeoutFuture<F> {
+        #[pin]
+        inner: F,
+        #[pin]
+        sleep: Option<tokio::time::Sleep>,
+        limit: Option<std::time::Duration>,
+    }
+}
+
+impl<F> std::future::Future for TimeoutFuture<F>
+where
+    F: std::future::Future<Output = Result<Response<RspBody>, ProxyError>>,
+{
+    type Output = F::Output;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        if let Poll::Ready(out) = this.inner.poll(cx) {
+            return Poll::Ready(out);
+        }
+        match (this.sleep.as_pin_mut(), *this.limit) {
+            (Some(sleep), Some(limit)) => match sleep.poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Err(ProxyError::RequestTimeout(limit))),
+                Poll::Pending => Poll::Pending,
+            },
+            _ => Poll::Pending,
+        }
     }
 }
 
@@ -228,16 +258,19 @@ where
 {
     type Response = Response<RspBody>;
     type Error = ProxyError;
-    type Future = BoxFuture<'static, Result<Response<RspBody>, ProxyError>>;
+    type Future = future::Either<S::Future, Answer>;
 
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
-        Poll::Ready(Ok(()))
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, call: Call) -> Self::Future {
+        if call.svc.cfg.retry.is_none() {
+            return future::Either::Left(self.inner.call(call));
+        }
         let inner = self.inner.clone();
         let metrics = self.metrics.clone();
-        Box::pin(retrying(inner, call, metrics))
+        future::Either::Right(Box::pin(retrying(inner, call, metrics)))
     }
 }
 
@@ -261,6 +294,7 @@ where
     let Some(policy) = call.svc.cfg.retry.clone() else {
         return inner.oneshot(call).await;
     };
+    // (Retry::call sends calls without a policy straight to the inner service.)
     call.svc.budget.deposit();
     let replayable = idempotent(call.req.method())
         && call
