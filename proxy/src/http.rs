@@ -22,9 +22,17 @@ pub type RspBody = Either<PeerBody, Full<Bytes>>;
 /// A response body from a peer proxy or the app, streamed, and cancelled when the service's
 /// stream idle timeout passes without a frame (Linkerd's `timeout.linkerd.io/idle`). Without
 /// a timeout it is the body as it came, at no cost.
+///
+/// A gRPC call whose stream fails (it idles out, or the peer resets it) ends with trailers
+/// carrying the gRPC status (`DEADLINE_EXCEEDED`, `UNAVAILABLE`) instead of a broken stream,
+/// as linkerd2-proxy's rescue does for bodies: a gRPC client then sees a status, not a
+/// transport error.
 pub struct PeerBody {
     inner: Incoming,
     idle: Option<IdleTimer>,
+    grpc: bool,
+    /// Ended by a rescue trailer: nothing follows it.
+    done: bool,
 }
 
 struct IdleTimer {
@@ -44,13 +52,20 @@ pub enum BodyError {
 }
 
 impl PeerBody {
-    pub fn new(inner: Incoming) -> Self {
-        PeerBody { inner, idle: None }
+    /// The body as it came; `grpc` when it answers a gRPC call.
+    pub fn new(inner: Incoming, grpc: bool) -> Self {
+        PeerBody {
+            inner,
+            idle: None,
+            grpc,
+            done: false,
+        }
     }
 
     /// `inner`, cancelled after `limit` without a frame (counted as `stream_idle_timeout`).
     pub fn with_idle_timeout(
         inner: Incoming,
+        grpc: bool,
         limit: Option<std::time::Duration>,
         metrics: &Arc<Metrics>,
         direction: Direction,
@@ -61,7 +76,34 @@ impl PeerBody {
             metrics: metrics.clone(),
             direction,
         });
-        PeerBody { inner, idle }
+        PeerBody {
+            inner,
+            idle,
+            grpc,
+            done: false,
+        }
+    }
+
+    /// The end of a failed stream: for gRPC, trailers with `code` (the caller sees a status);
+    /// otherwise the error itself.
+    fn fail(
+        &mut self,
+        error: BodyError,
+        code: u8,
+        reason: &'static str,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, BodyError>>> {
+        if !self.grpc {
+            return Poll::Ready(Some(Err(error)));
+        }
+        self.done = true;
+        let mut trailers = HeaderMap::new();
+        let code = match code {
+            4 => HeaderValue::from_static("4"),
+            _ => HeaderValue::from_static("14"),
+        };
+        trailers.insert("grpc-status", code);
+        trailers.insert("grpc-message", HeaderValue::from_static(reason));
+        Poll::Ready(Some(Ok(http_body::Frame::trailers(trailers))))
     }
 }
 
@@ -74,7 +116,11 @@ impl http_body::Body for PeerBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Bytes>, BodyError>>> {
         let this = &mut *self;
+        if this.done {
+            return Poll::Ready(None);
+        }
         match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Err(e))) => this.fail(BodyError::Peer(e), 14, "peer_reset"),
             Poll::Ready(frame) => {
                 if let Some(t) = &mut this.idle {
                     let next = tokio::time::Instant::now() + t.limit;
@@ -83,20 +129,22 @@ impl http_body::Body for PeerBody {
                 Poll::Ready(frame.map(|f| f.map_err(BodyError::Peer)))
             }
             Poll::Pending => {
-                if let Some(t) = &mut this.idle
-                    && t.sleep.as_mut().poll(cx).is_ready()
-                {
-                    t.metrics.proxy_error(t.direction, "stream_idle_timeout");
-                    tracing::debug!(limit = ?t.limit, "cancelling a response stream that idled out");
-                    return Poll::Ready(Some(Err(BodyError::Idle(t.limit))));
+                let Some(t) = &mut this.idle else {
+                    return Poll::Pending;
+                };
+                if t.sleep.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
                 }
-                Poll::Pending
+                t.metrics.proxy_error(t.direction, "stream_idle_timeout");
+                tracing::debug!(limit = ?t.limit, "cancelling a response stream that idled out");
+                let limit = t.limit;
+                this.fail(BodyError::Idle(limit), 4, "stream_idle_timeout")
             }
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.done || self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> http_body::SizeHint {

@@ -294,6 +294,7 @@ async fn call_app(
     orig: Option<HeaderValue>,
 ) -> Result<Response<RspBody>, ProxyError> {
     let upgrade = phttp::is_upgrade(&req);
+    let grpc = phttp::is_grpc(&req);
     phttp::set_absolute_uri(&mut req, &app.authority).map_err(|_| ProxyError::BadRequestTarget)?;
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (parts, body) = req.into_parts();
@@ -344,7 +345,7 @@ async fn call_app(
                     }
                 });
             }
-            Ok(rsp.map(|b| Either::Left(phttp::PeerBody::new(b))))
+            Ok(rsp.map(|b| Either::Left(phttp::PeerBody::new(b, grpc))))
         }
         // The caller's body broke (a malformed chunk): its fault, not the app's.
         Err(_) if watch.client_failed() => Err(ProxyError::BadRequestBody),

@@ -471,4 +471,21 @@ async fn a_response_stream_that_idles_is_cancelled_at_the_services_idle_timeout(
         "{}",
         p.metrics().encode()
     );
+    // A gRPC call gets a status instead: trailers with DEADLINE_EXCEEDED after the data.
+    let mut c = h2_client(upstream_addr(&p, SERVICE)).await;
+    let g = h2_send(&mut c, grpc_get("/pkg.Svc/Stream"))
+        .await
+        .expect("a whole response");
+    assert_eq!(g.status, StatusCode::OK);
+    assert_eq!(g.body.as_ref(), b"hello");
+    let trailers = g.trailers.expect("trailers");
+    assert_eq!(
+        trailers.get("grpc-status").map(|v| v.as_bytes()),
+        Some(&b"4"[..])
+    );
+    assert_eq!(
+        trailers.get("grpc-message").map(|v| v.as_bytes()),
+        Some(&b"stream_idle_timeout"[..])
+    );
+    assert_eq!(errors(&p, "stream_idle_timeout"), 2.0);
 }

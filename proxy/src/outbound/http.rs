@@ -495,6 +495,7 @@ async fn forward(ctx: &Ctx, call: Call) -> Result<Response<RspBody>, ProxyError>
     let Call { svc, mut req } = call;
     let service = svc.cfg.key.as_str();
     let bodiless = req.body().is_end_stream();
+    let grpc = phttp::is_grpc(&req);
     let mut tried: Option<Arc<Endpoint>> = None;
     for attempt in 1..=MAX_ATTEMPTS {
         let picked = match &tried {
@@ -523,6 +524,7 @@ async fn forward(ctx: &Ctx, call: Call) -> Result<Response<RspBody>, ProxyError>
                 let body = |b| {
                     Either::Left(PeerBody::with_idle_timeout(
                         b,
+                        grpc,
                         svc.cfg.idle_timeout,
                         &ctx.metrics,
                         Direction::outbound,
@@ -580,7 +582,7 @@ async fn upgrade(
     match endpoint::forward_upgrade(ctx, &ep, req).await {
         Ok(rsp) => {
             report(ctx, service, &ep, guard, judge(&rsp));
-            Ok(tag(rsp.map(|b| Either::Left(PeerBody::new(b))), &ep))
+            Ok(tag(rsp.map(|b| Either::Left(PeerBody::new(b, false))), &ep))
         }
         Err(e) => {
             tracing::warn!(service, endpoint = %ep.cfg.addr, error = %e, "upgrade failed");
