@@ -11,6 +11,7 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -18,9 +19,72 @@ use std::time::Duration;
 
 use http::{HeaderValue, Request, Response, StatusCode};
 
+use crate::balance::Failure;
 use crate::http::{self as phttp, RspBody};
-use crate::outbound::EndpointError;
 use crate::telemetry::{Direction, Metrics};
+
+/// What went wrong with one peer endpoint: dialling it, its identity, or the exchange.
+#[derive(Debug, thiserror::Error)]
+pub enum EndpointError {
+    #[error("connect to {addr}: {source}")]
+    Connect {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("mTLS handshake with {addr} failed ({reason}): {source}")]
+    Tls {
+        addr: SocketAddr,
+        reason: &'static str,
+        source: std::io::Error,
+    },
+    #[error("HTTP/2 with {addr}: {source}")]
+    Http {
+        addr: SocketAddr,
+        source: hyper::Error,
+    },
+}
+
+impl EndpointError {
+    /// A refused connection or a peer that is not who the config says cannot serve anything:
+    /// out of rotation at once. The rest may be one bad request.
+    pub(crate) fn failure(&self) -> Failure {
+        match self {
+            EndpointError::Connect { source, .. }
+                if source.kind() == std::io::ErrorKind::ConnectionRefused =>
+            {
+                Failure::Hard
+            }
+            EndpointError::Tls { .. } => Failure::Hard,
+            _ => Failure::Soft,
+        }
+    }
+
+    /// The `reason` label and response body (see [`crate::errors`]).
+    pub(crate) fn reason(&self) -> &'static str {
+        match self {
+            EndpointError::Connect { source, .. }
+                if source.kind() == std::io::ErrorKind::TimedOut =>
+            {
+                "connect_timeout"
+            }
+            EndpointError::Connect { .. } => "connect_refused",
+            EndpointError::Tls { .. } => "tls_handshake_failed",
+            EndpointError::Http { .. } => "peer_reset",
+        }
+    }
+
+    pub(crate) fn is_timeout(&self) -> bool {
+        matches!(self, EndpointError::Connect { source, .. } if source.kind() == std::io::ErrorKind::TimedOut)
+    }
+
+    /// Failed before a byte of the request left (connecting or the handshake).
+    pub(crate) fn not_sent(&self) -> bool {
+        matches!(
+            self,
+            EndpointError::Connect { .. } | EndpointError::Tls { .. }
+        )
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {

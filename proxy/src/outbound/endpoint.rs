@@ -5,7 +5,6 @@
 //! hands the request back untouched (it may go to another endpoint), while
 //! [`Attempt::Failed`] means it left and its fate is unknown.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use http::{Request, Response, StatusCode};
@@ -16,72 +15,11 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
 use super::Endpoint;
-use crate::balance::{Failure, InFlight};
+use crate::balance::InFlight;
+use crate::errors::EndpointError;
 use crate::http::{self as phttp, OutBody};
 use crate::telemetry::Direction;
 use crate::{Ctx, tls};
-
-#[derive(Debug, thiserror::Error)]
-pub enum EndpointError {
-    #[error("connect to {addr}: {source}")]
-    Connect {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
-    #[error("mTLS handshake with {addr} failed ({reason}): {source}")]
-    Tls {
-        addr: SocketAddr,
-        reason: &'static str,
-        source: std::io::Error,
-    },
-    #[error("HTTP/2 with {addr}: {source}")]
-    Http {
-        addr: SocketAddr,
-        source: hyper::Error,
-    },
-}
-
-impl EndpointError {
-    /// A refused connection or a peer that is not who the config says cannot serve anything:
-    /// out of rotation at once. The rest may be one bad request.
-    pub(crate) fn failure(&self) -> Failure {
-        match self {
-            EndpointError::Connect { source, .. }
-                if source.kind() == std::io::ErrorKind::ConnectionRefused =>
-            {
-                Failure::Hard
-            }
-            EndpointError::Tls { .. } => Failure::Hard,
-            _ => Failure::Soft,
-        }
-    }
-
-    /// The `reason` label and response body (see [`crate::errors`]).
-    pub(crate) fn reason(&self) -> &'static str {
-        match self {
-            EndpointError::Connect { source, .. }
-                if source.kind() == std::io::ErrorKind::TimedOut =>
-            {
-                "connect_timeout"
-            }
-            EndpointError::Connect { .. } => "connect_refused",
-            EndpointError::Tls { .. } => "tls_handshake_failed",
-            EndpointError::Http { .. } => "peer_reset",
-        }
-    }
-
-    pub(crate) fn is_timeout(&self) -> bool {
-        matches!(self, EndpointError::Connect { source, .. } if source.kind() == std::io::ErrorKind::TimedOut)
-    }
-
-    /// Failed before a byte of the request left (connecting or the handshake).
-    pub(crate) fn not_sent(&self) -> bool {
-        matches!(
-            self,
-            EndpointError::Connect { .. } | EndpointError::Tls { .. }
-        )
-    }
-}
 
 /// What became of one request sent to one endpoint.
 pub(crate) enum Attempt {

@@ -1,5 +1,6 @@
 //! The outbound HTTP stack: Telemetry -> Sanitize -> Rescue -> Route -> Timeout -> Retry ->
-//! Balance + Endpoint. Below Rescue every stage fails with a typed [`ProxyError`], which Rescue
+//! Balance + Endpoint. Route, Balance and the endpoint call live here; the timeout and retry
+//! layers in `timeout.rs` and `retry.rs`. Below Rescue every stage fails with a typed [`ProxyError`], which Rescue
 //! turns into the caller's response ([`crate::errors`]).
 //!
 //! The balance stage picks an endpoint, sends, and tells the balancer how it went. A request
@@ -18,12 +19,14 @@ use http::{Method, Request, Response, StatusCode, Version};
 use http_body::Body as _;
 use http_body_util::Either;
 use hyper::body::Incoming;
+#[cfg(test)]
 use palisade_api::call::RetryPolicy;
 use tokio::net::TcpStream;
-use tower::retry::budget::Budget as _;
-use tower::{ServiceBuilder, ServiceExt};
+use tower::ServiceBuilder;
 
 use super::endpoint::{self, Attempt};
+use super::retry::RetryLayer;
+use super::timeout::TimeoutLayer;
 use super::{Endpoint, OutService};
 use crate::Ctx;
 use crate::balance::Failure;
@@ -31,7 +34,7 @@ use crate::errors::{ProxyError, RescueLayer};
 use crate::http::{self as phttp, DstIdentity, OutBody, PeerBody, RspBody, TelemetryLayer};
 use crate::io::PrefixedIo;
 use crate::sanitize::SanitizeLayer;
-use crate::telemetry::{Direction, Label, Metrics};
+use crate::telemetry::{Direction, Label};
 
 /// One try, and one more on another endpoint.
 const MAX_ATTEMPTS: usize = 2;
@@ -141,217 +144,6 @@ where
     }
 }
 
-/// The service's request timeout, over everything below (retries included), until the
-/// response headers: past it the caller gets 504 / `DEADLINE_EXCEEDED`.
-#[derive(Clone, Copy)]
-pub(crate) struct TimeoutLayer;
-
-impl<S> tower::Layer<S> for TimeoutLayer {
-    type Service = Timeout<S>;
-    fn layer(&self, inner: S) -> Timeout<S> {
-        Timeout { inner }
-    }
-}
-
-#[derive(Clone)]
-pub(crate) struct Timeout<S> {
-    inner: S,
-}
-
-impl<S> tower::Service<Call> for Timeout<S>
-where
-    S: tower::Service<Call, Response = Response<RspBody>, Error = ProxyError>,
-{
-    type Response = Response<RspBody>;
-    type Error = ProxyError;
-    type Future = TimeoutFuture<S::Future>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, call: Call) -> Self::Future {
-        let limit = call.svc.cfg.timeout;
-        TimeoutFuture {
-            inner: self.inner.call(call),
-            sleep: limit.map(tokio::time::sleep),
-            limit,
-        }
-    }
-}
-
-pin_project_lite::pin_project! {
-    /// The inner call, failed with [`ProxyError::RequestTimeout`] at the limit; no timer
-    /// without one.
-    pub(crate) struct TimeoutFuture<F> {
-        #[pin]
-        inner: F,
-        #[pin]
-        sleep: Option<tokio::time::Sleep>,
-        limit: Option<std::time::Duration>,
-    }
-}
-
-impl<F> std::future::Future for TimeoutFuture<F>
-where
-    F: std::future::Future<Output = Result<Response<RspBody>, ProxyError>>,
-{
-    type Output = F::Output;
-
-    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        if let Poll::Ready(out) = this.inner.poll(cx) {
-            return Poll::Ready(out);
-        }
-        match (this.sleep.as_pin_mut(), *this.limit) {
-            (Some(sleep), Some(limit)) => match sleep.poll(cx) {
-                Poll::Ready(()) => Poll::Ready(Err(ProxyError::RequestTimeout(limit))),
-                Poll::Pending => Poll::Pending,
-            },
-            _ => Poll::Pending,
-        }
-    }
-}
-
-/// The largest request body kept for a retry: a longer one (or one of unknown length) is sent
-/// once. Linkerd's replay body has the same bound.
-pub const MAX_REPLAY_BODY: u64 = 64 * 1024;
-
-/// Retries per the service's policy: responses with one of its status codes and failures to
-/// reach an endpoint, for idempotent methods only (a request that never left the proxy goes to
-/// another endpoint in [`Balance`] whatever its method), within the service's retry budget
-/// (20% of its requests, and at least 10 a second), with exponential backoff and jitter.
-#[derive(Clone)]
-pub(crate) struct RetryLayer {
-    metrics: Arc<Metrics>,
-}
-
-impl RetryLayer {
-    fn new(metrics: Arc<Metrics>) -> Self {
-        Self { metrics }
-    }
-}
-
-impl<S> tower::Layer<S> for RetryLayer {
-    type Service = Retry<S>;
-    fn layer(&self, inner: S) -> Retry<S> {
-        Retry {
-            inner,
-            metrics: self.metrics.clone(),
-        }
-    }
-}
-
-#[derive(Clone)]
-pub(crate) struct Retry<S> {
-    inner: S,
-    metrics: Arc<Metrics>,
-}
-
-impl<S> tower::Service<Call> for Retry<S>
-where
-    S: tower::Service<Call, Response = Response<RspBody>, Error = ProxyError>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send,
-{
-    type Response = Response<RspBody>;
-    type Error = ProxyError;
-    type Future = future::Either<S::Future, Answer>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, call: Call) -> Self::Future {
-        if call.svc.cfg.retry.is_none() {
-            return future::Either::Left(self.inner.call(call));
-        }
-        let inner = self.inner.clone();
-        let metrics = self.metrics.clone();
-        future::Either::Right(Box::pin(retrying(inner, call, metrics)))
-    }
-}
-
-/// Whether a failed attempt may be tried again (the policy allowing).
-fn retryable(result: &Result<Response<RspBody>, ProxyError>, policy: &RetryPolicy) -> bool {
-    match result {
-        Ok(rsp) => policy.retries_status(rsp.status().as_u16()),
-        Err(ProxyError::Endpoint(_) | ProxyError::NoEndpoints) => true,
-        Err(_) => false,
-    }
-}
-
-async fn retrying<S>(
-    inner: S,
-    call: Call,
-    metrics: Arc<Metrics>,
-) -> Result<Response<RspBody>, ProxyError>
-where
-    S: tower::Service<Call, Response = Response<RspBody>, Error = ProxyError> + Clone,
-{
-    let Some(policy) = call.svc.cfg.retry.clone() else {
-        return inner.oneshot(call).await;
-    };
-    // (Retry::call sends calls without a policy straight to the inner service.)
-    call.svc.budget.deposit();
-    let replayable = idempotent(call.req.method())
-        && call
-            .req
-            .body()
-            .size_hint()
-            .exact()
-            .is_some_and(|n| n <= MAX_REPLAY_BODY);
-    if !replayable {
-        return inner.oneshot(call).await;
-    }
-    let Call { svc, req } = call;
-    let (parts, body) = req.into_parts();
-    let body = http_body_util::BodyExt::collect(body)
-        .await
-        .map_err(|_| ProxyError::BadRequestBody)?
-        .to_bytes();
-    let head = Request::from_parts(parts, ());
-    let copy = |head: &Request<()>| {
-        let mut r = Request::new(OutBody::buffered(body.clone()));
-        *r.method_mut() = head.method().clone();
-        *r.uri_mut() = head.uri().clone();
-        *r.version_mut() = head.version();
-        *r.headers_mut() = head.headers().clone();
-        r
-    };
-    let mut backoff = policy.backoff;
-    for attempt in 1..=policy.attempts {
-        let result = inner
-            .clone()
-            .oneshot(Call {
-                svc: svc.clone(),
-                req: copy(&head),
-            })
-            .await;
-        if !retryable(&result, &policy) {
-            return result;
-        }
-        if attempt == policy.attempts {
-            metrics.retry("gave_up");
-            return result;
-        }
-        if !svc.budget.withdraw() {
-            metrics.retry("budget_exhausted");
-            return result;
-        }
-        metrics.retry("retried");
-        tracing::debug!(service = %svc.cfg.key, attempt, "retrying");
-        drop(result);
-        // ±25% so clients that failed together do not retry together.
-        let jitter = 0.75 + f64::from(rand::random::<u16>()) / f64::from(u16::MAX) / 2.0;
-        tokio::time::sleep(backoff.mul_f64(jitter)).await;
-        backoff = backoff.saturating_mul(2);
-    }
-    Err(ProxyError::NoEndpoints)
-}
-
 /// The balancer and endpoint stage of the outbound HTTP stack.
 #[derive(Clone)]
 pub(crate) struct Balance {
@@ -435,7 +227,7 @@ fn never_reached_app<B>(rsp: &Response<B>) -> bool {
 }
 
 /// Safe to send twice (RFC 9110 §9.2.2).
-fn idempotent(m: &Method) -> bool {
+pub(super) fn idempotent(m: &Method) -> bool {
     matches!(
         *m,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
@@ -592,16 +384,16 @@ async fn upgrade(
     }
 }
 
+/// A call to a service with no endpoints and `timeout` / `retry`, for the layers' tests.
 #[cfg(test)]
-mod tests {
-    use std::sync::atomic::{AtomicUsize, Ordering};
+pub(super) mod tests {
     use std::time::Duration;
 
     use super::*;
     use crate::balance::{Balancer, Strategy};
     use crate::config::{Protocol, ServiceConfig};
 
-    fn call(timeout: Option<Duration>, retry: Option<RetryPolicy>) -> Call {
+    pub(crate) fn call(timeout: Option<Duration>, retry: Option<RetryPolicy>) -> Call {
         let cfg = Arc::new(ServiceConfig {
             key: "api.demo:8080".into(),
             protocol: Protocol::Http,
@@ -621,59 +413,5 @@ mod tests {
                 .body(OutBody::empty())
                 .unwrap(),
         }
-    }
-
-    fn status(s: StatusCode) -> Response<RspBody> {
-        phttp::local_response(s, "")
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_request_without_an_answer_times_out_at_the_services_timeout() {
-        let never = tower::service_fn(|_c: Call| {
-            futures_util::future::pending::<Result<Response<RspBody>, ProxyError>>()
-        });
-        let start = tokio::time::Instant::now();
-        let r = Timeout { inner: never }
-            .oneshot(call(Some(Duration::from_secs(2)), None))
-            .await;
-        assert!(matches!(r, Err(ProxyError::RequestTimeout(d)) if d == Duration::from_secs(2)));
-        assert_eq!(start.elapsed(), Duration::from_secs(2));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn retries_back_off_exponentially_and_stop_at_a_success() {
-        let calls = Arc::new(AtomicUsize::new(0));
-        let counted = calls.clone();
-        let flaky = tower::service_fn(move |_c: Call| {
-            let n = counted.fetch_add(1, Ordering::Relaxed);
-            async move {
-                Ok::<_, ProxyError>(status(if n < 2 {
-                    StatusCode::SERVICE_UNAVAILABLE
-                } else {
-                    StatusCode::OK
-                }))
-            }
-        });
-        let policy = RetryPolicy {
-            codes: vec![503],
-            attempts: 3,
-            backoff: Duration::from_millis(100),
-        };
-        let start = tokio::time::Instant::now();
-        let r = Retry {
-            inner: flaky,
-            metrics: Metrics::new(),
-        }
-        .oneshot(call(None, Some(policy)))
-        .await
-        .expect("a response");
-        assert_eq!(r.status(), StatusCode::OK);
-        assert_eq!(calls.load(Ordering::Relaxed), 3);
-        // 100 ms then 200 ms, each ±25%.
-        let waited = start.elapsed();
-        assert!(
-            waited >= Duration::from_millis(225) && waited <= Duration::from_millis(375),
-            "{waited:?}"
-        );
     }
 }

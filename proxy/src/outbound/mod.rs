@@ -22,8 +22,9 @@ mod endpoint;
 mod http;
 mod opaque;
 mod resolve;
+mod retry;
+mod timeout;
 
-pub use endpoint::EndpointError;
 pub use resolve::{LOOKUP_TIMEOUT, NOT_FOUND_TTL, OnDemand, Resolved};
 
 use std::collections::HashMap;
