@@ -15,7 +15,7 @@ use std::task::{Context, Poll};
 
 use futures_util::future;
 use futures_util::future::BoxFuture;
-use http::{Method, Request, Response, StatusCode, Version};
+use http::{Request, Response, StatusCode, Version};
 use http_body::Body as _;
 use http_body_util::Either;
 use hyper::body::Incoming;
@@ -24,6 +24,7 @@ use palisade_api::call::RetryPolicy;
 use tokio::net::TcpStream;
 use tower::ServiceBuilder;
 
+use super::call::{Answer, Call, idempotent};
 use super::endpoint::{self, Attempt};
 use super::retry::RetryLayer;
 use super::timeout::TimeoutLayer;
@@ -67,13 +68,6 @@ pub(super) async fn serve_http(
     phttp::serve_connection(&ctx, io, svc, h2).await;
 }
 
-/// A request on its way to one service: what the layers below the route need, and nothing of
-/// the proxy's.
-pub(crate) struct Call {
-    pub svc: Arc<OutService>,
-    pub req: Request<OutBody>,
-}
-
 /// Finds the connection's service for each request (the table may have changed since the
 /// connection was accepted) and readies the request for the HTTP/2 hop. Upgrades (WebSocket)
 /// leave the stack here for their own connection: nothing below applies to them.
@@ -104,11 +98,6 @@ pub(crate) struct Route<S> {
     inner: S,
     layer: RouteLayer,
 }
-
-/// What a layer below the route returns: the inner call's own future on the common path, a
-/// boxed one only for what is rare or configured (an upgrade, an early error, a retry policy),
-/// so a request allocates no future per layer.
-pub(crate) type Answer = BoxFuture<'static, Result<Response<RspBody>, ProxyError>>;
 
 impl<S> tower::Service<Request<Incoming>> for Route<S>
 where
@@ -224,14 +213,6 @@ fn report(
 
 fn never_reached_app<B>(rsp: &Response<B>) -> bool {
     rsp.headers().contains_key(phttp::PROXY_ERROR)
-}
-
-/// Safe to send twice (RFC 9110 §9.2.2).
-pub(super) fn idempotent(m: &Method) -> bool {
-    matches!(
-        *m,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
-    )
 }
 
 /// A bodiless copy of a request's head.

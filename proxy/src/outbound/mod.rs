@@ -18,6 +18,7 @@
 //! The peer proxy must prove the SPIFFE ID the config expects for the endpoint; otherwise the
 //! handshake fails, the endpoint is ejected, and the failure is counted.
 
+mod call;
 mod endpoint;
 mod http;
 mod opaque;

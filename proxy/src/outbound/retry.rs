@@ -11,7 +11,7 @@ use palisade_api::call::RetryPolicy;
 use tower::ServiceExt;
 use tower::retry::budget::Budget as _;
 
-use super::http::{Answer, Call, idempotent};
+use super::call::{Answer, Call, idempotent};
 use crate::errors::ProxyError;
 use crate::http::{OutBody, RspBody};
 use crate::telemetry::Metrics;

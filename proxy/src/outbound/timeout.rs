@@ -4,7 +4,7 @@ use std::task::{Context, Poll};
 
 use http::Response;
 
-use super::http::Call;
+use super::call::Call;
 use crate::errors::ProxyError;
 use crate::http::RspBody;
 

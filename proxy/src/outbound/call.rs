@@ -1,0 +1,30 @@
+//! What travels below the route of the outbound HTTP stack, shared by its layers.
+
+use std::sync::Arc;
+
+use futures_util::future::BoxFuture;
+use http::{Method, Request, Response};
+
+use super::OutService;
+use crate::errors::ProxyError;
+use crate::http::{OutBody, RspBody};
+
+/// A request on its way to one service: what the layers below the route need, and nothing of
+/// the proxy's.
+pub(crate) struct Call {
+    pub svc: Arc<OutService>,
+    pub req: Request<OutBody>,
+}
+
+/// What a layer below the route returns: the inner call's own future on the common path, a
+/// boxed one only for what is rare or configured (an upgrade, an early error, a retry policy),
+/// so a request allocates no future per layer.
+pub(crate) type Answer = BoxFuture<'static, Result<Response<RspBody>, ProxyError>>;
+
+/// Safe to send twice (RFC 9110 §9.2.2).
+pub(crate) fn idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
