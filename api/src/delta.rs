@@ -120,6 +120,12 @@ pub struct Arrived {
     pub applied: Result<(), DeltaError>,
     /// The answers to lookups it carried.
     pub lookups: Vec<v1::Lookup>,
+    /// A full snapshot (the first message of a stream, or a resync).
+    pub snapshot: bool,
+    /// Whether it changed what is held (a delta that only answers lookups does not).
+    pub changed: bool,
+    /// In a snapshot: the control plane resolves this stream's lookups.
+    pub on_demand: bool,
 }
 
 /// How a proxy opens its stream.
@@ -220,6 +226,13 @@ impl Subscription {
         };
         let (version, encoded_len) = (delta.version, delta.encoded_len());
         let lookups = std::mem::take(&mut delta.lookups);
+        let snapshot = delta.base_version == 0;
+        let changed = snapshot
+            || delta.inbound.is_some()
+            || delta.trust_bundle.is_some()
+            || !delta.services.is_empty()
+            || !delta.removed_services.is_empty();
+        let on_demand = delta.on_demand;
         let applied = self.view.apply(delta);
         if let Err(e) = &applied {
             self.reply(version, e.to_string(), true).await;
@@ -229,6 +242,9 @@ impl Subscription {
             encoded_len,
             applied,
             lookups,
+            snapshot,
+            changed,
+            on_demand,
         }))
     }
 

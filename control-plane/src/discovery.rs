@@ -158,7 +158,12 @@ impl Scope {
                 let (name, ns, port) = found.key();
                 let key = (name.to_string(), ns.to_string(), port);
                 if !wanted.contains(&key) && wanted.len() >= MAX_ON_DEMAND {
-                    return Self::answer(metrics, d, LookupResult::LookupRefused);
+                    // Services deleted from the mesh are never released by the proxy (it no
+                    // longer holds them): they must not fill the cap.
+                    wanted.retain(|k| model.pieces().contains(k));
+                    if wanted.len() >= MAX_ON_DEMAND {
+                        return Self::answer(metrics, d, LookupResult::LookupRefused);
+                    }
                 }
                 wanted.insert(key);
                 Self::answer(metrics, d, LookupResult::LookupFound)
@@ -407,7 +412,10 @@ impl Discovery for DiscoveryService {
         Ok(Response::new(self.stream(|out| async move {
             let mut stop = this.stop.clone();
             let bundle = || this.trust_bundle_der.as_ref().clone();
-            if !out.push(first.snapshot(bundle())).await {
+            let on_demand = matches!(scope, Scope::OnDemand(_));
+            let mut snapshot = first.snapshot(bundle());
+            snapshot.on_demand = on_demand;
+            if !out.push(snapshot).await {
                 return;
             }
             // The parts the proxy holds, as far as this stream knows.
@@ -453,7 +461,9 @@ impl Discovery for DiscoveryService {
                     }
                 };
                 let mut msg = if resync {
-                    parts.snapshot(bundle())
+                    let mut s = parts.snapshot(bundle());
+                    s.on_demand = matches!(scope, Scope::OnDemand(_));
+                    s
                 } else if let Some(delta) = parts.delta_from(&last) {
                     tracing::debug!(%workload, version = parts.version, base = last.version, "pushing a delta");
                     delta

@@ -49,6 +49,7 @@ impl ProxyParts {
                 der: trust_bundle_der,
             }),
             lookups: Vec::new(),
+            on_demand: false,
         }
     }
 
@@ -115,6 +116,7 @@ impl ProxyParts {
             removed_services,
             trust_bundle: None,
             lookups: Vec::new(),
+            on_demand: false,
         })
     }
 }

@@ -239,6 +239,11 @@ impl Pieces {
         out
     }
 
+    /// Whether the service `key` is in this generation.
+    pub fn contains(&self, key: &(String, String, u32)) -> bool {
+        self.by_key.contains_key(key)
+    }
+
     /// The service a connection redirected from its original destination `dst` is for.
     pub fn lookup(&self, dst: SocketAddr) -> Option<&Arc<SharedService>> {
         self.services.get(*self.by_addr.get(&dst)?)

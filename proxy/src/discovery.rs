@@ -83,30 +83,54 @@ async fn stream_from(ctx: &Arc<Ctx>, channel: tonic::transport::Channel) -> Resu
         }
         Err(s) => return Err(status(s)),
     };
-    if let Some(od) = on_demand {
-        od.attach(sub.lookups());
-    }
     // What the control plane has sent on this stream; the proxy serves what of it compiled.
     while let Some(arrived) = sub.next().await.map_err(status)? {
         let version = arrived.version;
         if let Err(e) = arrived.applied {
-            // The subscription asked for a full snapshot.
+            // The subscription asked for a full snapshot. Its "found" answers wait for that
+            // snapshot (the table does not hold their services yet); the others stand.
             count(ctx, "resync");
             tracing::warn!(version, error = %e, "config delta does not apply; asking for a full snapshot");
             if let Some(od) = on_demand {
-                od.answered(&arrived.lookups, &ctx.metrics);
+                od.answered_unless_found(&arrived.lookups, &ctx.metrics);
             }
             continue;
         }
-        // A config that does not compile is refused; the last good one keeps serving.
-        let sent = match apply(ctx, sub.config()) {
+        // A config that does not compile is refused; the last good one keeps serving. A delta
+        // that only answers lookups changes nothing to compile.
+        let compiled = if arrived.changed {
+            apply(ctx, sub.config())
+        } else {
+            Ok(())
+        };
+        let sent = match &compiled {
             Ok(()) => sub.ack(version).await,
             Err(e) => sub.refuse(version, e.to_string()).await,
         };
         if let Some(od) = on_demand {
-            // After the apply: a connection woken by a found answer finds its service.
+            if arrived.snapshot {
+                // Only now is it known whether the control plane resolves lookups; one that
+                // does not (an earlier release) sends the whole mesh, which is now applied.
+                if arrived.on_demand {
+                    od.attach(sub.lookups());
+                } else if compiled.is_ok() {
+                    od.attach_whole_mesh();
+                }
+            }
+            // After the apply: a connection woken by a found answer finds its service, and one
+            // waiting on an answer a refused delta carried finds it in this config.
             od.answered(&arrived.lookups, &ctx.metrics);
-            let released = od.held_now(sub.config(), &ctx.metrics);
+            let table = ctx.outbound.load();
+            od.wake_held(|dst| table.for_destination(dst).is_some(), &ctx.metrics);
+            let released = od.held_now(
+                sub.config(),
+                |key| {
+                    table
+                        .get(key)
+                        .map(|s| s.idle_for(std::time::Instant::now()))
+                },
+                &ctx.metrics,
+            );
             if !released.is_empty() {
                 tracing::debug!(
                     count = released.len(),
@@ -131,10 +155,6 @@ async fn watch_from(
     known: u64,
 ) -> Result<(), String> {
     let status = |s: tonic::Status| format!("{:?}: {}", s.code(), s.message());
-    if let Some(od) = &ctx.on_demand {
-        // Watch sends the whole mesh to a proxy that declares no upstreams.
-        od.attach_whole_mesh();
-    }
     let mut stream = DiscoveryClient::new(channel)
         .watch(WatchRequest {
             workload: ctx.cfg.workload.clone(),
@@ -145,7 +165,15 @@ async fn watch_from(
         .into_inner();
     while let Some(cfg) = stream.message().await.map_err(status)? {
         // A rejected snapshot is logged and counted in `apply`; the next one may do.
-        let _ = apply(ctx, &cfg);
+        if apply(ctx, &cfg).is_ok()
+            && let Some(od) = &ctx.on_demand
+        {
+            // Watch sends the whole mesh to a proxy that declares no upstreams: once it is
+            // applied, what the table does not know is no mesh service. Not before: the table
+            // may still be an earlier stream's on-demand subset, and passing a mesh service's
+            // traffic through as plaintext would bypass mTLS.
+            od.attach_whole_mesh();
+        }
     }
     Ok(())
 }

@@ -231,14 +231,27 @@ impl<S> tower::Layer<S> for RescueLayer {
         Rescue {
             inner,
             layer: self.clone(),
+            not_ready: None,
         }
     }
 }
 
-#[derive(Clone)]
 pub struct Rescue<S> {
     inner: S,
     layer: RescueLayer,
+    /// The inner service failed to become ready: the next call is answered with this instead
+    /// of calling it.
+    not_ready: Option<ProxyError>,
+}
+
+impl<S: Clone> Clone for Rescue<S> {
+    fn clone(&self) -> Self {
+        Rescue {
+            inner: self.inner.clone(),
+            layer: self.layer.clone(),
+            not_ready: None,
+        }
+    }
 }
 
 impl<S, B> tower::Service<Request<B>> for Rescue<S>
@@ -250,16 +263,28 @@ where
     type Future = RescueFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        if self.not_ready.is_some() {
+            return Poll::Ready(Ok(()));
+        }
         match self.inner.poll_ready(cx) {
-            Poll::Ready(_) => Poll::Ready(Ok(())),
+            Poll::Ready(Ok(())) => Poll::Ready(Ok(())),
+            Poll::Ready(Err(e)) => {
+                self.not_ready = Some(e);
+                Poll::Ready(Ok(()))
+            }
             Poll::Pending => Poll::Pending,
         }
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let grpc = phttp::is_grpc(&req);
+        let (inner, error) = match self.not_ready.take() {
+            Some(e) => (None, Some(e)),
+            None => (Some(self.inner.call(req)), None),
+        };
         RescueFuture {
-            inner: self.inner.call(req),
+            inner,
+            error,
             grpc,
             layer: self.layer.clone(),
         }
@@ -270,7 +295,9 @@ pin_project_lite::pin_project! {
     /// The inner call's response, or the answer to its error.
     pub struct RescueFuture<F> {
         #[pin]
-        inner: F,
+        inner: Option<F>,
+        // An error known before the call (the inner service was not ready).
+        error: Option<ProxyError>,
         grpc: bool,
         layer: RescueLayer,
     }
@@ -284,10 +311,14 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let e = match this.inner.poll(cx) {
-            Poll::Pending => return Poll::Pending,
-            Poll::Ready(Ok(rsp)) => return Poll::Ready(Ok(rsp)),
-            Poll::Ready(Err(e)) => e,
+        let e = match (this.error.take(), this.inner.as_pin_mut()) {
+            (Some(e), _) => e,
+            (None, Some(inner)) => match inner.poll(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(rsp)) => return Poll::Ready(Ok(rsp)),
+                Poll::Ready(Err(e)) => e,
+            },
+            (None, None) => return Poll::Ready(Ok(ProxyError::NoEndpoints.response(*this.grpc))),
         };
         let (layer, reason) = (&*this.layer, e.reason());
         layer.metrics.proxy_error(layer.direction, reason);

@@ -408,17 +408,18 @@ async fn an_opaque_connection_that_cannot_be_carried_is_reset_and_counted() {
         l.local_addr().expect("addr")
     };
     let p = start_client_proxy(&pki, dead, API, "http", test_timeouts()).await;
-    let mut tcp = within(tokio::net::TcpStream::connect(upstream_addr(
-        &p,
-        RAW_SERVICE,
-    )))
-    .await
-    .expect("connect");
-    tcp.write_all(b"hello").await.expect("write");
-    let mut buf = [0u8; 16];
-    let read = within(tcp.read(&mut buf)).await;
+    // The proxy resets as soon as it knows: the reset may meet the client in its connect, its
+    // write or its read, but it is a reset wherever, never an orderly close.
+    let up = upstream_addr(&p, RAW_SERVICE);
+    let outcome: std::io::Result<usize> = async {
+        let mut tcp = within(tokio::net::TcpStream::connect(up)).await?;
+        tcp.write_all(b"hello").await?;
+        let mut buf = [0u8; 16];
+        within(tcp.read(&mut buf)).await
+    }
+    .await;
     assert_eq!(
-        read.map_err(|e| e.kind()),
+        outcome.map_err(|e| e.kind()),
         Err(std::io::ErrorKind::ConnectionReset),
         "a reset, not an orderly close"
     );

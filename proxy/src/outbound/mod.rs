@@ -68,13 +68,31 @@ pub struct OutService {
     pub cfg: Arc<ServiceConfig>,
     pub balancer: Balancer<Endpoint>,
     /// What retries of calls to this service may spend (see `http::Retry`).
-    pub budget: tower::retry::budget::TpsBudget,
+    /// Carried over config changes (a fresh budget holds a full reserve), and shared with the
+    /// service's pinned per-endpoint entries.
+    pub budget: Arc<tower::retry::budget::TpsBudget>,
+}
+
+impl OutService {
+    /// How long none of its endpoints has had a request (none in flight, no response since).
+    pub(crate) fn idle_for(&self, now: std::time::Instant) -> std::time::Duration {
+        self.balancer
+            .endpoints()
+            .iter()
+            .map(|e| e.load.idle_for(now))
+            .min()
+            .unwrap_or(std::time::Duration::MAX)
+    }
 }
 
 /// Retries may add 20% to a service's requests, and at least 10 a second, counted over 10 s
 /// (Linkerd's and Finagle's default budget).
-fn retry_budget() -> tower::retry::budget::TpsBudget {
-    tower::retry::budget::TpsBudget::new(std::time::Duration::from_secs(10), 10, 0.2)
+fn retry_budget() -> Arc<tower::retry::budget::TpsBudget> {
+    Arc::new(tower::retry::budget::TpsBudget::new(
+        std::time::Duration::from_secs(10),
+        10,
+        0.2,
+    ))
 }
 
 /// The outbound routing table, rebuilt when a snapshot arrives.
@@ -133,6 +151,10 @@ pub(crate) fn rebuild(ctx: &Ctx, snap: &Snapshot) {
                 Err(err) => tracing::error!(endpoint = %e.addr, error = %err, "TLS config"),
             }
         }
+        let budget = old
+            .services
+            .get(key)
+            .map_or_else(retry_budget, |s| s.budget.clone());
         for vip in &cfg.virtual_addrs {
             by_addr.insert(*vip, Arc::from(key.as_str()));
         }
@@ -147,7 +169,7 @@ pub(crate) fn rebuild(ctx: &Ctx, snap: &Snapshot) {
                 Arc::new(OutService {
                     cfg: cfg.clone(),
                     balancer: Balancer::new(vec![ep.clone()], ctx.cfg.balancer),
-                    budget: retry_budget(),
+                    budget: budget.clone(),
                 })
             });
         }
@@ -156,7 +178,7 @@ pub(crate) fn rebuild(ctx: &Ctx, snap: &Snapshot) {
             Arc::new(OutService {
                 cfg: cfg.clone(),
                 balancer: Balancer::new(eps, ctx.cfg.balancer),
-                budget: retry_budget(),
+                budget,
             }),
         );
     }

@@ -69,6 +69,8 @@ struct State {
     not_found: HashMap<SocketAddr, Instant>,
     /// Services resolved on demand, by the outbound table's key (`name.namespace:port`).
     held: HashMap<String, Held>,
+    /// Services released and not yet gone from the config: neither held nor counted.
+    releasing: std::collections::HashSet<String>,
 }
 
 /// The on-demand resolver of one proxy.
@@ -132,8 +134,10 @@ impl OnDemand {
         }
     }
 
-    /// Resolves `dst`, which the outbound table does not know, through the control plane.
+    /// Resolves `dst`, which the outbound table does not know, through the control plane,
+    /// within [`LOOKUP_TIMEOUT`] in all (asking included).
     pub async fn resolve(&self, dst: SocketAddr, metrics: &Metrics) -> Resolved {
+        let deadline = tokio::time::Instant::now() + LOOKUP_TIMEOUT;
         let (mut rx, ask) = {
             let mut st = self.state();
             if st.whole_mesh {
@@ -158,12 +162,15 @@ impl OnDemand {
                 (rx, Some(lookups))
             }
         };
-        if let Some(lookups) = ask
-            && !lookups.send(vec![dst.to_string()], Vec::new()).await
-        {
-            self.answer(dst, Resolved::Unavailable("discovery_unavailable"), metrics);
+        if let Some(lookups) = ask {
+            let asked =
+                tokio::time::timeout_at(deadline, lookups.send(vec![dst.to_string()], Vec::new()))
+                    .await;
+            if !matches!(asked, Ok(true)) {
+                self.answer(dst, Resolved::Unavailable("discovery_unavailable"), metrics);
+            }
         }
-        match tokio::time::timeout(LOOKUP_TIMEOUT, rx.wait_for(Option::is_some)).await {
+        match tokio::time::timeout_at(deadline, rx.wait_for(Option::is_some)).await {
             Ok(Ok(r)) => r.unwrap_or(Resolved::Unavailable("discovery_unavailable")),
             Ok(Err(_)) => Resolved::Unavailable("discovery_unavailable"),
             Err(_) => {
@@ -204,11 +211,37 @@ impl OnDemand {
     /// A delta arrived and was applied (the table holds its services): wakes the connections
     /// waiting for its answers.
     pub fn answered(&self, lookups: &[v1::Lookup], metrics: &Metrics) {
+        self.deliver(lookups, true, metrics);
+    }
+
+    /// A delta arrived that could not be applied (a full snapshot follows): its "not found" and
+    /// "refused" answers stand; its "found" ones wait for a config that holds the service
+    /// ([`Self::wake_held`]).
+    pub fn answered_unless_found(&self, lookups: &[v1::Lookup], metrics: &Metrics) {
+        self.deliver(lookups, false, metrics);
+    }
+
+    /// Wakes the connections waiting for a destination that the table now holds.
+    pub fn wake_held(&self, in_table: impl Fn(SocketAddr) -> bool, metrics: &Metrics) {
+        let held: Vec<SocketAddr> = self
+            .state()
+            .pending
+            .keys()
+            .copied()
+            .filter(|d| in_table(*d))
+            .collect();
+        for dst in held {
+            self.answer(dst, Resolved::Found, metrics);
+        }
+    }
+
+    fn deliver(&self, lookups: &[v1::Lookup], found_too: bool, metrics: &Metrics) {
         for l in lookups {
             let Ok(dst) = l.destination.parse::<SocketAddr>() else {
                 continue;
             };
             let r = match l.result() {
+                v1::LookupResult::LookupFound if !found_too => continue,
                 v1::LookupResult::LookupFound => Resolved::Found,
                 v1::LookupResult::LookupNotFound => Resolved::NotFound,
                 v1::LookupResult::LookupRefused => Resolved::Unavailable("lookup_refused"),
@@ -218,21 +251,36 @@ impl OnDemand {
     }
 
     /// The proxy now holds `cfg`: the services it resolved on demand are those of `cfg` that
-    /// it did not declare. Past the cap, the least recently dialled are released; returns
-    /// their keys (to send on the stream).
-    pub fn held_now(&self, cfg: &v1::ProxyConfig, metrics: &Metrics) -> Vec<v1::ServiceKey> {
+    /// it did not declare (and did not release). Past the cap, the least recently used are
+    /// released; returns their keys (to send on the stream). `idle_of` says how long a
+    /// service's endpoints have had no request (from their load, so requests on long-lived
+    /// connections count as use, not only new connections).
+    pub fn held_now(
+        &self,
+        cfg: &v1::ProxyConfig,
+        idle_of: impl Fn(&str) -> Option<Duration>,
+        metrics: &Metrics,
+    ) -> Vec<v1::ServiceKey> {
         let mut st = self.state();
         let now = Instant::now();
         let mut held = HashMap::with_capacity(cfg.services.len());
+        let mut still_releasing = std::collections::HashSet::new();
         for s in &cfg.services {
             let key = palisade_api::delta::key_of(s);
             let name = table_key(&key);
             if self.declared.contains(&name) {
                 continue;
             }
-            let last_used = st.held.get(&name).map_or(now, |h| h.last_used);
+            if st.releasing.contains(&name) {
+                still_releasing.insert(name);
+                continue;
+            }
+            let touched = st.held.get(&name).map_or(now, |h| h.last_used);
+            let active = idle_of(&name).and_then(|idle| now.checked_sub(idle));
+            let last_used = active.map_or(touched, |a| a.max(touched));
             held.insert(name, Held { key, last_used });
         }
+        st.releasing = still_releasing;
         let mut released = Vec::new();
         if held.len() > self.cap {
             let mut by_age: Vec<(&String, Instant)> =
@@ -246,6 +294,7 @@ impl OnDemand {
             for k in evict {
                 if let Some(h) = held.remove(&k) {
                     released.push(h.key);
+                    st.releasing.insert(k);
                 }
             }
             metrics.on_demand_evictions.inc_by(released.len() as u64);
@@ -313,15 +362,29 @@ mod tests {
     fn past_the_cap_the_least_recently_dialled_are_released_declared_ones_never() {
         let m = Metrics::new();
         let od = OnDemand::new(2, vec!["up.ns:80".into()]);
-        assert!(od.held_now(&cfg(&["a", "b", "up"]), &m).is_empty());
+        let never = |_: &str| None;
+        assert!(od.held_now(&cfg(&["a", "b", "up"]), never, &m).is_empty());
         std::thread::sleep(Duration::from_millis(2));
         od.touch("a.ns:80");
-        let released = od.held_now(&cfg(&["a", "b", "c", "up"]), &m);
+        let released = od.held_now(&cfg(&["a", "b", "c", "up"]), never, &m);
         let names: Vec<&str> = released.iter().map(|k| k.name.as_str()).collect();
         // b is held since the start, a was dialled since, c is new: b goes.
         assert_eq!(names, ["b"]);
         let mut held: Vec<String> = od.held().into_iter().map(|k| k.name).collect();
         held.sort();
         assert_eq!(held, ["a", "c"]);
+        // b is still in the next config (the control plane has not removed it yet): it is not
+        // held again, so nothing else is evicted for it.
+        assert!(
+            od.held_now(&cfg(&["a", "b", "c", "up"]), never, &m)
+                .is_empty()
+        );
+        // A service whose endpoints are busy counts as used even without new connections: a
+        // (recently dialled) d forces out c, not a, which carries requests right now.
+        let busy = |k: &str| (k == "a.ns:80").then_some(Duration::ZERO);
+        std::thread::sleep(Duration::from_millis(2));
+        let released = od.held_now(&cfg(&["a", "c", "d", "up"]), busy, &m);
+        let names: Vec<&str> = released.iter().map(|k| k.name.as_str()).collect();
+        assert_eq!(names, ["c"]);
     }
 }

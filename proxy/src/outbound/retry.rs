@@ -81,7 +81,8 @@ where
 fn retryable(result: &Result<Response<RspBody>, ProxyError>, policy: &RetryPolicy) -> bool {
     match result {
         Ok(rsp) => policy.retries_status(rsp.status().as_u16()),
-        Err(ProxyError::Endpoint(_) | ProxyError::NoEndpoints) => true,
+        // No endpoints: another attempt would find none either.
+        Err(ProxyError::Endpoint(_)) => true,
         Err(_) => false,
     }
 }
@@ -150,7 +151,11 @@ where
         // ±25% so clients that failed together do not retry together.
         let jitter = 0.75 + f64::from(rand::random::<u16>()) / f64::from(u16::MAX) / 2.0;
         tokio::time::sleep(backoff.mul_f64(jitter)).await;
-        backoff = backoff.saturating_mul(2);
+        // Doubling, but no single wait longer than a policy may ask for: without a request
+        // timeout, 10 attempts must not add up to an hour.
+        backoff = backoff
+            .saturating_mul(2)
+            .min(palisade_api::call::MAX_BACKOFF);
     }
     Err(ProxyError::NoEndpoints)
 }
