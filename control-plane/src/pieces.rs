@@ -206,22 +206,12 @@ impl Pieces {
         if w.upstreams.is_empty() {
             return self.services.clone();
         }
-        let mut out: Vec<Arc<SharedService>> = Vec::with_capacity(w.upstreams.len());
-        for u in &w.upstreams {
-            let (name, ns) = u.service_ref();
-            if let Some(s) = self.service(name, ns, u.port)
-                && !out.iter().any(|o| Arc::ptr_eq(o, s))
-            {
-                out.push(s.clone());
-            }
-        }
-        out.sort_by(|a, b| a.key().cmp(&b.key()));
-        out
+        self.declared(w, &Wanted::new())
     }
 
-    /// The services a proxy that resolves on demand gets: its declared upstreams and the
-    /// services of `wanted` that exist, in key order.
-    pub fn services_on_demand(&self, w: &Workload, wanted: &Wanted) -> Vec<Arc<SharedService>> {
+    /// `w`'s declared upstreams and the services of `wanted` that exist, in key order, once
+    /// each.
+    fn declared(&self, w: &Workload, wanted: &Wanted) -> Vec<Arc<SharedService>> {
         let mut out: Vec<Arc<SharedService>> = Vec::with_capacity(w.upstreams.len() + wanted.len());
         for u in &w.upstreams {
             let (name, ns) = u.service_ref();
@@ -237,6 +227,12 @@ impl Pieces {
         out.sort_by(|a, b| a.key().cmp(&b.key()));
         out.dedup_by(|a, b| Arc::ptr_eq(a, b));
         out
+    }
+
+    /// The services a proxy that resolves on demand gets: its declared upstreams and the
+    /// services of `wanted` that exist, in key order.
+    pub fn services_on_demand(&self, w: &Workload, wanted: &Wanted) -> Vec<Arc<SharedService>> {
+        self.declared(w, wanted)
     }
 
     /// Whether the service `key` is in this generation.

@@ -165,31 +165,13 @@ impl ProxyError {
         let mut rsp = if grpc {
             phttp::grpc_response(self.grpc_code(), reason)
         } else {
-            phttp::local_response(self.http_status(), body(reason))
+            phttp::local_response(self.http_status(), format!("{reason}\n"))
         };
         if self.never_reached_app() || matches!(self, ProxyError::Endpoint(_)) {
             rsp.headers_mut()
                 .insert(phttp::PROXY_ERROR, HeaderValue::from_static(reason));
         }
         rsp
-    }
-}
-
-/// The body of an error response: the reason and a newline, without allocating.
-fn body(reason: &'static str) -> &'static str {
-    match reason {
-        "unknown_service" => "unknown_service\n",
-        "no_endpoints" => "no_endpoints\n",
-        "bad_request_target" => "bad_request_target\n",
-        "bad_request_body" => "bad_request_body\n",
-        "request_timeout" => "request_timeout\n",
-        "app_unavailable" => "app_unavailable\n",
-        "app_reset" => "app_reset\n",
-        "connect_refused" => "connect_refused\n",
-        "connect_timeout" => "connect_timeout\n",
-        "tls_handshake_failed" => "tls_handshake_failed\n",
-        "peer_reset" => "peer_reset\n",
-        _ => "proxy_error\n",
     }
 }
 

@@ -162,10 +162,9 @@ pub const XFCC: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
 #[derive(Clone, Debug)]
 pub struct DstIdentity(pub Label);
 
-pub fn local_response(status: StatusCode, body: &'static str) -> Response<RspBody> {
-    let mut rsp = Response::new(Either::Right(Full::new(Bytes::from_static(
-        body.as_bytes(),
-    ))));
+/// A response the proxy makes itself. A `&'static str` body is not copied.
+pub fn local_response(status: StatusCode, body: impl Into<Bytes>) -> Response<RspBody> {
+    let mut rsp = Response::new(Either::Right(Full::new(body.into())));
     *rsp.status_mut() = status;
     rsp.headers_mut().insert(
         header::CONTENT_TYPE,

@@ -68,12 +68,12 @@ where
     }
 
     fn call(&mut self, call: Call) -> Self::Future {
-        if call.svc.cfg.retry.is_none() {
+        let Some(policy) = call.svc.cfg.retry.clone() else {
             return future::Either::Left(self.inner.call(call));
-        }
+        };
         let inner = self.inner.clone();
         let metrics = self.metrics.clone();
-        future::Either::Right(Box::pin(retrying(inner, call, metrics)))
+        future::Either::Right(Box::pin(retrying(inner, call, policy, metrics)))
     }
 }
 
@@ -90,15 +90,12 @@ fn retryable(result: &Result<Response<RspBody>, ProxyError>, policy: &RetryPolic
 async fn retrying<S>(
     inner: S,
     call: Call,
+    policy: RetryPolicy,
     metrics: Arc<Metrics>,
 ) -> Result<Response<RspBody>, ProxyError>
 where
     S: tower::Service<Call, Response = Response<RspBody>, Error = ProxyError> + Clone,
 {
-    let Some(policy) = call.svc.cfg.retry.clone() else {
-        return inner.oneshot(call).await;
-    };
-    // (Retry::call sends calls without a policy straight to the inner service.)
     call.svc.budget.deposit();
     let replayable = idempotent(call.req.method())
         && call
