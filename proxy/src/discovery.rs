@@ -122,13 +122,11 @@ async fn stream_from(ctx: &Arc<Ctx>, channel: tonic::transport::Channel) -> Resu
             od.answered(&arrived.lookups, &ctx.metrics);
             let table = ctx.outbound.load();
             od.wake_held(|dst| table.for_destination(dst).is_some(), &ctx.metrics);
+            let now = std::time::Instant::now();
             let released = od.held_now(
                 sub.config(),
-                |key| {
-                    table
-                        .get(key)
-                        .map(|s| s.idle_for(std::time::Instant::now()))
-                },
+                now,
+                |key| table.get(key).map(|s| s.idle_for(now)),
                 &ctx.metrics,
             );
             if !released.is_empty() {

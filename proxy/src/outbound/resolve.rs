@@ -258,11 +258,11 @@ impl OnDemand {
     pub fn held_now(
         &self,
         cfg: &v1::ProxyConfig,
+        now: Instant,
         idle_of: impl Fn(&str) -> Option<Duration>,
         metrics: &Metrics,
     ) -> Vec<v1::ServiceKey> {
         let mut st = self.state();
-        let now = Instant::now();
         let mut held = HashMap::with_capacity(cfg.services.len());
         let mut still_releasing = std::collections::HashSet::new();
         for s in &cfg.services {
@@ -363,10 +363,19 @@ mod tests {
         let m = Metrics::new();
         let od = OnDemand::new(2, vec!["up.ns:80".into()]);
         let never = |_: &str| None;
-        assert!(od.held_now(&cfg(&["a", "b", "up"]), never, &m).is_empty());
-        std::thread::sleep(Duration::from_millis(2));
+        // The clock is passed in: a and b held a second ago, a dialled now, c new a second
+        // from now.
+        let now = Instant::now();
+        let earlier = now
+            .checked_sub(Duration::from_secs(1))
+            .expect("uptime over 1 s");
+        assert!(
+            od.held_now(&cfg(&["a", "b", "up"]), earlier, never, &m)
+                .is_empty()
+        );
         od.touch("a.ns:80");
-        let released = od.held_now(&cfg(&["a", "b", "c", "up"]), never, &m);
+        let later = now + Duration::from_secs(1);
+        let released = od.held_now(&cfg(&["a", "b", "c", "up"]), later, never, &m);
         let names: Vec<&str> = released.iter().map(|k| k.name.as_str()).collect();
         // b is held since the start, a was dialled since, c is new: b goes.
         assert_eq!(names, ["b"]);
@@ -376,14 +385,14 @@ mod tests {
         // b is still in the next config (the control plane has not removed it yet): it is not
         // held again, so nothing else is evicted for it.
         assert!(
-            od.held_now(&cfg(&["a", "b", "c", "up"]), never, &m)
+            od.held_now(&cfg(&["a", "b", "c", "up"]), later, never, &m)
                 .is_empty()
         );
         // A service whose endpoints are busy counts as used even without new connections: a
         // (recently dialled) d forces out c, not a, which carries requests right now.
         let busy = |k: &str| (k == "a.ns:80").then_some(Duration::ZERO);
-        std::thread::sleep(Duration::from_millis(2));
-        let released = od.held_now(&cfg(&["a", "c", "d", "up"]), busy, &m);
+        let latest = now + Duration::from_secs(2);
+        let released = od.held_now(&cfg(&["a", "c", "d", "up"]), latest, busy, &m);
         let names: Vec<&str> = released.iter().map(|k| k.name.as_str()).collect();
         assert_eq!(names, ["c"]);
     }
