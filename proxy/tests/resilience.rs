@@ -79,6 +79,41 @@ fn load(upstream: SocketAddr) -> (Log, JoinHandle<()>) {
     (log, task)
 }
 
+/// Three endpoints of one service: apps `a`, `b` and `c`, each behind its own proxy; `a`'s
+/// app can be killed.
+struct Three {
+    pa: Proxy,
+    pb: Proxy,
+    pc: Proxy,
+    kill_a: JoinHandle<()>,
+    _apps: [JoinHandle<()>; 2],
+}
+
+async fn three(pki: &Pki) -> Three {
+    let (app_a, kill_a) = killable_app("a").await;
+    let (app_b, keep_b) = killable_app("b").await;
+    let (app_c, keep_c) = killable_app("c").await;
+    let start = |app| start_server_proxy(pki, app, "STRICT", "http", test_timeouts());
+    Three {
+        pa: start(app_a).await,
+        pb: start(app_b).await,
+        pc: start(app_c).await,
+        kill_a,
+        _apps: [keep_b, keep_c],
+    }
+}
+
+/// Waits until `n` more requests have been logged.
+async fn more_requests(log: &Log, n: usize) {
+    let target = log.lock().expect("log").len() + n;
+    within(async {
+        while log.lock().expect("log").len() < target {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+}
+
 /// Waits until each of the apps `a`, `b` and `c` has answered, before anything dies.
 async fn all_answer(log: &Log) {
     let all_seen = || {
@@ -99,25 +134,20 @@ async fn all_answer(log: &Log) {
 async fn failures_stop_within_two_seconds_of_an_app_death_and_a_proxy_death() {
     init();
     let pki = Pki::new();
-    let (app_a, kill_a) = killable_app("a").await;
-    let (app_b, _keep_b) = killable_app("b").await;
-    let (app_c, _keep_c) = killable_app("c").await;
-    let start = |app| start_server_proxy(&pki, app, "STRICT", "http", test_timeouts());
-    let (pa, pb, pc) = (start(app_a).await, start(app_b).await, start(app_c).await);
-    let endpoints: String = [&pa, &pb, &pc]
-        .iter()
-        .map(|p| {
-            format!(
-                "    - {{ address: \"{}\", identity: \"{API}\" }}\n",
-                p.inbound_addr
-            )
-        })
-        .collect();
-    let yaml = format!(
-        "mode: STRICT\nservices:\n- name: api.demo\n  port: 8080\n  protocol: http\n  endpoints:\n{endpoints}"
-    );
-    let cfg = proxy_config(&pki, "web", WEB, None, &[SERVICE], &yaml);
-    let client = within(Proxy::start(cfg)).await.expect("client proxy");
+    let Three {
+        pa,
+        pb,
+        pc,
+        kill_a,
+        _apps,
+    } = three(&pki).await;
+    let client = client_over(
+        &pki,
+        &[pa.inbound_addr, pb.inbound_addr, pc.inbound_addr],
+        "",
+        Default::default(),
+    )
+    .await;
     let upstream = upstream_addr(&client, SERVICE);
 
     let (log, traffic) = load(upstream);
@@ -249,11 +279,13 @@ async fn client_over(
 async fn with_retries_no_request_fails_when_an_app_and_then_a_proxy_die() {
     init();
     let pki = Pki::new();
-    let (app_a, kill_a) = killable_app("a").await;
-    let (app_b, _keep_b) = killable_app("b").await;
-    let (app_c, _keep_c) = killable_app("c").await;
-    let start = |app| start_server_proxy(&pki, app, "STRICT", "http", test_timeouts());
-    let (pa, pb, pc) = (start(app_a).await, start(app_b).await, start(app_c).await);
+    let Three {
+        pa,
+        pb,
+        pc,
+        kill_a,
+        _apps,
+    } = three(&pki).await;
     let client = client_over(
         &pki,
         &[pa.inbound_addr, pb.inbound_addr, pc.inbound_addr],
@@ -264,15 +296,22 @@ async fn with_retries_no_request_fails_when_an_app_and_then_a_proxy_die() {
     let upstream = upstream_addr(&client, SERVICE);
     let (log, traffic) = load(upstream);
     all_answer(&log).await;
-    let t0 = Instant::now();
+    // a's app dies, then (150 requests later) b's proxy; 150 more requests after that.
     kill_a.abort();
-    tokio::time::sleep_until(t0 + Duration::from_secs(2)).await;
+    more_requests(&log, 150).await;
     let stopping = tokio::spawn(pb.shutdown());
-    tokio::time::sleep_until(t0 + Duration::from_secs(4)).await;
+    more_requests(&log, 150).await;
     traffic.abort();
     let _ = stopping.await;
-    let failures = failures_between(&log, t0 - Duration::from_secs(60), Instant::now());
-    let total = log.lock().expect("log").len();
+    let (failures, total) = {
+        let l = log.lock().expect("log");
+        let failed: Vec<(u16, String)> = l
+            .iter()
+            .filter(|(_, s, _)| *s != 200)
+            .map(|(_, s, b)| (*s, b.clone()))
+            .collect();
+        (failed, l.len())
+    };
     println!(
         "{total} requests, {} failed; retries: {}",
         failures.len(),
