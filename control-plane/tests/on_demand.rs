@@ -12,8 +12,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 
 use palisade_certs::SpiffeId;
-use palisade_control_plane::{ControlPlaneConfig, RunningControlPlane};
-use palisade_proxy::control_plane::ControlPlaneAddrs;
+use palisade_control_plane::RunningControlPlane;
 use palisade_proxy::outbound::Routed;
 
 #[path = "support/bounded.rs"]
@@ -21,7 +20,7 @@ mod bounded;
 #[path = "support/proxy.rs"]
 mod proxy;
 
-use bounded::{free_port, wait_until, within};
+use bounded::{free_port, two_replicas, wait_until, within};
 
 /// The value of the sample `name` (with its labels) in `text`; 0 when absent.
 fn sample(text: &str, name: &str) -> u64 {
@@ -62,25 +61,8 @@ async fn a_transparent_proxy_resolves_what_it_dials_and_only_that() {
     std::fs::write(&mesh_path, mesh).expect("write mesh");
     let tokens: HashMap<String, String> =
         [("web".to_string(), "token-web-0123456789".to_string())].into();
-    let cfg = ControlPlaneConfig {
-        mesh_path,
-        state_dir: dir.path().join("state"),
-        listen: Some("127.0.0.1:0".parse().expect("addr")),
-        tokens: tokens.clone(),
-        tokens_file: None,
-        metrics_listen: None,
-    };
-    let cp1 = within("replica 1", palisade_control_plane::start(cfg.clone()))
-        .await
-        .expect("replica 1 starts");
-    let cp2 = within("replica 2", palisade_control_plane::start(cfg))
-        .await
-        .expect("replica 2 starts");
-    let cps = ControlPlaneAddrs::parse(&format!("{},{}", cp1.addr(), cp2.addr())).expect("addrs");
-    let bundle = dir
-        .path()
-        .join("state/ca")
-        .join(palisade_certs::ca::ROOT_CERT_FILE);
+    let (cp1, cp2, cps, bundle) =
+        two_replicas(mesh_path, dir.path().join("state"), tokens.clone()).await;
 
     let td = palisade_certs::TrustDomain::new("cluster.local").expect("trust domain");
     let mut web_cfg = proxy::on_control_plane(

@@ -12,7 +12,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use palisade_certs::SpiffeId;
-use palisade_control_plane::{ControlPlaneConfig, RunningControlPlane};
+use palisade_control_plane::RunningControlPlane;
 use palisade_proxy::config::UpstreamListener;
 use palisade_proxy::control_plane::ControlPlaneAddrs;
 
@@ -21,7 +21,7 @@ mod bounded;
 #[path = "support/proxy.rs"]
 mod proxy;
 
-use bounded::{free_port, wait_until, within};
+use bounded::{free_port, two_replicas, wait_until, within};
 
 /// An app answering every request with 200 `ok`.
 async fn app() -> SocketAddr {
@@ -137,26 +137,9 @@ async fn proxies_move_to_the_other_replica_under_load_and_no_request_fails() {
         ("api".to_string(), "token-api-0123456789".to_string()),
     ]
     .into();
-    // Two replicas of one mesh and one CA (the second reads the CA the first created).
-    let cfg = ControlPlaneConfig {
-        mesh_path: mesh_path.clone(),
-        state_dir: dir.path().join("state"),
-        listen: Some("127.0.0.1:0".parse().expect("addr")),
-        tokens: tokens.clone(),
-        tokens_file: None,
-        metrics_listen: None,
-    };
-    let cp1 = within("replica 1", palisade_control_plane::start(cfg.clone()))
-        .await
-        .expect("replica 1 starts");
-    let cp2 = within("replica 2", palisade_control_plane::start(cfg))
-        .await
-        .expect("replica 2 starts");
-    let cps = ControlPlaneAddrs::parse(&format!("{},{}", cp1.addr(), cp2.addr())).expect("addrs");
-    let bundle = dir
-        .path()
-        .join("state/ca")
-        .join(palisade_certs::ca::ROOT_CERT_FILE);
+    // Two replicas of one mesh and one CA.
+    let (cp1, cp2, cps, bundle) =
+        two_replicas(mesh_path, dir.path().join("state"), tokens.clone()).await;
 
     let mut web_cfg = proxy_config("web", "web", &cps, &tokens["web"], &bundle);
     web_cfg.upstreams = vec![UpstreamListener {

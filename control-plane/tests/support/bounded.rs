@@ -28,3 +28,42 @@ pub fn free_port() -> u16 {
         .expect("a free port")
         .port()
 }
+
+/// Two control-plane replicas of the mesh at `mesh_path`, with one CA (the second reads the CA
+/// the first created under `state_dir`): both, their addresses as a proxy is given them, and
+/// the trust anchor's file.
+pub async fn two_replicas(
+    mesh_path: std::path::PathBuf,
+    state_dir: std::path::PathBuf,
+    tokens: std::collections::HashMap<String, String>,
+) -> (
+    palisade_control_plane::RunningControlPlane,
+    palisade_control_plane::RunningControlPlane,
+    palisade_proxy::control_plane::ControlPlaneAddrs,
+    std::path::PathBuf,
+) {
+    let cfg = palisade_control_plane::ControlPlaneConfig {
+        mesh_path,
+        state_dir: state_dir.clone(),
+        listen: Some("127.0.0.1:0".parse().expect("addr")),
+        tokens,
+        tokens_file: None,
+        metrics_listen: None,
+    };
+    let cp1 = within("replica 1", palisade_control_plane::start(cfg.clone()))
+        .await
+        .expect("replica 1 starts");
+    let cp2 = within("replica 2", palisade_control_plane::start(cfg))
+        .await
+        .expect("replica 2 starts");
+    let addrs = palisade_proxy::control_plane::ControlPlaneAddrs::parse(&format!(
+        "{},{}",
+        cp1.addr(),
+        cp2.addr()
+    ))
+    .expect("addrs");
+    let bundle = state_dir
+        .join("ca")
+        .join(palisade_certs::ca::ROOT_CERT_FILE);
+    (cp1, cp2, addrs, bundle)
+}
