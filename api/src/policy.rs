@@ -15,9 +15,15 @@ use palisade_certs::SpiffeId;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+pub mod route;
 #[cfg(feature = "schema")]
 pub mod schema;
+pub mod traffic;
+mod wire;
+
 pub use crate::MtlsMode;
+pub use route::{Route, RouteKind};
+pub use traffic::{HttpFault, RateLimitPolicy};
 
 pub const API_VERSION: &str = "palisade.dev/v1alpha1";
 const ISTIO_VERSIONS: &[&str] = &["security.istio.io/v1", "security.istio.io/v1beta1"];
@@ -66,7 +72,7 @@ pub struct WorkloadSelector {
 }
 
 impl WorkloadSelector {
-    fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
+    pub(crate) fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
         self.match_labels
             .iter()
             .all(|(k, v)| labels.get(k) == Some(v))
@@ -287,11 +293,15 @@ pub struct PeerAuthenticationSpec {
     pub port_level_mtls: BTreeMap<u32, Mtls>,
 }
 
-/// One policy document. Gateway API `HTTPRoute` will join this enum with traffic management.
+/// One document of the policies directory: authorization, mTLS, routing, faults, rate limits.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Resource {
     AuthorizationPolicy(AuthorizationPolicy),
     PeerAuthentication(PeerAuthentication),
+    /// `HTTPRoute` or `GRPCRoute` (Gateway API, a Service as parent).
+    Route(Route),
+    HttpFault(HttpFault),
+    RateLimitPolicy(RateLimitPolicy),
 }
 
 impl Resource {
@@ -299,6 +309,9 @@ impl Resource {
         match self {
             Resource::AuthorizationPolicy(p) => &p.metadata,
             Resource::PeerAuthentication(p) => &p.metadata,
+            Resource::Route(r) => &r.metadata,
+            Resource::HttpFault(f) => &f.metadata,
+            Resource::RateLimitPolicy(r) => &r.metadata,
         }
     }
 
@@ -306,6 +319,9 @@ impl Resource {
         match self {
             Resource::AuthorizationPolicy(_) => "AuthorizationPolicy",
             Resource::PeerAuthentication(_) => "PeerAuthentication",
+            Resource::Route(r) => r.kind.kind(),
+            Resource::HttpFault(_) => "HTTPFault",
+            Resource::RateLimitPolicy(_) => "RateLimitPolicy",
         }
     }
 }
@@ -1021,12 +1037,8 @@ fn parse_value(c: &mut Ctx<'_>, doc: &Value) -> Option<Resource> {
     let kind = map.get("kind").and_then(Value::as_str).unwrap_or("");
     match kind {
         "AuthorizationPolicy" | "PeerAuthentication" => {}
-        "HTTPRoute" => {
-            c.err(
-                "kind",
-                "HTTPRoute is not supported yet (traffic management comes next)",
-            );
-            return None;
+        "HTTPRoute" | "GRPCRoute" | "HTTPFault" | "RateLimitPolicy" => {
+            return parse_traffic(c, kind, api, doc);
         }
         "" => {
             c.err("kind", "missing field `kind`");
@@ -1036,7 +1048,8 @@ fn parse_value(c: &mut Ctx<'_>, doc: &Value) -> Option<Resource> {
             c.err(
                 "kind",
                 format!(
-                    "unknown kind {other:?}; expected AuthorizationPolicy or PeerAuthentication"
+                    "unknown kind {other:?}; expected AuthorizationPolicy, PeerAuthentication, \
+                     HTTPRoute, GRPCRoute, HTTPFault or RateLimitPolicy"
                 ),
             );
             return None;
@@ -1068,6 +1081,36 @@ fn parse_value(c: &mut Ctx<'_>, doc: &Value) -> Option<Resource> {
             c.err("spec", e.to_string());
             None
         }
+    }
+}
+
+/// Routes (Gateway API), faults and rate limits: their own API versions and parsers.
+fn parse_traffic(c: &mut Ctx<'_>, kind: &str, api: &str, doc: &Value) -> Option<Resource> {
+    let before = c.errors.len();
+    let want = if RouteKind::from_kind(kind).is_some() {
+        route::GATEWAY_API_VERSION
+    } else {
+        API_VERSION
+    };
+    if api != want {
+        c.err("apiVersion", format!("{api:?} is not {want} (kind {kind})"));
+    }
+    validate_meta(c, doc);
+    if c.errors.len() > before {
+        return None;
+    }
+    let meta: ObjectMeta = match doc.get("metadata").cloned().map(serde_json::from_value) {
+        Some(Ok(m)) => m,
+        Some(Err(e)) => {
+            c.err("metadata", e.to_string());
+            return None;
+        }
+        None => return None,
+    };
+    match (kind, RouteKind::from_kind(kind)) {
+        (_, Some(k)) => route::parse(c, k, &meta, doc).map(Resource::Route),
+        ("HTTPFault", None) => traffic::parse_fault(c, &meta, doc).map(Resource::HttpFault),
+        _ => traffic::parse_rate_limit(c, &meta, doc).map(Resource::RateLimitPolicy),
     }
 }
 

@@ -67,6 +67,12 @@ pub fn analyze(mesh: &Mesh, loaded: &[Loaded]) -> Vec<Finding> {
                     }
                 }
             }
+            Resource::RateLimitPolicy(p) => {
+                let selected = ctx.selected(|w| p.selects(&w.namespace, &w.labels));
+                ctx.selection(&p.metadata, p.selector.as_ref(), &selected, &mut say);
+            }
+            // Checked against the mesh when loaded (`traffic::check_local`).
+            Resource::Route(_) | Resource::HttpFault(_) => {}
         }
     }
     out

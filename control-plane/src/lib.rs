@@ -24,6 +24,7 @@ pub mod pieces;
 pub mod served;
 pub mod source;
 pub mod tokens;
+pub mod traffic;
 
 use std::collections::HashMap;
 use std::future::Future;

@@ -15,6 +15,7 @@ use std::sync::{Arc, OnceLock};
 use crate::mesh::{Mesh, MeshError, Workload};
 use crate::parts::ProxyParts;
 use crate::pieces::Pieces;
+use crate::traffic::Traffic;
 
 /// The mesh and its policies at one generation.
 #[derive(Debug, Clone)]
@@ -24,6 +25,8 @@ pub struct Model {
     pub mesh: Mesh,
     pub authorization_policies: Vec<AuthorizationPolicy>,
     pub peer_authentications: Vec<PeerAuthentication>,
+    /// Routes (HTTPRoute, GRPCRoute), HTTPFaults and RateLimitPolicies.
+    pub traffic: Traffic,
     /// The pieces proxies' configs are assembled from, built once for this generation on
     /// first use ([`Model::pieces`]).
     pieces: OnceLock<Arc<Pieces>>,
@@ -64,13 +67,19 @@ impl Model {
             mesh,
             authorization_policies: Vec::new(),
             peer_authentications: Vec::new(),
+            traffic: Traffic::default(),
             pieces: OnceLock::new(),
         };
         if let Some(dir) = model.mesh.policies_dir.clone() {
             if !dir.exists() {
                 return Err(ModelError::MissingPolicies(dir));
             }
-            for loaded in policy::load_path(&dir).map_err(ModelError::Policies)? {
+            let loaded = policy::load_path(&dir).map_err(ModelError::Policies)?;
+            let errors = crate::traffic::check_local(&model.mesh, &loaded);
+            if !errors.is_empty() {
+                return Err(ModelError::Policies(errors));
+            }
+            for loaded in loaded {
                 model.warn_foreign_principals(&loaded);
                 model.add(loaded.resource);
             }
@@ -90,6 +99,7 @@ impl Model {
             mesh,
             authorization_policies: Vec::new(),
             peer_authentications: Vec::new(),
+            traffic: Traffic::default(),
             pieces: OnceLock::new(),
         };
         for r in resources {
@@ -119,9 +129,10 @@ impl Model {
     }
 
     fn add(&mut self, resource: Resource) {
-        match resource {
-            Resource::AuthorizationPolicy(p) => self.authorization_policies.push(p),
-            Resource::PeerAuthentication(p) => self.peer_authentications.push(p),
+        match self.traffic.add(resource) {
+            Some(Resource::AuthorizationPolicy(p)) => self.authorization_policies.push(p),
+            Some(Resource::PeerAuthentication(p)) => self.peer_authentications.push(p),
+            _ => {}
         }
     }
 
@@ -131,6 +142,7 @@ impl Model {
         self.mesh == other.mesh
             && self.authorization_policies == other.authorization_policies
             && self.peer_authentications == other.peer_authentications
+            && self.traffic == other.traffic
     }
 
     /// The config of one workload's proxy at this generation, or None if the mesh has no such
@@ -145,7 +157,7 @@ impl Model {
     /// that is a bug: a model is immutable once published.
     pub fn pieces(&self) -> &Pieces {
         self.pieces
-            .get_or_init(|| Arc::new(Pieces::build(&self.mesh)))
+            .get_or_init(|| Arc::new(Pieces::build_with(&self.mesh, &self.traffic)))
     }
 
     /// The config of the proxy of `w` (one of this model's workloads).
@@ -184,11 +196,12 @@ impl Model {
             .map(wire_policy)
             .collect();
         // A workload is its name in its namespace (pod names repeat across namespaces).
-        let app_protocol = pieces
+        let index = pieces
             .workloads_named(&w.name)
             .iter()
             .find(|&&i| self.mesh.workloads[i].namespace == w.namespace)
-            .map_or(crate::mesh::Protocol::Detect, |&i| pieces.app_protocol(i));
+            .copied();
+        let app_protocol = index.map_or(crate::mesh::Protocol::Detect, |i| pieces.app_protocol(i));
         // `effective_mtls` resolves UNSET by inheritance, ending at STRICT; a proxy is never sent
         // an unset mode it would have to guess about.
         let mode = |m: policy::MtlsMode| m.effective().to_proto() as i32;
@@ -203,6 +216,8 @@ impl Model {
             authorization_policies,
             app_protocol: app_protocol.to_proto() as i32,
             path_normalization: self.mesh.path_normalization.to_proto() as i32,
+            rate_limit: self.traffic.rate_limit_of(&w.namespace, &w.labels),
+            routes: index.map_or_else(Vec::new, |i| pieces.routes_backed_by(i)),
         }
     }
 

@@ -49,6 +49,11 @@ pub struct Pieces {
     workloads_by_name: HashMap<String, Vec<usize>>,
     /// Per workload index: what its app speaks (the protocol of the first service selecting it).
     app_protocol: Vec<Protocol>,
+    /// Per workload index: the services it backs (indices in `services`).
+    backs: Vec<Vec<usize>>,
+    /// Per service index: the services its routes send to or mirror to, which a proxy that
+    /// gets the service gets too.
+    backends: Vec<Vec<usize>>,
 }
 
 impl SharedService {
@@ -65,7 +70,12 @@ fn digest(msg: &v1::Service) -> u64 {
 }
 
 impl Pieces {
+    /// The pieces of a mesh without routes.
     pub fn build(mesh: &Mesh) -> Self {
+        Self::build_with(mesh, &crate::traffic::Traffic::default())
+    }
+
+    pub fn build_with(mesh: &Mesh, traffic: &crate::traffic::Traffic) -> Self {
         let mut workloads_by_name: HashMap<String, Vec<usize>> = HashMap::new();
         let mut by_ns_name: HashMap<(&str, &str), usize> = HashMap::new();
         // (namespace, label key, label value) → workloads carrying that label.
@@ -89,6 +99,7 @@ impl Pieces {
             .map(|w| w.spiffe_id(mesh).ok().map(|id| id.as_str().to_string()))
             .collect();
         let mut services: Vec<Arc<SharedService>> = Vec::with_capacity(mesh.services.len());
+        let mut backed: Vec<Vec<usize>> = Vec::with_capacity(mesh.services.len());
         let mut by_key = HashMap::with_capacity(mesh.services.len());
         for s in &mesh.services {
             // The workloads backing the service, with the address their proxy is dialled at
@@ -120,6 +131,7 @@ impl Pieces {
                         .collect()
                 }
             };
+            let backing_workloads: Vec<usize> = backing.iter().map(|(i, _, _)| *i).collect();
             let endpoints: Vec<v1::Endpoint> = backing
                 .into_iter()
                 .filter_map(|(i, addr, target_port)| {
@@ -158,15 +170,27 @@ impl Pieces {
                     .as_ref()
                     .and_then(|r| r.validate().ok())
                     .map(|r| r.to_proto()),
+                routes: traffic.routes_of(&s.name, &s.namespace, s.port),
             };
+            backed.push(backing_workloads);
             services.push(Arc::new(SharedService {
                 digest: digest(&msg),
                 msg,
             }));
         }
+        // Sort the backing lists with their services.
+        let mut order: Vec<usize> = (0..services.len()).collect();
+        order.sort_by(|&a, &b| services[a].key().cmp(&services[b].key()));
         // Key order, the order of a proxy's config (`palisade_api::delta`): a proxy's services
         // and a delta's are then merged in one walk.
-        services.sort_by(|a, b| a.key().cmp(&b.key()));
+        let services: Vec<Arc<SharedService>> =
+            order.iter().map(|&i| services[i].clone()).collect();
+        let mut backs: Vec<Vec<usize>> = vec![Vec::new(); mesh.workloads.len()];
+        for (sorted, &orig) in order.iter().enumerate() {
+            for &w in &backed[orig] {
+                backs[w].push(sorted);
+            }
+        }
         let mut by_addr = HashMap::new();
         for (i, s) in services.iter().enumerate() {
             let (name, ns, port) = s.key();
@@ -189,7 +213,39 @@ impl Pieces {
                 }
             }
         }
+        let backends = services
+            .iter()
+            .map(|s| {
+                let mut v: Vec<usize> = s
+                    .msg
+                    .routes
+                    .iter()
+                    .flat_map(|r| &r.rules)
+                    .flat_map(|rule| {
+                        rule.backends
+                            .iter()
+                            .filter_map(|b| b.service.as_ref())
+                            .chain(rule.filters.iter().filter_map(|f| match &f.filter {
+                                Some(v1::route_filter::Filter::RequestMirror(m)) => {
+                                    m.backend.as_ref()
+                                }
+                                _ => None,
+                            }))
+                    })
+                    .filter_map(|k| {
+                        by_key
+                            .get(&(k.name.clone(), k.namespace.clone(), k.port))
+                            .copied()
+                    })
+                    .collect();
+                v.sort_unstable();
+                v.dedup();
+                v
+            })
+            .collect();
         Pieces {
+            backs,
+            backends,
             services,
             by_key,
             by_addr,
@@ -224,6 +280,23 @@ impl Pieces {
                 out.push(self.services[i].clone());
             }
         }
+        // What their routes send to comes along (routes do not chain: a backend's own
+        // backends are not needed).
+        let routed: Vec<usize> = out
+            .iter()
+            .filter(|s| !s.msg.routes.is_empty())
+            .filter_map(|s| {
+                let (n, ns, p) = s.key();
+                self.by_key
+                    .get(&(n.to_string(), ns.to_string(), p))
+                    .copied()
+            })
+            .collect();
+        for i in routed {
+            for &b in &self.backends[i] {
+                out.push(self.services[b].clone());
+            }
+        }
         out.sort_by(|a, b| a.key().cmp(&b.key()));
         out.dedup_by(|a, b| Arc::ptr_eq(a, b));
         out
@@ -251,6 +324,23 @@ impl Pieces {
             .by_key
             .get(&(name.to_string(), namespace.to_string(), u32::from(port)))?;
         self.services.get(*i)
+    }
+
+    /// The routes of the services `w` backs (once each): its inbound proxy matches them for
+    /// the route label and authorization.
+    pub fn routes_backed_by(&self, index: usize) -> Vec<v1::Route> {
+        let mut out: Vec<v1::Route> = Vec::new();
+        for &s in self.backs.get(index).map_or(&[][..], Vec::as_slice) {
+            for r in &self.services[s].msg.routes {
+                if !out
+                    .iter()
+                    .any(|o| o.namespace == r.namespace && o.name == r.name)
+                {
+                    out.push(r.clone());
+                }
+            }
+        }
+        out
     }
 
     /// Indices of the workloads named `name`.

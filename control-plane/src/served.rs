@@ -150,6 +150,9 @@ impl InboundJson {
             path_normalization: v1::PathNormalization::from_str_name(&self.path_normalization)
                 .ok_or_else(|| bad("inbound.pathNormalization", &self.path_normalization))?
                 as i32,
+            // What `authz explain` decides with: rate limits and route labels are not decisions.
+            rate_limit: None,
+            routes: Vec::new(),
         })
     }
 }

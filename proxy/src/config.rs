@@ -160,6 +160,8 @@ pub struct ServiceConfig {
     /// A response stream without a frame for this long is cancelled.
     pub idle_timeout: Option<std::time::Duration>,
     pub retry: Option<palisade_api::call::RetryPolicy>,
+    /// Its HTTPRoutes and GRPCRoutes, compiled.
+    pub routes: Arc<crate::routing::Routes>,
 }
 
 /// Inbound settings of this workload.
@@ -298,6 +300,11 @@ impl Snapshot {
                 .map(palisade_api::call::RetryPolicy::from_proto)
                 .transpose()
                 .map_err(|e| call_err("retry", e))?;
+            let routes =
+                crate::routing::Routes::compile(&s.routes).map_err(|e| ConfigError::Field {
+                    field: format!("services[{key}].routes"),
+                    message: e.to_string(),
+                })?;
             services.insert(
                 key.clone(),
                 Arc::new(ServiceConfig {
@@ -308,6 +315,7 @@ impl Snapshot {
                     timeout,
                     idle_timeout,
                     retry,
+                    routes: Arc::new(routes),
                 }),
             );
         }
@@ -380,6 +388,7 @@ impl Snapshot {
                     .map(|r| r.validate().map(|p| p.to_proto()))
                     .transpose()
                     .map_err(|e| file_err(format!("services[{i}].retry: {e}")))?,
+                routes: Vec::new(),
                 endpoints: s
                     .endpoints
                     .into_iter()
@@ -393,8 +402,45 @@ impl Snapshot {
                     .collect(),
             });
         }
+        attach_routes(&mut cfg, &file.routes).map_err(file_err)?;
         Snapshot::from_proto(&cfg).map_err(|e| file_err(e.to_string()))
     }
+}
+
+/// Parses the static file's route documents and gives each service the routes whose parent it
+/// is, faults resolved.
+fn attach_routes(cfg: &mut v1::ProxyConfig, docs: &[serde_json::Value]) -> Result<(), String> {
+    use palisade_api::policy::{self, Resource};
+    let mut routes = Vec::new();
+    let mut faults = std::collections::BTreeMap::new();
+    for (i, doc) in docs.iter().enumerate() {
+        match policy::parse_object(&format!("routes[{i}]"), doc) {
+            Ok(Resource::Route(r)) => routes.push(r),
+            Ok(Resource::HttpFault(f)) => {
+                faults.insert(
+                    (f.metadata.namespace().to_string(), f.metadata.name.clone()),
+                    f,
+                );
+            }
+            Ok(other) => return Err(format!("routes[{i}]: a {} is not a route", other.kind())),
+            Err(errors) => {
+                return Err(errors
+                    .iter()
+                    .map(|e| e.to_string())
+                    .collect::<Vec<_>>()
+                    .join("; "));
+            }
+        }
+    }
+    for s in &mut cfg.services {
+        let port = u16::try_from(s.port).unwrap_or(0);
+        s.routes = routes
+            .iter()
+            .filter(|r| r.attaches_to(&s.name, &s.namespace, port))
+            .map(|r| policy::route::wire_route(r, &faults))
+            .collect();
+    }
+    Ok(())
 }
 
 #[derive(Deserialize)]
@@ -407,6 +453,10 @@ struct StaticFile {
     path_normalization: PathNormalization,
     #[serde(default)]
     services: Vec<StaticService>,
+    /// HTTPRoute / GRPCRoute / HTTPFault documents, as in a policies directory; each route
+    /// attaches to the services of this file its parentRefs name.
+    #[serde(default)]
+    routes: Vec<serde_json::Value>,
 }
 
 #[derive(Deserialize)]

@@ -112,6 +112,13 @@ pub enum ProxyError {
     /// The exchange with the local app failed after the request was sent.
     #[error("app reset: {0}")]
     AppReset(hyper_util::client::legacy::Error),
+    /// Routes are attached to the service and none matches the request (Gateway API: 404).
+    #[error("no route matches the request")]
+    NoRoute,
+    /// The matched rule's backend is not in the config, or every backend weighs 0
+    /// (Gateway API: 500).
+    #[error("the route's backend is unavailable")]
+    RouteBackend,
 }
 
 impl ProxyError {
@@ -126,6 +133,8 @@ impl ProxyError {
             ProxyError::Endpoint(e) => e.reason(),
             ProxyError::AppUnavailable(_) => "app_unavailable",
             ProxyError::AppReset(_) => "app_reset",
+            ProxyError::NoRoute => "no_route",
+            ProxyError::RouteBackend => "route_backend_unavailable",
         }
     }
 
@@ -138,14 +147,20 @@ impl ProxyError {
             ProxyError::Endpoint(_) | ProxyError::AppUnavailable(_) | ProxyError::AppReset(_) => {
                 StatusCode::BAD_GATEWAY
             }
+            ProxyError::NoRoute => StatusCode::NOT_FOUND,
+            ProxyError::RouteBackend => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
-    /// The gRPC status code (`DEADLINE_EXCEEDED` 4, `INTERNAL` 13, `UNAVAILABLE` 14).
+    /// The gRPC status code (`DEADLINE_EXCEEDED` 4, `UNIMPLEMENTED` 12, `INTERNAL` 13,
+    /// `UNAVAILABLE` 14).
     pub fn grpc_code(&self) -> u8 {
+        if matches!(self, ProxyError::NoRoute) {
+            return 12;
+        }
         match self.http_status() {
             StatusCode::GATEWAY_TIMEOUT => 4,
-            StatusCode::BAD_REQUEST => 13,
+            StatusCode::BAD_REQUEST | StatusCode::INTERNAL_SERVER_ERROR => 13,
             _ => 14,
         }
     }

@@ -162,6 +162,10 @@ pub const XFCC: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
 #[derive(Clone, Debug)]
 pub struct DstIdentity(pub Label);
 
+/// The route rule that took a request (`namespace/name/rule`), for the `route` label.
+#[derive(Clone, Debug)]
+pub struct RouteLabel(pub Label);
+
 /// A response the proxy makes itself. A `&'static str` body is not copied.
 pub fn local_response(status: StatusCode, body: impl Into<Bytes>) -> Response<RspBody> {
     let mut rsp = Response::new(Either::Right(Full::new(body.into())));
@@ -253,6 +257,8 @@ pub struct TelemetryLayer {
     src: Label,
     dst: Label,
     access_log: bool,
+    /// The empty `route` label, made once.
+    no_route: Label,
 }
 
 impl TelemetryLayer {
@@ -269,6 +275,7 @@ impl TelemetryLayer {
             src,
             dst,
             access_log,
+            no_route: Label::new(""),
         }
     }
 }
@@ -347,11 +354,16 @@ where
             .get::<DstIdentity>()
             .map(|d| d.0.clone())
             .unwrap_or_else(|| this.layer.dst.clone());
+        let route = rsp
+            .extensions()
+            .get::<RouteLabel>()
+            .map_or_else(|| this.layer.no_route.clone(), |r| r.0.clone());
         let labels = RequestLabels {
             direction: this.layer.direction,
             src_identity: this.layer.src.clone(),
             dst_identity: dst,
             status_code: rsp.status().as_u16(),
+            route,
         };
         let m = &this.layer.metrics;
         m.requests.get_or_create(&labels).inc();
@@ -372,6 +384,7 @@ where
                 path = %path,
                 version = ?version,
                 status = labels.status_code,
+                route = %labels.route.0,
                 duration_ms = elapsed.as_secs_f64() * 1000.0,
                 authz = decision.as_deref().unwrap_or("-"),
                 "request"

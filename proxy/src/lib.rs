@@ -26,6 +26,7 @@ pub mod inbound;
 pub mod io;
 pub mod normalize;
 pub mod outbound;
+pub mod routing;
 pub mod sanitize;
 pub mod tcp;
 pub mod telemetry;

@@ -49,6 +49,27 @@ pub struct RequestLabels {
     pub src_identity: Label,
     pub dst_identity: Label,
     pub status_code: u16,
+    /// The matched route rule, `namespace/name/rule`; empty when no route applies.
+    pub route: Label,
+}
+
+/// An injected fault, by its HTTPFault (`namespace/name`) and what it did.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FaultLabels {
+    pub fault: Label,
+    /// `delay` or `abort`.
+    pub kind: &'static str,
+}
+
+/// A request answered 429 by a local rate limit.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RateLimitLabels {
+    /// The RateLimitPolicy, `namespace/name`.
+    pub policy: Label,
+    /// The caller's identity (`unknown` for plaintext).
+    pub src_identity: Label,
+    /// `total`, `identity` or `override`.
+    pub limit: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -124,6 +145,10 @@ pub struct Metrics {
     pub lookups: Family<ResultLabels, Counter>,
     pub on_demand_services: Gauge,
     pub on_demand_evictions: Counter,
+    pub faults: Family<FaultLabels, Counter>,
+    /// Mirrored requests by result (`sent`, `skipped`: a body too large or of unknown length).
+    pub mirrors: Family<ResultLabels, Counter>,
+    pub rate_limited: Family<RateLimitLabels, Counter>,
     registry: Registry,
 }
 
@@ -151,8 +176,26 @@ impl Metrics {
             lookups: Family::default(),
             on_demand_services: Gauge::default(),
             on_demand_evictions: Counter::default(),
+            faults: Family::default(),
+            mirrors: Family::default(),
+            rate_limited: Family::default(),
             registry: Registry::default(),
         };
+        registry.register(
+            "palisade_faults_injected",
+            "Requests an HTTPFault delayed or aborted, by fault and kind",
+            m.faults.clone(),
+        );
+        registry.register(
+            "palisade_route_mirrors",
+            "Requests copied to a RequestMirror backend, by result",
+            m.mirrors.clone(),
+        );
+        registry.register(
+            "palisade_rate_limited",
+            "Requests answered 429 by a RateLimitPolicy, by policy, caller and limit",
+            m.rate_limited.clone(),
+        );
         registry.register(
             "palisade_requests",
             "HTTP requests handled",

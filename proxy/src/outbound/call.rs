@@ -12,8 +12,34 @@ use crate::http::{OutBody, RspBody};
 /// A request on its way to one service: what the layers below the route need, and nothing of
 /// the proxy's.
 pub(crate) struct Call {
+    /// The service the request goes to: the route rule's backend, or the one the app dialled.
     pub svc: Arc<OutService>,
     pub req: Request<OutBody>,
+    /// The route rule that took it, whose timeouts and retry policy replace the service's.
+    pub rule: Option<Arc<crate::routing::Rule>>,
+}
+
+impl Call {
+    /// The whole call's timeout: the rule's, else the service's.
+    pub fn request_timeout(&self) -> Option<std::time::Duration> {
+        self.rule
+            .as_ref()
+            .and_then(|r| r.request_timeout)
+            .or(self.svc.cfg.timeout)
+    }
+
+    /// Each attempt's timeout (a rule's `backendRequest`).
+    pub fn attempt_timeout(&self) -> Option<std::time::Duration> {
+        self.rule.as_ref().and_then(|r| r.backend_timeout)
+    }
+
+    /// The retry policy: the rule's, else the service's.
+    pub fn retry_policy(&self) -> Option<&palisade_api::call::RetryPolicy> {
+        self.rule
+            .as_ref()
+            .and_then(|r| r.retry.as_ref())
+            .or(self.svc.cfg.retry.as_ref())
+    }
 }
 
 /// What a layer below the route returns: the inner call's own future on the common path, a

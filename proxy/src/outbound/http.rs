@@ -1,6 +1,7 @@
-//! The outbound HTTP stack: Telemetry -> Sanitize -> Rescue -> Route -> Timeout -> Retry ->
-//! Balance + Endpoint. Route, Balance and the endpoint call live here; the timeout and retry
-//! layers in `timeout.rs` and `retry.rs`. Below Rescue every stage fails with a typed [`ProxyError`], which Rescue
+//! The outbound HTTP stack: Telemetry -> Sanitize -> Classify -> Rescue -> Dispatch ->
+//! Timeout (request) -> Retry -> Timeout (attempt) -> Balance + Endpoint. Balance and the
+//! endpoint call live here; the route stages (Classify, Dispatch) in `route.rs`, the timeout
+//! and retry layers in `timeout.rs` and `retry.rs`. Below Rescue every stage fails with a typed [`ProxyError`], which Rescue
 //! turns into the caller's response ([`crate::errors`]).
 //!
 //! The balance stage picks an endpoint, sends, and tells the balancer how it went. A request
@@ -13,7 +14,6 @@
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use futures_util::future;
 use futures_util::future::BoxFuture;
 use http::{Request, Response, StatusCode, Version};
 use http_body::Body as _;
@@ -24,9 +24,10 @@ use palisade_api::call::RetryPolicy;
 use tokio::net::TcpStream;
 use tower::ServiceBuilder;
 
-use super::call::{Answer, Call, idempotent};
+use super::call::{Call, idempotent};
 use super::endpoint::{self, Attempt};
 use super::retry::RetryLayer;
+use super::route::{ClassifyLayer, Dispatch};
 use super::timeout::TimeoutLayer;
 use super::{Endpoint, OutService};
 use crate::Ctx;
@@ -60,77 +61,21 @@ pub(super) async fn serve_http(
             Direction::outbound,
             None,
         ))
+        .layer(ClassifyLayer::new(ctx.clone(), service.clone()))
         .layer(RescueLayer::new(metrics.clone(), Direction::outbound))
-        .layer(RouteLayer::new(ctx.clone(), service))
-        .layer(TimeoutLayer)
+        .layer(tower::layer::layer_fn({
+            let ctx = ctx.clone();
+            move |inner| Dispatch {
+                inner,
+                ctx: ctx.clone(),
+                service: service.clone(),
+            }
+        }))
+        .layer(TimeoutLayer::Request)
         .layer(RetryLayer::new(metrics))
+        .layer(TimeoutLayer::Attempt)
         .service(Balance { ctx: ctx.clone() });
     phttp::serve_connection(&ctx, io, svc, h2).await;
-}
-
-/// Finds the connection's service for each request (the table may have changed since the
-/// connection was accepted) and readies the request for the HTTP/2 hop. Upgrades (WebSocket)
-/// leave the stack here for their own connection: nothing below applies to them.
-#[derive(Clone)]
-pub(crate) struct RouteLayer {
-    ctx: Arc<Ctx>,
-    service: Arc<str>,
-}
-
-impl RouteLayer {
-    fn new(ctx: Arc<Ctx>, service: Arc<str>) -> Self {
-        Self { ctx, service }
-    }
-}
-
-impl<S> tower::Layer<S> for RouteLayer {
-    type Service = Route<S>;
-    fn layer(&self, inner: S) -> Route<S> {
-        Route {
-            inner,
-            layer: self.clone(),
-        }
-    }
-}
-
-#[derive(Clone)]
-pub(crate) struct Route<S> {
-    inner: S,
-    layer: RouteLayer,
-}
-
-impl<S> tower::Service<Request<Incoming>> for Route<S>
-where
-    S: tower::Service<Call, Response = Response<RspBody>, Error = ProxyError>,
-    S::Future: Send + 'static,
-{
-    type Response = Response<RspBody>;
-    type Error = ProxyError;
-    type Future = future::Either<S::Future, Answer>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
-        let RouteLayer { ctx, service } = &self.layer;
-        let Some(svc) = ctx.outbound.load().get(service).cloned() else {
-            return future::Either::Right(Box::pin(async { Err(ProxyError::UnknownService) }));
-        };
-        if phttp::is_upgrade(&req) {
-            let (ctx, service) = (ctx.clone(), service.clone());
-            return future::Either::Right(Box::pin(async move {
-                upgrade(&ctx, &service, &svc, req).await
-            }));
-        }
-        let Ok(req) = for_h2(req, service) else {
-            return future::Either::Right(Box::pin(async { Err(ProxyError::BadRequestTarget) }));
-        };
-        let (parts, body) = req.into_parts();
-        let (body, _) = OutBody::watched(body);
-        let req = Request::from_parts(parts, body);
-        future::Either::Left(self.inner.call(Call { svc, req }))
-    }
 }
 
 /// The balancer and endpoint stage of the outbound HTTP stack.
@@ -216,7 +161,7 @@ fn never_reached_app<B>(rsp: &Response<B>) -> bool {
 }
 
 /// A bodiless copy of a request's head.
-fn head_copy(req: &Request<OutBody>) -> Request<OutBody> {
+pub(super) fn head_copy(req: &Request<OutBody>) -> Request<OutBody> {
     let mut copy = Request::new(OutBody::empty());
     *copy.method_mut() = req.method().clone();
     *copy.uri_mut() = req.uri().clone();
@@ -245,7 +190,10 @@ fn ejected(ctx: &Ctx, service: &str, ep: &Endpoint, backoff: Option<std::time::D
 }
 
 /// Rewrites a request for the HTTP/2 hop between proxies.
-fn for_h2(mut req: Request<Incoming>, service: &str) -> Result<Request<Incoming>, StatusCode> {
+pub(super) fn for_h2(
+    mut req: Request<Incoming>,
+    service: &str,
+) -> Result<Request<Incoming>, StatusCode> {
     let orig = req.version();
     phttp::strip_hop_by_hop(req.headers_mut(), false);
     if orig != Version::HTTP_2 {
@@ -264,8 +212,8 @@ fn for_h2(mut req: Request<Incoming>, service: &str) -> Result<Request<Incoming>
 
 /// Picks an endpoint and sends; a request that never left goes to another endpoint, and a
 /// bodiless one to a suspect endpoint may too (see the module docs).
-async fn forward(ctx: &Ctx, call: Call) -> Result<Response<RspBody>, ProxyError> {
-    let Call { svc, mut req } = call;
+pub(super) async fn forward(ctx: &Ctx, call: Call) -> Result<Response<RspBody>, ProxyError> {
+    let Call { svc, mut req, .. } = call;
     let service = svc.cfg.key.as_str();
     let bodiless = req.body().is_end_stream();
     let grpc = phttp::is_grpc(&req);
@@ -339,12 +287,12 @@ async fn forward(ctx: &Ctx, call: Call) -> Result<Response<RspBody>, ProxyError>
 
 /// WebSocket and other upgrades: one endpoint, its own HTTP/1.1 connection, no retry (the
 /// request carries the client's connection with it).
-async fn upgrade(
+pub(super) async fn upgrade(
     ctx: &Arc<Ctx>,
-    service: &str,
     svc: &OutService,
     req: Request<Incoming>,
 ) -> Result<Response<RspBody>, ProxyError> {
+    let service = svc.cfg.key.as_str();
     let ep = svc
         .balancer
         .pick()
@@ -383,6 +331,7 @@ pub(super) mod tests {
             timeout,
             idle_timeout: None,
             retry,
+            routes: Default::default(),
         });
         Call {
             svc: Arc::new(OutService {
@@ -393,6 +342,7 @@ pub(super) mod tests {
             req: Request::get("http://api.demo/")
                 .body(OutBody::empty())
                 .unwrap(),
+            rule: None,
         }
     }
 }

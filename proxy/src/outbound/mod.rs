@@ -9,7 +9,9 @@
 //!      http | http2 | grpc  -> HTTP only: the HTTP/2 preface, or else the HTTP/1 parser (which
 //!                              answers 400 to what is not HTTP); never a tunnel
 //!      detect               -> HTTP/1 | HTTP/2 | opaque, by peeking
-//!   HTTP:   http.rs: Telemetry -> Sanitize -> [seam: timeouts, retries] -> Balance + Endpoint
+//!   HTTP:   http.rs: Telemetry -> Sanitize -> Classify (route.rs) -> Rescue -> Dispatch
+//!           (route.rs: filters, faults, weighted backends) -> Timeout -> Retry -> Timeout
+//!           (per attempt) -> Balance + Endpoint
 //!   opaque: opaque.rs: Balance -> mTLS (ALPN palisade.dev/opaque) -> copy, with an idle timeout
 //! ```
 //!
@@ -24,6 +26,7 @@ mod http;
 mod opaque;
 mod resolve;
 mod retry;
+mod route;
 mod timeout;
 
 pub use resolve::{LOOKUP_TIMEOUT, NOT_FOUND_TTL, OnDemand, Resolved};

@@ -68,7 +68,7 @@ where
     }
 
     fn call(&mut self, call: Call) -> Self::Future {
-        let Some(policy) = call.svc.cfg.retry.clone() else {
+        let Some(policy) = call.retry_policy().cloned() else {
             return future::Either::Left(self.inner.call(call));
         };
         let inner = self.inner.clone();
@@ -107,7 +107,7 @@ where
     if !replayable {
         return inner.oneshot(call).await;
     }
-    let Call { svc, req } = call;
+    let Call { svc, req, rule } = call;
     let (parts, body) = req.into_parts();
     let body = http_body_util::BodyExt::collect(body)
         .await
@@ -129,6 +129,7 @@ where
             .oneshot(Call {
                 svc: svc.clone(),
                 req: copy(&head),
+                rule: rule.clone(),
             })
             .await;
         if !retryable(&result, &policy) {

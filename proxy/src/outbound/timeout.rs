@@ -8,21 +8,29 @@ use super::call::Call;
 use crate::errors::ProxyError;
 use crate::http::RspBody;
 
-/// The service's request timeout, over everything below (retries included), until the
-/// response headers: past it the caller gets 504 / `DEADLINE_EXCEEDED`.
+/// A timeout until the response headers: past it the caller gets 504 / `DEADLINE_EXCEEDED`.
+/// Above the retry layer it is the request's (the route rule's `timeouts.request`, else the
+/// service's), over every attempt; below it, each attempt's (`timeouts.backendRequest`).
 #[derive(Clone, Copy)]
-pub(crate) struct TimeoutLayer;
+pub(crate) enum TimeoutLayer {
+    Request,
+    Attempt,
+}
 
 impl<S> tower::Layer<S> for TimeoutLayer {
     type Service = Timeout<S>;
     fn layer(&self, inner: S) -> Timeout<S> {
-        Timeout { inner }
+        Timeout {
+            inner,
+            scope: *self,
+        }
     }
 }
 
 #[derive(Clone)]
 pub(crate) struct Timeout<S> {
     inner: S,
+    scope: TimeoutLayer,
 }
 
 impl<S> tower::Service<Call> for Timeout<S>
@@ -38,7 +46,10 @@ where
     }
 
     fn call(&mut self, call: Call) -> Self::Future {
-        let limit = call.svc.cfg.timeout;
+        let limit = match self.scope {
+            TimeoutLayer::Request => call.request_timeout(),
+            TimeoutLayer::Attempt => call.attempt_timeout(),
+        };
         TimeoutFuture {
             inner: self.inner.call(call),
             sleep: limit.map(tokio::time::sleep),
@@ -95,9 +106,12 @@ mod tests {
             futures_util::future::pending::<Result<Response<RspBody>, ProxyError>>()
         });
         let start = tokio::time::Instant::now();
-        let r = Timeout { inner: never }
-            .oneshot(call(Some(Duration::from_secs(2)), None))
-            .await;
+        let r = Timeout {
+            inner: never,
+            scope: TimeoutLayer::Request,
+        }
+        .oneshot(call(Some(Duration::from_secs(2)), None))
+        .await;
         assert!(matches!(r, Err(ProxyError::RequestTimeout(d)) if d == Duration::from_secs(2)));
         assert_eq!(start.elapsed(), Duration::from_secs(2));
     }
