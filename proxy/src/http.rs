@@ -185,13 +185,11 @@ pub fn grpc_response(code: u8, message: &'static str) -> Response<RspBody> {
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/grpc"),
     );
-    let code = match code {
-        4 => HeaderValue::from_static("4"),
-        7 => HeaderValue::from_static("7"),
-        13 => HeaderValue::from_static("13"),
-        14 => HeaderValue::from_static("14"),
-        _ => HeaderValue::from_static("2"),
-    };
+    // gRPC codes are 0-16; anything else is UNKNOWN. The digits are static: no allocation.
+    const CODES: [&str; 17] = [
+        "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16",
+    ];
+    let code = HeaderValue::from_static(CODES.get(usize::from(code)).copied().unwrap_or("2"));
     h.insert("grpc-status", code);
     h.insert("grpc-message", HeaderValue::from_static(message));
     rsp

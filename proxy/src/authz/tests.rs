@@ -23,7 +23,7 @@ fn policies(yaml: &str) -> Vec<AuthorizationPolicy> {
         .into_iter()
         .filter_map(|r| match r {
             Resource::AuthorizationPolicy(p) => Some(p),
-            Resource::PeerAuthentication(_) => None,
+            _ => None,
         })
         .collect()
 }
