@@ -50,6 +50,7 @@ fn decisions(c: &mut Criterion) {
         path: "/api/users?id=7",
         host: "api.demo",
         headers: &headers,
+        route: None,
     };
     for n in [1usize, 100, 10_000] {
         let authz =

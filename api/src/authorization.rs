@@ -277,6 +277,8 @@ fn operation_to_proto(path: &str, o: &Operation) -> Result<v1::Operation, WireEr
         not_methods: matches(&o.not_methods),
         paths: matches(&o.paths),
         not_paths: matches(&o.not_paths),
+        routes: matches(&o.routes),
+        not_routes: matches(&o.not_routes),
     })
 }
 
@@ -435,6 +437,8 @@ fn operation_from_proto(path: &str, o: &v1::Operation) -> Result<Operation, Wire
         not_methods: patterns(&p("not_methods"), &o.not_methods)?,
         paths: patterns(&p("paths"), &o.paths)?,
         not_paths: patterns(&p("not_paths"), &o.not_paths)?,
+        routes: patterns(&p("routes"), &o.routes)?,
+        not_routes: patterns(&p("not_routes"), &o.not_routes)?,
     })
 }
 

@@ -202,6 +202,14 @@ pub struct Operation {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[cfg_attr(feature = "schema", schemars(inner(pattern(schema::WILDCARD))))]
     pub not_paths: Vec<String>,
+    /// Palisade's addition: the route (`namespace/name` of an HTTPRoute or GRPCRoute, or
+    /// `namespace/name/rule`) the receiving proxy matched the request to.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[cfg_attr(feature = "schema", schemars(inner(pattern(schema::WILDCARD))))]
+    pub routes: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[cfg_attr(feature = "schema", schemars(inner(pattern(schema::WILDCARD))))]
+    pub not_routes: Vec<String>,
 }
 
 impl Operation {
@@ -212,7 +220,9 @@ impl Operation {
             && self.methods.is_empty()
             && self.not_methods.is_empty()
             && self.paths.is_empty()
-            && self.not_paths.is_empty())
+            && self.not_paths.is_empty()
+            && self.routes.is_empty()
+            && self.not_routes.is_empty())
     }
 }
 
@@ -820,6 +830,8 @@ const OPERATION_FIELDS: &[&str] = &[
     "notMethods",
     "paths",
     "notPaths",
+    "routes",
+    "notRoutes",
 ];
 
 fn source_check(field: &str) -> Check {

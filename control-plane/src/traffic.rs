@@ -3,7 +3,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use palisade_api::authorization::principal_match;
 use palisade_api::policy::route::{Filter, Route, wire_route};
 use palisade_api::policy::{HttpFault, Loaded, PolicyError, RateLimitPolicy, Resource};
 use palisade_api::v1;
@@ -66,19 +65,7 @@ impl Traffic {
         labels: &BTreeMap<String, String>,
     ) -> Option<v1::RateLimit> {
         let p = self.rate_limits.iter().find(|p| p.selects(ns, labels))?;
-        Some(v1::RateLimit {
-            name: p.qualified_name(),
-            total_rps: p.total.unwrap_or(0),
-            identity_rps: p.identity.unwrap_or(0),
-            overrides: p
-                .overrides
-                .iter()
-                .map(|o| v1::RateLimitOverride {
-                    requests_per_second: o.requests_per_second,
-                    principals: o.principals.iter().map(|p| principal_match(p)).collect(),
-                })
-                .collect(),
-        })
+        Some(palisade_api::policy::traffic::wire_rate_limit(p))
     }
 }
 

@@ -129,6 +129,7 @@ pin_project_lite::pin_project! {
         #[pin]
         inner: F,
         note: Option<AuthzNote>,
+        route: Option<Label>,
     }
 }
 
@@ -144,6 +145,9 @@ where
             Poll::Ready(Ok(mut rsp)) => {
                 if let Some(n) = this.note.take() {
                     rsp.extensions_mut().insert(n);
+                }
+                if let Some(r) = this.route.take() {
+                    rsp.extensions_mut().insert(phttp::RouteLabel(r));
                 }
                 Poll::Ready(Ok(rsp))
             }
@@ -193,7 +197,22 @@ where
                     .and_then(|h| h.to_str().ok())
             })
             .unwrap_or("");
+        // The rule of the routes of this workload's services that the request matches: a
+        // label for metrics, and what `to.operation.routes` compares.
+        let route = if snap.inbound.routes.is_empty() {
+            None
+        } else {
+            match snap
+                .inbound
+                .routes
+                .select(&crate::routing::request_host(&req), &req)
+            {
+                crate::routing::Matched::Rule(r) => Some(r.label.clone()),
+                _ => None,
+            }
+        };
         let http_ctx = HttpContext {
+            route: route.as_ref().map(|r| &*r.0),
             method: req.method().as_str(),
             path: req
                 .uri()
@@ -216,6 +235,7 @@ where
             return Either::Right(Noted {
                 inner: self.inner.call(req),
                 note,
+                route,
             });
         }
         tracing::debug!(peer = %self.layer.info.peer_label.0, policy = %policy.0, "request denied");
@@ -228,6 +248,9 @@ where
             allowed: false,
             policy,
         });
+        if let Some(r) = route {
+            rsp.extensions_mut().insert(phttp::RouteLabel(r));
+        }
         Either::Left(ready(Ok(rsp)))
     }
 }

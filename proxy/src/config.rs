@@ -172,6 +172,12 @@ pub struct InboundConfig {
     pub app_protocol: Protocol,
     pub path_normalization: PathNormalization,
     pub authz: Arc<Authorizer>,
+    /// The RateLimitPolicy selecting this workload; its buckets survive a config change that
+    /// keeps the policy (`Ctx::apply`).
+    pub rate_limit: Option<Arc<crate::ratelimit::Limiter>>,
+    /// The routes of the services this workload backs: matched for the route label and for
+    /// authorization, never followed (the caller's proxy routed already).
+    pub routes: Arc<crate::routing::Routes>,
 }
 
 impl InboundConfig {
@@ -207,6 +213,8 @@ impl Snapshot {
                 app_protocol: Protocol::Detect,
                 path_normalization: PathNormalization::Base,
                 authz: Arc::new(Authorizer::allow_all()),
+                rate_limit: None,
+                routes: Arc::default(),
             },
             services: HashMap::new(),
             trust_bundle: Vec::new(),
@@ -249,6 +257,22 @@ impl Snapshot {
                 message: format!("policy {policy}: {message}"),
             },
         )?;
+        let rate_limit = inbound
+            .rate_limit
+            .as_ref()
+            .map(|r| {
+                crate::ratelimit::Limiter::compile(r).map_err(|message| ConfigError::Field {
+                    field: "inbound.rate_limit".into(),
+                    message: format!("{}: {message}", r.name),
+                })
+            })
+            .transpose()?
+            .map(Arc::new);
+        let inbound_routes =
+            crate::routing::Routes::compile(&inbound.routes).map_err(|e| ConfigError::Field {
+                field: "inbound.routes".into(),
+                message: e.to_string(),
+            })?;
         let mut services = HashMap::new();
         for s in &cfg.services {
             let key = format!("{}.{}:{}", s.name, s.namespace, s.port);
@@ -327,6 +351,8 @@ impl Snapshot {
                 app_protocol,
                 path_normalization,
                 authz: Arc::new(authz),
+                rate_limit,
+                routes: Arc::new(inbound_routes),
             },
             services,
             trust_bundle: cfg.trust_bundle_der.clone(),
@@ -403,6 +429,30 @@ impl Snapshot {
             });
         }
         attach_routes(&mut cfg, &file.routes).map_err(file_err)?;
+        if let Some(doc) = &file.rate_limit {
+            match palisade_api::policy::parse_object("rateLimit", doc) {
+                Ok(palisade_api::policy::Resource::RateLimitPolicy(p)) => {
+                    if let Some(i) = cfg.inbound.as_mut() {
+                        i.rate_limit = Some(palisade_api::policy::traffic::wire_rate_limit(&p));
+                    }
+                }
+                Ok(other) => {
+                    return Err(file_err(format!(
+                        "rateLimit: a {} is not a RateLimitPolicy",
+                        other.kind()
+                    )));
+                }
+                Err(errors) => {
+                    return Err(file_err(
+                        errors
+                            .iter()
+                            .map(|e| e.to_string())
+                            .collect::<Vec<_>>()
+                            .join("; "),
+                    ));
+                }
+            }
+        }
         Snapshot::from_proto(&cfg).map_err(|e| file_err(e.to_string()))
     }
 }
@@ -432,6 +482,13 @@ fn attach_routes(cfg: &mut v1::ProxyConfig, docs: &[serde_json::Value]) -> Resul
             }
         }
     }
+    // A static proxy does not know which services it backs: it matches every route inbound.
+    if let Some(i) = cfg.inbound.as_mut() {
+        i.routes = routes
+            .iter()
+            .map(|r| policy::route::wire_route(r, &faults))
+            .collect();
+    }
     for s in &mut cfg.services {
         let port = u16::try_from(s.port).unwrap_or(0);
         s.routes = routes
@@ -457,6 +514,9 @@ struct StaticFile {
     /// attaches to the services of this file its parentRefs name.
     #[serde(default)]
     routes: Vec<serde_json::Value>,
+    /// A RateLimitPolicy document for this proxy's inbound side (its selector is not read).
+    #[serde(default)]
+    rate_limit: Option<serde_json::Value>,
 }
 
 #[derive(Deserialize)]

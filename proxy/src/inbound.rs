@@ -240,6 +240,11 @@ where
         ))
         .layer(RescueLayer::new(ctx.metrics.clone(), Direction::inbound))
         .layer(AuthzLayer::new(ctx.clone(), info.clone()))
+        .layer(crate::ratelimit::RateLimitLayer::new(
+            ctx.clone(),
+            info.peer.as_ref().map(|p| p.as_str()),
+            info.peer_label.clone(),
+        ))
         .service(ToApp {
             ctx: ctx.clone(),
             app,

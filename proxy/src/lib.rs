@@ -26,6 +26,7 @@ pub mod inbound;
 pub mod io;
 pub mod normalize;
 pub mod outbound;
+pub mod ratelimit;
 pub mod routing;
 pub mod sanitize;
 pub mod tcp;
@@ -110,6 +111,16 @@ impl Ctx {
             }
         }
         outbound::rebuild(self, &snap);
+        let mut snap = snap;
+        // The same RateLimitPolicy keeps its limiter, and every caller its bucket: a config
+        // change elsewhere must not hand each caller a fresh burst.
+        if let (Some(new), Some(old)) = (
+            &snap.inbound.rate_limit,
+            &self.snapshot.load().inbound.rate_limit,
+        ) && new.same_policy(old)
+        {
+            snap.inbound.rate_limit = Some(old.clone());
+        }
         let version = snap.version;
         self.snapshot.store(Arc::new(snap));
         self.metrics.config_version.set(version as i64);

@@ -24,7 +24,7 @@ fn apply_policies(server: &Proxy, yaml: &str, level: PathNormalization, version:
         .iter()
         .map(|r| match r {
             Resource::AuthorizationPolicy(p) => v1::Authorization::try_from(p).expect("converts"),
-            Resource::PeerAuthentication(_) => panic!("authorization policies only"),
+            _ => panic!("authorization policies only"),
         })
         .collect();
     let cfg = v1::ProxyConfig {

@@ -84,7 +84,7 @@ fn decisions_do_not_allocate() {
         .into_iter()
         .filter_map(|r| match r {
             Resource::AuthorizationPolicy(p) => Some(p),
-            Resource::PeerAuthentication(_) => None,
+            _ => None,
         })
         .collect();
     // As the proxy gets them: in the wire form.
@@ -119,6 +119,7 @@ fn decisions_do_not_allocate() {
                     path,
                     host: "api.demo:8080",
                     headers: &headers,
+                    route: None,
                 };
                 outcomes.push(authz.authorize_http(&c, &h).allowed);
                 outcomes.push(authz.authorize_tcp(&c).allowed);

@@ -39,6 +39,7 @@ const HOSTS: &[&str] = &["api.demo", "*.demo", "API.demo", "api*", "*"];
 const METHODS: &[&str] = &["GET", "POST", "DELETE", "G*", "*"];
 const PATHS: &[&str] = &["/", "/api/*", "*.png", "/admin", "*"];
 const PORTS: &[&str] = &["8080", "9090", "443"];
+const ROUTES: &[&str] = &["demo/api", "demo/api/canary", "demo/*", "*/0", "*"];
 const HEADER_VALUES: &[&str] = &["alice", "bob*", "*", "tenant-a", "tenant-a,tenant-b", "*-b"];
 const PORT_PATTERNS: &[&str] = &["8080", "80*", "*443", "*"];
 
@@ -75,17 +76,22 @@ fn operation() -> impl Strategy<Value = Operation> {
         (some_of(PORTS), some_of(PORTS)),
         (some_of(METHODS), some_of(METHODS)),
         (some_of(PATHS), some_of(PATHS)),
+        (some_of(ROUTES), some_of(ROUTES)),
     )
-        .prop_map(|((h, nh), (po, npo), (m, nm), (pa, npa))| Operation {
-            hosts: h,
-            not_hosts: nh,
-            ports: po,
-            not_ports: npo,
-            methods: m,
-            not_methods: nm,
-            paths: pa,
-            not_paths: npa,
-        })
+        .prop_map(
+            |((h, nh), (po, npo), (m, nm), (pa, npa), (ro, nro))| Operation {
+                routes: ro,
+                not_routes: nro,
+                hosts: h,
+                not_hosts: nh,
+                ports: po,
+                not_ports: npo,
+                methods: m,
+                not_methods: nm,
+                paths: pa,
+                not_paths: npa,
+            },
+        )
 }
 
 fn condition() -> impl Strategy<Value = Condition> {
@@ -186,6 +192,7 @@ struct Req {
     path: &'static str,
     host: &'static str,
     headers: Headers,
+    route: Option<&'static str>,
 }
 
 fn request() -> impl Strategy<Value = Req> {
@@ -205,8 +212,17 @@ fn request() -> impl Strategy<Value = Req> {
         prop::sample::select(&["/", "/api/x?q=1", "/img/a.png", "/admin", "/API/x"][..]),
         prop::sample::select(&["api.demo", "API.demo:8080", "db.internal", ""][..]),
         prop::sample::select(HEADER_SETS),
+        prop::sample::select(
+            &[
+                None,
+                Some("demo/api/0"),
+                Some("demo/api/canary"),
+                Some("prod/x/0"),
+            ][..],
+        ),
     )
-        .prop_map(|(peer, ip, port, method, path, host, headers)| Req {
+        .prop_map(|(peer, ip, port, method, path, host, headers, route)| Req {
+            route,
             peer,
             ip,
             port,
@@ -264,6 +280,7 @@ proptest! {
                 path: r.path,
                 host: r.host,
                 headers: &headers,
+                route: r.route,
             };
             prop_assert_eq!(written.authorize_http(&c, &h), compiled.authorize_http(&c, &h), "{:?}", r);
             prop_assert_eq!(written.authorize_tcp(&c), compiled.authorize_tcp(&c), "{:?}", r);

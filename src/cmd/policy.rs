@@ -74,6 +74,10 @@ pub struct ExplainArgs {
     /// Host / :authority of the request.
     #[arg(long, default_value = "")]
     pub host: String,
+    /// The route rule the workload's proxy matched the request to (`namespace/name/rule`),
+    /// for policies with `to.operation.routes`.
+    #[arg(long)]
+    pub route: Option<String>,
     /// Caller IP.
     #[arg(long, default_value = "127.0.0.1")]
     pub source_ip: IpAddr,
@@ -257,6 +261,7 @@ pub fn explain(a: ExplainArgs) -> anyhow::Result<ExitCode> {
                 path: &path,
                 host: &a.host,
                 headers: &headers,
+                route: a.route.as_deref(),
             },
         )
     };

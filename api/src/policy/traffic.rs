@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use serde_json::{Map, Value};
 
+pub use super::wire::wire_rate_limit;
 use super::{Ctx, ObjectMeta, WorkloadSelector, join, kind_of, list, object};
 
 /// A percentage as parts per million, so a resource stays `Eq` and the proxy compares

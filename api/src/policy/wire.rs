@@ -5,7 +5,28 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use super::route::{Filter, HeaderModifier, PathMatch, PathModifier, Route, RouteMatch, RouteRule};
-use super::traffic::HttpFault;
+use super::traffic::{HttpFault, RateLimitPolicy};
+
+/// A RateLimitPolicy in its wire form (its selector stays with the control plane).
+pub fn wire_rate_limit(p: &RateLimitPolicy) -> v1::RateLimit {
+    v1::RateLimit {
+        name: p.qualified_name(),
+        total_rps: p.total.unwrap_or(0),
+        identity_rps: p.identity.unwrap_or(0),
+        overrides: p
+            .overrides
+            .iter()
+            .map(|o| v1::RateLimitOverride {
+                requests_per_second: o.requests_per_second,
+                principals: o
+                    .principals
+                    .iter()
+                    .map(|p| crate::authorization::principal_match(p))
+                    .collect(),
+            })
+            .collect(),
+    }
+}
 use crate::v1;
 
 pub(crate) fn ms(d: Option<Duration>) -> u64 {

@@ -56,6 +56,8 @@ pub struct HttpContext<'a> {
     pub path: &'a str,
     pub host: &'a str,
     pub headers: &'a HeaderMap,
+    /// The route rule the request matched (`namespace/name/rule`), if routes apply.
+    pub route: Option<&'a str>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -113,6 +115,23 @@ impl Str {
             Str::Suffix(p) => v.len() >= p.len() && v[v.len() - p.len()..].eq_ignore_ascii_case(p),
             Str::Any => true,
         }
+    }
+}
+
+/// A principal pattern of the policy language (`exact`, `prefix*`, `*suffix`, `*`), for other
+/// stages that match callers the way authorization does (rate-limit overrides).
+#[derive(Debug)]
+pub struct StringMatcher(Str);
+
+impl StringMatcher {
+    pub fn from_proto(m: &palisade_api::v1::StringMatch) -> Result<Self, String> {
+        wire::str_match(m)
+            .map(StringMatcher)
+            .map_err(str::to_string)
+    }
+
+    pub fn matches(&self, v: &str) -> bool {
+        self.0.matches(v)
     }
 }
 
@@ -468,6 +487,8 @@ struct COperation {
     not_methods: Vec<Str>,
     paths: Vec<Str>,
     not_paths: Vec<Str>,
+    routes: Vec<Str>,
+    not_routes: Vec<Str>,
     http_only: bool,
 }
 
@@ -522,6 +543,36 @@ impl COperation {
             || !neg(r, at, Named("notPaths"), &self.not_paths, Some(path))
         {
             return false;
+        }
+        if !self.routes.is_empty() || !self.not_routes.is_empty() {
+            // `ns/name` names every rule of the route: compare it and `ns/name/rule`.
+            let route_only = h
+                .route
+                .and_then(|r| r.rsplit_once('/').map(|(route, _)| route));
+            let any = |pats: &[Str]| {
+                h.route.is_some_and(|full| {
+                    pats.iter()
+                        .any(|m| m.matches(full) || route_only.is_some_and(|ro| m.matches(ro)))
+                })
+            };
+            if !self.routes.is_empty() && !any(&self.routes) {
+                r(Event::Miss(Miss::NotIn {
+                    at,
+                    field: Named("routes"),
+                    pats: Pats::Strs(&self.routes),
+                    val: Val::Str(h.route.unwrap_or("")),
+                }));
+                return false;
+            }
+            if any(&self.not_routes) {
+                r(Event::Miss(Miss::In {
+                    at,
+                    field: Named("notRoutes"),
+                    pats: Pats::Strs(&self.not_routes),
+                    val: Val::Str(h.route.unwrap_or("")),
+                }));
+                return false;
+            }
         }
         if !self.hosts.is_empty() && !self.hosts.iter().any(host_matches) {
             r(Event::Miss(Miss::NotIn {
@@ -867,7 +918,9 @@ impl COperation {
             && self.methods.is_empty()
             && self.not_methods.is_empty()
             && self.paths.is_empty()
-            && self.not_paths.is_empty());
+            && self.not_paths.is_empty()
+            && self.routes.is_empty()
+            && self.not_routes.is_empty());
         self
     }
 }
@@ -908,7 +961,7 @@ mod wire {
         }
     }
 
-    fn str_match(m: &v1::StringMatch) -> Result<Str, &'static str> {
+    pub(super) fn str_match(m: &v1::StringMatch) -> Result<Str, &'static str> {
         Ok(match &m.match_type {
             None => return Err("no match type (exact, prefix, suffix or presence)"),
             Some(MatchType::Exact(e)) => Str::Exact(e.as_str().into()),
@@ -982,6 +1035,8 @@ mod wire {
             not_methods: strs(at.at("not_methods"), &o.not_methods)?,
             paths: strs(at.at("paths"), &o.paths)?,
             not_paths: strs(at.at("not_paths"), &o.not_paths)?,
+            routes: strs(at.at("routes"), &o.routes)?,
+            not_routes: strs(at.at("not_routes"), &o.not_routes)?,
             http_only: false,
         };
         Ok(op.set_http_only())
@@ -1135,6 +1190,8 @@ mod spec {
             not_methods: strs(&o.not_methods),
             paths: strs(&o.paths),
             not_paths: strs(&o.not_paths),
+            routes: strs(&o.routes),
+            not_routes: strs(&o.not_routes),
             http_only: false,
         };
         Ok(op.set_http_only())

@@ -81,6 +81,7 @@ fn http(a: &Authorizer, r: &Req<'_>) -> Decision {
             path: r.path,
             host: r.host,
             headers: &h,
+            route: None,
         },
     )
 }
@@ -922,6 +923,7 @@ fn explain_http(a: &Authorizer, r: &Req<'_>) -> Explanation {
             path: r.path,
             host: r.host,
             headers: &h,
+            route: None,
         },
     )
 }
