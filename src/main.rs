@@ -50,6 +50,9 @@ enum Command {
     /// Print the Kubernetes manifests (CRDs, control plane, RBAC, mesh CA, injector webhook)
     /// for `kubectl apply -f -`.
     Install(cmd::install::InstallArgs),
+    /// A bounded fault-injection experiment on a running local mesh: abort and/or delay a
+    /// share of a service's requests, then report the success rate its callers saw.
+    Chaos(cmd::chaos::ChaosArgs),
     /// The latency benchmark: direct vs through the mesh, open loop, HDR histograms.
     Bench(cmd::bench::BenchArgs),
     /// A plain TCP relay: the floor `bench --relays` measures the mesh against.
@@ -72,6 +75,7 @@ fn main() -> ExitCode {
         Command::Init(a) => cmd::init::run(a),
         Command::Install(a) => cmd::install::run(a),
         Command::Bench(a) => cmd::bench::run(a),
+        Command::Chaos(a) => cmd::chaos::run(a),
         Command::Relay(a) => cmd::relay::run(a),
         Command::Inject(a) => cmd::inject::run(a),
         Command::Policy(cmd::policy::PolicyCommand::Check(a)) => cmd::policy::check(a),

@@ -526,3 +526,97 @@ fn the_readme_shows_what_explain_prints() {
         .expect("run");
     assert_eq!(String::from_utf8_lossy(&out.stdout), shown);
 }
+
+const ROUTE: &str = "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\n";
+
+#[test]
+fn policy_check_validates_routes_faults_and_rate_limits_like_policies() {
+    // Good: a split of db's traffic with a fault, a rate limit; checked alone and against the
+    // mesh.
+    let good = format!(
+        "{ROUTE}metadata: {{ name: db-split, namespace: demo }}\nspec:\n  parentRefs: [ {{ kind: Service, name: db, port: 5432 }} ]\n  rules:\n    - matches: [ {{ path: {{ type: PathPrefix, value: /v2 }} }} ]\n      filters: [ {{ type: ExtensionRef, extensionRef: {{ group: palisade.dev, kind: HTTPFault, name: slow }} }} ]\n      backendRefs: [ {{ name: db, port: 5432, weight: 90 }}, {{ name: cache, port: 6379, weight: 10 }} ]\n      timeouts: {{ request: 2s }}\n---\napiVersion: palisade.dev/v1alpha1\nkind: HTTPFault\nmetadata: {{ name: slow, namespace: demo }}\nspec: {{ delay: {{ fixedDelay: 100ms, percentage: 50 }} }}\n---\napiVersion: palisade.dev/v1alpha1\nkind: RateLimitPolicy\nmetadata: {{ name: db-limits, namespace: demo }}\nspec: {{ selector: {{ matchLabels: {{ app: db }} }}, identity: {{ requestsPerSecond: 10 }} }}\n"
+    );
+    let dir = temp_mesh(&[("routes.yaml", &good)]);
+    let mesh = dir.path().join("mesh.yaml");
+    let policies = dir.path().join("policies");
+    let (code, out, err) = check(&[policies.as_os_str(), "--mesh".as_ref(), mesh.as_os_str()]);
+    assert_eq!(code, 0, "{out}{err}");
+    for line in [
+        "HTTPRoute demo/db-split",
+        "HTTPFault demo/slow",
+        "RateLimitPolicy demo/db-limits",
+    ] {
+        assert!(out.contains(line), "{line} in {out}");
+    }
+
+    // Bad, each named by file, document and field: an unknown match type, a broken regex, a
+    // zero percentage, a missing fault, a backend the mesh does not have.
+    let bad = good
+        .replace("type: PathPrefix, value: /v2", "type: Prefix, value: /v2")
+        .replace("name: slow }", "name: missing }")
+        .replace("name: cache, port: 6379", "name: ghost, port: 6379")
+        .replace("requestsPerSecond: 10", "requestsPerSecond: 0");
+    std::fs::write(policies.join("routes.yaml"), &bad).expect("write");
+    let (code, _, err) = check(&[policies.as_os_str()]);
+    assert_eq!(code, 1, "{err}");
+    let file = policies.join("routes.yaml");
+    let at = |doc: usize, field: &str| format!("{}: document {doc}: {field}", file.display());
+    assert!(
+        err.contains(&at(0, "spec.rules[0].matches[0].path.type")),
+        "{err}"
+    );
+    assert!(
+        err.contains(&at(2, "spec.identity.requestsPerSecond")),
+        "{err}"
+    );
+    // The fault reference and the mesh's services are checked once the documents parse.
+    let bad = good
+        .replace("name: slow }", "name: missing }")
+        .replace("name: cache, port: 6379", "name: ghost, port: 6379");
+    std::fs::write(policies.join("routes.yaml"), &bad).expect("write");
+    let (code, _, err) = check(&[policies.as_os_str()]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains(&at(
+            0,
+            "spec.rules[0].filters[0].extensionRef.name: no HTTPFault demo/missing"
+        )),
+        "{err}"
+    );
+    assert!(
+        !err.contains("ghost"),
+        "without --mesh the services are not known: {err}"
+    );
+    let (code, _, err) = check(&[policies.as_os_str(), "--mesh".as_ref(), mesh.as_os_str()]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains(&at(
+            0,
+            "spec.rules[0].backendRefs[1]: no service ghost.demo:6379"
+        )),
+        "{err}"
+    );
+    // A Gateway's route, a consumer route and an unsupported field are refused, not ignored.
+    for (from, to, field) in [
+        (
+            "kind: Service, name: db, port: 5432",
+            "name: public-gateway",
+            "spec.parentRefs[0]",
+        ),
+        (
+            "kind: Service, name: db, port: 5432",
+            "kind: Service, name: db, namespace: prod, port: 5432",
+            "spec.parentRefs[0].namespace",
+        ),
+        (
+            "timeouts: { request: 2s }",
+            "sessionPersistence: { sessionName: x }",
+            "spec.rules[0].sessionPersistence",
+        ),
+    ] {
+        std::fs::write(policies.join("routes.yaml"), good.replace(from, to)).expect("write");
+        let (code, _, err) = check(&[policies.as_os_str()]);
+        assert_eq!(code, 1, "{to}: {err}");
+        assert!(err.contains(&at(0, field)), "{field}: {err}");
+    }
+}

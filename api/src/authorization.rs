@@ -515,7 +515,7 @@ spec: { action: AUDIT }
             .into_iter()
             .filter_map(|r| match r {
                 Resource::AuthorizationPolicy(p) => Some(p),
-                Resource::PeerAuthentication(_) => None,
+                _ => None,
             })
             .collect()
     }

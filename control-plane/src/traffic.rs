@@ -73,11 +73,13 @@ impl Traffic {
 /// parent and backend is a service of the mesh file, each `HTTPFault` a rule names exists.
 /// (On Kubernetes Services come and go, and a missing backend answers 500 as Gateway API says.)
 pub fn check_local(mesh: &Mesh, loaded: &[Loaded]) -> Vec<PolicyError> {
-    let services: BTreeSet<(&str, &str, u16)> = mesh
-        .services
-        .iter()
-        .map(|s| (s.name.as_str(), s.namespace.as_str(), s.port))
-        .collect();
+    let mut errors = check_references(loaded);
+    errors.extend(check_services(mesh, loaded));
+    errors
+}
+
+/// Every `HTTPFault` a route's ExtensionRef names is in the set (the set alone tells).
+pub fn check_references(loaded: &[Loaded]) -> Vec<PolicyError> {
     let faults: BTreeSet<(&str, &str)> = loaded
         .iter()
         .filter_map(|l| match &l.resource {
@@ -91,6 +93,36 @@ pub fn check_local(mesh: &Mesh, loaded: &[Loaded]) -> Vec<PolicyError> {
             continue;
         };
         let ns = r.metadata.namespace();
+        for (i, rule) in r.rules.iter().enumerate() {
+            for (j, f) in rule.filters.iter().enumerate() {
+                if let Filter::Fault(name) = f
+                    && !faults.contains(&(ns, name.as_str()))
+                {
+                    errors.push(PolicyError {
+                        file: l.file.clone(),
+                        document: l.index,
+                        field: format!("spec.rules[{i}].filters[{j}].extensionRef.name"),
+                        message: format!("no HTTPFault {ns}/{name} in the policies"),
+                    });
+                }
+            }
+        }
+    }
+    errors
+}
+
+/// Every parent, backend and mirror of a route is a service of the mesh file.
+pub fn check_services(mesh: &Mesh, loaded: &[Loaded]) -> Vec<PolicyError> {
+    let services: BTreeSet<(&str, &str, u16)> = mesh
+        .services
+        .iter()
+        .map(|s| (s.name.as_str(), s.namespace.as_str(), s.port))
+        .collect();
+    let mut errors = Vec::new();
+    for l in loaded {
+        let Resource::Route(r) = &l.resource else {
+            continue;
+        };
         let mut err = |field: String, message: String| {
             errors.push(PolicyError {
                 file: l.file.clone(),
@@ -139,16 +171,6 @@ pub fn check_local(mesh: &Mesh, loaded: &[Loaded]) -> Vec<PolicyError> {
                             "RequestMirror: no service {}.{}:{} in the mesh file",
                             b.name, b.namespace, b.port
                         ),
-                    );
-                }
-            }
-            for (j, f) in rule.filters.iter().enumerate() {
-                if let Filter::Fault(name) = f
-                    && !faults.contains(&(ns, name.as_str()))
-                {
-                    err(
-                        format!("spec.rules[{i}].filters[{j}].extensionRef.name"),
-                        format!("no HTTPFault {ns}/{name} in the policies"),
                     );
                 }
             }

@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod bench_control_plane;
 pub mod ca;
+pub mod chaos;
 pub mod check;
 pub mod control_plane;
 pub mod demo_app;

@@ -94,7 +94,22 @@ pub fn check(a: CheckArgs) -> anyhow::Result<ExitCode> {
         Some(file) => Some(palisade_control_plane::mesh::load(file)?),
         None => None,
     };
-    let loaded = match policy::load_path(&a.path) {
+    let loaded = policy::load_path(&a.path).and_then(|loaded| {
+        // What the control plane checks across documents: a route's HTTPFault exists, and
+        // with a mesh file, its parents and backends are services of that mesh.
+        let mut errors = palisade_control_plane::traffic::check_references(&loaded);
+        if let Some(mesh) = &mesh {
+            errors.extend(palisade_control_plane::traffic::check_services(
+                mesh, &loaded,
+            ));
+        }
+        if errors.is_empty() {
+            Ok(loaded)
+        } else {
+            Err(errors)
+        }
+    });
+    let loaded = match loaded {
         Ok(loaded) => loaded,
         Err(errors) => {
             for e in &errors {

@@ -1045,3 +1045,100 @@ fn extension(c: &mut Ctx<'_>, f: &str, v: &Value) -> Option<String> {
     }
     name
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::policy::{Resource, parse_str};
+
+    fn route(spec: &str) -> Result<Route, Vec<String>> {
+        let text = format!(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{ name: r, namespace: demo }}\nspec:\n{spec}"
+        );
+        match parse_str(Path::new("r.yaml"), &text) {
+            Ok(mut v) => match v.remove(0) {
+                Resource::Route(r) => Ok(r),
+                other => panic!("not a route: {other:?}"),
+            },
+            Err(e) => Err(e.into_iter().map(|e| e.field).collect()),
+        }
+    }
+
+    const PARENT: &str = "  parentRefs: [ { kind: Service, name: api, port: 8080 } ]\n";
+
+    #[test]
+    fn a_full_route_reads_as_typed_rules() {
+        let r = route(&format!(
+            "{PARENT}  hostnames: [ API.demo, \"*.example.com\" ]\n  rules:\n    - name: canary\n      matches: [ {{ path: {{ value: /v2/ }}, method: GET, headers: [ {{ name: X-Canary, value: \"1\" }} ], queryParams: [ {{ type: RegularExpression, name: v, value: \"[0-9]+\" }} ] }} ]\n      filters:\n        - {{ type: RequestHeaderModifier, requestHeaderModifier: {{ set: [ {{ name: X-A, value: b }} ], remove: [ X-B ] }} }}\n        - {{ type: RequestMirror, requestMirror: {{ backendRef: {{ name: shadow, port: 8080 }}, percent: 10 }} }}\n      backendRefs: [ {{ name: api-v2, port: 8080, weight: 90 }}, {{ name: api, port: 8080, weight: 10 }} ]\n      timeouts: {{ request: 1m30s, backendRequest: 500ms }}\n      retry: {{ codes: [503], attempts: 2, backoff: 50ms }}\n"
+        ))
+        .unwrap();
+        assert_eq!(r.qualified_name(), "demo/r");
+        assert_eq!(r.hostnames, ["api.demo", "*.example.com"]);
+        assert!(r.attaches_to("api", "demo", 8080) && !r.attaches_to("api", "demo", 9090));
+        let rule = &r.rules[0];
+        assert_eq!(rule.name, "canary");
+        assert_eq!(rule.matches[0].path, Some(PathMatch::Prefix("/v2".into())));
+        assert_eq!(rule.matches[0].headers[0].name, "x-canary");
+        assert!(rule.matches[0].query_params[0].regex);
+        assert_eq!(rule.backends.len(), 2);
+        assert_eq!(rule.backends[0].weight, 90);
+        assert_eq!(rule.request_timeout, Some(Duration::from_secs(90)));
+        assert_eq!(rule.backend_timeout, Some(Duration::from_millis(500)));
+        let retry = rule.retry.as_ref().unwrap();
+        assert_eq!((retry.attempts, retry.codes.as_slice()), (3, &[503u16][..]));
+        assert!(
+            matches!(&rule.filters[1], Filter::Mirror(m) if m.percent == 10 && m.backend.name == "shadow")
+        );
+        // No rules: one that sends everything to the parent.
+        let all = route(PARENT).unwrap();
+        assert_eq!(all.rules.len(), 1);
+        assert!(all.rules[0].matches.is_empty() && all.rules[0].backends.is_empty());
+    }
+
+    #[test]
+    fn every_problem_is_named_by_its_field() {
+        let errs = route(&format!(
+            "{PARENT}  rules:\n    - matchs: []\n      matches: [ {{ path: {{ type: RegularExpression, value: \"(\" }}, method: FETCH }} ]\n      filters: [ {{ type: Teleport }}, {{ type: URLRewrite }}, {{ type: RequestRedirect, requestRedirect: {{ statusCode: 304 }} }} ]\n      backendRefs: [ {{ name: v2, weight: -1 }}, {{ kind: Bucket, name: b, port: 1 }} ]\n      timeouts: {{ request: 1s, backendRequest: 2s }}\n      retry: {{ codes: [200], attempts: 99, backoff: soon }}\n"
+        ))
+        .unwrap_err();
+        for f in [
+            "spec.rules[0].matchs",
+            "spec.rules[0].matches[0].path.value",
+            "spec.rules[0].matches[0].method",
+            "spec.rules[0].filters[0].type",
+            "spec.rules[0].filters[1].urlRewrite",
+            "spec.rules[0].filters[2].requestRedirect.statusCode",
+            "spec.rules[0].backendRefs[0].weight",
+            "spec.rules[0].backendRefs[0].port",
+            "spec.rules[0].backendRefs[1]",
+            "spec.rules[0].timeouts.backendRequest",
+            "spec.rules[0].retry.codes[0]",
+            "spec.rules[0].retry.attempts",
+            "spec.rules[0].retry.backoff",
+        ] {
+            assert!(errs.iter().any(|e| e == f), "{f} not in {errs:?}");
+        }
+        assert_eq!(route("  rules: []\n").unwrap_err(), ["spec.parentRefs"]);
+    }
+
+    #[test]
+    fn gateway_durations_follow_gep_2257() {
+        for (s, d) in [
+            ("10s", 10_000),
+            ("500ms", 500),
+            ("1h30m", 5_400_000),
+            ("1m1s1ms", 61_001),
+        ] {
+            assert_eq!(
+                parse_gateway_duration(s),
+                Ok(Duration::from_millis(d)),
+                "{s}"
+            );
+        }
+        for bad in ["", "10", "1.5s", "123456s", "1h1h1h1h1h", "-1s", "1d"] {
+            assert!(parse_gateway_duration(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -397,6 +397,9 @@ impl Routes {
 
 fn compile_match(m: &v1::RouteMatch, grpc: bool) -> Result<Match, String> {
     let path = match &m.path {
+        // Gateway API's default path match is the prefix `/`: a header-only match ranks as
+        // that prefix, with its headers breaking the tie.
+        None if !grpc => Some(PathRule::Prefix("/".into())),
         None => None,
         Some(p) => Some(match v1::path_match::Kind::try_from(p.kind) {
             Ok(v1::path_match::Kind::Exact) => PathRule::Exact(p.value.clone()),

@@ -221,3 +221,29 @@ fn a_regex_past_the_size_bound_is_refused() {
     let err = Routes::compile(&[r]).unwrap_err();
     assert!(err.to_string().contains("demo/r"), "{err}");
 }
+
+#[test]
+fn a_header_match_outranks_a_catch_all_rule_written_before_it() {
+    let routes = Routes::compile(&[route(vec![
+        rule("all", vec![]),
+        rule(
+            "beta",
+            vec![v1::RouteMatch {
+                headers: vec![v1::ValueMatch {
+                    name: "x-beta".into(),
+                    value: "1".into(),
+                    regex: false,
+                }],
+                ..Default::default()
+            }],
+        ),
+    ])])
+    .unwrap();
+    let beta = Request::get("http://a/x")
+        .header("x-beta", "1")
+        .body(())
+        .unwrap();
+    assert_eq!(picked(&routes, &beta).as_deref(), Some("demo/r/beta"));
+    let plain = Request::get("http://a/x").body(()).unwrap();
+    assert_eq!(picked(&routes, &plain).as_deref(), Some("demo/r/all"));
+}
