@@ -405,6 +405,41 @@ services:
     }
 
     #[test]
+    fn a_routes_backends_come_with_its_service_and_its_backers_match_it() {
+        let m = mesh(MESH);
+        let mut traffic = crate::traffic::Traffic::default();
+        let route = palisade_api::policy::parse_str(
+            std::path::Path::new("r.yaml"),
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: { name: split, namespace: demo }\nspec:\n  parentRefs: [ { kind: Service, name: api, port: 8080 } ]\n  rules: [ { backendRefs: [ { name: x, port: 8081, weight: 1 } ] } ]\n",
+        )
+        .expect("route");
+        for r in route {
+            assert!(traffic.add(r).is_none());
+        }
+        let p = Pieces::build_with(&m, &traffic);
+        // web declares api only; the route's backend x comes with it, webs does not.
+        let web: Vec<String> = p
+            .services_for(&m.workloads[0])
+            .iter()
+            .map(|s| s.msg.name.clone())
+            .collect();
+        assert_eq!(web, ["api", "x"]);
+        let api = &p.services[0].msg;
+        assert_eq!(api.routes.len(), 1);
+        assert_eq!(api.routes[0].rules[0].backends[0].weight, 1);
+        assert!(
+            p.services[2].msg.routes.is_empty(),
+            "x has no routes of its own"
+        );
+        // api-1 and api-2 back api: their inbound proxies match its route; web backs none.
+        assert_eq!(p.routes_backed_by(1).len(), 1);
+        assert_eq!(p.routes_backed_by(2)[0].name, "split");
+        assert!(p.routes_backed_by(0).is_empty());
+        // The digest of api changes with its route: proxies holding it get the change.
+        assert_ne!(p.services[0].digest, Pieces::build(&m).services[0].digest);
+    }
+
+    #[test]
     fn a_proxy_gets_its_upstreams_or_everything() {
         let m = mesh(MESH);
         let p = Pieces::build(&m);

@@ -25,7 +25,8 @@ use crate::http::{self as phttp, OutBody, RouteLabel, RspBody};
 use crate::routing::{self, Matched, Rule};
 use crate::telemetry::{Direction, FaultLabels, ResultLabels};
 
-/// What [`Classify`] found for a request, handed to [`Dispatch`] in its extensions.
+/// What [`Classify`] found for a request with routes, handed to [`Dispatch`] in its
+/// extensions (or what Dispatch finds itself for a service without routes).
 #[derive(Clone)]
 pub(crate) enum Classified {
     /// The service has no routes.
@@ -82,23 +83,26 @@ where
 
     fn call(&mut self, mut req: Request<Incoming>) -> Self::Future {
         let table = self.layer.ctx.outbound.load();
+        // A service without routes (the common case) leaves the request as it is: Dispatch
+        // looks the service up itself, and nothing is allocated for the classification.
         let classified = match table.get(&self.layer.service) {
-            None => Classified::Unknown,
-            Some(svc) if svc.cfg.routes.is_empty() => Classified::Service(svc.clone()),
-            Some(svc) => {
+            Some(svc) if !svc.cfg.routes.is_empty() => {
                 let host = routing::request_host(&req);
-                match svc.cfg.routes.select(&host, &req) {
+                Some(match svc.cfg.routes.select(&host, &req) {
                     Matched::Rule(rule) => Classified::Rule(svc.clone(), rule.clone()),
                     Matched::NoRoute => Classified::NoRoute,
                     Matched::Unrouted => Classified::Service(svc.clone()),
-                }
+                })
             }
-        };
-        let label = match &classified {
-            Classified::Rule(_, rule) => Some(rule.label.clone()),
             _ => None,
         };
-        req.extensions_mut().insert(classified);
+        let label = match &classified {
+            Some(Classified::Rule(_, rule)) => Some(rule.label.clone()),
+            _ => None,
+        };
+        if let Some(c) = classified {
+            req.extensions_mut().insert(c);
+        }
         Labelled {
             inner: self.inner.call(req),
             label,
@@ -166,10 +170,14 @@ where
     }
 
     fn call(&mut self, mut req: Request<Incoming>) -> Self::Future {
-        let classified = req
-            .extensions_mut()
-            .remove::<Classified>()
-            .unwrap_or(Classified::Unknown);
+        let classified = match req.extensions_mut().remove::<Classified>() {
+            Some(c) => c,
+            // Not classified: the service has no routes (or left the table).
+            None => match self.ctx.outbound.load().get(&self.service) {
+                Some(svc) => Classified::Service(svc.clone()),
+                None => Classified::Unknown,
+            },
+        };
         let (svc, rule) = match classified {
             Classified::Unknown => {
                 return future::Either::Right(ready(Err(ProxyError::UnknownService)));
