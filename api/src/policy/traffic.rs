@@ -106,67 +106,67 @@ pub(super) fn parse_fault(c: &mut Ctx<'_>, meta: &ObjectMeta, doc: &Value) -> Op
         delay: None,
         abort: None,
     };
-    if let Some(d) = spec.get("delay") {
-        if let Some(d) = object(c, d, "spec.delay", &["fixedDelay", "percentage"]) {
-            let ppm = percentage(c, d, "spec.delay");
-            match d.get("fixedDelay").and_then(Value::as_str) {
-                None => c.err("spec.delay.fixedDelay", "missing (a duration, like 100ms)"),
-                Some(s) => match super::route::parse_gateway_duration(s) {
-                    Ok(fixed) if fixed <= MAX_FAULT_DELAY => {
-                        fault.delay = Some(FaultDelay { fixed, ppm });
-                    }
-                    Ok(_) => c.err(
-                        "spec.delay.fixedDelay",
-                        format!("at most {MAX_FAULT_DELAY:?}"),
-                    ),
-                    Err(e) => c.err("spec.delay.fixedDelay", e),
-                },
-            }
+    if let Some(d) = spec.get("delay")
+        && let Some(d) = object(c, d, "spec.delay", &["fixedDelay", "percentage"])
+    {
+        let ppm = percentage(c, d, "spec.delay");
+        match d.get("fixedDelay").and_then(Value::as_str) {
+            None => c.err("spec.delay.fixedDelay", "missing (a duration, like 100ms)"),
+            Some(s) => match super::route::parse_gateway_duration(s) {
+                Ok(fixed) if fixed <= MAX_FAULT_DELAY => {
+                    fault.delay = Some(FaultDelay { fixed, ppm });
+                }
+                Ok(_) => c.err(
+                    "spec.delay.fixedDelay",
+                    format!("at most {MAX_FAULT_DELAY:?}"),
+                ),
+                Err(e) => c.err("spec.delay.fixedDelay", e),
+            },
         }
     }
-    if let Some(a) = spec.get("abort") {
-        if let Some(a) = object(
+    if let Some(a) = spec.get("abort")
+        && let Some(a) = object(
             c,
             a,
             "spec.abort",
             &["httpStatus", "grpcStatus", "percentage"],
-        ) {
-            let ppm = percentage(c, a, "spec.abort");
-            let http_status = match a.get("httpStatus") {
-                None | Some(Value::Null) => None,
-                Some(v) => match v.as_u64() {
-                    Some(s @ 200..=599) => Some(s as u16),
-                    _ => {
-                        c.err(
-                            "spec.abort.httpStatus",
-                            format!("expected an HTTP status 200–599, found {v}"),
-                        );
-                        None
-                    }
-                },
-            };
-            let grpc_status = match a.get("grpcStatus") {
-                None | Some(Value::Null) => None,
-                Some(v) => match v.as_u64() {
-                    Some(s @ 1..=16) => Some(s as u8),
-                    _ => {
-                        c.err(
-                            "spec.abort.grpcStatus",
-                            format!("expected a gRPC status code 1–16, found {v}"),
-                        );
-                        None
-                    }
-                },
-            };
-            if http_status.is_none() && grpc_status.is_none() && !a.contains_key("httpStatus") {
-                c.err("spec.abort", "needs httpStatus, grpcStatus or both");
-            }
-            fault.abort = Some(FaultAbort {
-                http_status: http_status.unwrap_or(0),
-                grpc_status,
-                ppm,
-            });
+        )
+    {
+        let ppm = percentage(c, a, "spec.abort");
+        let http_status = match a.get("httpStatus") {
+            None | Some(Value::Null) => None,
+            Some(v) => match v.as_u64() {
+                Some(s @ 200..=599) => Some(s as u16),
+                _ => {
+                    c.err(
+                        "spec.abort.httpStatus",
+                        format!("expected an HTTP status 200–599, found {v}"),
+                    );
+                    None
+                }
+            },
+        };
+        let grpc_status = match a.get("grpcStatus") {
+            None | Some(Value::Null) => None,
+            Some(v) => match v.as_u64() {
+                Some(s @ 1..=16) => Some(s as u8),
+                _ => {
+                    c.err(
+                        "spec.abort.grpcStatus",
+                        format!("expected a gRPC status code 1–16, found {v}"),
+                    );
+                    None
+                }
+            },
+        };
+        if http_status.is_none() && grpc_status.is_none() && !a.contains_key("httpStatus") {
+            c.err("spec.abort", "needs httpStatus, grpcStatus or both");
         }
+        fault.abort = Some(FaultAbort {
+            http_status: http_status.unwrap_or(0),
+            grpc_status,
+            ppm,
+        });
     }
     if fault.delay.is_none() && fault.abort.is_none() && c.errors.len() == before {
         c.err("spec", "an HTTPFault needs a delay, an abort or both");
