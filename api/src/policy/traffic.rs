@@ -280,3 +280,79 @@ pub(super) fn parse_rate_limit(
         overrides,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::policy::{Resource, parse_str};
+
+    fn parse(text: &str) -> Result<Resource, Vec<String>> {
+        parse_str(Path::new("t.yaml"), text)
+            .map(|mut v| v.remove(0))
+            .map_err(|e| e.into_iter().map(|e| e.field).collect())
+    }
+
+    #[test]
+    fn a_fault_reads_as_parts_per_million() {
+        let Ok(Resource::HttpFault(f)) = parse(
+            "apiVersion: palisade.dev/v1alpha1\nkind: HTTPFault\nmetadata: { name: f, namespace: demo }\nspec: { delay: { fixedDelay: 1s, percentage: 12.5 }, abort: { grpcStatus: 14 } }\n",
+        ) else {
+            panic!("an HTTPFault");
+        };
+        assert_eq!(
+            f.delay,
+            Some(FaultDelay {
+                fixed: Duration::from_secs(1),
+                ppm: 125_000
+            })
+        );
+        let abort = f.abort.expect("abort");
+        assert_eq!(
+            (abort.http_status, abort.grpc_status, abort.ppm),
+            (0, Some(14), MILLION)
+        );
+        let errs = parse(
+            "apiVersion: palisade.dev/v1alpha1\nkind: HTTPFault\nmetadata: { name: f }\nspec: { delay: { fixedDelay: 2m, percentage: 101 }, abort: { httpStatus: 99, grpcStatus: 17 }, typo: 1 }\n",
+        )
+        .unwrap_err();
+        for f in [
+            "spec.typo",
+            "spec.delay.percentage",
+            "spec.delay.fixedDelay",
+            "spec.abort.httpStatus",
+            "spec.abort.grpcStatus",
+        ] {
+            assert!(errs.iter().any(|e| e == f), "{f} not in {errs:?}");
+        }
+        assert_eq!(
+            parse("apiVersion: palisade.dev/v1alpha1\nkind: HTTPFault\nmetadata: { name: f }\nspec: {}\n")
+                .unwrap_err(),
+            ["spec"]
+        );
+    }
+
+    #[test]
+    fn a_rate_limit_needs_a_limit_and_callers_that_can_match() {
+        let Ok(Resource::RateLimitPolicy(p)) = parse(
+            "apiVersion: palisade.dev/v1alpha1\nkind: RateLimitPolicy\nmetadata: { name: rl, namespace: demo }\nspec:\n  selector: { matchLabels: { app: api } }\n  total: { requestsPerSecond: 100 }\n  overrides: [ { requestsPerSecond: 50, principals: [\"cluster.local/ns/demo/sa/batch\"] } ]\n",
+        ) else {
+            panic!("a RateLimitPolicy");
+        };
+        assert_eq!((p.total, p.identity), (Some(100), None));
+        let labels = [("app".to_string(), "api".to_string())].into();
+        assert!(p.selects("demo", &labels) && !p.selects("prod", &labels));
+        let errs = parse(
+            "apiVersion: palisade.dev/v1alpha1\nkind: RateLimitPolicy\nmetadata: { name: rl }\nspec:\n  identity: { requestsPerSecond: 0 }\n  overrides: [ { requestsPerSecond: 5, principals: [\"spiffe://Bad/ns\"] }, { requestsPerSecond: 5 } ]\n",
+        )
+        .unwrap_err();
+        for f in [
+            "spec.identity.requestsPerSecond",
+            "spec.overrides[0].principals[0]",
+            "spec.overrides[1].principals",
+        ] {
+            assert!(errs.iter().any(|e| e == f), "{f} not in {errs:?}");
+        }
+    }
+}
