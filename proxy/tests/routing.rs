@@ -342,7 +342,14 @@ async fn a_rule_timeout_answers_504_on_time_and_its_retry_recovers() {
   timeouts: { request: 300ms }
 - name: flaky
   matches: [ { path: { type: Exact, value: /flaky } } ]
-  retry: { codes: [503], attempts: 2, backoff: 10ms }";
+  retry: { codes: [503], attempts: 2, backoff: 10ms }
+- name: per-attempt
+  matches: [ { path: { type: Exact, value: /slow-twice } } ]
+  timeouts: { request: 3s, backendRequest: 200ms }
+  filters:
+    - type: URLRewrite
+      urlRewrite: { path: { type: ReplaceFullPath, replaceFullPath: /slow } }
+  retry: { codes: [503], attempts: 1, backoff: 10ms }";
     let s = split(&route_doc("calls", rules)).await;
     let mut c = h1_client(s.up).await;
     let start = std::time::Instant::now();
@@ -376,6 +383,33 @@ async fn a_rule_timeout_answers_504_on_time_and_its_retry_recovers() {
             &[("result", "retried")]
         ),
         1.0
+    );
+    // Each attempt has 200 ms: two attempts, then 504, well before the request's 3 s.
+    let start = std::time::Instant::now();
+    let r = send(
+        &mut c,
+        req("GET", "/slow-twice").body(empty()).expect("req"),
+    )
+    .await;
+    let took = start.elapsed();
+    assert_eq!(r.status, StatusCode::GATEWAY_TIMEOUT);
+    assert!(
+        took >= Duration::from_millis(400) && took < Duration::from_secs(2),
+        "{took:?}"
+    );
+    within(async {
+        while count(&s.v1_seen, "/slow") < 3 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert_eq!(
+        metric(
+            &s.client,
+            "palisade_retries_total",
+            &[("result", "retried")]
+        ),
+        2.0
     );
 }
 

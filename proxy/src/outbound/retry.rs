@@ -83,6 +83,10 @@ fn retryable(result: &Result<Response<RspBody>, ProxyError>, policy: &RetryPolic
         Ok(rsp) => policy.retries_status(rsp.status().as_u16()),
         // No endpoints: another attempt would find none either.
         Err(ProxyError::Endpoint(_)) => true,
+        // Inside the retry layer a timeout is an attempt's (a rule's `backendRequest`; the
+        // request's own timeout is above): another attempt may be faster, as Envoy's
+        // per-try timeout.
+        Err(ProxyError::RequestTimeout(_)) => true,
         Err(_) => false,
     }
 }
