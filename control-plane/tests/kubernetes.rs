@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use fake_kube::{FakeKube, Res, TokenEntry};
 use palisade_api::v1::discovery_client::DiscoveryClient;
 use palisade_api::v1::identity_client::IdentityClient;
-use palisade_api::v1::{CertifyRequest, ProxyConfig, WatchRequest};
+use palisade_api::v1::{self, CertifyRequest, ProxyConfig, WatchRequest};
 use palisade_certs::{Ca, CredentialStore, KeyAndCsr, SpiffeId, Svid, TrustBundle, TrustDomain};
 use palisade_control_plane::k8s::control_plane::{KubernetesConfig, start_with_client};
 use palisade_control_plane::k8s::source::{KubernetesSource, SourceConfig};
@@ -1172,11 +1172,21 @@ async fn a_certified_pod_watches_its_config_over_mtls_and_follows_the_cluster() 
     c.cp.shutdown().await;
 }
 
-// --- Gateway API routes ---
+// --- Gateway API routes, HTTPFault, RateLimitPolicy ---
 
 const ROUTE_REJECTED: &str =
     "palisade_kubernetes_object_rejections_total{kind=\"HTTPRoute.gateway.networking.k8s.io\"}";
+const FAULT_REJECTED: &str =
+    "palisade_kubernetes_object_rejections_total{kind=\"HTTPFault.palisade.dev\"}";
+const RATE_LIMIT_REJECTED: &str =
+    "palisade_kubernetes_object_rejections_total{kind=\"RateLimitPolicy.palisade.dev\"}";
 
+/// The Service parent `demo/api:8080`, as a GAMMA route names it.
+fn api_parent() -> Value {
+    json!({ "group": "", "kind": "Service", "name": "api", "port": 8080 })
+}
+
+/// An HTTPRoute splitting `/v2` 90/10 between `api` and `api-v2`, with a request timeout.
 fn http_route(ns: &str, name: &str, parent: Value, path_type: &str) -> Value {
     json!({
         "metadata": { "name": name, "namespace": ns },
@@ -1185,36 +1195,188 @@ fn http_route(ns: &str, name: &str, parent: Value, path_type: &str) -> Value {
             "rules": [ {
                 "matches": [ { "path": { "type": path_type, "value": "/v2" } } ],
                 "backendRefs": [ { "name": "api", "port": 8080, "weight": 90 },
-                                 { "name": "api-canary", "port": 8080, "weight": 10 } ],
+                                 { "name": "api-v2", "port": 8080, "weight": 10 } ],
                 "timeouts": { "request": "10s" }
             } ]
         }
     })
 }
 
-fn routes(src: &KubernetesSource) -> Vec<String> {
-    src.routes()
-        .borrow()
+/// An HTTPRoute of `demo/api:8080` whose one rule names the HTTPFault `fault`.
+fn faulty_route(name: &str, fault: &str) -> Value {
+    json!({
+        "metadata": { "name": name, "namespace": "demo" },
+        "spec": {
+            "parentRefs": [api_parent()],
+            "rules": [ {
+                "matches": [ { "path": { "type": "PathPrefix", "value": "/" } } ],
+                "filters": [ { "type": "ExtensionRef",
+                               "extensionRef": { "group": "palisade.dev", "kind": "HTTPFault", "name": fault } } ]
+            } ]
+        }
+    })
+}
+
+/// `kind namespace/name` of the model's routes.
+fn routes(m: &Model) -> Vec<String> {
+    m.traffic
+        .routes
         .iter()
         .map(|r| format!("{} {}", r.kind.kind(), r.qualified_name()))
         .collect()
 }
 
+/// The routes a proxy's config carries on the service `name.demo:port`.
+fn service_routes(cfg: &ProxyConfig, name: &str, port: u32) -> Vec<v1::Route> {
+    cfg.services
+        .iter()
+        .find(|s| s.name == name && s.namespace == "demo" && s.port == port)
+        .map(|s| s.routes.clone())
+        .unwrap_or_default()
+}
+
+/// `name.namespace:port weight` of each backend of a rule.
+fn backends(rule: &v1::RouteRule) -> Vec<String> {
+    rule.backends
+        .iter()
+        .map(|b| {
+            let s = b.service.clone().unwrap_or_default();
+            format!("{}.{}:{} {}", s.name, s.namespace, s.port, b.weight)
+        })
+        .collect()
+}
+
+/// The fault of the first rule of the first route of `demo/api:8080`, as web-1's proxy gets it.
+fn api_fault(m: &Model) -> Option<v1::Fault> {
+    let cfg = m.proxy_config("web-1")?;
+    service_routes(&cfg, "api", 8080)
+        .first()?
+        .rules
+        .first()?
+        .fault
+        .clone()
+}
+
+/// What a rule naming a missing HTTPFault does: answer every request 500.
+fn missing_fault(name: &str) -> v1::Fault {
+    v1::Fault {
+        name: name.into(),
+        abort_http_status: 500,
+        abort_ppm: 1_000_000,
+        ..Default::default()
+    }
+}
+
+/// A valid route with a Service parent and two weighted backends reaches, over Discovery, the
+/// proxy of a pod calling that Service: on the parent's config, with both backends, and the
+/// backend Service it did not hold before comes along.
 #[tokio::test]
-async fn gateway_routes_are_validated_alone_and_gateway_owned_ones_left_alone() {
+async fn an_http_route_reaches_the_proxies_calling_its_parent_service() {
+    let (fake, ca, dir) = fake_cluster().await;
+    fake.set_served(Res::HttpRoutes, true);
+    fake.set_served(Res::GrpcRoutes, true);
+    fake.apply(
+        Res::Services,
+        service(
+            "demo",
+            "api-v2",
+            json!({ "app": "api", "v": "2" }),
+            "10.96.0.12",
+        ),
+    );
+    let c = Cluster {
+        cp: replica(&fake).await,
+        fake,
+        ca,
+        _dir: dir,
+    };
+    let web = c.id("demo", "web");
+    let (store, svid) = c.certify(&web, TOKEN_WEB).await;
+    svid.expect("certified");
+    let mut stream = within(
+        "watch",
+        DiscoveryClient::new(c.channel(&store).await).watch(WatchRequest {
+            workload: "web-1".into(),
+            known_version: 0,
+        }),
+    )
+    .await
+    .expect("web-1's proxy may watch web-1")
+    .into_inner();
+    let first = within("first config", stream.message())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(service_routes(&first, "api", 8080).is_empty());
+
+    let added = Instant::now();
+    c.fake.apply(
+        Res::HttpRoutes,
+        http_route("demo", "api-split", api_parent(), "PathPrefix"),
+    );
+    let cfg = loop {
+        let next = within("the route pushed", stream.message())
+            .await
+            .unwrap()
+            .expect("the stream goes on");
+        if !service_routes(&next, "api", 8080).is_empty() {
+            break next;
+        }
+    };
+    assert!(added.elapsed() < PROPAGATION, "took {:?}", added.elapsed());
+    let routes = service_routes(&cfg, "api", 8080);
+    assert_eq!(routes.len(), 1, "{routes:?}");
+    let route = &routes[0];
+    assert_eq!(
+        (route.namespace.as_str(), route.name.as_str()),
+        ("demo", "api-split")
+    );
+    assert!(!route.grpc);
+    assert_eq!(route.rules.len(), 1);
+    let rule = &route.rules[0];
+    assert_eq!(backends(rule), ["api.demo:8080 90", "api-v2.demo:8080 10"]);
+    let path = rule.matches[0].path.clone().expect("a path match");
+    assert_eq!(path.kind, v1::path_match::Kind::Prefix as i32);
+    assert_eq!(path.value, "/v2");
+    assert_eq!(rule.request_timeout_ms, 10_000);
+    assert!(rule.fault.is_none());
+    // The backend's own service is in the config too: the proxy can send the 10% there.
+    assert!(
+        cfg.services
+            .iter()
+            .any(|s| s.name == "api-v2" && s.port == 8080),
+        "{:?}",
+        cfg.services.iter().map(|s| &s.name).collect::<Vec<_>>()
+    );
+    // The route is not api-v2's: a backend is not a parent.
+    assert!(service_routes(&cfg, "api-v2", 8080).is_empty());
+    c.cp.shutdown().await;
+}
+
+/// Each mesh route is parsed alone by the policy files' parser: a bad one (or a consumer
+/// route) is refused alone, with the parser's field path in its Event, and everything else is
+/// served; routes of a gateway controller are not judged at all.
+#[tokio::test]
+async fn gateway_routes_are_parsed_alone_and_gateway_owned_ones_left_alone() {
     let fake = FakeKube::start().await;
     seed(&fake);
     fake.set_served(Res::HttpRoutes, true);
     fake.set_served(Res::GrpcRoutes, true);
-    let api = json!({ "group": "", "kind": "Service", "name": "api", "port": 8080 });
     fake.apply(
         Res::HttpRoutes,
-        http_route("demo", "api-split", api.clone(), "PathPrefix"),
+        http_route("demo", "api-split", api_parent(), "PathPrefix"),
     );
     // `Prefix` is not a path match type: refused alone.
     fake.apply(
         Res::HttpRoutes,
-        http_route("demo", "api-typo", api.clone(), "Prefix"),
+        http_route("demo", "api-typo", api_parent(), "Prefix"),
+    );
+    // A route in another namespace for demo's Service: a consumer route, not supported.
+    let mut demo_api = api_parent();
+    demo_api["namespace"] = json!("demo");
+    fake.apply(
+        Res::HttpRoutes,
+        http_route("shop", "shop-to-api", demo_api, "PathPrefix"),
     );
     // A route of some gateway controller, even a broken one, is not the mesh's to judge.
     fake.apply(
@@ -1226,58 +1388,132 @@ async fn gateway_routes_are_validated_alone_and_gateway_owned_ones_left_alone() 
             "Bogus",
         ),
     );
+    // A route of a Gateway and of the Service: the mesh's for the Service, the Gateway parent
+    // left to its controller; the errors of its Service parent name the index as written.
+    let mut both = http_route("demo", "api-and-gateway", api_parent(), "PathPrefix");
+    both["spec"]["parentRefs"] = json!([ { "name": "public-gateway" }, api_parent() ]);
+    fake.apply(Res::HttpRoutes, both.clone());
+    let mut section = api_parent();
+    section["sectionName"] = json!("http");
+    both["metadata"]["name"] = json!("api-section");
+    both["spec"]["parentRefs"] = json!([ { "name": "public-gateway" }, section ]);
+    fake.apply(Res::HttpRoutes, both);
     fake.apply(
         Res::GrpcRoutes,
         json!({
             "metadata": { "name": "api-grpc", "namespace": "demo" },
             "spec": {
-                "parentRefs": [ { "kind": "Service", "name": "api" } ],
+                "parentRefs": [ { "group": "", "kind": "Service", "name": "api" } ],
                 "rules": [ { "matches": [ { "method": { "service": "demo.Api" } } ],
-                             "backendRefs": [ { "name": "api", "port": 9090 } ] } ]
+                             "backendRefs": [ { "name": "api", "port": 8080 } ] } ]
             }
         }),
     );
     let (src, metrics) = start_source(&fake).await;
+    let m = src.current();
     assert_eq!(
-        routes(&src),
-        ["GRPCRoute demo/api-grpc", "HTTPRoute demo/api-split"]
+        routes(&m),
+        [
+            "HTTPRoute demo/api-and-gateway",
+            "GRPCRoute demo/api-grpc",
+            "HTTPRoute demo/api-split"
+        ]
+    );
+    // The accepted ones are on the parent's config (a GRPCRoute is matched like one).
+    let cfg = m.proxy_config("web-1").unwrap();
+    let on_api: Vec<(String, bool)> = service_routes(&cfg, "api", 8080)
+        .into_iter()
+        .map(|r| (r.name, r.grpc))
+        .collect();
+    assert_eq!(
+        on_api,
+        [
+            ("api-and-gateway".to_string(), false),
+            ("api-grpc".to_string(), true),
+            ("api-split".to_string(), false)
+        ]
     );
     // Everything else keeps serving.
-    assert_eq!(policies(&src.current()), ["demo/api-from-web Allow"]);
-    assert_eq!(metric(&metrics, ROUTE_REJECTED), Some(1.0));
-    wait_until("the Event about the bad route", || {
-        !events_about(&fake, "api-typo").is_empty()
+    assert_eq!(policies(&m), ["demo/api-from-web Allow"]);
+    assert_eq!(api_endpoints(&m), [API_1]);
+    assert_eq!(metric(&metrics, ROUTE_REJECTED), Some(3.0));
+    wait_until("the Events about the refused routes", || {
+        ["api-typo", "shop-to-api", "api-section"]
+            .iter()
+            .all(|n| !events_about(&fake, n).is_empty())
     })
     .await;
+    let note = events_about(&fake, "api-section")[0]["note"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(note.contains("spec.parentRefs[1].sectionName"), "{note}");
     let ev = &events_about(&fake, "api-typo")[0];
+    assert_eq!(ev["type"], "Warning");
     assert_eq!(ev["regarding"]["kind"], "HTTPRoute");
+    assert_eq!(
+        ev["regarding"]["apiVersion"],
+        "gateway.networking.k8s.io/v1"
+    );
     let note = ev["note"].as_str().unwrap_or_default();
     assert!(
-        note.contains("spec.rules[0].matches[0].path.type"),
+        note.contains("spec.rules[0].matches[0].path.type")
+            && note.contains("\"Prefix\" is not one of Exact, PathPrefix, RegularExpression"),
+        "{note}"
+    );
+    let note = events_about(&fake, "shop-to-api")[0]["note"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        note.contains("spec.parentRefs[0].namespace") && note.contains("consumer route"),
         "{note}"
     );
     assert!(events_about(&fake, "public").is_empty());
+    // A route's status is its gateway controller's business: not written.
+    assert!(
+        fake.get(Res::HttpRoutes, "demo", "api-split").unwrap()["status"].is_null(),
+        "{:?}",
+        fake.status_patches()
+    );
 
-    // Fixed, it is kept; deleted, it goes.
-    let mut rx = src.routes();
+    // Fixed, it is served; deleted, it goes; neither is refused again.
+    let mut rx = src.subscribe();
     fake.apply(
         Res::HttpRoutes,
-        http_route("demo", "api-typo", api, "Exact"),
+        http_route("demo", "api-typo", api_parent(), "Exact"),
     );
-    within(
-        "the fixed route",
-        rx.wait_for(|r| r.iter().any(|r| r.name == "api-typo")),
-    )
-    .await
-    .unwrap();
+    wait_model(&mut rx, PROPAGATION, "the fixed route", |m| {
+        routes(m).contains(&"HTTPRoute demo/api-typo".to_string())
+    })
+    .await;
     fake.delete(Res::HttpRoutes, "demo", "api-split");
-    within(
-        "the deleted route",
-        rx.wait_for(|r| r.iter().all(|r| r.name != "api-split")),
-    )
-    .await
-    .unwrap();
-    assert_eq!(metric(&metrics, ROUTE_REJECTED), Some(1.0));
+    fake.delete(Res::HttpRoutes, "demo", "api-and-gateway");
+    wait_model(&mut rx, PROPAGATION, "the deleted routes", |m| {
+        routes(m) == ["GRPCRoute demo/api-grpc", "HTTPRoute demo/api-typo"]
+            && m.proxy_config("web-1").is_some_and(|c| {
+                service_routes(&c, "api", 8080)
+                    .iter()
+                    .all(|r| r.name != "api-split")
+            })
+    })
+    .await;
+    assert_eq!(metric(&metrics, ROUTE_REJECTED), Some(3.0));
+    // A route moved to a gateway is no longer the mesh's: it leaves the model, unjudged.
+    fake.apply(
+        Res::HttpRoutes,
+        http_route(
+            "demo",
+            "api-typo",
+            json!({ "name": "public-gateway" }),
+            "Bogus",
+        ),
+    );
+    wait_model(&mut rx, PROPAGATION, "the route handed to a gateway", |m| {
+        routes(m) == ["GRPCRoute demo/api-grpc"]
+    })
+    .await;
+    assert_eq!(metric(&metrics, ROUTE_REJECTED), Some(3.0));
 }
 
 #[tokio::test]
@@ -1294,22 +1530,200 @@ async fn without_the_gateway_api_crds_the_source_serves_and_finds_them_later() {
     )
     .await
     .expect("starts without the Gateway API CRDs");
-    assert!(routes(&src).is_empty());
+    assert!(routes(&src.current()).is_empty());
     assert_eq!(policies(&src.current()), ["demo/api-from-web Allow"]);
     fake.set_served(Res::HttpRoutes, true);
     fake.apply(
         Res::HttpRoutes,
-        http_route(
+        http_route("demo", "api-split", api_parent(), "PathPrefix"),
+    );
+    let mut rx = src.subscribe();
+    wait_model(&mut rx, T, "the route read", |m| {
+        routes(m) == ["HTTPRoute demo/api-split"]
+    })
+    .await;
+}
+
+/// A route's ExtensionRef filter is resolved to the HTTPFault of its namespace into the rule's
+/// `fault` (delay and abort shares in parts per million); while the HTTPFault is missing the
+/// rule answers 500; a broken edit of the HTTPFault is refused alone and its last good version
+/// keeps serving.
+#[tokio::test]
+async fn an_http_fault_named_by_a_route_is_resolved_into_its_rule() {
+    let fake = FakeKube::start().await;
+    seed(&fake);
+    fake.set_served(Res::HttpRoutes, true);
+    fake.apply(Res::HttpRoutes, faulty_route("api-chaos", "slow-and-flaky"));
+    let (src, metrics) = start_source(&fake).await;
+    let mut rx = src.subscribe();
+    // Not there (yet): the rule answers every request 500, it does not route around the fault.
+    assert_eq!(
+        api_fault(&src.current()),
+        Some(missing_fault("demo/slow-and-flaky"))
+    );
+
+    let spec = json!({
+        "delay": { "fixedDelay": "100ms", "percentage": 50 },
+        "abort": { "httpStatus": 503, "percentage": 10 }
+    });
+    fake.apply(
+        Res::HttpFaults,
+        policy("demo", "slow-and-flaky", spec.clone()),
+    );
+    let resolved = v1::Fault {
+        name: "demo/slow-and-flaky".into(),
+        delay_ms: 100,
+        delay_ppm: 500_000,
+        abort_http_status: 503,
+        abort_grpc_status: 0,
+        abort_ppm: 100_000,
+    };
+    wait_model(&mut rx, PROPAGATION, "the fault resolved", |m| {
+        api_fault(m).as_ref() == Some(&resolved)
+    })
+    .await;
+    // Ours: the Accepted condition is written on it.
+    wait_until("the HTTPFault accepted", || {
+        fake.get(Res::HttpFaults, "demo", "slow-and-flaky")
+            .and_then(|o| o["status"]["conditions"].as_array().cloned())
+            .is_some_and(|cs| {
+                cs.iter()
+                    .any(|c| c["type"] == "Accepted" && c["status"] == "True")
+            })
+    })
+    .await;
+
+    // A broken edit: refused alone, the last good version keeps serving.
+    let mut broken = spec;
+    broken["abort"]["percentage"] = json!(150);
+    fake.apply(Res::HttpFaults, policy("demo", "slow-and-flaky", broken));
+    wait_until("the broken HTTPFault counted", || {
+        metric(&metrics, FAULT_REJECTED) == Some(1.0)
+    })
+    .await;
+    assert_eq!(api_fault(&src.current()), Some(resolved.clone()));
+    wait_until("the Event about the broken HTTPFault", || {
+        events_about(&fake, "slow-and-flaky").iter().any(|e| {
+            e["regarding"]["kind"] == "HTTPFault"
+                && e["note"].as_str().is_some_and(|n| {
+                    n.contains("spec.abort.percentage")
+                        && n.contains("last accepted version keeps serving")
+                })
+        })
+    })
+    .await;
+
+    // Changed to a gRPC abort alone: the rule follows it.
+    let grpc_too = json!({ "abort": { "grpcStatus": 14, "percentage": 0.5 } });
+    fake.apply(Res::HttpFaults, policy("demo", "slow-and-flaky", grpc_too));
+    wait_model(&mut rx, PROPAGATION, "the fault changed", |m| {
+        api_fault(m).is_some_and(|f| {
+            f.delay_ppm == 0
+                && f.abort_grpc_status == 14
+                && f.abort_http_status == 0
+                && f.abort_ppm == 5_000
+        })
+    })
+    .await;
+
+    // Deleted: the rule answers 500 again.
+    fake.delete(Res::HttpFaults, "demo", "slow-and-flaky");
+    wait_model(&mut rx, PROPAGATION, "the fault deleted", |m| {
+        api_fault(m) == Some(missing_fault("demo/slow-and-flaky"))
+    })
+    .await;
+}
+
+/// A RateLimitPolicy reaches the inbound config of the pods its selector matches, and only
+/// theirs; a bad one is refused alone.
+#[tokio::test]
+async fn a_rate_limit_policy_reaches_the_pods_it_selects() {
+    let fake = FakeKube::start().await;
+    seed(&fake);
+    fake.apply(
+        Res::RateLimitPolicies,
+        policy(
             "demo",
-            "api-split",
-            json!({ "kind": "Service", "name": "api" }),
-            "PathPrefix",
+            "api-limits",
+            json!({
+                "selector": { "matchLabels": { "app": "api" } },
+                "total": { "requestsPerSecond": 100 },
+                "identity": { "requestsPerSecond": 10 },
+                "overrides": [ { "requestsPerSecond": 50,
+                                 "principals": ["cluster.local/ns/demo/sa/web", "spiffe://cluster.local/ns/ops/*"] } ]
+            }),
         ),
     );
-    let mut rx = src.routes();
-    within("the route read", rx.wait_for(|r| !r.is_empty()))
-        .await
-        .unwrap();
+    // Zero per second is not a limit: refused alone.
+    fake.apply(
+        Res::RateLimitPolicies,
+        policy(
+            "demo",
+            "web-limits",
+            json!({ "selector": { "matchLabels": { "app": "web" } }, "total": { "requestsPerSecond": 0 } }),
+        ),
+    );
+    let (src, metrics) = start_source(&fake).await;
+    let m = src.current();
+    let limit = m
+        .proxy_config("api-1")
+        .and_then(|c| c.inbound)
+        .and_then(|i| i.rate_limit)
+        .expect("api-1 is limited");
+    assert_eq!(limit.name, "demo/api-limits");
+    assert_eq!((limit.total_rps, limit.identity_rps), (100, 10));
+    assert_eq!(limit.overrides.len(), 1);
+    assert_eq!(limit.overrides[0].requests_per_second, 50);
+    let principals: Vec<String> = limit.overrides[0]
+        .principals
+        .iter()
+        .map(|p| palisade_api::authorization::pattern(p).unwrap())
+        .collect();
+    assert_eq!(
+        principals,
+        ["cluster.local/ns/demo/sa/web", "cluster.local/ns/ops/*"]
+    );
+    let web_limit = m
+        .proxy_config("web-1")
+        .and_then(|c| c.inbound)
+        .and_then(|i| i.rate_limit);
+    assert_eq!(web_limit, None, "the refused policy limits nothing");
+    assert_eq!(metric(&metrics, RATE_LIMIT_REJECTED), Some(1.0));
+    // Everything else keeps serving.
+    assert_eq!(policies(&m), ["demo/api-from-web Allow"]);
+    wait_until("the Event about the refused RateLimitPolicy", || {
+        events_about(&fake, "web-limits").iter().any(|e| {
+            e["note"].as_str().is_some_and(|n| {
+                n.contains("spec.total.requestsPerSecond") && n.contains("not served")
+            })
+        })
+    })
+    .await;
+
+    // Changed, fixed: followed within a second.
+    let mut rx = src.subscribe();
+    fake.apply(
+        Res::RateLimitPolicies,
+        policy(
+            "demo",
+            "web-limits",
+            json!({ "selector": { "matchLabels": { "app": "web" } }, "total": { "requestsPerSecond": 5 } }),
+        ),
+    );
+    wait_model(&mut rx, PROPAGATION, "web limited", |m| {
+        m.proxy_config("web-1")
+            .and_then(|c| c.inbound)
+            .and_then(|i| i.rate_limit)
+            .is_some_and(|l| l.name == "demo/web-limits" && l.total_rps == 5 && l.identity_rps == 0)
+    })
+    .await;
+    fake.delete(Res::RateLimitPolicies, "demo", "api-limits");
+    wait_model(&mut rx, PROPAGATION, "api no longer limited", |m| {
+        m.proxy_config("api-1")
+            .and_then(|c| c.inbound)
+            .is_some_and(|i| i.rate_limit.is_none())
+    })
+    .await;
 }
 
 // --- A real proxy against two control-plane replicas ---

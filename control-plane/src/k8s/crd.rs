@@ -1,17 +1,27 @@
-//! The `palisade.dev/v1alpha1` custom resources, `AuthorizationPolicy` and
-//! `PeerAuthentication`, and their CustomResourceDefinitions, generated from the Rust types.
+//! The `palisade.dev/v1alpha1` custom resources and their CustomResourceDefinitions, generated
+//! from Rust types: `AuthorizationPolicy` and `PeerAuthentication` (authorization and mTLS),
+//! `HTTPFault` (fault injection, named by a route rule's `ExtensionRef` filter) and
+//! `RateLimitPolicy` (local rate limits of the selected workloads' inbound side).
 //!
-//! One source of truth: the spec of each resource is the api crate's policy spec type
+//! For the two policy kinds, the spec is the api crate's policy spec type
 //! ([`palisade_api::policy::AuthorizationPolicySpec`], [`palisade_api::policy::PeerAuthenticationSpec`]),
 //! wrapped here in a serde- and schema-transparent newtype only because kube's
 //! `CustomResource` derive has to sit on a type of this crate. The JSON form of a wrapper is
 //! exactly the inner type's, and so is its schema: the patterns and rules of
 //! `palisade_api::policy::schema`, next to the parser they mirror.
 //!
+//! `HTTPFault` and `RateLimitPolicy` are parsed by hand in the api crate
+//! (`palisade_api::policy::traffic`), with no serde type to derive a schema from: their spec
+//! types are written here, field for field what that parser reads, with the same bounds
+//! (percentages 0–100, HTTP statuses 200–599, gRPC codes 1–16, 1–1000000 requests per second,
+//! principals that can match a caller) and CEL rules for what needs two fields (a fault needs
+//! a delay or an abort, an abort an HTTP or gRPC status, a rate limit some limit). The unit
+//! tests below check the documented examples pass and the parser's refusals are the schema's.
+//!
 //! What the schema cannot say is still refused when the control plane parses the object with
 //! the file parser (`palisade_api::policy`); docs/kubernetes.md lists which checks live where.
 //!
-//! Both kinds have a `status` subresource ([`PolicyStatus`]): the condition `Accepted`, for the
+//! Every kind has a `status` subresource ([`PolicyStatus`]): the condition `Accepted`, for the
 //! control plane to say whether it took the object, shown by `kubectl get` as a column.
 
 use std::ops::{Deref, DerefMut};
@@ -82,7 +92,176 @@ pub struct AuthorizationPolicySpec(pub policy::AuthorizationPolicySpec);
 #[serde(transparent)]
 pub struct PeerAuthenticationSpec(pub policy::PeerAuthenticationSpec);
 
-// The status subresource of both kinds. Only the control plane writes it (`patch` on
+// The spec of a `palisade.dev/v1alpha1` HTTPFault, field for field what
+// `palisade_api::policy::traffic::parse_fault` reads.
+/// Delays and/or aborts a share of the requests of the route rules that name it (an
+/// `ExtensionRef` filter: group `palisade.dev`, kind `HTTPFault`, the name; same namespace).
+#[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "palisade.dev",
+    version = "v1alpha1",
+    kind = "HTTPFault",
+    root = "HttpFault",
+    plural = "httpfaults",
+    namespaced,
+    status = "PolicyStatus",
+    derive = "PartialEq",
+    category = "palisade",
+    // In JSON: several `type_ = "string"` are a clippy `duplicated_attributes` false positive.
+    printcolumn = r#"{"name": "Delay", "type": "string", "jsonPath": ".spec.delay.fixedDelay"}"#,
+    printcolumn = r#"{"name": "Abort", "type": "integer", "jsonPath": ".spec.abort.httpStatus"}"#,
+    printcolumn = r#"{"name": "Accepted", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Accepted\")].status"}"#,
+    printcolumn = r#"{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}"#,
+    doc = "Fault injection (delay, abort) for the route rules whose ExtensionRef filter names it."
+)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(transform = fault_spec)]
+pub struct HttpFaultSpec {
+    /// Wait before the request goes on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delay: Option<FaultDelay>,
+    /// Answer instead of calling the backend.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub abort: Option<FaultAbort>,
+}
+
+/// Delays a share of the requests.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FaultDelay {
+    /// How long, as a Gateway API duration (`100ms`, `2s`, `1m30s`); at most 60s.
+    #[schemars(regex(pattern = GATEWAY_DURATION))]
+    pub fixed_delay: String,
+    /// Of the rule's requests, 0–100 (fractions allowed); absent: 100.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 100))]
+    pub percentage: Option<f64>,
+}
+
+/// Aborts a share of the requests with a status.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(transform = fault_abort)]
+pub struct FaultAbort {
+    /// The HTTP status answered, 200–599 (a gRPC request gets it mapped to a gRPC code unless
+    /// `grpcStatus` is set).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 200, max = 599))]
+    pub http_status: Option<u16>,
+    /// The gRPC status code answered to gRPC requests, 1–16.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 16))]
+    pub grpc_status: Option<u8>,
+    /// Of the rule's requests, 0–100 (fractions allowed); absent: 100.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 100))]
+    pub percentage: Option<f64>,
+}
+
+// The spec of a `palisade.dev/v1alpha1` RateLimitPolicy, field for field what
+// `palisade_api::policy::traffic::parse_rate_limit` reads.
+/// Local rate limits enforced by the inbound proxy of the selected workloads (Linkerd's
+/// HTTPLocalRateLimitPolicy, with a selector): over a limit it answers 429 with `Retry-After`.
+#[derive(
+    CustomResource, Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema,
+)]
+#[kube(
+    group = "palisade.dev",
+    version = "v1alpha1",
+    kind = "RateLimitPolicy",
+    plural = "ratelimitpolicies",
+    namespaced,
+    status = "PolicyStatus",
+    derive = "PartialEq",
+    category = "palisade",
+    printcolumn = r#"{"name": "Total", "type": "integer", "jsonPath": ".spec.total.requestsPerSecond"}"#,
+    printcolumn = r#"{"name": "Identity", "type": "integer", "jsonPath": ".spec.identity.requestsPerSecond"}"#,
+    printcolumn = r#"{"name": "Accepted", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Accepted\")].status"}"#,
+    printcolumn = r#"{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}"#,
+    doc = "Local rate limits of the selected workloads' inbound side (429 with Retry-After over a limit)."
+)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(transform = rate_limit_spec)]
+pub struct RateLimitPolicySpec {
+    /// Absent: every workload of the namespace. The first policy (by name) that selects a
+    /// workload is its limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<policy::WorkloadSelector>,
+    /// All callers together.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total: Option<RateLimit>,
+    /// Each caller identity on its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<RateLimit>,
+    /// Per-identity limits for the named callers, instead of `identity`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub overrides: Vec<RateLimitOverride>,
+}
+
+/// A number of requests per second.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RateLimit {
+    /// 1–1000000.
+    #[schemars(range(min = 1, max = 1_000_000))]
+    pub requests_per_second: u32,
+}
+
+/// A per-identity limit for some callers.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RateLimitOverride {
+    /// 1–1000000, for each of the callers named.
+    #[schemars(range(min = 1, max = 1_000_000))]
+    pub requests_per_second: u32,
+    /// The callers: SPIFFE IDs (`spiffe://` optional), or `prefix*`, `*suffix`, `*` patterns.
+    #[schemars(length(min = 1), inner(pattern(policy::schema::PRINCIPAL), length(max = policy::schema::MAX_ID_PATTERN_LEN)))]
+    pub principals: Vec<String>,
+}
+
+/// A Gateway API duration (GEP-2257), as `palisade_api::policy::route::parse_gateway_duration`
+/// reads it: 1–4 groups of 1–5 digits and a unit.
+pub const GATEWAY_DURATION: &str = "^([0-9]{1,5}(h|m|s|ms)){1,4}$";
+
+/// One `x-kubernetes-validations` rule (CEL, run by the API server).
+fn cel(rule: &str, message: &str) -> Value {
+    serde_json::json!({ "rule": rule, "message": message })
+}
+
+/// An HTTPFault does something: a delay, an abort or both (the parser's rule).
+fn fault_spec(schema: &mut schemars::Schema) {
+    schema.insert(
+        "x-kubernetes-validations".into(),
+        serde_json::json!([cel(
+            "has(self.delay) || has(self.abort)",
+            "an HTTPFault needs a delay, an abort or both"
+        )]),
+    );
+}
+
+/// An abort answers something: an HTTP status, a gRPC status or both.
+fn fault_abort(schema: &mut schemars::Schema) {
+    schema.insert(
+        "x-kubernetes-validations".into(),
+        serde_json::json!([cel(
+            "has(self.httpStatus) || has(self.grpcStatus)",
+            "an abort needs httpStatus, grpcStatus or both"
+        )]),
+    );
+}
+
+/// A RateLimitPolicy limits something: total, identity or overrides.
+fn rate_limit_spec(schema: &mut schemars::Schema) {
+    schema.insert(
+        "x-kubernetes-validations".into(),
+        serde_json::json!([cel(
+            "has(self.total) || has(self.identity) || (has(self.overrides) && size(self.overrides) > 0)",
+            "a RateLimitPolicy needs total, identity or overrides"
+        )]),
+    );
+}
+
+// The status subresource of every kind. Only the control plane writes it (`patch` on
 // `<plural>/status`, in its ClusterRole); a user's `kubectl apply` of the object cannot set it.
 // The doc comments below are what `kubectl explain` shows.
 /// What the control plane made of the object; written by the control plane only.
@@ -160,11 +339,13 @@ macro_rules! wrapper {
 wrapper!(AuthorizationPolicySpec, policy::AuthorizationPolicySpec);
 wrapper!(PeerAuthenticationSpec, policy::PeerAuthenticationSpec);
 
-/// Both CRDs, in the order `palisade install` prints them.
+/// Every CRD, in the order `palisade install` prints them.
 pub fn crds() -> Vec<CustomResourceDefinition> {
     vec![
         finish(AuthorizationPolicy::crd()),
         finish(PeerAuthentication::crd()),
+        finish(HttpFault::crd()),
+        finish(RateLimitPolicy::crd()),
     ]
 }
 
@@ -173,6 +354,7 @@ const WHEN_ITEM: &str = "/properties/spec/properties/rules/items/properties/when
 
 /// What the derive leaves to do.
 fn finish(mut crd: CustomResourceDefinition) -> CustomResourceDefinition {
+    let kind = crd.spec.names.kind.clone();
     for version in &mut crd.spec.versions {
         if let Some(schema) = version
             .schema
@@ -184,6 +366,11 @@ fn finish(mut crd: CustomResourceDefinition) -> CustomResourceDefinition {
             // Without it, the API server drops nulls, as if the field were absent.
             let mut value = serde_json::to_value(&*schema).unwrap_or(Value::Null);
             strip_nullable(&mut value);
+            // The derive titles the schema with the Rust type's name (`HttpFault`): what
+            // `kubectl explain` shows is the kind.
+            if let Some(map) = value.as_object_mut() {
+                map.insert("title".into(), Value::String(kind.clone()));
+            }
             if let Some(when) = value.pointer_mut(WHEN_ITEM)
                 && let Some(when) = when.as_object_mut()
             {
@@ -205,5 +392,242 @@ fn strip_nullable(v: &mut Value) {
         }
         Value::Array(items) => items.iter_mut().for_each(strip_nullable),
         _ => {}
+    }
+}
+
+/// The schemas of the two traffic kinds against the parser that reads them, with the same
+/// independent validators as `tests/crd_schema.rs` (the `jsonschema` crate for the OpenAPI
+/// part with the API server's strict field validation, kube's CEL evaluator for the rules).
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn schema_of(kind: &str) -> Value {
+        let crd = crds()
+            .into_iter()
+            .find(|c| c.spec.names.kind == kind)
+            .unwrap_or_else(|| panic!("no CRD for {kind}"));
+        let crd = serde_json::to_value(crd).expect("CRD as JSON");
+        crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"].clone()
+    }
+
+    /// Unknown fields are errors at every level below the root, as with `kubectl apply`'s
+    /// strict field validation (a structural schema cannot say it itself).
+    fn strict(schema: &mut Value, root: bool) {
+        let Some(map) = schema.as_object_mut() else {
+            return;
+        };
+        if map.contains_key("properties") && !root {
+            map.insert("additionalProperties".into(), json!(false));
+        }
+        if let Some(Value::Object(props)) = map.get_mut("properties") {
+            props.values_mut().for_each(|p| strict(p, false));
+        }
+        if let Some(items) = map.get_mut("items") {
+            strict(items, false);
+        }
+    }
+
+    /// What the API server would answer for this spec (OpenAPI, then CEL).
+    fn schema_errors(kind: &str, spec: &Value) -> Vec<String> {
+        let raw = schema_of(kind);
+        let mut strict_schema = raw.clone();
+        strict(&mut strict_schema, true);
+        let validator = jsonschema::draft4::new(&strict_schema).expect("a valid JSON schema");
+        let object = json!({ "spec": spec });
+        let mut errors: Vec<String> = validator
+            .iter_errors(&object)
+            .map(|e| format!("{}: {e}", e.instance_path()))
+            .collect();
+        if errors.is_empty()
+            && let Err(cel) = kube_cel::validate(&raw, &object, None)
+        {
+            errors.extend(cel.into_vec().into_iter().map(|e| format!("{e:?}")));
+        }
+        errors
+    }
+
+    fn parser_errors(kind: &str, spec: &Value) -> Vec<String> {
+        let doc = json!({
+            "apiVersion": "palisade.dev/v1alpha1", "kind": kind,
+            "metadata": { "name": "x", "namespace": "demo" }, "spec": spec,
+        });
+        match policy::parse_object("test", &doc) {
+            Ok(_) => Vec::new(),
+            Err(errors) => errors.iter().map(ToString::to_string).collect(),
+        }
+    }
+
+    fn yaml(text: &str) -> Value {
+        serde_saphyr::from_str(text).unwrap_or_else(|e| panic!("bad test YAML {text}: {e}"))
+    }
+
+    #[test]
+    fn the_documented_traffic_resources_are_accepted_by_both() {
+        let cases: &[(&str, &str)] = &[
+            // SPEC.md's examples.
+            (
+                "HTTPFault",
+                "{delay: {fixedDelay: 100ms, percentage: 50}, abort: {httpStatus: 503, percentage: 10}}",
+            ),
+            ("HTTPFault", "{abort: {httpStatus: 503, grpcStatus: 14}}"),
+            ("HTTPFault", "{abort: {grpcStatus: 16}}"),
+            ("HTTPFault", "{delay: {fixedDelay: 1m, percentage: 0.5}}"),
+            (
+                "RateLimitPolicy",
+                "{selector: {matchLabels: {app: api}}, total: {requestsPerSecond: 100}, \
+                 identity: {requestsPerSecond: 10}, overrides: [{requestsPerSecond: 50, \
+                 principals: [cluster.local/ns/demo/sa/web, 'spiffe://cluster.local/ns/ops/*']}]}",
+            ),
+            ("RateLimitPolicy", "{identity: {requestsPerSecond: 1}}"),
+            (
+                "RateLimitPolicy",
+                "{overrides: [{requestsPerSecond: 1000000, principals: ['*']}]}",
+            ),
+        ];
+        for (kind, spec) in cases {
+            let spec = yaml(spec);
+            let by_parser = parser_errors(kind, &spec);
+            assert!(
+                by_parser.is_empty(),
+                "{kind}: the parser refuses {spec}: {by_parser:?}"
+            );
+            let by_schema = schema_errors(kind, &spec);
+            assert!(
+                by_schema.is_empty(),
+                "{kind}: the schema refuses {spec}: {by_schema:?}"
+            );
+        }
+    }
+
+    /// What the parser refuses, the API server refuses at `kubectl apply`, except what the
+    /// schema cannot say (listed in docs/kubernetes.md).
+    #[test]
+    fn bad_traffic_resources_are_refused_by_the_schema_as_by_the_parser() {
+        let cases: &[(&str, &str, &str)] = &[
+            ("HTTPFault", "no delay nor abort", "{}"),
+            (
+                "HTTPFault",
+                "delay without fixedDelay",
+                "{delay: {percentage: 50}}",
+            ),
+            (
+                "HTTPFault",
+                "not a duration",
+                "{delay: {fixedDelay: '100 ms'}}",
+            ),
+            ("HTTPFault", "a Go duration", "{delay: {fixedDelay: 0.5s}}"),
+            (
+                "HTTPFault",
+                "percentage over 100",
+                "{delay: {fixedDelay: 1s, percentage: 101}}",
+            ),
+            (
+                "HTTPFault",
+                "negative percentage",
+                "{abort: {httpStatus: 503, percentage: -1}}",
+            ),
+            (
+                "HTTPFault",
+                "HTTP status too high",
+                "{abort: {httpStatus: 600}}",
+            ),
+            (
+                "HTTPFault",
+                "HTTP status too low",
+                "{abort: {httpStatus: 199}}",
+            ),
+            (
+                "HTTPFault",
+                "HTTP status as a string",
+                "{abort: {httpStatus: '503'}}",
+            ),
+            (
+                "HTTPFault",
+                "gRPC OK is no abort",
+                "{abort: {grpcStatus: 0}}",
+            ),
+            (
+                "HTTPFault",
+                "gRPC status too high",
+                "{abort: {grpcStatus: 17}}",
+            ),
+            (
+                "HTTPFault",
+                "abort without a status",
+                "{abort: {percentage: 10}}",
+            ),
+            (
+                "HTTPFault",
+                "unknown spec field",
+                "{abort: {httpStatus: 503}, retry: {}}",
+            ),
+            (
+                "HTTPFault",
+                "unknown delay field",
+                "{delay: {fixedDelay: 1s, jitter: 1s}}",
+            ),
+            ("RateLimitPolicy", "no limit", "{}"),
+            (
+                "RateLimitPolicy",
+                "a selector alone",
+                "{selector: {matchLabels: {app: api}}}",
+            ),
+            ("RateLimitPolicy", "no overrides", "{overrides: []}"),
+            (
+                "RateLimitPolicy",
+                "zero per second",
+                "{total: {requestsPerSecond: 0}}",
+            ),
+            (
+                "RateLimitPolicy",
+                "too many per second",
+                "{identity: {requestsPerSecond: 1000001}}",
+            ),
+            ("RateLimitPolicy", "a limit without its rate", "{total: {}}"),
+            (
+                "RateLimitPolicy",
+                "unknown limit field",
+                "{total: {requestsPerSecond: 10, burst: 5}}",
+            ),
+            (
+                "RateLimitPolicy",
+                "unknown selector field",
+                "{total: {requestsPerSecond: 1}, selector: {labels: {}}}",
+            ),
+            (
+                "RateLimitPolicy",
+                "an override for nobody",
+                "{overrides: [{requestsPerSecond: 5}]}",
+            ),
+            (
+                "RateLimitPolicy",
+                "an override for no one",
+                "{overrides: [{requestsPerSecond: 5, principals: []}]}",
+            ),
+            (
+                "RateLimitPolicy",
+                "a principal that matches no caller",
+                "{overrides: [{requestsPerSecond: 5, principals: ['not a principal']}]}",
+            ),
+        ];
+        for (kind, what, spec) in cases {
+            let spec = yaml(spec);
+            let by_parser = parser_errors(kind, &spec);
+            assert!(
+                !by_parser.is_empty(),
+                "{kind}: {what}: the parser accepts {spec}"
+            );
+            let by_schema = schema_errors(kind, &spec);
+            assert!(
+                !by_schema.is_empty(),
+                "{kind}: {what}: the schema accepts {spec}, the parser says {by_parser:?}"
+            );
+        }
+        // What only the parser can tell: a delay longer than a minute.
+        let long = yaml("{delay: {fixedDelay: 61s}}");
+        assert!(!parser_errors("HTTPFault", &long).is_empty());
+        assert!(schema_errors("HTTPFault", &long).is_empty());
     }
 }

@@ -192,14 +192,15 @@ const READ: &[&str] = &["get", "list", "watch"];
 
 /// The cluster-wide rights of the control plane, each for something it does; nothing else:
 ///
-/// - read what the model is built from: pods, services, EndpointSlices, the policies
-///   (`palisade.dev`, and Istio's when their CRDs are installed), Gateway API routes;
+/// - read what the model is built from: pods, services, EndpointSlices, the `palisade.dev`
+///   kinds (policies, HTTPFaults, RateLimitPolicies), Istio's policies when their CRDs are
+///   installed, Gateway API routes;
 /// - read namespaces: the injector decides on a namespace's `palisade.dev/inject` label, from a
 ///   watch of all namespaces (and the trust bundle copies below follow namespaces);
 /// - `create` TokenReviews: a proxy's ServiceAccount token is its proof of identity;
 /// - `create` and `patch` events.k8s.io Events: a refused policy gets a `Warning` Event (kube's
 ///   event recorder creates an Event, then patches its series count);
-/// - `patch` the `status` of the `palisade.dev` policies (condition `Accepted`);
+/// - `patch` the `status` of the `palisade.dev` kinds (condition `Accepted`);
 /// - keep the ConfigMap `palisade-trust-bundle` in every namespace (see
 ///   [`TRUST_BUNDLE_CONFIG_MAP`]): `create` (which no `resourceNames` can narrow), and list, watch and
 ///   `patch` only ConfigMaps of that name. A list or watch must then name it with the field
@@ -218,12 +219,22 @@ pub fn cluster_role() -> ClusterRole {
             rule("discovery.k8s.io", &["endpointslices"], READ),
             rule(
                 crate::k8s::crd::GROUP,
-                &["authorizationpolicies", "peerauthentications"],
+                &[
+                    "authorizationpolicies",
+                    "peerauthentications",
+                    "httpfaults",
+                    "ratelimitpolicies",
+                ],
                 READ,
             ),
             rule(
                 crate::k8s::crd::GROUP,
-                &["authorizationpolicies/status", "peerauthentications/status"],
+                &[
+                    "authorizationpolicies/status",
+                    "peerauthentications/status",
+                    "httpfaults/status",
+                    "ratelimitpolicies/status",
+                ],
                 &["patch"],
             ),
             rule(
@@ -849,8 +860,12 @@ mod tests {
             format!("discovery.k8s.io/endpointslices: {read}"),
             format!("palisade.dev/authorizationpolicies: {read}"),
             format!("palisade.dev/peerauthentications: {read}"),
+            format!("palisade.dev/httpfaults: {read}"),
+            format!("palisade.dev/ratelimitpolicies: {read}"),
             "palisade.dev/authorizationpolicies/status: patch".to_string(),
             "palisade.dev/peerauthentications/status: patch".to_string(),
+            "palisade.dev/httpfaults/status: patch".to_string(),
+            "palisade.dev/ratelimitpolicies/status: patch".to_string(),
             format!("security.istio.io/authorizationpolicies: {read}"),
             format!("security.istio.io/peerauthentications: {read}"),
             format!("gateway.networking.k8s.io/httproutes: {read}"),
@@ -869,6 +884,36 @@ mod tests {
             grants(&role),
             [format!("/secrets: get [{IDENTITY_SECRET:?}]")]
         );
+    }
+
+    /// Every `palisade.dev` kind the source waits for at start has its CRD in the install and
+    /// the grants to read it and to write its `Accepted` condition: a kind missing from any
+    /// of the three would keep the control plane from ever starting.
+    #[test]
+    fn every_kind_the_source_watches_is_installed_and_granted() {
+        let crds: Vec<(String, String, String)> = crate::k8s::crd::crds()
+            .into_iter()
+            .map(|c| (c.spec.group, c.spec.names.kind, c.spec.names.plural))
+            .collect();
+        let role = serde_json::to_value(cluster_role()).expect("json");
+        let granted = grants(&role);
+        let kinds = crate::k8s::source::PolicyKind::palisade();
+        for k in &kinds {
+            let api = &k.api;
+            assert!(
+                crds.contains(&(api.group.clone(), api.kind.clone(), api.plural.clone())),
+                "no CRD for {} ({}): {crds:?}",
+                api.kind,
+                api.plural
+            );
+            for want in [
+                format!("{}/{}: get,list,watch", api.group, api.plural),
+                format!("{}/{}/status: patch", api.group, api.plural),
+            ] {
+                assert!(granted.contains(&want), "{want} not in {granted:?}");
+            }
+        }
+        assert_eq!(crds.len(), kinds.len(), "a CRD the source does not read");
     }
 
     /// The policies' status is a subresource: a user's apply cannot set it, the control

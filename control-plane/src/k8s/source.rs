@@ -16,21 +16,29 @@
 //!   inbound port (`<podIP>:4143`), with the slice's port (the resolved targetPort) as
 //!   `target_port`; the ClusterIPs are the service's virtual IPs; the protocol comes from
 //!   `appProtocol` or the port name's prefix (Istio's convention).
-//! - **AuthorizationPolicy** and **PeerAuthentication**, `palisade.dev/v1alpha1`, and the
-//!   `security.istio.io/v1` ones when their CRDs exist (asked of the API's discovery at start
-//!   and every minute until found; absent, they are skipped quietly). They are watched as
-//!   `DynamicObject`s and each is parsed alone with the policy files' validator
-//!   ([`policy::parse_object`]). A refused object is rejected alone: logged once per
-//!   version, counted (`palisade_kubernetes_object_rejections_total{kind}`, and
-//!   `palisade_kubernetes_rejected_objects{kind}` while it stays refused), reported as a
-//!   Kubernetes `Warning` Event on the object, and its last accepted version (if this control
-//!   plane saw one) keeps serving, so a broken edit of a DENY policy never becomes an allow.
-//!   Everything else keeps serving.
+//! - **AuthorizationPolicy**, **PeerAuthentication**, **HTTPFault** and **RateLimitPolicy**,
+//!   `palisade.dev/v1alpha1` (Palisade's own CRDs, always installed with it), and the
+//!   `security.istio.io/v1` AuthorizationPolicy and PeerAuthentication when their CRDs exist
+//!   (asked of the API's discovery at start and every minute until found; absent, they are
+//!   skipped quietly).
 //! - **HTTPRoute** and **GRPCRoute**, `gateway.networking.k8s.io/v1`, when their CRDs exist
-//!   (found like Istio's): routes with a Service parent are validated alone
-//!   ([`super::routes`]) and refused like policies; the valid ones are on
-//!   [`KubernetesSource::routes`], outside the model until traffic management routes by
-//!   them. Routes of gateway controllers are left alone.
+//!   (found like Istio's). Only mesh routes, those with a Service parent
+//!   ([`super::routes::is_mesh_route`]), are ours, and only for their Service parents; routes
+//!   of gateway controllers are left alone.
+//!
+//! Every object of those kinds is watched as a `DynamicObject` and parsed alone with the
+//! policy files' parser ([`policy::parse_object`]), so it means on a cluster what it means in
+//! a policies directory. The accepted ones are the resources the model is built from
+//! ([`Model::from_parts`]): policies select workloads, routes attach to their parent Service's
+//! config (with the `HTTPFault` an `ExtensionRef` filter names resolved; a missing one makes
+//! its rule answer 500, as Gateway API says of a filter that cannot be applied), rate limits
+//! go to the inbound config of the workloads they select. A refused object is rejected alone:
+//! logged once per version, counted (`palisade_kubernetes_object_rejections_total{kind}`, and
+//! `palisade_kubernetes_rejected_objects{kind}` while it stays refused), reported as a
+//! Kubernetes `Warning` Event on the object (and the `Accepted` condition on `palisade.dev`
+//! kinds, [`super::status`]), and its last accepted version (if this control plane saw one)
+//! keeps serving, so a broken edit of a DENY policy never becomes an allow. Everything else
+//! keeps serving.
 //!
 //! Any change wakes one rebuild [`DEBOUNCE`] later (a burst of events makes one model); a
 //! model with the same content as the one served is not published, so proxies only hear of
@@ -58,13 +66,15 @@ use kube::runtime::reflector::{self, Store};
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 use palisade_api::PathNormalization;
-use palisade_api::policy::{self, DefaultPolicy, Resource as Policy};
+use palisade_api::policy::{self, DefaultPolicy, Resource as Policy, RouteKind};
 use palisade_certs::{SpiffeId, TrustDomain};
 use serde::de::DeserializeOwned;
 use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::JoinHandle;
 
-use super::routes::{GATEWAY_GROUP, GATEWAY_VERSION, Route, RouteKind, is_mesh_route, parse_route};
+use super::routes::{
+    GATEWAY_GROUP, GATEWAY_VERSION, is_mesh_route, keep_service_parents, original_field,
+};
 use super::status::{self, StatusUpdate, Verdict};
 use crate::mesh::{ControlPlaneSection, Mesh, Protocol, Service, ServiceEndpoint, Workload};
 use crate::metrics::{KindLabel, Metrics, ResourceLabel};
@@ -156,11 +166,13 @@ fn last_errors_text(errors: &[(String, String)]) -> String {
     format!(" ({})", parts.join("; "))
 }
 
-/// A policy resource type the source reads, as a dynamic API resource.
+/// A resource type the source reads (policies, routes, faults, rate limits), as a dynamic API
+/// resource.
 #[derive(Clone, Debug)]
 pub struct PolicyKind {
     pub api: ApiResource,
-    /// Set for Gateway API routes, which are validated as routes, not policies.
+    /// Set for Gateway API routes: only the mesh's (a Service parent) are parsed, the rest
+    /// belong to gateway controllers.
     pub route: Option<RouteKind>,
 }
 
@@ -193,6 +205,23 @@ impl PolicyKind {
         [
             PolicyKind::new(GATEWAY_GROUP, GATEWAY_VERSION, "HTTPRoute", "httproutes"),
             PolicyKind::new(GATEWAY_GROUP, GATEWAY_VERSION, "GRPCRoute", "grpcroutes"),
+        ]
+    }
+
+    /// Palisade's own kinds (`palisade.dev/v1alpha1`), whose CRDs `palisade install` prints:
+    /// the source does not start without them.
+    pub fn palisade() -> [PolicyKind; 4] {
+        let [authz, peer] = Self::pair(PALISADE_GROUP, PALISADE_VERSION);
+        [
+            authz,
+            peer,
+            PolicyKind::new(PALISADE_GROUP, PALISADE_VERSION, "HTTPFault", "httpfaults"),
+            PolicyKind::new(
+                PALISADE_GROUP,
+                PALISADE_VERSION,
+                "RateLimitPolicy",
+                "ratelimitpolicies",
+            ),
         ]
     }
 
@@ -357,7 +386,6 @@ struct Builder {
     policies: Arc<Mutex<Vec<PolicyStore>>>,
     metrics: Arc<Metrics>,
     accepted: HashMap<ObjKey, (String, Policy)>,
-    accepted_routes: HashMap<ObjKey, (String, Route)>,
     rejected: HashMap<ObjKey, String>,
     events: mpsc::UnboundedSender<Rejection>,
     /// `Accepted` conditions to write ([`status`]).
@@ -374,7 +402,7 @@ impl Builder {
     fn build(&mut self, generation: u64) -> Model {
         let workloads = self.workloads();
         let services = self.services(&workloads);
-        let policies = self.policies();
+        let resources = self.resources();
         let mesh = Mesh {
             path: PathBuf::from(MESH_PATH),
             trust_domain: self.cfg.trust_domain.clone(),
@@ -388,7 +416,7 @@ impl Builder {
             workloads,
             services,
         };
-        Model::from_parts(mesh, policies, generation)
+        Model::from_parts(mesh, resources, generation)
     }
 
     fn workloads(&mut self) -> Vec<Workload> {
@@ -534,12 +562,11 @@ impl Builder {
         out
     }
 
-    fn policies(&mut self) -> Vec<Policy> {
-        let stores: Vec<PolicyStore> = lock(&self.policies)
-            .iter()
-            .filter(|ps| ps.kind.route.is_none())
-            .cloned()
-            .collect();
+    /// The accepted objects of every kind the source reads (policies, mesh routes, faults,
+    /// rate limits), each parsed alone: a bad one is refused alone and its last accepted
+    /// version, if any, stands in for it.
+    fn resources(&mut self) -> Vec<Policy> {
+        let stores: Vec<PolicyStore> = lock(&self.policies).clone();
         let mut seen: HashSet<ObjKey> = HashSet::new();
         let mut out: Vec<(ObjKey, Policy)> = Vec::new();
         for ps in &stores {
@@ -550,6 +577,11 @@ impl Builder {
                 else {
                     continue;
                 };
+                // Routes of a gateway controller are not ours to judge (`data` holds the
+                // object's fields but metadata: its `spec` is there).
+                if ps.kind.route.is_some() && !is_mesh_route(&obj.data) {
+                    continue;
+                }
                 let key = (label.clone(), ns, name);
                 seen.insert(key.clone());
                 let td = &self.cfg.trust_domain;
@@ -558,7 +590,7 @@ impl Builder {
                     &mut self.rejected,
                     &key,
                     &obj,
-                    || parse_policy(td, &ps.kind, &obj, &key),
+                    || parse_resource(td, &ps.kind, &obj, &key),
                     |errors, keeps| {
                         reject(
                             &self.metrics,
@@ -586,67 +618,6 @@ impl Builder {
         self.forget_rejected(&stores, &seen);
         out.sort_by(|a, b| a.0.cmp(&b.0));
         out.into_iter().map(|(_, p)| p).collect()
-    }
-
-    /// The valid mesh routes (those attached to a Service); a bad one is refused alone, like
-    /// a policy object.
-    fn routes(&mut self) -> Vec<Route> {
-        let stores: Vec<PolicyStore> = lock(&self.policies)
-            .iter()
-            .filter(|ps| ps.kind.route.is_some())
-            .cloned()
-            .collect();
-        let mut seen: HashSet<ObjKey> = HashSet::new();
-        let mut out: Vec<(ObjKey, Route)> = Vec::new();
-        for ps in &stores {
-            let Some(route_kind) = ps.kind.route else {
-                continue;
-            };
-            let label = ps.kind.label();
-            for obj in ps.store.state() {
-                let (Some(ns), Some(name)) =
-                    (obj.metadata.namespace.clone(), obj.metadata.name.clone())
-                else {
-                    continue;
-                };
-                let Ok(value) = serde_json::to_value(&*obj) else {
-                    continue;
-                };
-                // Routes of a gateway controller are not ours to judge.
-                if !is_mesh_route(&value) {
-                    continue;
-                }
-                let key = (label.clone(), ns, name);
-                seen.insert(key.clone());
-                let verdict = judge(
-                    &mut self.accepted_routes,
-                    &mut self.rejected,
-                    &key,
-                    &obj,
-                    || parse_route(route_kind, &value),
-                    |errors, keeps| {
-                        reject(
-                            &self.metrics,
-                            &self.events,
-                            &self.status,
-                            &ps.kind,
-                            &obj,
-                            &key,
-                            errors,
-                            keeps,
-                        )
-                    },
-                    || {},
-                );
-                if let Some(r) = verdict {
-                    out.push((key, r));
-                }
-            }
-        }
-        self.accepted_routes.retain(|k, _| seen.contains(k));
-        self.forget_rejected(&stores, &seen);
-        out.sort_by(|a, b| a.0.cmp(&b.0));
-        out.into_iter().map(|(_, r)| r).collect()
     }
 
     /// Drops the refusals of objects of `stores`' kinds that are gone, and updates the
@@ -713,8 +684,9 @@ fn spec_version(obj: &DynamicObject) -> String {
     }
 }
 
-/// Parses one object with the policy files' validator.
-fn parse_policy(
+/// Parses one object (a policy, a mesh route, a fault, a rate limit) with the policy files'
+/// parser: the same checks and the same errors, naming the field.
+fn parse_resource(
     td: &TrustDomain,
     kind: &PolicyKind,
     obj: &DynamicObject,
@@ -729,11 +701,19 @@ fn parse_policy(
         map.entry("kind")
             .or_insert_with(|| kind.api.kind.clone().into());
     }
+    // A route's Gateway parents are their controller's: the mesh parses it for its Services.
+    let kept = kind
+        .route
+        .is_some()
+        .then(|| keep_service_parents(&mut value));
     let origin = format!("{} {}/{}", key.0, key.1, key.2);
     let p = policy::parse_object(&origin, &value).map_err(|errors| {
         errors
             .into_iter()
-            .map(|e| (e.field, e.message))
+            .map(|e| match &kept {
+                Some(kept) => (original_field(&e.field, kept), e.message),
+                None => (e.field, e.message),
+            })
             .collect::<Vec<_>>()
     })?;
     if let Policy::AuthorizationPolicy(ap) = &p {
@@ -985,16 +965,7 @@ fn optional_groups(cfg: &SourceConfig) -> Vec<(&'static str, Vec<PolicyKind>)> {
 #[derive(Debug)]
 pub struct KubernetesSource {
     rx: watch::Receiver<Arc<Model>>,
-    routes: watch::Receiver<Arc<Vec<Route>>>,
     tasks: Vec<JoinHandle<()>>,
-}
-
-impl KubernetesSource {
-    /// The valid mesh `HTTPRoute`s and `GRPCRoute`s, kept up to date. Not part of the model
-    /// yet: routing comes with traffic management.
-    pub fn routes(&self) -> watch::Receiver<Arc<Vec<Route>>> {
-        self.routes.clone()
-    }
 }
 
 impl ConfigSource for KubernetesSource {
@@ -1068,7 +1039,7 @@ impl KubernetesSource {
         )));
 
         let policies: Arc<Mutex<Vec<PolicyStore>>> = Arc::new(Mutex::new(Vec::new()));
-        let mut kinds: Vec<PolicyKind> = PolicyKind::pair(PALISADE_GROUP, PALISADE_VERSION).into();
+        let mut kinds: Vec<PolicyKind> = PolicyKind::palisade().into();
         let mut later = Vec::new();
         for (what, candidates) in optional_groups(&cfg) {
             match served_kinds(&client, &candidates).await {
@@ -1171,31 +1142,26 @@ impl KubernetesSource {
             policies,
             metrics: metrics.clone(),
             accepted: HashMap::new(),
-            accepted_routes: HashMap::new(),
             rejected: HashMap::new(),
             events: ev_tx,
             status: status_tx,
             warned: HashSet::new(),
         };
         let model = Arc::new(builder.build(1));
-        let routes = Arc::new(builder.routes());
         metrics.config_generation.set(1);
         tracing::info!(
             workloads = model.mesh.workloads.len(),
             services = model.mesh.services.len(),
             authorization_policies = model.authorization_policies.len(),
             peer_authentications = model.peer_authentications.len(),
-            routes = routes.len(),
+            routes = model.traffic.routes.len(),
+            http_faults = model.traffic.faults.len(),
+            rate_limit_policies = model.traffic.rate_limits.len(),
             "Kubernetes source synced"
         );
         let (tx, rx) = watch::channel(model);
-        let (routes_tx, routes_rx) = watch::channel(routes);
-        tasks.push(tokio::spawn(run(builder, shared, tx, routes_tx, debounce)));
-        Ok(Self {
-            rx,
-            routes: routes_rx,
-            tasks,
-        })
+        tasks.push(tokio::spawn(run(builder, shared, tx, debounce)));
+        Ok(Self { rx, tasks })
     }
 }
 
@@ -1204,18 +1170,12 @@ async fn run(
     mut builder: Builder,
     shared: Arc<Shared>,
     tx: watch::Sender<Arc<Model>>,
-    routes_tx: watch::Sender<Arc<Vec<Route>>>,
     debounce: Duration,
 ) {
     let mut current = tx.borrow().clone();
     loop {
         shared.changed.notified().await;
         tokio::time::sleep(debounce).await;
-        let routes = builder.routes();
-        if **routes_tx.borrow() != routes {
-            tracing::info!(routes = routes.len(), "mesh routes changed");
-            routes_tx.send_replace(Arc::new(routes));
-        }
         let model = builder.build(current.generation + 1);
         if model.same_content(&current) {
             continue;
@@ -1226,6 +1186,9 @@ async fn run(
             services = model.mesh.services.len(),
             authorization_policies = model.authorization_policies.len(),
             peer_authentications = model.peer_authentications.len(),
+            routes = model.traffic.routes.len(),
+            http_faults = model.traffic.faults.len(),
+            rate_limit_policies = model.traffic.rate_limits.len(),
             "config change applied"
         );
         shared

@@ -40,6 +40,8 @@ pub enum Res {
     EndpointSlices,
     AuthorizationPolicies,
     PeerAuthentications,
+    HttpFaults,
+    RateLimitPolicies,
     IstioAuthorizationPolicies,
     IstioPeerAuthentications,
     HttpRoutes,
@@ -48,12 +50,14 @@ pub enum Res {
     ConfigMaps,
 }
 
-pub const ALL: [Res; 11] = [
+pub const ALL: [Res; 13] = [
     Res::Pods,
     Res::Services,
     Res::EndpointSlices,
     Res::AuthorizationPolicies,
     Res::PeerAuthentications,
+    Res::HttpFaults,
+    Res::RateLimitPolicies,
     Res::IstioAuthorizationPolicies,
     Res::IstioPeerAuthentications,
     Res::HttpRoutes,
@@ -82,6 +86,16 @@ impl Res {
                 "/apis/palisade.dev/v1alpha1/peerauthentications",
                 "palisade.dev/v1alpha1",
                 "PeerAuthentication",
+            ),
+            Res::HttpFaults => (
+                "/apis/palisade.dev/v1alpha1/httpfaults",
+                "palisade.dev/v1alpha1",
+                "HTTPFault",
+            ),
+            Res::RateLimitPolicies => (
+                "/apis/palisade.dev/v1alpha1/ratelimitpolicies",
+                "palisade.dev/v1alpha1",
+                "RateLimitPolicy",
             ),
             Res::IstioAuthorizationPolicies => (
                 "/apis/security.istio.io/v1/authorizationpolicies",
