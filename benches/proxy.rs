@@ -116,6 +116,7 @@ async fn pair() -> Pair {
         access_log: false,
         admin_shutdown: false,
         app_probes: Default::default(),
+        dns_server: None,
         balancer: Default::default(),
     };
     let scfg = dir.path().join("server.yaml");

@@ -15,6 +15,7 @@ use palisade_certs::SpiffeId;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+pub mod egress;
 pub mod route;
 #[cfg(feature = "schema")]
 pub mod schema;
@@ -22,6 +23,7 @@ pub mod traffic;
 mod wire;
 
 pub use crate::MtlsMode;
+pub use egress::EgressPolicy;
 pub use route::{Route, RouteKind};
 pub use traffic::{HttpFault, RateLimitPolicy};
 
@@ -303,7 +305,8 @@ pub struct PeerAuthenticationSpec {
     pub port_level_mtls: BTreeMap<u32, Mtls>,
 }
 
-/// One document of the policies directory: authorization, mTLS, routing, faults, rate limits.
+/// One document of the policies directory: authorization, mTLS, routing, faults, rate limits,
+/// egress.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Resource {
     AuthorizationPolicy(AuthorizationPolicy),
@@ -312,6 +315,7 @@ pub enum Resource {
     Route(Route),
     HttpFault(HttpFault),
     RateLimitPolicy(RateLimitPolicy),
+    EgressPolicy(EgressPolicy),
 }
 
 impl Resource {
@@ -322,6 +326,7 @@ impl Resource {
             Resource::Route(r) => &r.metadata,
             Resource::HttpFault(f) => &f.metadata,
             Resource::RateLimitPolicy(r) => &r.metadata,
+            Resource::EgressPolicy(e) => &e.metadata,
         }
     }
 
@@ -332,6 +337,7 @@ impl Resource {
             Resource::Route(r) => r.kind.kind(),
             Resource::HttpFault(_) => "HTTPFault",
             Resource::RateLimitPolicy(_) => "RateLimitPolicy",
+            Resource::EgressPolicy(_) => "EgressPolicy",
         }
     }
 }
@@ -1049,7 +1055,7 @@ fn parse_value(c: &mut Ctx<'_>, doc: &Value) -> Option<Resource> {
     let kind = map.get("kind").and_then(Value::as_str).unwrap_or("");
     match kind {
         "AuthorizationPolicy" | "PeerAuthentication" => {}
-        "HTTPRoute" | "GRPCRoute" | "HTTPFault" | "RateLimitPolicy" => {
+        "HTTPRoute" | "GRPCRoute" | "HTTPFault" | "RateLimitPolicy" | "EgressPolicy" => {
             return parse_traffic(c, kind, api, doc);
         }
         "" => {
@@ -1061,7 +1067,7 @@ fn parse_value(c: &mut Ctx<'_>, doc: &Value) -> Option<Resource> {
                 "kind",
                 format!(
                     "unknown kind {other:?}; expected AuthorizationPolicy, PeerAuthentication, \
-                     HTTPRoute, GRPCRoute, HTTPFault or RateLimitPolicy"
+                     HTTPRoute, GRPCRoute, HTTPFault, RateLimitPolicy or EgressPolicy"
                 ),
             );
             return None;
@@ -1096,7 +1102,8 @@ fn parse_value(c: &mut Ctx<'_>, doc: &Value) -> Option<Resource> {
     }
 }
 
-/// Routes (Gateway API), faults and rate limits: their own API versions and parsers.
+/// Routes (Gateway API), faults, rate limits and egress policies: their own API versions and
+/// parsers.
 fn parse_traffic(c: &mut Ctx<'_>, kind: &str, api: &str, doc: &Value) -> Option<Resource> {
     let before = c.errors.len();
     let want = if RouteKind::from_kind(kind).is_some() {
@@ -1122,6 +1129,7 @@ fn parse_traffic(c: &mut Ctx<'_>, kind: &str, api: &str, doc: &Value) -> Option<
     match (kind, RouteKind::from_kind(kind)) {
         (_, Some(k)) => route::parse(c, k, &meta, doc).map(Resource::Route),
         ("HTTPFault", None) => traffic::parse_fault(c, &meta, doc).map(Resource::HttpFault),
+        ("EgressPolicy", None) => egress::parse(c, &meta, doc).map(Resource::EgressPolicy),
         _ => traffic::parse_rate_limit(c, &meta, doc).map(Resource::RateLimitPolicy),
     }
 }

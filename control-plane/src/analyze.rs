@@ -71,6 +71,11 @@ pub fn analyze(mesh: &Mesh, loaded: &[Loaded]) -> Vec<Finding> {
                 let selected = ctx.selected(|w| p.selects(&w.namespace, &w.labels));
                 ctx.selection(&p.metadata, p.selector.as_ref(), &selected, &mut say);
             }
+            Resource::EgressPolicy(p) => {
+                let selected =
+                    ctx.selected(|w| p.selects(&w.namespace, &w.labels, policy::ROOT_NAMESPACE));
+                ctx.selection(&p.metadata, p.selector.as_ref(), &selected, &mut say);
+            }
             // Checked against the mesh when loaded (`traffic::check_local`).
             Resource::Route(_) | Resource::HttpFault(_) => {}
         }

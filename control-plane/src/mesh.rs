@@ -150,7 +150,9 @@ impl Workload {
 }
 
 /// An explicit outbound of a workload: the app connects to `localPort`, the mesh routes to
-/// `service` (`name.namespace`) on `port`.
+/// `service` (`name.namespace`) on `port`; or, when `service` is a DNS name that no mesh
+/// service matches (see `upstream_target`), the proxy resolves it and connects to it without
+/// mTLS (egress).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Upstream {
@@ -166,6 +168,51 @@ impl Upstream {
             Some((name, ns)) => (name, ns),
             None => (&self.service, DEFAULT_NAMESPACE),
         }
+    }
+}
+
+/// What an upstream's `service` names.
+enum UpstreamTarget {
+    /// The service at this index of `services`.
+    Service(usize),
+    /// A host outside the mesh, resolved with DNS by the proxy and reached without mTLS.
+    Egress,
+}
+
+/// The rule that tells a mesh upstream from an egress one (docs/routing.md, "Egress"):
+///
+/// 1. `name.namespace` of a service of `services` is that service (mesh services first);
+/// 2. a bare name (no dot) is `name.default`, which must be a service, as before egress;
+/// 3. `name.ns` whose `ns` is a namespace of the mesh (of a workload or a service) and that is
+///    no service is a typo, refused: a mesh name must never leave the mesh as plaintext;
+/// 4. any other valid lower-case DNS name (`example.com`, `api.github.com`; a trailing dot
+///    makes any name absolute, and so egress, even `example.demo.`) is egress.
+fn upstream_target(
+    u: &Upstream,
+    services: &HashMap<(String, String), usize>,
+    namespaces: &std::collections::HashSet<&str>,
+) -> Result<UpstreamTarget, String> {
+    let absolute = u.service.strip_suffix('.');
+    let (name, ns) = u.service_ref();
+    if absolute.is_none() {
+        if let Some(&k) = services.get(&(name.to_string(), ns.to_string())) {
+            return Ok(UpstreamTarget::Service(k));
+        }
+        if !u.service.contains('.') || (!ns.contains('.') && namespaces.contains(ns)) {
+            return Err(format!(
+                "no service {name}.{ns} in `services` (write upstream services as \
+                 name.namespace; a host outside the mesh is a DNS name that does not end in a \
+                 mesh namespace, or ends with a dot)"
+            ));
+        }
+    }
+    let host = absolute.unwrap_or(&u.service);
+    match palisade_api::policy::egress::hostname_problem(host) {
+        None => Ok(UpstreamTarget::Egress),
+        Some(why) => Err(format!(
+            "{:?} is no service of `services` (name.namespace) and no DNS name for egress: {why}",
+            u.service
+        )),
     }
 }
 
@@ -621,6 +668,14 @@ fn validate(file: MeshFile, path: &Path) -> Result<Mesh, MeshError> {
         }
     }
 
+    // The namespaces of the mesh: an upstream `name.<one of these>` that is no service is a
+    // typo, never a hostname outside the mesh.
+    let namespaces: std::collections::HashSet<&str> = file
+        .workloads
+        .iter()
+        .map(|w| w.namespace.as_str())
+        .chain(file.services.iter().map(|s| s.namespace.as_str()))
+        .collect();
     let mut workload_names: HashMap<String, usize> = HashMap::new();
     for (i, w) in file.workloads.iter().enumerate() {
         let at = |f: &str| format!("workloads[{i}].{f}");
@@ -669,21 +724,25 @@ fn validate(file: MeshFile, path: &Path) -> Result<Mesh, MeshError> {
         claim(w.admin_port, at("adminPort"))?;
         for (j, u) in w.upstreams.iter().enumerate() {
             let at = |f: &str| format!("workloads[{i}].upstreams[{j}].{f}");
-            let (name, ns) = u.service_ref();
-            let Some(&k) = service_names.get(&(name.to_string(), ns.to_string())) else {
-                return Err(err(
-                    at("service"),
-                    format!(
-                        "no service {name}.{ns} in `services` (write upstream services as name.namespace)"
-                    ),
-                ));
-            };
-            let svc = &file.services[k];
-            if u.port != svc.port {
-                return Err(err(
-                    at("port"),
-                    format!("service {name}.{ns} has port {}, not {}", svc.port, u.port),
-                ));
+            match upstream_target(u, &service_names, &namespaces) {
+                Ok(UpstreamTarget::Service(k)) => {
+                    let svc = &file.services[k];
+                    if u.port != svc.port {
+                        return Err(err(
+                            at("port"),
+                            format!(
+                                "service {}.{} has port {}, not {}",
+                                svc.name, svc.namespace, svc.port, u.port
+                            ),
+                        ));
+                    }
+                }
+                Ok(UpstreamTarget::Egress) => {
+                    if u.port == 0 {
+                        return Err(err(at("port"), port_message("0")));
+                    }
+                }
+                Err(m) => return Err(err(at("service"), m)),
             }
             claim(u.local_port, at("localPort"))?;
         }
@@ -906,6 +965,46 @@ services:
         assert!(e.contains("inboundPort"), "{e}");
         let e = field_of("workloads: [\n");
         assert!(e.starts_with("(document):"), "{e}");
+    }
+
+    #[test]
+    fn an_upstream_outside_the_mesh_is_egress_and_a_mesh_namespace_typo_is_refused() {
+        let with = |service: &str| {
+            GOOD.replace(
+                "      - { service: api.demo, port: 8080, localPort: 19001 }",
+                &format!(
+                    "      - {{ service: api.demo, port: 8080, localPort: 19001 }}\n      - {{ service: {service}, port: 443, localPort: 19005 }}"
+                ),
+            )
+        };
+        for egress in ["example.com", "api.github.com", "example.demo.", "a.b.demo"] {
+            let m = parse_str(&with(egress)).unwrap_or_else(|e| panic!("{egress}: {e}"));
+            assert_eq!(m.workloads[0].upstreams[1].service, egress);
+            // Egress upstreams bring no service into the workload's config.
+            let pieces = crate::pieces::Pieces::build(&m);
+            assert_eq!(pieces.services_for(&m.workloads[0]).len(), 1, "{egress}");
+        }
+        for (typo, says) in [
+            ("nope.demo", "no service nope.demo in `services`"),
+            ("nope", "no service nope.default in `services`"),
+            ("Example.com", "lower case"),
+            ("exa mple.com", "no DNS name for egress"),
+            ("10.0.0.1", "an IP address is not a hostname"),
+        ] {
+            let e = field_of(&with(typo));
+            assert!(
+                e.starts_with("workloads[0].upstreams[1].service:") && e.contains(says),
+                "{typo}: {e}"
+            );
+        }
+        // A mesh service keeps its port check; an egress name has any port.
+        let e = field_of(&with("api.demo"));
+        assert!(
+            e.starts_with(
+                "workloads[0].upstreams[1].port: service api.demo has port 8080, not 443"
+            ),
+            "{e}"
+        );
     }
 
     #[test]

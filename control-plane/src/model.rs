@@ -25,7 +25,7 @@ pub struct Model {
     pub mesh: Mesh,
     pub authorization_policies: Vec<AuthorizationPolicy>,
     pub peer_authentications: Vec<PeerAuthentication>,
-    /// Routes (HTTPRoute, GRPCRoute), HTTPFaults and RateLimitPolicies.
+    /// Routes (HTTPRoute, GRPCRoute), HTTPFaults, RateLimitPolicies and EgressPolicies.
     pub traffic: Traffic,
     /// The pieces proxies' configs are assembled from, built once for this generation on
     /// first use ([`Model::pieces`]).
@@ -217,6 +217,7 @@ impl Model {
             app_protocol: app_protocol.to_proto() as i32,
             path_normalization: self.mesh.path_normalization.to_proto() as i32,
             rate_limit: self.traffic.rate_limit_of(&w.namespace, &w.labels),
+            egress: self.traffic.egress_of(&w.namespace, &w.labels),
             routes: index.map_or_else(Vec::new, |i| pieces.routes_backed_by(i)),
         }
     }
@@ -378,6 +379,61 @@ mod tests {
             logs.contains("ERROR") && logs.contains("ipBlocks[0]"),
             "{logs}"
         );
+    }
+
+    #[test]
+    fn a_workload_gets_the_egress_policy_of_its_namespace_before_the_root_one() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let doc = |ns: &str, name: &str, selector: &str, default: &str| {
+            format!(
+                "---\napiVersion: palisade.dev/v1alpha1\nkind: EgressPolicy\n\
+                 metadata: {{ name: {name}, namespace: {ns} }}\nspec:\n{selector}\
+                 \x20 defaultAction: {default}\n\
+                 \x20 rules: [ {{ action: ALLOW, hosts: [\"api.github.com\"] }} ]\n"
+            )
+        };
+        let text = [
+            doc("palisade-system", "mesh-wide", "", "DENY"),
+            doc(
+                "demo",
+                "z-for-a",
+                "  selector: { matchLabels: { app: a } }\n",
+                "ALLOW",
+            ),
+            doc(
+                "demo",
+                "b-other",
+                "  selector: { matchLabels: { app: c } }\n",
+                "DENY",
+            ),
+        ]
+        .concat();
+        let model = Model::load(mesh_with(dir.path(), &text), 1).expect("loads");
+        let egress = |w: &str| {
+            model
+                .proxy_config(w)
+                .and_then(|c| c.inbound)
+                .and_then(|i| i.egress)
+                .expect("an egress policy")
+        };
+        let a = egress("a");
+        assert_eq!(a.name, "demo/z-for-a", "the namespace's own policy first");
+        assert!(a.default_allow);
+        let b = egress("b");
+        assert_eq!(
+            b.name, "palisade-system/mesh-wide",
+            "else the root namespace's"
+        );
+        assert!(!b.default_allow);
+        assert_eq!(b.rules[0].hosts, ["api.github.com"]);
+        assert!(b.rules[0].allow);
+        // No EgressPolicy at all: none sent, everything allowed.
+        let bare = Model::from_parts(model.mesh.clone(), [], 2);
+        let inbound = bare
+            .proxy_config("a")
+            .and_then(|c| c.inbound)
+            .expect("inbound");
+        assert_eq!(inbound.egress, None);
     }
 
     #[test]

@@ -153,6 +153,7 @@ impl InboundJson {
             // What `authz explain` decides with: rate limits and route labels are not decisions.
             rate_limit: None,
             routes: Vec::new(),
+            egress: None,
         })
     }
 }

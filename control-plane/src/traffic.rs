@@ -4,7 +4,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use palisade_api::policy::route::{Filter, Route, wire_route};
-use palisade_api::policy::{HttpFault, Loaded, PolicyError, RateLimitPolicy, Resource};
+use palisade_api::policy::{
+    EgressPolicy, HttpFault, Loaded, PolicyError, RateLimitPolicy, Resource,
+};
 use palisade_api::v1;
 
 use crate::mesh::Mesh;
@@ -18,6 +20,8 @@ pub struct Traffic {
     pub routes: Vec<Route>,
     pub faults: BTreeMap<(String, String), HttpFault>,
     pub rate_limits: Vec<RateLimitPolicy>,
+    /// EgressPolicies, by `namespace/name`.
+    pub egress: Vec<EgressPolicy>,
 }
 
 impl Traffic {
@@ -44,6 +48,13 @@ impl Traffic {
                 });
                 self.rate_limits.insert(at, p);
             }
+            Resource::EgressPolicy(p) => {
+                let at = self.egress.partition_point(|x| {
+                    (x.metadata.namespace(), &x.metadata.name)
+                        < (p.metadata.namespace(), &p.metadata.name)
+                });
+                self.egress.insert(at, p);
+            }
             other => return Some(other),
         }
         None
@@ -66,6 +77,23 @@ impl Traffic {
     ) -> Option<v1::RateLimit> {
         let p = self.rate_limits.iter().find(|p| p.selects(ns, labels))?;
         Some(palisade_api::policy::traffic::wire_rate_limit(p))
+    }
+
+    /// The egress policy of a workload: the first (by namespace/name) of its own namespace
+    /// that selects it, else the first of the root namespace that does (a mesh-wide default a
+    /// namespace can override). None: every egress destination is allowed.
+    pub fn egress_of(
+        &self,
+        ns: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> Option<v1::EgressPolicy> {
+        let root = palisade_api::policy::ROOT_NAMESPACE;
+        let in_ns = |want: &str| {
+            self.egress
+                .iter()
+                .find(|p| p.metadata.namespace() == want && p.selects(ns, labels, root))
+        };
+        in_ns(ns).or_else(|| in_ns(root)).map(EgressPolicy::to_wire)
     }
 }
 

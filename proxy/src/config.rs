@@ -135,6 +135,9 @@ pub struct ProxyConfig {
     /// The app's kubelet probes the injector pointed at the admin port
     /// ([`palisade_api::app_probe`]).
     pub app_probes: std::sync::Arc<palisade_api::app_probe::AppProbes>,
+    /// The DNS server that resolves egress names (names no mesh service matches); None: the
+    /// name servers of /etc/resolv.conf, as the app's own lookups would use.
+    pub dns_server: Option<SocketAddr>,
 }
 
 /// One endpoint of a service: the inbound port of a peer proxy and the identity it must prove.
@@ -178,6 +181,9 @@ pub struct InboundConfig {
     /// The routes of the services this workload backs: matched for the route label and for
     /// authorization, never followed (the caller's proxy routed already).
     pub routes: Arc<crate::routing::Routes>,
+    /// The EgressPolicy selecting this workload (its outbound side, despite the struct: the
+    /// workload's own settings travel together); None: every egress destination is allowed.
+    pub egress: Option<Arc<crate::egress::EgressPolicy>>,
 }
 
 impl InboundConfig {
@@ -215,6 +221,7 @@ impl Snapshot {
                 authz: Arc::new(Authorizer::allow_all()),
                 rate_limit: None,
                 routes: Arc::default(),
+                egress: None,
             },
             services: HashMap::new(),
             trust_bundle: Vec::new(),
@@ -273,6 +280,17 @@ impl Snapshot {
                 field: "inbound.routes".into(),
                 message: e.to_string(),
             })?;
+        let egress = inbound
+            .egress
+            .as_ref()
+            .map(|e| {
+                crate::egress::EgressPolicy::compile(e).map_err(|message| ConfigError::Field {
+                    field: "inbound.egress".into(),
+                    message: format!("{}: {message}", e.name),
+                })
+            })
+            .transpose()?
+            .map(Arc::new);
         let mut services = HashMap::new();
         for s in &cfg.services {
             let key = format!("{}.{}:{}", s.name, s.namespace, s.port);
@@ -353,6 +371,7 @@ impl Snapshot {
                 authz: Arc::new(authz),
                 rate_limit,
                 routes: Arc::new(inbound_routes),
+                egress,
             },
             services,
             trust_bundle: cfg.trust_bundle_der.clone(),

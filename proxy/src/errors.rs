@@ -119,6 +119,19 @@ pub enum ProxyError {
     /// (Gateway API: 500).
     #[error("the route's backend is unavailable")]
     RouteBackend,
+    /// An EgressPolicy refuses the destination outside the mesh.
+    #[error("egress denied by policy")]
+    EgressDenied,
+    /// The egress name does not exist, or has no address (NXDOMAIN or no A/AAAA record).
+    #[error("egress name not found in DNS")]
+    EgressNotFound,
+    /// The egress name could not be resolved (no name server answered, or an error).
+    #[error("DNS lookup failed: {0}")]
+    EgressDns(String),
+    /// A redirected connection names (SNI or Host) a host whose addresses do not include the
+    /// address it was sent to: the name is not where the connection goes.
+    #[error("the connection's hostname does not resolve to its destination")]
+    EgressAddressMismatch,
 }
 
 impl ProxyError {
@@ -135,6 +148,10 @@ impl ProxyError {
             ProxyError::AppReset(_) => "app_reset",
             ProxyError::NoRoute => "no_route",
             ProxyError::RouteBackend => "route_backend_unavailable",
+            ProxyError::EgressDenied => "egress_denied",
+            ProxyError::EgressNotFound => "dns_nxdomain",
+            ProxyError::EgressDns(_) => "dns_error",
+            ProxyError::EgressAddressMismatch => "egress_address_mismatch",
         }
     }
 
@@ -149,14 +166,19 @@ impl ProxyError {
             }
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
             ProxyError::RouteBackend => StatusCode::INTERNAL_SERVER_ERROR,
+            ProxyError::EgressDenied | ProxyError::EgressAddressMismatch => StatusCode::FORBIDDEN,
+            ProxyError::EgressNotFound | ProxyError::EgressDns(_) => StatusCode::BAD_GATEWAY,
         }
     }
 
-    /// The gRPC status code (`DEADLINE_EXCEEDED` 4, `UNIMPLEMENTED` 12, `INTERNAL` 13,
-    /// `UNAVAILABLE` 14).
+    /// The gRPC status code (`DEADLINE_EXCEEDED` 4, `PERMISSION_DENIED` 7, `UNIMPLEMENTED` 12,
+    /// `INTERNAL` 13, `UNAVAILABLE` 14).
     pub fn grpc_code(&self) -> u8 {
         if matches!(self, ProxyError::NoRoute) {
             return 12;
+        }
+        if self.http_status() == StatusCode::FORBIDDEN {
+            return 7;
         }
         match self.http_status() {
             StatusCode::GATEWAY_TIMEOUT => 4,

@@ -19,6 +19,7 @@ pub mod config;
 pub mod control_plane;
 pub mod detect;
 mod discovery;
+pub mod egress;
 pub mod errors;
 pub mod http;
 pub mod identity;
@@ -78,6 +79,8 @@ pub struct Ctx {
     /// and a control plane).
     pub(crate) on_demand: Option<outbound::OnDemand>,
     pub(crate) app: Option<Arc<inbound::AppClients>>,
+    /// Resolves egress names (one resolver, and so one DNS cache, per proxy).
+    pub(crate) dns: egress::dns::Dns,
     /// Clients to app ports other than `app`'s, for redirected connections (a Kubernetes pod
     /// whose app listens on several ports). Looked up once per connection.
     pub(crate) other_apps:
@@ -223,6 +226,7 @@ impl Proxy {
                 )
             }),
             app,
+            dns: egress::dns::Dns::new(cfg.dns_server),
             other_apps: Default::default(),
             stop_tx,
             stop_rx,
@@ -289,6 +293,16 @@ impl Proxy {
     /// resolution.
     pub async fn route_for(&self, dst: SocketAddr) -> outbound::Routed {
         outbound::transparent_target(&self.ctx, dst).await
+    }
+
+    /// Serves `tcp` as the transparent listener serves a connection redirected from the
+    /// original destination `dst` (within the connection limit, like any connection). A test
+    /// without iptables drives the redirected path this way, egress policy included.
+    pub async fn serve_redirected(&self, tcp: tokio::net::TcpStream, dst: SocketAddr) {
+        let Ok(_permit) = self.ctx.conn_limit.clone().try_acquire_owned() else {
+            return;
+        };
+        outbound::redirected(self.ctx.clone(), tcp, dst).await;
     }
 
     pub fn store(&self) -> &Arc<CredentialStore> {

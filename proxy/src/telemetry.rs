@@ -114,6 +114,16 @@ pub struct ResultLabels {
     pub result: &'static str,
 }
 
+/// A connection to a destination outside the mesh (egress), by the egress policy's decision
+/// and what the proxy saw of it.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EgressLabels {
+    /// `allow` or `deny`.
+    pub decision: &'static str,
+    /// `tls`, `http` or `tcp` (anything else, or not inspected).
+    pub protocol: &'static str,
+}
+
 fn latency_histogram() -> Histogram {
     Histogram::new([
         0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -149,6 +159,10 @@ pub struct Metrics {
     /// Mirrored requests by result (`sent`, `skipped`: a body too large or of unknown length).
     pub mirrors: Family<ResultLabels, Counter>,
     pub rate_limited: Family<RateLimitLabels, Counter>,
+    /// Egress connections by decision and protocol.
+    pub egress_connections: Family<EgressLabels, Counter>,
+    /// DNS lookups of egress names by result (`ok`, `nxdomain`, `error`), cache hits included.
+    pub dns_lookups: Family<ResultLabels, Counter>,
     registry: Registry,
 }
 
@@ -179,8 +193,20 @@ impl Metrics {
             faults: Family::default(),
             mirrors: Family::default(),
             rate_limited: Family::default(),
+            egress_connections: Family::default(),
+            dns_lookups: Family::default(),
             registry: Registry::default(),
         };
+        registry.register(
+            "palisade_egress_connections",
+            "Connections from the app to destinations outside the mesh (egress, no mTLS), by the egress policy's decision and protocol (tls, http, tcp)",
+            m.egress_connections.clone(),
+        );
+        registry.register(
+            "palisade_dns_lookups",
+            "DNS lookups of egress hostnames the proxy asked for, answered from the cache or a name server, by result (ok, nxdomain: no such name or no address, error)",
+            m.dns_lookups.clone(),
+        );
         registry.register(
             "palisade_faults_injected",
             "Requests an HTTPFault delayed or aborted, by fault and kind",
@@ -317,6 +343,18 @@ impl Metrics {
     pub fn proxy_error(&self, direction: Direction, reason: &'static str) {
         self.proxy_errors
             .get_or_create(&ReasonLabels { direction, reason })
+            .inc();
+    }
+
+    pub fn egress(&self, decision: &'static str, protocol: &'static str) {
+        self.egress_connections
+            .get_or_create(&EgressLabels { decision, protocol })
+            .inc();
+    }
+
+    pub fn dns_lookup(&self, result: &'static str) {
+        self.dns_lookups
+            .get_or_create(&ResultLabels { result })
             .inc();
     }
 

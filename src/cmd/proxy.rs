@@ -51,7 +51,8 @@ pub struct ProxyArgs {
     /// The app's plaintext address; omit when the workload only calls out.
     #[arg(long, env = "PALISADE_APP_ADDR", value_name = "IP:PORT")]
     pub app: Option<SocketAddr>,
-    /// Explicit outbound listeners, `SERVICE.NAMESPACE:PORT=LISTEN_ADDR` (repeat, or comma-separate in the env var).
+    /// Explicit outbound listeners, `SERVICE.NAMESPACE:PORT=LISTEN_ADDR` (repeat, or comma-separate in the env var);
+    /// `HOSTNAME:PORT=LISTEN_ADDR` for a name no mesh service matches (egress, resolved with DNS).
     #[arg(
         long = "upstream",
         env = "PALISADE_UPSTREAMS",
@@ -149,6 +150,10 @@ pub struct ProxyArgs {
           ])
               .try_map(|s| s.parse::<palisade_proxy::balance::Strategy>()))]
     pub balancer: palisade_proxy::balance::Strategy,
+    /// The DNS server that resolves egress names (names no mesh service matches), instead of
+    /// the name servers of /etc/resolv.conf.
+    #[arg(long, env = "PALISADE_DNS_SERVER", value_name = "IP:PORT")]
+    pub dns_server: Option<SocketAddr>,
     /// Worker threads of the runtime (the sidecar needs few).
     #[arg(
         long,
@@ -239,6 +244,7 @@ fn build_config(a: &ProxyArgs) -> anyhow::Result<ProxyConfig> {
         admin_shutdown: a.admin_shutdown,
         app_probes: std::sync::Arc::new(a.app_probes.clone().unwrap_or_default()),
         balancer: a.balancer,
+        dns_server: a.dns_server,
     })
 }
 

@@ -39,6 +39,7 @@ pub fn on_control_plane(
         access_log: false,
         admin_shutdown: false,
         app_probes: Default::default(),
+        dns_server: None,
         balancer: Default::default(),
     }
 }

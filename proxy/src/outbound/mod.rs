@@ -15,6 +15,10 @@
 //!   opaque: opaque.rs: Balance -> mTLS (ALPN palisade.dev/opaque) -> copy, with an idle timeout
 //! ```
 //!
+//! A destination the mesh does not know is egress (`crate::egress`): an upstream listener
+//! whose key is a DNS name no mesh service matches, or a redirected connection to an address
+//! that is no service's or pod's. It leaves without mTLS, under the workload's EgressPolicy.
+//!
 //! `endpoint.rs` holds the peer connections: pooled HTTP/2 over mTLS (one connection per peer
 //! endpoint, shared by every app connection), dedicated HTTP/1.1 mTLS connections for upgrades.
 //! The peer proxy must prove the SPIFFE ID the config expects for the endpoint; otherwise the
@@ -199,6 +203,8 @@ pub(crate) async fn serve_upstream(
     ctx: Arc<Ctx>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
+    // What the key means should it name no mesh service (read once per listener).
+    let egress = crate::egress::Dest::from_key(&service).map(Arc::new);
     while let Some((tcp, _remote)) = crate::tcp::accept(&listener, &mut stop, "outbound").await {
         let Ok(permit) = ctx.conn_limit.clone().try_acquire_owned() else {
             ctx.metrics.refuse(Direction::outbound, "connection_limit");
@@ -207,9 +213,16 @@ pub(crate) async fn serve_upstream(
         let _ = tcp.set_nodelay(true);
         let ctx = ctx.clone();
         let service = service.clone();
+        let egress = egress.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            handle_app_conn(ctx, tcp, Target::Service(service)).await;
+            let target = match egress {
+                Some(dest) if crate::egress::is_egress_key(&ctx, &service, &dest) => {
+                    Target::Egress(dest)
+                }
+                _ => Target::Service(service),
+            };
+            handle_app_conn(ctx, tcp, target).await;
         });
     }
 }
@@ -240,18 +253,23 @@ pub(crate) async fn serve_transparent(
         let ctx = ctx.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            let target = match transparent_target(&ctx, dst).await {
-                Routed::Service(s) => Target::Service(s),
-                Routed::Passthrough => Target::Passthrough(dst),
-                Routed::Refused(reason) => {
-                    tracing::debug!(%dst, reason, "refusing a redirected connection: its destination is not resolved");
-                    ctx.metrics.refuse(Direction::outbound, reason);
-                    return;
-                }
-            };
-            handle_app_conn(ctx, tcp, target).await;
+            redirected(ctx, tcp, dst).await;
         });
     }
+}
+
+/// Serves one redirected connection whose original destination was `dst`.
+pub(crate) async fn redirected(ctx: Arc<Ctx>, tcp: TcpStream, dst: SocketAddr) {
+    let target = match transparent_target(&ctx, dst).await {
+        Routed::Service(s) => Target::Service(s),
+        Routed::Passthrough => Target::Passthrough(dst),
+        Routed::Refused(reason) => {
+            tracing::debug!(%dst, reason, "refusing a redirected connection: its destination is not resolved");
+            ctx.metrics.refuse(Direction::outbound, reason);
+            return;
+        }
+    };
+    handle_app_conn(ctx, tcp, target).await;
 }
 
 /// Where a redirected connection goes.
@@ -309,7 +327,10 @@ pub fn original_dst(tcp: &TcpStream) -> std::io::Result<SocketAddr> {
 
 enum Target {
     Service(Arc<str>),
+    /// A redirected connection to no mesh destination: egress, by its original destination.
     Passthrough(SocketAddr),
+    /// An upstream listener whose key names no mesh service: egress, by DNS name.
+    Egress(Arc<crate::egress::Dest>),
 }
 
 async fn handle_app_conn(ctx: Arc<Ctx>, mut tcp: TcpStream, target: Target) {
@@ -317,16 +338,11 @@ async fn handle_app_conn(ctx: Arc<Ctx>, mut tcp: TcpStream, target: Target) {
     let service = match target {
         Target::Service(s) => s,
         Target::Passthrough(dst) => {
-            if let Ok(mut up) = crate::tcp::connect(dst, ctx.cfg.timeouts.connect).await {
-                let _ = crate::tcp::splice(
-                    &ctx.metrics,
-                    Direction::outbound,
-                    &mut tcp,
-                    &mut up,
-                    ctx.cfg.timeouts.tcp_idle,
-                )
-                .await;
-            }
+            crate::egress::transparent(ctx, tcp, dst).await;
+            return;
+        }
+        Target::Egress(dest) => {
+            crate::egress::upstream(ctx, tcp, &dest).await;
             return;
         }
     };

@@ -174,6 +174,7 @@ pub fn proxy_config(
         access_log: false,
         admin_shutdown: true,
         app_probes: Default::default(),
+        dns_server: None,
         balancer: Default::default(),
     }
 }
