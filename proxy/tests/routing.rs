@@ -50,12 +50,11 @@ async fn named_app(name: &'static str) -> (SocketAddr, Seen) {
                         let mut rsp =
                             Response::new(Full::new(Bytes::from(format!("{name} {target}"))));
                         for (k, v) in req.headers() {
-                            if k.as_str().starts_with("x-") || k == http::header::HOST {
-                                if let Ok(h) =
+                            if (k.as_str().starts_with("x-") || k == http::header::HOST)
+                                && let Ok(h) =
                                     http::HeaderName::from_bytes(format!("echo-{k}").as_bytes())
-                                {
-                                    rsp.headers_mut().append(h, v.clone());
-                                }
+                            {
+                                rsp.headers_mut().append(h, v.clone());
                             }
                         }
                         *rsp.status_mut() = match path.as_str() {
