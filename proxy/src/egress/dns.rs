@@ -43,18 +43,28 @@ pub enum DnsError {
 }
 
 /// The resolver, or why there is none (an unreadable resolv.conf must not stop a proxy whose
-/// mesh traffic needs no DNS: egress lookups fail instead, counted).
+/// mesh traffic needs no DNS: egress lookups fail instead, counted). Built on the first
+/// egress lookup: a proxy that never looks a name up carries no resolver, cache or name-server
+/// state (a sidecar's memory is most of what it costs).
 pub struct Dns {
-    resolver: Result<TokioResolver, String>,
+    server: Option<SocketAddr>,
+    resolver: std::sync::OnceLock<Result<TokioResolver, String>>,
 }
 
 impl Dns {
     pub fn new(server: Option<SocketAddr>) -> Self {
-        let resolver = build(server).map_err(|e| {
-            tracing::warn!(error = %e, "no DNS resolver: egress names will not resolve");
-            e
-        });
-        Dns { resolver }
+        Dns {
+            server,
+            resolver: std::sync::OnceLock::new(),
+        }
+    }
+
+    fn resolver(&self) -> &Result<TokioResolver, String> {
+        self.resolver.get_or_init(|| {
+            build(self.server).inspect_err(|e| {
+                tracing::warn!(error = %e, "no DNS resolver: egress names will not resolve");
+            })
+        })
     }
 
     /// The addresses of `host` (lower case, no trailing dot), IPv4 first, counted in
@@ -75,7 +85,7 @@ impl Dns {
             host: host.to_string(),
             message,
         };
-        let resolver = self.resolver.as_ref().map_err(|e| failed(e.clone()))?;
+        let resolver = self.resolver().as_ref().map_err(|e| failed(e.clone()))?;
         let mut name = Name::from_ascii(host).map_err(|e| failed(e.to_string()))?;
         name.set_fqdn(true);
         match tokio::time::timeout(LOOKUP_TIMEOUT, resolver.lookup_ip(name)).await {
