@@ -86,6 +86,9 @@ pub struct Ctx {
     pub(crate) other_apps:
         std::sync::Mutex<std::collections::HashMap<SocketAddr, Arc<inbound::AppClients>>>,
     pub(crate) conn_limit: Arc<Semaphore>,
+    /// Mirrored requests in flight (RequestMirror is fire and forget: a slow mirror backend
+    /// must not pile up tasks without bound).
+    pub(crate) mirror_permits: Arc<Semaphore>,
     pub(crate) stop_tx: watch::Sender<bool>,
     pub(crate) stop_rx: watch::Receiver<bool>,
     config_ready: AtomicBool,
@@ -212,6 +215,7 @@ impl Proxy {
         let ctx = Arc::new(Ctx {
             own_label: Label::new(cfg.identity.as_str()),
             conn_limit: Arc::new(Semaphore::new(cfg.limits.max_connections)),
+            mirror_permits: Arc::new(Semaphore::new(outbound::MAX_MIRRORS_IN_FLIGHT)),
             store,
             snapshot: ArcSwap::from_pointee(Snapshot::empty()),
             version_tx,

@@ -34,6 +34,7 @@ mod route;
 mod timeout;
 
 pub use resolve::{LOOKUP_TIMEOUT, NOT_FOUND_TTL, OnDemand, Resolved};
+pub use route::{MAX_MIRRORS_IN_FLIGHT, MIRROR_TIMEOUT};
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

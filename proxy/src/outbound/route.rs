@@ -340,8 +340,14 @@ fn backend(
         .ok_or(ProxyError::RouteBackend)
 }
 
+/// Mirrored requests in flight per proxy; past it a copy is skipped (counted).
+pub const MAX_MIRRORS_IN_FLIGHT: usize = 256;
+/// How long a mirrored request may take before it is dropped.
+pub const MIRROR_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// RequestMirror: a copy to another service, fire and forget. Only a bodiless request is
-/// copied (a body would have to be held for the copy); others are counted as skipped.
+/// copied (a body would have to be held for the copy), at most [`MAX_MIRRORS_IN_FLIGHT`] at
+/// once, each for at most [`MIRROR_TIMEOUT`]; others are counted as skipped.
 fn mirror(ctx: &Arc<Ctx>, m: &routing::Mirror, req: &Request<OutBody>) {
     if m.percent < 100 && rand::random_range(0..100) >= m.percent {
         return;
@@ -360,6 +366,10 @@ fn mirror(ctx: &Arc<Ctx>, m: &routing::Mirror, req: &Request<OutBody>) {
         skipped(ctx);
         return;
     };
+    let Ok(permit) = ctx.mirror_permits.clone().try_acquire_owned() else {
+        skipped(ctx);
+        return;
+    };
     let copy = super::http::head_copy(req);
     ctx.metrics
         .mirrors
@@ -367,13 +377,18 @@ fn mirror(ctx: &Arc<Ctx>, m: &routing::Mirror, req: &Request<OutBody>) {
         .inc();
     let ctx = ctx.clone();
     tokio::spawn(async move {
+        let _permit = permit;
         let call = Call {
             svc,
             req: copy,
             rule: None,
         };
-        if let Err(e) = super::http::forward(&ctx, call).await {
-            tracing::debug!(error = %e, direction = ?Direction::outbound, "mirrored request failed");
+        match tokio::time::timeout(MIRROR_TIMEOUT, super::http::forward(&ctx, call)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, direction = ?Direction::outbound, "mirrored request failed")
+            }
+            Err(_) => tracing::debug!("mirrored request timed out"),
         }
     });
 }
