@@ -1726,6 +1726,183 @@ async fn a_rate_limit_policy_reaches_the_pods_it_selects() {
     .await;
 }
 
+// --- EgressPolicy ---
+
+const EGRESS_REJECTED: &str =
+    "palisade_kubernetes_object_rejections_total{kind=\"EgressPolicy.palisade.dev\"}";
+
+/// The EgressPolicy a pod's proxy gets (`Inbound.egress`), if any.
+fn egress_of(m: &Model, pod: &str) -> Option<v1::EgressPolicy> {
+    m.proxy_config(pod)
+        .and_then(|c| c.inbound)
+        .and_then(|i| i.egress)
+}
+
+fn egress_rule(allow: bool, hosts: &[&str]) -> v1::EgressRule {
+    v1::EgressRule {
+        allow,
+        hosts: hosts.iter().map(|h| h.to_string()).collect(),
+    }
+}
+
+/// The `Accepted` condition of an EgressPolicy in `demo`.
+fn egress_accepted(fake: &FakeKube, name: &str) -> Option<Value> {
+    let obj = fake.get(Res::EgressPolicies, "demo", name)?;
+    obj["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == "Accepted")
+        .cloned()
+}
+
+/// An EgressPolicy reaches the inbound config (`Inbound.egress`) of the pods its selector
+/// matches, and only theirs; a bad one is refused alone, naming the field, and its fix is
+/// followed; a broken edit keeps the last good version (a DENY default must not become
+/// allow-all); the root namespace's is the default of the pods without one of their own.
+#[tokio::test]
+async fn an_egress_policy_reaches_the_pods_it_selects() {
+    let fake = FakeKube::start().await;
+    seed(&fake);
+    // docs/routing.md's example.
+    let web_spec = json!({
+        "selector": { "matchLabels": { "app": "web" } },
+        "defaultAction": "DENY",
+        "rules": [
+            { "action": "ALLOW", "hosts": ["ok.example.com"] },
+            { "action": "DENY", "hosts": ["*.example.com"] },
+            { "action": "ALLOW", "hosts": ["api.github.com", "*.googleapis.com"] }
+        ]
+    });
+    fake.apply(
+        Res::EgressPolicies,
+        policy("demo", "web-egress", web_spec.clone()),
+    );
+    // A rule without its action: refused alone (it must neither allow nor deny by accident).
+    fake.apply(
+        Res::EgressPolicies,
+        policy(
+            "demo",
+            "api-egress",
+            json!({
+                "selector": { "matchLabels": { "app": "api" } },
+                "defaultAction": "DENY",
+                "rules": [ { "hosts": ["api.github.com"] } ]
+            }),
+        ),
+    );
+    let (src, metrics) = start_source(&fake).await;
+    let m = src.current();
+    let web_egress = v1::EgressPolicy {
+        default_allow: false,
+        rules: vec![
+            egress_rule(true, &["ok.example.com"]),
+            egress_rule(false, &["*.example.com"]),
+            egress_rule(true, &["api.github.com", "*.googleapis.com"]),
+        ],
+        name: "demo/web-egress".into(),
+    };
+    assert_eq!(egress_of(&m, "web-1"), Some(web_egress.clone()));
+    assert_eq!(
+        egress_of(&m, "api-1"),
+        None,
+        "web's policy is not api's, and api's own is refused"
+    );
+    assert_eq!(metric(&metrics, EGRESS_REJECTED), Some(1.0));
+    // Everything else keeps serving.
+    assert_eq!(policies(&m), ["demo/api-from-web Allow"]);
+    wait_until("the Event about the refused EgressPolicy", || {
+        events_about(&fake, "api-egress").iter().any(|e| {
+            e["regarding"]["kind"] == "EgressPolicy"
+                && e["note"]
+                    .as_str()
+                    .is_some_and(|n| n.contains("spec.rules[0].action") && n.contains("not served"))
+        })
+    })
+    .await;
+    wait_until("Accepted conditions written", || {
+        egress_accepted(&fake, "api-egress").is_some_and(|c| c["status"] == "False")
+            && egress_accepted(&fake, "web-egress").is_some_and(|c| c["status"] == "True")
+    })
+    .await;
+    let c = egress_accepted(&fake, "api-egress").unwrap();
+    assert!(
+        c["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("spec.rules[0].action: expected ALLOW or DENY")),
+        "{c}"
+    );
+
+    // Fixed: followed within a second, on api's pod only.
+    let mut rx = src.subscribe();
+    fake.apply(
+        Res::EgressPolicies,
+        policy(
+            "demo",
+            "api-egress",
+            json!({
+                "selector": { "matchLabels": { "app": "api" } },
+                "defaultAction": "DENY",
+                "rules": [ { "action": "ALLOW", "hosts": ["api.github.com"] } ]
+            }),
+        ),
+    );
+    let api_egress = v1::EgressPolicy {
+        default_allow: false,
+        rules: vec![egress_rule(true, &["api.github.com"])],
+        name: "demo/api-egress".into(),
+    };
+    wait_model(&mut rx, PROPAGATION, "api's policy fixed", |m| {
+        egress_of(m, "api-1").as_ref() == Some(&api_egress)
+    })
+    .await;
+    assert_eq!(egress_of(&src.current(), "web-1"), Some(web_egress.clone()));
+
+    // A broken edit (an upper-case host): refused, the last good version keeps serving.
+    let mut broken = web_spec.clone();
+    broken["rules"][2]["hosts"][0] = json!("API.github.com");
+    broken["defaultAction"] = json!("ALLOW");
+    fake.apply(Res::EgressPolicies, policy("demo", "web-egress", broken));
+    wait_until("the broken edit counted", || {
+        metric(&metrics, EGRESS_REJECTED) == Some(2.0)
+    })
+    .await;
+    assert_eq!(egress_of(&src.current(), "web-1"), Some(web_egress.clone()));
+    wait_until("the Event about the broken edit", || {
+        events_about(&fake, "web-egress").iter().any(|e| {
+            e["note"].as_str().is_some_and(|n| {
+                n.contains("spec.rules[2].hosts[0]")
+                    && n.contains("lower case")
+                    && n.contains("last accepted version keeps serving")
+            })
+        })
+    })
+    .await;
+
+    // Deleted: web's pod has no policy; then a mesh-wide one in the root namespace is its
+    // default, while api keeps its own.
+    fake.delete(Res::EgressPolicies, "demo", "web-egress");
+    wait_model(&mut rx, PROPAGATION, "web's policy deleted", |m| {
+        egress_of(m, "web-1").is_none()
+    })
+    .await;
+    fake.apply(
+        Res::EgressPolicies,
+        policy(
+            "palisade-system",
+            "mesh-default",
+            json!({ "defaultAction": "DENY" }),
+        ),
+    );
+    wait_model(&mut rx, PROPAGATION, "the mesh-wide policy", |m| {
+        egress_of(m, "web-1").is_some_and(|p| p.name == "palisade-system/mesh-default")
+    })
+    .await;
+    let m = src.current();
+    let web = egress_of(&m, "web-1").unwrap();
+    assert!(!web.default_allow && web.rules.is_empty(), "{web:?}");
+    assert_eq!(egress_of(&m, "api-1"), Some(api_egress));
+}
+
 // --- A real proxy against two control-plane replicas ---
 
 /// `address workload` of each endpoint of `key` (`name.namespace:port`) in the proxy's config.

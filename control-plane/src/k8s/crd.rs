@@ -1,7 +1,8 @@
 //! The `palisade.dev/v1alpha1` custom resources and their CustomResourceDefinitions, generated
 //! from Rust types: `AuthorizationPolicy` and `PeerAuthentication` (authorization and mTLS),
-//! `HTTPFault` (fault injection, named by a route rule's `ExtensionRef` filter) and
-//! `RateLimitPolicy` (local rate limits of the selected workloads' inbound side).
+//! `HTTPFault` (fault injection, named by a route rule's `ExtensionRef` filter),
+//! `RateLimitPolicy` (local rate limits of the selected workloads' inbound side) and
+//! `EgressPolicy` (which hostnames outside the mesh the selected workloads may reach).
 //!
 //! For the two policy kinds, the spec is the api crate's policy spec type
 //! ([`palisade_api::policy::AuthorizationPolicySpec`], [`palisade_api::policy::PeerAuthenticationSpec`]),
@@ -10,13 +11,14 @@
 //! exactly the inner type's, and so is its schema: the patterns and rules of
 //! `palisade_api::policy::schema`, next to the parser they mirror.
 //!
-//! `HTTPFault` and `RateLimitPolicy` are parsed by hand in the api crate
-//! (`palisade_api::policy::traffic`), with no serde type to derive a schema from: their spec
-//! types are written here, field for field what that parser reads, with the same bounds
-//! (percentages 0–100, HTTP statuses 200–599, gRPC codes 1–16, 1–1000000 requests per second,
-//! principals that can match a caller) and CEL rules for what needs two fields (a fault needs
-//! a delay or an abort, an abort an HTTP or gRPC status, a rate limit some limit). The unit
-//! tests below check the documented examples pass and the parser's refusals are the schema's.
+//! `HTTPFault`, `RateLimitPolicy` and `EgressPolicy` are parsed by hand in the api crate
+//! (`palisade_api::policy::traffic`, `palisade_api::policy::egress`), with no serde type to
+//! derive a schema from: their spec types are written here, field for field what that parser
+//! reads, with the same bounds (percentages 0–100, HTTP statuses 200–599, gRPC codes 1–16,
+//! 1–1000000 requests per second, principals that can match a caller, egress host patterns)
+//! and CEL rules for what needs two fields (a fault needs a delay or an abort, an abort an
+//! HTTP or gRPC status, a rate limit some limit). The unit tests below check the documented
+//! examples pass and the parser's refusals are the schema's.
 //!
 //! What the schema cannot say is still refused when the control plane parses the object with
 //! the file parser (`palisade_api::policy`); docs/kubernetes.md lists which checks live where.
@@ -30,6 +32,7 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::CustomResource;
 use kube::core::crd::v1::CustomResourceExt;
 use palisade_api::policy;
+use palisade_api::policy::egress;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -261,6 +264,96 @@ fn rate_limit_spec(schema: &mut schemars::Schema) {
     );
 }
 
+// The spec of a `palisade.dev/v1alpha1` EgressPolicy, field for field what
+// `palisade_api::policy::egress::parse` reads.
+/// Which destinations outside the mesh (names no mesh service matches, resolved with DNS) the
+/// selected workloads' apps may reach, by hostname: the first rule with a matching host
+/// decides, else `defaultAction`.
+#[derive(
+    CustomResource, Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema,
+)]
+#[kube(
+    group = "palisade.dev",
+    version = "v1alpha1",
+    kind = "EgressPolicy",
+    plural = "egresspolicies",
+    namespaced,
+    status = "PolicyStatus",
+    derive = "PartialEq",
+    category = "palisade",
+    printcolumn = r#"{"name": "Default", "type": "string", "jsonPath": ".spec.defaultAction"}"#,
+    printcolumn = r#"{"name": "Accepted", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Accepted\")].status"}"#,
+    printcolumn = r#"{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}"#,
+    doc = "Which hostnames outside the mesh the selected workloads may reach (egress, by DNS name)."
+)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EgressPolicySpec {
+    /// Absent: every workload of the namespace (in `palisade-system`: of the mesh). A
+    /// workload gets the first policy (by name) of its own namespace that selects it, else the
+    /// first of `palisade-system`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<policy::WorkloadSelector>,
+    /// What a hostname no rule matches gets, and a connection that names no hostname: ALLOW
+    /// (the default) or DENY.
+    #[serde(default)]
+    pub default_action: EgressAction,
+    /// In order: the first rule with a matching host decides.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rules: Vec<EgressRule>,
+}
+
+/// Allow or deny the connection.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum EgressAction {
+    #[default]
+    Allow,
+    Deny,
+}
+
+/// What connections to some hostnames get.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EgressRule {
+    /// Required: a rule that forgot it must not silently allow (or deny).
+    pub action: EgressAction,
+    /// Exact lower-case DNS names without the trailing dot (`api.github.com`), `*.suffix`
+    /// (any name under `suffix`, not `suffix` itself) or `*` (any name); no IP addresses.
+    #[schemars(
+        length(min = 1),
+        inner(regex(pattern = EGRESS_HOST), length(max = MAX_EGRESS_HOST_PATTERN_LEN)),
+        transform = egress_hosts
+    )]
+    pub hosts: Vec<String>,
+}
+
+/// An egress host pattern's shape, as `palisade_api::policy::egress::host_pattern_problem`
+/// reads it: `*`, or a name of labels of 1–63 of `a-z 0-9 - _` (no `-` first or last), joined
+/// by dots, optionally after `*.`. The rest of that function's rules are in `egress_hosts`.
+pub const EGRESS_HOST: &str = r"^(?:\*|(?:\*\.)?[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?(?:\.[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?)*)$";
+
+/// `*.` and the longest name.
+const MAX_EGRESS_HOST_PATTERN_LEN: usize = egress::MAX_HOST_LEN + 2;
+
+/// What [`EGRESS_HOST`] cannot say alone (a schema has one `pattern`): the last label is not
+/// all digits (which also keeps IPv4 addresses out; IPv6 ones have a `:`), and a name without
+/// `*.` is at most [`egress::MAX_HOST_LEN`] long.
+fn egress_hosts(schema: &mut schemars::Schema) {
+    if let Some(Value::Object(item)) = schema.get_mut("items") {
+        item.insert(
+            "allOf".into(),
+            serde_json::json!([{ "pattern": r"[^.0-9][^.]*$" }]),
+        );
+        item.insert(
+            "anyOf".into(),
+            serde_json::json!([
+                { "pattern": r"^\*\." },
+                { "maxLength": egress::MAX_HOST_LEN },
+            ]),
+        );
+    }
+}
+
 // The status subresource of every kind. Only the control plane writes it (`patch` on
 // `<plural>/status`, in its ClusterRole); a user's `kubectl apply` of the object cannot set it.
 // The doc comments below are what `kubectl explain` shows.
@@ -346,6 +439,7 @@ pub fn crds() -> Vec<CustomResourceDefinition> {
         finish(PeerAuthentication::crd()),
         finish(HttpFault::crd()),
         finish(RateLimitPolicy::crd()),
+        finish(EgressPolicy::crd()),
     ]
 }
 
@@ -395,9 +489,10 @@ fn strip_nullable(v: &mut Value) {
     }
 }
 
-/// The schemas of the two traffic kinds against the parser that reads them, with the same
-/// independent validators as `tests/crd_schema.rs` (the `jsonschema` crate for the OpenAPI
-/// part with the API server's strict field validation, kube's CEL evaluator for the rules).
+/// The schemas of the hand-parsed kinds (traffic, egress) against the parser that reads them,
+/// with the same independent validators as `tests/crd_schema.rs` (the `jsonschema` crate for
+/// the OpenAPI part with the API server's strict field validation, kube's CEL evaluator for
+/// the rules).
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -484,6 +579,20 @@ mod tests {
             (
                 "RateLimitPolicy",
                 "{overrides: [{requestsPerSecond: 1000000, principals: ['*']}]}",
+            ),
+            // docs/routing.md's example.
+            (
+                "EgressPolicy",
+                "{selector: {matchLabels: {app: web}}, defaultAction: DENY, rules: [\
+                 {action: ALLOW, hosts: [ok.example.com]}, \
+                 {action: DENY, hosts: ['*.example.com']}, \
+                 {action: ALLOW, hosts: [api.github.com, '*.googleapis.com']}]}",
+            ),
+            ("EgressPolicy", "{}"),
+            ("EgressPolicy", "{defaultAction: ALLOW, rules: []}"),
+            (
+                "EgressPolicy",
+                "{rules: [{action: DENY, hosts: ['*']}, {action: ALLOW, hosts: [localhost]}]}",
             ),
         ];
         for (kind, spec) in cases {
@@ -611,6 +720,49 @@ mod tests {
                 "a principal that matches no caller",
                 "{overrides: [{requestsPerSecond: 5, principals: ['not a principal']}]}",
             ),
+            ("EgressPolicy", "lower-case action", "{defaultAction: deny}"),
+            ("EgressPolicy", "unknown action", "{defaultAction: AUDIT}"),
+            (
+                "EgressPolicy",
+                "a rule without its action",
+                "{rules: [{hosts: [a.example.com]}]}",
+            ),
+            (
+                "EgressPolicy",
+                "a rule without hosts",
+                "{rules: [{action: ALLOW}]}",
+            ),
+            (
+                "EgressPolicy",
+                "a rule for no host",
+                "{rules: [{action: ALLOW, hosts: []}]}",
+            ),
+            (
+                "EgressPolicy",
+                "hosts not a list",
+                "{rules: [{action: ALLOW, hosts: a.example.com}]}",
+            ),
+            (
+                "EgressPolicy",
+                "a host as a number",
+                "{rules: [{action: ALLOW, hosts: [7]}]}",
+            ),
+            (
+                "EgressPolicy",
+                "an upper-case host",
+                "{rules: [{action: ALLOW, hosts: [API.github.com]}]}",
+            ),
+            (
+                "EgressPolicy",
+                "unknown rule field",
+                "{rules: [{action: ALLOW, hosts: [a.test], ports: [443]}]}",
+            ),
+            ("EgressPolicy", "unknown spec field", "{egress: []}"),
+            (
+                "EgressPolicy",
+                "unknown selector field",
+                "{selector: {labels: {app: web}}}",
+            ),
         ];
         for (kind, what, spec) in cases {
             let spec = yaml(spec);
@@ -629,5 +781,107 @@ mod tests {
         let long = yaml("{delay: {fixedDelay: 61s}}");
         assert!(!parser_errors("HTTPFault", &long).is_empty());
         assert!(schema_errors("HTTPFault", &long).is_empty());
+    }
+
+    /// Each host pattern, good or bad, is refused by the schema exactly when the parser
+    /// refuses it: nothing the parser takes is kept out of the cluster, nothing it refuses
+    /// gets in.
+    #[test]
+    fn every_egress_host_agrees_with_the_parser() {
+        let long_label = "a".repeat(63);
+        let too_long_label = "a".repeat(64);
+        // 253 and 254 characters: the longest name, and one more.
+        let longest = format!(
+            "{}.{}.{}.{}",
+            long_label,
+            long_label,
+            long_label,
+            "a".repeat(61)
+        );
+        let too_long = format!("{longest}a");
+        assert_eq!((longest.len(), too_long.len()), (253, 254));
+        let hosts: Vec<String> = [
+            "*",
+            "api.github.com",
+            "*.example.com",
+            "*.com",
+            "localhost",
+            "a",
+            "_",
+            "_dmarc.example.com",
+            "a-b.c_d.example",
+            "xn--bcher-kva.example",
+            "1a.2b",
+            "0x1.com",
+            "a.1b",
+            "123.example.com",
+            "",
+            "API.github.com",
+            "Example",
+            "example.com.",
+            "*.example.com.",
+            ".",
+            "10.0.0.1",
+            "01.02.03.04",
+            "1.2.3.4.5",
+            "host.123",
+            "*.123",
+            "123",
+            "::1",
+            "2001:db8::1",
+            "[::1]",
+            "*example.com",
+            "api.*.com",
+            "*.*.com",
+            "*.*",
+            "**",
+            "*.",
+            "a..b",
+            ".a.b",
+            "-a.b",
+            "a-.b",
+            "a.b-",
+            "a b.c",
+            "a/b",
+            "a:443",
+            "é.example",
+            "bücher.example",
+        ]
+        .into_iter()
+        .map(String::from)
+        .chain([
+            format!("{long_label}.test"),
+            format!("{too_long_label}.test"),
+            format!("*.{long_label}"),
+            format!("*.{too_long_label}"),
+            longest.clone(),
+            too_long.clone(),
+            format!("*.{longest}"),
+            format!("*.{too_long}"),
+        ])
+        .collect();
+        let mut refused = 0;
+        for host in &hosts {
+            let spec = json!({ "rules": [ { "action": "ALLOW", "hosts": ["ok.test", host] } ] });
+            let by_parser = parser_errors("EgressPolicy", &spec);
+            let by_schema = schema_errors("EgressPolicy", &spec);
+            assert_eq!(
+                by_parser.is_empty(),
+                by_schema.is_empty(),
+                "{host:?} ({} chars): parser {by_parser:?}, schema {by_schema:?}",
+                host.len()
+            );
+            assert_eq!(
+                by_parser.is_empty(),
+                egress::host_pattern_problem(host).is_none(),
+                "{host:?}"
+            );
+            refused += usize::from(!by_parser.is_empty());
+        }
+        assert!(
+            refused > 25 && hosts.len() - refused > 15,
+            "{refused} of {} refused",
+            hosts.len()
+        );
     }
 }

@@ -193,8 +193,8 @@ const READ: &[&str] = &["get", "list", "watch"];
 /// The cluster-wide rights of the control plane, each for something it does; nothing else:
 ///
 /// - read what the model is built from: pods, services, EndpointSlices, the `palisade.dev`
-///   kinds (policies, HTTPFaults, RateLimitPolicies), Istio's policies when their CRDs are
-///   installed, Gateway API routes;
+///   kinds (policies, HTTPFaults, RateLimitPolicies, EgressPolicies), Istio's policies when
+///   their CRDs are installed, Gateway API routes;
 /// - read namespaces: the injector decides on a namespace's `palisade.dev/inject` label, from a
 ///   watch of all namespaces (and the trust bundle copies below follow namespaces);
 /// - `create` TokenReviews: a proxy's ServiceAccount token is its proof of identity;
@@ -224,6 +224,7 @@ pub fn cluster_role() -> ClusterRole {
                     "peerauthentications",
                     "httpfaults",
                     "ratelimitpolicies",
+                    "egresspolicies",
                 ],
                 READ,
             ),
@@ -234,6 +235,7 @@ pub fn cluster_role() -> ClusterRole {
                     "peerauthentications/status",
                     "httpfaults/status",
                     "ratelimitpolicies/status",
+                    "egresspolicies/status",
                 ],
                 &["patch"],
             ),
@@ -862,10 +864,12 @@ mod tests {
             format!("palisade.dev/peerauthentications: {read}"),
             format!("palisade.dev/httpfaults: {read}"),
             format!("palisade.dev/ratelimitpolicies: {read}"),
+            format!("palisade.dev/egresspolicies: {read}"),
             "palisade.dev/authorizationpolicies/status: patch".to_string(),
             "palisade.dev/peerauthentications/status: patch".to_string(),
             "palisade.dev/httpfaults/status: patch".to_string(),
             "palisade.dev/ratelimitpolicies/status: patch".to_string(),
+            "palisade.dev/egresspolicies/status: patch".to_string(),
             format!("security.istio.io/authorizationpolicies: {read}"),
             format!("security.istio.io/peerauthentications: {read}"),
             format!("gateway.networking.k8s.io/httproutes: {read}"),

@@ -16,11 +16,11 @@
 //!   inbound port (`<podIP>:4143`), with the slice's port (the resolved targetPort) as
 //!   `target_port`; the ClusterIPs are the service's virtual IPs; the protocol comes from
 //!   `appProtocol` or the port name's prefix (Istio's convention).
-//! - **AuthorizationPolicy**, **PeerAuthentication**, **HTTPFault** and **RateLimitPolicy**,
-//!   `palisade.dev/v1alpha1` (Palisade's own CRDs, always installed with it), and the
-//!   `security.istio.io/v1` AuthorizationPolicy and PeerAuthentication when their CRDs exist
-//!   (asked of the API's discovery at start and every minute until found; absent, they are
-//!   skipped quietly).
+//! - **AuthorizationPolicy**, **PeerAuthentication**, **HTTPFault**, **RateLimitPolicy** and
+//!   **EgressPolicy**, `palisade.dev/v1alpha1` (Palisade's own CRDs, always installed with it),
+//!   and the `security.istio.io/v1` AuthorizationPolicy and PeerAuthentication when their CRDs
+//!   exist (asked of the API's discovery at start and every minute until found; absent, they
+//!   are skipped quietly).
 //! - **HTTPRoute** and **GRPCRoute**, `gateway.networking.k8s.io/v1`, when their CRDs exist
 //!   (found like Istio's). Only mesh routes, those with a Service parent
 //!   ([`super::routes::is_mesh_route`]), are ours, and only for their Service parents; routes
@@ -32,8 +32,9 @@
 //! ([`Model::from_parts`]): policies select workloads, routes attach to their parent Service's
 //! config (with the `HTTPFault` an `ExtensionRef` filter names resolved; a missing one makes
 //! its rule answer 500, as Gateway API says of a filter that cannot be applied), rate limits
-//! go to the inbound config of the workloads they select. A refused object is rejected alone:
-//! logged once per version, counted (`palisade_kubernetes_object_rejections_total{kind}`, and
+//! and egress policies go to the inbound config of the workloads they select (`rate_limit`,
+//! `egress`). A refused object is rejected alone: logged once per version, counted
+//! (`palisade_kubernetes_object_rejections_total{kind}`, and
 //! `palisade_kubernetes_rejected_objects{kind}` while it stays refused), reported as a
 //! Kubernetes `Warning` Event on the object (and the `Accepted` condition on `palisade.dev`
 //! kinds, [`super::status`]), and its last accepted version (if this control plane saw one)
@@ -166,8 +167,8 @@ fn last_errors_text(errors: &[(String, String)]) -> String {
     format!(" ({})", parts.join("; "))
 }
 
-/// A resource type the source reads (policies, routes, faults, rate limits), as a dynamic API
-/// resource.
+/// A resource type the source reads (policies, routes, faults, rate limits, egress policies),
+/// as a dynamic API resource.
 #[derive(Clone, Debug)]
 pub struct PolicyKind {
     pub api: ApiResource,
@@ -210,7 +211,7 @@ impl PolicyKind {
 
     /// Palisade's own kinds (`palisade.dev/v1alpha1`), whose CRDs `palisade install` prints:
     /// the source does not start without them.
-    pub fn palisade() -> [PolicyKind; 4] {
+    pub fn palisade() -> [PolicyKind; 5] {
         let [authz, peer] = Self::pair(PALISADE_GROUP, PALISADE_VERSION);
         [
             authz,
@@ -221,6 +222,12 @@ impl PolicyKind {
                 PALISADE_VERSION,
                 "RateLimitPolicy",
                 "ratelimitpolicies",
+            ),
+            PolicyKind::new(
+                PALISADE_GROUP,
+                PALISADE_VERSION,
+                "EgressPolicy",
+                "egresspolicies",
             ),
         ]
     }
@@ -563,8 +570,8 @@ impl Builder {
     }
 
     /// The accepted objects of every kind the source reads (policies, mesh routes, faults,
-    /// rate limits), each parsed alone: a bad one is refused alone and its last accepted
-    /// version, if any, stands in for it.
+    /// rate limits, egress policies), each parsed alone: a bad one is refused alone and its
+    /// last accepted version, if any, stands in for it.
     fn resources(&mut self) -> Vec<Policy> {
         let stores: Vec<PolicyStore> = lock(&self.policies).clone();
         let mut seen: HashSet<ObjKey> = HashSet::new();
@@ -684,8 +691,8 @@ fn spec_version(obj: &DynamicObject) -> String {
     }
 }
 
-/// Parses one object (a policy, a mesh route, a fault, a rate limit) with the policy files'
-/// parser: the same checks and the same errors, naming the field.
+/// Parses one object (a policy, a mesh route, a fault, a rate limit, an egress policy) with
+/// the policy files' parser: the same checks and the same errors, naming the field.
 fn parse_resource(
     td: &TrustDomain,
     kind: &PolicyKind,
@@ -1157,6 +1164,7 @@ impl KubernetesSource {
             routes = model.traffic.routes.len(),
             http_faults = model.traffic.faults.len(),
             rate_limit_policies = model.traffic.rate_limits.len(),
+            egress_policies = model.traffic.egress.len(),
             "Kubernetes source synced"
         );
         let (tx, rx) = watch::channel(model);
@@ -1189,6 +1197,7 @@ async fn run(
             routes = model.traffic.routes.len(),
             http_faults = model.traffic.faults.len(),
             rate_limit_policies = model.traffic.rate_limits.len(),
+            egress_policies = model.traffic.egress.len(),
             "config change applied"
         );
         shared

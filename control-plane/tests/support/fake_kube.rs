@@ -42,6 +42,7 @@ pub enum Res {
     PeerAuthentications,
     HttpFaults,
     RateLimitPolicies,
+    EgressPolicies,
     IstioAuthorizationPolicies,
     IstioPeerAuthentications,
     HttpRoutes,
@@ -50,7 +51,7 @@ pub enum Res {
     ConfigMaps,
 }
 
-pub const ALL: [Res; 13] = [
+pub const ALL: [Res; 14] = [
     Res::Pods,
     Res::Services,
     Res::EndpointSlices,
@@ -58,6 +59,7 @@ pub const ALL: [Res; 13] = [
     Res::PeerAuthentications,
     Res::HttpFaults,
     Res::RateLimitPolicies,
+    Res::EgressPolicies,
     Res::IstioAuthorizationPolicies,
     Res::IstioPeerAuthentications,
     Res::HttpRoutes,
@@ -96,6 +98,11 @@ impl Res {
                 "/apis/palisade.dev/v1alpha1/ratelimitpolicies",
                 "palisade.dev/v1alpha1",
                 "RateLimitPolicy",
+            ),
+            Res::EgressPolicies => (
+                "/apis/palisade.dev/v1alpha1/egresspolicies",
+                "palisade.dev/v1alpha1",
+                "EgressPolicy",
             ),
             Res::IstioAuthorizationPolicies => (
                 "/apis/security.istio.io/v1/authorizationpolicies",
