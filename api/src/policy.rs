@@ -1094,10 +1094,41 @@ fn parse_value(c: &mut Ctx<'_>, doc: &Value) -> Option<Resource> {
         serde_json::from_value(doc.clone()).map(Resource::PeerAuthentication)
     };
     match r {
+        Ok(Resource::AuthorizationPolicy(p)) => {
+            route_operations_fail_closed(c, &p);
+            (c.errors.len() == before).then_some(Resource::AuthorizationPolicy(p))
+        }
         Ok(r) => Some(r),
         Err(e) => {
             c.err("spec", e.to_string());
             None
+        }
+    }
+}
+
+/// `to.operation.routes` may only widen what an ALLOW policy allows. The route is what the
+/// receiving proxy matched, and a caller can always make a request match no route (a rewrite
+/// at its own proxy, another Host, a path no rule takes): a DENY by route, or a `notRoutes`,
+/// would then let the request through. So both are refused, and an ALLOW by route fails
+/// closed: no route matched, nothing allowed.
+fn route_operations_fail_closed(c: &mut Ctx<'_>, p: &AuthorizationPolicy) {
+    for (i, rule) in p.spec.rules.iter().flatten().enumerate() {
+        for (j, to) in rule.to.iter().enumerate() {
+            let at = format!("spec.rules[{i}].to[{j}].operation");
+            if !to.operation.not_routes.is_empty() {
+                c.err(
+                    &format!("{at}.notRoutes"),
+                    "not supported: a caller can make a request match no route, so it would \
+                     fail open; allow the routes you mean with `routes` in an ALLOW policy",
+                );
+            }
+            if !to.operation.routes.is_empty() && p.spec.action == Action::Deny {
+                c.err(
+                    &format!("{at}.routes"),
+                    "only in ALLOW policies: a caller can make a request match no route, so a \
+                     DENY by route would fail open (deny by path, method or host instead)",
+                );
+            }
         }
     }
 }
@@ -1301,7 +1332,12 @@ pub fn load_path(path: &Path) -> Result<Vec<Loaded>, Vec<PolicyError>> {
             Ok(resources) => {
                 for (index, resource) in resources.into_iter().enumerate() {
                     let m = resource.metadata();
-                    let key = (resource.kind(), m.namespace().to_string(), m.name.clone());
+                    // An HTTPRoute and a GRPCRoute of one name would share their route label.
+                    let kind = match resource {
+                        Resource::Route(_) => "HTTPRoute or GRPCRoute",
+                        _ => resource.kind(),
+                    };
+                    let key = (kind, m.namespace().to_string(), m.name.clone());
                     if let Some((f, i)) = seen.get(&key) {
                         errors.push(PolicyError {
                             file: file.clone(),

@@ -334,7 +334,7 @@ impl Pieces {
             for r in &self.services[s].msg.routes {
                 if !out
                     .iter()
-                    .any(|o| o.namespace == r.namespace && o.name == r.name)
+                    .any(|o| o.namespace == r.namespace && o.name == r.name && o.grpc == r.grpc)
                 {
                     out.push(r.clone());
                 }

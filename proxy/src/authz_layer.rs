@@ -207,7 +207,7 @@ where
                 .routes
                 .select(&crate::routing::request_host(&req), &req)
             {
-                crate::routing::Matched::Rule(r) => Some(r.label.clone()),
+                crate::routing::Matched::Rule(r, _) => Some(r.label.clone()),
                 _ => None,
             }
         };

@@ -342,10 +342,16 @@ impl Snapshot {
                 .map(palisade_api::call::RetryPolicy::from_proto)
                 .transpose()
                 .map_err(|e| call_err("retry", e))?;
+            let defaults = crate::routing::Defaults {
+                request_timeout: timeout,
+                retry: retry.clone(),
+            };
             let routes =
-                crate::routing::Routes::compile(&s.routes).map_err(|e| ConfigError::Field {
-                    field: format!("services[{key}].routes"),
-                    message: e.to_string(),
+                crate::routing::Routes::compile_with(&s.routes, &defaults).map_err(|e| {
+                    ConfigError::Field {
+                        field: format!("services[{key}].routes"),
+                        message: e.to_string(),
+                    }
                 })?;
             services.insert(
                 key.clone(),

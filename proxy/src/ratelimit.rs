@@ -237,6 +237,9 @@ pub struct RateLimitLayer {
     ctx: Arc<crate::Ctx>,
     peer: Option<Arc<str>>,
     peer_label: Label,
+    /// The caller's limits under the limiter in force when they were found, shared by the
+    /// connection's service clones (hyper clones the service per request).
+    cached: Arc<arc_swap::ArcSwapOption<CallerLimit>>,
 }
 
 impl RateLimitLayer {
@@ -245,6 +248,7 @@ impl RateLimitLayer {
             ctx,
             peer: peer.map(Arc::from),
             peer_label,
+            cached: Arc::default(),
         }
     }
 }
@@ -255,7 +259,6 @@ impl<S> tower::Layer<S> for RateLimitLayer {
         RateLimit {
             inner,
             layer: self.clone(),
-            cached: None,
         }
     }
 }
@@ -264,8 +267,6 @@ impl<S> tower::Layer<S> for RateLimitLayer {
 pub struct RateLimit<S> {
     inner: S,
     layer: RateLimitLayer,
-    /// The caller's limits under the limiter in force when they were found.
-    cached: Option<CallerLimit>,
 }
 
 /// The 429 (or gRPC `RESOURCE_EXHAUSTED`) answer, with `Retry-After` in whole seconds.
@@ -310,11 +311,12 @@ where
         let Some(limiter) = &snap.inbound.rate_limit else {
             return Either::Right(self.inner.call(req));
         };
-        let caller = match &self.cached {
+        let cached = self.layer.cached.load();
+        let caller = match cached.as_deref() {
             Some(c) if Arc::ptr_eq(c.limiter(), limiter) => c.clone(),
             _ => {
                 let c = limiter.for_caller(self.layer.peer.as_deref());
-                self.cached = Some(c.clone());
+                self.layer.cached.store(Some(Arc::new(c.clone())));
                 c
             }
         };

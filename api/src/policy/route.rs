@@ -234,12 +234,24 @@ pub fn check_regex(re: &str) -> Result<(), String> {
             re.len()
         ));
     }
-    regex::RegexBuilder::new(re)
-        .size_limit(REGEX_SIZE_LIMIT)
-        .build()
+    // Exactly what the proxy compiles (anchored: Gateway API matches the whole value), so a
+    // pattern that compiles alone but not anchored (`(?x)a#`, whose comment swallows the
+    // anchor) is refused here, not by every proxy.
+    anchored(re)
         .map(|_| ())
         .map_err(|e| format!("not a valid regular expression: {e}"))
 }
+
+/// The compiled form of a match's regular expression, as the proxy uses it.
+pub fn anchored(re: &str) -> Result<regex::Regex, regex::Error> {
+    regex::RegexBuilder::new(&format!("^(?:{re})$"))
+        .size_limit(REGEX_SIZE_LIMIT)
+        .dfa_size_limit(REGEX_SIZE_LIMIT)
+        .build()
+}
+
+/// The most regular expressions one route may hold: each is compiled in every caller's proxy.
+pub const MAX_REGEXES_PER_ROUTE: usize = 32;
 
 fn string(c: &mut Ctx<'_>, m: &Map<String, Value>, key: &str, path: &str) -> Option<String> {
     match m.get(key) {
@@ -456,6 +468,45 @@ pub(super) fn parse(
             rules.push(rule);
         }
     }
+    // Rule names are the `rule` part of the route label, which authorization can name: two
+    // rules must never share one (an unnamed rule is named by its index).
+    let mut names = std::collections::BTreeMap::new();
+    for (i, r) in rules.iter().enumerate() {
+        if let Some(other) = names.insert(r.name.clone(), i) {
+            c.err(
+                &format!("spec.rules[{i}].name"),
+                format!(
+                    "{:?} already names rule {other} (an unnamed rule is named by its index)",
+                    r.name
+                ),
+            );
+        }
+    }
+    let regexes: usize = rules
+        .iter()
+        .flat_map(|r| &r.matches)
+        .map(|m| {
+            usize::from(matches!(m.path, Some(PathMatch::Regex(_))))
+                + m.headers.iter().filter(|h| h.regex).count()
+                + m.query_params.iter().filter(|q| q.regex).count()
+                + m.grpc.as_ref().map_or(0, |g| {
+                    if g.regex {
+                        usize::from(g.service.is_some()) + usize::from(g.method.is_some())
+                    } else {
+                        0
+                    }
+                })
+        })
+        .sum();
+    if regexes > MAX_REGEXES_PER_ROUTE {
+        c.err(
+            "spec.rules",
+            format!(
+                "{regexes} regular expressions; a route may hold at most {MAX_REGEXES_PER_ROUTE} \
+                 (each is compiled in every caller's proxy)"
+            ),
+        );
+    }
     if rules_v.is_empty() && c.errors.len() == before {
         // Gateway API's default is one rule sending everything to the parent.
         rules.push(RouteRule {
@@ -535,7 +586,26 @@ fn parse_rule(
         )
         .collect();
     let r = object(c, r, f, &allowed)?;
-    let name = string(c, r, "name", f).unwrap_or_else(|| index.to_string());
+    let name = match string(c, r, "name", f) {
+        Some(n) => {
+            // Gateway API's SectionName: a DNS label-like name (no `/`, which separates the
+            // parts of a route label).
+            let ok = !n.is_empty()
+                && n.len() <= 253
+                && n.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !n.starts_with('-')
+                && !n.ends_with('-');
+            if !ok {
+                c.err(
+                    &join(f, "name"),
+                    format!("{n:?} is not a rule name (lower-case letters, digits and '-')"),
+                );
+            }
+            n
+        }
+        None => index.to_string(),
+    };
     let mut rule = RouteRule {
         name,
         ..Default::default()
@@ -554,6 +624,36 @@ fn parse_rule(
         }
     }
     rule.filters = parse_filters(c, kind, ns, &join(f, "filters"), r.get("filters"));
+    // Gateway API: ReplacePrefixMatch only with PathPrefix matches (a match without a path is
+    // the prefix `/`), so the prefix it replaces is the one that matched.
+    let replaces_prefix = rule.filters.iter().any(|f| match f {
+        Filter::Rewrite(Rewrite { path, .. }) | Filter::Redirect(Redirect { path, .. }) => {
+            matches!(path, Some(PathModifier::ReplacePrefixMatch(_)))
+        }
+        _ => false,
+    });
+    if replaces_prefix {
+        for (j, m) in rule.matches.iter().enumerate() {
+            if matches!(m.path, Some(PathMatch::Exact(_) | PathMatch::Regex(_))) {
+                c.err(
+                    &format!("{f}.matches[{j}].path.type"),
+                    "a rule with ReplacePrefixMatch takes PathPrefix matches only (Gateway API)",
+                );
+            }
+        }
+    }
+    if rule
+        .filters
+        .iter()
+        .filter(|f| matches!(f, Filter::Fault(_)))
+        .count()
+        > 1
+    {
+        c.err(
+            &join(f, "filters"),
+            "at most one HTTPFault ExtensionRef per rule",
+        );
+    }
     for (j, b) in list(
         c,
         r.get("backendRefs").unwrap_or(&Value::Null),
@@ -636,6 +736,12 @@ fn parse_rule(
                 0..=u64::from(crate::call::MAX_ATTEMPTS - 1),
             )
             .unwrap_or(1) as u32;
+            if retries == 0 {
+                c.err(
+                    &format!("{rf}.attempts"),
+                    "0 is not supported (leave out `retry` for the service's own policy)",
+                );
+            }
             let backoff = string(c, rt, "backoff", &rf);
             let backoff = match backoff.as_deref().map(parse_gateway_duration) {
                 None => Duration::from_millis(25),
@@ -678,6 +784,19 @@ fn backend_ref(c: &mut Ctx<'_>, ns: &str, f: &str, b: &Map<String, Value>) -> Op
     }
     let name = required(c, b, "name", f);
     let bns = string(c, b, "namespace", f).unwrap_or_else(|| ns.to_string());
+    if bns != ns {
+        // Gateway API needs a ReferenceGrant from the other namespace for this, which Palisade
+        // does not read: without it a route's owner could send (rewritten) requests of every
+        // caller to another namespace's service, under the callers' identities.
+        c.err(
+            &join(f, "namespace"),
+            format!(
+                "a backend in namespace {bns:?} for a route in {ns:?} is not supported (no \
+                 ReferenceGrant support): backends must be in the route's namespace"
+            ),
+        );
+        return None;
+    }
     let port = int(c, b, "port", f, 1..=65535).map(|p| p as u16);
     if port.is_none() && !b.contains_key("port") {
         c.err(
@@ -1121,6 +1240,80 @@ mod tests {
             assert!(errs.iter().any(|e| e == f), "{f} not in {errs:?}");
         }
         assert_eq!(route("  rules: []\n").unwrap_err(), ["spec.parentRefs"]);
+    }
+
+    #[test]
+    fn what_would_fail_open_or_break_proxies_is_refused() {
+        let rule = |r: &str| route(&format!("{PARENT}  rules:\n{r}"));
+        let field = |r: &str| rule(r).unwrap_err();
+        // A backend or a mirror in another namespace (no ReferenceGrant).
+        assert_eq!(
+            field("    - backendRefs: [ { name: ledger, namespace: prod, port: 80 } ]\n"),
+            ["spec.rules[0].backendRefs[0].namespace"]
+        );
+        assert_eq!(
+            field(
+                "    - filters: [ { type: RequestMirror, requestMirror: { backendRef: { name: l, namespace: prod, port: 80 } } } ]\n"
+            ),
+            ["spec.rules[0].filters[0].requestMirror.backendRef.namespace"]
+        );
+        // ReplacePrefixMatch with an Exact match; a rule without matches is the prefix `/`.
+        assert_eq!(
+            field(
+                "    - matches: [ { path: { type: Exact, value: /a } } ]\n      filters: [ { type: URLRewrite, urlRewrite: { path: { type: ReplacePrefixMatch, replacePrefixMatch: /b } } } ]\n"
+            ),
+            ["spec.rules[0].matches[0].path.type"]
+        );
+        assert!(rule("    - filters: [ { type: URLRewrite, urlRewrite: { path: { type: ReplacePrefixMatch, replacePrefixMatch: /b } } } ]\n").is_ok());
+        // Rule names: one label each, no `/`.
+        assert_eq!(
+            field(
+                "    - { name: \"1\", matches: [ { path: { value: /admin } } ] }\n    - { matches: [ { path: { value: /public } } ] }\n"
+            ),
+            ["spec.rules[1].name"]
+        );
+        assert_eq!(field("    - { name: a/b }\n"), ["spec.rules[0].name"]);
+        // A regex that compiles alone but not anchored, as every proxy compiles it.
+        assert_eq!(
+            field("    - matches: [ { path: { type: RegularExpression, value: \"(?x)a#\" } } ]\n"),
+            ["spec.rules[0].matches[0].path.value"]
+        );
+        // Too many regular expressions for one route.
+        let many: String = (0..33)
+            .map(|i| format!("    - matches: [ {{ path: {{ type: RegularExpression, value: \"/r{i}/.*\" }} }} ]\n"))
+            .collect();
+        assert_eq!(field(&many), ["spec.rules"]);
+        assert_eq!(
+            field(
+                "    - filters:\n        - { type: ExtensionRef, extensionRef: { group: palisade.dev, kind: HTTPFault, name: a } }\n        - { type: ExtensionRef, extensionRef: { group: palisade.dev, kind: HTTPFault, name: b } }\n"
+            ),
+            ["spec.rules[0].filters"]
+        );
+        assert_eq!(
+            field("    - retry: { attempts: 0 }\n"),
+            ["spec.rules[0].retry.attempts"]
+        );
+    }
+
+    #[test]
+    fn authorization_by_route_only_allows() {
+        let policy = |action: &str, op: &str| {
+            parse_str(
+                Path::new("p.yaml"),
+                &format!("apiVersion: palisade.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{ name: p, namespace: demo }}\nspec:\n  action: {action}\n  rules: [ {{ to: [ {{ operation: {{ {op} }} }} ] }} ]\n"),
+            )
+            .map_err(|e| e.into_iter().map(|e| e.field).collect::<Vec<_>>())
+        };
+        assert!(policy("ALLOW", "routes: [demo/api/public]").is_ok());
+        assert!(policy("AUDIT", "routes: [demo/api]").is_ok());
+        assert_eq!(
+            policy("DENY", "routes: [demo/api/admin]").unwrap_err(),
+            ["spec.rules[0].to[0].operation.routes"]
+        );
+        assert_eq!(
+            policy("ALLOW", "notRoutes: [demo/api/admin]").unwrap_err(),
+            ["spec.rules[0].to[0].operation.notRoutes"]
+        );
     }
 
     #[test]

@@ -20,12 +20,13 @@ pub(crate) struct Call {
 }
 
 impl Call {
-    /// The whole call's timeout: the rule's, else the service's.
+    /// The whole call's timeout: the rule's (which holds its parent service's when it sets
+    /// none), else the service's.
     pub fn request_timeout(&self) -> Option<std::time::Duration> {
-        self.rule
-            .as_ref()
-            .and_then(|r| r.request_timeout)
-            .or(self.svc.cfg.timeout)
+        match &self.rule {
+            Some(r) => r.request_timeout,
+            None => self.svc.cfg.timeout,
+        }
     }
 
     /// Each attempt's timeout (a rule's `backendRequest`).
@@ -33,12 +34,12 @@ impl Call {
         self.rule.as_ref().and_then(|r| r.backend_timeout)
     }
 
-    /// The retry policy: the rule's, else the service's.
+    /// The retry policy: the rule's (or its parent service's), else the service's.
     pub fn retry_policy(&self) -> Option<&palisade_api::call::RetryPolicy> {
-        self.rule
-            .as_ref()
-            .and_then(|r| r.retry.as_ref())
-            .or(self.svc.cfg.retry.as_ref())
+        match &self.rule {
+            Some(r) => r.retry.as_ref(),
+            None => self.svc.cfg.retry.as_ref(),
+        }
     }
 }
 

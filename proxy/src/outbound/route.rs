@@ -31,8 +31,8 @@ use crate::telemetry::{Direction, FaultLabels, ResultLabels};
 pub(crate) enum Classified {
     /// The service has no routes.
     Service(Arc<OutService>),
-    /// A rule of one of its routes took the request.
-    Rule(Arc<OutService>, Arc<Rule>),
+    /// A rule of one of its routes took the request (and the PathPrefix that matched).
+    Rule(Arc<OutService>, Arc<Rule>, Arc<str>),
     NoRoute,
     Unknown,
 }
@@ -89,7 +89,9 @@ where
             Some(svc) if !svc.cfg.routes.is_empty() => {
                 let host = routing::request_host(&req);
                 Some(match svc.cfg.routes.select(&host, &req) {
-                    Matched::Rule(rule) => Classified::Rule(svc.clone(), rule.clone()),
+                    Matched::Rule(rule, prefix) => {
+                        Classified::Rule(svc.clone(), rule.clone(), prefix.clone())
+                    }
                     Matched::NoRoute => Classified::NoRoute,
                     Matched::Unrouted => Classified::Service(svc.clone()),
                 })
@@ -97,7 +99,7 @@ where
             _ => None,
         };
         let label = match &classified {
-            Some(Classified::Rule(_, rule)) => Some(rule.label.clone()),
+            Some(Classified::Rule(_, rule, _)) => Some(rule.label.clone()),
             _ => None,
         };
         if let Some(c) = classified {
@@ -184,9 +186,9 @@ where
             }
             Classified::NoRoute => return future::Either::Right(ready(Err(ProxyError::NoRoute))),
             Classified::Service(svc) => (svc, None),
-            Classified::Rule(svc, rule) => (svc, Some(rule)),
+            Classified::Rule(svc, rule, prefix) => (svc, Some((rule, prefix))),
         };
-        let Some(rule) = rule else {
+        let Some((rule, prefix)) = rule else {
             // No routes: the common path, without a boxed future.
             if phttp::is_upgrade(&req) {
                 let ctx = self.ctx.clone();
@@ -207,7 +209,7 @@ where
         let inner = self.inner.clone();
         let service = self.service.clone();
         future::Either::Right(Box::pin(async move {
-            routed(ctx, inner, service, svc, rule, req).await
+            routed(ctx, inner, service, svc, rule, &prefix, req).await
         }))
     }
 }
@@ -226,6 +228,7 @@ async fn routed<S>(
     service: Arc<str>,
     parent: Arc<OutService>,
     rule: Arc<Rule>,
+    prefix: &str,
     mut req: Request<Incoming>,
 ) -> Result<Response<RspBody>, ProxyError>
 where
@@ -235,7 +238,7 @@ where
     if let Some(rd) = &rule.redirect {
         let host = routing::request_host(&req);
         let (status, location) =
-            routing::redirect(&req, &host, rd).ok_or(ProxyError::BadRequestTarget)?;
+            routing::redirect(&req, &host, rd, prefix).ok_or(ProxyError::BadRequestTarget)?;
         let mut rsp = phttp::local_response(status, bytes::Bytes::new());
         if let Ok(v) = http::HeaderValue::from_str(&location) {
             rsp.headers_mut().insert(http::header::LOCATION, v);
@@ -286,7 +289,7 @@ where
     }
     let mut req = prepare(req, &service)?;
     if let Some(rw) = &rule.rewrite
-        && !routing::rewrite(&mut req, rw)
+        && !routing::rewrite(&mut req, rw, prefix)
     {
         return Err(ProxyError::BadRequestTarget);
     }

@@ -18,14 +18,14 @@ pub fn apply_headers(h: &mut HeaderMap, m: &Headers) {
 }
 
 /// The path after a path change.
-fn changed_path(path: &str, change: &PathChange) -> String {
+fn changed_path(path: &str, change: &PathChange, matched: &str) -> String {
     match change {
         PathChange::Full(p) => p.clone(),
-        PathChange::Prefix { matched, with } => {
+        PathChange::Prefix(with) => {
             let rest = if matched == "/" {
                 path
             } else {
-                path.strip_prefix(matched.as_str()).unwrap_or(path)
+                path.strip_prefix(matched).unwrap_or(path)
             };
             // `/v1/x` with prefix `/v1` replaced by `/v2` -> `/v2/x`; replaced by `/` -> `/x`.
             let with = with.trim_end_matches('/');
@@ -52,10 +52,10 @@ fn path_and_query(path: String, query: Option<&str>) -> String {
 
 /// URLRewrite: the host the upstream sees and the path. Returns false when the result is not
 /// a valid URI (left unchanged).
-pub fn rewrite<B>(req: &mut Request<B>, rw: &Rewrite) -> bool {
+pub fn rewrite<B>(req: &mut Request<B>, rw: &Rewrite, matched: &str) -> bool {
     let mut parts = req.uri().clone().into_parts();
     if let Some(change) = &rw.path {
-        let path = changed_path(req.uri().path(), change);
+        let path = changed_path(req.uri().path(), change, matched);
         match path_and_query(path, req.uri().query()).parse() {
             Ok(pq) => parts.path_and_query = Some(pq),
             Err(_) => return false,
@@ -90,6 +90,7 @@ pub fn redirect<B>(
     req: &Request<B>,
     host: &str,
     rd: &Redirect,
+    matched: &str,
 ) -> Option<(http::StatusCode, String)> {
     let scheme = rd
         .scheme
@@ -99,11 +100,21 @@ pub fn redirect<B>(
     let hostname = rd.hostname.as_deref().unwrap_or(host);
     // Gateway API: the port is the redirect's, else the scheme's default when the scheme
     // changed, else the request's.
+    // An HTTP/1 request in origin form has its port in the Host header only.
+    let request_port = || {
+        req.uri().port_u16().or_else(|| {
+            req.headers()
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .and_then(|h| h.parse::<http::uri::Authority>().ok())
+                .and_then(|a| a.port_u16())
+        })
+    };
     let port = rd.port.or_else(|| {
         if rd.scheme.is_some() {
             None
         } else {
-            req.uri().port_u16()
+            request_port()
         }
     });
     let default_port = if scheme == http::uri::Scheme::HTTPS {
@@ -116,7 +127,7 @@ pub fn redirect<B>(
         _ => hostname.to_string(),
     };
     let path = match &rd.path {
-        Some(change) => changed_path(req.uri().path(), change),
+        Some(change) => changed_path(req.uri().path(), change, matched),
         None => req.uri().path().to_string(),
     };
     let location = format!(
@@ -132,18 +143,15 @@ mod tests {
 
     #[test]
     fn a_prefix_rewrite_keeps_the_rest_of_the_path_and_the_query() {
-        let change = PathChange::Prefix {
-            matched: "/v1".into(),
-            with: "/v2".into(),
-        };
-        assert_eq!(changed_path("/v1/users/7", &change), "/v2/users/7");
-        assert_eq!(changed_path("/v1", &change), "/v2");
-        let to_root = PathChange::Prefix {
-            matched: "/api".into(),
-            with: "/".into(),
-        };
-        assert_eq!(changed_path("/api/x", &to_root), "/x");
-        assert_eq!(changed_path("/api", &to_root), "/");
+        let change = PathChange::Prefix("/v2".into());
+        assert_eq!(changed_path("/v1/users/7", &change, "/v1"), "/v2/users/7");
+        assert_eq!(changed_path("/v1", &change, "/v1"), "/v2");
+        let to_root = PathChange::Prefix("/".into());
+        assert_eq!(changed_path("/api/x", &to_root, "/api"), "/x");
+        assert_eq!(changed_path("/api", &to_root, "/api"), "/");
+        // The prefix that matched is the one replaced, and `/` prefixes everything.
+        assert_eq!(changed_path("/b/x", &change, "/b"), "/v2/x");
+        assert_eq!(changed_path("/x", &change, "/"), "/v2/x");
 
         let mut req = Request::get("http://api.demo:8080/v1/users?id=7")
             .body(())
@@ -154,6 +162,7 @@ mod tests {
                 hostname: Some(http::HeaderValue::from_static("users.internal")),
                 path: Some(change),
             },
+            "/v1",
         );
         assert!(ok);
         assert_eq!(req.uri(), "http://users.internal:8080/v2/users?id=7");
@@ -168,14 +177,11 @@ mod tests {
         let rd = Redirect {
             scheme: Some(http::uri::Scheme::HTTPS),
             hostname: Some("example.com".into()),
-            path: Some(PathChange::Prefix {
-                matched: "/old".into(),
-                with: "/new".into(),
-            }),
+            path: Some(PathChange::Prefix("/new".into())),
             port: None,
             status: http::StatusCode::MOVED_PERMANENTLY,
         };
-        let (status, location) = redirect(&req, "api.demo", &rd).unwrap();
+        let (status, location) = redirect(&req, "api.demo", &rd, "/old").unwrap();
         assert_eq!(status, 301);
         assert_eq!(location, "https://example.com/new/page?x=1");
         let keep = Redirect {
@@ -185,7 +191,14 @@ mod tests {
             port: None,
             status: http::StatusCode::FOUND,
         };
-        let (_, location) = redirect(&req, "api.demo", &keep).unwrap();
+        let (_, location) = redirect(&req, "api.demo", &keep, "/").unwrap();
         assert_eq!(location, "http://api.demo:8080/old/page?x=1");
+        // HTTP/1 in origin form: the port comes from the Host header.
+        let h1 = Request::get("/old/page")
+            .header(http::header::HOST, "api.demo:8080")
+            .body(())
+            .unwrap();
+        let (_, location) = redirect(&h1, "api.demo", &keep, "/").unwrap();
+        assert_eq!(location, "http://api.demo:8080/old/page");
     }
 }

@@ -43,10 +43,9 @@ impl Text {
         if value.len() > palisade_api::policy::route::MAX_REGEX_LEN {
             return Err("regular expression too long".into());
         }
-        // Anchored: Gateway API's RegularExpression matches the whole value.
-        regex::RegexBuilder::new(&format!("^(?:{value})$"))
-            .size_limit(palisade_api::policy::route::REGEX_SIZE_LIMIT)
-            .build()
+        // Anchored (Gateway API's RegularExpression matches the whole value), compiled exactly
+        // as the control plane checked it.
+        palisade_api::policy::route::anchored(value)
             .map(Text::Regex)
             .map_err(|e| e.to_string())
     }
@@ -205,11 +204,8 @@ pub struct Headers {
 #[derive(Debug, Clone)]
 pub enum PathChange {
     Full(String),
-    /// Replaces the rule's matched prefix (given with the change).
-    Prefix {
-        matched: String,
-        with: String,
-    },
+    /// Replaces the PathPrefix the request matched (which [`Routes::select`] returns).
+    Prefix(String),
 }
 
 #[derive(Debug)]
@@ -284,6 +280,9 @@ struct Candidate {
     route: usize,
     rule: Arc<Rule>,
     matcher: Match,
+    /// The PathPrefix of this match (`/` for a match without a path), what a
+    /// ReplacePrefixMatch replaces.
+    prefix: Arc<str>,
 }
 
 #[derive(Debug)]
@@ -322,7 +321,8 @@ impl Eq for Routes {}
 pub enum Matched<'a> {
     /// The service has no routes: it goes to the service.
     Unrouted,
-    Rule(&'a Arc<Rule>),
+    /// The rule, and the PathPrefix that matched (for ReplacePrefixMatch).
+    Rule(&'a Arc<Rule>, &'a Arc<str>),
     /// Routes are attached and none matches: 404 (gRPC `UNIMPLEMENTED`), as Gateway API says.
     NoRoute,
 }
@@ -340,12 +340,18 @@ impl Routes {
         self.candidates
             .iter()
             .find(|c| self.hosts[c.route].matches(host) && c.matcher.is_match(req))
-            .map_or(Matched::NoRoute, |c| Matched::Rule(&c.rule))
+            .map_or(Matched::NoRoute, |c| Matched::Rule(&c.rule, &c.prefix))
     }
 
     /// Compiles the routes of a service. `key` makes a backend key the way the outbound table
     /// names services.
     pub fn compile(routes: &[v1::Route]) -> Result<Self, RouteError> {
+        Self::compile_with(routes, &Defaults::default())
+    }
+
+    /// Compiles the routes of a service whose own timeout and retry policy are `defaults`:
+    /// a rule without its own uses the parent service's, whichever backend it picks.
+    pub fn compile_with(routes: &[v1::Route], defaults: &Defaults) -> Result<Self, RouteError> {
         let mut out = Routes {
             source: routes.to_vec(),
             ..Default::default()
@@ -361,7 +367,8 @@ impl Routes {
             });
             for (ni, rule) in r.rules.iter().enumerate() {
                 let compiled = Arc::new(
-                    compile_rule(&name, rule).map_err(|m| err(format!("rules[{ni}]: {m}")))?,
+                    compile_rule(&name, rule, defaults)
+                        .map_err(|m| err(format!("rules[{ni}]: {m}")))?,
                 );
                 let mut matches = Vec::new();
                 for (mi, m) in rule.matches.iter().enumerate() {
@@ -381,10 +388,15 @@ impl Routes {
                     });
                 }
                 for matcher in matches {
+                    let prefix: Arc<str> = match &matcher.path {
+                        Some(PathRule::Prefix(p)) => Arc::from(p.as_str()),
+                        _ => Arc::from("/"),
+                    };
                     out.candidates.push(Candidate {
                         route: ri,
                         rule: compiled.clone(),
                         matcher,
+                        prefix,
                     });
                 }
             }
@@ -478,35 +490,21 @@ pub fn service_key(k: &v1::ServiceKey) -> String {
     format!("{}.{}:{}", k.name, k.namespace, k.port)
 }
 
-fn path_change(
-    p: &Option<v1::PathModifier>,
-    rule: &v1::RouteRule,
-) -> Result<Option<PathChange>, String> {
-    let Some(p) = p else { return Ok(None) };
-    Ok(match &p.kind {
-        None => None,
-        Some(v1::path_modifier::Kind::ReplaceFullPath(s)) => Some(PathChange::Full(s.clone())),
-        Some(v1::path_modifier::Kind::ReplacePrefixMatch(s)) => {
-            // Gateway API: only with a PathPrefix match; the matched prefix is the rule's.
-            let prefix = rule
-                .matches
-                .iter()
-                .find_map(|m| {
-                    m.path
-                        .as_ref()
-                        .filter(|p| p.kind == v1::path_match::Kind::Prefix as i32)
-                        .map(|p| p.value.clone())
-                })
-                .ok_or("ReplacePrefixMatch needs a PathPrefix match in the rule")?;
-            Some(PathChange::Prefix {
-                matched: prefix.trim_end_matches('/').to_string(),
-                with: s.clone(),
-            })
-        }
-    })
+fn path_change(p: &Option<v1::PathModifier>) -> Option<PathChange> {
+    match p.as_ref()?.kind.as_ref()? {
+        v1::path_modifier::Kind::ReplaceFullPath(s) => Some(PathChange::Full(s.clone())),
+        v1::path_modifier::Kind::ReplacePrefixMatch(s) => Some(PathChange::Prefix(s.clone())),
+    }
 }
 
-fn compile_rule(route: &str, r: &v1::RouteRule) -> Result<Rule, String> {
+/// What a rule falls back to: its parent service's call policy.
+#[derive(Debug, Default, Clone)]
+pub struct Defaults {
+    pub request_timeout: Option<Duration>,
+    pub retry: Option<RetryPolicy>,
+}
+
+fn compile_rule(route: &str, r: &v1::RouteRule, defaults: &Defaults) -> Result<Rule, String> {
     let ms = |v: u64| (v > 0).then(|| Duration::from_millis(v));
     let mut rule = Rule {
         label: Label::new(&format!("{route}/{}", r.name)),
@@ -517,14 +515,15 @@ fn compile_rule(route: &str, r: &v1::RouteRule) -> Result<Rule, String> {
         mirrors: Vec::new(),
         backends: Vec::with_capacity(r.backends.len()),
         total_weight: 0,
-        request_timeout: ms(r.request_timeout_ms),
+        request_timeout: ms(r.request_timeout_ms).or(defaults.request_timeout),
         backend_timeout: ms(r.backend_timeout_ms),
         retry: r
             .retry
             .as_ref()
             .map(RetryPolicy::from_proto)
             .transpose()
-            .map_err(|e| format!("retry: {e}"))?,
+            .map_err(|e| format!("retry: {e}"))?
+            .or_else(|| defaults.retry.clone()),
         fault: None,
     };
     for f in &r.filters {
@@ -545,7 +544,7 @@ fn compile_rule(route: &str, r: &v1::RouteRule) -> Result<Rule, String> {
                         s => return Err(format!("bad redirect scheme {s:?}")),
                     },
                     hostname: (!rd.hostname.is_empty()).then(|| rd.hostname.clone()),
-                    path: path_change(&rd.path, r)?,
+                    path: path_change(&rd.path),
                     port: u16::try_from(rd.port).ok().filter(|p| *p > 0),
                     status: u16::try_from(rd.status_code)
                         .ok()
@@ -564,7 +563,7 @@ fn compile_rule(route: &str, r: &v1::RouteRule) -> Result<Rule, String> {
                                 .map_err(|_| format!("bad hostname {:?}", rw.hostname))?,
                         )
                     },
-                    path: path_change(&rw.path, r)?,
+                    path: path_change(&rw.path),
                 })
             }
             Some(v1::route_filter::Filter::RequestMirror(m)) => {

@@ -34,7 +34,7 @@ fn route(rules: Vec<v1::RouteRule>) -> v1::Route {
 
 fn picked(routes: &Routes, req: &Request<()>) -> Option<String> {
     match routes.select(&request_host(req), req) {
-        Matched::Rule(r) => Some(r.label.0.to_string()),
+        Matched::Rule(r, _) => Some(r.label.0.to_string()),
         _ => None,
     }
 }
@@ -193,7 +193,7 @@ fn weights_split_by_draw_and_zero_weights_take_nothing() {
     ];
     let routes = Routes::compile(&[route(vec![r])]).unwrap();
     let req = Request::get("http://a/").body(()).unwrap();
-    let Matched::Rule(rule) = routes.select("a", &req) else {
+    let Matched::Rule(rule, _) = routes.select("a", &req) else {
         panic!("no rule");
     };
     assert_eq!(rule.total_weight, 100);
