@@ -131,6 +131,61 @@ fn chaos_aborts_its_share_for_its_duration_and_cleans_up() {
     for _ in 0..50 {
         assert_eq!(http_get(up, "/").expect("api").0, 200);
     }
+    // Interrupted, the experiment still ends: its file is removed and the report printed.
+    let mut child = Command::new(palisade())
+        .args([
+            "chaos",
+            "--service",
+            "api.demo:8080",
+            "--abort-percent",
+            "10",
+        ])
+        .args(["--duration", "60s"])
+        .arg("--state-dir")
+        .arg(&mesh.state)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start palisade chaos");
+    let file = mesh.policies.join("palisade-chaos.yaml");
+    // Wait for the experiment to be in force (chaos says so on stderr), then interrupt it.
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let running = loop {
+        match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(line) if line.contains("experiment running") => break true,
+            Ok(_) => continue,
+            Err(_) => break false,
+        }
+    };
+    assert!(running, "chaos never said the experiment was running");
+    assert!(file.exists());
+    let _ = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Ok(Some(st)) = child.try_wait() {
+            break st;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "chaos did not stop on SIGINT"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status:?}");
+    assert!(!file.exists(), "an interrupted experiment is removed");
+
     // A service with routes of its own is not rerouted by an experiment.
     mesh.write_policy("canary.yaml", SPLIT);
     let out = Command::new(palisade())

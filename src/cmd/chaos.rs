@@ -47,8 +47,8 @@ pub struct ChaosArgs {
     #[arg(long, default_value = "30s")]
     pub duration: humantime::Duration,
     /// Also send this many requests a second through a caller (`GET /`), so the experiment
-    /// does not depend on traffic already flowing.
-    #[arg(long)]
+    /// does not depend on traffic already flowing (1-10000).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub load: Option<u32>,
     /// The caller the load goes through (default: the first workload with the service as an
     /// upstream).
@@ -215,15 +215,24 @@ async fn wait_applied(callers: &[Caller], before: &[f64], what: &str) -> anyhow:
     Ok(())
 }
 
-/// Open-loop load: `rps` requests a second to `addr` until `until`; each request's status and
-/// latency.
+/// Requests of the load in flight at once: past it the load waits (a delayed or stuck service
+/// must not pile up sockets without bound).
+const MAX_IN_FLIGHT: usize = 1024;
+
+/// Open-loop load: `rps` requests a second to `addr` until `until` (at most [`MAX_IN_FLIGHT`]
+/// at once); each request's status and latency.
 async fn load(addr: SocketAddr, rps: u32, until: Instant) -> Vec<(u16, Duration)> {
-    let mut tick = tokio::time::interval(Duration::from_secs(1) / rps.max(1));
+    let mut tick = tokio::time::interval(Duration::from_secs(1) / rps.clamp(1, 10_000));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut tasks = tokio::task::JoinSet::new();
+    let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
     while Instant::now() < until {
         tick.tick().await;
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            break;
+        };
         tasks.spawn(async move {
+            let _permit = permit;
             let start = Instant::now();
             let status = http_util::get(addr, "/")
                 .await
@@ -324,29 +333,41 @@ pub fn run(a: ChaosArgs) -> anyhow::Result<ExitCode> {
     let route = format!("{ns}/{NAME}/chaos");
     let fault = format!("{ns}/{NAME}");
     rt.block_on(async {
+        // Ctrl-C and SIGTERM are caught from here on (the handlers are installed on the first
+        // poll), so an interrupted experiment is still removed.
+        let stop = crate::cmd::shutdown_signal();
+        tokio::pin!(stop);
+        if futures_util::poll!(&mut stop).is_ready() {
+            bail!("interrupted before the experiment started");
+        }
         let mut before = Vec::new();
         for c in &callers {
             before.push(seen(c.admin, &route, &fault).await?);
         }
-        let tmp = dir.join(format!(".{FILE}.tmp"));
-        std::fs::write(&tmp, &yaml).with_context(|| format!("write {}", tmp.display()))?;
-        std::fs::rename(&tmp, &file).with_context(|| format!("write {}", file.display()))?;
+        let guard = Experiment::write(&dir, &file, &yaml)?;
         let versions: Vec<f64> = before.iter().map(|s| s.version).collect();
         let result = async {
-            wait_applied(&callers, &versions, "experiment").await?;
+            tokio::select! {
+                r = wait_applied(&callers, &versions, "experiment") => r?,
+                _ = &mut stop => bail!("interrupted while the experiment was being applied"),
+            }
+            eprintln!(
+                "experiment running on {} for {} (Ctrl-C ends it early)",
+                a.service, a.duration
+            );
             let start = Instant::now();
             let until = start + *a.duration;
             let timings = match (a.load, load_via) {
                 (Some(rps), Some(c)) => {
                     tokio::select! {
                         t = load(c.local, rps, until) => t,
-                        _ = crate::cmd::shutdown_signal() => Vec::new(),
+                        _ = &mut stop => Vec::new(),
                     }
                 }
                 _ => {
                     tokio::select! {
                         _ = tokio::time::sleep_until(until.into()) => {}
-                        _ = crate::cmd::shutdown_signal() => {}
+                        _ = &mut stop => {}
                     }
                     Vec::new()
                 }
@@ -359,13 +380,55 @@ pub fn run(a: ChaosArgs) -> anyhow::Result<ExitCode> {
         for c in &callers {
             after.push(seen(c.admin, &route, &fault).await.unwrap_or_default());
         }
-        let removed = std::fs::remove_file(&file);
+        let removed = guard.remove();
         let versions: Vec<f64> = after.iter().map(|s| s.version).collect();
         let (elapsed, timings) = result?;
         removed.with_context(|| format!("remove {}", file.display()))?;
         wait_applied(&callers, &versions, "end of the experiment").await?;
         report(&a, &callers, &before, &after, elapsed, timings)
     })
+}
+
+/// The experiment's file: created only if absent (two runs cannot both own it), and removed
+/// when dropped, on every path out (an error, a panic).
+struct Experiment {
+    file: Option<PathBuf>,
+}
+
+impl Experiment {
+    fn write(dir: &Path, file: &Path, yaml: &str) -> anyhow::Result<Self> {
+        let tmp = dir.join(format!(".{FILE}.{}.tmp", std::process::id()));
+        std::fs::write(&tmp, yaml).with_context(|| format!("write {}", tmp.display()))?;
+        // A hard link appears whole and fails if the name exists: the check and the write are
+        // one step.
+        let linked = std::fs::hard_link(&tmp, file);
+        let _ = std::fs::remove_file(&tmp);
+        match linked {
+            Ok(()) => Ok(Experiment {
+                file: Some(file.to_path_buf()),
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => bail!(
+                "{} exists: another experiment is running, or one was interrupted (remove the file)",
+                file.display()
+            ),
+            Err(e) => Err(e).with_context(|| format!("write {}", file.display())),
+        }
+    }
+
+    fn remove(mut self) -> std::io::Result<()> {
+        match self.file.take() {
+            Some(f) => std::fs::remove_file(f),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Experiment {
+    fn drop(&mut self) {
+        if let Some(f) = self.file.take() {
+            let _ = std::fs::remove_file(f);
+        }
+    }
 }
 
 fn report(
