@@ -68,6 +68,15 @@ impl Bucket {
         }
     }
 
+    /// Gives back what [`Bucket::take`] took, for a request another limit refused.
+    fn refund(&self) {
+        let _ = self
+            .tat
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |tat| {
+                Some(tat.saturating_sub(self.interval))
+            });
+    }
+
     /// Whether a request now would find the bucket full (an idle caller).
     fn idle(&self, now: u64) -> bool {
         self.tat.load(Ordering::Acquire) <= now
@@ -219,8 +228,14 @@ impl CallerLimit {
         if let Some((b, kind)) = &self.own {
             b.take(now).map_err(|d| (*kind, d))?;
         }
-        if let Some(total) = &self.limiter.total {
-            total.take(now).map_err(|d| (Limit::Total, d))?;
+        if let Some(total) = &self.limiter.total
+            && let Err(d) = total.take(now)
+        {
+            // Refused by the total: the caller's own share is not spent on it.
+            if let Some((b, _)) = &self.own {
+                b.refund();
+            }
+            return Err((Limit::Total, d));
         }
         Ok(())
     }
@@ -402,5 +417,21 @@ mod tests {
             ok += admitted(&a, 1) + admitted(&b, 1);
         }
         assert_eq!(ok, 50);
+        // Refused by the total, a caller keeps its own share for later.
+        let own = limiter(2, 3, &[]);
+        let c = own.for_caller(Some("cluster.local/ns/demo/sa/c"));
+        let d = own.for_caller(Some("cluster.local/ns/demo/sa/d"));
+        assert_eq!(admitted(&d, 2), 2, "d spends the total");
+        for _ in 0..6 {
+            assert_eq!(c.admit().unwrap_err().0, Limit::Total);
+        }
+        // Half a second later the total has one more; c's own bucket, had it been charged for
+        // six refusals at 3 a second, would still be two seconds in debt.
+        tokio::time::advance(Duration::from_millis(500)).await;
+        assert_eq!(
+            c.admit(),
+            Ok(()),
+            "c's own bucket was not charged for the refusals"
+        );
     }
 }
