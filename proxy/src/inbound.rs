@@ -238,6 +238,7 @@ where
                 move || ctx.snapshot.load().inbound.path_normalization
             })),
         ))
+        .layer(crate::trace_context::TraceContextLayer)
         .layer(RescueLayer::new(ctx.metrics.clone(), Direction::inbound))
         .layer(AuthzLayer::new(ctx.clone(), info.clone()))
         .layer(crate::ratelimit::RateLimitLayer::new(

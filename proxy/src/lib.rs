@@ -33,6 +33,7 @@ pub mod sanitize;
 pub mod tcp;
 pub mod telemetry;
 pub mod tls;
+pub mod trace_context;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -61,6 +61,7 @@ pub(super) async fn serve_http(
             Direction::outbound,
             None,
         ))
+        .layer(crate::trace_context::TraceContextLayer)
         .layer(ClassifyLayer::new(ctx.clone(), service.clone()))
         .layer(RescueLayer::new(metrics.clone(), Direction::outbound))
         .layer(tower::layer::layer_fn({

@@ -602,6 +602,9 @@ async fn echo(
     for v in req.headers().get_all("x-forwarded-client-cert") {
         rsp = rsp.header("x-echo-xfcc", v.clone());
     }
+    if let Some(v) = req.headers().get("traceparent") {
+        rsp = rsp.header("x-echo-traceparent", v.clone());
+    }
     if path == "/slow" {
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
