@@ -131,8 +131,13 @@ fn next_traceparent(parent: Option<Parent>) -> HeaderValue {
     out[52] = b'-';
     out[53] = b'0';
     out[54] = if p.sampled { b'1' } else { b'0' };
-    // Only hex digits and dashes: always a valid header value.
-    HeaderValue::from_bytes(&out).unwrap_or_else(|_| HeaderValue::from_static(""))
+    // Only hex digits and dashes: always a valid header value. Marked sensitive so HTTP/2's
+    // HPACK sends it as a literal never indexed: a value that differs on every request would
+    // otherwise be inserted into the connection's dynamic table each time, evicting the
+    // headers that do repeat.
+    let mut v = HeaderValue::from_bytes(&out).unwrap_or_else(|_| HeaderValue::from_static(""));
+    v.set_sensitive(true);
+    v
 }
 
 /// Gives the request this proxy's `traceparent` (see the module docs).
