@@ -103,24 +103,26 @@ async fn statuses(c: &mut H2, path: &str, n: usize) -> (usize, usize, Vec<Reply>
     (ok, limited, refusals)
 }
 
+/// 5 a second per caller identity, 100 for db.
+fn api_limits() -> v1::RateLimit {
+    v1::RateLimit {
+        name: "demo/api-limits".into(),
+        total_rps: 0,
+        identity_rps: 5,
+        overrides: vec![v1::RateLimitOverride {
+            requests_per_second: 100,
+            principals: vec![palisade_api::authorization::principal_match(DB)],
+        }],
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_identity_is_limited_alone_and_an_override_gets_its_own_rate() {
     init();
     let pki = Pki::new();
     let app: SocketAddr = echo_app().await.addr;
     let server = start_server_proxy(&pki, app, "STRICT", "http", test_timeouts()).await;
-    server.apply(config(
-        Some(v1::RateLimit {
-            name: "demo/api-limits".into(),
-            total_rps: 0,
-            identity_rps: 5,
-            overrides: vec![v1::RateLimitOverride {
-                requests_per_second: 100,
-                principals: vec![palisade_api::authorization::principal_match(DB)],
-            }],
-        }),
-        Vec::new(),
-    ));
+    server.apply(config(Some(api_limits()), Vec::new()));
     let mut web = caller(&pki, &server, WEB).await;
     let web_burst = std::time::Instant::now();
     let (ok, limited, refusals) = statuses(&mut web, "/public/x", 40).await;
@@ -165,18 +167,7 @@ async fn each_identity_is_limited_alone_and_an_override_gets_its_own_rate() {
     );
 
     // A config change that keeps the policy keeps the buckets: web gets no fresh burst.
-    server.apply(config(
-        Some(v1::RateLimit {
-            name: "demo/api-limits".into(),
-            total_rps: 0,
-            identity_rps: 5,
-            overrides: vec![v1::RateLimitOverride {
-                requests_per_second: 100,
-                principals: vec![palisade_api::authorization::principal_match(DB)],
-            }],
-        }),
-        Vec::new(),
-    ));
+    server.apply(config(Some(api_limits()), Vec::new()));
     let (ok, _, _) = statuses(&mut web, "/public/x", 10).await;
     // What refilled since web's burst (and what it used of it), never a fresh burst of 5.
     let refilled = at_most(5.0, 0.0, web_burst.elapsed());
