@@ -114,6 +114,7 @@ async fn pair() -> Pair {
         timeouts: Timeouts::default(),
         limits: Limits::default(),
         access_log: false,
+        tracing: Default::default(),
         admin_shutdown: false,
         app_probes: Default::default(),
         dns_server: None,

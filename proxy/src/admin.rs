@@ -80,7 +80,13 @@ pub(crate) fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<
 fn handle(ctx: &Ctx, req: Request<Incoming>, remote: SocketAddr) -> Response<Full<Bytes>> {
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/metrics") => {
-            let mut rsp = text(StatusCode::OK, ctx.metrics.encode());
+            // Exemplars only for a scraper that asks for OpenMetrics (Prometheus does when
+            // exemplar storage is on); a plain-text parser would read them as garbage.
+            let openmetrics = req.headers().get_all(http::header::ACCEPT).iter().any(|v| {
+                const OM: &[u8] = b"application/openmetrics-text";
+                v.as_bytes().windows(OM.len()).any(|w| w == OM)
+            });
+            let mut rsp = text(StatusCode::OK, ctx.metrics.encode_with(openmetrics));
             rsp.headers_mut().insert(
                 http::header::CONTENT_TYPE,
                 http::HeaderValue::from_static(

@@ -108,13 +108,13 @@ pub fn check_tcp(ctx: &Ctx, info: &ConnInfo) -> bool {
 pub struct AuthzLayer {
     ctx: Arc<Ctx>,
     info: Arc<ConnInfo>,
-    /// Attach the decision to allowed responses too, for the access log.
+    /// Attach the decision to allowed responses too, for the access log and spans.
     note_allowed: bool,
 }
 
 impl AuthzLayer {
     pub fn new(ctx: Arc<Ctx>, info: Arc<ConnInfo>) -> Self {
-        let note_allowed = ctx.cfg.access_log;
+        let note_allowed = ctx.cfg.access_log || ctx.tracer.enabled();
         AuthzLayer {
             ctx,
             info,
@@ -130,6 +130,7 @@ pin_project_lite::pin_project! {
         inner: F,
         note: Option<AuthzNote>,
         route: Option<Label>,
+        trace: Option<crate::trace::TracePolicy>,
     }
 }
 
@@ -148,6 +149,9 @@ where
                 }
                 if let Some(r) = this.route.take() {
                     rsp.extensions_mut().insert(phttp::RouteLabel(r));
+                }
+                if let Some(t) = this.trace.take() {
+                    rsp.extensions_mut().insert(t);
                 }
                 Poll::Ready(Ok(rsp))
             }
@@ -199,16 +203,21 @@ where
             .unwrap_or("");
         // The rule of the routes of this workload's services that the request matches: a
         // label for metrics, and what `to.operation.routes` compares.
-        let route = if snap.inbound.routes.is_empty() {
-            None
+        // Its trace policy too (the route's over its service's, as the control plane sent
+        // it), copied; an empty one is not attached.
+        let (route, trace) = if snap.inbound.routes.is_empty() {
+            (None, None)
         } else {
             match snap
                 .inbound
                 .routes
                 .select(&crate::routing::request_host(&req), &req)
             {
-                crate::routing::Matched::Rule(r, _) => Some(r.label.clone()),
-                _ => None,
+                crate::routing::Matched::Rule(r, _) => (
+                    Some(r.label.clone()),
+                    (r.trace != crate::trace::TracePolicy::default()).then_some(r.trace),
+                ),
+                _ => (None, None),
             }
         };
         let http_ctx = HttpContext {
@@ -236,6 +245,7 @@ where
                 inner: self.inner.call(req),
                 note,
                 route,
+                trace,
             });
         }
         tracing::debug!(peer = %self.layer.info.peer_label.0, policy = %policy.0, "request denied");
@@ -250,6 +260,9 @@ where
         });
         if let Some(r) = route {
             rsp.extensions_mut().insert(phttp::RouteLabel(r));
+        }
+        if let Some(t) = trace {
+            rsp.extensions_mut().insert(t);
         }
         Either::Left(ready(Ok(rsp)))
     }

@@ -127,6 +127,8 @@ pub struct ProxyConfig {
     pub timeouts: Timeouts,
     pub limits: Limits,
     pub access_log: bool,
+    /// Span export and sampling (`OTEL_*`); default: no export.
+    pub tracing: crate::trace::TraceConfig,
     /// Whether the admin port answers `POST /shutdown` (loopback, with the admin header).
     /// Off by default: every container of a pod shares its loopback.
     pub admin_shutdown: bool,
@@ -165,6 +167,8 @@ pub struct ServiceConfig {
     pub retry: Option<palisade_api::call::RetryPolicy>,
     /// Its HTTPRoutes and GRPCRoutes, compiled.
     pub routes: Arc<crate::routing::Routes>,
+    /// Which of its spans are kept (each rule of `routes` has its own, over this one).
+    pub trace: crate::trace::TracePolicy,
 }
 
 /// Inbound settings of this workload.
@@ -342,9 +346,17 @@ impl Snapshot {
                 .map(palisade_api::call::RetryPolicy::from_proto)
                 .transpose()
                 .map_err(|e| call_err("retry", e))?;
+            let trace =
+                palisade_api::trace::TracePolicy::from_proto(s.trace.as_ref()).map_err(|e| {
+                    ConfigError::Field {
+                        field: format!("services[{key}].trace.{}", e.field),
+                        message: e.message,
+                    }
+                })?;
             let defaults = crate::routing::Defaults {
                 request_timeout: timeout,
                 retry: retry.clone(),
+                trace,
             };
             let routes =
                 crate::routing::Routes::compile_with(&s.routes, &defaults).map_err(|e| {
@@ -364,6 +376,7 @@ impl Snapshot {
                     idle_timeout,
                     retry,
                     routes: Arc::new(routes),
+                    trace: crate::routing::trace_policy(trace),
                 }),
             );
         }
@@ -439,6 +452,13 @@ impl Snapshot {
                     .map(|r| r.validate().map(|p| p.to_proto()))
                     .transpose()
                     .map_err(|e| file_err(format!("services[{i}].retry: {e}")))?,
+                trace: s
+                    .tracing
+                    .as_ref()
+                    .map(palisade_api::trace::TraceSpec::validate)
+                    .transpose()
+                    .map_err(|e| file_err(format!("services[{i}].tracing.{e}")))?
+                    .and_then(|t| t.to_proto()),
                 routes: Vec::new(),
                 endpoints: s
                     .endpoints
@@ -507,12 +527,27 @@ fn attach_routes(cfg: &mut v1::ProxyConfig, docs: &[serde_json::Value]) -> Resul
             }
         }
     }
-    // A static proxy does not know which services it backs: it matches every route inbound.
+    // A static proxy does not know which services it backs: it matches every route inbound,
+    // each with its effective trace policy (over that of the first service of the file it
+    // attaches to), as the control plane sends them.
+    let inbound: Vec<v1::Route> = routes
+        .iter()
+        .map(|r| {
+            let mut wire = policy::route::wire_route(r, &faults);
+            let service = cfg
+                .services
+                .iter()
+                .find(|s| {
+                    u16::try_from(s.port).is_ok_and(|p| r.attaches_to(&s.name, &s.namespace, p))
+                })
+                .and_then(|s| palisade_api::trace::TracePolicy::from_proto(s.trace.as_ref()).ok())
+                .unwrap_or_default();
+            wire.trace = r.trace.or(service).to_proto();
+            wire
+        })
+        .collect();
     if let Some(i) = cfg.inbound.as_mut() {
-        i.routes = routes
-            .iter()
-            .map(|r| policy::route::wire_route(r, &faults))
-            .collect();
+        i.routes = inbound;
     }
     for s in &mut cfg.services {
         let port = u16::try_from(s.port).unwrap_or(0);
@@ -558,6 +593,7 @@ struct StaticService {
     timeout: Option<String>,
     idle_timeout: Option<String>,
     retry: Option<palisade_api::call::RetrySpec>,
+    tracing: Option<palisade_api::trace::TraceSpec>,
 }
 
 #[derive(Deserialize)]
@@ -721,6 +757,60 @@ mod tests {
         let e = Snapshot::load_static(&file).expect_err("smtp").to_string();
         assert!(
             e.contains("services[0].protocol: unknown protocol \"smtp\""),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn the_static_file_takes_trace_policies_per_service_and_route() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("proxy.yaml");
+        let write = |text: &str| std::fs::write(&file, text).expect("write");
+        let route = "routes:\n  - apiVersion: gateway.networking.k8s.io/v1\n    kind: HTTPRoute\n    metadata: { name: reports, namespace: demo, annotations: { trace.palisade.dev/slow: 200ms } }\n    spec:\n      parentRefs: [ { kind: Service, name: api, port: 8080 } ]\n      rules: [ { matches: [ { path: { value: /reports } } ] } ]\n";
+        write(&format!(
+            "services:\n  - {{ name: api.demo, port: 8080, protocol: http, tracing: {{ spanBudget: 50, slowRequest: 1s }} }}\n{route}"
+        ));
+        let s = Snapshot::load_static(&file).expect("loads");
+        let policy = |budget: Option<u32>, slow_ms: Option<u64>| crate::trace::TracePolicy {
+            span_budget: budget,
+            slow: slow_ms.map(Duration::from_millis),
+        };
+        let api = &s.services["api.demo:8080"];
+        assert_eq!(api.trace, policy(Some(50), Some(1000)));
+        let req = http::Request::get("http://api.demo/reports/q3")
+            .body(())
+            .expect("request");
+        for routes in [&api.routes, &s.inbound.routes] {
+            match routes.select("api.demo", &req) {
+                crate::routing::Matched::Rule(r, _) => {
+                    assert_eq!(r.trace, policy(Some(50), Some(200)))
+                }
+                _ => panic!("no rule"),
+            }
+        }
+        for (tracing, says) in [
+            (
+                "{ spanBudget: 0 }",
+                "services[0].tracing.spanBudget: must be 1–1000000",
+            ),
+            ("{ slowRequest: soon }", "services[0].tracing.slowRequest:"),
+            ("{ slow: 1s }", "unknown field `slow`"),
+        ] {
+            write(&format!(
+                "services:\n  - {{ name: api.demo, port: 8080, tracing: {tracing} }}\n"
+            ));
+            let e = Snapshot::load_static(&file).expect_err(tracing).to_string();
+            assert!(e.contains(says), "{tracing}: {e}");
+        }
+        write(&format!(
+            "services:\n  - {{ name: api.demo, port: 8080 }}\n{}",
+            route.replace("200ms", "never")
+        ));
+        let e = Snapshot::load_static(&file)
+            .expect_err("bad route annotation")
+            .to_string();
+        assert!(
+            e.contains("metadata.annotations.trace.palisade.dev/slow"),
             "{e}"
         );
     }

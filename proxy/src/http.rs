@@ -1,12 +1,11 @@
-//! HTTP pieces shared by the inbound and outbound stacks: the body type, header hygiene between
-//! HTTP/1 and HTTP/2, local error responses, and the telemetry layer.
+//! HTTP pieces shared by the inbound and outbound stacks: the body types, header hygiene between
+//! HTTP/1 and HTTP/2, local error responses, and serving a connection.
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Instant;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -14,7 +13,7 @@ use http::{Request, Response, StatusCode, Version};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 
-use crate::telemetry::{Direction, Label, Metrics, RequestLabels};
+use crate::telemetry::{Direction, Label, Metrics};
 
 /// Responses are either the peer's body, streamed, or a small local body (errors, denials).
 pub type RspBody = Either<PeerBody, Full<Bytes>>;
@@ -157,10 +156,13 @@ impl http_body::Body for PeerBody {
 pub const ORIG_PROTO: HeaderName = HeaderName::from_static("palisade-orig-proto");
 pub const XFCC: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
 
-/// The identity of the endpoint that answered, set by the outbound endpoint service so the
-/// telemetry layer can label the request with it.
+/// The identity and address of the endpoint that answered, set by the outbound endpoint
+/// service so the telemetry layer can label the request and its span with them.
 #[derive(Clone, Debug)]
-pub struct DstIdentity(pub Label);
+pub struct DstIdentity {
+    pub identity: Label,
+    pub endpoint: Option<std::net::SocketAddr>,
+}
 
 /// The route rule that took a request (`namespace/name/rule`), for the `route` label.
 #[derive(Clone, Debug)]
@@ -247,151 +249,6 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
-/// Records `palisade_requests_total` and `palisade_request_duration_seconds`.
-#[derive(Clone)]
-pub struct TelemetryLayer {
-    metrics: Arc<Metrics>,
-    direction: Direction,
-    src: Label,
-    dst: Label,
-    access_log: bool,
-    /// The empty `route` label, made once.
-    no_route: Label,
-}
-
-impl TelemetryLayer {
-    pub fn new(
-        metrics: Arc<Metrics>,
-        direction: Direction,
-        src: Label,
-        dst: Label,
-        access_log: bool,
-    ) -> Self {
-        TelemetryLayer {
-            metrics,
-            direction,
-            src,
-            dst,
-            access_log,
-            no_route: Label::new(""),
-        }
-    }
-}
-
-impl<S> tower::Layer<S> for TelemetryLayer {
-    type Service = Telemetry<S>;
-    fn layer(&self, inner: S) -> Self::Service {
-        Telemetry {
-            inner,
-            layer: self.clone(),
-        }
-    }
-}
-
-#[derive(Clone)]
-pub struct Telemetry<S> {
-    inner: S,
-    layer: TelemetryLayer,
-}
-
-impl<S, B> tower::Service<Request<B>> for Telemetry<S>
-where
-    S: tower::Service<Request<B>, Response = Response<RspBody>, Error = Infallible>,
-{
-    type Response = Response<RspBody>;
-    type Error = Infallible;
-    type Future = TelemetryFuture<S::Future>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: Request<B>) -> Self::Future {
-        let log = self.layer.access_log.then(|| {
-            (
-                req.method().clone(),
-                req.uri().path().to_owned(),
-                req.version(),
-            )
-        });
-        TelemetryFuture {
-            inner: self.inner.call(req),
-            layer: self.layer.clone(),
-            start: Instant::now(),
-            log,
-        }
-    }
-}
-
-pin_project_lite::pin_project! {
-    pub struct TelemetryFuture<F> {
-        #[pin]
-        inner: F,
-        layer: TelemetryLayer,
-        start: Instant,
-        log: Option<(http::Method, String, Version)>,
-    }
-}
-
-impl<F> Future for TelemetryFuture<F>
-where
-    F: Future<Output = Result<Response<RspBody>, Infallible>>,
-{
-    type Output = Result<Response<RspBody>, Infallible>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        let rsp = match this.inner.poll(cx) {
-            Poll::Pending => return Poll::Pending,
-            Poll::Ready(Ok(rsp)) => rsp,
-            Poll::Ready(Err(e)) => match e {},
-        };
-        let elapsed = this.start.elapsed();
-        let dst = rsp
-            .extensions()
-            .get::<DstIdentity>()
-            .map(|d| d.0.clone())
-            .unwrap_or_else(|| this.layer.dst.clone());
-        let route = rsp
-            .extensions()
-            .get::<RouteLabel>()
-            .map_or_else(|| this.layer.no_route.clone(), |r| r.0.clone());
-        let labels = RequestLabels {
-            direction: this.layer.direction,
-            src_identity: this.layer.src.clone(),
-            dst_identity: dst,
-            status_code: rsp.status().as_u16(),
-            route,
-        };
-        let m = &this.layer.metrics;
-        m.requests.get_or_create(&labels).inc();
-        m.request_duration
-            .get_or_create(&labels)
-            .observe(elapsed.as_secs_f64());
-        if let Some((method, path, version)) = this.log.take() {
-            let decision = rsp
-                .extensions()
-                .get::<crate::authz_layer::AuthzNote>()
-                .map(|n| n.to_string());
-            tracing::info!(
-                target: "palisade::access",
-                direction = ?labels.direction,
-                src = %labels.src_identity.0,
-                dst = %labels.dst_identity.0,
-                %method,
-                path = %path,
-                version = ?version,
-                status = labels.status_code,
-                route = %labels.route.0,
-                duration_ms = elapsed.as_secs_f64() * 1000.0,
-                authz = decision.as_deref().unwrap_or("-"),
-                "request"
-            );
-        }
-        Poll::Ready(Ok(rsp))
-    }
-}
-
 /// Gives a request an absolute URI (`http://authority/path`): HTTP/2 and the pooled app clients
 /// need one, while HTTP/1 requests arrive in origin form with a Host header. `fallback` is the
 /// authority when the request names none.
@@ -436,14 +293,16 @@ macro_rules! until_stopped {
 
 /// Serves one connection with HTTP/2 or HTTP/1.1 (with upgrades), with the proxy's limits, and
 /// shuts it down gracefully when the proxy stops.
-pub(crate) async fn serve_connection<I, S>(ctx: &crate::Ctx, io: I, svc: S, h2: bool)
+pub(crate) async fn serve_connection<I, S, B>(ctx: &crate::Ctx, io: I, svc: S, h2: bool)
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-    S: tower::Service<Request<Incoming>, Response = Response<RspBody>, Error = Infallible>
+    S: tower::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
         + Clone
         + Send
         + 'static,
     S::Future: Send + 'static,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
     let svc = hyper_util::service::TowerToHyperService::new(svc);
@@ -484,6 +343,9 @@ pub struct OutBody {
     /// Set when the client's body failed. Only requests that have a body carry one, so a
     /// bodiless request costs no allocation.
     failed: Option<Arc<std::sync::atomic::AtomicBool>>,
+    /// The client's body bytes read so far, for cost attribution (the telemetry layer made
+    /// it: [`crate::telemetry::request::RequestBytes`]).
+    tally: Option<Arc<std::sync::atomic::AtomicU64>>,
 }
 
 /// Tells, after a failed exchange, whether the client's body was at fault.
@@ -499,8 +361,10 @@ impl BodyWatch {
 }
 
 impl OutBody {
-    /// Wraps a client's body; the watch reports whether that body failed.
-    pub fn watched(body: Incoming) -> (OutBody, BodyWatch) {
+    /// Wraps a client's body; the watch reports whether that body failed. The bytes read are
+    /// added to the request's [`RequestBytes`](crate::telemetry::request::RequestBytes) when
+    /// `extensions` carry one.
+    pub fn watched(body: Incoming, extensions: &http::Extensions) -> (OutBody, BodyWatch) {
         use http_body::Body as _;
         if body.is_end_stream() {
             return (
@@ -508,16 +372,21 @@ impl OutBody {
                     inner: Some(body),
                     buffered: None,
                     failed: None,
+                    tally: None,
                 },
                 BodyWatch(None),
             );
         }
         let flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let tally = extensions
+            .get::<crate::telemetry::request::RequestBytes>()
+            .map(|t| t.0.clone());
         (
             OutBody {
                 inner: Some(body),
                 buffered: None,
                 failed: Some(flag.clone()),
+                tally,
             },
             BodyWatch(Some(flag)),
         )
@@ -528,6 +397,7 @@ impl OutBody {
             inner: None,
             buffered: None,
             failed: None,
+            tally: None,
         }
     }
 
@@ -542,6 +412,7 @@ impl OutBody {
             inner: None,
             buffered: (!bytes.is_empty()).then_some(bytes),
             failed: None,
+            tally: None,
         }
     }
 }
@@ -562,8 +433,16 @@ impl http_body::Body for OutBody {
             return Poll::Ready(None);
         };
         let polled = Pin::new(inner).poll_frame(cx);
-        if let (Poll::Ready(Some(Err(_))), Some(f)) = (&polled, &this.failed) {
-            f.store(true, std::sync::atomic::Ordering::Relaxed);
+        match (&polled, &this.failed, &this.tally) {
+            (Poll::Ready(Some(Err(_))), Some(f), _) => {
+                f.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+            (Poll::Ready(Some(Ok(frame))), _, Some(t)) => {
+                if let Some(d) = frame.data_ref() {
+                    t.fetch_add(d.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+            _ => {}
         }
         polled
     }

@@ -31,14 +31,16 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tower::ServiceBuilder;
+use tracing::Instrument as _;
 
 use crate::authz_layer::{AuthzLayer, ConnInfo};
 use crate::config::{MtlsMode, Protocol};
 use crate::detect::{self, Detected};
 use crate::errors::{ProxyError, RescueLayer};
-use crate::http::{self as phttp, OutBody, RspBody, TelemetryLayer};
+use crate::http::{self as phttp, OutBody, RspBody};
 use crate::io::PrefixedIo;
 use crate::sanitize::SanitizeLayer;
+use crate::telemetry::TelemetryLayer;
 use crate::telemetry::{ConnLabels, Direction, Label, OpenConnGuard};
 use crate::{Ctx, tls};
 
@@ -119,11 +121,16 @@ pub(crate) async fn serve(
         let _ = tcp.set_nodelay(true);
         let ctx = ctx.clone();
         let acceptor = acceptor.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            let _open = OpenConnGuard::new(&ctx.metrics, Direction::inbound);
-            handle(ctx, acceptor, tcp, remote).await;
-        });
+        // Every log line about this connection names its peer.
+        let span = tracing::info_span!("inbound", peer = %remote);
+        tokio::spawn(
+            async move {
+                let _permit = permit;
+                let _open = OpenConnGuard::new(&ctx.metrics, Direction::inbound);
+                handle(ctx, acceptor, tcp, remote).await;
+            }
+            .instrument(span),
+        );
     }
 }
 
@@ -225,6 +232,7 @@ where
     let svc = ServiceBuilder::new()
         .layer(TelemetryLayer::new(
             ctx.metrics.clone(),
+            ctx.tracer.clone(),
             Direction::inbound,
             src,
             ctx.own_label.clone(),
@@ -238,7 +246,6 @@ where
                 move || ctx.snapshot.load().inbound.path_normalization
             })),
         ))
-        .layer(crate::trace_context::TraceContextLayer)
         .layer(RescueLayer::new(ctx.metrics.clone(), Direction::inbound))
         .layer(AuthzLayer::new(ctx.clone(), info.clone()))
         .layer(crate::ratelimit::RateLimitLayer::new(
@@ -304,7 +311,7 @@ async fn call_app(
     phttp::set_absolute_uri(&mut req, &app.authority).map_err(|_| ProxyError::BadRequestTarget)?;
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (parts, body) = req.into_parts();
-    let (body, watch) = OutBody::watched(body);
+    let (body, watch) = OutBody::watched(body, &parts.extensions);
     let mut req = Request::from_parts(parts, body);
     let result = if to_h2 {
         phttp::strip_hop_by_hop(req.headers_mut(), false);

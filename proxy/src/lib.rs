@@ -33,7 +33,7 @@ pub mod sanitize;
 pub mod tcp;
 pub mod telemetry;
 pub mod tls;
-pub mod trace_context;
+pub mod trace;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -62,6 +62,8 @@ pub enum ProxyError {
     Identity(#[from] IdentityError),
     #[error(transparent)]
     Config(#[from] config::ConfigError),
+    #[error(transparent)]
+    Trace(#[from] trace::TraceError),
     #[error("TLS configuration: {0}")]
     Tls(#[from] rustls::Error),
 }
@@ -74,6 +76,8 @@ pub struct Ctx {
     /// Bumped after each applied snapshot; open TCP connections re-check authorization on it.
     pub(crate) version_tx: watch::Sender<u64>,
     pub(crate) metrics: Arc<Metrics>,
+    /// Span sampling and export (propagation only when no OTLP endpoint is set).
+    pub(crate) tracer: Arc<trace::Tracer>,
     pub(crate) own_label: Label,
     pub(crate) outbound: outbound::Table,
     /// Set when the proxy resolves redirected destinations on demand (a transparent listener
@@ -213,14 +217,21 @@ impl Proxy {
         let app = cfg
             .app_addr
             .map(|a| Arc::new(inbound::AppClients::new(a, cfg.timeouts.connect)));
+        let metrics = Metrics::new();
+        let tracer = Arc::new(trace::Tracer::start(
+            &cfg.tracing,
+            cfg.identity.as_str(),
+            metrics.clone(),
+        )?);
         let ctx = Arc::new(Ctx {
             own_label: Label::new(cfg.identity.as_str()),
+            tracer,
             conn_limit: Arc::new(Semaphore::new(cfg.limits.max_connections)),
             mirror_permits: Arc::new(Semaphore::new(outbound::MAX_MIRRORS_IN_FLIGHT)),
             store,
             snapshot: ArcSwap::from_pointee(Snapshot::empty()),
             version_tx,
-            metrics: Metrics::new(),
+            metrics,
             outbound: ArcSwap::from_pointee(Default::default()),
             on_demand: (transparent.is_some()
                 && matches!(cfg.credentials, CredentialSource::ControlPlane { .. }))
@@ -253,6 +264,7 @@ impl Proxy {
         };
 
         tokio::spawn(admin::serve(admin, ctx.clone(), ctx.stop_rx.clone()));
+        tokio::spawn(cost_ticks(ctx.metrics.clone(), ctx.stop_rx.clone()));
 
         match ctx.cfg.credentials.clone() {
             CredentialSource::Files { cert, key, .. } => {
@@ -407,4 +419,16 @@ pub async fn run(
     tracing::info!("draining");
     proxy.shutdown().await;
     Ok(())
+}
+
+/// Apportions the proxy's CPU time to the requests of each second (cost attribution).
+async fn cost_ticks(metrics: Arc<Metrics>, mut stop: watch::Receiver<bool>) {
+    let mut every = tokio::time::interval(std::time::Duration::from_secs(1));
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = every.tick() => metrics.cost.tick(),
+            _ = stop.changed() => return,
+        }
+    }
 }

@@ -38,7 +38,7 @@ pub struct Bucket {
 }
 
 impl Bucket {
-    fn new(rps: u32) -> Self {
+    pub(crate) fn new(rps: u32) -> Self {
         let interval = 1_000_000_000 / u64::from(rps.max(1));
         Bucket {
             interval,
@@ -48,7 +48,7 @@ impl Bucket {
     }
 
     /// Takes one request at `now`; past the limit, how long until one would be admitted.
-    fn take(&self, now: u64) -> Result<(), Duration> {
+    pub(crate) fn take(&self, now: u64) -> Result<(), Duration> {
         let mut current = self.tat.load(Ordering::Acquire);
         loop {
             let tat = current.max(now);

@@ -154,6 +154,57 @@ pub struct ProxyArgs {
     /// the name servers of /etc/resolv.conf.
     #[arg(long, env = "PALISADE_DNS_SERVER", value_name = "IP:PORT")]
     pub dns_server: Option<SocketAddr>,
+    /// Where spans go: an OTLP/gRPC collector (`OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` wins
+    /// when set). Unset: trace context is propagated, no span is exported.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
+    /// `service.name` of this proxy's spans (default: the workload's name).
+    #[arg(long, env = "OTEL_SERVICE_NAME", value_name = "NAME")]
+    pub otel_service_name: Option<String>,
+    /// always_on, always_off, traceidratio, parentbased_always_on (default),
+    /// parentbased_always_off or parentbased_traceidratio.
+    #[arg(long, env = "OTEL_TRACES_SAMPLER", value_name = "SAMPLER")]
+    pub otel_traces_sampler: Option<String>,
+    /// The ratio of the *traceidratio samplers (0 to 1; default 1).
+    #[arg(long, env = "OTEL_TRACES_SAMPLER_ARG", value_name = "RATIO")]
+    pub otel_traces_sampler_arg: Option<f64>,
+    /// A request slower than this is always exported, sampled or not (a route or service
+    /// can set its own).
+    #[arg(long, env = "PALISADE_TRACE_SLOW", value_name = "DURATION", default_value = "1s",
+          value_parser = duration)]
+    pub trace_slow: Duration,
+    /// Ordinary sampled spans exported per second per route (a route or service can set its
+    /// own); failed and slow requests do not count against it. Unset: no budget.
+    #[arg(
+        long,
+        env = "PALISADE_TRACE_SPAN_BUDGET",
+        value_name = "SPANS_PER_SECOND"
+    )]
+    pub trace_span_budget: Option<u32>,
+    /// Spans waiting for export; past it they are dropped (counted).
+    #[arg(
+        long,
+        env = "OTEL_BSP_MAX_QUEUE_SIZE",
+        value_name = "N",
+        default_value_t = 2048
+    )]
+    pub otel_bsp_max_queue_size: usize,
+    /// Most spans per export call.
+    #[arg(
+        long,
+        env = "OTEL_BSP_MAX_EXPORT_BATCH_SIZE",
+        value_name = "N",
+        default_value_t = 512
+    )]
+    pub otel_bsp_max_export_batch_size: usize,
+    /// Longest wait, in milliseconds, before a partial batch is exported.
+    #[arg(
+        long,
+        env = "OTEL_BSP_SCHEDULE_DELAY",
+        value_name = "MS",
+        default_value_t = 1000
+    )]
+    pub otel_bsp_schedule_delay: u64,
     /// Worker threads of the runtime (the sidecar needs few).
     #[arg(
         long,
@@ -241,10 +292,55 @@ fn build_config(a: &ProxyArgs) -> anyhow::Result<ProxyConfig> {
             ..Limits::default()
         },
         access_log: a.access_log,
+        tracing: trace_config(a)?,
         admin_shutdown: a.admin_shutdown,
         app_probes: std::sync::Arc::new(a.app_probes.clone().unwrap_or_default()),
         balancer: a.balancer,
         dns_server: a.dns_server,
+    })
+}
+
+/// The span settings, from the flags and the standard `OTEL_*` variables.
+fn trace_config(a: &ProxyArgs) -> anyhow::Result<palisade_proxy::trace::TraceConfig> {
+    let disabled = std::env::var("OTEL_SDK_DISABLED").is_ok_and(|v| v.eq_ignore_ascii_case("true"))
+        || std::env::var("OTEL_TRACES_EXPORTER").is_ok_and(|v| v.trim() == "none");
+    let endpoint = std::env::var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        .ok()
+        .or_else(|| a.otlp_endpoint.clone())
+        .map(|e| e.trim().to_string())
+        .filter(|e| !e.is_empty() && !disabled)
+        .map(|e| {
+            if e.contains("://") {
+                e
+            } else {
+                format!("http://{e}")
+            }
+        });
+    if let Some(e) = &endpoint {
+        e.parse::<http::Uri>()
+            .with_context(|| format!("OTLP endpoint {e:?} is not a URL"))?;
+    }
+    if let Some(r) = a.otel_traces_sampler_arg
+        && !(0.0..=1.0).contains(&r)
+    {
+        bail!("OTEL_TRACES_SAMPLER_ARG {r} is not a ratio between 0 and 1");
+    }
+    let sampler = palisade_proxy::trace::Sampler::from_otel(
+        a.otel_traces_sampler.as_deref(),
+        a.otel_traces_sampler_arg,
+    )?;
+    Ok(palisade_proxy::trace::TraceConfig {
+        otlp_endpoint: endpoint,
+        service_name: a
+            .otel_service_name
+            .clone()
+            .unwrap_or_else(|| a.workload.clone()),
+        sampler,
+        slow: a.trace_slow,
+        span_budget: a.trace_span_budget.filter(|n| *n > 0),
+        queue: a.otel_bsp_max_queue_size.max(1),
+        batch_size: a.otel_bsp_max_export_batch_size.max(1),
+        batch_delay: Duration::from_millis(a.otel_bsp_schedule_delay),
     })
 }
 

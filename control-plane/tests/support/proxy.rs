@@ -37,6 +37,7 @@ pub fn on_control_plane(
         timeouts: Timeouts::default(),
         limits: Limits::default(),
         access_log: false,
+        tracing: Default::default(),
         admin_shutdown: false,
         app_probes: Default::default(),
         dns_server: None,

@@ -1,4 +1,5 @@
-//! The outbound HTTP stack: Telemetry -> Sanitize -> Classify -> Rescue -> Dispatch ->
+//! The outbound HTTP stack: Telemetry (metrics, trace context and span, cost, access log) ->
+//! Sanitize -> Classify -> Rescue -> Dispatch ->
 //! Timeout (request) -> Retry -> Timeout (attempt) -> Balance + Endpoint. Balance and the
 //! endpoint call live here; the route stages (Classify, Dispatch) in `route.rs`, the timeout
 //! and retry layers in `timeout.rs` and `retry.rs`. Below Rescue every stage fails with a typed [`ProxyError`], which Rescue
@@ -33,10 +34,10 @@ use super::{Endpoint, OutService};
 use crate::Ctx;
 use crate::balance::Failure;
 use crate::errors::{ProxyError, RescueLayer};
-use crate::http::{self as phttp, DstIdentity, OutBody, PeerBody, RspBody, TelemetryLayer};
+use crate::http::{self as phttp, DstIdentity, OutBody, PeerBody, RspBody};
 use crate::io::PrefixedIo;
 use crate::sanitize::SanitizeLayer;
-use crate::telemetry::{Direction, Label};
+use crate::telemetry::{Direction, Label, TelemetryLayer};
 
 /// One try, and one more on another endpoint.
 const MAX_ATTEMPTS: usize = 2;
@@ -51,6 +52,7 @@ pub(super) async fn serve_http(
     let svc = ServiceBuilder::new()
         .layer(TelemetryLayer::new(
             metrics.clone(),
+            ctx.tracer.clone(),
             Direction::outbound,
             ctx.own_label.clone(),
             Label::new("unknown"),
@@ -61,7 +63,6 @@ pub(super) async fn serve_http(
             Direction::outbound,
             None,
         ))
-        .layer(crate::trace_context::TraceContextLayer)
         .layer(ClassifyLayer::new(ctx.clone(), service.clone()))
         .layer(RescueLayer::new(metrics.clone(), Direction::outbound))
         .layer(tower::layer::layer_fn({
@@ -172,8 +173,10 @@ pub(super) fn head_copy(req: &Request<OutBody>) -> Request<OutBody> {
 }
 
 fn tag(mut rsp: Response<RspBody>, ep: &Endpoint) -> Response<RspBody> {
-    rsp.extensions_mut()
-        .insert(DstIdentity(ep.identity.clone()));
+    rsp.extensions_mut().insert(DstIdentity {
+        identity: ep.identity.clone(),
+        endpoint: Some(ep.cfg.addr),
+    });
     rsp
 }
 
@@ -333,6 +336,7 @@ pub(super) mod tests {
             idle_timeout: None,
             retry,
             routes: Default::default(),
+            trace: Default::default(),
         });
         Call {
             svc: Arc::new(OutService {

@@ -39,6 +39,7 @@ pub use route::{MAX_MIRRORS_IN_FLIGHT, MIRROR_TIMEOUT};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use tracing::Instrument as _;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use hyper::client::conn::http2::SendRequest;
@@ -215,16 +216,21 @@ pub(crate) async fn serve_upstream(
         let ctx = ctx.clone();
         let service = service.clone();
         let egress = egress.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            let target = match egress {
-                Some(dest) if crate::egress::is_egress_key(&ctx, &service, &dest) => {
-                    Target::Egress(dest)
-                }
-                _ => Target::Service(service),
-            };
-            handle_app_conn(ctx, tcp, target).await;
-        });
+        // Every log line about this connection names the upstream it was for.
+        let span = tracing::info_span!("outbound", upstream = %service);
+        tokio::spawn(
+            async move {
+                let _permit = permit;
+                let target = match egress {
+                    Some(dest) if crate::egress::is_egress_key(&ctx, &service, &dest) => {
+                        Target::Egress(dest)
+                    }
+                    _ => Target::Service(service),
+                };
+                handle_app_conn(ctx, tcp, target).await;
+            }
+            .instrument(span),
+        );
     }
 }
 
@@ -252,10 +258,14 @@ pub(crate) async fn serve_transparent(
         };
         let _ = tcp.set_nodelay(true);
         let ctx = ctx.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            redirected(ctx, tcp, dst).await;
-        });
+        let span = tracing::info_span!("outbound", original_dst = %dst);
+        tokio::spawn(
+            async move {
+                let _permit = permit;
+                redirected(ctx, tcp, dst).await;
+            }
+            .instrument(span),
+        );
     }
 }
 

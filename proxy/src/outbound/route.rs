@@ -85,7 +85,8 @@ where
         let table = self.layer.ctx.outbound.load();
         // A service without routes (the common case) leaves the request as it is: Dispatch
         // looks the service up itself, and nothing is allocated for the classification.
-        let classified = match table.get(&self.layer.service) {
+        let svc = table.get(&self.layer.service);
+        let classified = match svc {
             Some(svc) if !svc.cfg.routes.is_empty() => {
                 let host = routing::request_host(&req);
                 Some(match svc.cfg.routes.select(&host, &req) {
@@ -98,9 +99,12 @@ where
             }
             _ => None,
         };
-        let label = match &classified {
-            Some(Classified::Rule(_, rule, _)) => Some(rule.label.clone()),
-            _ => None,
+        // The trace policy: the rule's (its route's over the service's), else the service's,
+        // routes or not. Copied, never allocated; an empty one (the proxy's defaults) is not
+        // attached at all.
+        let (label, trace) = match &classified {
+            Some(Classified::Rule(_, rule, _)) => (Some(rule.label.clone()), rule.trace),
+            _ => (None, svc.map(|s| s.cfg.trace).unwrap_or_default()),
         };
         if let Some(c) = classified {
             req.extensions_mut().insert(c);
@@ -108,16 +112,18 @@ where
         Labelled {
             inner: self.inner.call(req),
             label,
+            trace: (trace != crate::trace::TracePolicy::default()).then_some(trace),
         }
     }
 }
 
 pin_project_lite::pin_project! {
-    /// The inner response, labelled with the route rule.
+    /// The inner response, labelled with the route rule and its trace policy.
     pub(crate) struct Labelled<F> {
         #[pin]
         inner: F,
         label: Option<crate::telemetry::Label>,
+        trace: Option<crate::trace::TracePolicy>,
     }
 }
 
@@ -132,6 +138,9 @@ where
         let mut out = std::task::ready!(this.inner.poll(cx));
         if let (Ok(rsp), Some(label)) = (&mut out, this.label.take()) {
             rsp.extensions_mut().insert(RouteLabel(label));
+        }
+        if let (Ok(rsp), Some(trace)) = (&mut out, this.trace.take()) {
+            rsp.extensions_mut().insert(trace);
         }
         Poll::Ready(out)
     }
@@ -218,7 +227,7 @@ where
 fn prepare(req: Request<Incoming>, authority: &str) -> Result<Request<OutBody>, ProxyError> {
     let req = super::http::for_h2(req, authority).map_err(|_| ProxyError::BadRequestTarget)?;
     let (parts, body) = req.into_parts();
-    let (body, _) = OutBody::watched(body);
+    let (body, _) = OutBody::watched(body, &parts.extensions);
     Ok(Request::from_parts(parts, body))
 }
 

@@ -20,6 +20,7 @@ use palisade_api::v1;
 use regex::Regex;
 
 use crate::telemetry::Label;
+use crate::trace::TracePolicy;
 
 /// Why a route in a config cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -258,6 +259,9 @@ pub struct Rule {
     pub backend_timeout: Option<Duration>,
     pub retry: Option<RetryPolicy>,
     pub fault: Option<Fault>,
+    /// The trace policy of its requests: its route's, over the parent service's field by
+    /// field.
+    pub trace: TracePolicy,
 }
 
 impl Rule {
@@ -365,9 +369,12 @@ impl Routes {
             out.hosts.push(RouteHosts {
                 hostnames: r.hostnames.iter().map(|h| h.to_ascii_lowercase()).collect(),
             });
+            let trace = palisade_api::trace::TracePolicy::from_proto(r.trace.as_ref())
+                .map_err(|e| err(format!("trace.{e}")))?
+                .or(defaults.trace);
             for (ni, rule) in r.rules.iter().enumerate() {
                 let compiled = Arc::new(
-                    compile_rule(&name, rule, defaults)
+                    compile_rule(&name, rule, defaults, trace)
                         .map_err(|m| err(format!("rules[{ni}]: {m}")))?,
                 );
                 let mut matches = Vec::new();
@@ -497,14 +504,28 @@ fn path_change(p: &Option<v1::PathModifier>) -> Option<PathChange> {
     }
 }
 
-/// What a rule falls back to: its parent service's call policy.
+/// What a rule falls back to: its parent service's call and trace policy.
 #[derive(Debug, Default, Clone)]
 pub struct Defaults {
     pub request_timeout: Option<Duration>,
     pub retry: Option<RetryPolicy>,
+    pub trace: palisade_api::trace::TracePolicy,
 }
 
-fn compile_rule(route: &str, r: &v1::RouteRule, defaults: &Defaults) -> Result<Rule, String> {
+/// The proxy's form of a trace policy received from the control plane.
+pub(crate) fn trace_policy(p: palisade_api::trace::TracePolicy) -> TracePolicy {
+    TracePolicy {
+        span_budget: p.span_budget,
+        slow: p.slow,
+    }
+}
+
+fn compile_rule(
+    route: &str,
+    r: &v1::RouteRule,
+    defaults: &Defaults,
+    trace: palisade_api::trace::TracePolicy,
+) -> Result<Rule, String> {
     let ms = |v: u64| (v > 0).then(|| Duration::from_millis(v));
     let mut rule = Rule {
         label: Label::new(&format!("{route}/{}", r.name)),
@@ -525,6 +546,7 @@ fn compile_rule(route: &str, r: &v1::RouteRule, defaults: &Defaults) -> Result<R
             .map_err(|e| format!("retry: {e}"))?
             .or_else(|| defaults.retry.clone()),
         fault: None,
+        trace: trace_policy(trace),
     };
     for f in &r.filters {
         match &f.filter {

@@ -247,3 +247,126 @@ fn a_header_match_outranks_a_catch_all_rule_written_before_it() {
     let plain = Request::get("http://a/x").body(()).unwrap();
     assert_eq!(picked(&routes, &plain).as_deref(), Some("demo/r/all"));
 }
+
+/// What the outbound Classify stage and the inbound authorization stage attach to a response
+/// as its `TracePolicy` extension: the matched rule's policy (its route's over the service's,
+/// field by field), else the service's own.
+#[test]
+fn a_rule_carries_its_routes_trace_policy_over_its_services() {
+    use crate::config::Snapshot;
+
+    let trace = |budget: u32, slow_ms: u64| {
+        Some(v1::TracePolicy {
+            span_budget_per_second: budget,
+            slow_ms,
+        })
+    };
+    let mut slow = route(vec![rule(
+        "slow",
+        vec![v1::RouteMatch {
+            path: path(v1::path_match::Kind::Prefix, "/reports"),
+            ..Default::default()
+        }],
+    )]);
+    slow.name = "slow".into();
+    slow.trace = trace(0, 200);
+    let mut busy = route(vec![rule(
+        "busy",
+        vec![v1::RouteMatch {
+            path: path(v1::path_match::Kind::Prefix, "/feed"),
+            ..Default::default()
+        }],
+    )]);
+    busy.name = "busy".into();
+    busy.trace = trace(500, 0);
+    let mut plain = route(vec![rule("all", vec![])]);
+    plain.name = "plain".into();
+    let service = |name: &str, routes: Vec<v1::Route>, trace| v1::Service {
+        name: name.into(),
+        namespace: "demo".into(),
+        port: 8080,
+        protocol: v1::Protocol::Http as i32,
+        routes,
+        trace,
+        ..Default::default()
+    };
+    let cfg = v1::ProxyConfig {
+        version: 1,
+        inbound: Some(v1::Inbound {
+            // The control plane sends a backer's routes with their effective policy.
+            routes: vec![{
+                let mut r = slow.clone();
+                r.trace = trace(10, 200);
+                r
+            }],
+            ..Default::default()
+        }),
+        services: vec![
+            service(
+                "api",
+                vec![slow.clone(), busy.clone(), plain.clone()],
+                trace(10, 1000),
+            ),
+            service("db", Vec::new(), trace(5, 0)),
+            service("cache", vec![plain.clone()], None),
+        ],
+        ..Default::default()
+    };
+    let snap = Snapshot::from_proto(&cfg).expect("compiles");
+    let policy = |budget: Option<u32>, slow_ms: Option<u64>| TracePolicy {
+        span_budget: budget,
+        slow: slow_ms.map(Duration::from_millis),
+    };
+    let rule_trace = |svc: &str, uri: &str| {
+        let req = Request::get(uri).body(()).unwrap();
+        match snap.services[svc].routes.select("api.demo", &req) {
+            Matched::Rule(rule, _) => rule.trace,
+            _ => panic!("{svc} {uri}: no rule"),
+        }
+    };
+    let api = &snap.services["api.demo:8080"];
+    assert_eq!(api.trace, policy(Some(10), Some(1000)));
+    // The route's slow threshold, the service's budget.
+    assert_eq!(
+        rule_trace("api.demo:8080", "http://api.demo/reports/q3"),
+        policy(Some(10), Some(200))
+    );
+    // The route's budget, the service's slow threshold.
+    assert_eq!(
+        rule_trace("api.demo:8080", "http://api.demo/feed"),
+        policy(Some(500), Some(1000))
+    );
+    // A route without a policy: the service's.
+    assert_eq!(
+        rule_trace("api.demo:8080", "http://api.demo/other"),
+        api.trace
+    );
+    // A service without routes keeps its own; one without a policy has the proxy's defaults.
+    assert_eq!(snap.services["db.demo:8080"].trace, policy(Some(5), None));
+    assert_eq!(
+        rule_trace("cache.demo:8080", "http://cache.demo/"),
+        TracePolicy::default()
+    );
+    // Inbound: the rule's effective policy, as the control plane computed it.
+    let req = Request::get("http://api.demo/reports").body(()).unwrap();
+    match snap.inbound.routes.select("api.demo", &req) {
+        Matched::Rule(rule, _) => assert_eq!(rule.trace, policy(Some(10), Some(200))),
+        _ => panic!("no inbound rule"),
+    }
+
+    // A policy out of bounds is refused, naming the field.
+    let mut bad = cfg.clone();
+    bad.services[0].trace = trace(2_000_000, 0);
+    let e = Snapshot::from_proto(&bad).expect_err("refused").to_string();
+    assert!(
+        e.starts_with("services[api.demo:8080].trace.span_budget_per_second:"),
+        "{e}"
+    );
+    let mut bad = cfg.clone();
+    bad.services[0].routes[0].trace = trace(0, u64::MAX);
+    let e = Snapshot::from_proto(&bad).expect_err("refused").to_string();
+    assert!(
+        e.starts_with("services[api.demo:8080].routes: route demo/slow: trace.slow_ms:"),
+        "{e}"
+    );
+}

@@ -172,6 +172,7 @@ pub fn proxy_config(
         timeouts: test_timeouts(),
         limits: Limits::default(),
         access_log: false,
+        tracing: Default::default(),
         admin_shutdown: true,
         app_probes: Default::default(),
         dns_server: None,

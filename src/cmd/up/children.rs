@@ -26,6 +26,17 @@ pub(super) struct Paths {
     pub tokens: PathBuf,
     pub bundle: PathBuf,
     pub proxy_bin: Option<PathBuf>,
+    /// `--otlp`: the collector every proxy and app exports spans to.
+    pub otlp: Option<String>,
+}
+
+/// The OpenTelemetry variables of a workload's processes: its own `service.name`, and the
+/// collector of `--otlp` (apps instrumented with an OpenTelemetry SDK join the same traces).
+fn otel_env(c: &mut Command, w: &Workload, p: &Paths) {
+    c.env("OTEL_SERVICE_NAME", &w.name);
+    if let Some(e) = &p.otlp {
+        c.env("OTEL_EXPORTER_OTLP_ENDPOINT", e);
+    }
 }
 
 /// One child process and its log.
@@ -219,6 +230,7 @@ pub(super) fn spawn_app(w: &Workload, p: &Paths) -> anyhow::Result<Option<Proc>>
         .stdout(out)
         .stderr(err)
         .kill_on_drop(true);
+    otel_env(&mut c, w, p);
     for (k, v) in &w.env {
         c.env(k, v);
     }
@@ -280,6 +292,7 @@ pub(super) fn spawn_proxy(w: &Workload, mesh: &Mesh, p: &Paths) -> anyhow::Resul
         Some(port) => c.env("PALISADE_APP_ADDR", loopback(port).to_string()),
         None => c.env_remove("PALISADE_APP_ADDR"),
     };
+    otel_env(&mut c, w, p);
     let program = PathBuf::from(c.as_std().get_program());
     let child = c.spawn().with_context(|| {
         format!(

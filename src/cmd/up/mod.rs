@@ -51,6 +51,10 @@ pub struct UpArgs {
     /// (for scripts that treat an app's death as the end of a run).
     #[arg(long)]
     pub exit_on_app_failure: bool,
+    /// Export every proxy's spans (and those of apps instrumented with OpenTelemetry) to this
+    /// OTLP/gRPC collector, e.g. `http://127.0.0.1:4317`.
+    #[arg(long, value_name = "ENDPOINT")]
+    pub otlp: Option<String>,
 }
 
 pub fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
@@ -59,6 +63,20 @@ pub fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()?;
     rt.block_on(up(args))
+}
+
+/// `--otlp` as a URL (`host:port` means `http://host:port`), refused before anything starts.
+fn otlp_endpoint(e: &str) -> anyhow::Result<String> {
+    let e = e.trim();
+    let url = if e.contains("://") {
+        e.to_string()
+    } else {
+        format!("http://{e}")
+    };
+    match url.parse::<http::Uri>() {
+        Ok(u) if u.host().is_some() => Ok(url),
+        _ => anyhow::bail!("--otlp {e:?} is not a collector address (like http://127.0.0.1:4317)"),
+    }
 }
 
 /// A bootstrap token: 32 random bytes, hex (what the control plane's tokens file holds).
@@ -142,6 +160,7 @@ async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
         bundle: state.join("ca").join("root-cert.pem"),
         state,
         proxy_bin: args.proxy_bin.clone(),
+        otlp: args.otlp.as_deref().map(otlp_endpoint).transpose()?,
     };
     std::fs::create_dir_all(&paths.logs)
         .with_context(|| format!("cannot create {}", paths.logs.display()))?;

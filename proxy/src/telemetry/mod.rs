@@ -1,15 +1,22 @@
-//! Prometheus metrics of the proxy, with the names and labels of the spec.
+//! Telemetry of the proxy: Prometheus metrics with the names and labels of the spec (here),
+//! the per-request layer that records metrics, spans, cost and the access log
+//! ([`request`]), and cost attribution ([`cost`]).
 //!
 //! Label values are `Arc<str>` handles created once per connection (identities) or static
 //! strings, so recording a request clones reference counts and never allocates.
+
+pub mod cost;
+pub mod request;
+
+pub use request::{Observed, TelemetryLayer};
 
 use std::sync::Arc;
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::exemplar::HistogramWithExemplars;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 /// A cheaply clonable label value.
@@ -124,16 +131,51 @@ pub struct EgressLabels {
     pub protocol: &'static str,
 }
 
-fn latency_histogram() -> Histogram {
-    Histogram::new([
-        0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-    ])
+/// A trace id as an exemplar label value: 32 hex digits written straight to the encoder.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub struct TraceIdHex(pub [u8; 16]);
+
+impl EncodeLabelValue for TraceIdHex {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        use std::fmt::Write;
+        for b in self.0 {
+            write!(encoder, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+/// The exemplar of a latency observation: the sampled trace it belongs to.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TraceExemplar {
+    pub trace_id: TraceIdHex,
+}
+
+/// A span kept or dropped by the tail decision.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SpanLabels {
+    /// `kept` or `dropped`.
+    pub decision: &'static str,
+    /// kept: `sampled`, `error`, `slow`; dropped: `not_sampled`, `budget`.
+    pub reason: &'static str,
+}
+
+pub type LatencyHistogram = HistogramWithExemplars<TraceExemplar>;
+
+fn latency_histogram() -> LatencyHistogram {
+    HistogramWithExemplars::new(
+        [
+            0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+        ]
+        .into_iter(),
+    )
 }
 
 /// Every metric the proxy exports. One instance per proxy, shared by `Arc`.
 pub struct Metrics {
     pub requests: Family<RequestLabels, Counter>,
-    pub request_duration: Family<RequestLabels, Histogram, fn() -> Histogram>,
+    /// With the trace id of a sampled request as exemplar (OpenMetrics scrapes only).
+    pub request_duration: Family<RequestLabels, LatencyHistogram, fn() -> LatencyHistogram>,
     pub tcp_connections: Family<ConnLabels, Counter>,
     pub tcp_open: Family<DirLabels, Gauge>,
     pub tcp_bytes: Family<DirLabels, Counter>,
@@ -163,6 +205,14 @@ pub struct Metrics {
     pub egress_connections: Family<EgressLabels, Counter>,
     /// DNS lookups of egress names by result (`ok`, `nxdomain`, `error`), cache hits included.
     pub dns_lookups: Family<ResultLabels, Counter>,
+    /// Finished requests' spans by the tail decision.
+    pub trace_spans: Family<SpanLabels, Counter>,
+    /// Kept spans by what became of them (`exported`, `queue_full`, `export_failed`).
+    pub trace_export: Family<ResultLabels, Counter>,
+    /// When this proxy started (unix seconds): the window of its cumulative counters.
+    pub start_time: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// Requests, bytes and CPU by caller, callee and route.
+    pub cost: Arc<cost::Cost>,
     registry: Registry,
 }
 
@@ -195,8 +245,33 @@ impl Metrics {
             rate_limited: Family::default(),
             egress_connections: Family::default(),
             dns_lookups: Family::default(),
+            trace_spans: Family::default(),
+            trace_export: Family::default(),
+            start_time: Gauge::default(),
+            cost: Arc::new(cost::Cost::default()),
             registry: Registry::default(),
         };
+        m.start_time.set(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64()),
+        );
+        registry.register(
+            "palisade_trace_spans",
+            "Spans of finished requests by the tail sampling decision: kept (sampled, error, slow) or dropped (not_sampled, budget)",
+            m.trace_spans.clone(),
+        );
+        registry.register(
+            "palisade_trace_export_spans",
+            "Kept spans by what became of them: exported, queue_full (dropped: the export queue was full), export_failed (dropped: the collector refused or was unreachable)",
+            m.trace_export.clone(),
+        );
+        registry.register(
+            "palisade_proxy_start_time_seconds",
+            "When this proxy started, in unix seconds",
+            m.start_time.clone(),
+        );
+        registry.register_collector(Box::new(m.cost.clone()));
         registry.register(
             "palisade_egress_connections",
             "Connections from the app to destinations outside the mesh (egress, no mTLS), by the egress policy's decision and protocol (tls, http, tcp)",
@@ -325,13 +400,38 @@ impl Metrics {
         Arc::new(Metrics { registry, ..m })
     }
 
-    /// Prometheus text exposition of every metric.
+    /// Every metric, without exemplars: for scrapers that did not ask for OpenMetrics (the
+    /// Prometheus 0.0.4 text format has none) and for tests.
     pub fn encode(&self) -> String {
+        self.encode_with(false)
+    }
+
+    /// OpenMetrics text of every metric; `exemplars: false` leaves exemplars out.
+    pub fn encode_with(&self, exemplars: bool) -> String {
+        self.cost.tick();
         let mut out = String::with_capacity(8192);
         if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
             out.clear();
         }
+        if !exemplars {
+            out = without_exemplars(&out);
+        }
         out
+    }
+
+    pub fn trace_span(&self, d: crate::trace::sampler::Decision) {
+        self.trace_spans
+            .get_or_create(&SpanLabels {
+                decision: if d.kept() { "kept" } else { "dropped" },
+                reason: d.reason(),
+            })
+            .inc();
+    }
+
+    pub fn trace_export(&self, result: &'static str, n: u64) {
+        self.trace_export
+            .get_or_create(&ResultLabels { result })
+            .inc_by(n);
     }
 
     pub fn refuse(&self, direction: Direction, reason: &'static str) {
@@ -390,6 +490,22 @@ impl Metrics {
             .get_or_create(&ReasonLabels { direction, reason })
             .inc();
     }
+}
+
+/// The exposition with each sample's exemplar (` # {labels} value [timestamp]` after the
+/// value) removed.
+fn without_exemplars(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for line in text.lines() {
+        let sample = if line.starts_with('#') {
+            line
+        } else {
+            line.find(" # {").map_or(line, |i| &line[..i])
+        };
+        out.push_str(sample);
+        out.push('\n');
+    }
+    out
 }
 
 /// Keeps `palisade_tcp_open_connections` right even when a connection task is cancelled.

@@ -1,22 +1,37 @@
-//! W3C Trace Context propagation (`traceparent`, `tracestate`), the first part of tracing:
-//! every request leaves each proxy with a `traceparent` whose trace id is the caller's (or a new
-//! one when the request came without), and whose parent id is this proxy's own span for the
-//! request, so the app and the next hop continue one trace. B3 (`b3`, `x-b3-*`, Zipkin's and
-//! Istio's older headers) is accepted when no valid `traceparent` came. `tracestate` passes
-//! through untouched. Spans themselves (export over OTLP) come with the telemetry issue; the ids
-//! are already the ones those spans will carry.
+//! W3C Trace Context propagation (`traceparent`, `tracestate`): every request leaves each proxy
+//! with a `traceparent` whose trace id is the caller's (or a new one when the request came
+//! without), and whose parent id is this proxy's own span for the request, so the app and the
+//! next hop continue one trace. B3 (`b3`, `x-b3-*`, Zipkin's and Istio's older headers) is
+//! accepted when no valid `traceparent` came. A caller's `tracestate` passes through untouched;
+//! a trace this proxy starts with a sampling ratio below 1 gets `tracestate: ot=th:…`, the
+//! OpenTelemetry consistent-probability threshold it was sampled with.
 
 use std::task::{Context, Poll};
 
 use http::{HeaderMap, HeaderValue, Request};
 
+use super::Sampler;
+
 const TRACEPARENT: &str = "traceparent";
 
-/// A trace id and its sampled flag, as read from the request.
+/// A trace id, the caller's span and its sampled flag, as read from the request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Parent {
     trace_id: [u8; 16],
+    span_id: [u8; 8],
     sampled: bool,
+}
+
+/// The ids of this proxy's span for one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TraceIds {
+    pub trace_id: [u8; 16],
+    /// This proxy's span: the parent id the app or the next hop receives.
+    pub span_id: [u8; 8],
+    /// The caller's span, when the request came with a trace.
+    pub parent_span_id: Option<[u8; 8]>,
+    /// The head decision: the caller's flag, or this proxy's sampler for a new trace.
+    pub sampled: bool,
 }
 
 fn hex_nibble(b: u8) -> Option<u8> {
@@ -64,6 +79,7 @@ fn parse_traceparent(v: &[u8]) -> Option<Parent> {
     }
     Some(Parent {
         trace_id,
+        span_id: parent,
         sampled: flags[0] & 1 == 1,
     })
 }
@@ -84,22 +100,30 @@ fn parse_b3(h: &HeaderMap) -> Option<Parent> {
     if let Some(v) = h.get("b3") {
         let mut parts = v.as_bytes().split(|b| *b == b'-');
         let trace_id = b3_trace_id(parts.next()?)?;
-        let mut span = [0u8; 8];
-        unhex(parts.next()?, &mut span)?;
+        let mut span_id = [0u8; 8];
+        unhex(parts.next()?, &mut span_id)?;
         let sampled = !matches!(parts.next(), Some(b"0"));
-        return Some(Parent { trace_id, sampled });
+        return Some(Parent {
+            trace_id,
+            span_id,
+            sampled,
+        });
     }
     let trace_id = b3_trace_id(h.get("x-b3-traceid")?.as_bytes())?;
-    let mut span = [0u8; 8];
-    unhex(h.get("x-b3-spanid")?.as_bytes(), &mut span)?;
+    let mut span_id = [0u8; 8];
+    unhex(h.get("x-b3-spanid")?.as_bytes(), &mut span_id)?;
     let sampled = !matches!(
         h.get("x-b3-sampled").map(HeaderValue::as_bytes),
         Some(b"0" | b"false")
     );
-    Some(Parent { trace_id, sampled })
+    Some(Parent {
+        trace_id,
+        span_id,
+        sampled,
+    })
 }
 
-fn random_nonzero<const N: usize>() -> [u8; N] {
+pub(crate) fn random_nonzero<const N: usize>() -> [u8; N] {
     loop {
         let id: [u8; N] = rand::random();
         if id != [0; N] {
@@ -108,15 +132,10 @@ fn random_nonzero<const N: usize>() -> [u8; N] {
     }
 }
 
-/// The `traceparent` this proxy sends on: the trace it continues (or a new, sampled one) with
-/// a new span id of its own.
-fn next_traceparent(parent: Option<Parent>) -> HeaderValue {
+/// The `traceparent` this proxy sends on: the trace it continues (or starts) with its own span.
+fn next_traceparent(ids: &TraceIds) -> HeaderValue {
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    let p = parent.unwrap_or_else(|| Parent {
-        trace_id: random_nonzero(),
-        sampled: true,
-    });
-    let span: [u8; 8] = random_nonzero();
+    let (p, span) = (ids, ids.span_id);
     let mut out = [0u8; 55];
     out[..3].copy_from_slice(b"00-");
     for (i, b) in p.trace_id.iter().enumerate() {
@@ -140,33 +159,60 @@ fn next_traceparent(parent: Option<Parent>) -> HeaderValue {
     v
 }
 
-/// Gives the request this proxy's `traceparent` (see the module docs).
-pub fn propagate(h: &mut HeaderMap) {
+/// Gives the request this proxy's `traceparent` (see the module docs) and returns the ids of
+/// this proxy's span, with the head sampling decision of `sampler`.
+pub fn propagate(h: &mut HeaderMap, sampler: &Sampler) -> TraceIds {
     let parent = h
         .get(TRACEPARENT)
         .and_then(|v| parse_traceparent(v.as_bytes()))
         .or_else(|| parse_b3(h));
-    if parent.is_none() {
-        // A malformed traceparent starts a new trace, and so does its tracestate.
-        h.remove("tracestate");
-    }
-    h.insert(TRACEPARENT, next_traceparent(parent));
+    let ids = match parent {
+        Some(p) => TraceIds {
+            trace_id: p.trace_id,
+            span_id: random_nonzero(),
+            parent_span_id: Some(p.span_id),
+            sampled: sampler.continues(p.trace_id, p.sampled),
+        },
+        None => {
+            // A malformed traceparent starts a new trace, and so does its tracestate.
+            h.remove(TRACESTATE);
+            let trace_id = random_nonzero();
+            let sampled = sampler.samples(trace_id);
+            if let (true, Some(th)) = (sampled, sampler.tracestate()) {
+                h.insert(TRACESTATE, th.clone());
+            }
+            TraceIds {
+                trace_id,
+                span_id: random_nonzero(),
+                parent_span_id: None,
+                sampled,
+            }
+        }
+    };
+    h.insert(TRACEPARENT, next_traceparent(&ids));
+    ids
 }
 
-/// The stage that calls [`propagate`] on every request.
-#[derive(Clone, Copy, Default)]
-pub struct TraceContextLayer;
+const TRACESTATE: &str = "tracestate";
+
+/// The stage that calls [`propagate`] on every request, for stacks that keep no span (tests).
+#[derive(Clone, Default)]
+pub struct TraceContextLayer(pub Sampler);
 
 impl<S> tower::Layer<S> for TraceContextLayer {
     type Service = TraceContext<S>;
     fn layer(&self, inner: S) -> TraceContext<S> {
-        TraceContext { inner }
+        TraceContext {
+            inner,
+            sampler: self.0.clone(),
+        }
     }
 }
 
 #[derive(Clone)]
 pub struct TraceContext<S> {
     inner: S,
+    sampler: Sampler,
 }
 
 impl<S, B> tower::Service<Request<B>> for TraceContext<S>
@@ -182,7 +228,7 @@ where
     }
 
     fn call(&mut self, mut req: Request<B>) -> S::Future {
-        propagate(req.headers_mut());
+        propagate(req.headers_mut(), &self.sampler);
         self.inner.call(req)
     }
 }
@@ -201,7 +247,7 @@ mod tests {
                 HeaderValue::from_str(v).unwrap(),
             );
         }
-        propagate(&mut h);
+        propagate(&mut h, &Sampler::default());
         h
     }
 
