@@ -53,6 +53,9 @@ enum Command {
     /// A bounded fault-injection experiment on a running local mesh: abort and/or delay a
     /// share of a service's requests, then report the success rate its callers saw.
     Chaos(cmd::chaos::ChaosArgs),
+    /// What each caller (or route) costs: CPU-seconds and bytes of the proxies, priced, from a
+    /// running local mesh or from Prometheus.
+    Cost(cmd::cost::CostArgs),
     /// The latency benchmark: direct vs through the mesh, open loop, HDR histograms.
     Bench(cmd::bench::BenchArgs),
     /// A plain TCP relay: the floor `bench --relays` measures the mesh against.
@@ -76,6 +79,7 @@ fn main() -> ExitCode {
         Command::Install(a) => cmd::install::run(a),
         Command::Bench(a) => cmd::bench::run(a),
         Command::Chaos(a) => cmd::chaos::run(a),
+        Command::Cost(a) => cmd::cost::run(a),
         Command::Relay(a) => cmd::relay::run(a),
         Command::Inject(a) => cmd::inject::run(a),
         Command::Policy(cmd::policy::PolicyCommand::Check(a)) => cmd::policy::check(a),

@@ -18,6 +18,7 @@ pub mod mtls;
 pub mod path;
 pub mod policy;
 pub mod protocol;
+pub mod trace;
 
 pub use mtls::MtlsMode;
 pub use path::PathNormalization;

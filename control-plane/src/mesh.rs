@@ -240,6 +240,10 @@ pub struct Service {
     /// Retries of failed calls (`{codes: [502, 503], attempts: 3, backoff: 25ms}`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry: Option<palisade_api::call::RetrySpec>,
+    /// Which of its spans the proxies keep (`{spanBudget: 50, slowRequest: 500ms}`): ordinary
+    /// sampled spans per second, and the latency past which a span is always kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracing: Option<palisade_api::trace::TraceSpec>,
     /// The endpoints, when a source knows them rather than the selector (Kubernetes: the
     /// ready addresses of the Service's EndpointSlices). None: the workloads the selector
     /// matches. Not part of the mesh file.
@@ -535,8 +539,43 @@ mod schema {
                     leaf::<std::collections::BTreeMap<String, String>>,
                 ),
                 ("protocol", leaf::<super::Protocol>),
+                ("timeout", leaf::<Option<String>>),
+                ("idleTimeout", leaf::<Option<String>>),
+                ("retry", retry),
+                ("tracing", tracing),
             ],
             leaf::<super::Service>,
+        )
+    }
+
+    fn retry(v: &Value, path: &str) -> Found {
+        if v.is_null() {
+            return None;
+        }
+        object(
+            v,
+            path,
+            &[
+                ("codes", leaf::<Vec<u16>>),
+                ("attempts", leaf::<Option<u32>>),
+                ("backoff", leaf::<Option<String>>),
+            ],
+            leaf::<palisade_api::call::RetrySpec>,
+        )
+    }
+
+    fn tracing(v: &Value, path: &str) -> Found {
+        if v.is_null() {
+            return None;
+        }
+        object(
+            v,
+            path,
+            &[
+                ("spanBudget", leaf::<Option<u32>>),
+                ("slowRequest", leaf::<Option<String>>),
+            ],
+            leaf::<palisade_api::trace::TraceSpec>,
         )
     }
 
@@ -649,6 +688,10 @@ fn validate(file: MeshFile, path: &Path) -> Result<Mesh, MeshError> {
         }
         if let Some(r) = &s.retry {
             r.validate().map_err(|e| err(at("retry"), e.to_string()))?;
+        }
+        if let Some(t) = &s.tracing {
+            t.validate()
+                .map_err(|e| err(at(&format!("tracing.{}", e.field)), e.message))?;
         }
         if s.selector.is_empty() {
             return Err(err(
@@ -852,7 +895,74 @@ services:
         let e = field_of(&with("retry: { codes: [503], attempts: 40 }"));
         assert!(e.starts_with("services[0].retry: attempts"), "{e}");
         let e = field_of(&with("retry: { codes: [503], tries: 2 }"));
-        assert!(e.starts_with("services[0].retry"), "{e}");
+        assert!(
+            e.starts_with("services[0].retry.tries: unknown field"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_services_tracing_is_checked_and_reaches_its_wire_form() {
+        let with =
+            |extra: &str| GOOD.replace("protocol: http }", &format!("protocol: http, {extra} }}"));
+        let m = parse_str(&with("tracing: { spanBudget: 50, slowRequest: 500ms }")).unwrap();
+        let pieces = crate::pieces::Pieces::build(&m);
+        let wire = &pieces.service("api", "demo", 8080).unwrap().msg;
+        let t = wire.trace.as_ref().expect("a trace policy");
+        assert_eq!((t.span_budget_per_second, t.slow_ms), (50, 500));
+        // One field alone; none at all sends nothing.
+        let m = parse_str(&with("tracing: { slowRequest: 2s }")).unwrap();
+        let pieces = crate::pieces::Pieces::build(&m);
+        let t = pieces.service("api", "demo", 8080).unwrap().msg.trace;
+        assert_eq!(
+            t.map(|t| (t.span_budget_per_second, t.slow_ms)),
+            Some((0, 2000))
+        );
+        let m = parse_str(&with("tracing: {}")).unwrap();
+        let pieces = crate::pieces::Pieces::build(&m);
+        assert_eq!(pieces.service("api", "demo", 8080).unwrap().msg.trace, None);
+        let m = parse_str(GOOD).unwrap();
+        let pieces = crate::pieces::Pieces::build(&m);
+        assert_eq!(pieces.service("api", "demo", 8080).unwrap().msg.trace, None);
+
+        for (extra, field) in [
+            (
+                "tracing: { spanBudget: 0 }",
+                "services[0].tracing.spanBudget: must be 1–1000000",
+            ),
+            (
+                "tracing: { spanBudget: 1000001 }",
+                "services[0].tracing.spanBudget: must be 1–1000000",
+            ),
+            (
+                "tracing: { spanBudget: -1 }",
+                "services[0].tracing.spanBudget:",
+            ),
+            (
+                "tracing: { spanBudget: lots }",
+                "services[0].tracing.spanBudget:",
+            ),
+            (
+                "tracing: { slowRequest: soon }",
+                "services[0].tracing.slowRequest:",
+            ),
+            (
+                "tracing: { slowRequest: 0ms }",
+                "services[0].tracing.slowRequest:",
+            ),
+            (
+                "tracing: { slowRequest: 2d }",
+                "services[0].tracing.slowRequest:",
+            ),
+            (
+                "tracing: { sampleRate: 1 }",
+                "services[0].tracing.sampleRate: unknown field",
+            ),
+            ("tracing: 50", "services[0].tracing:"),
+        ] {
+            let e = field_of(&with(extra));
+            assert!(e.starts_with(field), "{extra}: {e}");
+        }
     }
 
     #[test]

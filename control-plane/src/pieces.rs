@@ -171,6 +171,11 @@ impl Pieces {
                     .and_then(|r| r.validate().ok())
                     .map(|r| r.to_proto()),
                 routes: traffic.routes_of(&s.name, &s.namespace, s.port),
+                trace: s
+                    .tracing
+                    .as_ref()
+                    .and_then(|t| t.validate().ok())
+                    .and_then(|t| t.to_proto()),
             };
             backed.push(backing_workloads);
             services.push(Arc::new(SharedService {
@@ -327,16 +332,22 @@ impl Pieces {
     }
 
     /// The routes of the services `w` backs (once each): its inbound proxy matches them for
-    /// the route label and authorization.
+    /// the route label, authorization and the trace policy. Each carries its effective trace
+    /// policy (the route's over its parent service's; for a route attached to several services
+    /// the workload backs, the first one's in key order), as the inbound side does not know
+    /// the service a request was for.
     pub fn routes_backed_by(&self, index: usize) -> Vec<v1::Route> {
         let mut out: Vec<v1::Route> = Vec::new();
         for &s in self.backs.get(index).map_or(&[][..], Vec::as_slice) {
-            for r in &self.services[s].msg.routes {
+            let svc = &self.services[s].msg;
+            for r in &svc.routes {
                 if !out
                     .iter()
                     .any(|o| o.namespace == r.namespace && o.name == r.name && o.grpc == r.grpc)
                 {
-                    out.push(r.clone());
+                    let mut r = r.clone();
+                    r.trace = effective_trace(r.trace.as_ref(), svc.trace.as_ref());
+                    out.push(r);
                 }
             }
         }
@@ -355,6 +366,17 @@ impl Pieces {
             .copied()
             .unwrap_or(Protocol::Detect)
     }
+}
+
+/// A route's trace policy over its service's, field by field (both were validated when read;
+/// one that is not valid counts as unset).
+fn effective_trace(
+    route: Option<&v1::TracePolicy>,
+    service: Option<&v1::TracePolicy>,
+) -> Option<v1::TracePolicy> {
+    use palisade_api::trace::TracePolicy;
+    let read = |p| TracePolicy::from_proto(p).unwrap_or_default();
+    read(route).or(read(service)).to_proto()
 }
 
 #[cfg(test)]
@@ -437,6 +459,32 @@ services:
         assert!(p.routes_backed_by(0).is_empty());
         // The digest of api changes with its route: proxies holding it get the change.
         assert_ne!(p.services[0].digest, Pieces::build(&m).services[0].digest);
+    }
+
+    #[test]
+    fn a_routes_trace_policy_travels_and_its_backers_get_the_effective_one() {
+        let m = mesh(&MESH.replace(
+            "selector: { app: api }, protocol: grpc }",
+            "selector: { app: api }, protocol: grpc, tracing: { spanBudget: 10, slowRequest: 1s } }",
+        ));
+        let mut traffic = crate::traffic::Traffic::default();
+        for r in palisade_api::policy::parse_str(
+            std::path::Path::new("r.yaml"),
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: { name: slow, namespace: demo, annotations: { trace.palisade.dev/slow: 200ms } }\nspec:\n  parentRefs: [ { kind: Service, name: api, port: 8080 } ]\n",
+        )
+        .expect("route")
+        {
+            assert!(traffic.add(r).is_none());
+        }
+        let p = Pieces::build_with(&m, &traffic);
+        let api = &p.services[0].msg;
+        let t = |t: Option<&v1::TracePolicy>| t.map(|t| (t.span_budget_per_second, t.slow_ms));
+        assert_eq!(t(api.trace.as_ref()), Some((10, 1000)));
+        // Callers get the route's own policy (their proxy merges it with the service's)...
+        assert_eq!(t(api.routes[0].trace.as_ref()), Some((0, 200)));
+        // ...the backers' inbound proxies the effective one.
+        let inbound = p.routes_backed_by(1);
+        assert_eq!(t(inbound[0].trace.as_ref()), Some((10, 200)));
     }
 
     #[test]

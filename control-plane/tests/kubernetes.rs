@@ -1353,6 +1353,62 @@ async fn an_http_route_reaches_the_proxies_calling_its_parent_service() {
     c.cp.shutdown().await;
 }
 
+/// The trace annotations of a Service and of its HTTPRoute reach the proxies: the Service's
+/// policy on its wire form for its callers, the route's own on the route (the caller's proxy
+/// merges them), the merged one on the inbound routes of the Service's pods. A bad value on the
+/// Service is left out alone; on a route it refuses that route alone, naming the annotation.
+#[tokio::test]
+async fn trace_annotations_of_a_service_and_its_routes_reach_the_proxies() {
+    let fake = FakeKube::start().await;
+    seed(&fake);
+    fake.set_served(Res::HttpRoutes, true);
+    let mut api = service("demo", "api", json!({ "app": "api" }), "10.96.0.10");
+    api["metadata"]["annotations"] = json!({
+        "trace.palisade.dev/span-budget": "50",
+        "trace.palisade.dev/slow": "1s",
+        "timeout.palisade.dev/request": "soon"
+    });
+    fake.apply(Res::Services, api);
+    let mut slow = http_route("demo", "api-split", api_parent(), "PathPrefix");
+    slow["metadata"]["annotations"] = json!({ "trace.palisade.dev/slow": "200ms" });
+    fake.apply(Res::HttpRoutes, slow);
+    let mut typo = http_route("demo", "api-typo", api_parent(), "PathPrefix");
+    typo["metadata"]["annotations"] = json!({ "trace.palisade.dev/span-budget": "0" });
+    fake.apply(Res::HttpRoutes, typo);
+    let (src, metrics) = start_source(&fake).await;
+    let m = src.current();
+    let t = |t: Option<&v1::TracePolicy>| t.map(|t| (t.span_budget_per_second, t.slow_ms));
+
+    let cfg = m.proxy_config("web-1").expect("web-1's config");
+    let api = cfg
+        .services
+        .iter()
+        .find(|s| s.name == "api" && s.port == 8080)
+        .expect("api in web-1's config");
+    assert_eq!(t(api.trace.as_ref()), Some((50, 1000)));
+    // The bad timeout annotation is left out; the trace policy is not.
+    assert_eq!(api.request_timeout_ms, 0);
+    let on_api = service_routes(&cfg, "api", 8080);
+    let names: Vec<&str> = on_api.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(names, ["api-split"]);
+    assert_eq!(t(on_api[0].trace.as_ref()), Some((0, 200)));
+
+    let backer = m.proxy_config("api-1").expect("api-1's config");
+    let inbound = backer.inbound.expect("inbound").routes;
+    assert_eq!(inbound.len(), 1);
+    assert_eq!(t(inbound[0].trace.as_ref()), Some((50, 200)));
+
+    assert_eq!(metric(&metrics, ROUTE_REJECTED), Some(1.0));
+    wait_until("the Event about the refused route", || {
+        events_about(&fake, "api-typo").iter().any(|e| {
+            e["note"]
+                .as_str()
+                .is_some_and(|n| n.contains("metadata.annotations.trace.palisade.dev/span-budget"))
+        })
+    })
+    .await;
+}
+
 /// Each mesh route is parsed alone by the policy files' parser: a bad one (or a consumer
 /// route) is refused alone, with the parser's field path in its Event, and everything else is
 /// served; routes of a gateway controller are not judged at all.

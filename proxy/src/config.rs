@@ -376,7 +376,7 @@ impl Snapshot {
                     idle_timeout,
                     retry,
                     routes: Arc::new(routes),
-                    trace: crate::routing::trace_policy(trace),
+                    trace,
                 }),
             );
         }

@@ -144,10 +144,9 @@ async fn generation(metrics: SocketAddr) -> Option<u64> {
     if !status.is_success() {
         return None;
     }
-    text.lines()
-        .find(|l| l.starts_with("palisade_config_generation "))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
+    let samples = super::prom::parse(&text);
+    let g = super::prom::value(&samples, "palisade_config_generation")?;
+    (g.is_finite() && g >= 0.0).then_some(g as u64)
 }
 
 /// Certifies one simulated proxy and starts its Watch; returns once the stream is open.

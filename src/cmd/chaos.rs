@@ -17,7 +17,7 @@ use anyhow::{Context, bail};
 use clap::Args;
 use palisade_api::policy::{self, Resource};
 
-use super::http_util;
+use super::{http_util, prom};
 
 /// The route and fault the experiment writes, by these names, in this file.
 const NAME: &str = "palisade-chaos";
@@ -156,46 +156,38 @@ struct Seen {
     version: f64,
 }
 
-fn labels(line: &str) -> BTreeMap<&str, &str> {
-    line.split_once('{')
-        .and_then(|(_, rest)| rest.rsplit_once('}'))
-        .map(|(l, _)| {
-            l.split(',')
-                .filter_map(|kv| kv.split_once('='))
-                .map(|(k, v)| (k.trim(), v.trim().trim_matches('"')))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 async fn seen(admin: SocketAddr, route: &str, fault: &str) -> anyhow::Result<Seen> {
     let (_, text) = http_util::get(admin, "/metrics").await?;
+    Ok(seen_in(&prom::parse(&text), route, fault))
+}
+
+fn seen_in(samples: &[prom::Sample], route: &str, fault: &str) -> Seen {
     let mut s = Seen::default();
-    for line in text.lines().filter(|l| !l.starts_with('#')) {
-        let Some((series, value)) = line.rsplit_once(' ') else {
-            continue;
-        };
-        let value: f64 = value.parse().unwrap_or(0.0);
-        let l = labels(series);
-        if series.starts_with("palisade_requests_total{")
-            && l.get("direction") == Some(&"outbound")
-            && l.get("route") == Some(&route)
-            && let Some(code) = l.get("status_code")
-        {
-            *s.by_status.entry(code.to_string()).or_default() += value;
-        } else if series.starts_with("palisade_faults_injected_total{")
-            && l.get("fault") == Some(&fault)
-        {
-            match l.get("kind") {
-                Some(&"abort") => s.aborts += value,
-                Some(&"delay") => s.delays += value,
-                _ => {}
+    for m in samples {
+        match m.name.as_str() {
+            "palisade_requests_total"
+                if m.label("direction") == "outbound"
+                    && m.labels.get("route").map(String::as_str) == Some(route)
+                    && m.labels.contains_key("status_code") =>
+            {
+                *s.by_status
+                    .entry(m.label("status_code").to_string())
+                    .or_default() += m.value;
             }
-        } else if series == "palisade_config_version" {
-            s.version = value;
+            "palisade_faults_injected_total"
+                if m.labels.get("fault").map(String::as_str) == Some(fault) =>
+            {
+                match m.label("kind") {
+                    "abort" => s.aborts += m.value,
+                    "delay" => s.delays += m.value,
+                    _ => {}
+                }
+            }
+            "palisade_config_version" if m.labels.is_empty() => s.version = m.value,
+            _ => {}
         }
     }
-    Ok(s)
+    s
 }
 
 /// Waits until every caller's proxy applied a config newer than `before` (bounded).
@@ -510,4 +502,31 @@ fn report(
         println!("  the experiment's route and fault are removed");
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn what_callers_saw_of_the_experiment() {
+        let text = r#"# TYPE palisade_requests counter
+palisade_requests_total{direction="outbound",src_identity="a",dst_identity="b",status_code="503",route="demo/palisade-chaos/chaos"} 3
+palisade_requests_total{direction="outbound",src_identity="a",dst_identity="b",status_code="200",route="demo/palisade-chaos/chaos"} 7 # {trace_id="x"} 1
+palisade_requests_total{direction="outbound",src_identity="a",dst_identity="b",status_code="200",route=""} 100
+palisade_requests_total{direction="inbound",src_identity="a",dst_identity="b",status_code="200",route="demo/palisade-chaos/chaos"} 50
+palisade_faults_injected_total{fault="demo/palisade-chaos",kind="abort"} 3
+palisade_faults_injected_total{fault="demo/other",kind="abort"} 9
+palisade_config_version 4
+# EOF
+"#;
+        let s = seen_in(
+            &prom::parse(text),
+            "demo/palisade-chaos/chaos",
+            "demo/palisade-chaos",
+        );
+        assert_eq!(s.by_status.get("503"), Some(&3.0));
+        assert_eq!(s.by_status.get("200"), Some(&7.0));
+        assert_eq!((s.aborts, s.delays, s.version), (3.0, 0.0, 4.0));
+    }
 }

@@ -517,23 +517,15 @@ async fn probe_app(addr: SocketAddr, protocol: &str) -> Result<String, String> {
 
 /// Adds the outbound `palisade_tls_connections_total` samples of one proxy, by `group`.
 fn count_key_exchanges(metrics: &str, groups: &mut BTreeMap<String, f64>) {
-    for line in metrics.lines() {
-        let Some(rest) = line.strip_prefix("palisade_tls_connections_total{") else {
-            continue;
-        };
-        let Some((labels, value)) = rest.split_once("} ") else {
-            continue;
-        };
-        if !labels.contains("direction=\"outbound\"") {
+    for s in super::prom::parse(metrics) {
+        if s.name != "palisade_tls_connections_total" || s.label("direction") != "outbound" {
             continue;
         }
-        let group = labels
-            .split(',')
-            .find_map(|l| l.strip_prefix("group=\""))
-            .map(|g| g.trim_end_matches('"'))
-            .unwrap_or("unknown");
-        let n: f64 = value.trim().parse().unwrap_or(0.0);
-        *groups.entry(group.to_string()).or_default() += n;
+        let group = match s.label("group") {
+            "" => "unknown",
+            g => g,
+        };
+        *groups.entry(group.to_string()).or_default() += s.value;
     }
 }
 

@@ -66,6 +66,9 @@ pub struct Route {
     /// Lower case; `*.example.com` matches one or more labels before `.example.com`.
     pub hostnames: Vec<String>,
     pub rules: Vec<RouteRule>,
+    /// The `trace.palisade.dev/span-budget` and `trace.palisade.dev/slow` annotations: the
+    /// trace policy of the route's requests, over its parent service's field by field.
+    pub trace: crate::trace::TracePolicy,
 }
 
 impl Route {
@@ -514,6 +517,7 @@ pub(super) fn parse(
             ..Default::default()
         });
     }
+    let trace = trace_annotations(c, meta);
     if c.errors.len() > before {
         return None;
     }
@@ -523,7 +527,18 @@ pub(super) fn parse(
         parents,
         hostnames,
         rules,
+        trace,
     })
+}
+
+/// The route's trace policy, from its `trace.palisade.dev/*` annotations; a bad or unknown
+/// one is an error naming it (`metadata.annotations.trace.palisade.dev/slow`).
+fn trace_annotations(c: &mut Ctx<'_>, meta: &ObjectMeta) -> crate::trace::TracePolicy {
+    let (policy, errors) = crate::trace::TracePolicy::from_annotations(&meta.annotations);
+    for e in errors {
+        c.err(&join("metadata.annotations", &e.field), e.message);
+    }
+    policy
 }
 
 fn valid_hostname(h: &str) -> bool {
@@ -1314,6 +1329,86 @@ mod tests {
             policy("ALLOW", "notRoutes: [demo/api/admin]").unwrap_err(),
             ["spec.rules[0].to[0].operation.notRoutes"]
         );
+    }
+
+    #[test]
+    fn trace_annotations_give_the_route_its_policy_and_a_bad_one_is_refused() {
+        let parse = |kind: &str, annotations: &str| {
+            let text = format!(
+                "apiVersion: gateway.networking.k8s.io/v1\nkind: {kind}\nmetadata:\n  name: r\n  namespace: demo\n  annotations: {{ {annotations} }}\nspec:\n{PARENT}"
+            );
+            match parse_str(Path::new("r.yaml"), &text) {
+                Ok(mut v) => match v.remove(0) {
+                    Resource::Route(r) => Ok(r),
+                    other => panic!("not a route: {other:?}"),
+                },
+                Err(e) => Err(e
+                    .into_iter()
+                    .map(|e| format!("{}: {}", e.field, e.message))
+                    .collect::<Vec<_>>()),
+            }
+        };
+        for kind in ["HTTPRoute", "GRPCRoute"] {
+            let r = parse(
+                kind,
+                "trace.palisade.dev/span-budget: \"50\", trace.palisade.dev/slow: 500ms, team: payments",
+            )
+            .unwrap_or_else(|e| panic!("{kind}: {e:?}"));
+            assert_eq!(
+                r.trace,
+                crate::trace::TracePolicy {
+                    span_budget: Some(50),
+                    slow: Some(Duration::from_millis(500)),
+                },
+                "{kind}"
+            );
+            let wire = super::super::wire::wire_route(&r, &Default::default());
+            let t = wire.trace.expect("sent");
+            assert_eq!((t.span_budget_per_second, t.slow_ms), (50, 500));
+        }
+        // One field alone; none: nothing on the wire.
+        let r = parse("HTTPRoute", "trace.palisade.dev/slow: 2s").unwrap();
+        assert_eq!(r.trace.span_budget, None);
+        assert_eq!(r.trace.slow, Some(Duration::from_secs(2)));
+        let r = parse("HTTPRoute", "team: payments").unwrap();
+        assert!(r.trace.is_empty());
+        assert_eq!(
+            super::super::wire::wire_route(&r, &Default::default()).trace,
+            None
+        );
+        for (annotation, field) in [
+            (
+                "trace.palisade.dev/span-budget: \"0\"",
+                "metadata.annotations.trace.palisade.dev/span-budget",
+            ),
+            (
+                "trace.palisade.dev/span-budget: \"2000000\"",
+                "metadata.annotations.trace.palisade.dev/span-budget",
+            ),
+            (
+                "trace.palisade.dev/span-budget: many",
+                "metadata.annotations.trace.palisade.dev/span-budget",
+            ),
+            (
+                "trace.palisade.dev/slow: soon",
+                "metadata.annotations.trace.palisade.dev/slow",
+            ),
+            (
+                "trace.palisade.dev/slow: 0s",
+                "metadata.annotations.trace.palisade.dev/slow",
+            ),
+            (
+                "trace.palisade.dev/slow-request: 1s",
+                "metadata.annotations.trace.palisade.dev/slow-request",
+            ),
+        ] {
+            let errs = parse("HTTPRoute", annotation).expect_err(annotation);
+            assert_eq!(errs.len(), 1, "{annotation}: {errs:?}");
+            assert!(
+                errs[0].starts_with(&format!("{field}: ")),
+                "{annotation}: {errs:?}"
+            );
+        }
     }
 
     #[test]

@@ -206,5 +206,6 @@ pub fn wire_route(r: &Route, faults: &BTreeMap<(String, String), HttpFault>) -> 
         grpc: r.kind == super::RouteKind::Grpc,
         hostnames: r.hostnames.clone(),
         rules: r.rules.iter().map(|x| rule(r, x, faults)).collect(),
+        trace: r.trace.to_proto(),
     }
 }

@@ -510,6 +510,7 @@ impl Builder {
             let (timeout, retry) = call_annotations(&svc.metadata, &ns, &name);
             let idle_timeout =
                 duration_annotation(&svc.metadata, "timeout.palisade.dev/idle", &ns, &name);
+            let trace = trace_annotations(&svc.metadata, &ns, &name);
             let no_slices = Vec::new();
             let own_slices = slices
                 .get(&(ns.clone(), name.clone()))
@@ -562,6 +563,7 @@ impl Builder {
                     timeout: timeout.clone(),
                     idle_timeout: idle_timeout.clone(),
                     retry: retry.clone(),
+                    tracing: trace.clone(),
                 });
             }
         }
@@ -1283,6 +1285,22 @@ fn duration_annotation(
     }
 }
 
+/// The trace policy a Service's annotations set (`trace.palisade.dev/span-budget`,
+/// `trace.palisade.dev/slow`). One that does not parse (or an unknown `trace.palisade.dev/`
+/// key) is left out, and said so: the Service keeps the good one and keeps routing.
+fn trace_annotations(
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    ns: &str,
+    name: &str,
+) -> Option<palisade_api::trace::TraceSpec> {
+    let (spec, errors) =
+        palisade_api::trace::TraceSpec::from_annotations(meta.annotations.as_ref()?);
+    for e in errors {
+        tracing::warn!(service = %format!("{ns}/{name}"), error = %e.message, "ignoring annotation {}", e.field);
+    }
+    (!spec.is_empty()).then_some(spec)
+}
+
 /// The request timeout and retry policy a Service's annotations set
 /// (`timeout.palisade.dev/request`, `retry.palisade.dev/{codes,attempts,backoff}`). One that
 /// does not parse is left out, and said so: the Service keeps routing without it.
@@ -1398,6 +1416,73 @@ mod tests {
         };
         assert_eq!(idle("30s").as_deref(), Some("30s"));
         assert_eq!(idle("forever"), None);
+    }
+
+    #[test]
+    fn trace_annotations_are_read_and_a_bad_one_is_left_out() {
+        let meta =
+            |pairs: &[(&str, &str)]| k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+                annotations: Some(
+                    pairs
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect(),
+                ),
+                ..Default::default()
+            };
+        let spec = trace_annotations(
+            &meta(&[
+                ("trace.palisade.dev/span-budget", "50"),
+                ("trace.palisade.dev/slow", "500ms"),
+                ("timeout.palisade.dev/request", "2s"),
+            ]),
+            "demo",
+            "api",
+        )
+        .expect("a trace policy");
+        assert_eq!(
+            spec.validate().expect("valid"),
+            palisade_api::trace::TracePolicy {
+                span_budget: Some(50),
+                slow: Some(Duration::from_millis(500)),
+            }
+        );
+        // A bad value is left out; the good one stays.
+        let spec = trace_annotations(
+            &meta(&[
+                ("trace.palisade.dev/span-budget", "0"),
+                ("trace.palisade.dev/slow", "1s"),
+            ]),
+            "demo",
+            "api",
+        )
+        .expect("the good one");
+        assert_eq!(
+            (spec.span_budget, spec.slow_request.as_deref()),
+            (None, Some("1s"))
+        );
+        for bad in [
+            ("trace.palisade.dev/span-budget", "lots"),
+            ("trace.palisade.dev/span-budget", "1000001"),
+            ("trace.palisade.dev/slow", "soon"),
+            ("trace.palisade.dev/slow", "0s"),
+            ("trace.palisade.dev/budget", "5"),
+        ] {
+            assert_eq!(
+                trace_annotations(&meta(&[bad]), "demo", "api"),
+                None,
+                "{bad:?}"
+            );
+        }
+        assert_eq!(trace_annotations(&meta(&[]), "demo", "api"), None);
+        assert_eq!(
+            trace_annotations(
+                &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta::default(),
+                "demo",
+                "api"
+            ),
+            None
+        );
     }
 
     #[test]

@@ -513,13 +513,6 @@ pub struct Defaults {
 }
 
 /// The proxy's form of a trace policy received from the control plane.
-pub(crate) fn trace_policy(p: palisade_api::trace::TracePolicy) -> TracePolicy {
-    TracePolicy {
-        span_budget: p.span_budget,
-        slow: p.slow,
-    }
-}
-
 fn compile_rule(
     route: &str,
     r: &v1::RouteRule,
@@ -546,7 +539,7 @@ fn compile_rule(
             .map_err(|e| format!("retry: {e}"))?
             .or_else(|| defaults.retry.clone()),
         fault: None,
-        trace: trace_policy(trace),
+        trace,
     };
     for f in &r.filters {
         match &f.filter {

@@ -85,6 +85,8 @@ struct SpanStart {
     start: SystemTime,
     method: Method,
     uri: Uri,
+    /// The Host header, for an HTTP/1 request whose URI is only a path.
+    host: Option<HeaderValue>,
     version: Version,
 }
 
@@ -108,6 +110,12 @@ where
             start: SystemTime::now(),
             method: req.method().clone(),
             uri: req.uri().clone(),
+            host: req
+                .uri()
+                .authority()
+                .is_none()
+                .then(|| req.headers().get(http::header::HOST).cloned())
+                .flatten(),
             version: req.version(),
         });
         let tally = (!req.body().is_end_stream()).then(|| {
@@ -190,7 +198,15 @@ where
         };
         let m = &layer.metrics;
         m.requests.get_or_create(&labels).inc();
-        let exemplar = (this.span.is_some() && this.ids.sampled).then_some(TraceExemplar {
+        // A sampled request takes its place in the route's span budget now, so that the
+        // exemplar names only a trace whose span will be exported.
+        let admitted = (this.span.is_some() && this.ids.sampled).then(|| {
+            let policy = rsp.extensions().get::<TracePolicy>().copied();
+            layer
+                .tracer
+                .admit(policy.unwrap_or_default(), &labels.route)
+        });
+        let exemplar = (admitted == Some(true)).then_some(TraceExemplar {
             trace_id: TraceIdHex(this.ids.trace_id),
         });
         m.request_duration
@@ -204,20 +220,25 @@ where
             log_request(&labels, &method, &path, version, elapsed, &authz, this.ids);
         }
         let grpc = is_grpc(rsp.headers()).then(|| grpc_status(rsp.headers()));
-        let span = this.span.take().map(|s| SpanParts {
-            ids: *this.ids,
-            start: s.start,
-            method: s.method,
-            uri: s.uri,
-            version: s.version,
-            authz,
-            endpoint,
-            proxy_error: rsp.headers().get(PROXY_ERROR).cloned(),
-            policy: rsp
+        let span = this.span.take().map(|s| {
+            let policy = rsp
                 .extensions()
                 .get::<TracePolicy>()
                 .copied()
-                .unwrap_or_default(),
+                .unwrap_or_default();
+            SpanParts {
+                ids: *this.ids,
+                start: s.start,
+                method: s.method,
+                uri: s.uri,
+                host: s.host,
+                version: s.version,
+                authz,
+                endpoint,
+                proxy_error: rsp.headers().get(PROXY_ERROR).cloned(),
+                policy,
+                admitted: admitted.unwrap_or(false),
+            }
         });
         let pending = Pending {
             layer: layer.clone(),
@@ -231,7 +252,7 @@ where
             inner,
             bytes: 0,
             broken: false,
-            pending: Some(Box::new(pending)),
+            pending: Some(pending),
         })))
     }
 }
@@ -287,11 +308,14 @@ struct SpanParts {
     start: SystemTime,
     method: Method,
     uri: Uri,
+    host: Option<HeaderValue>,
     version: Version,
     authz: Option<(bool, Label)>,
     endpoint: Option<SocketAddr>,
     proxy_error: Option<HeaderValue>,
     policy: TracePolicy,
+    /// Head-sampled and within its route's span budget.
+    admitted: bool,
 }
 
 /// What is recorded once the response has ended.
@@ -324,10 +348,9 @@ impl Pending {
         let status = self.labels.status_code;
         let denied = span.authz.as_ref().is_some_and(|(allowed, _)| !allowed);
         let failed = broken || FinishedSpan::failed(status, grpc_status, denied);
-        let decision =
-            layer
-                .tracer
-                .decide(&span.ids, failed, elapsed, span.policy, &self.labels.route);
+        let decision = layer
+            .tracer
+            .decide(&span.ids, span.admitted, failed, elapsed, span.policy);
         if !decision.kept() {
             return;
         }
@@ -338,6 +361,7 @@ impl Pending {
             duration: elapsed,
             method: span.method,
             uri: span.uri,
+            host: span.host,
             version: span.version,
             status,
             grpc_status,
@@ -358,8 +382,9 @@ pub struct Observed {
     inner: RspBody,
     bytes: u64,
     broken: bool,
-    /// Boxed: moved once per request, and keeps the body small for hyper.
-    pending: Option<Box<Pending>>,
+    /// Inline, not boxed: no allocation per request (hyper keeps the body in the stream's
+    /// task or connection state, which exists anyway).
+    pending: Option<Pending>,
 }
 
 impl Observed {

@@ -22,6 +22,7 @@ use tokio::sync::mpsc;
 use super::sampler::{Budgets, Decision, decide};
 use super::{Sampler, TraceConfig, TraceIds, TracePolicy};
 use crate::telemetry::{Direction, Label, Metrics};
+use http::uri::Authority;
 
 /// Why the span pipeline could not start.
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +43,8 @@ pub struct FinishedSpan {
     pub duration: Duration,
     pub method: Method,
     pub uri: Uri,
+    /// The Host header when the URI has no authority (HTTP/1 origin form).
+    pub host: Option<http::HeaderValue>,
     pub version: Version,
     pub status: u16,
     /// The gRPC status from the headers or trailers, for a gRPC call.
@@ -137,23 +140,30 @@ impl Tracer {
         self.tx.is_some()
     }
 
-    /// The tail decision for a finished request, counted.
+    /// Whether a head-sampled request fits its route's span budget now (taking its place).
+    pub fn admit(&self, policy: TracePolicy, route: &Label) -> bool {
+        match policy.span_budget.or(self.span_budget) {
+            Some(n) => self.budgets.take(route, n),
+            None => true,
+        }
+    }
+
+    /// The tail decision for a finished request, counted; `admitted` is what [`Tracer::admit`]
+    /// said when its response began.
     pub fn decide(
         &self,
         ids: &TraceIds,
+        admitted: bool,
         failed: bool,
         elapsed: Duration,
         policy: TracePolicy,
-        route: &Label,
     ) -> Decision {
         let d = decide(
             ids.sampled,
+            admitted,
             failed,
             elapsed,
             policy.slow.unwrap_or(self.slow),
-            policy.span_budget.or(self.span_budget),
-            route,
-            &self.budgets,
         );
         self.metrics.trace_span(d);
         d
@@ -237,7 +247,12 @@ fn span_data(s: FinishedSpan, scope: &InstrumentationScope) -> SpanData {
     attributes.push(kv("http.request.method", s.method.to_string()));
     attributes.push(kv("url.path", path.to_string()));
     attributes.push(kv("url.scheme", "http"));
-    if let Some(a) = s.uri.authority() {
+    let authority = s.uri.authority().cloned().or_else(|| {
+        s.host
+            .as_ref()
+            .and_then(|h| Authority::try_from(h.as_bytes()).ok())
+    });
+    if let Some(a) = &authority {
         attributes.push(kv("server.address", a.host().to_string()));
         if let Some(p) = a.port_u16() {
             attributes.push(kv("server.port", i64::from(p)));

@@ -22,15 +22,10 @@ pub use context::{TraceContextLayer, TraceIds};
 pub use export::{FinishedSpan, TraceError, Tracer};
 pub use sampler::Sampler;
 
-/// What a route (or its service) says about its spans. Carried as a response extension by
-/// the stage that matched the route, so the telemetry layer reads it without a lookup.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct TracePolicy {
-    /// Ordinary sampled spans kept per second for this route; None: the proxy's default.
-    pub span_budget: Option<u32>,
-    /// A request slower than this is always kept; None: the proxy's default.
-    pub slow: Option<Duration>,
-}
+/// What a route (or its service) says about its spans (span budget, slow threshold), as the
+/// wire carries it. The stage that matched the route attaches it to the response, so the
+/// telemetry layer reads it without a lookup.
+pub use palisade_api::trace::TracePolicy;
 
 /// Tracing settings of a proxy process (the `OTEL_*` variables, read by the CLI).
 #[derive(Clone, Debug)]

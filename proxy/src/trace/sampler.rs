@@ -183,15 +183,14 @@ impl Budgets {
     }
 }
 
-/// The tail decision for a finished request.
+/// The tail decision for a finished request; `admitted`: it fit its route's span budget when
+/// its response began ([`Budgets::take`]).
 pub fn decide(
     head_sampled: bool,
+    admitted: bool,
     failed: bool,
     elapsed: Duration,
     slow: Duration,
-    budget: Option<u32>,
-    route: &Label,
-    budgets: &Budgets,
 ) -> Decision {
     if failed {
         Decision::Error
@@ -199,7 +198,7 @@ pub fn decide(
         Decision::Slow
     } else if !head_sampled {
         Decision::NotSampled
-    } else if budget.is_some_and(|n| !budgets.take(route, n)) {
+    } else if !admitted {
         Decision::Budget
     } else {
         Decision::Sampled
@@ -254,29 +253,27 @@ mod tests {
 
     #[test]
     fn errors_and_slow_requests_are_kept_whatever_the_head_or_budget_said() {
-        let b = Budgets::default();
-        let r = Label::new("demo/api/0");
         let slow = Duration::from_millis(500);
         let fast = Duration::from_millis(1);
+        assert_eq!(decide(false, false, true, fast, slow), Decision::Error);
+        assert_eq!(decide(true, false, true, fast, slow), Decision::Error);
+        assert_eq!(decide(false, false, false, slow, slow), Decision::Slow);
         assert_eq!(
-            decide(false, true, fast, slow, Some(1), &r, &b),
-            Decision::Error
-        );
-        assert_eq!(
-            decide(false, false, slow, slow, Some(1), &r, &b),
-            Decision::Slow
-        );
-        assert_eq!(
-            decide(false, false, fast, slow, None, &r, &b),
+            decide(false, false, false, fast, slow),
             Decision::NotSampled
         );
+        assert_eq!(decide(true, false, false, fast, slow), Decision::Budget);
+        assert_eq!(decide(true, true, false, fast, slow), Decision::Sampled);
+    }
+
+    #[test]
+    fn a_budget_admits_its_rate_per_route() {
+        let b = Budgets::default();
+        let r = Label::new("demo/api/0");
         // A budget of 2 per second lets two through at once, then refuses.
-        let kept = (0..10)
-            .filter(|_| decide(true, false, fast, slow, Some(2), &r, &b).kept())
-            .count();
+        let kept = (0..10).filter(|_| b.take(&r, 2)).count();
         assert_eq!(kept, 2);
         // Another route has its own budget.
-        let other = Label::new("demo/api/1");
-        assert!(decide(true, false, fast, slow, Some(2), &other, &b).kept());
+        assert!(b.take(&Label::new("demo/api/1"), 2));
     }
 }
