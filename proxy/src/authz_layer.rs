@@ -215,7 +215,9 @@ where
             {
                 crate::routing::Matched::Rule(r, _) => (
                     Some(r.label.clone()),
-                    (r.trace != crate::trace::TracePolicy::default()).then_some(r.trace),
+                    (self.layer.ctx.tracer.enabled()
+                        && r.trace != crate::trace::TracePolicy::default())
+                    .then_some(r.trace),
                 ),
                 _ => (None, None),
             }

@@ -62,8 +62,6 @@ pub enum ProxyError {
     Identity(#[from] IdentityError),
     #[error(transparent)]
     Config(#[from] config::ConfigError),
-    #[error(transparent)]
-    Trace(#[from] trace::TraceError),
     #[error("TLS configuration: {0}")]
     Tls(#[from] rustls::Error),
 }
@@ -222,7 +220,7 @@ impl Proxy {
             &cfg.tracing,
             cfg.identity.as_str(),
             metrics.clone(),
-        )?);
+        ));
         let ctx = Arc::new(Ctx {
             own_label: Label::new(cfg.identity.as_str()),
             tracer,

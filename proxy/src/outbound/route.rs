@@ -112,7 +112,10 @@ where
         Labelled {
             inner: self.inner.call(req),
             label,
-            trace: (trace != crate::trace::TracePolicy::default()).then_some(trace),
+            // Only read by span sampling: no extension (an allocation) when nothing exports.
+            trace: (self.layer.ctx.tracer.enabled()
+                && trace != crate::trace::TracePolicy::default())
+            .then_some(trace),
         }
     }
 }

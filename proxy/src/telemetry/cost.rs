@@ -25,7 +25,7 @@ use super::{Direction, Label};
 pub const UNITS_PER_REQUEST: u64 = 50_000;
 
 /// Most keys kept; past it, new keys share one `overflow` key (the labels are bounded by the
-/// identities and routes of the mesh, but a plaintext caller's label is not).
+/// identities and routes of the mesh, but a mesh can be large).
 const MAX_KEYS: usize = 10_000;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
@@ -35,23 +35,53 @@ struct Key {
     route: Label,
 }
 
+/// What one side of a proxy (inbound or outbound) counted for a key.
+#[derive(Debug, Default)]
+struct Side {
+    requests: AtomicU64,
+    request_bytes: AtomicU64,
+    response_bytes: AtomicU64,
+}
+
 #[derive(Debug, Default)]
 struct Cell {
     /// Units added since the last tick.
     units: AtomicU64,
     cpu_ns: AtomicU64,
-    request_bytes: AtomicU64,
-    response_bytes: AtomicU64,
-    inbound: AtomicU64,
-    outbound: AtomicU64,
+    inbound: Side,
+    outbound: Side,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Cost {
     cells: RwLock<HashMap<Key, Arc<Cell>>>,
+    /// Where keys past [`MAX_KEYS`] go, made once: a caller past the cap takes no write lock.
+    overflow: Arc<Cell>,
     /// Process CPU nanoseconds at the last tick.
     last_cpu_ns: Mutex<Option<u64>>,
     unattributed_ns: AtomicU64,
+}
+
+impl Default for Cost {
+    fn default() -> Self {
+        let overflow = Arc::new(Cell::default());
+        let label = Label::new("overflow");
+        let mut cells = HashMap::new();
+        cells.insert(
+            Key {
+                src: label.clone(),
+                dst: label.clone(),
+                route: label,
+            },
+            overflow.clone(),
+        );
+        Cost {
+            cells: RwLock::new(cells),
+            overflow,
+            last_cpu_ns: Mutex::new(None),
+            unattributed_ns: AtomicU64::new(0),
+        }
+    }
 }
 
 impl Cost {
@@ -70,14 +100,15 @@ impl Cost {
             .saturating_add(request_bytes)
             .saturating_add(response_bytes);
         cell.units.fetch_add(units, Ordering::Relaxed);
-        cell.request_bytes
-            .fetch_add(request_bytes, Ordering::Relaxed);
-        cell.response_bytes
-            .fetch_add(response_bytes, Ordering::Relaxed);
-        match direction {
-            Direction::inbound => cell.inbound.fetch_add(1, Ordering::Relaxed),
-            Direction::outbound => cell.outbound.fetch_add(1, Ordering::Relaxed),
+        let side = match direction {
+            Direction::inbound => &cell.inbound,
+            Direction::outbound => &cell.outbound,
         };
+        side.requests.fetch_add(1, Ordering::Relaxed);
+        side.request_bytes
+            .fetch_add(request_bytes, Ordering::Relaxed);
+        side.response_bytes
+            .fetch_add(response_bytes, Ordering::Relaxed);
     }
 
     fn cell(&self, src: &Label, dst: &Label, route: &Label) -> Arc<Cell> {
@@ -86,35 +117,42 @@ impl Cost {
             dst: dst.clone(),
             route: route.clone(),
         };
-        if let Some(c) = self.cells.read().ok().and_then(|m| m.get(&key).cloned()) {
-            return c;
+        {
+            let Ok(cells) = self.cells.read() else {
+                return self.overflow.clone();
+            };
+            if let Some(c) = cells.get(&key) {
+                return c.clone();
+            }
+            if cells.len() > MAX_KEYS {
+                return self.overflow.clone();
+            }
         }
         let Ok(mut cells) = self.cells.write() else {
-            return Arc::default();
-        };
-        let key = if cells.len() >= MAX_KEYS && !cells.contains_key(&key) {
-            let overflow = Label::new("overflow");
-            Key {
-                src: overflow.clone(),
-                dst: overflow.clone(),
-                route: overflow,
-            }
-        } else {
-            key
+            return self.overflow.clone();
         };
         cells.entry(key).or_default().clone()
     }
 
     /// Shares the CPU time used since the last tick among the keys that did work.
     pub fn tick(&self) {
-        self.tick_with(process_cpu_ns());
-    }
-
-    fn tick_with(&self, now_ns: Option<u64>) {
-        let Some(now_ns) = now_ns else { return };
+        // The clock is read under the lock: two ticks (the timer's and a scrape's) never
+        // share out one interval twice.
         let Ok(mut last) = self.last_cpu_ns.lock() else {
             return;
         };
+        self.tick_locked(&mut last, process_cpu_ns());
+    }
+
+    #[cfg(test)]
+    fn tick_with(&self, now_ns: Option<u64>) {
+        if let Ok(mut last) = self.last_cpu_ns.lock() {
+            self.tick_locked(&mut last, now_ns);
+        }
+    }
+
+    fn tick_locked(&self, last: &mut Option<u64>, now_ns: Option<u64>) {
+        let Some(now_ns) = now_ns else { return };
         let delta = now_ns.saturating_sub(last.unwrap_or(now_ns));
         *last = Some(now_ns);
         let Ok(cells) = self.cells.read() else { return };
@@ -162,6 +200,8 @@ struct BytesLabels {
     route: Label,
     /// `request` or `response`.
     flow: &'static str,
+    /// The side of this proxy that carried them: both proxies of a request count its bytes.
+    direction: Direction,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
@@ -202,18 +242,27 @@ impl Collector for Cost {
                 prometheus_client::metrics::MetricType::Counter,
             )?;
             for (k, c) in cells.iter() {
-                for (flow, v) in [
-                    ("request", &c.request_bytes),
-                    ("response", &c.response_bytes),
+                for (direction, side) in [
+                    (Direction::inbound, &c.inbound),
+                    (Direction::outbound, &c.outbound),
                 ] {
-                    let l = BytesLabels {
-                        src_identity: k.src.clone(),
-                        dst_identity: k.dst.clone(),
-                        route: k.route.clone(),
-                        flow,
-                    };
-                    ConstCounter::new(v.load(Ordering::Relaxed))
-                        .encode(family.encode_family(&l)?)?;
+                    if side.requests.load(Ordering::Relaxed) == 0 {
+                        continue;
+                    }
+                    for (flow, v) in [
+                        ("request", &side.request_bytes),
+                        ("response", &side.response_bytes),
+                    ] {
+                        let l = BytesLabels {
+                            src_identity: k.src.clone(),
+                            dst_identity: k.dst.clone(),
+                            route: k.route.clone(),
+                            flow,
+                            direction,
+                        };
+                        ConstCounter::new(v.load(Ordering::Relaxed))
+                            .encode(family.encode_family(&l)?)?;
+                    }
                 }
             }
         }
@@ -225,11 +274,11 @@ impl Collector for Cost {
                 prometheus_client::metrics::MetricType::Counter,
             )?;
             for (k, c) in cells.iter() {
-                for (direction, v) in [
+                for (direction, side) in [
                     (Direction::inbound, &c.inbound),
                     (Direction::outbound, &c.outbound),
                 ] {
-                    let n = v.load(Ordering::Relaxed);
+                    let n = side.requests.load(Ordering::Relaxed);
                     if n == 0 {
                         continue;
                     }
@@ -302,13 +351,13 @@ mod tests {
         let key = r#"src_identity="spiffe://td/ns/x/sa/a",dst_identity="spiffe://td/ns/x/sa/api",route="x/r/0""#;
         assert!(
             text.contains(&format!(
-                "palisade_cost_bytes_total{{{key},flow=\"request\"}} 20"
+                "palisade_cost_bytes_total{{{key},flow=\"request\",direction=\"inbound\"}} 10"
             )),
             "{text}"
         );
         assert!(
             text.contains(&format!(
-                "palisade_cost_bytes_total{{{key},flow=\"response\"}} 40"
+                "palisade_cost_bytes_total{{{key},flow=\"response\",direction=\"outbound\"}} 20"
             )),
             "{text}"
         );

@@ -493,19 +493,65 @@ impl Metrics {
 }
 
 /// The exposition with each sample's exemplar (` # {labels} value [timestamp]` after the
-/// value) removed.
+/// value) removed. The exemplar is looked for only after the sample's label set, read with its
+/// quoting, so a label value that contains ` # {` (a route's name) is left whole.
 fn without_exemplars(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for line in text.lines() {
         let sample = if line.starts_with('#') {
             line
         } else {
-            line.find(" # {").map_or(line, |i| &line[..i])
+            let after_labels = labels_end(line);
+            line[after_labels..]
+                .find(" # {")
+                .map_or(line, |i| &line[..after_labels + i])
         };
         out.push_str(sample);
         out.push('\n');
     }
     out
+}
+
+/// Where a sample line's label set ends (0 when it has none), skipping quoted values.
+fn labels_end(line: &str) -> usize {
+    let b = line.as_bytes();
+    let Some(open) = b.iter().position(|&c| c == b'{' || c == b' ') else {
+        return 0;
+    };
+    if b[open] != b'{' {
+        return 0;
+    }
+    let (mut i, mut quoted) = (open + 1, false);
+    while i < b.len() {
+        match b[i] {
+            b'\\' if quoted => i += 1,
+            b'"' => quoted = !quoted,
+            b'}' if !quoted => return i + 1,
+            _ => {}
+        }
+        i += 1;
+    }
+    b.len()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exemplars_are_cut_after_the_labels_only() {
+        let text = "# TYPE x histogram\n\
+            x_bucket{route=\"a # {b\",le=\"0.5\"} 3 # {trace_id=\"ab\"} 0.2\n\
+            x_bucket{route=\"q\\\" # {\",le=\"+Inf\"} 4\n\
+            x_count 4 # {trace_id=\"cd\"} 0.1 1700000000.0\n";
+        assert_eq!(
+            without_exemplars(text),
+            "# TYPE x histogram\n\
+            x_bucket{route=\"a # {b\",le=\"0.5\"} 3\n\
+            x_bucket{route=\"q\\\" # {\",le=\"+Inf\"} 4\n\
+            x_count 4\n"
+        );
+    }
 }
 
 /// Keeps `palisade_tcp_open_connections` right even when a connection task is cancelled.

@@ -18,6 +18,7 @@ use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, Uri, Version};
+use http_body::Body as _;
 
 use super::{Direction, Label, Metrics, RequestLabels, TraceExemplar, TraceIdHex};
 use crate::http::{DstIdentity, PROXY_ERROR, RouteLabel, RspBody};
@@ -79,14 +80,17 @@ pub struct Telemetry<S> {
     layer: TelemetryLayer,
 }
 
-/// What a span needs from the request, kept only when spans are exported. The method and URI
-/// are clones of shared buffers, not copies.
+/// What a span needs from the request, kept only when spans are exported. The method, URI and
+/// headers are clones of shared buffers, not copies; a kept span copies what it exports, bounded
+/// ([`FinishedSpan`]), so a queued span never pins a connection's read buffer.
 struct SpanStart {
     start: SystemTime,
     method: Method,
     uri: Uri,
     /// The Host header, for an HTTP/1 request whose URI is only a path.
     host: Option<HeaderValue>,
+    /// The `tracestate` the request leaves with.
+    tracestate: Option<HeaderValue>,
     version: Version,
 }
 
@@ -116,6 +120,7 @@ where
                 .is_none()
                 .then(|| req.headers().get(http::header::HOST).cloned())
                 .flatten(),
+            tracestate: req.headers().get("tracestate").cloned(),
             version: req.version(),
         });
         let tally = (!req.body().is_end_stream()).then(|| {
@@ -138,11 +143,14 @@ where
             span,
             tally,
             log,
+            answered: false,
         }
     }
 }
 
 pin_project_lite::pin_project! {
+    /// Dropped before the response head (the caller went away, or a timeout above cancelled
+    /// it), it still records the request: cost, and a span if it was slow.
     pub struct TelemetryFuture<F> {
         #[pin]
         inner: F,
@@ -152,6 +160,43 @@ pin_project_lite::pin_project! {
         span: Option<SpanStart>,
         tally: Option<Arc<AtomicU64>>,
         log: Option<(Method, String, Version)>,
+        answered: bool,
+    }
+
+    impl<F> PinnedDrop for TelemetryFuture<F> {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if *this.answered {
+                return;
+            }
+            let layer = &*this.layer;
+            let labels = RequestLabels {
+                direction: layer.direction,
+                src_identity: layer.src.clone(),
+                dst_identity: layer.dst.clone(),
+                status_code: 0,
+                route: layer.no_route.clone(),
+            };
+            let span = this.span.take().map(|s| SpanParts {
+                ids: *this.ids,
+                start: s,
+                authz: None,
+                endpoint: None,
+                proxy_error: None,
+                policy: TracePolicy::default(),
+                admitted: false,
+            });
+            let pending = Pending {
+                layer: layer.clone(),
+                labels,
+                grpc: None,
+                tally: this.tally.take(),
+                start: *this.start,
+                head: this.start.elapsed(),
+                span,
+            };
+            pending.finish(0, End::Cancelled);
+        }
     }
 }
 
@@ -162,9 +207,14 @@ fn grpc_status(h: &HeaderMap) -> Option<u16> {
         .and_then(|v| v.parse().ok())
 }
 
+/// `application/grpc` or `application/grpc+proto` (…`;charset`), not gRPC-web, whose status
+/// travels in the body.
 fn is_grpc(h: &HeaderMap) -> bool {
-    h.get(http::header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+    h.get(http::header::CONTENT_TYPE).is_some_and(|v| {
+        let v = v.as_bytes();
+        v.strip_prefix(b"application/grpc")
+            .is_some_and(|rest| rest.is_empty() || rest[0] == b'+' || rest[0] == b';')
+    })
 }
 
 impl<F> Future for TelemetryFuture<F>
@@ -180,6 +230,7 @@ where
             Poll::Ready(Ok(rsp)) => rsp,
             Poll::Ready(Err(e)) => match e {},
         };
+        *this.answered = true;
         let elapsed = this.start.elapsed();
         let layer = &*this.layer;
         let found = rsp.extensions().get::<DstIdentity>();
@@ -198,13 +249,22 @@ where
         };
         let m = &layer.metrics;
         m.requests.get_or_create(&labels).inc();
-        // A sampled request takes its place in the route's span budget now, so that the
-        // exemplar names only a trace whose span will be exported.
+        let policy = || {
+            rsp.extensions()
+                .get::<TracePolicy>()
+                .copied()
+                .unwrap_or_default()
+        };
+        // A sampled request takes its place in its route's (or, without one, its
+        // destination's) span budget now, so that the exemplar names only a trace whose span
+        // will be exported.
         let admitted = (this.span.is_some() && this.ids.sampled).then(|| {
-            let policy = rsp.extensions().get::<TracePolicy>().copied();
-            layer
-                .tracer
-                .admit(policy.unwrap_or_default(), &labels.route)
+            let key = if labels.route.0.is_empty() {
+                &labels.dst_identity
+            } else {
+                &labels.route
+            };
+            layer.tracer.admit(policy(), key)
         });
         let exemplar = (admitted == Some(true)).then_some(TraceExemplar {
             trace_id: TraceIdHex(this.ids.trace_id),
@@ -212,52 +272,48 @@ where
         m.request_duration
             .get_or_create(&labels)
             .observe(elapsed.as_secs_f64(), exemplar, None);
-        let authz = rsp
-            .extensions()
-            .get::<crate::authz_layer::AuthzNote>()
+        let authz = (this.span.is_some() || this.log.is_some())
+            .then(|| rsp.extensions().get::<crate::authz_layer::AuthzNote>())
+            .flatten()
             .map(|n| (n.allowed, n.policy.clone()));
         if let Some((method, path, version)) = this.log.take() {
             log_request(&labels, &method, &path, version, elapsed, &authz, this.ids);
         }
-        let grpc = is_grpc(rsp.headers()).then(|| grpc_status(rsp.headers()));
-        let span = this.span.take().map(|s| {
-            let policy = rsp
-                .extensions()
-                .get::<TracePolicy>()
-                .copied()
-                .unwrap_or_default();
-            SpanParts {
-                ids: *this.ids,
-                start: s.start,
-                method: s.method,
-                uri: s.uri,
-                host: s.host,
-                version: s.version,
-                authz,
-                endpoint,
-                proxy_error: rsp.headers().get(PROXY_ERROR).cloned(),
-                policy,
-                admitted: admitted.unwrap_or(false),
-            }
+        let span = this.span.take().map(|s| SpanParts {
+            ids: *this.ids,
+            start: s,
+            authz,
+            endpoint,
+            // The reason of a response this proxy (or the peer proxy) made itself; only for a
+            // failure, as only then is the header the proxy's own.
+            proxy_error: rsp
+                .status()
+                .is_server_error()
+                .then(|| rsp.headers().get(PROXY_ERROR).cloned())
+                .flatten(),
+            policy: policy(),
+            admitted: admitted.unwrap_or(false),
         });
+        let grpc = span
+            .as_ref()
+            .and_then(|_| is_grpc(rsp.headers()).then(|| grpc_status(rsp.headers())));
         let pending = Pending {
             layer: layer.clone(),
             labels,
             grpc,
             tally: this.tally.take(),
             start: *this.start,
+            head: elapsed,
             span,
         };
         Poll::Ready(Ok(rsp.map(|inner| Observed {
             inner,
             bytes: 0,
-            broken: false,
             pending: Some(pending),
         })))
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 fn log_request(
     labels: &RequestLabels,
     method: &Method,
@@ -286,51 +342,51 @@ fn log_request(
         route = %labels.route.0,
         duration_ms = elapsed.as_secs_f64() * 1000.0,
         authz = decision.as_deref().unwrap_or("-"),
-        trace_id = %TraceIdHex(ids.trace_id).hex(),
-        span_id = %hex8(ids.span_id),
+        trace_id = %crate::trace::context::hex(&ids.trace_id),
+        span_id = %crate::trace::context::hex(&ids.span_id),
         "request"
     );
 }
 
-impl TraceIdHex {
-    /// The 32 hex digits of the trace id.
-    pub fn hex(&self) -> String {
-        self.0.iter().map(|b| format!("{b:02x}")).collect()
-    }
-}
-
-fn hex8(id: [u8; 8]) -> String {
-    id.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 struct SpanParts {
     ids: TraceIds,
-    start: SystemTime,
-    method: Method,
-    uri: Uri,
-    host: Option<HeaderValue>,
-    version: Version,
+    start: SpanStart,
     authz: Option<(bool, Label)>,
     endpoint: Option<SocketAddr>,
     proxy_error: Option<HeaderValue>,
     policy: TracePolicy,
-    /// Head-sampled and within its route's span budget.
+    /// Head-sampled and within its span budget.
     admitted: bool,
+}
+
+/// How a response ended.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum End {
+    /// Its last frame was sent.
+    Complete,
+    /// The stream failed (the peer reset it, or it idled out).
+    Broken,
+    /// The caller went away (or a timeout above this stage cancelled it) first.
+    Cancelled,
 }
 
 /// What is recorded once the response has ended.
 struct Pending {
     layer: TelemetryLayer,
     labels: RequestLabels,
-    /// For a gRPC response, its status so far (trailers may still bring it).
+    /// For a gRPC response of a request with a span, its status so far (trailers may still
+    /// bring it).
     grpc: Option<Option<u16>>,
     tally: Option<Arc<AtomicU64>>,
     start: Instant,
+    /// Until the response head: what "slow" means, as for the latency histogram (a long
+    /// stream is not slow for it).
+    head: std::time::Duration,
     span: Option<SpanParts>,
 }
 
 impl Pending {
-    fn finish(self, response_bytes: u64, broken: bool) {
+    fn finish(self, response_bytes: u64, end: End) {
         let layer = &self.layer;
         let request_bytes = self.tally.map_or(0, |t| t.load(Ordering::Relaxed));
         layer.metrics.cost.record(
@@ -342,37 +398,47 @@ impl Pending {
             response_bytes,
         );
         let Some(span) = self.span else { return };
-        let elapsed = self.start.elapsed();
-        // A gRPC response that ended without a status is an error, as gRPC clients see it.
-        let grpc_status = self.grpc.map(|s| s.unwrap_or(if broken { 14 } else { 2 }));
+        let client = layer.direction == Direction::outbound;
+        // A gRPC stream that ended without a status: UNAVAILABLE when it broke, CANCELLED when
+        // the caller left, else UNKNOWN (as gRPC clients see it).
+        let grpc_status = self.grpc.map(|s| {
+            s.unwrap_or(match end {
+                End::Broken => 14,
+                End::Cancelled => 1,
+                End::Complete => 2,
+            })
+        });
         let status = self.labels.status_code;
         let denied = span.authz.as_ref().is_some_and(|(allowed, _)| !allowed);
-        let failed = broken || FinishedSpan::failed(status, grpc_status, denied);
-        let decision = layer
-            .tracer
-            .decide(&span.ids, span.admitted, failed, elapsed, span.policy);
+        let failed =
+            end == End::Broken || FinishedSpan::failed(status, grpc_status, denied, client);
+        let decision =
+            layer
+                .tracer
+                .decide(&span.ids, span.admitted, failed, self.head, span.policy);
         if !decision.kept() {
             return;
         }
-        layer.tracer.export(FinishedSpan {
-            ids: span.ids,
-            direction: layer.direction,
-            start: span.start,
-            duration: elapsed,
-            method: span.method,
-            uri: span.uri,
-            host: span.host,
-            version: span.version,
+        let s = span.start;
+        layer.tracer.export(FinishedSpan::new(
+            span.ids,
+            layer.direction,
+            s.start,
+            self.start.elapsed(),
+            &s.method,
+            &s.uri,
+            s.host.as_ref(),
+            s.tracestate.as_ref(),
+            s.version,
             status,
             grpc_status,
-            src: self.labels.src_identity,
-            dst: self.labels.dst_identity,
-            route: self.labels.route,
-            authz: span.authz,
-            endpoint: span.endpoint,
-            proxy_error: span.proxy_error,
+            &self.labels,
+            span.authz,
+            span.endpoint,
+            span.proxy_error.as_ref(),
+            end == End::Cancelled,
             decision,
-        });
+        ));
     }
 }
 
@@ -381,16 +447,15 @@ impl Pending {
 pub struct Observed {
     inner: RspBody,
     bytes: u64,
-    broken: bool,
     /// Inline, not boxed: no allocation per request (hyper keeps the body in the stream's
     /// task or connection state, which exists anyway).
     pending: Option<Pending>,
 }
 
 impl Observed {
-    fn finish(&mut self) {
+    fn finish(&mut self, end: End) {
         if let Some(p) = self.pending.take() {
-            p.finish(self.bytes, self.broken);
+            p.finish(self.bytes, end);
         }
     }
 }
@@ -417,10 +482,9 @@ impl http_body::Body for Observed {
                 }
             }
             Poll::Ready(Some(Err(_))) => {
-                this.broken = true;
-                this.finish();
+                this.finish(End::Broken);
             }
-            Poll::Ready(None) => this.finish(),
+            Poll::Ready(None) => this.finish(End::Complete),
             Poll::Pending => {}
         }
         polled
@@ -437,6 +501,12 @@ impl http_body::Body for Observed {
 
 impl Drop for Observed {
     fn drop(&mut self) {
-        self.finish();
+        // hyper stops polling a body that says it has ended: that is a complete response.
+        let end = if self.inner.is_end_stream() {
+            End::Complete
+        } else {
+            End::Cancelled
+        };
+        self.finish(end);
     }
 }

@@ -123,6 +123,17 @@ fn parse_b3(h: &HeaderMap) -> Option<Parent> {
     })
 }
 
+/// Lower-case hex of an id, for logs.
+pub fn hex(id: &[u8]) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(id.len() * 2);
+    for b in id {
+        out.push(char::from(HEX[usize::from(b >> 4)]));
+        out.push(char::from(HEX[usize::from(b & 15)]));
+    }
+    out
+}
+
 pub(crate) fn random_nonzero<const N: usize>() -> [u8; N] {
     loop {
         let id: [u8; N] = rand::random();

@@ -24,17 +24,17 @@ use super::{Sampler, TraceConfig, TraceIds, TracePolicy};
 use crate::telemetry::{Direction, Label, Metrics};
 use http::uri::Authority;
 
-/// Why the span pipeline could not start.
-#[derive(Debug, thiserror::Error)]
-pub enum TraceError {
-    #[error("OTLP exporter for {endpoint}: {source}")]
-    Exporter {
-        endpoint: String,
-        source: opentelemetry_otlp::ExporterBuildError,
-    },
-}
+/// Longest path, authority or `tracestate` a span keeps (OpenTelemetry's attribute value
+/// length limit in spirit): a caller cannot make queued spans large.
+const MAX_VALUE: usize = 2048;
 
-/// One request as this proxy saw it, waiting for export.
+/// gRPC codes a server reports as its own failure (OpenTelemetry's RPC conventions): UNKNOWN,
+/// DEADLINE_EXCEEDED, UNIMPLEMENTED, INTERNAL, UNAVAILABLE, DATA_LOSS. Other codes are the
+/// caller's problem (like HTTP 4xx).
+const GRPC_SERVER_ERRORS: [u16; 6] = [2, 4, 12, 13, 14, 15];
+
+/// One request as this proxy saw it, waiting for export: owned, bounded copies of what the
+/// span exports (a span must not keep a connection's read buffer alive while it waits).
 #[derive(Debug)]
 pub struct FinishedSpan {
     pub ids: TraceIds,
@@ -42,10 +42,12 @@ pub struct FinishedSpan {
     pub start: SystemTime,
     pub duration: Duration,
     pub method: Method,
-    pub uri: Uri,
-    /// The Host header when the URI has no authority (HTTP/1 origin form).
-    pub host: Option<http::HeaderValue>,
+    pub path: String,
+    /// The request's authority, or its Host header (HTTP/1 origin form).
+    pub authority: Option<Authority>,
+    pub tracestate: Option<String>,
     pub version: Version,
+    /// The response status; 0 when the caller went away before one.
     pub status: u16,
     /// The gRPC status from the headers or trailers, for a gRPC call.
     pub grpc_status: Option<u16>,
@@ -56,15 +58,76 @@ pub struct FinishedSpan {
     pub authz: Option<(bool, Label)>,
     /// The endpoint that answered (outbound).
     pub endpoint: Option<SocketAddr>,
-    /// Why this proxy answered itself (`palisade-proxy-error`), if it did.
-    pub proxy_error: Option<http::HeaderValue>,
+    /// Why a proxy answered a 5xx itself (`palisade-proxy-error`), if one did.
+    pub proxy_error: Option<String>,
+    pub cancelled: bool,
     pub decision: Decision,
 }
 
+fn bounded(b: &[u8]) -> String {
+    String::from_utf8_lossy(&b[..b.len().min(MAX_VALUE)]).into_owned()
+}
+
 impl FinishedSpan {
-    /// 5xx, a gRPC error status, or an authorization deny: always kept.
-    pub fn failed(status: u16, grpc_status: Option<u16>, denied: bool) -> bool {
-        status >= 500 || grpc_status.is_some_and(|c| c != 0) || denied
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        ids: TraceIds,
+        direction: Direction,
+        start: SystemTime,
+        duration: Duration,
+        method: &Method,
+        uri: &Uri,
+        host: Option<&http::HeaderValue>,
+        tracestate: Option<&http::HeaderValue>,
+        version: Version,
+        status: u16,
+        grpc_status: Option<u16>,
+        labels: &crate::telemetry::RequestLabels,
+        authz: Option<(bool, Label)>,
+        endpoint: Option<SocketAddr>,
+        proxy_error: Option<&http::HeaderValue>,
+        cancelled: bool,
+        decision: Decision,
+    ) -> Self {
+        let authority = uri.authority().cloned().or_else(|| {
+            host.filter(|h| h.len() <= MAX_VALUE)
+                .and_then(|h| Authority::try_from(h.as_bytes()).ok())
+        });
+        FinishedSpan {
+            ids,
+            direction,
+            start,
+            duration,
+            method: method.clone(),
+            path: bounded(uri.path().as_bytes()),
+            authority,
+            tracestate: tracestate.map(|t| bounded(t.as_bytes())),
+            version,
+            status,
+            grpc_status,
+            src: labels.src_identity.clone(),
+            dst: labels.dst_identity.clone(),
+            route: labels.route.clone(),
+            authz,
+            endpoint,
+            proxy_error: proxy_error.map(|e| bounded(&e.as_bytes()[..e.len().min(64)])),
+            cancelled,
+            decision,
+        }
+    }
+
+    /// Whether a request failed, and so is always kept: 5xx; for a client span any gRPC error
+    /// status, for a server span the server's own ([`GRPC_SERVER_ERRORS`]); an authorization
+    /// deny.
+    pub fn failed(status: u16, grpc_status: Option<u16>, denied: bool, client: bool) -> bool {
+        let grpc_failed = grpc_status.is_some_and(|c| {
+            if client {
+                c != 0
+            } else {
+                GRPC_SERVER_ERRORS.contains(&c)
+            }
+        });
+        status >= 500 || grpc_failed || denied
     }
 }
 
@@ -92,31 +155,29 @@ impl Tracer {
         }
     }
 
-    /// Starts the export task when `cfg` names an endpoint (inside a Tokio runtime).
-    pub fn start(
-        cfg: &TraceConfig,
-        identity: &str,
-        metrics: Arc<Metrics>,
-    ) -> Result<Tracer, TraceError> {
+    /// Starts the export task when `cfg` names an endpoint (inside a Tokio runtime). An
+    /// exporter that cannot be built is logged and tracing stays off: telemetry never stops
+    /// the data plane.
+    pub fn start(cfg: &TraceConfig, identity: &str, metrics: Arc<Metrics>) -> Tracer {
         let Some(endpoint) = cfg.otlp_endpoint.clone() else {
-            return Ok(Tracer::disabled(cfg, metrics));
+            return Tracer::disabled(cfg, metrics);
         };
         use opentelemetry_otlp::WithExportConfig as _;
-        let mut exporter = opentelemetry_otlp::SpanExporter::builder()
+        let mut exporter = match opentelemetry_otlp::SpanExporter::builder()
             .with_tonic()
             .with_endpoint(endpoint.clone())
             .build()
-            .map_err(|source| TraceError::Exporter {
-                endpoint: endpoint.clone(),
-                source,
-            })?;
-        // `Resource::builder` reads OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES; the
-        // workload's name stands in for a service name nobody set.
-        let mut resource = Resource::builder();
-        if std::env::var_os("OTEL_SERVICE_NAME").is_none() {
-            resource = resource.with_service_name(cfg.service_name.clone());
-        }
-        let resource = resource
+        {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::error!(%endpoint, error = %e, "cannot export spans to this collector; tracing is off (trace context is still propagated)");
+                return Tracer::disabled(cfg, metrics);
+            }
+        };
+        // `Resource::builder` adds OTEL_RESOURCE_ATTRIBUTES; the name is the CLI's (the
+        // workload's, or OTEL_SERVICE_NAME read there).
+        let resource = Resource::builder()
+            .with_service_name(cfg.service_name.clone())
             .with_attribute(KeyValue::new("palisade.identity", identity.to_string()))
             .build();
         exporter.set_resource(&resource);
@@ -129,10 +190,10 @@ impl Tracer {
             metrics.clone(),
             endpoint,
         ));
-        Ok(Tracer {
+        Tracer {
             tx: Some(tx),
             ..Tracer::disabled(cfg, metrics)
-        })
+        }
     }
 
     /// Whether spans are built at all.
@@ -233,35 +294,49 @@ fn kv(key: &'static str, value: impl Into<opentelemetry::Value>) -> KeyValue {
 fn span_data(s: FinishedSpan, scope: &InstrumentationScope) -> SpanData {
     let client = s.direction == Direction::outbound;
     let grpc = s.grpc_status.is_some();
-    let path = s.uri.path();
-    let route = (!s.route.0.is_empty()).then(|| s.route.0.to_string());
+    // Low-cardinality names: the method (`HTTP` for one outside RFC 9110), or for gRPC
+    // `service/method` from the bounded path.
+    let known = matches!(
+        s.method,
+        Method::GET
+            | Method::HEAD
+            | Method::POST
+            | Method::PUT
+            | Method::DELETE
+            | Method::CONNECT
+            | Method::OPTIONS
+            | Method::TRACE
+            | Method::PATCH
+    );
     let name: Cow<'static, str> = if grpc {
-        Cow::Owned(path.trim_start_matches('/').to_string())
+        Cow::Owned(s.path.trim_start_matches('/').to_string())
+    } else if known {
+        Cow::Owned(s.method.to_string())
     } else {
-        match &route {
-            Some(r) => Cow::Owned(format!("{} {r}", s.method)),
-            None => Cow::Owned(s.method.to_string()),
-        }
+        Cow::Borrowed("HTTP")
     };
-    let mut attributes = Vec::with_capacity(20);
-    attributes.push(kv("http.request.method", s.method.to_string()));
-    attributes.push(kv("url.path", path.to_string()));
+    let mut attributes = Vec::with_capacity(24);
+    if known {
+        attributes.push(kv("http.request.method", s.method.to_string()));
+    } else {
+        attributes.push(kv("http.request.method", "_OTHER"));
+        attributes.push(kv(
+            "http.request.method_original",
+            bounded(s.method.as_str().as_bytes()),
+        ));
+    }
     attributes.push(kv("url.scheme", "http"));
-    let authority = s.uri.authority().cloned().or_else(|| {
-        s.host
-            .as_ref()
-            .and_then(|h| Authority::try_from(h.as_bytes()).ok())
-    });
-    if let Some(a) = &authority {
+    if let Some(a) = &s.authority {
         attributes.push(kv("server.address", a.host().to_string()));
-        if let Some(p) = a.port_u16() {
-            attributes.push(kv("server.port", i64::from(p)));
-        }
+        attributes.push(kv("server.port", i64::from(a.port_u16().unwrap_or(80))));
         if client {
-            attributes.push(kv("url.full", format!("http://{a}{path}")));
+            attributes.push(kv("url.full", format!("http://{a}{}", s.path)));
         }
     }
-    attributes.push(kv("http.response.status_code", i64::from(s.status)));
+    attributes.push(kv("url.path", s.path));
+    if s.status != 0 {
+        attributes.push(kv("http.response.status_code", i64::from(s.status)));
+    }
     attributes.push(kv("network.protocol.name", "http"));
     attributes.push(kv(
         "network.protocol.version",
@@ -272,21 +347,30 @@ fn span_data(s: FinishedSpan, scope: &InstrumentationScope) -> SpanData {
             _ => "1.1",
         },
     ));
-    if let Some(r) = &route {
-        attributes.push(kv("http.route", r.clone()));
-    }
     if let Some(code) = s.grpc_status {
         attributes.push(kv("rpc.system", "grpc"));
         attributes.push(kv("rpc.grpc.status_code", i64::from(code)));
     }
-    let server_error = s.status >= 500 || (client && s.status >= 400);
-    let error = match (&s.proxy_error, server_error, s.grpc_status) {
-        (Some(reason), _, _) => Some(String::from_utf8_lossy(reason.as_bytes()).into_owned()),
-        (None, true, _) => Some(s.status.to_string()),
-        (None, false, Some(c)) if c != 0 => Some(c.to_string()),
-        _ => None,
+    // Status: error for 5xx (client spans: 4xx too), the gRPC codes `failed` counts, a broken
+    // stream; the description only where the code does not say it (a proxy's own reason).
+    let http_error = s.status >= 500 || (client && s.status >= 400);
+    let grpc_error = s.grpc_status.filter(|c| {
+        if client {
+            *c != 0
+        } else {
+            GRPC_SERVER_ERRORS.contains(c)
+        }
+    });
+    let error_type = if s.cancelled {
+        Some("cancelled".to_string())
+    } else if let Some(reason) = &s.proxy_error {
+        Some(reason.clone())
+    } else if http_error {
+        Some(s.status.to_string())
+    } else {
+        grpc_error.map(|c| c.to_string())
     };
-    if let Some(e) = &error {
+    if let Some(e) = &error_type {
         attributes.push(kv("error.type", e.clone()));
     }
     attributes.push(kv("palisade.source.identity", s.src.0.to_string()));
@@ -298,8 +382,8 @@ fn span_data(s: FinishedSpan, scope: &InstrumentationScope) -> SpanData {
         ));
         attributes.push(kv("palisade.authz.policy", policy.0.to_string()));
     }
-    if let Some(r) = route {
-        attributes.push(kv("palisade.route", r));
+    if !s.route.0.is_empty() {
+        attributes.push(kv("palisade.route", s.route.0.to_string()));
     }
     if let Some(ep) = s.endpoint {
         attributes.push(kv("palisade.endpoint", ep.to_string()));
@@ -307,19 +391,25 @@ fn span_data(s: FinishedSpan, scope: &InstrumentationScope) -> SpanData {
         attributes.push(kv("network.peer.port", i64::from(ep.port())));
     }
     attributes.push(kv("palisade.sampling.reason", s.decision.reason()));
-    let status = match error {
-        Some(description) => Status::Error {
-            description: Cow::Owned(description),
-        },
-        None => Status::Unset,
+    let status = if http_error || grpc_error.is_some() || s.proxy_error.is_some() {
+        Status::Error {
+            description: s.proxy_error.map_or(Cow::Borrowed(""), Cow::Owned),
+        }
+    } else {
+        Status::Unset
     };
+    let trace_state = s
+        .tracestate
+        .as_deref()
+        .and_then(|t| t.parse::<TraceState>().ok())
+        .unwrap_or(TraceState::NONE);
     SpanData {
         span_context: SpanContext::new(
             TraceId::from_bytes(s.ids.trace_id),
             SpanId::from_bytes(s.ids.span_id),
             TraceFlags::SAMPLED,
             false,
-            TraceState::NONE,
+            trace_state,
         ),
         parent_span_id: s
             .ids

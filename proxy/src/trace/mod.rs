@@ -7,8 +7,8 @@
 //!   collector agree on it.
 //! - [`sampler`] makes the tail decision when the response has ended: failed (5xx, gRPC error,
 //!   authorization deny) and slow requests are always kept; ordinary sampled ones within the
-//!   route's span budget. The proxy builds nothing for a request until then: a span that is
-//!   dropped costs no allocation.
+//!   route's span budget. The proxy copies nothing for a request until then: a dropped span
+//!   costs no copy of the request.
 //! - [`export`] batches kept spans through a bounded queue to the OTLP exporter; a slow or dead
 //!   collector drops spans (counted) and never holds a request.
 
@@ -19,7 +19,7 @@ pub mod sampler;
 use std::time::Duration;
 
 pub use context::{TraceContextLayer, TraceIds};
-pub use export::{FinishedSpan, TraceError, Tracer};
+pub use export::{FinishedSpan, Tracer};
 pub use sampler::Sampler;
 
 /// What a route (or its service) says about its spans (span budget, slow threshold), as the

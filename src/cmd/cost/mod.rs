@@ -34,25 +34,34 @@ pub enum Output {
 
 #[derive(clap::Args, Debug)]
 pub struct CostArgs {
-    /// The state directory of the `palisade up` whose proxies are scraped [default: .palisade].
+    /// The state directory of the `palisade up` whose proxies are scraped [default: .palisade]
+    /// (not read with --prometheus).
     #[arg(long, env = "PALISADE_STATE_DIR", value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
     /// Read the counters from this Prometheus server (`http://HOST:PORT[/PREFIX]`, plain HTTP)
     /// instead of scraping the proxies of a local mesh; the figures cover --window (default 1h).
-    #[arg(long, value_name = "URL", conflicts_with = "state_dir")]
+    #[arg(long, value_name = "URL")]
     pub prometheus: Option<String>,
-    /// One row per caller (`identity`: the caller's SPIFFE ID) or per route (`route`:
-    /// `namespace/name/rule`; traffic no route applied to is keyed by its destination's
-    /// SPIFFE ID).
+    /// One row per caller or per route.
     #[arg(long, value_enum, default_value_t = By::Identity)]
     pub by: By,
     /// The price of one vCPU for one hour. The default is a list-price placeholder: set your
     /// own.
-    #[arg(long, value_name = "X", default_value_t = 0.04)]
+    #[arg(
+        long,
+        value_name = "X",
+        default_value_t = 0.04,
+        allow_negative_numbers = true
+    )]
     pub price_vcpu_hour: f64,
     /// The price of one GB (1e9 bytes) through the proxies. The default is a list-price
     /// placeholder: set your own.
-    #[arg(long, value_name = "Y", default_value_t = 0.01)]
+    #[arg(
+        long,
+        value_name = "Y",
+        default_value_t = 0.01,
+        allow_negative_numbers = true
+    )]
     pub price_gb: f64,
     /// The currency the prices are in (a label only: nothing is converted).
     #[arg(long, default_value = "USD")]
@@ -98,9 +107,7 @@ pub fn run(a: CostArgs) -> anyhow::Result<ExitCode> {
         Some(url) => {
             let server = prometheus::Server::parse(url)?;
             let window = a.window.map(Into::into).unwrap_or(PROMETHEUS_WINDOW);
-            let counters = rt
-                .block_on(prometheus::counters(&server, window))
-                .with_context(|| format!("Prometheus at {url}"))?;
+            let counters = rt.block_on(prometheus::counters(&server, window))?;
             (
                 Measured {
                     counters,
