@@ -56,6 +56,12 @@ enum Command {
     /// What each caller (or route) costs: CPU-seconds and bytes of the proxies, priced, from a
     /// running local mesh or from Prometheus.
     Cost(cmd::cost::CostArgs),
+    /// Live traffic per workload (or route) of a running local mesh: requests, rate, success
+    /// rate, latency percentiles, mTLS share, denials.
+    Stat(cmd::stat::StatArgs),
+    /// Who talks to whom in a running local mesh: caller -> callee with both identities,
+    /// mTLS or not, requests, success rate, denials.
+    Edges(cmd::edges::EdgesArgs),
     /// The latency benchmark: direct vs through the mesh, open loop, HDR histograms.
     Bench(cmd::bench::BenchArgs),
     /// A plain TCP relay: the floor `bench --relays` measures the mesh against.
@@ -80,6 +86,8 @@ fn main() -> ExitCode {
         Command::Bench(a) => cmd::bench::run(a),
         Command::Chaos(a) => cmd::chaos::run(a),
         Command::Cost(a) => cmd::cost::run(a),
+        Command::Stat(a) => cmd::stat::run(a),
+        Command::Edges(a) => cmd::edges::run(a),
         Command::Relay(a) => cmd::relay::run(a),
         Command::Inject(a) => cmd::inject::run(a),
         Command::Policy(cmd::policy::PolicyCommand::Check(a)) => cmd::policy::check(a),

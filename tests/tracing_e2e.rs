@@ -376,13 +376,20 @@ const WAIT: Duration = Duration::from_secs(30);
 
 #[test]
 fn a_bad_otlp_endpoint_is_refused_before_anything_starts() {
-    for bad in ["not a url", "http://", ""] {
+    for bad in [
+        "not a url",
+        "http://",
+        "",
+        "ftp://127.0.0.1:4317",
+        "http://127.0.0.1:99999",
+    ] {
         let spec = demo();
         let ports = spec.allocate();
         let mut mesh = spec.launch_with(free_port(), ports, POLICIES, &["--otlp", bad]);
         let (status, lines) = mesh.wait_exit(Duration::from_secs(30));
         let text = lines.join("\n");
-        assert_eq!(status.code(), Some(1), "--otlp {bad:?}: {text}");
+        // Refused as the flags are parsed (clap's usage error, exit 2).
+        assert_eq!(status.code(), Some(2), "--otlp {bad:?}: {text}");
         let said: Vec<&String> = lines.iter().filter(|l| l.contains("--otlp")).collect();
         assert_eq!(
             said.len(),
@@ -394,7 +401,9 @@ fn a_bad_otlp_endpoint_is_refused_before_anything_starts() {
             "--otlp {bad:?}: {text}"
         );
         assert!(
-            !mesh.state.join("logs").exists() && !mesh.state.join("mesh.json").exists(),
+            !mesh.state.join("logs").exists()
+                && !mesh.state.join("mesh.json").exists()
+                && !mesh.state.join("ca").exists(),
             "--otlp {bad:?}: nothing may start (or log) before the flag is checked: {text}"
         );
     }

@@ -6,7 +6,10 @@
 //! finished request adds work units to its key: [`UNITS_PER_REQUEST`] plus one per byte it
 //! moved (request and response bodies). Once a second (and at each scrape) the CPU time the
 //! process used since the last tick is shared among the keys in proportion to the units they
-//! added in that interval; an interval with no finished request is counted as unattributed.
+//! added in that interval; an interval with no finished request is counted as unattributed,
+//! and gives the proxy's idle rate (CPU per second with no request: timers, config, scrapes),
+//! which stays unattributed in busy intervals too — otherwise a caller with few requests
+//! would pay for its proxy's idle work.
 //! The ratio of per-request to per-byte cost comes from the benchmark: about 100 µs of proxy
 //! CPU per request and about 2 ns per byte carried (TLS + copies), so a request weighs as much
 //! as 50 kB.
@@ -14,6 +17,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
@@ -57,8 +61,7 @@ pub struct Cost {
     cells: RwLock<HashMap<Key, Arc<Cell>>>,
     /// Where keys past [`MAX_KEYS`] go, made once: a caller past the cap takes no write lock.
     overflow: Arc<Cell>,
-    /// Process CPU nanoseconds at the last tick.
-    last_cpu_ns: Mutex<Option<u64>>,
+    last: Mutex<Option<Tick>>,
     unattributed_ns: AtomicU64,
 }
 
@@ -78,7 +81,7 @@ impl Default for Cost {
         Cost {
             cells: RwLock::new(cells),
             overflow,
-            last_cpu_ns: Mutex::new(None),
+            last: Mutex::new(None),
             unattributed_ns: AtomicU64::new(0),
         }
     }
@@ -136,25 +139,32 @@ impl Cost {
 
     /// Shares the CPU time used since the last tick among the keys that did work.
     pub fn tick(&self) {
-        // The clock is read under the lock: two ticks (the timer's and a scrape's) never
+        // The clocks are read under the lock: two ticks (the timer's and a scrape's) never
         // share out one interval twice.
-        let Ok(mut last) = self.last_cpu_ns.lock() else {
+        let Ok(mut last) = self.last.lock() else {
             return;
         };
-        self.tick_locked(&mut last, process_cpu_ns());
-    }
-
-    #[cfg(test)]
-    fn tick_with(&self, now_ns: Option<u64>) {
-        if let Ok(mut last) = self.last_cpu_ns.lock() {
-            self.tick_locked(&mut last, now_ns);
+        if let Some(cpu_ns) = process_cpu_ns() {
+            self.tick_locked(&mut last, cpu_ns, Instant::now());
         }
     }
 
-    fn tick_locked(&self, last: &mut Option<u64>, now_ns: Option<u64>) {
-        let Some(now_ns) = now_ns else { return };
-        let delta = now_ns.saturating_sub(last.unwrap_or(now_ns));
-        *last = Some(now_ns);
+    #[cfg(test)]
+    fn tick_with(&self, cpu_ns: u64, wall: Instant) {
+        if let Ok(mut last) = self.last.lock() {
+            self.tick_locked(&mut last, cpu_ns, wall);
+        }
+    }
+
+    fn tick_locked(&self, last: &mut Option<Tick>, cpu_ns: u64, wall: Instant) {
+        let prev = last.replace(Tick {
+            cpu_ns,
+            wall,
+            idle_ns_per_s: last.as_ref().and_then(|t| t.idle_ns_per_s),
+        });
+        let Some(prev) = prev else { return };
+        let delta = cpu_ns.saturating_sub(prev.cpu_ns);
+        let seconds = wall.saturating_duration_since(prev.wall).as_secs_f64();
         let Ok(cells) = self.cells.read() else { return };
         let taken: Vec<(&Arc<Cell>, u64)> = cells
             .values()
@@ -164,14 +174,39 @@ impl Cost {
         let total: u128 = taken.iter().map(|(_, u)| u128::from(*u)).sum();
         if total == 0 {
             self.unattributed_ns.fetch_add(delta, Ordering::Relaxed);
+            // What the proxy burns with no request (timers, config, scrapes), per second of
+            // wall time, smoothed; only from intervals long enough to mean something.
+            if seconds >= 0.5
+                && let Some(t) = last.as_mut()
+            {
+                let rate = delta as f64 / seconds;
+                t.idle_ns_per_s = Some(t.idle_ns_per_s.map_or(rate, |r| 0.7 * r + 0.3 * rate));
+            }
             return;
         }
+        // The idle work goes on while requests are served: it is nobody's request.
+        let idle = last
+            .as_ref()
+            .and_then(|t| t.idle_ns_per_s)
+            .map_or(0, |r| (r * seconds) as u64)
+            .min(delta);
+        self.unattributed_ns.fetch_add(idle, Ordering::Relaxed);
+        let shared = u128::from(delta - idle);
         for (cell, units) in taken {
-            let share = u128::from(delta) * u128::from(units) / total;
+            let share = shared * u128::from(units) / total;
             cell.cpu_ns
                 .fetch_add(u64::try_from(share).unwrap_or(u64::MAX), Ordering::Relaxed);
         }
     }
+}
+
+/// The clocks at the last tick.
+#[derive(Debug)]
+struct Tick {
+    cpu_ns: u64,
+    wall: Instant,
+    /// CPU the proxy uses per second when no request finishes.
+    idle_ns_per_s: Option<f64>,
 }
 
 /// CPU time (user + system) of this process, from the kernel's per-process clock.
@@ -316,22 +351,26 @@ mod tests {
             Label::new("api"),
             Label::new(""),
         );
-        cost.tick_with(Some(1_000));
-        // An idle second is unattributed.
-        cost.tick_with(Some(2_000));
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + std::time::Duration::from_millis(ms);
+        cost.tick_with(1_000, at(0));
+        // An idle second is unattributed, and sets the idle rate (1000 ns/s).
+        cost.tick_with(2_000, at(1_000));
         assert_eq!(cost.unattributed_ns.load(Ordering::Relaxed), 1_000);
         for _ in 0..9 {
             cost.record(Direction::inbound, &a, &api, &r, 0, 0);
         }
         cost.record(Direction::inbound, &b, &api, &r, 0, 0);
-        cost.tick_with(Some(1_002_000));
+        // A busy second: its idle part (1000 ns) stays unattributed, the rest is shared 9:1.
+        cost.tick_with(1_002_000, at(2_000));
         let cpu = |who: &Label| cost.cell(who, &api, &r).cpu_ns.load(Ordering::Relaxed);
-        assert_eq!((cpu(&a), cpu(&b)), (900_000, 100_000));
+        assert_eq!((cpu(&a), cpu(&b)), (899_100, 99_900));
         // A request that moved 50 kB weighs as much as two bodiless ones.
         cost.record(Direction::inbound, &a, &api, &r, 25_000, 25_000);
         cost.record(Direction::inbound, &b, &api, &r, 0, 0);
-        cost.tick_with(Some(1_302_000));
-        assert_eq!((cpu(&a), cpu(&b)), (1_100_000, 200_000));
+        cost.tick_with(1_302_000, at(2_500));
+        assert_eq!((cpu(&a), cpu(&b)), (899_100 + 199_666, 99_900 + 99_833));
+        assert_eq!(cost.unattributed_ns.load(Ordering::Relaxed), 2_500);
     }
 
     #[test]

@@ -149,9 +149,11 @@ struct Proxy {
     admin: SocketAddr,
 }
 
-/// The proxies of the mesh `palisade up` runs with this state dir, and the workloads by
-/// SPIFFE ID (for the table).
-fn read_mesh(dir: &Path) -> anyhow::Result<(Vec<Proxy>, BTreeMap<String, Vec<String>>)> {
+/// Workload names by SPIFFE ID (for the table).
+type Workloads = BTreeMap<String, Vec<String>>;
+
+/// The proxies of the mesh `palisade up` runs with this state dir, and its workloads.
+fn read_mesh(dir: &Path) -> anyhow::Result<(Vec<Proxy>, Workloads)> {
     let path = dir.join("mesh.json");
     let text = match std::fs::read_to_string(&path) {
         Ok(t) => t,
@@ -165,7 +167,7 @@ fn read_mesh(dir: &Path) -> anyhow::Result<(Vec<Proxy>, BTreeMap<String, Vec<Str
     let doc: serde_json::Value =
         serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))?;
     let mut proxies = Vec::new();
-    let mut workloads: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut workloads = Workloads::new();
     for w in doc["workloads"].as_array().into_iter().flatten() {
         let name = w["name"].as_str().unwrap_or("?").to_string();
         if let Some(id) = w["spiffeId"].as_str() {
@@ -358,12 +360,7 @@ fn window_text(w: Option<f64>, windowed: bool, source: &str) -> String {
 }
 
 /// The table of the `top` most expensive rows, a total, and how the figures are made.
-fn table(
-    r: &Report,
-    workloads: &BTreeMap<String, Vec<String>>,
-    top: usize,
-    windowed: bool,
-) -> String {
+fn table(r: &Report, workloads: &Workloads, top: usize, windowed: bool) -> String {
     use comfy_table::{CellAlignment, Table, presets};
     let cur = &r.currency;
     let with_workloads = r.by == By::Identity && !workloads.is_empty();
@@ -448,8 +445,8 @@ fn table(
     }
     out.push_str(&format!(
         "CPU is each proxy's own CPU time, apportioned to the requests it worked on; a request \
-         between two meshed workloads is charged the CPU and bytes of both its proxies and \
-         counted once. Prices: {} {cur} per vCPU-hour, {} {cur} per GB (docs/cost.md).\n",
+         between two meshed workloads is charged the CPU of both its proxies, its requests \
+         and bytes counted once. Prices: {} {cur} per vCPU-hour, {} {cur} per GB (docs/cost.md).\n",
         r.prices.vcpu_hour, r.prices.gb
     ));
     out

@@ -38,11 +38,12 @@ pub enum Direction {
 }
 
 /// One counter series of the cost metrics. Bytes of both flows (request and response) count
-/// alike, so they are summed as they are read.
+/// alike, so they are summed as they are read; bytes and requests keep the side of the proxy
+/// that counted them, so that each is counted once.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Series {
     Cpu(Key),
-    Bytes(Key),
+    Bytes(Key, Direction),
     Requests(Key, Direction),
     Unattributed,
 }
@@ -61,7 +62,11 @@ impl Counters {
             }
             let series = match s.name.as_str() {
                 CPU => Series::Cpu(Key::of(s)),
-                BYTES => Series::Bytes(Key::of(s)),
+                // Proxies before the `direction` label counted bytes on both sides alike.
+                BYTES => match s.label("direction") {
+                    "inbound" => Series::Bytes(Key::of(s), Direction::Inbound),
+                    _ => Series::Bytes(Key::of(s), Direction::Outbound),
+                },
                 REQUESTS => match s.label("direction") {
                     "inbound" => Series::Requests(Key::of(s), Direction::Inbound),
                     "outbound" => Series::Requests(Key::of(s), Direction::Outbound),
@@ -152,15 +157,16 @@ impl Row {
 
 /// The rows of `counters` (every proxy's, added up), most expensive first.
 ///
-/// CPU and bytes of a key add up over the proxies: a request between two meshed workloads
-/// is worked on by both. Requests are counted once: a key's inbound count (summed over the
-/// proxies) when it has one, else its outbound count (a caller whose callee has no proxy, or
-/// egress).
+/// CPU of a key adds up over the proxies: a request between two meshed workloads is worked on
+/// by both. Requests and bytes are counted once: a key's inbound counts (summed over the
+/// proxies) when it has inbound requests, else its outbound counts (a caller whose callee has
+/// no proxy, or egress): the bytes crossed the network once.
 pub fn rows(counters: &Counters, by: By, prices: Prices) -> Vec<Row> {
     #[derive(Default)]
     struct Usage {
         cpu: f64,
-        bytes: f64,
+        inbound_bytes: f64,
+        outbound_bytes: f64,
         inbound: f64,
         outbound: f64,
     }
@@ -168,7 +174,12 @@ pub fn rows(counters: &Counters, by: By, prices: Prices) -> Vec<Row> {
     for (series, &v) in &counters.0 {
         match series {
             Series::Cpu(k) => per_key.entry(k).or_default().cpu += v,
-            Series::Bytes(k) => per_key.entry(k).or_default().bytes += v,
+            Series::Bytes(k, Direction::Inbound) => {
+                per_key.entry(k).or_default().inbound_bytes += v
+            }
+            Series::Bytes(k, Direction::Outbound) => {
+                per_key.entry(k).or_default().outbound_bytes += v
+            }
             Series::Requests(k, Direction::Inbound) => per_key.entry(k).or_default().inbound += v,
             Series::Requests(k, Direction::Outbound) => per_key.entry(k).or_default().outbound += v,
             Series::Unattributed => {}
@@ -188,12 +199,14 @@ pub fn rows(counters: &Counters, by: By, prices: Prices) -> Vec<Row> {
             cpu_seconds: 0.0,
             cost: 0.0,
         });
-        row.requests += if u.inbound > 0.0 {
-            u.inbound
+        // Requests and their bytes from one side: the callee's when it counted them.
+        let (requests, bytes) = if u.inbound > 0.0 {
+            (u.inbound, u.inbound_bytes)
         } else {
-            u.outbound
+            (u.outbound, u.outbound_bytes)
         };
-        row.bytes += u.bytes;
+        row.requests += requests;
+        row.bytes += bytes;
         row.cpu_seconds += u.cpu;
     }
     let mut out: Vec<Row> = grouped
@@ -278,11 +291,11 @@ mod tests {
             let l = series(src, dst, route);
             text.push_str(&format!("{CPU}{{{l}}} {cpu}\n"));
             text.push_str(&format!(
-                "{BYTES}{{{l},flow=\"request\"}} {}\n",
+                "{BYTES}{{{l},flow=\"request\",direction=\"{dir}\"}} {}\n",
                 bytes / 2.0
             ));
             text.push_str(&format!(
-                "{BYTES}{{{l},flow=\"response\"}} {}\n",
+                "{BYTES}{{{l},flow=\"response\",direction=\"{dir}\"}} {}\n",
                 bytes / 2.0
             ));
             text.push_str(&format!(
@@ -312,18 +325,21 @@ mod tests {
     }
 
     #[test]
-    fn requests_are_counted_once_and_cpu_and_bytes_add_up_over_both_proxies() {
+    fn requests_and_bytes_are_counted_once_and_cpu_adds_up_over_both_proxies() {
         let rows = rows(&mesh(), By::Identity, PRICES);
         let get = |k: &str| rows.iter().find(|r| r.key == k).expect(k).clone();
         let web = get(WEB);
         assert_eq!(web.requests, 900.0, "inbound count only, not 1800");
         assert!((web.cpu_seconds - 2.7).abs() < 1e-9);
-        assert_eq!(web.bytes, 18000.0);
+        assert_eq!(
+            web.bytes, 9000.0,
+            "the callee's side only: bytes cross once"
+        );
         let batch = get(BATCH);
         // 100 to api (inbound counted), 7 to example.org (no inbound side: outbound count).
         assert_eq!(batch.requests, 107.0);
         assert!((batch.cpu_seconds - 0.5).abs() < 1e-9);
-        assert_eq!(batch.bytes, 2500.0);
+        assert_eq!(batch.bytes, 1500.0);
         assert_eq!(rows.len(), 2);
         assert_eq!(rows[0].key, WEB, "most expensive first");
         assert!((mesh().unattributed_cpu() - 0.75).abs() < 1e-9);
@@ -340,7 +356,7 @@ mod tests {
         assert_eq!(p.cost(0.0, 0.0), 0.0);
         let rows = rows(&mesh(), By::Identity, p);
         let web = &rows[0];
-        let want = 2.7 / 3600.0 * 0.04 + 18000.0 / 1e9 * 0.01;
+        let want = 2.7 / 3600.0 * 0.04 + 9000.0 / 1e9 * 0.01;
         assert!((web.cost - want).abs() < 1e-15);
         let per_k = web.cost_per_1000_requests().unwrap();
         assert!((per_k - want / 900.0 * 1000.0).abs() < 1e-15);
@@ -440,7 +456,7 @@ mod tests {
         let row = &j["rows"][0];
         assert_eq!(row["identity"], WEB);
         assert_eq!(row["requests"], 900);
-        assert_eq!(row["bytes"], 18000);
+        assert_eq!(row["bytes"], 9000);
         assert!(row["cpuSeconds"].as_f64().unwrap() > 2.69);
         assert!(row["cost"].as_f64().unwrap() > 0.0);
         assert!(row["costPer1000Requests"].as_f64().unwrap() > 0.0);

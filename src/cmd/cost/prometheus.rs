@@ -33,7 +33,10 @@ pub fn queries(window: Duration) -> Vec<(&'static str, String)> {
     let key = "src_identity, dst_identity, route";
     vec![
         (CPU, format!("sum by ({key}) (increase({CPU}[{w}]))")),
-        (BYTES, format!("sum by ({key}) (increase({BYTES}[{w}]))")),
+        (
+            BYTES,
+            format!("sum by ({key}, direction) (increase({BYTES}[{w}]))"),
+        ),
         (
             REQUESTS,
             format!("sum by ({key}, direction) (increase({REQUESTS}[{w}]))"),

@@ -53,7 +53,7 @@ pub struct UpArgs {
     pub exit_on_app_failure: bool,
     /// Export every proxy's spans (and those of apps instrumented with OpenTelemetry) to this
     /// OTLP/gRPC collector, e.g. `http://127.0.0.1:4317`.
-    #[arg(long, value_name = "ENDPOINT")]
+    #[arg(long, value_name = "ENDPOINT", value_parser = otlp_endpoint)]
     pub otlp: Option<String>,
 }
 
@@ -65,17 +65,34 @@ pub fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     rt.block_on(up(args))
 }
 
-/// `--otlp` as a URL (`host:port` means `http://host:port`), refused before anything starts.
-fn otlp_endpoint(e: &str) -> anyhow::Result<String> {
+/// `--otlp` as a URL (`host:port` means `http://host:port`): parsed with the flags, so a bad
+/// one is refused before anything touches the state directory.
+fn otlp_endpoint(e: &str) -> Result<String, String> {
     let e = e.trim();
     let url = if e.contains("://") {
         e.to_string()
     } else {
         format!("http://{e}")
     };
-    match url.parse::<http::Uri>() {
-        Ok(u) if u.host().is_some() => Ok(url),
-        _ => anyhow::bail!("--otlp {e:?} is not a collector address (like http://127.0.0.1:4317)"),
+    let ok = url.parse::<http::Uri>().is_ok_and(|u| {
+        let Some(a) = u.authority() else {
+            return false;
+        };
+        // `http::Uri` reads a port it cannot hold (99999) as no port: look at what was written.
+        let port_written = a
+            .as_str()
+            .rsplit_once(':')
+            .is_some_and(|(_, p)| !p.contains(']'));
+        !a.host().is_empty()
+            && matches!(u.scheme_str(), Some("http" | "https"))
+            && (!port_written || a.port_u16().is_some_and(|n| n > 0))
+    });
+    if ok {
+        Ok(url)
+    } else {
+        Err(format!(
+            "{e:?} is not a collector address (like http://127.0.0.1:4317)"
+        ))
     }
 }
 
@@ -160,7 +177,7 @@ async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
         bundle: state.join("ca").join("root-cert.pem"),
         state,
         proxy_bin: args.proxy_bin.clone(),
-        otlp: args.otlp.as_deref().map(otlp_endpoint).transpose()?,
+        otlp: args.otlp.clone(),
     };
     std::fs::create_dir_all(&paths.logs)
         .with_context(|| format!("cannot create {}", paths.logs.display()))?;
