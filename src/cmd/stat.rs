@@ -114,9 +114,7 @@ fn read_mesh(common: &WindowArgs, only: Option<&str>) -> anyhow::Result<LocalMes
 fn warn_missing(window: &Window, warned: &mut std::collections::BTreeMap<String, String>) {
     for (name, why) in &window.missing {
         if warned.get(name) != Some(why) {
-            eprintln!(
-                "warning: cannot read the metrics of {name}'s proxy ({why}); it is left out"
-            );
+            eprintln!("warning: cannot read the metrics of {name}'s proxy ({why}); it is left out");
             warned.insert(name.clone(), why.clone());
         }
     }
@@ -306,22 +304,31 @@ pub fn covers(window: &Window) -> String {
 
 /// Requests per second, with the digits that matter; `-` when unknown.
 pub fn rate(r: Option<f64>) -> String {
-    match r {
-        None => "-".into(),
-        Some(r) if r == 0.0 => "0".into(),
-        Some(r) if r >= 100.0 => format!("{r:.0}"),
-        Some(r) if r >= 1.0 => format!("{r:.1}"),
-        Some(r) => format!("{r:.2}"),
+    let Some(r) = r else {
+        return "-".into();
+    };
+    if r == 0.0 {
+        "0".into()
+    } else if r >= 100.0 {
+        format!("{r:.0}")
+    } else if r >= 1.0 {
+        format!("{r:.1}")
+    } else {
+        format!("{r:.2}")
     }
 }
 
 /// A share as a percentage (`100%`, `99.50%`); `-` without requests.
 pub fn percent(s: Option<f64>) -> String {
-    match s {
-        None => "-".into(),
-        Some(s) if s == 1.0 => "100%".into(),
-        Some(s) if s == 0.0 => "0%".into(),
-        Some(s) => format!("{:.2}%", s * 100.0),
+    let Some(s) = s else {
+        return "-".into();
+    };
+    if s == 1.0 {
+        "100%".into()
+    } else if s == 0.0 {
+        "0%".into()
+    } else {
+        format!("{:.2}%", s * 100.0)
     }
 }
 
@@ -350,7 +357,7 @@ mod tests {
         assert_eq!(percent(Some(0.995)), "99.50%");
         assert_eq!(percent(None), "-");
         assert_eq!(millis(Some(0.4242)), "0.42ms");
-        assert_eq!(millis(Some(3.14)), "3.1ms");
+        assert_eq!(millis(Some(3.125)), "3.1ms");
         assert_eq!(millis(Some(250.2)), "250ms");
         assert_eq!(millis(None), "-");
     }

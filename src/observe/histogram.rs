@@ -163,7 +163,10 @@ mod tests {
 
     #[test]
     fn no_observations_no_quantile() {
-        assert_eq!(hist(&[(0.1, 0.0), (f64::INFINITY, 0.0)]).quantile(0.5), None);
+        assert_eq!(
+            hist(&[(0.1, 0.0), (f64::INFINITY, 0.0)]).quantile(0.5),
+            None
+        );
         assert_eq!(Histogram::default().quantile(0.5), None);
         // Without +Inf it is not a histogram Prometheus would answer for either.
         assert_eq!(hist(&[(0.1, 1.0), (1.0, 2.0)]).quantile(0.5), None);

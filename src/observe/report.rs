@@ -198,8 +198,7 @@ pub fn stat(mesh: &LocalMesh, window: &Window, by: By, only: Option<&str>) -> Ve
                     continue;
                 };
                 let c = &p.counters;
-                let all_forbidden =
-                    Traffic::of(c, p.seconds, Series::inbound, |_| false).forbidden;
+                let all_forbidden = Traffic::of(c, p.seconds, Series::inbound, |_| false).forbidden;
                 let denials = c.decisions("deny");
                 let routes: std::collections::BTreeSet<&str> = c
                     .requests
@@ -377,9 +376,7 @@ mod tests {
     const EXT: &str = "spiffe://other.example/ns/x/sa/ext";
 
     fn mesh() -> LocalMesh {
-        let w = |n: &str, id: &str| {
-            json!({"name": n, "spiffeId": id, "adminAddr": "127.0.0.1:1"})
-        };
+        let w = |n: &str, id: &str| json!({"name": n, "spiffeId": id, "adminAddr": "127.0.0.1:1"});
         LocalMesh::from_json(
             &json!({"workloads": [w("web", WEB), w("api", API), w("db", DB)]}),
             "mesh.json".into(),

@@ -83,7 +83,10 @@ impl Counters {
                     .insert(le, s.value);
             } else if s.name == AUTHZ {
                 *c.authz
-                    .entry((s.label("decision").to_string(), s.label("policy").to_string()))
+                    .entry((
+                        s.label("decision").to_string(),
+                        s.label("policy").to_string(),
+                    ))
                     .or_default() += s.value;
             }
         }
@@ -129,8 +132,8 @@ impl Counters {
         self.authz
             .iter()
             .filter(|((d, _), _)| d == decision)
-            .map(|(_, v)| v)
-            .sum()
+            // From +0: an empty float sum is -0, which prints as "-0".
+            .fold(0.0, |sum, (_, v)| sum + v)
     }
 }
 
@@ -170,10 +173,7 @@ impl Snapshot {
     pub async fn scrape(mesh: &LocalMesh) -> Snapshot {
         let futures = mesh.workloads.iter().map(|w| async move {
             let Some(admin) = w.admin else {
-                return Err(format!(
-                    "{} gives it no admin address",
-                    mesh.path.display()
-                ));
+                return Err(format!("{} gives it no admin address", mesh.path.display()));
             };
             let (status, text) = crate::cmd::http_util::request(
                 http::Method::GET,
@@ -375,6 +375,7 @@ palisade_proxy_start_time_seconds {start}
         assert_eq!(p.counters.latency[&inbound].buckets.len(), 2);
         assert_eq!(p.counters.decisions("deny"), 2.0);
         assert_eq!(p.counters.decisions("allow"), 10.0);
+        assert!(p.counters.decisions("audit").is_sign_positive());
         assert_eq!(p.start_time, Some(1000.5));
     }
 

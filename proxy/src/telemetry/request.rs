@@ -31,8 +31,12 @@ use crate::trace::{FinishedSpan, TraceIds, TracePolicy, Tracer};
 #[derive(Clone, Debug)]
 pub struct RequestBytes(pub Arc<AtomicU64>);
 
+/// Made once per connection and shared by its requests: cloning it for a request (its future,
+/// then its response body) is one reference count, not one per handle inside.
 #[derive(Clone)]
-pub struct TelemetryLayer {
+pub struct TelemetryLayer(Arc<Shared>);
+
+pub struct Shared {
     metrics: Arc<Metrics>,
     tracer: Arc<Tracer>,
     direction: Direction,
@@ -41,6 +45,13 @@ pub struct TelemetryLayer {
     access_log: bool,
     /// The empty `route` label, made once.
     no_route: Label,
+}
+
+impl std::ops::Deref for TelemetryLayer {
+    type Target = Shared;
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
 }
 
 impl TelemetryLayer {
@@ -52,7 +63,7 @@ impl TelemetryLayer {
         dst: Label,
         access_log: bool,
     ) -> Self {
-        TelemetryLayer {
+        TelemetryLayer(Arc::new(Shared {
             metrics,
             tracer,
             direction,
@@ -60,7 +71,7 @@ impl TelemetryLayer {
             dst,
             access_log,
             no_route: Label::new(""),
-        }
+        }))
     }
 }
 
