@@ -213,6 +213,8 @@ pub struct Metrics {
     pub start_time: Gauge<f64, std::sync::atomic::AtomicU64>,
     /// Requests, bytes and CPU by caller, callee and route.
     pub cost: Arc<cost::Cost>,
+    /// The requests flowing now, for whoever taps the admin port (`/tap`).
+    pub tap: Arc<crate::tap::Tap>,
     registry: Registry,
 }
 
@@ -249,6 +251,7 @@ impl Metrics {
             trace_export: Family::default(),
             start_time: Gauge::default(),
             cost: Arc::new(cost::Cost::default()),
+            tap: Arc::default(),
             registry: Registry::default(),
         };
         m.start_time.set(
@@ -272,6 +275,7 @@ impl Metrics {
             m.start_time.clone(),
         );
         registry.register_collector(Box::new(m.cost.clone()));
+        m.tap.register(&mut registry);
         registry.register(
             "palisade_egress_connections",
             "Connections from the app to destinations outside the mesh (egress, no mTLS), by the egress policy's decision and protocol (tls, http, tcp)",
@@ -534,25 +538,6 @@ fn labels_end(line: &str) -> usize {
     b.len()
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn exemplars_are_cut_after_the_labels_only() {
-        let text = "# TYPE x histogram\n\
-            x_bucket{route=\"a # {b\",le=\"0.5\"} 3 # {trace_id=\"ab\"} 0.2\n\
-            x_bucket{route=\"q\\\" # {\",le=\"+Inf\"} 4\n\
-            x_count 4 # {trace_id=\"cd\"} 0.1 1700000000.0\n";
-        assert_eq!(
-            without_exemplars(text),
-            "# TYPE x histogram\n\
-            x_bucket{route=\"a # {b\",le=\"0.5\"} 3\n\
-            x_bucket{route=\"q\\\" # {\",le=\"+Inf\"} 4\n\
-            x_count 4\n"
-        );
-    }
-}
 
 /// Keeps `palisade_tcp_open_connections` right even when a connection task is cancelled.
 pub struct OpenConnGuard {
@@ -586,5 +571,25 @@ pub fn kx_group_name(conn: &rustls::CommonState) -> &'static str {
         Some(NamedGroup::secp384r1) => "secp384r1",
         Some(_) => "other",
         None => "none",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exemplars_are_cut_after_the_labels_only() {
+        let text = "# TYPE x histogram\n\
+            x_bucket{route=\"a # {b\",le=\"0.5\"} 3 # {trace_id=\"ab\"} 0.2\n\
+            x_bucket{route=\"q\\\" # {\",le=\"+Inf\"} 4\n\
+            x_count 4 # {trace_id=\"cd\"} 0.1 1700000000.0\n";
+        assert_eq!(
+            without_exemplars(text),
+            "# TYPE x histogram\n\
+            x_bucket{route=\"a # {b\",le=\"0.5\"} 3\n\
+            x_bucket{route=\"q\\\" # {\",le=\"+Inf\"} 4\n\
+            x_count 4\n"
+        );
     }
 }
