@@ -538,7 +538,6 @@ fn labels_end(line: &str) -> usize {
     b.len()
 }
 
-
 /// Keeps `palisade_tcp_open_connections` right even when a connection task is cancelled.
 pub struct OpenConnGuard {
     gauge: Gauge,
