@@ -62,6 +62,13 @@ enum Command {
     /// Who talks to whom in a running local mesh: caller -> callee with both identities,
     /// mTLS or not, requests, success rate, denials.
     Edges(cmd::edges::EdgesArgs),
+    /// The requests flowing through a workload's proxy now (time, direction, identities,
+    /// method, path, status, latency, authorization, route), streamed from its admin port.
+    Tap(cmd::tap::TapArgs),
+    /// One workload of a running local mesh: identity and live certificate, effective mTLS mode
+    /// and its source, the policies and routes that apply, endpoints, config version held vs
+    /// served.
+    Describe(cmd::describe::DescribeArgs),
     /// The latency benchmark: direct vs through the mesh, open loop, HDR histograms.
     Bench(cmd::bench::BenchArgs),
     /// A plain TCP relay: the floor `bench --relays` measures the mesh against.
@@ -88,6 +95,8 @@ fn main() -> ExitCode {
         Command::Cost(a) => cmd::cost::run(a),
         Command::Stat(a) => cmd::stat::run(a),
         Command::Edges(a) => cmd::edges::run(a),
+        Command::Tap(a) => cmd::tap::run(a),
+        Command::Describe(a) => cmd::describe::run(a),
         Command::Relay(a) => cmd::relay::run(a),
         Command::Inject(a) => cmd::inject::run(a),
         Command::Policy(cmd::policy::PolicyCommand::Check(a)) => cmd::policy::check(a),

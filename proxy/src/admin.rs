@@ -1,5 +1,6 @@
-//! The admin server: `/metrics`, `/ready`, `/live`, `/status`, `/shutdown`, and the app's
-//! rewritten kubelet probes (`/app-health/…`, [`crate::app_probe`]).
+//! The admin server: `/metrics`, `/ready`, `/live`, `/status`, `/shutdown`, `/tap` (loopback
+//! only, [`crate::tap`]), and the app's rewritten kubelet probes (`/app-health/…`,
+//! [`crate::app_probe`]).
 //!
 //! Plain HTTP/1.1 on its own port, never through the data-plane stacks, so probes and scrapes
 //! work whatever the mTLS mode and authorization policy say.
@@ -18,7 +19,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
@@ -52,8 +53,12 @@ pub(crate) async fn serve(listener: TcpListener, ctx: Arc<Ctx>, mut stop: watch:
                         .then(|| ctx.cfg.app_probes.get(req.uri().path()))
                         .flatten();
                     let rsp = match probe {
-                        Some(p) => crate::app_probe::run(p).await,
-                        None => handle(&ctx, req, remote),
+                        Some(p) => crate::app_probe::run(p).await.map(BodyExt::boxed_unsync),
+                        // A stream of the requests flowing now (loopback only): crate::tap.
+                        None if req.uri().path() == "/tap" => {
+                            crate::tap::serve(&ctx.metrics.tap, &req, remote, ctx.stop_rx.clone())
+                        }
+                        None => handle(&ctx, req, remote).map(BodyExt::boxed_unsync),
                     };
                     Ok::<_, Infallible>(rsp)
                 }
@@ -125,6 +130,7 @@ fn handle(ctx: &Ctx, req: Request<Incoming>, remote: SocketAddr) -> Response<Ful
             );
             rsp
         }
+        (&Method::GET, "/config") => crate::admin_config::handle(ctx, &req, remote),
         (&Method::POST, "/shutdown") => shutdown(ctx, &req, remote),
         (_, "/shutdown") => text(StatusCode::METHOD_NOT_ALLOWED, "use POST\n"),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),

@@ -108,7 +108,8 @@ pub fn check_tcp(ctx: &Ctx, info: &ConnInfo) -> bool {
 pub struct AuthzLayer {
     ctx: Arc<Ctx>,
     info: Arc<ConnInfo>,
-    /// Attach the decision to allowed responses too, for the access log and spans.
+    /// Attach the decision to allowed responses too, for the access log and spans (and, per
+    /// request, while a tap is connected).
     note_allowed: bool,
 }
 
@@ -239,7 +240,7 @@ where
             .authorize_http(&self.layer.info.conn_context(), &http_ctx);
         let policy = record(ctx, &d);
         if d.allowed {
-            let note = self.layer.note_allowed.then_some(AuthzNote {
+            let note = (self.layer.note_allowed || ctx.metrics.tap.active()).then_some(AuthzNote {
                 allowed: true,
                 policy,
             });

@@ -11,6 +11,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+mod admin_config;
 pub mod app_probe;
 pub mod authz;
 pub mod authz_layer;
@@ -30,6 +31,7 @@ pub mod outbound;
 pub mod ratelimit;
 pub mod routing;
 pub mod sanitize;
+pub mod tap;
 pub mod tcp;
 pub mod telemetry;
 pub mod tls;

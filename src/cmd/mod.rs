@@ -8,6 +8,7 @@ pub mod check;
 pub mod control_plane;
 pub mod cost;
 pub mod demo_app;
+pub mod describe;
 pub mod edges;
 pub mod http_util;
 pub mod init;
@@ -18,6 +19,7 @@ pub mod prom;
 pub mod proxy;
 pub mod relay;
 pub mod stat;
+pub mod tap;
 pub mod up;
 
 /// Logs go to stderr; `PALISADE_LOG` (or `RUST_LOG`) sets the filter, `PALISADE_LOG_FORMAT=json`

@@ -336,6 +336,11 @@ impl Routes {
         self.source.is_empty()
     }
 
+    /// The routes as they came, in their order: what the admin `/config` lists by name.
+    pub fn source(&self) -> &[v1::Route] {
+        &self.source
+    }
+
     /// The rule that takes `req` (sent to `host`, lower case without port).
     pub fn select<B>(&self, host: &str, req: &Request<B>) -> Matched<'_> {
         if self.source.is_empty() {

@@ -146,6 +146,13 @@ where
                 req.version(),
             )
         });
+        // Only while someone taps the admin port: one relaxed load otherwise.
+        let tap = self
+            .layer
+            .metrics
+            .tap
+            .active()
+            .then(|| crate::tap::Start::new(&req));
         TelemetryFuture {
             inner: self.inner.call(req),
             layer: self.layer.clone(),
@@ -154,6 +161,7 @@ where
             span,
             tally,
             log,
+            tap,
             answered: false,
         }
     }
@@ -171,6 +179,7 @@ pin_project_lite::pin_project! {
         span: Option<SpanStart>,
         tally: Option<Arc<AtomicU64>>,
         log: Option<(Method, String, Version)>,
+        tap: Option<Box<crate::tap::Start>>,
         answered: bool,
     }
 
@@ -205,6 +214,7 @@ pin_project_lite::pin_project! {
                 start: *this.start,
                 head: this.start.elapsed(),
                 span,
+                tap: this.tap.take(),
             };
             pending.finish(0, End::Cancelled);
         }
@@ -283,10 +293,14 @@ where
         m.request_duration
             .get_or_create(&labels)
             .observe(elapsed.as_secs_f64(), exemplar, None);
-        let authz = (this.span.is_some() || this.log.is_some())
+        let authz = (this.span.is_some() || this.log.is_some() || this.tap.is_some())
             .then(|| rsp.extensions().get::<crate::authz_layer::AuthzNote>())
             .flatten()
             .map(|n| (n.allowed, n.policy.clone()));
+        let mut tap = this.tap.take();
+        if let Some(t) = tap.as_mut() {
+            t.authz.clone_from(&authz);
+        }
         if let Some((method, path, version)) = this.log.take() {
             log_request(&labels, &method, &path, version, elapsed, &authz, this.ids);
         }
@@ -316,6 +330,7 @@ where
             start: *this.start,
             head: elapsed,
             span,
+            tap,
         };
         Poll::Ready(Ok(rsp.map(|inner| Observed {
             inner,
@@ -394,6 +409,8 @@ struct Pending {
     /// stream is not slow for it).
     head: std::time::Duration,
     span: Option<SpanParts>,
+    /// Set while a tap is connected: what the tap is sent when the response ends.
+    tap: Option<Box<crate::tap::Start>>,
 }
 
 impl Pending {
@@ -408,6 +425,16 @@ impl Pending {
             request_bytes,
             response_bytes,
         );
+        if let Some(t) = self.tap {
+            let event = crate::tap::Start::finish(
+                *t,
+                layer.direction,
+                &self.labels,
+                self.head,
+                self.start.elapsed(),
+            );
+            layer.metrics.tap.publish(event);
+        }
         let Some(span) = self.span else { return };
         let client = layer.direction == Direction::outbound;
         // A gRPC stream that ended without a status: UNAVAILABLE when it broke, CANCELLED when
