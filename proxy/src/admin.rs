@@ -137,6 +137,56 @@ fn handle(ctx: &Ctx, req: Request<Incoming>, remote: SocketAddr) -> Response<Ful
     }
 }
 
+/// Why an admin endpoint that shows what the proxy sees (`/config`, `/tap`) refuses a caller:
+/// they answer this machine's own tools only, never a remote peer nor a web page (one that
+/// sends an `Origin`, or one whose name was rebound to 127.0.0.1, which sends its own `Host`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum NotLocal {
+    Remote,
+    WebPage,
+    ForeignHost,
+}
+
+pub(crate) fn not_local<B>(req: &Request<B>, remote: SocketAddr) -> Option<NotLocal> {
+    // `::ffff:127.0.0.1` on a dual-stack port is loopback too.
+    if !remote.ip().to_canonical().is_loopback() {
+        return Some(NotLocal::Remote);
+    }
+    if req.headers().contains_key(http::header::ORIGIN) {
+        return Some(NotLocal::WebPage);
+    }
+    match req.headers().get(http::header::HOST) {
+        Some(host) if !local_host(host.as_bytes()) => Some(NotLocal::ForeignHost),
+        _ => None,
+    }
+}
+
+/// Whether a `Host` header names this machine without DNS: an IP address or `localhost`,
+/// with or without a port.
+pub(crate) fn local_host(host: &[u8]) -> bool {
+    let Ok(host) = std::str::from_utf8(host) else {
+        return false;
+    };
+    let host = host.trim();
+    if host.parse::<std::net::IpAddr>().is_ok() {
+        return true;
+    }
+    let port_ok = |p: &str| p.parse::<u16>().is_ok();
+    // `[::1]:4191`, `[::1]`
+    if let Some(rest) = host.strip_prefix('[') {
+        return rest.split_once(']').is_some_and(|(ip, port)| {
+            ip.parse::<std::net::IpAddr>().is_ok()
+                && (port.is_empty() || port.strip_prefix(':').is_some_and(port_ok))
+        });
+    }
+    let name = match host.rsplit_once(':') {
+        Some((name, port)) if port_ok(port) => name,
+        Some(_) => return false,
+        None => host,
+    };
+    name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::Ipv4Addr>().is_ok()
+}
+
 /// Why a `/shutdown` is refused, or None to shut down.
 fn shutdown_refusal<B>(
     enabled: bool,

@@ -13,7 +13,7 @@
 //! (a web page's `fetch`), and refuses a `Host` that is a name other than `localhost` (a page
 //! of a rebound DNS name, whose own origin would send no `Origin` on a GET).
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
@@ -46,54 +46,21 @@ pub(crate) fn handle<B>(ctx: &Ctx, req: &Request<B>, remote: SocketAddr) -> Resp
 
 /// Why a `/config` request is refused, or None to answer it.
 fn refusal<B>(req: &Request<B>, remote: SocketAddr) -> Option<(StatusCode, &'static str)> {
-    // `::ffff:127.0.0.1` on a dual-stack port is loopback too.
-    if !remote.ip().to_canonical().is_loopback() {
-        return Some((
+    use crate::admin::NotLocal;
+    Some(match crate::admin::not_local(req, remote)? {
+        NotLocal::Remote => (
             StatusCode::FORBIDDEN,
             "/config is answered to loopback callers only\n",
-        ));
-    }
-    if req.headers().contains_key(http::header::ORIGIN) {
-        return Some((
+        ),
+        NotLocal::WebPage => (
             StatusCode::FORBIDDEN,
             "/config is not answered to a web page (the request has an Origin header)\n",
-        ));
-    }
-    if let Some(host) = req.headers().get(http::header::HOST)
-        && !local_host(host.as_bytes())
-    {
-        return Some((
+        ),
+        NotLocal::ForeignHost => (
             StatusCode::FORBIDDEN,
             "/config is answered to requests for an IP address or localhost only\n",
-        ));
-    }
-    None
-}
-
-/// Whether a `Host` header names this machine without DNS: an IP address or `localhost`,
-/// with or without a port.
-fn local_host(host: &[u8]) -> bool {
-    let Ok(host) = std::str::from_utf8(host) else {
-        return false;
-    };
-    let host = host.trim();
-    if host.parse::<IpAddr>().is_ok() {
-        return true;
-    }
-    let port_ok = |p: &str| p.parse::<u16>().is_ok();
-    // `[::1]:4191`, `[::1]`
-    if let Some(rest) = host.strip_prefix('[') {
-        return rest.split_once(']').is_some_and(|(ip, port)| {
-            ip.parse::<IpAddr>().is_ok()
-                && (port.is_empty() || port.strip_prefix(':').is_some_and(port_ok))
-        });
-    }
-    let name = match host.rsplit_once(':') {
-        Some((name, port)) if port_ok(port) => name,
-        Some(_) => return false,
-        None => host,
-    };
-    name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::Ipv4Addr>().is_ok()
+        ),
+    })
 }
 
 /// What the proxy holds now.
@@ -295,7 +262,7 @@ mod tests {
             "10.1.2.3:4191",
             "::1",
         ] {
-            assert!(local_host(h.as_bytes()), "{h}");
+            assert!(crate::admin::local_host(h.as_bytes()), "{h}");
         }
         for h in [
             "evil.example",
@@ -308,7 +275,7 @@ mod tests {
             "[::1]x",
             "",
         ] {
-            assert!(!local_host(h.as_bytes()), "{h}");
+            assert!(!crate::admin::local_host(h.as_bytes()), "{h}");
         }
     }
 }

@@ -376,59 +376,24 @@ fn decode(s: &str) -> Option<String> {
 
 /// Why a `/tap` request is refused, or None to tap.
 pub fn refusal<B>(req: &Request<B>, remote: SocketAddr) -> Option<(StatusCode, &'static str)> {
+    use crate::admin::NotLocal;
     if req.method() != Method::GET {
         return Some((StatusCode::METHOD_NOT_ALLOWED, "use GET\n"));
     }
-    // `::ffff:127.0.0.1` on a dual-stack port is loopback too.
-    if !remote.ip().to_canonical().is_loopback() {
-        return Some((
+    Some(match crate::admin::not_local(req, remote)? {
+        NotLocal::Remote => (
             StatusCode::FORBIDDEN,
             "tap is allowed from loopback only (request metadata stays in the pod)\n",
-        ));
-    }
-    if req.headers().contains_key(http::header::ORIGIN) {
-        return Some((
+        ),
+        NotLocal::WebPage => (
             StatusCode::FORBIDDEN,
             "tap is not allowed from a web page (the request has an Origin header)\n",
-        ));
-    }
-    // A page whose name was rebound to 127.0.0.1 sends no `Origin` on a same-origin GET, but
-    // it sends its own name.
-    if let Some(host) = req.headers().get(http::header::HOST)
-        && !local_host(host.as_bytes())
-    {
-        return Some((
+        ),
+        NotLocal::ForeignHost => (
             StatusCode::FORBIDDEN,
             "tap answers requests for an IP address or localhost only\n",
-        ));
-    }
-    None
-}
-
-/// Whether a `Host` header names this machine without DNS: an IP address or `localhost`,
-/// with or without a port.
-fn local_host(host: &[u8]) -> bool {
-    let Ok(host) = std::str::from_utf8(host) else {
-        return false;
-    };
-    let host = host.trim();
-    if host.parse::<std::net::IpAddr>().is_ok() {
-        return true;
-    }
-    let port_ok = |p: &str| p.parse::<u16>().is_ok();
-    // `[::1]:4191`, `[::1]`
-    if let Some(rest) = host.strip_prefix('[') {
-        return rest.split_once(']').is_some_and(|(ip, port)| {
-            ip.parse::<std::net::IpAddr>().is_ok()
-                && (port.is_empty() || port.strip_prefix(':').is_some_and(port_ok))
-        });
-    }
-    let name = match host.rsplit_once(':') {
-        Some((name, port)) if port_ok(port) => name,
-        Some(_) => return false,
-        None => host,
-    };
-    name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::Ipv4Addr>().is_ok()
+        ),
+    })
 }
 
 fn plain(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
