@@ -31,40 +31,9 @@ spec:
     - name: rest
 "#;
 
-/// The demo mesh of deploy/local (same workloads, services and policies) on free ports, with
-/// the route.
+/// The demo mesh with the route above.
 fn demo_mesh() -> Mesh {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/local/policies");
-    let policies: Vec<(String, String)> = ["api.yaml", "db.yaml", "mesh.yaml"]
-        .iter()
-        .map(|f| {
-            let text = std::fs::read_to_string(dir.join(f)).expect("a demo policy");
-            (f.to_string(), text)
-        })
-        .chain([("api-routes.yaml".to_string(), API_ROUTES.to_string())])
-        .collect();
-    let refs: Vec<(&str, &str)> = policies
-        .iter()
-        .map(|(n, t)| (n.as_str(), t.as_str()))
-        .collect();
-    MeshSpec {
-        lifetime: "1h",
-        default_policy: "allow",
-        workloads: vec![
-            WorkloadSpec::demo(
-                "web",
-                "app: web",
-                vec![("api.demo", 8080), ("db.demo", 5432)],
-            ),
-            WorkloadSpec::demo("api", "app: api", vec![("db.demo", 5432)]),
-            WorkloadSpec::demo("db", "app: db", vec![]),
-        ],
-        services: vec![
-            ("api", 8080, "app: api", "http"),
-            ("db", 5432, "app: db", "http"),
-        ],
-    }
-    .start(&refs)
+    demo_mesh_with(&[("api-routes.yaml", API_ROUTES)])
 }
 
 fn palisade_cmd(state: &Path, args: &[&str]) -> Command {

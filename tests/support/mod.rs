@@ -438,3 +438,39 @@ pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
 pub fn path_str(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
 }
+
+/// The demo mesh of deploy/local (its workloads, services and policies) on free ports, with
+/// `extra` policy files (name, YAML) beside the demo's.
+pub fn demo_mesh_with(extra: &[(&str, &str)]) -> Mesh {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/local/policies");
+    let demo: Vec<(&str, String)> = ["api.yaml", "db.yaml", "mesh.yaml"]
+        .iter()
+        .map(|f| {
+            let text = std::fs::read_to_string(dir.join(f)).expect("a demo policy");
+            (*f, text)
+        })
+        .collect();
+    let policies: Vec<(&str, &str)> = demo
+        .iter()
+        .map(|(n, t)| (*n, t.as_str()))
+        .chain(extra.iter().copied())
+        .collect();
+    MeshSpec {
+        lifetime: "1h",
+        default_policy: "allow",
+        workloads: vec![
+            WorkloadSpec::demo(
+                "web",
+                "app: web",
+                vec![("api.demo", 8080), ("db.demo", 5432)],
+            ),
+            WorkloadSpec::demo("api", "app: api", vec![("db.demo", 5432)]),
+            WorkloadSpec::demo("db", "app: db", vec![]),
+        ],
+        services: vec![
+            ("api", 8080, "app: api", "http"),
+            ("db", 5432, "app: db", "http"),
+        ],
+    }
+    .start(&policies)
+}
