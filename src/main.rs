@@ -100,6 +100,7 @@ fn main() -> ExitCode {
         Command::Relay(a) => cmd::relay::run(a),
         Command::Inject(a) => cmd::inject::run(a),
         Command::Policy(cmd::policy::PolicyCommand::Check(a)) => cmd::policy::check(a),
+        Command::Policy(cmd::policy::PolicyCommand::WhatIf(a)) => cmd::what_if::run(a),
         Command::Authz(cmd::policy::AuthzCommand::Explain(a)) => cmd::policy::explain(a),
     };
     cmd::exit(result)

@@ -1,5 +1,6 @@
-//! The admin server: `/metrics`, `/ready`, `/live`, `/status`, `/shutdown`, `/tap` (loopback
-//! only, [`crate::tap`]), and the app's rewritten kubelet probes (`/app-health/…`,
+//! The admin server: `/metrics`, `/ready`, `/live`, `/status`, `/shutdown`, and for this
+//! machine's tools only `/tap` ([`crate::tap`]), `/config` ([`crate::admin_config`]) and
+//! `/traffic` ([`crate::summary`]); and the app's rewritten kubelet probes (`/app-health/…`,
 //! [`crate::app_probe`]).
 //!
 //! Plain HTTP/1.1 on its own port, never through the data-plane stacks, so probes and scrapes
@@ -131,10 +132,38 @@ fn handle(ctx: &Ctx, req: Request<Incoming>, remote: SocketAddr) -> Response<Ful
             rsp
         }
         (&Method::GET, "/config") => crate::admin_config::handle(ctx, &req, remote),
+        (&Method::GET, "/traffic") => traffic(ctx, &req, remote),
         (&Method::POST, "/shutdown") => shutdown(ctx, &req, remote),
         (_, "/shutdown") => text(StatusCode::METHOD_NOT_ALLOWED, "use POST\n"),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
+}
+
+/// `GET /traffic`: the traffic summary ([`crate::summary`]) for `palisade policy what-if`.
+/// It names callers and paths, so it answers what `/config` answers: this machine's tools.
+fn traffic<B>(ctx: &Ctx, req: &Request<B>, remote: SocketAddr) -> Response<Full<Bytes>> {
+    if let Some(why) = not_local(req, remote) {
+        tracing::debug!(%remote, ?why, "admin /traffic refused");
+        return text(
+            StatusCode::FORBIDDEN,
+            "/traffic is answered to loopback callers only, without Origin, for localhost\n",
+        );
+    }
+    let mut body = ctx.metrics.summary.json();
+    if let Some(o) = body.as_object_mut() {
+        o.insert("workload".into(), ctx.cfg.workload.clone().into());
+        o.insert("identity".into(), ctx.store.id().as_str().into());
+    }
+    let mut rsp = text(StatusCode::OK, body.to_string());
+    rsp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    rsp.headers_mut().insert(
+        http::header::CACHE_CONTROL,
+        http::HeaderValue::from_static("no-store"),
+    );
+    rsp
 }
 
 /// Why an admin endpoint that shows what the proxy sees (`/config`, `/tap`) refuses a caller:

@@ -18,6 +18,7 @@ use palisade_certs::SpiffeId;
 use crate::Ctx;
 use crate::authz::{ConnContext, Decision, HttpContext};
 use crate::http::{self as phttp, RspBody};
+use crate::summary::{HttpSeen, Seen};
 use crate::telemetry::{AuthzLabels, Label};
 
 /// What the inbound side knows about a connection, shared by its requests.
@@ -37,6 +38,16 @@ impl ConnInfo {
             peer: self.peer.as_ref().map(|p| p.as_str()),
             source_ip: self.source_ip,
             dest_port: self.dest_port,
+        }
+    }
+
+    /// This connection's request (or the connection itself) for the traffic summary.
+    fn seen<'a>(&'a self, http: Option<HttpSeen<'a>>) -> Seen<'a> {
+        Seen {
+            peer: self.peer.as_ref().map(|p| p.as_str()),
+            source_ip: self.source_ip,
+            port: self.dest_port,
+            http,
         }
     }
 }
@@ -97,6 +108,7 @@ fn record(ctx: &Ctx, d: &Decision) -> Label {
 pub fn check_tcp(ctx: &Ctx, info: &ConnInfo) -> bool {
     let snap = ctx.snapshot.load();
     let d = snap.inbound.authz.authorize_tcp(&info.conn_context());
+    ctx.metrics.summary.record(&info.seen(None), d.allowed);
     let policy = record(ctx, &d);
     if !d.allowed {
         tracing::info!(peer = %info.peer_label.0, policy = %policy.0, port = info.dest_port, "TCP connection denied");
@@ -238,6 +250,16 @@ where
             .inbound
             .authz
             .authorize_http(&self.layer.info.conn_context(), &http_ctx);
+        let path = http_ctx.path;
+        ctx.metrics.summary.record(
+            &self.layer.info.seen(Some(HttpSeen {
+                method: http_ctx.method,
+                path: path.split_once('?').map_or(path, |(p, _)| p),
+                host,
+                route: http_ctx.route,
+            })),
+            d.allowed,
+        );
         let policy = record(ctx, &d);
         if d.allowed {
             let note = (self.layer.note_allowed || ctx.metrics.tap.active()).then_some(AuthzNote {

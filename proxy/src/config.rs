@@ -88,6 +88,10 @@ pub struct Limits {
     /// Services a transparent proxy holds because the app dialled them; past it the least
     /// recently dialled are released.
     pub max_on_demand_services: usize,
+    /// Distinct request shapes the traffic summary keeps per window (0: none kept), and the
+    /// window ([`crate::summary`]).
+    pub traffic_summary_entries: usize,
+    pub traffic_summary_window: std::time::Duration,
 }
 
 impl Default for Limits {
@@ -97,6 +101,8 @@ impl Default for Limits {
             max_concurrent_streams: 1000,
             max_connections: 10_000,
             max_on_demand_services: 1000,
+            traffic_summary_entries: crate::summary::DEFAULT_ENTRIES,
+            traffic_summary_window: crate::summary::DEFAULT_WINDOW,
         }
     }
 }

@@ -31,6 +31,7 @@ pub mod outbound;
 pub mod ratelimit;
 pub mod routing;
 pub mod sanitize;
+pub mod summary;
 pub mod tap;
 pub mod tcp;
 pub mod telemetry;
@@ -218,6 +219,10 @@ impl Proxy {
             .app_addr
             .map(|a| Arc::new(inbound::AppClients::new(a, cfg.timeouts.connect)));
         let metrics = Metrics::new();
+        metrics.summary.configure(
+            cfg.limits.traffic_summary_entries,
+            cfg.limits.traffic_summary_window,
+        );
         let tracer = Arc::new(trace::Tracer::start(
             &cfg.tracing,
             cfg.identity.as_str(),
@@ -421,13 +426,17 @@ pub async fn run(
     Ok(())
 }
 
-/// Apportions the proxy's CPU time to the requests of each second (cost attribution).
+/// Once a second: apportions the proxy's CPU time to the requests of that second (cost
+/// attribution) and ages the traffic summary.
 async fn cost_ticks(metrics: Arc<Metrics>, mut stop: watch::Receiver<bool>) {
     let mut every = tokio::time::interval(std::time::Duration::from_secs(1));
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = every.tick() => metrics.cost.tick(),
+            _ = every.tick() => {
+                metrics.cost.tick();
+                metrics.summary.tick();
+            }
             _ = stop.changed() => return,
         }
     }

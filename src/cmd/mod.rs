@@ -21,6 +21,7 @@ pub mod relay;
 pub mod stat;
 pub mod tap;
 pub mod up;
+pub mod what_if;
 
 /// Logs go to stderr; `PALISADE_LOG` (or `RUST_LOG`) sets the filter, `PALISADE_LOG_FORMAT=json`
 /// makes them structured for log collectors.

@@ -22,6 +22,11 @@ use super::http_util;
 pub enum PolicyCommand {
     /// Validate policy YAML (a file or a directory); every error names file, document and field.
     Check(CheckArgs),
+    /// Replay the traffic the running proxies have authorized recently against proposed
+    /// policies (a directory: the whole set; a file: on top of the current ones) and list
+    /// what would flip between allow and deny, with counts.
+    #[command(name = "what-if")]
+    WhatIf(super::what_if::WhatIfArgs),
 }
 
 #[derive(clap::Args)]
@@ -383,7 +388,10 @@ fn served_from_files(mesh_file: &Path, workload: &str) -> anyhow::Result<ServedC
 }
 
 /// What the running control plane serves `workload` now, from its status endpoint.
-fn served_live(state_dir: &Path, workload: &str) -> anyhow::Result<(ServedConfig, SocketAddr)> {
+pub(crate) fn served_live(
+    state_dir: &Path,
+    workload: &str,
+) -> anyhow::Result<(ServedConfig, SocketAddr)> {
     let path = state_dir.join("mesh.json");
     let text = std::fs::read_to_string(&path).with_context(|| {
         format!(

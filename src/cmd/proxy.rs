@@ -124,6 +124,18 @@ pub struct ProxyArgs {
         default_value_t = 1000
     )]
     pub max_on_demand_services: usize,
+    /// Distinct inbound request shapes (caller, port, method, path, host, route) the proxy
+    /// keeps per window for `palisade policy what-if`; 0 keeps none.
+    #[arg(
+        long,
+        env = "PALISADE_TRAFFIC_SUMMARY_ENTRIES",
+        value_name = "N",
+        default_value_t = palisade_proxy::summary::DEFAULT_ENTRIES
+    )]
+    pub traffic_summary_entries: usize,
+    /// How long a generation of the traffic summary lasts: it holds the last one to two.
+    #[arg(long, env = "PALISADE_TRAFFIC_SUMMARY_WINDOW", value_name = "DURATION", default_value = "10m", value_parser = duration)]
+    pub traffic_summary_window: Duration,
     /// Answer `POST /shutdown` on the admin port (loopback only, with the
     /// `palisade-admin-shutdown` header). Off by default: every container of a pod shares
     /// its loopback; `palisade up` stops its sidecars with SIGTERM instead. The flag alone
@@ -289,6 +301,8 @@ fn build_config(a: &ProxyArgs) -> anyhow::Result<ProxyConfig> {
         limits: Limits {
             max_connections: a.max_connections,
             max_on_demand_services: a.max_on_demand_services,
+            traffic_summary_entries: a.traffic_summary_entries,
+            traffic_summary_window: a.traffic_summary_window,
             ..Limits::default()
         },
         access_log: a.access_log,

@@ -215,6 +215,8 @@ pub struct Metrics {
     pub cost: Arc<cost::Cost>,
     /// The requests flowing now, for whoever taps the admin port (`/tap`).
     pub tap: Arc<crate::tap::Tap>,
+    /// What inbound authorization has seen recently, for `palisade policy what-if`.
+    pub summary: Arc<crate::summary::TrafficSummary>,
     registry: Registry,
 }
 
@@ -252,6 +254,7 @@ impl Metrics {
             start_time: Gauge::default(),
             cost: Arc::new(cost::Cost::default()),
             tap: Arc::default(),
+            summary: Arc::default(),
             registry: Registry::default(),
         };
         m.start_time.set(
@@ -276,6 +279,7 @@ impl Metrics {
         );
         registry.register_collector(Box::new(m.cost.clone()));
         m.tap.register(&mut registry);
+        m.summary.register(&mut registry);
         registry.register(
             "palisade_egress_connections",
             "Connections from the app to destinations outside the mesh (egress, no mTLS), by the egress policy's decision and protocol (tls, http, tcp)",
