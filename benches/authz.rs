@@ -66,5 +66,36 @@ fn decisions(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, decisions);
+/// What the traffic summary (for `policy what-if`) adds to every inbound decision: a shape
+/// already kept (the common case: one hash of the borrowed fields and an uncontended lock),
+/// and a full summary refusing a new shape.
+fn summary(c: &mut Criterion) {
+    use palisade_proxy::summary::{HttpSeen, Seen, TrafficSummary};
+    let seen = |path| Seen {
+        peer: Some("spiffe://cluster.local/ns/demo/sa/web"),
+        source_ip: "10.0.0.1".parse().expect("ip"),
+        port: 8080,
+        http: Some(HttpSeen {
+            method: "GET",
+            path,
+            host: "api.demo:8080",
+            route: Some("demo/api-routes/rest"),
+        }),
+    };
+    let s = TrafficSummary::default();
+    let hit = seen("/api/users");
+    s.record(&hit, true);
+    c.bench_function("summary/record/known_shape", |b| {
+        b.iter(|| s.record(std::hint::black_box(&hit), true))
+    });
+    let full = TrafficSummary::default();
+    full.configure(1, std::time::Duration::from_secs(600));
+    full.record(&seen("/kept"), true);
+    let new = seen("/api/users/7");
+    c.bench_function("summary/record/full_new_shape", |b| {
+        b.iter(|| full.record(std::hint::black_box(&new), true))
+    });
+}
+
+criterion_group!(benches, decisions, summary);
 criterion_main!(benches);
