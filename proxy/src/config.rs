@@ -92,6 +92,12 @@ pub struct Limits {
     /// window ([`crate::summary`]).
     pub traffic_summary_entries: usize,
     pub traffic_summary_window: std::time::Duration,
+    /// HTTP/2 streams a client may open and reset before the proxy has served them, before
+    /// it is sent GOAWAY `ENHANCE_YOUR_CALM` (rapid reset, CVE-2023-44487).
+    pub h2_max_pending_resets: usize,
+    /// HTTP/2 streams the proxy may reset on a client's connection because of the client's
+    /// errors before it closes the connection (a flood of streams that each provoke one).
+    pub h2_max_local_error_resets: Option<usize>,
 }
 
 impl Default for Limits {
@@ -103,6 +109,8 @@ impl Default for Limits {
             max_on_demand_services: 1000,
             traffic_summary_entries: crate::summary::DEFAULT_ENTRIES,
             traffic_summary_window: crate::summary::DEFAULT_WINDOW,
+            h2_max_pending_resets: 20,
+            h2_max_local_error_resets: Some(1024),
         }
     }
 }
@@ -405,13 +413,20 @@ impl Snapshot {
 
     /// Loads a static snapshot file (YAML), the no-control-plane mode of `palisade proxy`.
     pub fn load_static(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+            file: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        Self::parse_static(&text, path)
+    }
+
+    /// Parses the text of a static snapshot file; `path` names the file in errors.
+    pub fn parse_static(text: &str, path: &Path) -> Result<Self, ConfigError> {
         let file_err = |message: String| ConfigError::File {
             file: path.to_path_buf(),
             message,
         };
-        let text = std::fs::read_to_string(path).map_err(|e| file_err(e.to_string()))?;
-        let file: StaticFile =
-            serde_saphyr::from_str(&text).map_err(|e| file_err(e.to_string()))?;
+        let file: StaticFile = serde_saphyr::from_str(text).map_err(|e| file_err(e.to_string()))?;
         let protocol = |field: &str, p: Option<String>| {
             Protocol::parse(p.as_deref().unwrap_or_default())
                 .map_err(|e| file_err(format!("{field}: {e}")))

@@ -278,14 +278,16 @@ pub fn set_absolute_uri<B>(req: &mut Request<B>, fallback: &str) -> Result<(), S
 /// Drives a hyper server connection to its end, or, once the proxy stops, asks it to finish
 /// in-flight requests and waits for that. A macro because hyper's HTTP/2 and upgradeable
 /// HTTP/1.1 connections share `graceful_shutdown` by name only, not by a trait.
+/// Its value: the connection's own end (an error counts), or None when the proxy stopped it.
 macro_rules! until_stopped {
     ($conn:ident, $stop:ident) => {{
         tokio::pin!($conn);
         tokio::select! {
-            _ = $conn.as_mut() => {}
+            r = $conn.as_mut() => Some(r),
             _ = $stop.changed() => {
                 $conn.as_mut().graceful_shutdown();
                 let _ = $conn.await;
+                None
             }
         }
     }};
@@ -293,8 +295,13 @@ macro_rules! until_stopped {
 
 /// Serves one connection with HTTP/2 or HTTP/1.1 (with upgrades), with the proxy's limits, and
 /// shuts it down gracefully when the proxy stops.
-pub(crate) async fn serve_connection<I, S, B>(ctx: &crate::Ctx, io: I, svc: S, h2: bool)
-where
+pub(crate) async fn serve_connection<I, S, B>(
+    ctx: &crate::Ctx,
+    io: I,
+    svc: S,
+    h2: bool,
+    direction: crate::telemetry::Direction,
+) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     S: tower::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
         + Clone
@@ -313,19 +320,77 @@ where
         let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
         b.max_concurrent_streams(limits.max_concurrent_streams)
             .max_header_list_size(limits.max_header_bytes as u32)
+            .max_pending_accept_reset_streams(limits.h2_max_pending_resets)
+            .max_local_error_reset_streams(limits.h2_max_local_error_resets)
             .initial_stream_window_size(1 << 20)
             .initial_connection_window_size(4 << 20)
             .timer(TokioTimer::new())
             .keep_alive_interval(std::time::Duration::from_secs(30));
         let conn = b.serve_connection(io, svc);
-        until_stopped!(conn, stop);
+        let result = until_stopped!(conn, stop);
+        count_connection_error(ctx, direction, result);
     } else {
         let mut b = hyper::server::conn::http1::Builder::new();
         b.max_buf_size(limits.max_header_bytes.max(8192))
             .timer(TokioTimer::new())
             .header_read_timeout(Some(ctx.cfg.timeouts.idle));
         let conn = b.serve_connection(io, svc).with_upgrades();
-        until_stopped!(conn, stop);
+        let result = until_stopped!(conn, stop);
+        count_connection_error(ctx, direction, result);
+    }
+}
+
+/// Why a client's HTTP connection ended in an error the proxy raised, as the label of
+/// `palisade_http_connection_errors_total`; None for a client that merely went away.
+///
+/// The abuse defences live in hyper and h2 (well-fuzzed, shared with most of the Rust
+/// ecosystem); this only makes them visible: an HTTP/2 client that resets streams faster than
+/// they are served (CVE-2023-44487) or makes the proxy reset too many is sent GOAWAY
+/// `ENHANCE_YOUR_CALM`; an oversized or endless header block (CONTINUATION flood, HPACK bomb)
+/// ends in a protocol or size error; a slow HTTP/1 header read times out.
+pub(crate) fn connection_error_reason(e: &hyper::Error) -> Option<&'static str> {
+    if e.is_timeout() {
+        return Some("header_timeout");
+    }
+    if e.is_parse_too_large() {
+        return Some("header_too_large");
+    }
+    if e.is_parse() || e.is_parse_version_h2() {
+        return Some("bad_http1");
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(err) = source {
+        if let Some(h2e) = err.downcast_ref::<h2::Error>() {
+            if h2e.is_io() || h2e.is_remote() {
+                return None;
+            }
+            return Some(match h2e.reason() {
+                Some(h2::Reason::ENHANCE_YOUR_CALM) => "h2_enhance_your_calm",
+                Some(h2::Reason::COMPRESSION_ERROR) => "h2_compression",
+                Some(h2::Reason::FRAME_SIZE_ERROR) => "h2_frame_size",
+                Some(h2::Reason::PROTOCOL_ERROR) => "h2_protocol",
+                _ => "h2_other",
+            });
+        }
+        source = err.source();
+    }
+    None
+}
+
+fn count_connection_error(
+    ctx: &crate::Ctx,
+    direction: crate::telemetry::Direction,
+    result: Option<Result<(), hyper::Error>>,
+) {
+    let Some(Err(e)) = result else {
+        return;
+    };
+    match connection_error_reason(&e) {
+        Some(reason) => {
+            tracing::debug!(?direction, reason, error = %e, "HTTP connection closed on an error");
+            ctx.metrics.http_connection_error(direction, reason);
+        }
+        None => tracing::trace!(?direction, error = %e, "HTTP client went away"),
     }
 }
 

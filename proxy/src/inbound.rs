@@ -258,7 +258,7 @@ where
             app,
             xfcc: info.xfcc(&ctx.own_label),
         });
-    phttp::serve_connection(&ctx, io, svc, h2).await;
+    phttp::serve_connection(&ctx, io, svc, h2, Direction::inbound).await;
 }
 
 /// The last stage: identity headers, HTTP version for the app, and the app call.

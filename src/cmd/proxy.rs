@@ -136,6 +136,24 @@ pub struct ProxyArgs {
     /// How long a generation of the traffic summary lasts: it holds the last one to two.
     #[arg(long, env = "PALISADE_TRAFFIC_SUMMARY_WINDOW", value_name = "DURATION", default_value = "10m", value_parser = duration)]
     pub traffic_summary_window: Duration,
+    /// HTTP/2 streams a client may open and reset before they are served; past it the
+    /// connection gets GOAWAY ENHANCE_YOUR_CALM (rapid reset, CVE-2023-44487).
+    #[arg(
+        long,
+        env = "PALISADE_H2_MAX_PENDING_RESETS",
+        value_name = "N",
+        default_value_t = 20
+    )]
+    pub h2_max_pending_resets: usize,
+    /// HTTP/2 streams the proxy may reset because of a client's errors before it closes that
+    /// client's connection.
+    #[arg(
+        long,
+        env = "PALISADE_H2_MAX_LOCAL_ERROR_RESETS",
+        value_name = "N",
+        default_value_t = 1024
+    )]
+    pub h2_max_local_error_resets: usize,
     /// Answer `POST /shutdown` on the admin port (loopback only, with the
     /// `palisade-admin-shutdown` header). Off by default: every container of a pod shares
     /// its loopback; `palisade up` stops its sidecars with SIGTERM instead. The flag alone
@@ -303,6 +321,8 @@ fn build_config(a: &ProxyArgs) -> anyhow::Result<ProxyConfig> {
             max_on_demand_services: a.max_on_demand_services,
             traffic_summary_entries: a.traffic_summary_entries,
             traffic_summary_window: a.traffic_summary_window,
+            h2_max_pending_resets: a.h2_max_pending_resets,
+            h2_max_local_error_resets: Some(a.h2_max_local_error_resets),
             ..Limits::default()
         },
         access_log: a.access_log,

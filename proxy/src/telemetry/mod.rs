@@ -183,6 +183,8 @@ pub struct Metrics {
     pub tls_handshake_errors: Family<ReasonLabels, Counter>,
     pub refused: Family<ReasonLabels, Counter>,
     pub requests_refused: Family<ReasonLabels, Counter>,
+    /// Client HTTP connections the proxy ended on an error of the client's, by reason.
+    pub http_connection_errors: Family<ReasonLabels, Counter>,
     pub endpoint_ejections: Family<DstLabels, Counter>,
     pub authz_decisions: Family<AuthzLabels, Counter>,
     pub cert_expiry: Gauge,
@@ -233,6 +235,7 @@ impl Metrics {
             tls_handshake_errors: Family::default(),
             refused: Family::default(),
             requests_refused: Family::default(),
+            http_connection_errors: Family::default(),
             endpoint_ejections: Family::default(),
             authz_decisions: Family::default(),
             cert_expiry: Gauge::default(),
@@ -344,6 +347,11 @@ impl Metrics {
             "palisade_connections_refused",
             "Connections closed before proxying, by reason",
             m.refused.clone(),
+        );
+        registry.register(
+            "palisade_http_connection_errors",
+            "Client HTTP connections the proxy closed on the client's error, by reason (h2_enhance_your_calm: rapid reset or too many provoked resets; h2_compression, h2_frame_size, h2_protocol: a bad or oversized header block; header_too_large; header_timeout; bad_http1)",
+            m.http_connection_errors.clone(),
         );
         registry.register(
             "palisade_requests_refused",
@@ -468,6 +476,12 @@ impl Metrics {
 
     pub fn retry(&self, result: &'static str) {
         self.retries.get_or_create(&ResultLabels { result }).inc();
+    }
+
+    pub fn http_connection_error(&self, direction: Direction, reason: &'static str) {
+        self.http_connection_errors
+            .get_or_create(&ReasonLabels { direction, reason })
+            .inc();
     }
 
     pub fn refuse_request(&self, direction: Direction, reason: &'static str) {
