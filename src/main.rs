@@ -69,6 +69,9 @@ enum Command {
     /// and its source, the policies and routes that apply, endpoints, config version held vs
     /// served.
     Describe(cmd::describe::DescribeArgs),
+    /// A local web page over a running mesh: live topology (mTLS, success, latency, denials),
+    /// workloads, a page per workload (describe and a live tap), and cost.
+    Dashboard(cmd::dashboard::DashboardArgs),
     /// The latency benchmark: direct vs through the mesh, open loop, HDR histograms.
     Bench(cmd::bench::BenchArgs),
     /// A plain TCP relay: the floor `bench --relays` measures the mesh against.
@@ -97,6 +100,7 @@ fn main() -> ExitCode {
         Command::Edges(a) => cmd::edges::run(a),
         Command::Tap(a) => cmd::tap::run(a),
         Command::Describe(a) => cmd::describe::run(a),
+        Command::Dashboard(a) => cmd::dashboard::run(a),
         Command::Relay(a) => cmd::relay::run(a),
         Command::Inject(a) => cmd::inject::run(a),
         Command::Policy(cmd::policy::PolicyCommand::Check(a)) => cmd::policy::check(a),

@@ -33,6 +33,7 @@ use tokio_rustls::TlsAcceptor;
 use tower::ServiceBuilder;
 use tracing::Instrument as _;
 
+use crate::admission::Unidentified;
 use crate::authz_layer::{AuthzLayer, ConnInfo};
 use crate::config::{MtlsMode, Protocol};
 use crate::detect::{self, Detected};
@@ -114,7 +115,11 @@ pub(crate) async fn serve(
     };
     let acceptor = TlsAcceptor::from(tls_cfg);
     while let Some((tcp, remote)) = crate::tcp::accept(&listener, &mut stop, "inbound").await {
-        let Ok(permit) = ctx.conn_limit.clone().try_acquire_owned() else {
+        let evicted = || {
+            ctx.metrics
+                .refuse(Direction::inbound, "evicted_unidentified")
+        };
+        let Ok((permit, unidentified)) = ctx.admission.admit(evicted).await else {
             ctx.metrics.refuse(Direction::inbound, "connection_limit");
             continue;
         };
@@ -127,16 +132,31 @@ pub(crate) async fn serve(
             async move {
                 let _permit = permit;
                 let _open = OpenConnGuard::new(&ctx.metrics, Direction::inbound);
-                handle(ctx, acceptor, tcp, remote).await;
+                handle(ctx, acceptor, tcp, remote, unidentified).await;
             }
             .instrument(span),
         );
     }
 }
 
-async fn handle(ctx: Arc<Ctx>, acceptor: TlsAcceptor, mut tcp: TcpStream, remote: SocketAddr) {
+/// What follows the handshake (the HTTP server or the tunnel) is boxed once per connection:
+/// inline, its state would size every connection's task from the first byte, and a connection
+/// that never finishes its handshake would cost as much as one serving requests.
+async fn handle(
+    ctx: Arc<Ctx>,
+    acceptor: TlsAcceptor,
+    mut tcp: TcpStream,
+    remote: SocketAddr,
+    unidentified: Unidentified,
+) {
     let (port, app) = destination(&ctx, &tcp);
-    let (detected, prefix) = match detect::detect(&mut tcp, ctx.cfg.timeouts.detect).await {
+    // Until the peer has said what it is, a newer connection may take this one's slot when the
+    // proxy is full (crate::admission).
+    let detected = tokio::select! {
+        d = detect::detect(&mut tcp, ctx.cfg.timeouts.detect) => d,
+        _ = unidentified.evicted() => return,
+    };
+    let (detected, prefix) = match detected {
         Ok(x) => x,
         Err(_) => return,
     };
@@ -148,8 +168,11 @@ async fn handle(ctx: Arc<Ctx>, acceptor: TlsAcceptor, mut tcp: TcpStream, remote
     match detected {
         Detected::Empty => ctx.metrics.refuse(Direction::inbound, "closed_before_data"),
         Detected::Tls => {
-            let accepted =
-                tokio::time::timeout(ctx.cfg.timeouts.handshake, acceptor.accept(io)).await;
+            let accepted = tokio::select! {
+                a = tokio::time::timeout(ctx.cfg.timeouts.handshake, acceptor.accept(io)) => a,
+                _ = unidentified.evicted() => return,
+            };
+            unidentified.identified();
             let tls = match accepted {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => {
@@ -170,8 +193,8 @@ async fn handle(ctx: Arc<Ctx>, acceptor: TlsAcceptor, mut tcp: TcpStream, remote
             let alpn = conn.alpn_protocol().map(<[u8]>::to_vec);
             let info = ConnInfo::new(peer, remote.ip(), port, app);
             match alpn.as_deref() {
-                Some(tls::ALPN_H2) => serve_http(ctx, tls, info, true).await,
-                Some(tls::ALPN_HTTP1) => serve_http(ctx, tls, info, false).await,
+                Some(tls::ALPN_H2) => Box::pin(serve_http(ctx, tls, info, true)).await,
+                Some(tls::ALPN_HTTP1) => Box::pin(serve_http(ctx, tls, info, false)).await,
                 // An HTTP app is reached over HTTP only, whatever ALPN the peer offers: a
                 // tunnel would let the peer write any header, x-forwarded-client-cert
                 // included, straight to the app.
@@ -179,10 +202,11 @@ async fn handle(ctx: Arc<Ctx>, acceptor: TlsAcceptor, mut tcp: TcpStream, remote
                     ctx.metrics.refuse(Direction::inbound, "opaque_to_http_app");
                     tracing::info!(%remote, peer = %info.peer_label.0, "opaque connection refused: the app speaks HTTP");
                 }
-                _ => opaque(ctx, tls, info).await,
+                _ => Box::pin(opaque(ctx, tls, info)).await,
             }
         }
         plain => {
+            unidentified.identified();
             if mode == MtlsMode::Strict {
                 ctx.metrics.refuse(Direction::inbound, "plaintext_strict");
                 tracing::info!(%remote, port, "plaintext connection refused: mTLS is STRICT");
@@ -191,15 +215,15 @@ async fn handle(ctx: Arc<Ctx>, acceptor: TlsAcceptor, mut tcp: TcpStream, remote
             let info = ConnInfo::new(None, remote.ip(), port, app);
             match plain {
                 Detected::Http2 if app_protocol != Protocol::Opaque => {
-                    serve_http(ctx, io, info, true).await
+                    Box::pin(serve_http(ctx, io, info, true)).await
                 }
                 Detected::Http1 if app_protocol != Protocol::Opaque => {
-                    serve_http(ctx, io, info, false).await
+                    Box::pin(serve_http(ctx, io, info, false)).await
                 }
                 // Not recognizably HTTP, to an HTTP app: the HTTP/1 parser serves it if it is
                 // HTTP after all and answers 400 if not; never a tunnel.
-                _ if app_protocol.is_http() => serve_http(ctx, io, info, false).await,
-                _ => opaque(ctx, io, info).await,
+                _ if app_protocol.is_http() => Box::pin(serve_http(ctx, io, info, false)).await,
+                _ => Box::pin(opaque(ctx, io, info)).await,
             }
         }
     }

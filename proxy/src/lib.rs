@@ -12,6 +12,7 @@
 
 pub mod admin;
 mod admin_config;
+mod admission;
 pub mod app_probe;
 pub mod authz;
 pub mod authz_layer;
@@ -91,7 +92,9 @@ pub struct Ctx {
     /// whose app listens on several ports). Looked up once per connection.
     pub(crate) other_apps:
         std::sync::Mutex<std::collections::HashMap<SocketAddr, Arc<inbound::AppClients>>>,
-    pub(crate) conn_limit: Arc<Semaphore>,
+    /// Connection slots (`max_connections`), and which unidentified connection gives its
+    /// slot up when the proxy is full.
+    pub(crate) admission: Arc<admission::Admission>,
     /// Mirrored requests in flight (RequestMirror is fire and forget: a slow mirror backend
     /// must not pile up tasks without bound).
     pub(crate) mirror_permits: Arc<Semaphore>,
@@ -231,7 +234,7 @@ impl Proxy {
         let ctx = Arc::new(Ctx {
             own_label: Label::new(cfg.identity.as_str()),
             tracer,
-            conn_limit: Arc::new(Semaphore::new(cfg.limits.max_connections)),
+            admission: admission::Admission::new(cfg.limits.max_connections),
             mirror_permits: Arc::new(Semaphore::new(outbound::MAX_MIRRORS_IN_FLIGHT)),
             store,
             snapshot: ArcSwap::from_pointee(Snapshot::empty()),
@@ -321,10 +324,10 @@ impl Proxy {
     /// original destination `dst` (within the connection limit, like any connection). A test
     /// without iptables drives the redirected path this way, egress policy included.
     pub async fn serve_redirected(&self, tcp: tokio::net::TcpStream, dst: SocketAddr) {
-        let Ok(_permit) = self.ctx.conn_limit.clone().try_acquire_owned() else {
+        let Ok(_permit) = self.ctx.admission.slots().clone().try_acquire_owned() else {
             return;
         };
-        outbound::redirected(self.ctx.clone(), tcp, dst).await;
+        outbound::redirected(self.ctx.clone(), tcp, dst, None).await;
     }
 
     pub fn store(&self) -> &Arc<CredentialStore> {
@@ -359,11 +362,12 @@ impl Proxy {
         let _ = self.ctx.stop_tx.send(true);
         let all = u32::try_from(self.ctx.cfg.limits.max_connections).unwrap_or(u32::MAX);
         let deadline = tokio::time::Instant::now() + self.ctx.cfg.timeouts.drain;
-        match tokio::time::timeout_at(deadline, self.ctx.conn_limit.acquire_many(all)).await {
+        match tokio::time::timeout_at(deadline, self.ctx.admission.slots().acquire_many(all)).await
+        {
             Ok(_) => tracing::debug!("every connection finished"),
             Err(_) => tracing::info!(
-                open =
-                    self.ctx.cfg.limits.max_connections - self.ctx.conn_limit.available_permits(),
+                open = self.ctx.cfg.limits.max_connections
+                    - self.ctx.admission.slots().available_permits(),
                 "drain deadline reached; closing the connections left"
             ),
         }

@@ -268,8 +268,8 @@ impl TrafficSummary {
             let chain = merged.entry(hash).or_default();
             match chain.iter_mut().find(|m| m.seen() == e.seen()) {
                 Some(m) => {
-                    m.allowed += e.allowed;
-                    m.denied += e.denied;
+                    m.allowed = m.allowed.saturating_add(e.allowed);
+                    m.denied = m.denied.saturating_add(e.denied);
                 }
                 None => chain.push(e.clone()),
             }
@@ -279,7 +279,7 @@ impl TrafficSummary {
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0.0, |d| d.as_secs_f64());
         let mut entries: Vec<&Entry> = merged.values().flatten().collect();
-        entries.sort_by(|a, b| (b.allowed + b.denied).cmp(&(a.allowed + a.denied)));
+        entries.sort_by_key(|e| std::cmp::Reverse(e.allowed.saturating_add(e.denied)));
         json!({
             "since": since,
             "windowSeconds": self.window_ms.load(Ordering::Relaxed) as f64 / 1000.0,
@@ -315,7 +315,8 @@ mod tests {
     #[test]
     fn counts_allowed_and_denied_per_shape() {
         let s = TrafficSummary::default();
-        let web = Some("spiffe://td/ns/demo/sa/web");
+        let web_id = "spiffe://td/ns/demo/sa/web";
+        let web = Some(web_id);
         for _ in 0..3 {
             s.record(&http(web, "/a"), true);
         }
@@ -332,7 +333,7 @@ mod tests {
         assert_eq!(e.len(), 3);
         let a = e
             .iter()
-            .find(|v| v["path"] == "/a" && v["srcIdentity"] == web.unwrap_or_default())
+            .find(|v| v["path"] == "/a" && v["srcIdentity"] == web_id)
             .expect("web /a kept");
         assert_eq!(
             (a["allowed"].as_u64(), a["denied"].as_u64()),

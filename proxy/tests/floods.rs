@@ -13,9 +13,6 @@
 
 mod support;
 
-use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use support::*;
@@ -111,81 +108,6 @@ async fn listen<R: AsyncRead + Unpin>(mut r: R, limit: Duration) -> Heard {
         }
     }
     heard
-}
-
-/// Legitimate requests through the pair while an attack runs: a few keep-alive HTTP/1.1
-/// connections to the client proxy's upstream, one request after another, each bounded.
-struct Legit {
-    stop: Arc<AtomicBool>,
-    tasks: Vec<tokio::task::JoinHandle<Vec<Option<Duration>>>>,
-}
-
-impl Legit {
-    fn start(upstream: SocketAddr, connections: usize) -> Legit {
-        let stop = Arc::new(AtomicBool::new(false));
-        let tasks = (0..connections)
-            .map(|_| {
-                let stop = stop.clone();
-                tokio::spawn(async move {
-                    let mut results = Vec::new();
-                    let mut client: Option<H1> = None;
-                    // Bounded in count as well as by the stop flag.
-                    for _ in 0..100_000 {
-                        if stop.load(Ordering::Relaxed) {
-                            break;
-                        }
-                        let t = Instant::now();
-                        let c = match client.as_mut() {
-                            Some(c) => c,
-                            None => client.insert(h1_client(upstream).await),
-                        };
-                        let ok = tokio::time::timeout(Duration::from_secs(5), async {
-                            c.ready().await.ok()?;
-                            let rsp = c.send_request(get_req("/")).await.ok()?;
-                            let reply = collect(rsp).await.ok()?;
-                            (reply.status == 200).then_some(())
-                        })
-                        .await;
-                        match ok {
-                            Ok(Some(())) => results.push(Some(t.elapsed())),
-                            _ => {
-                                results.push(None);
-                                client = None;
-                            }
-                        }
-                        tokio::time::sleep(Duration::from_millis(2)).await;
-                    }
-                    results
-                })
-            })
-            .collect();
-        Legit { stop, tasks }
-    }
-
-    /// Stops and reports (requests, succeeded, p99).
-    async fn finish(self) -> (usize, usize, Duration) {
-        self.stop.store(true, Ordering::Relaxed);
-        let mut all = Vec::new();
-        for t in self.tasks {
-            all.extend(within(t).await.expect("legit task"));
-        }
-        let mut ok: Vec<Duration> = all.iter().flatten().copied().collect();
-        ok.sort();
-        let p99 = ok
-            .get((ok.len() * 99 / 100).min(ok.len().saturating_sub(1)))
-            .copied()
-            .unwrap_or_default();
-        (all.len(), ok.len(), p99)
-    }
-}
-
-fn rss_mib() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map_or(0.0, |kb| kb / 1024.0)
 }
 
 #[derive(Clone, Copy, Debug)]

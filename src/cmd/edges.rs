@@ -2,7 +2,8 @@
 //! callee with both SPIFFE IDs, whether the requests came over mTLS (SECURED), requests,
 //! success rate and denials. Counted at the callee's proxy (its inbound side); a callee whose
 //! proxy is not read (outside the mesh) from the caller's outbound side. The window flags are
-//! `stat`'s ([`super::stat::WindowArgs`]); docs/observe.md defines the figures.
+//! `stat`'s ([`super::stat::WindowArgs`], `--prometheus` included); docs/observe.md defines
+//! the figures.
 
 use std::process::ExitCode;
 
@@ -10,7 +11,7 @@ use serde_json::{Value, json};
 
 use super::stat::{self, Rendered, WindowArgs, millis, percent, rate};
 use crate::observe::report::{self, CountedAt, EdgeRow};
-use crate::observe::{LocalMesh, Window};
+use crate::observe::{MeshView, Window};
 
 #[derive(clap::Args, Debug)]
 pub struct EdgesArgs {
@@ -23,7 +24,7 @@ pub fn run(a: EdgesArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// `edges`' report of one window.
-pub fn render(mesh: &LocalMesh, window: &Window) -> anyhow::Result<Rendered> {
+pub fn render(mesh: &MeshView, window: &Window) -> anyhow::Result<Rendered> {
     let rows = report::edges(mesh, window);
     let mut doc = json!({ "edges": rows.iter().map(EdgeRow::json).collect::<Vec<Value>>() });
     stat::add_window_fields(&mut doc, window);

@@ -7,6 +7,7 @@ pub mod chaos;
 pub mod check;
 pub mod control_plane;
 pub mod cost;
+pub mod dashboard;
 pub mod demo_app;
 pub mod describe;
 pub mod edges;

@@ -4,9 +4,10 @@
 //! The proxies' admin `/metrics` are read twice, `--window` apart (10 s by default), and the
 //! increase is reported ([`crate::observe`] does the arithmetic; docs/observe.md defines
 //! every figure); `--since-start` reads them once and reports everything since each proxy
-//! started; `--watch` reports window after window until Ctrl-C. This module also holds what
-//! `palisade edges` shares with it: the window flags, the measuring loop and the number
-//! formats.
+//! started; `--watch` reports window after window until Ctrl-C. With `--prometheus URL` the
+//! same window (the last `--window`) comes from a Prometheus server that scrapes the proxies,
+//! at once. This module also holds what `palisade edges` shares with it: the window flags,
+//! the measuring loop and the number formats.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -17,7 +18,7 @@ use anyhow::bail;
 use serde_json::{Value, json};
 
 use crate::observe::report::{self, By, StatRow};
-use crate::observe::{LocalMesh, Snapshot, Window};
+use crate::observe::{Families, LocalMesh, MeshView, Prometheus, Server, Snapshot, Window};
 
 /// What `-o` prints.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -32,9 +33,14 @@ pub enum Output {
 #[derive(clap::Args, Debug, Clone)]
 pub struct WindowArgs {
     /// Measure over this window (`10s`, `1m`, `500ms`): read every proxy's metrics, wait, read
-    /// them again, and report the difference.
+    /// them again, and report the difference. With --prometheus, the last D before now.
     #[arg(long, value_name = "D", default_value = "10s", value_parser = super::proxy::duration)]
     pub window: Duration,
+    /// Read the proxies' counters from this Prometheus server (`http://HOST:PORT[/PREFIX]`,
+    /// plain HTTP) instead of their admin ports: a cluster, or a local mesh it scrapes
+    /// (docs/observe.md, "From Prometheus").
+    #[arg(long, value_name = "URL")]
+    pub prometheus: Option<String>,
     /// Read the proxies once and report everything they counted since each of them started
     /// (exact totals; rates over each proxy's age) instead of a window.
     #[arg(long, conflicts_with_all = ["window", "watch"])]
@@ -45,7 +51,8 @@ pub struct WindowArgs {
     /// `table` or `json`.
     #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
     pub output: Output,
-    /// The state directory of the `palisade up` whose proxies are read [default: .palisade].
+    /// The state directory of the `palisade up` whose proxies are read [default: .palisade];
+    /// with --prometheus, its mesh.json (if any) names the proxies by their admin addresses.
     #[arg(long, env = "PALISADE_STATE_DIR", value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
 }
@@ -110,6 +117,78 @@ fn read_mesh(common: &WindowArgs, only: Option<&str>) -> anyhow::Result<LocalMes
     Ok(mesh)
 }
 
+/// The Prometheus server of `--prometheus URL`, with the local mesh whose admin addresses name
+/// its targets: the mesh.json of `--state-dir` (which must then exist), or of `.palisade` if
+/// there is one (a Prometheus scraping a local mesh; on a cluster there is none).
+pub fn prometheus_source(url: &str, state_dir: Option<&PathBuf>) -> anyhow::Result<Prometheus> {
+    let server = Server::parse(url)?;
+    let local = match state_dir {
+        Some(dir) => Some(LocalMesh::read(dir)?),
+        None => {
+            let dir = PathBuf::from(".palisade");
+            if dir.join("mesh.json").exists() {
+                Some(LocalMesh::read(&dir)?)
+            } else {
+                None
+            }
+        }
+    };
+    Ok(Prometheus { server, local })
+}
+
+/// `stat`/`edges` with `--prometheus`: the last `--window` at once, and with `--watch` again
+/// every `--window`.
+fn run_prometheus(
+    common: &WindowArgs,
+    url: &str,
+    only: Option<&str>,
+    render: impl Fn(&MeshView, &Window) -> anyhow::Result<Rendered>,
+) -> anyhow::Result<ExitCode> {
+    if common.since_start {
+        bail!(
+            "--since-start reads the proxies themselves, and --prometheus reads a Prometheus server: give --window D with --prometheus (the last D before now)"
+        );
+    }
+    let source = prometheus_source(url, common.state_dir.as_ref())?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let mut warned = Default::default();
+        let ctrl_c = async {
+            if common.watch {
+                let _ = tokio::signal::ctrl_c().await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::pin!(ctrl_c);
+        let mut next = tokio::time::Instant::now();
+        loop {
+            let (view, window) = source.window(common.window, Families::Traffic).await?;
+            if let Some(name) = only
+                && view.workload(name).is_none()
+            {
+                bail!(
+                    "no workload named {name:?} in what Prometheus at {} scrapes (it has: {})",
+                    source.server.authority(),
+                    view.names()
+                );
+            }
+            warn_missing(&window, &mut warned);
+            print(&render(&view, &window)?, common.output, common.watch)?;
+            if !common.watch {
+                return Ok(ExitCode::SUCCESS);
+            }
+            next += common.window;
+            tokio::select! {
+                _ = tokio::time::sleep_until(next) => {}
+                _ = &mut ctrl_c => return Ok(ExitCode::SUCCESS),
+            }
+        }
+    })
+}
+
 /// Names on stderr the proxies a report leaves out (once per workload and reason).
 fn warn_missing(window: &Window, warned: &mut std::collections::BTreeMap<String, String>) {
     for (name, why) in &window.missing {
@@ -125,10 +204,13 @@ fn warn_missing(window: &Window, warned: &mut std::collections::BTreeMap<String,
 pub fn run_windows(
     common: &WindowArgs,
     only: Option<&str>,
-    render: impl Fn(&LocalMesh, &Window) -> anyhow::Result<Rendered>,
+    render: impl Fn(&MeshView, &Window) -> anyhow::Result<Rendered>,
 ) -> anyhow::Result<ExitCode> {
     if !common.since_start && common.window.is_zero() {
         bail!("--window 0s covers nothing: give a duration such as 10s");
+    }
+    if let Some(url) = &common.prometheus {
+        return run_prometheus(common, url, only, render);
     }
     let mesh = read_mesh(common, only)?;
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -145,7 +227,7 @@ pub fn run_windows(
         if common.since_start {
             let window = Window::since_start(&first);
             warn_missing(&window, &mut warned);
-            print(&render(&mesh, &window)?, common.output, false)?;
+            print(&render(&mesh.view, &window)?, common.output, false)?;
             return Ok(ExitCode::SUCCESS);
         }
         let what = if common.watch { "every" } else { "for" };
@@ -181,7 +263,7 @@ pub fn run_windows(
                 );
             }
             warn_missing(&window, &mut warned);
-            print(&render(&mesh, &window)?, common.output, common.watch)?;
+            print(&render(&mesh.view, &window)?, common.output, common.watch)?;
             if !common.watch {
                 return Ok(ExitCode::SUCCESS);
             }
@@ -210,7 +292,7 @@ fn print(r: &Rendered, output: Output, watch: bool) -> anyhow::Result<()> {
 
 /// `stat`'s report of one window.
 pub fn render_stat(
-    mesh: &LocalMesh,
+    mesh: &MeshView,
     window: &Window,
     by: By,
     only: Option<&str>,
@@ -393,7 +475,7 @@ mod tests {
                 seconds: Some(10.0),
             },
         );
-        let r = render_stat(&mesh, &window, By::Workload, None).unwrap();
+        let r = render_stat(&mesh.view, &window, By::Workload, None).unwrap();
         assert!(r.table.contains("NAME"), "{}", r.table);
         assert!(r.table.contains("api"), "{}", r.table);
         assert!(r.table.contains("100%"), "{}", r.table);

@@ -156,9 +156,14 @@ fn encode(v: &str) -> String {
     out
 }
 
-/// Connects, says so on stderr, and prints the stream until it ends (an error: the proxy
-/// stopped or the connection broke).
-async fn tap(mesh: &LocalMesh, w: &Workload, query: &str, a: &TapArgs) -> anyhow::Result<()> {
+/// Opens a tap on `w`'s proxy: its admin `GET /tap?QUERY` (`query` already encoded, or
+/// empty), once the proxy has accepted it (200; any other answer is an error with the
+/// proxy's reason). The body is the stream of JSON lines. Also what the dashboard relays.
+pub async fn connect(
+    mesh: &LocalMesh,
+    w: &Workload,
+    query: &str,
+) -> anyhow::Result<http::Response<hyper::body::Incoming>> {
     let Some(admin) = w.admin else {
         bail!(
             "{} gives {} no adminAddr: its proxy cannot be tapped",
@@ -202,6 +207,14 @@ async fn tap(mesh: &LocalMesh, w: &Workload, query: &str, a: &TapArgs) -> anyhow
             w.name
         );
     }
+    Ok(rsp)
+}
+
+/// Connects, says so on stderr, and prints the stream until it ends (an error: the proxy
+/// stopped or the connection broke).
+async fn tap(mesh: &LocalMesh, w: &Workload, query: &str, a: &TapArgs) -> anyhow::Result<()> {
+    let rsp = connect(mesh, w, query).await?;
+    let admin = w.admin.map_or_else(|| "-".to_string(), |a| a.to_string());
     let what = match a.duration {
         Some(d) => format!("for {}", humantime::format_duration(d)),
         None => "until Ctrl-C".to_string(),

@@ -1,5 +1,7 @@
-//! The workloads of a running local mesh, from `STATE_DIR/mesh.json` (written by `palisade up`
-//! once the mesh is ready, removed when it stops).
+//! The workloads of a mesh: those of a running local mesh, from `STATE_DIR/mesh.json`
+//! (written by `palisade up` once the mesh is ready, removed when it stops), or those a
+//! Prometheus server's series name ([`super::prometheus`]). The reports only need names and
+//! identities ([`MeshView`]); only a local mesh has admin addresses to scrape ([`LocalMesh`]).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -16,12 +18,29 @@ pub struct Workload {
     pub admin: Option<SocketAddr>,
 }
 
-/// The workloads of a local mesh, in the mesh file's order.
+/// The workloads of a mesh, by name and identity, in the order rows are printed: what the
+/// reports need to name a workload and the workloads of an identity, wherever the names came
+/// from.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct MeshView {
+    pub workloads: Vec<Workload>,
+}
+
+/// The workloads of a local mesh, in the mesh file's order. It dereferences to its
+/// [`MeshView`], so that what names workloads works the same on both.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct LocalMesh {
     /// Where it was read from (for messages).
     pub path: PathBuf,
-    pub workloads: Vec<Workload>,
+    pub view: MeshView,
+}
+
+impl std::ops::Deref for LocalMesh {
+    type Target = MeshView;
+
+    fn deref(&self) -> &MeshView {
+        &self.view
+    }
 }
 
 impl LocalMesh {
@@ -56,9 +75,14 @@ impl LocalMesh {
                 admin: w["adminAddr"].as_str().and_then(|a| a.parse().ok()),
             })
             .collect();
-        Ok(LocalMesh { path, workloads })
+        Ok(LocalMesh {
+            path,
+            view: MeshView { workloads },
+        })
     }
+}
 
+impl MeshView {
     pub fn workload(&self, name: &str) -> Option<&Workload> {
         self.workloads.iter().find(|w| w.name == name)
     }

@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 
 use super::UNKNOWN;
 use super::histogram::Histogram;
-use super::mesh::LocalMesh;
+use super::mesh::MeshView;
 use super::snapshot::{Counters, Series, Window};
 
 /// What `stat` has a row for.
@@ -172,7 +172,7 @@ impl StatRow {
 
 /// The rows of `stat` over `window`: every workload of the mesh whose proxy was read (or only
 /// `only`), or every route their inbound sides matched.
-pub fn stat(mesh: &LocalMesh, window: &Window, by: By, only: Option<&str>) -> Vec<StatRow> {
+pub fn stat(mesh: &MeshView, window: &Window, by: By, only: Option<&str>) -> Vec<StatRow> {
     let selected = |name: &str| only.is_none_or(|o| o == name);
     match by {
         By::Workload => mesh
@@ -293,7 +293,7 @@ impl EdgeRow {
 /// caller, and from each read proxy's outbound side by callee for callees whose proxy was not
 /// read. Edges of a series that did not grow are kept, with 0 requests: the proxies know of
 /// them, they were quiet in the window.
-pub fn edges(mesh: &LocalMesh, window: &Window) -> Vec<EdgeRow> {
+pub fn edges(mesh: &MeshView, window: &Window) -> Vec<EdgeRow> {
     let mut out = Vec::new();
     let read_identity = |id: &str| {
         mesh.workloads_of(id)
@@ -368,6 +368,7 @@ pub fn edges(mesh: &LocalMesh, window: &Window) -> Vec<EdgeRow> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::observe::mesh::LocalMesh;
     use crate::observe::snapshot::{ProxyWindow, Snapshot};
 
     const WEB: &str = "spiffe://cluster.local/ns/demo/sa/web";

@@ -11,6 +11,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use super::cost;
 use super::histogram::Histogram;
 use super::mesh::LocalMesh;
 use crate::cmd::prom::{self, Sample};
@@ -61,11 +62,16 @@ pub struct Counters {
     pub latency: BTreeMap<Series, Histogram>,
     /// `palisade_authz_decisions_total` by (decision, policy).
     pub authz: BTreeMap<(String, String), f64>,
+    /// The `palisade_cost_*` counters (`palisade cost`, the dashboard's cost view).
+    pub cost: cost::Counters,
 }
 
 impl Counters {
     pub fn from_samples(samples: &[Sample]) -> Self {
-        let mut c = Counters::default();
+        let mut c = Counters {
+            cost: cost::Counters::from_samples(samples),
+            ..Counters::default()
+        };
         for s in samples.iter().filter(|s| s.value.is_finite()) {
             if s.name == REQUESTS {
                 *c.requests.entry(Series::of(s)).or_default() += s.value;
@@ -124,7 +130,23 @@ impl Counters {
                 .iter()
                 .map(|(k, v)| (k.clone(), counter(*v, before.authz.get(k))))
                 .collect(),
+            cost: cost::Counters::increase(&before.cost, &self.cost),
         }
+    }
+
+    /// Adds another proxy's counters to these: the pods of one workload, on a cluster, are
+    /// one row.
+    pub fn add(&mut self, other: &Counters) {
+        for (k, v) in &other.requests {
+            *self.requests.entry(k.clone()).or_default() += v;
+        }
+        for (k, h) in &other.latency {
+            self.latency.entry(k.clone()).or_default().add(h);
+        }
+        for (k, v) in &other.authz {
+            *self.authz.entry(k.clone()).or_default() += v;
+        }
+        self.cost.add(&other.cost);
     }
 
     /// Authorization decisions of one kind (`allow`, `deny`, `audit`), over every policy.

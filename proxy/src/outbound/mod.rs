@@ -46,6 +46,7 @@ use hyper::client::conn::http2::SendRequest;
 use palisade_certs::SpiffeId;
 use tokio::net::{TcpListener, TcpStream};
 
+use crate::admission::Unidentified;
 use crate::balance::{Balancer, HasLoad, Load};
 use crate::config::{EndpointConfig, Protocol, ServiceConfig, Snapshot};
 use crate::detect::{self, Detected};
@@ -208,7 +209,11 @@ pub(crate) async fn serve_upstream(
     // What the key means should it name no mesh service (read once per listener).
     let egress = crate::egress::Dest::from_key(&service).map(Arc::new);
     while let Some((tcp, _remote)) = crate::tcp::accept(&listener, &mut stop, "outbound").await {
-        let Ok(permit) = ctx.conn_limit.clone().try_acquire_owned() else {
+        let evicted = || {
+            ctx.metrics
+                .refuse(Direction::outbound, "evicted_unidentified")
+        };
+        let Ok((permit, unidentified)) = ctx.admission.admit(evicted).await else {
             ctx.metrics.refuse(Direction::outbound, "connection_limit");
             continue;
         };
@@ -227,7 +232,7 @@ pub(crate) async fn serve_upstream(
                     }
                     _ => Target::Service(service),
                 };
-                handle_app_conn(ctx, tcp, target).await;
+                handle_app_conn(ctx, tcp, target, Some(unidentified)).await;
             }
             .instrument(span),
         );
@@ -243,7 +248,11 @@ pub(crate) async fn serve_transparent(
     while let Some((tcp, _remote)) = crate::tcp::accept(&listener, &mut stop, "transparent").await {
         // The same connection limit as every listener, and the permit is what a graceful
         // shutdown waits for: redirected connections drain like the others.
-        let Ok(permit) = ctx.conn_limit.clone().try_acquire_owned() else {
+        let evicted = || {
+            ctx.metrics
+                .refuse(Direction::outbound, "evicted_unidentified")
+        };
+        let Ok((permit, unidentified)) = ctx.admission.admit(evicted).await else {
             ctx.metrics.refuse(Direction::outbound, "connection_limit");
             continue;
         };
@@ -262,7 +271,7 @@ pub(crate) async fn serve_transparent(
         tokio::spawn(
             async move {
                 let _permit = permit;
-                redirected(ctx, tcp, dst).await;
+                redirected(ctx, tcp, dst, Some(unidentified)).await;
             }
             .instrument(span),
         );
@@ -270,7 +279,12 @@ pub(crate) async fn serve_transparent(
 }
 
 /// Serves one redirected connection whose original destination was `dst`.
-pub(crate) async fn redirected(ctx: Arc<Ctx>, tcp: TcpStream, dst: SocketAddr) {
+pub(crate) async fn redirected(
+    ctx: Arc<Ctx>,
+    tcp: TcpStream,
+    dst: SocketAddr,
+    unidentified: Option<Unidentified>,
+) {
     let target = match transparent_target(&ctx, dst).await {
         Routed::Service(s) => Target::Service(s),
         Routed::Passthrough => Target::Passthrough(dst),
@@ -280,7 +294,7 @@ pub(crate) async fn redirected(ctx: Arc<Ctx>, tcp: TcpStream, dst: SocketAddr) {
             return;
         }
     };
-    handle_app_conn(ctx, tcp, target).await;
+    handle_app_conn(ctx, tcp, target, unidentified).await;
 }
 
 /// Where a redirected connection goes.
@@ -344,7 +358,12 @@ enum Target {
     Egress(Arc<crate::egress::Dest>),
 }
 
-async fn handle_app_conn(ctx: Arc<Ctx>, mut tcp: TcpStream, target: Target) {
+async fn handle_app_conn(
+    ctx: Arc<Ctx>,
+    mut tcp: TcpStream,
+    target: Target,
+    unidentified: Option<Unidentified>,
+) {
     let _open = OpenConnGuard::new(&ctx.metrics, Direction::outbound);
     let service = match target {
         Target::Service(s) => s,
@@ -366,11 +385,24 @@ async fn handle_app_conn(ctx: Arc<Ctx>, mut tcp: TcpStream, target: Target) {
     let (detected, prefix) = if protocol == Protocol::Opaque {
         (Detected::Opaque, bytes::Bytes::new())
     } else {
-        match detect::detect(&mut tcp, ctx.cfg.timeouts.detect).await {
+        // Until the app's client has said what it speaks, a newer connection may take this
+        // one's slot when the proxy is full (crate::admission).
+        let evicted = async {
+            match &unidentified {
+                Some(u) => u.evicted().await,
+                None => std::future::pending().await,
+            }
+        };
+        let detected = tokio::select! {
+            d = detect::detect(&mut tcp, ctx.cfg.timeouts.detect) => d,
+            _ = evicted => return,
+        };
+        match detected {
             Ok(x) => x,
             Err(_) => return,
         }
     };
+    drop(unidentified);
     let io = PrefixedIo::new(prefix, tcp);
     match (detected, protocol) {
         (Detected::Empty, _) => {}

@@ -2,26 +2,25 @@
 //!
 //! The figures come from every proxy's admin `/metrics` of a running local mesh (the
 //! workloads of `STATE_DIR/mesh.json`), or from a Prometheus server that scrapes the proxies
-//! (`--prometheus`). Without `--window`, scraped counters cover the time since the proxies
-//! started (the window is then the age of the oldest one); with it, the proxies are scraped
-//! twice, the window apart, and the increase is reported. Money is
+//! (`--prometheus`), both read by [`crate::observe`] as `stat` and `edges` read them. Without
+//! `--window`, scraped counters cover the time since the proxies started (the window is then
+//! the age of the oldest one); with it, the proxies are scraped twice, the window apart, and
+//! the increase is reported; from Prometheus, the last `--window` (default 1h). Money is
 //! `cpuSeconds / 3600 * price-vcpu-hour + bytes / 1e9 * price-gb`. docs/cost.md has the
 //! metrics, the request-counting rule and the JSON.
 
 mod model;
-mod prometheus;
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 
 pub use model::{By, Counters, Prices, Report, Row};
 
-use super::{http_util, prom};
+use crate::observe::{Families, LocalMesh, MeshView, Snapshot, Window};
 
 /// What `-o` prints.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -50,7 +49,7 @@ pub struct CostArgs {
     #[arg(
         long,
         value_name = "X",
-        default_value_t = 0.04,
+        default_value_t = DEFAULT_PRICE_VCPU_HOUR,
         allow_negative_numbers = true
     )]
     pub price_vcpu_hour: f64,
@@ -59,7 +58,7 @@ pub struct CostArgs {
     #[arg(
         long,
         value_name = "Y",
-        default_value_t = 0.01,
+        default_value_t = DEFAULT_PRICE_GB,
         allow_negative_numbers = true
     )]
     pub price_gb: f64,
@@ -79,7 +78,11 @@ pub struct CostArgs {
     pub output: Output,
 }
 
-/// The default range of the Prometheus queries.
+/// List-price placeholders (docs/cost.md): one vCPU-hour, one GB through the proxies.
+const DEFAULT_PRICE_VCPU_HOUR: f64 = 0.04;
+const DEFAULT_PRICE_GB: f64 = 0.01;
+
+/// The default window of a Prometheus read.
 const PROMETHEUS_WINDOW: Duration = Duration::from_secs(3600);
 
 pub fn run(a: CostArgs) -> anyhow::Result<ExitCode> {
@@ -103,30 +106,11 @@ pub fn run(a: CostArgs) -> anyhow::Result<ExitCode> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let (measured, workloads) = match &a.prometheus {
-        Some(url) => {
-            let server = prometheus::Server::parse(url)?;
-            let window = a.window.map(Into::into).unwrap_or(PROMETHEUS_WINDOW);
-            let counters = rt.block_on(prometheus::counters(&server, window))?;
-            (
-                Measured {
-                    counters,
-                    window: Some(window.as_secs_f64()),
-                    source: "prometheus",
-                },
-                BTreeMap::new(),
-            )
-        }
-        None => {
-            let dir = a
-                .state_dir
-                .clone()
-                .unwrap_or_else(|| PathBuf::from(".palisade"));
-            let (proxies, workloads) = read_mesh(&dir)?;
-            let measured = rt.block_on(scrape(&proxies, &dir, a.window.map(Into::into)))?;
-            (measured, workloads)
-        }
-    };
+    let (measured, view) = rt.block_on(measure(
+        a.prometheus.as_deref(),
+        a.state_dir.as_ref(),
+        a.window.map(Into::into),
+    ))?;
     let report = Report {
         by: a.by,
         rows: model::rows(&measured.counters, a.by, prices),
@@ -138,56 +122,102 @@ pub fn run(a: CostArgs) -> anyhow::Result<ExitCode> {
     };
     match a.output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&report.json())?),
-        Output::Table => print!("{}", table(&report, &workloads, a.top, a.window.is_some())),
+        Output::Table => print!(
+            "{}",
+            table(&report, &workloads(&view), a.top, a.window.is_some())
+        ),
     }
     Ok(ExitCode::SUCCESS)
 }
 
-/// A proxy to scrape: its workload's name and admin address.
-struct Proxy {
-    name: String,
-    admin: SocketAddr,
+/// The counters from Prometheus (over `window`, default 1h) or from the proxies of the local
+/// mesh (over `window`, or since they started), and the workloads' names.
+async fn measure(
+    prometheus: Option<&str>,
+    state_dir: Option<&PathBuf>,
+    window: Option<Duration>,
+) -> anyhow::Result<(Measured, MeshView)> {
+    match prometheus {
+        Some(url) => {
+            let source = super::stat::prometheus_source(url, state_dir)?;
+            let window = window.unwrap_or(PROMETHEUS_WINDOW);
+            let (view, w) = source.window(window, Families::Cost).await?;
+            Ok((
+                Measured {
+                    counters: added_up(&w),
+                    window: Some(window.as_secs_f64()),
+                    source: "prometheus",
+                },
+                view,
+            ))
+        }
+        None => {
+            let dir = state_dir
+                .cloned()
+                .unwrap_or_else(|| PathBuf::from(".palisade"));
+            let mesh = read_mesh(&dir)?;
+            let measured = scrape(&mesh, window).await?;
+            Ok((measured, mesh.view))
+        }
+    }
+}
+
+/// What `palisade cost -o json` prints with its defaults (per caller, list prices, since the
+/// proxies started or Prometheus's last hour): the dashboard's cost view.
+pub async fn default_json(
+    prometheus: Option<&str>,
+    state_dir: &Path,
+) -> anyhow::Result<serde_json::Value> {
+    // With Prometheus, the local mesh only names workloads, when there is one.
+    let state_dir = (prometheus.is_none() || state_dir.join("mesh.json").exists())
+        .then(|| state_dir.to_path_buf());
+    let (measured, _) = measure(prometheus, state_dir.as_ref(), None).await?;
+    let prices = Prices {
+        vcpu_hour: DEFAULT_PRICE_VCPU_HOUR,
+        gb: DEFAULT_PRICE_GB,
+    };
+    let report = Report {
+        by: By::Identity,
+        rows: model::rows(&measured.counters, By::Identity, prices),
+        currency: "USD".to_string(),
+        prices,
+        window: measured.window,
+        unattributed_cpu_seconds: measured.counters.unattributed_cpu(),
+        source: measured.source,
+    };
+    Ok(report.json())
 }
 
 /// Workload names by SPIFFE ID (for the table).
 type Workloads = BTreeMap<String, Vec<String>>;
 
-/// The proxies of the mesh `palisade up` runs with this state dir, and its workloads.
-fn read_mesh(dir: &Path) -> anyhow::Result<(Vec<Proxy>, Workloads)> {
+/// The names of the table's WORKLOADS column, from whichever source named the workloads
+/// (mesh.json, or the labels Prometheus gives the proxies).
+fn workloads(view: &MeshView) -> Workloads {
+    let mut out = Workloads::new();
+    for w in &view.workloads {
+        if let Some(id) = &w.spiffe_id {
+            out.entry(id.clone()).or_default().push(w.name.clone());
+        }
+    }
+    out
+}
+
+/// The mesh `palisade up` runs with this state dir.
+fn read_mesh(dir: &Path) -> anyhow::Result<LocalMesh> {
     let path = dir.join("mesh.json");
-    let text = match std::fs::read_to_string(&path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(
+    if !path.exists() {
+        bail!(
             "no running mesh: there is no {} (`palisade up` is not running with the state dir {}; start it, or give --state-dir or --prometheus)",
             path.display(),
             dir.display()
-        ),
-        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
-    };
-    let doc: serde_json::Value =
-        serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))?;
-    let mut proxies = Vec::new();
-    let mut workloads = Workloads::new();
-    for w in doc["workloads"].as_array().into_iter().flatten() {
-        let name = w["name"].as_str().unwrap_or("?").to_string();
-        if let Some(id) = w["spiffeId"].as_str() {
-            workloads
-                .entry(id.to_string())
-                .or_default()
-                .push(name.clone());
-        }
-        match w["adminAddr"].as_str().and_then(|a| a.parse().ok()) {
-            Some(admin) => proxies.push(Proxy { name, admin }),
-            None => eprintln!(
-                "warning: {} gives workload {name} no admin address; its proxy is not counted",
-                path.display()
-            ),
-        }
+        );
     }
-    if proxies.is_empty() {
+    let mesh = LocalMesh::read(dir)?;
+    if mesh.workloads.iter().all(|w| w.admin.is_none()) {
         bail!("{} lists no proxy to read", path.display());
     }
-    Ok((proxies, workloads))
+    Ok(mesh)
 }
 
 /// The counters (added up over the proxies) and the seconds they cover.
@@ -197,115 +227,67 @@ struct Measured {
     source: &'static str,
 }
 
-/// One proxy's cost counters and when it started (unix seconds), if it says.
-struct Scraped {
-    counters: Counters,
-    start_time: Option<f64>,
-    has_cost_metrics: bool,
-}
-
-async fn scrape_one(p: &Proxy) -> anyhow::Result<Scraped> {
-    let (status, text) = http_util::get(p.admin, "/metrics").await?;
-    if !status.is_success() {
-        bail!("/metrics answered {status}");
+/// The cost counters of every proxy of a window, added up.
+fn added_up(w: &Window) -> Counters {
+    let mut counters = Counters::default();
+    for p in w.proxies.values() {
+        counters.add(&p.counters.cost);
     }
-    let samples = prom::parse(&text);
-    Ok(Scraped {
-        counters: Counters::from_samples(&samples),
-        start_time: prom::value(&samples, model::START_TIME),
-        has_cost_metrics: samples.iter().any(|s| s.name.starts_with("palisade_cost_")),
-    })
+    counters
 }
 
-/// Every proxy at once; one that cannot be scraped is named on stderr and left out (None).
-async fn scrape_all(proxies: &[Proxy]) -> Vec<Option<Scraped>> {
-    let results = futures_util::future::join_all(proxies.iter().map(scrape_one)).await;
-    proxies
-        .iter()
-        .zip(results)
-        .map(|(p, r)| match r {
-            Ok(s) => Some(s),
-            Err(e) => {
-                eprintln!(
-                    "warning: cannot read the metrics of {}'s proxy at {} ({}); its share is missing from the figures",
-                    p.name,
-                    p.admin,
-                    super::one_sentence(&e)
-                );
-                None
-            }
-        })
-        .collect()
-}
-
-async fn scrape(
-    proxies: &[Proxy],
-    dir: &Path,
-    window: Option<Duration>,
-) -> anyhow::Result<Measured> {
-    let first_at = Instant::now();
-    let first = scrape_all(proxies).await;
-    let answered: Vec<&Scraped> = first.iter().flatten().collect();
-    if answered.is_empty() {
-        bail!(
-            "none of the {} proxies of {} answers on its admin port: is `palisade up` still running with that state dir?",
-            proxies.len(),
-            dir.join("mesh.json").display()
-        );
+/// Names on stderr the proxies that cannot be read (once each).
+fn warn_unread(failed: &BTreeMap<String, String>, warned: &mut BTreeMap<String, String>) {
+    for (name, why) in failed {
+        if warned.get(name) != Some(why) {
+            eprintln!(
+                "warning: cannot read the metrics of {name}'s proxy ({why}); its share is missing from the figures"
+            );
+            warned.insert(name.clone(), why.clone());
+        }
     }
-    if answered.iter().all(|s| !s.has_cost_metrics) {
+}
+
+/// The proxies of `mesh` since they started, or over `window` (two scrapes).
+async fn scrape(mesh: &LocalMesh, window: Option<Duration>) -> anyhow::Result<Measured> {
+    let first_at = tokio::time::Instant::now();
+    let first = Snapshot::scrape_some(mesh).await?;
+    let mut warned = BTreeMap::new();
+    warn_unread(&first.failed, &mut warned);
+    if first.proxies.values().all(|p| p.counters.cost.0.is_empty()) {
         eprintln!(
             "warning: the proxies export no palisade_cost_* metrics (proxies older than this command?); every figure is 0"
         );
     }
     let Some(window) = window else {
-        let mut counters = Counters::default();
-        for s in &answered {
-            counters.add(&s.counters);
-        }
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs_f64())
-            .unwrap_or(0.0);
-        let oldest = answered
-            .iter()
-            .filter_map(|s| s.start_time)
-            .filter(|t| *t > 0.0)
-            .min_by(f64::total_cmp);
-        if oldest.is_none() {
+        let w = Window::since_start(&first);
+        if w.seconds.is_none() {
             eprintln!(
                 "warning: no proxy says when it started ({}); the window is unknown",
-                model::START_TIME
+                crate::observe::snapshot::START_TIME
             );
         }
         return Ok(Measured {
-            counters,
-            window: oldest.map(|t| (now - t).max(0.0)),
+            counters: added_up(&w),
+            window: w.seconds,
             source: "proxies",
         });
     };
     eprintln!(
         "measuring for {} ({} proxies)...",
         humantime::format_duration(window),
-        answered.len()
+        first.proxies.len()
     );
-    tokio::time::sleep_until((first_at + window).into()).await;
-    let second_at = Instant::now();
-    let second = scrape_all(proxies).await;
-    let mut counters = Counters::default();
-    let mut both = 0;
-    for (a, b) in first.iter().zip(&second) {
-        if let (Some(a), Some(b)) = (a, b) {
-            counters.add(&Counters::increase(&a.counters, &b.counters));
-            both += 1;
-        }
-    }
-    if both == 0 {
+    tokio::time::sleep_until(first_at + window).await;
+    let second = Snapshot::scrape(mesh).await;
+    let w = Window::between(&first, &second);
+    if w.proxies.is_empty() {
         bail!("no proxy answered both at the start and at the end of the window");
     }
+    warn_unread(&w.missing, &mut warned);
     Ok(Measured {
-        counters,
-        window: Some((second_at - first_at).as_secs_f64()),
+        counters: added_up(&w),
+        window: w.seconds,
         source: "proxies",
     })
 }
