@@ -6,7 +6,7 @@ mod support;
 use http::{Request, StatusCode};
 use palisade_proxy::Proxy;
 use support::*;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -87,9 +87,17 @@ async fn the_transparent_listener_counts_against_the_connection_limit() {
     cfg.limits.max_connections = 1;
     cfg.transparent_addr = Some("127.0.0.1:0".parse().expect("addr"));
     let p = within(Proxy::start(cfg)).await.expect("proxy");
-    let _held = within(TcpStream::connect(upstream_addr(&p, SERVICE)))
+    let mut held = within(TcpStream::connect(upstream_addr(&p, SERVICE)))
         .await
         .expect("connect");
+    // An established connection: it has said what it speaks (a silent one would give its
+    // slot to the newcomer, proxy/src/admission.rs). No endpoint: 503, and it stays open.
+    within(held.write_all(b"GET / HTTP/1.1\r\nhost: api.demo\r\n\r\n"))
+        .await
+        .expect("write");
+    let mut head = [0u8; 12];
+    within(held.read_exact(&mut head)).await.expect("response");
+    assert_eq!(&head[9..12], b"503");
     wait_metric(
         &p,
         "palisade_tcp_open_connections",
