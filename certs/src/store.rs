@@ -87,7 +87,19 @@ impl CredentialStore {
         self.current.load_full()
     }
 
+    /// Holds a certificate that has not expired: what `/ready` reports. An expired one is
+    /// still presented until a renewal replaces it, and peers refuse it: the mesh fails
+    /// closed, and a readiness probe takes the proxy out of rotation meanwhile.
     pub fn is_ready(&self) -> bool {
+        let now = rustls_pki_types::UnixTime::now().as_secs();
+        self.current
+            .load()
+            .as_ref()
+            .is_some_and(|c| u64::try_from(c.svid.not_after).is_ok_and(|t| t > now))
+    }
+
+    /// Holds a certificate at all, expired or not.
+    pub fn has_certificate(&self) -> bool {
         self.current.load().is_some()
     }
 
@@ -117,6 +129,6 @@ impl ResolvesClientCert for StoreResolver {
     }
 
     fn has_certs(&self) -> bool {
-        self.0.is_ready()
+        self.0.has_certificate()
     }
 }

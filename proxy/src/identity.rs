@@ -168,6 +168,52 @@ fn renew_delay(not_after: i64) -> Duration {
     Duration::from_secs_f64((remaining / 2.0 + jitter).max(0.5))
 }
 
+/// Says once, loudly, when the proxy's certificate expires without having been renewed (the
+/// control plane unreachable for half its lifetime and more), and once when a valid one is
+/// back. Meanwhile peers refuse the expired certificate (fail closed) and `/ready` is 503.
+/// Any credential source: a file-based certificate can run out too.
+pub(crate) async fn expiry_watch(ctx: Arc<Ctx>) {
+    let mut stop = ctx.stop_rx.clone();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        // A proxy that bootstraps from the control plane has no certificate yet.
+        let Some(not_after) = ctx.store.expiry() else {
+            tokio::select! {
+                _ = tick.tick() => continue,
+                _ = stop.changed() => return,
+            }
+        };
+        let now = i64::try_from(UnixTime::now().as_secs()).unwrap_or(i64::MAX);
+        let left = Duration::from_secs(u64::try_from(not_after.saturating_sub(now)).unwrap_or(0));
+        tokio::select! {
+            _ = tokio::time::sleep(left) => {}
+            _ = stop.changed() => return,
+        }
+        if ctx.store.is_ready() {
+            // Renewed meanwhile: wait for the new one's expiry.
+            continue;
+        }
+        tracing::error!(
+            expiry = not_after,
+            "the proxy's certificate expired and was not renewed: every mTLS connection to and from this proxy fails (closed) and /ready is 503 until the control plane renews it"
+        );
+        // Wait for a valid certificate (a renewal installs one), checking once a second.
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.changed() => return,
+            }
+            if ctx.store.is_ready() {
+                tracing::info!(
+                    expiry = ctx.store.expiry().unwrap_or(0),
+                    "a valid certificate is back: mTLS works again"
+                );
+                break;
+            }
+        }
+    }
+}
+
 /// Renews for as long as the proxy runs. On failure, backs off (200 ms doubling to 30 s) and
 /// keeps the current certificate in use meanwhile.
 pub(crate) async fn renew_loop(ctx: Arc<Ctx>, dialer: Arc<Dialer>) {
@@ -186,6 +232,7 @@ pub(crate) async fn renew_loop(ctx: Arc<Ctx>, dialer: Arc<Dialer>) {
             _ = stop.changed() => return,
         }
         let mut backoff = Duration::from_millis(200);
+        let mut failures = 0u32;
         loop {
             match certify(&ctx, &dialer, &current_token(&ctx)).await {
                 Ok((svid, bundle)) => {
@@ -198,6 +245,7 @@ pub(crate) async fn renew_loop(ctx: Arc<Ctx>, dialer: Arc<Dialer>) {
                                 .inc();
                             tracing::info!(
                                 expiry = ctx.store.expiry().unwrap_or(0),
+                                failed_attempts = failures,
                                 "certificate renewed"
                             );
                             break;
@@ -205,8 +253,14 @@ pub(crate) async fn renew_loop(ctx: Arc<Ctx>, dialer: Arc<Dialer>) {
                         Err(e) => tracing::warn!(error = %e, "renewed certificate not installed"),
                     }
                 }
-                Err(e) => tracing::warn!(error = %e, "certificate renewal failed; retrying"),
+                // Once per streak of failures; the count is in palisade_identity_renewals_total.
+                Err(e) if failures == 0 => tracing::warn!(
+                    error = %e,
+                    "certificate renewal failed; retrying with backoff, the current certificate stays in use"
+                ),
+                Err(e) => tracing::debug!(error = %e, failures, "certificate renewal failed again"),
             }
+            failures = failures.saturating_add(1);
             ctx.metrics
                 .renewals
                 .get_or_create(&crate::telemetry::ResultLabels { result: "error" })

@@ -273,6 +273,7 @@ impl Proxy {
 
         tokio::spawn(admin::serve(admin, ctx.clone(), ctx.stop_rx.clone()));
         tokio::spawn(cost_ticks(ctx.metrics.clone(), ctx.stop_rx.clone()));
+        tokio::spawn(identity::expiry_watch(ctx.clone()));
 
         match ctx.cfg.credentials.clone() {
             CredentialSource::Files { cert, key, .. } => {
