@@ -163,3 +163,58 @@ fn traffic_flows_through_a_control_plane_outage_and_every_proxy_resyncs_within_5
     );
     assert_eq!(failed, 0, "requests failed: {errors:?}");
 }
+
+/// A proxy restarted under load: one of api's two endpoints gets SIGTERM (it drains: stops
+/// accepting, finishes what it has in flight), `up` starts it again, and no request of the
+/// steady stream fails — those in flight on it finish, new ones go to the other endpoint
+/// until it is back.
+#[test]
+fn a_proxy_restarted_under_load_fails_no_request() {
+    let mesh = MeshSpec {
+        lifetime: "1h",
+        default_policy: "allow",
+        workloads: vec![
+            WorkloadSpec::demo("web", "app: web", vec![("api.demo", 8080)]),
+            WorkloadSpec::demo("api", "app: api", vec![]),
+            WorkloadSpec::demo("api2", "app: api", vec![]),
+        ],
+        services: vec![("api", 8080, "app: api", "http")],
+    }
+    .start(&[]);
+    let proxy_pid = |name: &str| {
+        mesh.mesh_json()["workloads"]
+            .as_array()
+            .and_then(|ws| ws.iter().find(|w| w["name"] == name))
+            .and_then(|w| w["proxyPid"].as_u64())
+    };
+    let old = proxy_pid("api2").expect("api2's proxy runs");
+    let load = Load::start(mesh.app("web"));
+    assert!(
+        eventually(Duration::from_secs(10), || load.ok() >= 50),
+        "no traffic before the restart"
+    );
+    let served_by_api2 = || mesh.metric_sum("api2", "palisade_requests_total", &["inbound"]);
+    assert!(served_by_api2() > 0.0, "api2 takes part before the restart");
+
+    signal("TERM", u32::try_from(old).expect("pid"));
+    let t0 = Instant::now();
+    let back = eventually(Duration::from_secs(30), || {
+        proxy_pid("api2").is_some_and(|p| p != old)
+            && http_get(mesh.admin("api2"), "/ready").is_ok_and(|(s, _)| s == 200)
+    });
+    let restarted_in = t0.elapsed();
+    assert!(back, "api2's proxy did not come back:\n{}", mesh.logs());
+    // Traffic reaches the new proxy too.
+    let reached = eventually(Duration::from_secs(15), || served_by_api2() > 0.0);
+    if !reached {
+        let (_, cfg) = http_get(mesh.admin("web"), "/config").unwrap_or_default();
+        println!("web's proxy holds: {cfg}");
+    }
+    assert!(reached, "the restarted proxy gets no traffic");
+    let (ok, failed, errors) = load.finish();
+    println!(
+        "api2's proxy restarted under load (back and ready {restarted_in:.2?} after SIGTERM): \
+         {ok} requests succeeded, {failed} failed"
+    );
+    assert_eq!(failed, 0, "requests failed: {errors:?}");
+}

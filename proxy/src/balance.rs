@@ -84,7 +84,21 @@ impl Load {
 
     /// The estimate decays toward zero while nothing is observed (as tower's PeakEwma), so an
     /// endpoint penalized once is tried again once its penalty has faded.
+    ///
+    /// Half-open (readmitted after an ejection, no success since) it wins its pair for one
+    /// request at a time: the probe. Its failure penalty would otherwise keep it out of P2C
+    /// for ~45 s after it recovered (100 ms decaying to a healthy peer's sub-millisecond cost
+    /// with τ = 10 s), so a restarted endpoint would sit idle. The probe (which is ready to
+    /// go elsewhere, the endpoint being suspect) either readmits it or ejects it again, for
+    /// twice as long.
     fn cost(&self, now: Instant) -> f64 {
+        if self.ejections.load(Ordering::Relaxed) > 0 {
+            return if self.in_flight.load(Ordering::Relaxed) == 0 {
+                0.0
+            } else {
+                f64::MAX
+            };
+        }
         let ewma = f64::from_bits(self.ewma_ns.load(Ordering::Relaxed));
         let stamp = self.stamp_ns.load(Ordering::Relaxed);
         let idle = self.ns(now).saturating_sub(stamp) as f64;
@@ -532,6 +546,30 @@ mod tests {
             e0.failed(Failure::Soft, t2).is_none(),
             "counting starts over"
         );
+    }
+
+    #[test]
+    fn an_endpoint_back_from_an_ejection_is_probed_at_once_not_after_its_penalty_fades() {
+        let b = three(Strategy::PeakEwma);
+        let t0 = Instant::now();
+        let (e0, e1, e2) = (
+            &b.endpoints()[0].0,
+            &b.endpoints()[1].0,
+            &b.endpoints()[2].0,
+        );
+        // The others are healthy and fast.
+        for e in [e1, e2] {
+            e.succeeded(Duration::from_micros(500), t0);
+        }
+        // e0 refuses connections (its proxy restarting): ejected at once.
+        let out = e0.failed(Failure::Hard, t0).expect("ejected");
+        // Back after the ejection: within a few picks it gets a probe.
+        let t1 = t0 + out + Duration::from_millis(1);
+        let picked = (0..30).any(|_| index(&b, b.pick_at(t1, None).unwrap()) == 0);
+        assert!(picked, "a readmitted endpoint must be probed");
+        // The probe succeeds: it is fully back, and its real latency counts from now on.
+        e0.succeeded(Duration::from_micros(500), t1);
+        assert!(!e0.is_suspect());
     }
 
     #[test]
