@@ -14,6 +14,8 @@ pub mod call;
 pub mod client;
 pub mod codec;
 pub mod delta;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod mtls;
 pub mod path;
 pub mod policy;

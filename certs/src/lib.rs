@@ -10,6 +10,8 @@ pub mod bundle;
 pub mod ca;
 pub mod csr;
 pub mod duration;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod kx;
 pub mod pem;
 pub mod secure_fs;

@@ -212,7 +212,7 @@ impl IdentityService {
 
     /// The URI SANs a CSR asks for. Only used to refuse a CSR that asks for someone else: the
     /// CA sets the SAN itself anyway.
-    fn requested_uris(csr: &[u8]) -> Result<Vec<String>, String> {
+    pub(crate) fn requested_uris(csr: &[u8]) -> Result<Vec<String>, String> {
         let (_, req) = x509_parser::certification_request::X509CertificationRequest::from_der(csr)
             .map_err(|e| format!("the CSR is not DER PKCS#10: {e}"))?;
         let mut uris = Vec::new();

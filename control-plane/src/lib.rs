@@ -12,6 +12,8 @@
 pub mod analyze;
 pub mod conn;
 pub mod discovery;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod identity;
 pub mod inject;
 pub mod k8s;

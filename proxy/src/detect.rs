@@ -13,6 +13,9 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 pub const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// Enough to hold the H2 preface, a TLS record header, or an HTTP/1 request line's method.
 const DETECT_BYTES: usize = 24;
+/// The longest HTTP/1 method recognized (WebDAV's `UPDATEREDIRECTREF` has 17 letters and is
+/// treated as opaque).
+const MAX_METHOD: usize = 16;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Detected {
@@ -53,19 +56,18 @@ pub fn classify(buf: &[u8], complete: bool) -> Option<Detected> {
             return None;
         }
     }
-    // HTTP/1: a method token (uppercase letters) followed by a space.
+    // HTTP/1: a method token (at most 16 uppercase letters) followed by a space. Sixteen
+    // letters are not yet a verdict: the next byte decides, whichever read it comes in
+    // (found by fuzzing: 16 letters then a space was HTTP/1 when read at once, opaque when
+    // the space came in a later read).
     for (i, &b) in buf.iter().enumerate() {
         match b {
-            b'A'..=b'Z' if i < 16 => continue,
+            b'A'..=b'Z' if i < MAX_METHOD => continue,
             b' ' if i > 0 => return Some(Detected::Http1),
             _ => return Some(Detected::Opaque),
         }
     }
-    if complete || buf.len() >= 16 {
-        Some(Detected::Opaque)
-    } else {
-        None
-    }
+    complete.then_some(Detected::Opaque)
 }
 
 /// Reads until the protocol is known, at most [`DETECT_BYTES`] and `timeout`. Returns the
@@ -126,6 +128,26 @@ mod tests {
         assert_eq!(classify(b"get / ", false), Some(Detected::Opaque));
         assert_eq!(classify(b"", true), Some(Detected::Empty));
         assert_eq!(classify(b"", false), None);
+    }
+
+    /// The verdict on a prefix is the verdict on more bytes, however the reads split them.
+    #[test]
+    fn sixteen_letters_wait_for_the_next_byte() {
+        let method = b"ABCDEFGHIJKLMNOP";
+        assert_eq!(classify(method, false), None);
+        assert_eq!(classify(method, true), Some(Detected::Opaque));
+        assert_eq!(
+            classify(b"ABCDEFGHIJKLMNOP / HTTP/1.1", false),
+            Some(Detected::Http1)
+        );
+        assert_eq!(
+            classify(b"ABCDEFGHIJKLMNOPQ / HTTP/1.1", false),
+            Some(Detected::Opaque)
+        );
+        assert_eq!(
+            classify(b"ABCDEFGHIJKLMNOPQ", false),
+            Some(Detected::Opaque)
+        );
     }
 
     #[tokio::test]

@@ -23,6 +23,8 @@ pub mod detect;
 mod discovery;
 pub mod egress;
 pub mod errors;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod http;
 pub mod identity;
 pub mod inbound;

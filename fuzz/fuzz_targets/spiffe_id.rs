@@ -1,0 +1,6 @@
+#![no_main]
+//! `palisade_certs::fuzzing::spiffe_id`: see its documentation.
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    let _ = palisade_certs::fuzzing::spiffe_id(data);
+});
