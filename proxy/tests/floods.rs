@@ -9,7 +9,8 @@
 //! - rapid reset (CVE-2023-44487): HEADERS then RST_STREAM, thousands of times;
 //! - provoked resets: malformed requests the proxy must reset, one after another;
 //! - CONTINUATION flood: one header block that never ends;
-//! - HPACK bomb: a 4 KB header put in the dynamic table, then referenced one byte at a time.
+//! - HPACK bomb: a 4 KB header put in the dynamic table, then referenced one byte at a time;
+//! - oversized HTTP/1.1 request heads (100 KiB of headers).
 
 mod support;
 
@@ -112,9 +113,13 @@ async fn listen<R: AsyncRead + Unpin>(mut r: R, limit: Duration) -> Heard {
 
 #[derive(Clone, Copy, Debug)]
 enum Target {
+    /// The server proxy's inbound port, over mTLS with web's valid certificate, HTTP/1.1
+    /// (ALPN `http/1.1`).
+    InboundH1,
     /// The server proxy's inbound port, over mTLS with web's valid certificate.
     Inbound,
-    /// The client proxy's outbound listener, HTTP/2 prior knowledge (the app's side).
+    /// The client proxy's outbound listener (the app's side), plain TCP: detection takes the
+    /// protocol from the attacker's first bytes (HTTP/2 prior knowledge or HTTP/1.1).
     Outbound,
 }
 
@@ -124,9 +129,14 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> AsyncReadWrite for T {}
 
 async fn attacker(m: &Mesh, target: Target) -> Io {
     match target {
-        Target::Inbound => {
+        Target::Inbound | Target::InboundH1 => {
             let cert = m.pki.issue(WEB);
-            let cfg = tls_client_config(&m.pki, Some(&cert), b"h2");
+            let alpn: &[u8] = if matches!(target, Target::Inbound) {
+                b"h2"
+            } else {
+                b"http/1.1"
+            };
+            let cfg = tls_client_config(&m.pki, Some(&cert), alpn);
             Box::new(
                 within(tls_connect(m.server.inbound_addr, cfg))
                     .await
@@ -144,7 +154,7 @@ async fn attacker(m: &Mesh, target: Target) -> Io {
 /// Which proxy a target belongs to, and the direction it counts under.
 fn victim(m: &Mesh, target: Target) -> (&palisade_proxy::Proxy, &'static str) {
     match target {
-        Target::Inbound => (&m.server, "inbound"),
+        Target::Inbound | Target::InboundH1 => (&m.server, "inbound"),
         Target::Outbound => (&m.client, "outbound"),
     }
 }
@@ -426,4 +436,58 @@ fn frames_are_encoded_as_rfc_9113_says() {
     hpack_len(&mut l, 4000);
     // 127 + (3873 = 0x21 + 30*128): 0x7f, 0xa1, 0x1e
     assert_eq!(l, vec![0x7f, 0xa1, 0x1e]);
+}
+
+/// Oversized HTTP/1.1 request heads (100 KiB of headers, over the 64 KiB limit), one
+/// connection after another on the outbound listener and (plaintext refused under STRICT, so
+/// over mTLS) the inbound port: each is answered 431 and closed without reaching the app,
+/// counted as `header_too_large`, while legitimate traffic flows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_request_heads_are_refused_and_counted() {
+    for target in [Target::InboundH1, Target::Outbound] {
+        let (m, rounds) = under_attack("oversized headers", target, oversized_head).await;
+        let statuses: Vec<u64> = rounds.iter().map(|(_, status)| *status).collect();
+        assert!(
+            statuses.iter().all(|s| *s == 431),
+            "{target:?}: not all answered 431: {statuses:?}"
+        );
+        let (p, dir) = victim(&m, target);
+        wait_metric(
+            p,
+            "palisade_http_connection_errors_total",
+            &[("direction", dir), ("reason", "header_too_large")],
+            rounds.len() as f64,
+        )
+        .await;
+    }
+}
+
+/// One HTTP/1.1 request whose head is 100 KiB of headers; returns (what was heard, the status
+/// code answered, 0 if none).
+async fn oversized_head(io: Io) -> (Heard, u64) {
+    let (mut r, mut w) = tokio::io::split(io);
+    let mut head = String::from("GET / HTTP/1.1\r\nhost: api.demo\r\n");
+    for i in 0..1024 {
+        head.push_str(&format!("x-filler-{i}: {}\r\n", "f".repeat(90)));
+    }
+    head.push_str("\r\n");
+    let reader = tokio::spawn(async move {
+        let mut buf = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), r.read_to_end(&mut buf)).await;
+        buf
+    });
+    let _ = w.write_all(head.as_bytes()).await;
+    let answer = within(reader).await.expect("reader");
+    let text = String::from_utf8_lossy(&answer);
+    let status = text
+        .strip_prefix("HTTP/1.1 ")
+        .and_then(|t| t.get(..3))
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let heard = Heard {
+        closed: true,
+        bytes: answer.len(),
+        ..Heard::default()
+    };
+    (heard, status)
 }
