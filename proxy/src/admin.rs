@@ -50,6 +50,7 @@ pub(crate) async fn serve(listener: TcpListener, ctx: Arc<Ctx>, mut stop: watch:
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let ctx = ctx.clone();
                 async move {
+                    count_refusal(&ctx, &req, remote);
                     let probe = (req.method() == Method::GET)
                         .then(|| ctx.cfg.app_probes.get(req.uri().path()))
                         .flatten();
@@ -164,6 +165,37 @@ fn traffic<B>(ctx: &Ctx, req: &Request<B>, remote: SocketAddr) -> Response<Full<
         http::HeaderValue::from_static("no-store"),
     );
     rsp
+}
+
+/// Counts a request to an endpoint for this machine's tools that its caller may not make
+/// (each endpoint also refuses it, and logs why).
+fn count_refusal<B>(ctx: &Ctx, req: &Request<B>, remote: SocketAddr) {
+    let get = req.method() == Method::GET;
+    let endpoint = match req.uri().path() {
+        "/tap" if get => "tap",
+        "/config" if get => "config",
+        "/traffic" if get => "traffic",
+        "/shutdown" if req.method() == Method::POST => {
+            let reason = match shutdown_refusal(ctx.cfg.admin_shutdown, req, remote) {
+                None => return,
+                Some(_) if !ctx.cfg.admin_shutdown => "disabled",
+                Some(_) if !remote.ip().to_canonical().is_loopback() => "remote",
+                Some(_) if req.headers().contains_key(http::header::ORIGIN) => "web_page",
+                Some(_) => "missing_header",
+            };
+            ctx.metrics.admin_refused("shutdown", reason);
+            return;
+        }
+        _ => return,
+    };
+    if let Some(why) = not_local(req, remote) {
+        let reason = match why {
+            NotLocal::Remote => "remote",
+            NotLocal::WebPage => "web_page",
+            NotLocal::ForeignHost => "foreign_host",
+        };
+        ctx.metrics.admin_refused(endpoint, reason);
+    }
 }
 
 /// Why an admin endpoint that shows what the proxy sees (`/config`, `/tap`) refuses a caller:

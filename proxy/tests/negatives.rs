@@ -553,6 +553,16 @@ async fn admin_shutdown_tap_config_and_traffic_refuse_a_non_loopback_peer() {
         let body = String::from_utf8_lossy(&body);
         assert!(body.contains("loopback"), "{path}: {body}");
         logged_once(&[log, &format!("remote={local}")]).await;
+        let endpoint = path.trim_start_matches('/');
+        assert_eq!(
+            metric(
+                &p,
+                "palisade_admin_refused_total",
+                &[("endpoint", endpoint), ("reason", "remote")]
+            ),
+            1.0,
+            "{path}: counted once"
+        );
         // The same connection still gets what is not restricted: it is the address that is
         // refused, not the connection.
         let (status, _) = status_of(&mut c, admin_request(Method::GET, "/ready")).await;

@@ -121,6 +121,14 @@ pub struct ResultLabels {
     pub result: &'static str,
 }
 
+/// A refused admin request: which endpoint, and why (`remote`, `web_page`, `foreign_host`,
+/// `disabled`, `missing_header`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AdminRefusedLabels {
+    pub endpoint: &'static str,
+    pub reason: &'static str,
+}
+
 /// A connection to a destination outside the mesh (egress), by the egress policy's decision
 /// and what the proxy saw of it.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -185,6 +193,8 @@ pub struct Metrics {
     pub requests_refused: Family<ReasonLabels, Counter>,
     /// Client HTTP connections the proxy ended on an error of the client's, by reason.
     pub http_connection_errors: Family<ReasonLabels, Counter>,
+    /// Admin requests refused for who asked (`/shutdown`, `/tap`, `/config`, `/traffic`).
+    pub admin_refused: Family<AdminRefusedLabels, Counter>,
     pub endpoint_ejections: Family<DstLabels, Counter>,
     pub authz_decisions: Family<AuthzLabels, Counter>,
     pub cert_expiry: Gauge,
@@ -236,6 +246,7 @@ impl Metrics {
             refused: Family::default(),
             requests_refused: Family::default(),
             http_connection_errors: Family::default(),
+            admin_refused: Family::default(),
             endpoint_ejections: Family::default(),
             authz_decisions: Family::default(),
             cert_expiry: Gauge::default(),
@@ -347,6 +358,11 @@ impl Metrics {
             "palisade_connections_refused",
             "Connections closed before proxying, by reason",
             m.refused.clone(),
+        );
+        registry.register(
+            "palisade_admin_refused",
+            "Admin requests refused for who asked, by endpoint (shutdown, tap, config, traffic) and reason (remote: not loopback; web_page: an Origin header; foreign_host: a rebound Host; disabled; missing_header)",
+            m.admin_refused.clone(),
         );
         registry.register(
             "palisade_http_connection_errors",
@@ -476,6 +492,12 @@ impl Metrics {
 
     pub fn retry(&self, result: &'static str) {
         self.retries.get_or_create(&ResultLabels { result }).inc();
+    }
+
+    pub fn admin_refused(&self, endpoint: &'static str, reason: &'static str) {
+        self.admin_refused
+            .get_or_create(&AdminRefusedLabels { endpoint, reason })
+            .inc();
     }
 
     pub fn http_connection_error(&self, direction: Direction, reason: &'static str) {
