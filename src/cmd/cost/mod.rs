@@ -250,8 +250,11 @@ fn warn_unread(failed: &BTreeMap<String, String>, warned: &mut BTreeMap<String, 
 
 /// The proxies of `mesh` since they started, or over `window` (two scrapes).
 async fn scrape(mesh: &LocalMesh, window: Option<Duration>) -> anyhow::Result<Measured> {
-    let first_at = tokio::time::Instant::now();
     let first = Snapshot::scrape_some(mesh).await?;
+    // From the end of the first read, as `stat` does: the second read then starts at least a
+    // window after every proxy's first answer, so the window covered is never shorter than
+    // asked.
+    let first_at = tokio::time::Instant::now();
     let mut warned = BTreeMap::new();
     warn_unread(&first.failed, &mut warned);
     if first.proxies.values().all(|p| p.counters.cost.0.is_empty()) {
