@@ -10,72 +10,13 @@
 
 mod support;
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use support::*;
 
-/// Requests in a loop on a background thread (a new app connection each), counted.
-struct Load {
-    stop: Arc<AtomicBool>,
-    ok: Arc<AtomicU64>,
-    failed: Arc<AtomicU64>,
-    handle: Option<std::thread::JoinHandle<Vec<String>>>,
-}
-
-impl Load {
-    fn start(addr: std::net::SocketAddr) -> Load {
-        let stop = Arc::new(AtomicBool::new(false));
-        let ok = Arc::new(AtomicU64::new(0));
-        let failed = Arc::new(AtomicU64::new(0));
-        let (s, o, f) = (stop.clone(), ok.clone(), failed.clone());
-        let handle = std::thread::spawn(move || {
-            let mut errors = Vec::new();
-            // Bounded in time whatever happens to the test.
-            let deadline = Instant::now() + Duration::from_secs(300);
-            while !s.load(Ordering::Relaxed) && Instant::now() < deadline {
-                match http_get(addr, "/call/api") {
-                    Ok((200, _)) => {
-                        o.fetch_add(1, Ordering::Relaxed);
-                    }
-                    other => {
-                        f.fetch_add(1, Ordering::Relaxed);
-                        if errors.len() < 5 {
-                            errors.push(format!("{other:?}"));
-                        }
-                    }
-                }
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            errors
-        });
-        Load {
-            stop,
-            ok,
-            failed,
-            handle: Some(handle),
-        }
-    }
-
-    fn ok(&self) -> u64 {
-        self.ok.load(Ordering::Relaxed)
-    }
-
-    fn finish(mut self) -> (u64, u64, Vec<String>) {
-        self.stop.store(true, Ordering::Relaxed);
-        let errors = self
-            .handle
-            .take()
-            .map(|h| h.join().unwrap_or_default())
-            .unwrap_or_default();
-        (
-            self.ok.load(Ordering::Relaxed),
-            self.failed.load(Ordering::Relaxed),
-            errors,
-        )
-    }
-}
+/// How long a load loop of these tests may run at most, whatever happens (a 60 s outage and
+/// the time around it).
+const OUTAGE_TEST_LIMIT: Duration = Duration::from_secs(300);
 
 fn signal(sig: &str, pid: u32) {
     let st = std::process::Command::new("kill")
@@ -115,7 +56,7 @@ fn traffic_flows_through_a_control_plane_outage_and_every_proxy_resyncs_within_5
     )
     .expect("pid");
     // web's app calls api through its proxy: web's outbound and api's inbound both carry it.
-    let load = Load::start(mesh.app("web"));
+    let load = Load::start(mesh.app("web"), "/call/api", OUTAGE_TEST_LIMIT);
     assert!(
         eventually(Duration::from_secs(10), || load.ok() >= 20),
         "no traffic before the outage"
@@ -188,7 +129,7 @@ fn a_proxy_restarted_under_load_fails_no_request() {
             .and_then(|w| w["proxyPid"].as_u64())
     };
     let old = proxy_pid("api2").expect("api2's proxy runs");
-    let load = Load::start(mesh.app("web"));
+    let load = Load::start(mesh.app("web"), "/call/api", OUTAGE_TEST_LIMIT);
     assert!(
         eventually(Duration::from_secs(10), || load.ok() >= 50),
         "no traffic before the restart"

@@ -2,8 +2,6 @@
 
 mod support;
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use support::*;
@@ -18,62 +16,6 @@ fn web_api(lifetime: &'static str) -> MeshSpec {
             WorkloadSpec::demo("api2", "app: api-canary", vec![]),
         ],
         services: vec![("api", 8080, "app: api", "http")],
-    }
-}
-
-/// Requests in a loop on a background thread until stopped; counts successes and failures.
-struct Load {
-    stop: Arc<AtomicBool>,
-    ok: Arc<AtomicU64>,
-    failed: Arc<AtomicU64>,
-    handle: Option<std::thread::JoinHandle<Vec<String>>>,
-}
-
-impl Load {
-    fn start(addr: std::net::SocketAddr, path: &'static str) -> Load {
-        let stop = Arc::new(AtomicBool::new(false));
-        let ok = Arc::new(AtomicU64::new(0));
-        let failed = Arc::new(AtomicU64::new(0));
-        let (s, o, f) = (stop.clone(), ok.clone(), failed.clone());
-        let handle = std::thread::spawn(move || {
-            let mut errors = Vec::new();
-            let deadline = Instant::now() + Duration::from_secs(120);
-            while !s.load(Ordering::Relaxed) && Instant::now() < deadline {
-                match http_get(addr, path) {
-                    Ok((200, _)) => {
-                        o.fetch_add(1, Ordering::Relaxed);
-                    }
-                    other => {
-                        f.fetch_add(1, Ordering::Relaxed);
-                        if errors.len() < 5 {
-                            errors.push(format!("{other:?}"));
-                        }
-                    }
-                }
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            errors
-        });
-        Load {
-            stop,
-            ok,
-            failed,
-            handle: Some(handle),
-        }
-    }
-
-    fn finish(mut self) -> (u64, u64, Vec<String>) {
-        self.stop.store(true, Ordering::Relaxed);
-        let errors = self
-            .handle
-            .take()
-            .map(|h| h.join().unwrap_or_default())
-            .unwrap_or_default();
-        (
-            self.ok.load(Ordering::Relaxed),
-            self.failed.load(Ordering::Relaxed),
-            errors,
-        )
     }
 }
 
@@ -280,7 +222,11 @@ fn running_as_root() -> bool {
 #[test]
 fn renewals_under_load_fail_no_request() {
     let mesh = web_api("4s").start(&[]);
-    let load = Load::start(mesh.upstream("web", "api.demo"), "/");
+    let load = Load::start(
+        mesh.upstream("web", "api.demo"),
+        "/",
+        Duration::from_secs(120),
+    );
     // Several renewal periods (a 4 s lifetime renews about every 2 s).
     let renewed = eventually(Duration::from_secs(30), || {
         mesh.metric_sum(
@@ -306,7 +252,11 @@ fn control_plane_loss_keeps_traffic_flowing_and_resyncs() {
     let cp_pid = mesh.mesh_json()["controlPlanePid"]
         .as_u64()
         .expect("controlPlanePid");
-    let load = Load::start(mesh.upstream("web", "api.demo"), "/");
+    let load = Load::start(
+        mesh.upstream("web", "api.demo"),
+        "/",
+        Duration::from_secs(120),
+    );
     std::thread::sleep(Duration::from_millis(300));
     let before = mesh.metric_sum("web", "palisade_config_updates_total", &["applied"]);
     let st = std::process::Command::new("kill")

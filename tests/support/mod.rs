@@ -6,7 +6,8 @@ use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
 pub fn palisade() -> &'static str {
@@ -473,4 +474,67 @@ pub fn demo_mesh_with(extra: &[(&str, &str)]) -> Mesh {
         ],
     }
     .start(&policies)
+}
+
+/// Requests in a loop on a background thread (a new connection each) until stopped or
+/// `limit` passes; counts successes (200) and failures, and keeps the first few errors.
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    handle: Option<std::thread::JoinHandle<Vec<String>>>,
+}
+
+impl Load {
+    pub fn start(addr: SocketAddr, path: &'static str, limit: Duration) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(AtomicU64::new(0));
+        let failed = Arc::new(AtomicU64::new(0));
+        let (s, o, f) = (stop.clone(), ok.clone(), failed.clone());
+        let handle = std::thread::spawn(move || {
+            let mut errors = Vec::new();
+            let deadline = Instant::now() + limit;
+            while !s.load(Ordering::Relaxed) && Instant::now() < deadline {
+                match http_get(addr, path) {
+                    Ok((200, _)) => {
+                        o.fetch_add(1, Ordering::Relaxed);
+                    }
+                    other => {
+                        f.fetch_add(1, Ordering::Relaxed);
+                        if errors.len() < 5 {
+                            errors.push(format!("{other:?}"));
+                        }
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            errors
+        });
+        Load {
+            stop,
+            ok,
+            failed,
+            handle: Some(handle),
+        }
+    }
+
+    /// Successes so far.
+    pub fn ok(&self) -> u64 {
+        self.ok.load(Ordering::Relaxed)
+    }
+
+    /// Stops; (successes, failures, the first errors).
+    pub fn finish(mut self) -> (u64, u64, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        let errors = self
+            .handle
+            .take()
+            .map(|h| h.join().unwrap_or_default())
+            .unwrap_or_default();
+        (
+            self.ok.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+            errors,
+        )
+    }
 }
