@@ -65,6 +65,11 @@ pub struct Timeouts {
     /// An opaque TCP tunnel with no byte either way for this long is closed (Istio's TCP
     /// idle timeout, 1h by default).
     pub tcp_idle: Duration,
+    /// An HTTP/1.1 client must have sent a whole request head within this long of the
+    /// connection becoming ready for one (hyper's one timer, so it also bounds a keep-alive
+    /// connection's idle time between requests): slowloris connections cannot outlast it by
+    /// trickling bytes.
+    pub header_read: Duration,
 }
 
 impl Default for Timeouts {
@@ -76,6 +81,7 @@ impl Default for Timeouts {
             idle: Duration::from_secs(90),
             drain: Duration::from_secs(10),
             tcp_idle: Duration::from_secs(3600),
+            header_read: Duration::from_secs(90),
         }
     }
 }

@@ -333,7 +333,7 @@ pub(crate) async fn serve_connection<I, S, B>(
         let mut b = hyper::server::conn::http1::Builder::new();
         b.max_buf_size(limits.max_header_bytes.max(8192))
             .timer(TokioTimer::new())
-            .header_read_timeout(Some(ctx.cfg.timeouts.idle));
+            .header_read_timeout(Some(ctx.cfg.timeouts.header_read));
         let conn = b.serve_connection(io, svc).with_upgrades();
         let result = until_stopped!(conn, stop);
         count_connection_error(ctx, direction, result);

@@ -377,68 +377,6 @@ async fn endpoints_presenting_certificates_the_mesh_refuses_are_a_502_and_counte
 /// Where the test runs when it re-executes itself inside its network namespace.
 const IN_NETNS: &str = "PALISADE_TEST_ADMIN_NETNS_ADDR";
 
-/// Runs the named test of this binary inside a network namespace made for it, holding
-/// loopback and one non-loopback address (`addr`, on a veth), so that the proxy's
-/// admin port can be bound to all addresses and reached from a non-loopback peer without
-/// listening on anything of the machine's. Fails, with the reason, when the machine
-/// cannot (no root, no `ip`), as the error.
-fn in_netns(test: &str, addr: &str) -> Result<std::process::ExitStatus, String> {
-    let ip = |args: &[&str]| {
-        std::process::Command::new("ip")
-            .args(args)
-            .status()
-            .map_err(|e| format!("cannot run ip: {e}"))
-            .and_then(|s| {
-                if s.success() {
-                    Ok(())
-                } else {
-                    Err(format!("ip {args:?} failed"))
-                }
-            })
-    };
-    if !is_root() {
-        return Err("not root: cannot create a network namespace".into());
-    }
-    let ns = format!("palisade-neg-{}", std::process::id());
-    ip(&["netns", "add", &ns])?;
-    struct Del(String);
-    impl Drop for Del {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("ip")
-                .args(["netns", "del", &self.0])
-                .status();
-        }
-    }
-    let _del = Del(ns.clone());
-    ip(&["-n", &ns, "link", "set", "lo", "up"])?;
-    // A veth pair inside the namespace (dummy interfaces need a module containers may lack).
-    ip(&[
-        "-n", &ns, "link", "add", "v0", "type", "veth", "peer", "name", "v1",
-    ])?;
-    ip(&["-n", &ns, "addr", "add", &format!("{addr}/24"), "dev", "v0"])?;
-    ip(&["-n", &ns, "link", "set", "v0", "up"])?;
-    ip(&["-n", &ns, "link", "set", "v1", "up"])?;
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    std::process::Command::new("ip")
-        .args(["netns", "exec", &ns])
-        .arg(exe)
-        .args([test, "--exact", "--nocapture", "--test-threads=1"])
-        .env(IN_NETNS, addr)
-        .status()
-        .map_err(|e| format!("cannot run the test in the namespace: {e}"))
-}
-
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(1).map(|u| u == "0"))
-        })
-        .unwrap_or(false)
-}
-
 async fn connect_from(ip: IpAddr, port: u16) -> (H1, SocketAddr) {
     let sock = match ip {
         IpAddr::V4(_) => TcpSocket::new_v4(),
@@ -500,9 +438,19 @@ async fn admin_shutdown_tap_config_and_traffic_refuse_a_non_loopback_peer() {
         .and_then(|a| a.parse::<IpAddr>().ok())
     else {
         let test = "admin_shutdown_tap_config_and_traffic_refuse_a_non_loopback_peer";
-        match tokio::task::spawn_blocking(move || in_netns(test, "10.201.0.1"))
-            .await
-            .expect("netns runner")
+        // Loopback and one non-loopback address, on a veth (dummy interfaces need a module
+        // containers may lack).
+        let setup: &[&[&str]] = &[
+            &["link", "add", "v0", "type", "veth", "peer", "name", "v1"],
+            &["addr", "add", "10.201.0.1/24", "dev", "v0"],
+            &["link", "set", "v0", "up"],
+            &["link", "set", "v1", "up"],
+        ];
+        match tokio::task::spawn_blocking(move || {
+            support::netns::rerun_in_netns(test, IN_NETNS, "10.201.0.1", setup)
+        })
+        .await
+        .expect("netns runner")
         {
             Ok(status) => assert!(status.success(), "the test failed in its namespace"),
             Err(why) => eprintln!(

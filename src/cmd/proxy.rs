@@ -103,10 +103,14 @@ pub struct ProxyArgs {
     /// Opaque TCP tunnels with no traffic either way for this long are closed.
     #[arg(long, env = "PALISADE_TCP_IDLE_TIMEOUT", value_name = "DURATION", default_value = "1h", value_parser = duration)]
     pub tcp_idle_timeout: Duration,
-    /// A pooled HTTP/2 connection to a peer proxy with no request for this long is closed
-    /// (also the HTTP/1 header read timeout).
+    /// A pooled HTTP/2 connection to a peer proxy with no request for this long is closed.
     #[arg(long, env = "PALISADE_IDLE_TIMEOUT", value_name = "DURATION", default_value = "90s", value_parser = duration)]
     pub idle_timeout: Duration,
+    /// An HTTP/1.1 client that has not sent a whole request head this long after the
+    /// connection became ready for one is disconnected (slowloris); the same timer closes a
+    /// keep-alive connection idle for this long.
+    #[arg(long, env = "PALISADE_HTTP_HEADER_TIMEOUT", value_name = "DURATION", default_value = "90s", value_parser = duration)]
+    pub http_header_timeout: Duration,
     /// Maximum concurrent connections per proxy.
     #[arg(
         long,
@@ -314,6 +318,7 @@ fn build_config(a: &ProxyArgs) -> anyhow::Result<ProxyConfig> {
             drain: a.drain_timeout,
             tcp_idle: a.tcp_idle_timeout,
             idle: a.idle_timeout,
+            header_read: a.http_header_timeout,
             ..Timeouts::default()
         },
         limits: Limits {

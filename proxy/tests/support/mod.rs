@@ -4,6 +4,8 @@
 //! and helpers to talk HTTP, read metrics and bound every wait.
 #![allow(dead_code)]
 
+pub mod netns;
+
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -132,6 +134,7 @@ pub fn test_timeouts() -> Timeouts {
         idle: Duration::from_secs(30),
         drain: Duration::from_secs(5),
         tcp_idle: Duration::from_secs(3600),
+        header_read: Duration::from_secs(30),
     }
 }
 
@@ -878,18 +881,32 @@ impl Legit {
 
     /// Waits for counted requests to end and reports (requests, succeeded, p99).
     pub async fn wait(self) -> (usize, usize, Duration) {
+        let (requests, ok) = self.wait_latencies().await;
+        (requests, ok.len(), quantile(&ok, 0.99))
+    }
+
+    /// Stops and reports the number of requests and the latencies of those that succeeded,
+    /// sorted.
+    pub async fn finish_latencies(self) -> (usize, Vec<Duration>) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.wait_latencies().await
+    }
+
+    async fn wait_latencies(self) -> (usize, Vec<Duration>) {
         let mut all = Vec::new();
         for t in self.tasks {
             all.extend(within(t).await.expect("legit task"));
         }
         let mut ok: Vec<Duration> = all.iter().flatten().copied().collect();
         ok.sort();
-        let p99 = ok
-            .get((ok.len() * 99 / 100).min(ok.len().saturating_sub(1)))
-            .copied()
-            .unwrap_or_default();
-        (all.len(), ok.len(), p99)
+        (all.len(), ok)
     }
+}
+
+/// The `q` quantile of sorted latencies (zero when there are none).
+pub fn quantile(sorted: &[Duration], q: f64) -> Duration {
+    let i = ((sorted.len() as f64 * q) as usize).min(sorted.len().saturating_sub(1));
+    sorted.get(i).copied().unwrap_or_default()
 }
 
 /// This process's resident memory (the proxies of these tests run in it).
