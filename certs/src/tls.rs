@@ -286,6 +286,12 @@ pub fn peer_identity(conn: &rustls::CommonState) -> Option<SpiffeId> {
     crate::verify::peer_id(leaf).ok()
 }
 
+/// The verified peer's SPIFFE ID and when its certificate expires (Unix seconds).
+pub fn peer_identity_until(conn: &rustls::CommonState) -> Option<(SpiffeId, i64)> {
+    let leaf = conn.peer_certificates()?.first()?;
+    crate::verify::peer_id_until(leaf).ok()
+}
+
 /// The current TLS serving certificate of a server that is not a mesh workload (the injector
 /// webhook): swapped in place when it is renewed, so the next handshake presents the new one
 /// and open connections are untouched.

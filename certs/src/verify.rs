@@ -115,6 +115,13 @@ pub fn peer_id(der: &[u8]) -> Result<SpiffeId, SvidError> {
     spiffe_id_of(&cert)
 }
 
+/// [`peer_id`] and the leaf's `notAfter` (Unix seconds), from one parse: a connection must not
+/// outlive the certificate it was authenticated with.
+pub fn peer_id_until(der: &[u8]) -> Result<(SpiffeId, i64), SvidError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|_| SvidError::Malformed)?;
+    Ok((spiffe_id_of(&cert)?, cert.validity().not_after.timestamp()))
+}
+
 /// Checks the leaf rules of X509-SVID section 4 on a parsed leaf.
 fn check_leaf_rules(cert: &X509Certificate<'_>) -> Result<SpiffeId, SvidError> {
     let id = spiffe_id_of(cert)?;

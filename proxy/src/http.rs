@@ -280,11 +280,18 @@ pub fn set_absolute_uri<B>(req: &mut Request<B>, fallback: &str) -> Result<(), S
 /// HTTP/1.1 connections share `graceful_shutdown` by name only, not by a trait.
 /// Its value: the connection's own end (an error counts), or None when the proxy stopped it.
 macro_rules! until_stopped {
-    ($conn:ident, $stop:ident) => {{
+    ($conn:ident, $stop:ident, $expires:ident) => {{
         tokio::pin!($conn);
+        let expired = crate::identity::until($expires);
         tokio::select! {
             r = $conn.as_mut() => Some(r),
             _ = $stop.changed() => {
+                $conn.as_mut().graceful_shutdown();
+                let _ = $conn.await;
+                None
+            }
+            _ = expired => {
+                tracing::debug!("a certificate of this connection expired: closing it gracefully");
                 $conn.as_mut().graceful_shutdown();
                 let _ = $conn.await;
                 None
@@ -294,13 +301,16 @@ macro_rules! until_stopped {
 }
 
 /// Serves one connection with HTTP/2 or HTTP/1.1 (with upgrades), with the proxy's limits, and
-/// shuts it down gracefully when the proxy stops.
+/// shuts it down gracefully when the proxy stops or at `expires` (when a certificate the
+/// connection was authenticated with runs out: in-flight requests finish, new ones go to a
+/// new connection and a new handshake).
 pub(crate) async fn serve_connection<I, S, B>(
     ctx: &crate::Ctx,
     io: I,
     svc: S,
     h2: bool,
     direction: crate::telemetry::Direction,
+    expires: Option<tokio::time::Instant>,
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     S: tower::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
@@ -327,7 +337,7 @@ pub(crate) async fn serve_connection<I, S, B>(
             .timer(TokioTimer::new())
             .keep_alive_interval(std::time::Duration::from_secs(30));
         let conn = b.serve_connection(io, svc);
-        let result = until_stopped!(conn, stop);
+        let result = until_stopped!(conn, stop, expires);
         count_connection_error(ctx, direction, result);
     } else {
         let mut b = hyper::server::conn::http1::Builder::new();
@@ -335,7 +345,7 @@ pub(crate) async fn serve_connection<I, S, B>(
             .timer(TokioTimer::new())
             .header_read_timeout(Some(ctx.cfg.timeouts.header_read));
         let conn = b.serve_connection(io, svc).with_upgrades();
-        let result = until_stopped!(conn, stop);
+        let result = until_stopped!(conn, stop, expires);
         count_connection_error(ctx, direction, result);
     }
 }

@@ -168,6 +168,27 @@ fn renew_delay(not_after: i64) -> Duration {
     Duration::from_secs_f64((remaining / 2.0 + jitter).max(0.5))
 }
 
+/// The instant the earliest of these certificate expiries (Unix seconds) is reached, on the
+/// runtime's clock; None when there is none (or it is beyond the clock's range).
+pub(crate) fn deadline<const N: usize>(
+    not_after: [Option<i64>; N],
+) -> Option<tokio::time::Instant> {
+    let earliest = not_after.into_iter().flatten().min()?;
+    let now = UnixTime::now().as_secs();
+    let left = u64::try_from(earliest).map_or(0, |t| t.saturating_sub(now));
+    // A peer's notAfter comes off the network: out of the clock's range is "never" (the
+    // verifier has already checked it is in the future).
+    tokio::time::Instant::now().checked_add(Duration::from_secs(left))
+}
+
+/// Completes at `at`, never when there is none.
+pub(crate) async fn until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Says once, loudly, when the proxy's certificate expires without having been renewed (the
 /// control plane unreachable for half its lifetime and more), and once when a valid one is
 /// back. Meanwhile peers refuse the expired certificate (fail closed) and `/ready` is 503.

@@ -189,12 +189,19 @@ async fn handle(
             };
             let (_, conn) = tls.get_ref();
             ctx.metrics.tls_connection(Direction::inbound, conn);
-            let peer = palisade_certs::tls::peer_identity(conn);
+            let (peer, peer_until) = match palisade_certs::tls::peer_identity_until(conn) {
+                Some((id, until)) => (Some(id), Some(until)),
+                None => (None, None),
+            };
+            // The connection lives no longer than either certificate it was authenticated
+            // with: without a renewal (the control plane gone), the mesh fails closed at
+            // expiry instead of carrying on over connections made before it.
+            let expires = crate::identity::deadline([peer_until, ctx.store.expiry()]);
             let alpn = conn.alpn_protocol().map(<[u8]>::to_vec);
             let info = ConnInfo::new(peer, remote.ip(), port, app);
             match alpn.as_deref() {
-                Some(tls::ALPN_H2) => Box::pin(serve_http(ctx, tls, info, true)).await,
-                Some(tls::ALPN_HTTP1) => Box::pin(serve_http(ctx, tls, info, false)).await,
+                Some(tls::ALPN_H2) => Box::pin(serve_http(ctx, tls, info, true, expires)).await,
+                Some(tls::ALPN_HTTP1) => Box::pin(serve_http(ctx, tls, info, false, expires)).await,
                 // An HTTP app is reached over HTTP only, whatever ALPN the peer offers: a
                 // tunnel would let the peer write any header, x-forwarded-client-cert
                 // included, straight to the app.
@@ -202,7 +209,7 @@ async fn handle(
                     ctx.metrics.refuse(Direction::inbound, "opaque_to_http_app");
                     tracing::info!(%remote, peer = %info.peer_label.0, "opaque connection refused: the app speaks HTTP");
                 }
-                _ => Box::pin(opaque(ctx, tls, info)).await,
+                _ => Box::pin(opaque(ctx, tls, info, expires)).await,
             }
         }
         plain => {
@@ -215,15 +222,17 @@ async fn handle(
             let info = ConnInfo::new(None, remote.ip(), port, app);
             match plain {
                 Detected::Http2 if app_protocol != Protocol::Opaque => {
-                    Box::pin(serve_http(ctx, io, info, true)).await
+                    Box::pin(serve_http(ctx, io, info, true, None)).await
                 }
                 Detected::Http1 if app_protocol != Protocol::Opaque => {
-                    Box::pin(serve_http(ctx, io, info, false)).await
+                    Box::pin(serve_http(ctx, io, info, false, None)).await
                 }
                 // Not recognizably HTTP, to an HTTP app: the HTTP/1 parser serves it if it is
                 // HTTP after all and answers 400 if not; never a tunnel.
-                _ if app_protocol.is_http() => Box::pin(serve_http(ctx, io, info, false)).await,
-                _ => Box::pin(opaque(ctx, io, info)).await,
+                _ if app_protocol.is_http() => {
+                    Box::pin(serve_http(ctx, io, info, false, None)).await
+                }
+                _ => Box::pin(opaque(ctx, io, info, None)).await,
             }
         }
     }
@@ -244,8 +253,13 @@ fn destination(ctx: &Ctx, tcp: &TcpStream) -> (u16, Option<SocketAddr>) {
     }
 }
 
-async fn serve_http<I>(ctx: Arc<Ctx>, io: I, info: Arc<ConnInfo>, h2: bool)
-where
+async fn serve_http<I>(
+    ctx: Arc<Ctx>,
+    io: I,
+    info: Arc<ConnInfo>,
+    h2: bool,
+    expires: Option<tokio::time::Instant>,
+) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let Some(app) = info.app.map(|a| ctx.app_clients(a)) else {
@@ -282,7 +296,7 @@ where
             app,
             xfcc: info.xfcc(&ctx.own_label),
         });
-    phttp::serve_connection(&ctx, io, svc, h2, Direction::inbound).await;
+    phttp::serve_connection(&ctx, io, svc, h2, Direction::inbound, expires).await;
 }
 
 /// The last stage: identity headers, HTTP version for the app, and the app call.
@@ -401,9 +415,14 @@ async fn call_app(
 }
 
 /// Opaque TCP to the app, authorized per connection and re-checked whenever the config
-/// changes: a connection whose permission is revoked is closed.
-async fn opaque<I>(ctx: Arc<Ctx>, mut io: I, info: Arc<ConnInfo>)
-where
+/// changes: a connection whose permission is revoked is closed, and so is one whose
+/// certificates expire (`expires`; TCP has no graceful way, so it is closed outright).
+async fn opaque<I>(
+    ctx: Arc<Ctx>,
+    mut io: I,
+    info: Arc<ConnInfo>,
+    expires: Option<tokio::time::Instant>,
+) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let Some(app) = info.app else {
@@ -434,9 +453,15 @@ where
         ctx.cfg.timeouts.tcp_idle,
     );
     tokio::pin!(splice);
+    let expired = crate::identity::until(expires);
+    tokio::pin!(expired);
     loop {
         tokio::select! {
             _ = &mut splice => return,
+            _ = &mut expired => {
+                tracing::info!(peer = %info.peer_label.0, "closing TCP connection: a certificate it was authenticated with expired");
+                return;
+            }
             changed = versions.changed() => {
                 if changed.is_err() {
                     // The proxy is going away; finish the copy.

@@ -1,6 +1,6 @@
 //! A certificate that runs out without a renewal (the control plane gone for longer than half
 //! its lifetime): the mesh fails closed — the peer refuses the expired certificate, no request
-//! gets through — the proxy says it is not ready, and when a valid certificate is installed
+//! gets through, not even over a connection made before the expiry — the proxy says it is not ready, and when a valid certificate is installed
 //! (what a renewal does) traffic flows again without a restart.
 
 mod support;
@@ -64,6 +64,16 @@ async fn an_expired_certificate_fails_closed_and_a_renewal_recovers() {
         status.is_server_error(),
         "a request reached an app through an expired certificate: {status}"
     );
+    // The first client proxy's pooled connection, made while the certificate was valid, was
+    // closed at its expiry (GOAWAY): its requests need a new handshake now, and fail too.
+    let pooled = get(upstream, "/")
+        .await
+        .expect("the client proxy answers")
+        .status;
+    assert!(
+        pooled.is_server_error(),
+        "a request went through a connection older than the expiry: {pooled}"
+    );
     let refused_handshakes = metric(
         &fresh,
         "palisade_tls_handshake_errors_total",
@@ -85,16 +95,21 @@ async fn an_expired_certificate_fails_closed_and_a_renewal_recovers() {
         .install(pki.issue(API))
         .expect("install renewed SVID");
     assert!(server.is_ready());
-    let ok = within_for(Duration::from_secs(10), async {
-        loop {
-            if let Ok(r) = get(upstream_addr(&fresh, SERVICE), "/").await
-                && r.status == 200
-            {
-                return r.status;
+    for (name, via) in [
+        ("fresh", upstream_addr(&fresh, SERVICE)),
+        ("first", upstream),
+    ] {
+        let ok = within_for(Duration::from_secs(10), async {
+            loop {
+                if let Ok(r) = get(via, "/").await
+                    && r.status == 200
+                {
+                    return r.status;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    })
-    .await;
-    assert_eq!(ok, 200);
+        })
+        .await;
+        assert_eq!(ok, 200, "{name} client proxy");
+    }
 }

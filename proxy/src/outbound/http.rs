@@ -77,7 +77,7 @@ pub(super) async fn serve_http(
         .layer(RetryLayer::new(metrics))
         .layer(TimeoutLayer::Attempt)
         .service(Balance { ctx: ctx.clone() });
-    phttp::serve_connection(&ctx, io, svc, h2, Direction::outbound).await;
+    phttp::serve_connection(&ctx, io, svc, h2, Direction::outbound, None).await;
 }
 
 /// The balancer and endpoint stage of the outbound HTTP stack.
