@@ -159,3 +159,119 @@ fn a_proxy_restarted_under_load_fails_no_request() {
     );
     assert_eq!(failed, 0, "requests failed: {errors:?}");
 }
+
+/// Every log line of the mesh's children containing `needle`, whole files (not only the tail).
+fn log_lines(mesh: &Mesh, needle: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(mesh.state.join("logs")) {
+        for e in rd.flatten() {
+            let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+            found.extend(
+                text.lines()
+                    .filter(|l| l.contains(needle))
+                    .map(|l| format!("{}: {l}", e.file_name().to_string_lossy())),
+            );
+        }
+    }
+    found
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// Certificates that run out while the control plane is gone: with an 8 s lifetime, the
+/// control plane is killed (and `up` stopped, so that it does not bring it back) until both
+/// proxies' certificates have expired. The mesh fails closed — no request succeeds, not even
+/// over the connection pooled before the expiry — `/ready` is 503, the expiry is logged and
+/// the handshake refusals counted. When `up` continues and restarts the control plane, the
+/// proxies (whose one-time bootstrap tokens are spent) stop, `up` starts them with fresh
+/// tokens, and traffic flows again.
+#[test]
+fn certificates_expiring_during_an_outage_fail_closed_and_recover_when_it_ends() {
+    let mesh = MeshSpec {
+        lifetime: "8s",
+        default_policy: "allow",
+        workloads: vec![
+            WorkloadSpec::demo("web", "app: web", vec![("api.demo", 8080)]),
+            WorkloadSpec::demo("api", "app: api", vec![]),
+        ],
+        services: vec![("api", 8080, "app: api", "http")],
+    }
+    .start(&[]);
+    let up_pid = mesh.child.as_ref().expect("up runs").id();
+    let cp_pid = u32::try_from(
+        mesh.mesh_json()["controlPlanePid"]
+            .as_u64()
+            .expect("controlPlanePid"),
+    )
+    .expect("pid");
+    let load = Load::start(mesh.app("web"), "/call/api", OUTAGE_TEST_LIMIT);
+    assert!(
+        eventually(Duration::from_secs(10), || load.ok() >= 20),
+        "no traffic before the outage"
+    );
+    let ready = |w: &str| http_get(mesh.admin(w), "/ready").is_ok_and(|(s, _)| s == 200);
+
+    signal("STOP", up_pid);
+    let resume = Continue(up_pid);
+    signal("KILL", cp_pid);
+    let down = Instant::now();
+    // Both certificates run out within a lifetime of the last renewal.
+    let expired = eventually(Duration::from_secs(20), || !ready("web") && !ready("api"));
+    let expired_after = down.elapsed();
+    assert!(expired, "the proxies still say ready:\n{}", mesh.logs());
+    // Requests in flight at the expiry may finish, and a certificate is valid through the
+    // whole second of its notAfter (X.509 and webpki count in seconds; /ready turns at its
+    // start): after that, nothing gets through.
+    std::thread::sleep(Duration::from_millis(1500));
+    let (ok_closed, failed_closed) = (load.ok(), load.failed());
+    let closed_for = Duration::from_secs(3);
+    let watch_from = Instant::now();
+    // The experiment is this interval: nothing may succeed in it.
+    while watch_from.elapsed() < closed_for {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (ok_during, failed_during) = (load.ok() - ok_closed, load.failed() - failed_closed);
+    let expiry_gauge = mesh.metric_sum(
+        "api",
+        "palisade_identity_cert_expiry_timestamp_seconds",
+        &[],
+    );
+    let refused = mesh.metric_sum("web", "palisade_tls_handshake_errors_total", &[])
+        + mesh.metric_sum("api", "palisade_tls_handshake_errors_total", &[]);
+    let expiry_logged = log_lines(&mesh, "certificate expired and was not renewed");
+
+    drop(resume);
+    let back = Instant::now();
+    let ok_back = load.ok();
+    let recovered = eventually(Duration::from_secs(60), || {
+        load.ok() >= ok_back + 20 && ready("web") && ready("api")
+    });
+    let recovered_in = back.elapsed();
+    let restarted = log_lines(&mesh, "stopping, to be restarted");
+    let (ok, failed, _) = load.finish();
+    println!(
+        "8 s certificates, control plane gone: both expired {expired_after:.2?} into the \
+         outage; in the {closed_for:?} after, {ok_during} requests succeeded and \
+         {failed_during} failed; {refused} handshakes refused; expiry logged {} times; after \
+         the control plane's return, {} proxies restarted for fresh credentials and traffic \
+         flowed again in {recovered_in:.2?} ({ok} ok and {failed} failed in all)",
+        expiry_logged.len(),
+        restarted.len()
+    );
+    assert_eq!(ok_during, 0, "requests got through expired certificates");
+    assert!(failed_during > 0, "no request was tried while closed");
+    assert!(
+        expiry_gauge > 0.0 && expiry_gauge < unix_now(),
+        "the expiry gauge says {expiry_gauge}"
+    );
+    assert!(refused > 0.0, "no refused handshake counted");
+    assert!(
+        expiry_logged.len() >= 2,
+        "each proxy logs its expiry: {expiry_logged:?}"
+    );
+    assert!(recovered, "traffic did not come back:\n{}", mesh.logs());
+}

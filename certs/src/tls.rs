@@ -280,6 +280,29 @@ pub fn client_config(
     Ok(cfg)
 }
 
+/// A client config like [`client_config`] that presents no certificate: for asking the
+/// control plane for a new one with a token when the current one has expired (an expired
+/// certificate would fail the handshake before the token is read).
+pub fn client_config_without_cert(
+    store: &Arc<CredentialStore>,
+    expected: SpiffeId,
+    alpn: &[&[u8]],
+) -> Result<ClientConfig, rustls::Error> {
+    let verifier = Arc::new(ExpectedServerVerifier::new(
+        store.bundle().clone(),
+        expected,
+    ));
+    let mut cfg = ClientConfig::builder_with_provider(provider().clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    cfg.resumption = rustls::client::Resumption::disabled();
+    cfg.enable_sni = false;
+    Ok(cfg)
+}
+
 /// The verified peer's SPIFFE ID after a handshake (None if it sent no certificate).
 pub fn peer_identity(conn: &rustls::CommonState) -> Option<SpiffeId> {
     let leaf = conn.peer_certificates()?.first()?;

@@ -28,6 +28,10 @@ pub enum IdentityError {
     Connect { addr: String, message: String },
     #[error("control plane refused the certificate request: {0}")]
     Refused(String),
+    /// The control plane does not accept the credentials presented (a spent bootstrap token,
+    /// an unknown workload): trying again with the same ones cannot succeed.
+    #[error("control plane refused the credentials: {0}")]
+    Unauthenticated(String),
     #[error("the control plane returned an unusable certificate: {0}")]
     BadCertificate(String),
 }
@@ -89,11 +93,16 @@ pub(crate) async fn certify(
     let td = id.trust_domain();
     let cp = control_plane_id(&td)
         .ok_or_else(|| IdentityError::Refused("no control-plane identity".into()))?;
-    let tls = palisade_certs::tls::client_config(&ctx.store, cp, &[b"h2"]).map_err(|e| {
-        IdentityError::Connect {
-            addr: dialer.addrs().to_string(),
-            message: e.to_string(),
-        }
+    // An expired certificate is not presented: the control plane's handshake would refuse it
+    // before reading the token, which is then the only credential left.
+    let tls = if ctx.store.is_ready() {
+        palisade_certs::tls::client_config(&ctx.store, cp, &[b"h2"])
+    } else {
+        palisade_certs::tls::client_config_without_cert(&ctx.store, cp, &[b"h2"])
+    }
+    .map_err(|e| IdentityError::Connect {
+        addr: dialer.addrs().to_string(),
+        message: e.to_string(),
     })?;
     let (channel, _) =
         dialer
@@ -110,7 +119,14 @@ pub(crate) async fn certify(
             token: token.to_string(),
         })
         .await
-        .map_err(|s| IdentityError::Refused(format!("{:?}: {}", s.code(), s.message())))?
+        .map_err(|s| {
+            let why = format!("{:?}: {}", s.code(), s.message());
+            if s.code() == tonic::Code::Unauthenticated {
+                IdentityError::Unauthenticated(why)
+            } else {
+                IdentityError::Refused(why)
+            }
+        })?
         .into_inner();
     let chain: Vec<CertificateDer<'static>> = rsp
         .chain_der
@@ -174,11 +190,21 @@ pub(crate) fn deadline<const N: usize>(
     not_after: [Option<i64>; N],
 ) -> Option<tokio::time::Instant> {
     let earliest = not_after.into_iter().flatten().min()?;
-    let now = UnixTime::now().as_secs();
-    let left = u64::try_from(earliest).map_or(0, |t| t.saturating_sub(now));
+    // To the sub-second: rounding "now" down to whole seconds would let a connection live up
+    // to a second past the expiry.
+    let left = match u64::try_from(earliest) {
+        // Before 1970: long past.
+        Err(_) => Duration::ZERO,
+        Ok(secs) => match std::time::UNIX_EPOCH.checked_add(Duration::from_secs(secs)) {
+            Some(at) => at
+                .duration_since(std::time::SystemTime::now())
+                .unwrap_or(Duration::ZERO),
+            None => return None,
+        },
+    };
     // A peer's notAfter comes off the network: out of the clock's range is "never" (the
     // verifier has already checked it is in the future).
-    tokio::time::Instant::now().checked_add(Duration::from_secs(left))
+    tokio::time::Instant::now().checked_add(left)
 }
 
 /// Completes at `at`, never when there is none.
@@ -235,8 +261,14 @@ pub(crate) async fn expiry_watch(ctx: Arc<Ctx>) {
     }
 }
 
-/// Renews for as long as the proxy runs. On failure, backs off (200 ms doubling to 30 s) and
-/// keeps the current certificate in use meanwhile.
+/// Renews for as long as the proxy runs. On failure, backs off (200 ms doubling to 30 s, or
+/// to 2 s once the certificate has expired, so that a returning control plane is found at
+/// once) and keeps the current certificate in use meanwhile.
+///
+/// A proxy whose certificate has expired and whose token the control plane refuses (locally a
+/// one-time bootstrap token, spent at start) cannot get another certificate by itself: it
+/// stops with an error, and its supervisor (`palisade up`, the kubelet) starts it again with
+/// fresh credentials.
 pub(crate) async fn renew_loop(ctx: Arc<Ctx>, dialer: Arc<Dialer>) {
     if !matches!(ctx.cfg.credentials, CredentialSource::ControlPlane { .. }) {
         return;
@@ -274,6 +306,14 @@ pub(crate) async fn renew_loop(ctx: Arc<Ctx>, dialer: Arc<Dialer>) {
                         Err(e) => tracing::warn!(error = %e, "renewed certificate not installed"),
                     }
                 }
+                Err(IdentityError::Unauthenticated(why)) if !ctx.store.is_ready() => {
+                    tracing::error!(
+                        reason = %why,
+                        "the certificate expired and the control plane refuses this proxy's token (a bootstrap token is spent at start): stopping, to be restarted with fresh credentials"
+                    );
+                    ctx.credentials_lost.notify_one();
+                    return;
+                }
                 // Once per streak of failures; the count is in palisade_identity_renewals_total.
                 Err(e) if failures == 0 => tracing::warn!(
                     error = %e,
@@ -290,7 +330,8 @@ pub(crate) async fn renew_loop(ctx: Arc<Ctx>, dialer: Arc<Dialer>) {
                 _ = tokio::time::sleep(backoff) => {}
                 _ = stop.changed() => return,
             }
-            backoff = (backoff * 2).min(Duration::from_secs(30));
+            let cap = if ctx.store.is_ready() { 30 } else { 2 };
+            backoff = (backoff * 2).min(Duration::from_secs(cap));
         }
     }
 }
@@ -305,4 +346,39 @@ pub(crate) fn merge_bundle(ctx: &Ctx, new: TrustBundle) -> TrustBundle {
         }
     }
     merged
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn unix_now() -> i64 {
+        i64::try_from(UnixTime::now().as_secs()).unwrap_or(i64::MAX)
+    }
+
+    #[test]
+    fn a_connection_deadline_is_the_earliest_expiry_and_never_fails_open() {
+        let now = tokio::time::Instant::now();
+        assert_eq!(deadline::<2>([None, None]), None);
+        // The earlier of the two, to within the second the Unix time was rounded to.
+        let d = deadline([Some(unix_now() + 100), Some(unix_now() + 10)]).expect("a deadline");
+        let left = d.duration_since(now);
+        assert!(
+            left > Duration::from_secs(8) && left <= Duration::from_secs(11),
+            "{left:?}"
+        );
+        // Expired, even before 1970: now.
+        for past in [unix_now() - 5, -5, i64::MIN] {
+            let d = deadline([Some(past)]).expect("a deadline");
+            assert!(
+                d.duration_since(now) < Duration::from_secs(1),
+                "{past}: {d:?}"
+            );
+        }
+        // At the end of time: far away or never, without an overflow.
+        assert!(
+            deadline([Some(i64::MAX)])
+                .is_none_or(|d| d.duration_since(now) > Duration::from_secs(100 * 365 * 86_400))
+        );
+    }
 }

@@ -70,6 +70,10 @@ pub enum ProxyError {
     Config(#[from] config::ConfigError),
     #[error("TLS configuration: {0}")]
     Tls(#[from] rustls::Error),
+    #[error(
+        "the certificate expired and the control plane refuses this proxy's token; start the proxy again with fresh credentials (palisade up does)"
+    )]
+    CredentialsLost,
 }
 
 /// State shared by every task of one proxy.
@@ -106,6 +110,8 @@ pub struct Ctx {
     /// `palisade_api::config_digest` of the last config from the control plane.
     pub(crate) config_digest: std::sync::atomic::AtomicU64,
     shutdown_requested: Notify,
+    /// The certificate expired and cannot be renewed by this process ([`identity::renew_loop`]).
+    pub(crate) credentials_lost: Notify,
 }
 
 impl Ctx {
@@ -259,6 +265,7 @@ impl Proxy {
             config_ready: AtomicBool::new(false),
             config_digest: std::sync::atomic::AtomicU64::new(0),
             shutdown_requested: Notify::new(),
+            credentials_lost: Notify::new(),
             cfg,
         });
 
@@ -424,12 +431,16 @@ pub async fn run(
         admin = %proxy.admin_addr,
         "proxy started"
     );
-    tokio::select! {
-        _ = shutdown => {}
-        _ = proxy.shutdown_requested() => {}
-    }
+    let lost = tokio::select! {
+        _ = shutdown => false,
+        _ = proxy.shutdown_requested() => false,
+        _ = proxy.ctx.credentials_lost.notified() => true,
+    };
     tracing::info!("draining");
     proxy.shutdown().await;
+    if lost {
+        return Err(ProxyError::CredentialsLost);
+    }
     Ok(())
 }
 

@@ -523,6 +523,11 @@ impl Load {
         self.ok.load(Ordering::Relaxed)
     }
 
+    /// Failures so far.
+    pub fn failed(&self) -> u64 {
+        self.failed.load(Ordering::Relaxed)
+    }
+
     /// Stops; (successes, failures, the first errors).
     pub fn finish(mut self) -> (u64, u64, Vec<String>) {
         self.stop.store(true, Ordering::Relaxed);
