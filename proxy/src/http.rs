@@ -256,22 +256,22 @@ pub fn set_absolute_uri<B>(req: &mut Request<B>, fallback: &str) -> Result<(), S
     if req.uri().scheme().is_some() && req.uri().authority().is_some() {
         return Ok(());
     }
+    // The parts the request already has are reused (shared bytes, not copies): only a Host
+    // header is parsed, once.
     let authority = match (req.uri().authority(), req.headers().get(header::HOST)) {
-        (Some(a), _) => a.as_str().to_owned(),
-        (None, Some(h)) => h.to_str().map_err(|_| StatusCode::BAD_REQUEST)?.to_owned(),
-        (None, None) => fallback.to_owned(),
+        (Some(a), _) => a.clone(),
+        (None, Some(h)) => {
+            http::uri::Authority::try_from(h.as_bytes()).map_err(|_| StatusCode::BAD_REQUEST)?
+        }
+        (None, None) => fallback.parse().map_err(|_| StatusCode::BAD_REQUEST)?,
     };
-    let pq = req
-        .uri()
-        .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/");
-    *req.uri_mut() = http::Uri::builder()
-        .scheme("http")
-        .authority(authority)
-        .path_and_query(pq)
-        .build()
-        .map_err(|_| StatusCode::BAD_REQUEST)?;
+    let mut parts = std::mem::take(req.uri_mut()).into_parts();
+    parts.scheme = Some(http::uri::Scheme::HTTP);
+    parts.authority = Some(authority);
+    if parts.path_and_query.is_none() {
+        parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+    }
+    *req.uri_mut() = http::Uri::from_parts(parts).map_err(|_| StatusCode::BAD_REQUEST)?;
     Ok(())
 }
 
@@ -536,5 +536,49 @@ impl http_body::Body for OutBody {
             (None, Some(b)) => http_body::Body::size_hint(b),
             (None, None) => http_body::SizeHint::with_exact(0),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn absolute(uri: &str, host: Option<&str>) -> Result<String, StatusCode> {
+        let mut b = Request::builder().uri(uri);
+        if let Some(h) = host {
+            b = b.header(header::HOST, h);
+        }
+        let mut req = b.body(()).map_err(|_| StatusCode::IM_A_TEAPOT)?;
+        set_absolute_uri(&mut req, "fallback.demo:8080")?;
+        Ok(req.uri().to_string())
+    }
+
+    #[test]
+    fn an_absolute_uri_keeps_the_request_target_and_takes_the_authority_in_order() {
+        // Already absolute: untouched.
+        assert_eq!(
+            absolute("http://api.demo:8080/a?b=1", Some("other")),
+            Ok("http://api.demo:8080/a?b=1".into())
+        );
+        // Origin form: the Host header, path and query as they were.
+        assert_eq!(
+            absolute("/x/y?z=%20", Some("api.demo:8080")),
+            Ok("http://api.demo:8080/x/y?z=%20".into())
+        );
+        // No Host (HTTP/1.0): the fallback.
+        assert_eq!(
+            absolute("/x", None),
+            Ok("http://fallback.demo:8080/x".into())
+        );
+        // Authority form (CONNECT-like): the path becomes `/`.
+        assert_eq!(
+            absolute("api.demo:443", None),
+            Ok("http://api.demo:443/".into())
+        );
+        // A Host that is no authority is the client's error.
+        assert_eq!(
+            absolute("/x", Some("bad host")),
+            Err(StatusCode::BAD_REQUEST)
+        );
     }
 }
