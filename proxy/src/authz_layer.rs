@@ -20,6 +20,7 @@ use crate::authz::{ConnContext, Decision, HttpContext};
 use crate::http::{self as phttp, RspBody};
 use crate::summary::{HttpSeen, Seen};
 use crate::telemetry::{AuthzLabels, Label};
+use prometheus_client::metrics::counter::Counter;
 
 /// What the inbound side knows about a connection, shared by its requests.
 pub struct ConnInfo {
@@ -30,6 +31,9 @@ pub struct ConnInfo {
     pub dest_port: u16,
     /// Where its requests go: the app's address.
     pub app: Option<std::net::SocketAddr>,
+    /// The decision counters this connection's requests used, by (allowed, policy): a
+    /// request decided like an earlier one counts without a family lookup.
+    pub decisions: std::sync::Mutex<Vec<(bool, Label, Counter)>>,
 }
 
 impl ConnInfo {
@@ -81,16 +85,41 @@ fn policy_label(d: &Decision) -> Label {
     }
 }
 
-fn record(ctx: &Ctx, d: &Decision) -> Label {
+/// Decision counters kept per connection: the few policies that decide its requests.
+const DECISIONS_KEPT: usize = 8;
+
+fn record(ctx: &Ctx, info: &ConnInfo, d: &Decision) -> Label {
     let policy = policy_label(d);
-    let decision = if d.allowed { "allow" } else { "deny" };
-    ctx.metrics
-        .authz_decisions
-        .get_or_create(&AuthzLabels {
-            decision,
-            policy: policy.clone(),
-        })
-        .inc();
+    {
+        let mut kept = info
+            .decisions
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match kept
+            .iter()
+            .find(|(allowed, p, _)| *allowed == d.allowed && p.same(&policy))
+        {
+            Some((_, _, counter)) => {
+                counter.inc();
+            }
+            None => {
+                let decision = if d.allowed { "allow" } else { "deny" };
+                let counter = ctx
+                    .metrics
+                    .authz_decisions
+                    .get_or_create(&AuthzLabels {
+                        decision,
+                        policy: policy.clone(),
+                    })
+                    .clone();
+                counter.inc();
+                if kept.len() >= DECISIONS_KEPT {
+                    kept.remove(0);
+                }
+                kept.push((d.allowed, policy.clone(), counter));
+            }
+        }
+    }
     if let Some(audit) = &d.audit {
         ctx.metrics
             .authz_decisions
@@ -109,7 +138,7 @@ pub fn check_tcp(ctx: &Ctx, info: &ConnInfo) -> bool {
     let snap = ctx.snapshot.load();
     let d = snap.inbound.authz.authorize_tcp(&info.conn_context());
     ctx.metrics.summary.record(&info.seen(None), d.allowed);
-    let policy = record(ctx, &d);
+    let policy = record(ctx, info, &d);
     if !d.allowed {
         tracing::info!(peer = %info.peer_label.0, policy = %policy.0, port = info.dest_port, "TCP connection denied");
     }
@@ -260,7 +289,7 @@ where
             })),
             d.allowed,
         );
-        let policy = record(ctx, &d);
+        let policy = record(ctx, &self.layer.info, &d);
         if d.allowed {
             let note = (self.layer.note_allowed || ctx.metrics.tap.active()).then_some(AuthzNote {
                 allowed: true,

@@ -491,6 +491,7 @@ impl ConnInfo {
             source_ip,
             dest_port: port,
             app,
+            decisions: Default::default(),
         })
     }
 

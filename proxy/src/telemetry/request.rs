@@ -20,7 +20,11 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, Uri, Version};
 use http_body::Body as _;
 
-use super::{Direction, Label, Metrics, RequestLabels, TraceExemplar, TraceIdHex};
+use prometheus_client::metrics::counter::Counter;
+
+use super::{
+    Direction, Label, LatencyHistogram, Metrics, RequestLabels, TraceExemplar, TraceIdHex,
+};
 use crate::http::{DstIdentity, PROXY_ERROR, RouteLabel, RspBody};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -45,6 +49,52 @@ pub struct Shared {
     access_log: bool,
     /// The empty `route` label, made once.
     no_route: Label,
+    /// The metric handles of the last few request shapes of this connection: a request of a
+    /// shape seen before counts without a family lookup (a read lock and a hash of every
+    /// label).
+    handles: std::sync::Mutex<Vec<Handles>>,
+}
+
+/// The request counter and latency histogram of one shape of request on a connection (its
+/// direction and source are the connection's).
+struct Handles {
+    status: u16,
+    dst: Label,
+    route: Label,
+    requests: Counter,
+    duration: LatencyHistogram,
+}
+
+/// Shapes kept per connection: a connection to a service with a few endpoints and routes.
+const HANDLES_KEPT: usize = 8;
+
+impl Shared {
+    fn handles(&self, labels: &RequestLabels) -> (Counter, LatencyHistogram) {
+        let mut kept = self
+            .handles
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(h) = kept.iter().find(|h| {
+            h.status == labels.status_code
+                && h.dst.same(&labels.dst_identity)
+                && h.route.same(&labels.route)
+        }) {
+            return (h.requests.clone(), h.duration.clone());
+        }
+        let requests = self.metrics.requests.get_or_create(labels).clone();
+        let duration = self.metrics.request_duration.get_or_create(labels).clone();
+        if kept.len() >= HANDLES_KEPT {
+            kept.remove(0);
+        }
+        kept.push(Handles {
+            status: labels.status_code,
+            dst: labels.dst_identity.clone(),
+            route: labels.route.clone(),
+            requests: requests.clone(),
+            duration: duration.clone(),
+        });
+        (requests, duration)
+    }
 }
 
 impl std::ops::Deref for TelemetryLayer {
@@ -71,6 +121,7 @@ impl TelemetryLayer {
             dst,
             access_log,
             no_route: Label::new(""),
+            handles: std::sync::Mutex::new(Vec::new()),
         }))
     }
 }
@@ -268,8 +319,8 @@ where
             status_code: rsp.status().as_u16(),
             route,
         };
-        let m = &layer.metrics;
-        m.requests.get_or_create(&labels).inc();
+        let (requests, duration) = layer.handles(&labels);
+        requests.inc();
         let policy = || {
             rsp.extensions()
                 .get::<TracePolicy>()
@@ -290,9 +341,7 @@ where
         let exemplar = (admitted == Some(true)).then_some(TraceExemplar {
             trace_id: TraceIdHex(this.ids.trace_id),
         });
-        m.request_duration
-            .get_or_create(&labels)
-            .observe(elapsed.as_secs_f64(), exemplar, None);
+        duration.observe(elapsed.as_secs_f64(), exemplar, None);
         let authz = (this.span.is_some() || this.log.is_some() || this.tap.is_some())
             .then(|| rsp.extensions().get::<crate::authz_layer::AuthzNote>())
             .flatten()
@@ -546,5 +595,69 @@ impl Drop for Observed {
             End::Cancelled
         };
         self.finish(end);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::trace::TraceConfig;
+
+    #[test]
+    fn a_connection_counts_each_shape_of_request_under_its_own_labels() {
+        let metrics = Metrics::new();
+        let tracer = Arc::new(Tracer::start(
+            &TraceConfig::default(),
+            "spiffe://cluster.local/ns/demo/sa/api",
+            metrics.clone(),
+        ));
+        let (src, dst, other) = (Label::new("web"), Label::new("api"), Label::new("api2"));
+        let layer = TelemetryLayer::new(
+            metrics.clone(),
+            tracer,
+            Direction::inbound,
+            src.clone(),
+            dst.clone(),
+            false,
+        );
+        let labels = |dst: &Label, status: u16, route: &str| RequestLabels {
+            direction: Direction::inbound,
+            src_identity: src.clone(),
+            dst_identity: dst.clone(),
+            status_code: status,
+            // A new `Arc` each time: equal labels match by value too.
+            route: Label::new(route),
+        };
+        let shapes = [
+            (&dst, 200, ""),
+            (&dst, 200, ""),
+            (&dst, 503, ""),
+            (&other, 200, ""),
+            (&dst, 200, "r"),
+            (&dst, 200, ""),
+        ];
+        // More shapes than a connection keeps: the oldest are looked up again, still counted.
+        let many: Vec<(&Label, u16, &str)> = (0..20).map(|i| (&dst, 400 + i, "")).collect();
+        for (d, status, route) in shapes.iter().copied().chain(many.iter().copied()) {
+            let (requests, duration) = layer.handles(&labels(d, status, route));
+            requests.inc();
+            duration.observe(0.001, None, None);
+        }
+        let count = |d: &Label, status: u16, route: &str| {
+            metrics
+                .requests
+                .get_or_create(&labels(d, status, route))
+                .get()
+        };
+        assert_eq!(count(&dst, 200, ""), 3);
+        assert_eq!(count(&dst, 503, ""), 1);
+        assert_eq!(count(&other, 200, ""), 1);
+        assert_eq!(count(&dst, 200, "r"), 1);
+        assert!((400..420).all(|s| count(&dst, s, "") == 1));
+        let text = metrics.encode();
+        assert!(
+            text.contains("palisade_request_duration_seconds_count{direction=\"inbound\",src_identity=\"web\",dst_identity=\"api\",status_code=\"200\",route=\"\"} 3"),
+            "{text}"
+        );
     }
 }
