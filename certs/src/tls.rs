@@ -265,19 +265,7 @@ pub fn client_config(
     expected: SpiffeId,
     alpn: &[&[u8]],
 ) -> Result<ClientConfig, rustls::Error> {
-    let verifier = Arc::new(ExpectedServerVerifier::new(
-        store.bundle().clone(),
-        expected,
-    ));
-    let mut cfg = ClientConfig::builder_with_provider(provider().clone())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .dangerous()
-        .with_custom_certificate_verifier(verifier)
-        .with_client_cert_resolver(Arc::new(StoreResolver(store.clone())));
-    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    cfg.resumption = rustls::client::Resumption::disabled();
-    cfg.enable_sni = false;
-    Ok(cfg)
+    build_client_config(store, expected, alpn, true)
 }
 
 /// A client config like [`client_config`] that presents no certificate: for asking the
@@ -288,15 +276,28 @@ pub fn client_config_without_cert(
     expected: SpiffeId,
     alpn: &[&[u8]],
 ) -> Result<ClientConfig, rustls::Error> {
+    build_client_config(store, expected, alpn, false)
+}
+
+fn build_client_config(
+    store: &Arc<CredentialStore>,
+    expected: SpiffeId,
+    alpn: &[&[u8]],
+    present_svid: bool,
+) -> Result<ClientConfig, rustls::Error> {
     let verifier = Arc::new(ExpectedServerVerifier::new(
         store.bundle().clone(),
         expected,
     ));
-    let mut cfg = ClientConfig::builder_with_provider(provider().clone())
+    let builder = ClientConfig::builder_with_provider(provider().clone())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
-        .with_custom_certificate_verifier(verifier)
-        .with_no_client_auth();
+        .with_custom_certificate_verifier(verifier);
+    let mut cfg = if present_svid {
+        builder.with_client_cert_resolver(Arc::new(StoreResolver(store.clone())))
+    } else {
+        builder.with_no_client_auth()
+    };
     cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     cfg.resumption = rustls::client::Resumption::disabled();
     cfg.enable_sni = false;

@@ -16,7 +16,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use palisade_proxy::config::Timeouts;
-use support::netns::{rerun_in_netns, tc};
+use support::netns::{iptables, rerun_in_netns, tc};
 use support::*;
 
 const IN_NETNS: &str = "PALISADE_TEST_NETEM_NETNS";
@@ -88,22 +88,6 @@ fn degrade(port: u16) -> Result<Degraded, String> {
             }
             Ok(Degraded::LossOnly { no_netem })
         }
-    }
-}
-
-fn iptables(args: &[&str]) -> Result<(), String> {
-    let out = std::process::Command::new("iptables")
-        .args(args)
-        .output()
-        .map_err(|e| format!("cannot run iptables: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "iptables {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
     }
 }
 

@@ -14,6 +14,11 @@ pub fn tc(args: &[&str]) -> Result<(), String> {
     run("tc", args)
 }
 
+/// Runs `iptables` with `args` (inside the namespace the test runs in).
+pub fn iptables(args: &[&str]) -> Result<(), String> {
+    run("iptables", args)
+}
+
 fn run(tool: &str, args: &[&str]) -> Result<(), String> {
     let out = Command::new(tool)
         .args(args)
