@@ -17,6 +17,7 @@ mod support;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use palisade_proxy::config::Timeouts;
@@ -24,6 +25,18 @@ use support::*;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 const HEADER_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The two floods take turns: each measures this process's RSS and descriptors, and each holds
+/// both ends of its connections here, so running side by side they would measure each other.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Takes this test's turn and lifts the descriptor limit (see [`raise_fd_limit`]).
+async fn turn() -> tokio::sync::MutexGuard<'static, ()> {
+    let guard = ONE_AT_A_TIME.lock().await;
+    let limit = raise_fd_limit();
+    println!("descriptor limit {limit}");
+    guard
+}
 
 #[derive(Clone, Copy, Debug)]
 enum Target {
@@ -142,6 +155,7 @@ async fn slowloris(mut io: Box<dyn Io>) -> Option<Duration> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slowloris_connections_are_closed_at_the_header_timeout() {
+    let _turn = turn().await;
     for (target, n) in [(Target::Inbound, 200), (Target::Outbound, 1_000)] {
         let (m, mut app) = mesh_with_header_timeout().await;
         let attacker = Attacker::new(&m, target);
@@ -206,45 +220,79 @@ async fn slowloris_connections_are_closed_at_the_header_timeout() {
     }
 }
 
+/// How far one upload got: printed if the uploads do not finish in time.
+#[derive(Default, Debug)]
+struct Progress {
+    written: AtomicUsize,
+    read: AtomicUsize,
+    done: AtomicBool,
+    /// Why the writer stopped before the end of the body, if it did.
+    write_error: std::sync::Mutex<Option<String>>,
+}
+
 /// One upload of `size` bytes with `content-length`, reading the echoed body while writing;
 /// returns the status and how many body bytes came back.
-async fn upload(io: Box<dyn Io>, size: usize) -> (u16, usize) {
+async fn upload(io: Box<dyn Io>, size: usize, progress: Arc<Progress>) -> (u16, usize) {
+    // Both halves in this one task, and a failed write ends the upload (a writer that gave up
+    // silently would leave the reader waiting for an echo that cannot end).
     let (mut r, mut w) = tokio::io::split(io);
-    let writer = tokio::spawn(async move {
+    let writer = async {
         let head = format!(
             "POST /upload HTTP/1.1\r\nhost: api.demo\r\ncontent-length: {size}\r\n\
              connection: close\r\n\r\n"
         );
-        w.write_all(head.as_bytes()).await.ok()?;
+        w.write_all(head.as_bytes()).await?;
         let chunk = vec![b'u'; 64 * 1024];
         let mut left = size;
         while left > 0 {
             let n = left.min(chunk.len());
-            w.write_all(&chunk[..n]).await.ok()?;
+            w.write_all(&chunk[..n]).await?;
             left -= n;
+            progress.written.fetch_add(n, Ordering::Relaxed);
         }
-        Some(w)
-    });
+        w.flush().await
+    };
     // The head, then the body to its end (the proxy closes after it: `connection: close`).
     let mut got = Vec::with_capacity(64 * 1024);
-    let mut buf = vec![0u8; 64 * 1024];
     let mut body_from = None;
     let mut total = 0usize;
-    loop {
-        match r.read(&mut buf).await {
-            Ok(0) | Err(_) => break,
-            Ok(k) => {
-                total += k;
-                if body_from.is_none() {
-                    got.extend_from_slice(&buf[..k]);
-                    if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
-                        body_from = Some(end + 4);
+    let reader = async {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match r.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(k) => {
+                    total += k;
+                    progress.read.store(total, Ordering::Relaxed);
+                    if body_from.is_none() {
+                        got.extend_from_slice(&buf[..k]);
+                        if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                            body_from = Some(end + 4);
+                        }
                     }
                 }
             }
         }
+    };
+    {
+        tokio::pin!(writer, reader);
+        let mut writing = true;
+        loop {
+            tokio::select! {
+                res = &mut writer, if writing => {
+                    writing = false;
+                    if let Err(e) = res {
+                        if let Ok(mut slot) = progress.write_error.lock() {
+                            *slot = Some(e.to_string());
+                        }
+                        break;
+                    }
+                }
+                () = &mut reader => break,
+            }
+        }
     }
-    let _ = writer.await;
+    progress.done.store(true, Ordering::Relaxed);
     let text = String::from_utf8_lossy(&got);
     let status = text
         .strip_prefix("HTTP/1.1 ")
@@ -257,6 +305,7 @@ async fn upload(io: Box<dyn Io>, size: usize) -> (u16, usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_bodies_stream_through_without_growing_the_proxy() {
+    let _turn = turn().await;
     const UPLOADS: usize = 8;
     const SIZE: usize = 32 << 20;
     for target in [Target::Inbound, Target::Outbound] {
@@ -266,15 +315,31 @@ async fn oversized_bodies_stream_through_without_growing_the_proxy() {
         let legit = Legit::start(m.upstream, 4);
         let started = Instant::now();
         let mut tasks = Vec::new();
+        let mut progress = Vec::new();
         for _ in 0..UPLOADS {
             let io = attacker.connect().await;
-            tasks.push(tokio::spawn(upload(io, SIZE)));
+            let p = Arc::new(Progress::default());
+            progress.push(p.clone());
+            tasks.push(tokio::spawn(upload(io, SIZE, p)));
         }
-        // Sample the process while the bodies are in flight.
+        // Sample the process while the bodies are in flight (a second here; bounded at 120 s
+        // for a slow machine).
         let mut rss_peak = rss0;
-        while !tasks.iter().all(|t| t.is_finished()) && started.elapsed() < Duration::from_secs(120)
-        {
+        while !tasks.iter().all(|t| t.is_finished()) {
             rss_peak = rss_peak.max(rss_mib());
+            if started.elapsed() > Duration::from_secs(120) {
+                let (p, dir) = attacker.victim(&m);
+                panic!(
+                    "{target:?}: uploads unfinished after {:.0?}: {progress:?}; {dir} \
+                     connection errors: {:?}",
+                    started.elapsed(),
+                    p.metrics()
+                        .encode()
+                        .lines()
+                        .filter(|l| l.starts_with("palisade_http_connection_errors_total"))
+                        .collect::<Vec<_>>(),
+                );
+            }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let mut results = Vec::new();

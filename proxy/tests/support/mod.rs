@@ -561,8 +561,18 @@ where
     let listener = TcpListener::bind(loopback()).await.expect("bind app");
     let addr = listener.local_addr().expect("app addr");
     tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            tokio::spawn(f(tcp));
+        loop {
+            match listener.accept().await {
+                Ok((tcp, _)) => {
+                    tokio::spawn(f(tcp));
+                }
+                // Out of descriptors in a flood test: the app keeps accepting once some are
+                // back, as a real server does, instead of going deaf for the rest of the test.
+                Err(e) => {
+                    eprintln!("test app: accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
         }
     });
     addr
@@ -922,4 +932,31 @@ pub fn rss_mib() -> f64 {
 /// File descriptors this process has open.
 pub fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count())
+}
+
+/// Raises this process's soft descriptor limit to its hard limit, as a server's init does: a
+/// flood test holds both ends of thousands of connections in one process, and a soft limit of
+/// 1,024 (common on CI machines) would make it a test of the limit instead. Returns the limit
+/// now in force.
+pub fn raise_fd_limit() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed by pointer.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return 0;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let want = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
+                lim = want;
+            }
+        }
+    }
+    lim.rlim_cur
 }
