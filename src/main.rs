@@ -72,11 +72,12 @@ enum Command {
     /// A local web page over a running mesh: live topology (mTLS, success, latency, denials),
     /// workloads, a page per workload (describe and a live tap), and cost.
     Dashboard(cmd::dashboard::DashboardArgs),
-    /// The latency benchmark: direct vs through the mesh, open loop, HDR histograms.
+    /// The benchmarks: latency direct vs through the mesh, and `bench control-plane`.
+    ///
+    /// Runs the `palisade-bench` binary with these arguments; `palisade bench --help` is its
+    /// help.
+    #[command(disable_help_flag = true)]
     Bench(cmd::bench::BenchArgs),
-    /// A plain TCP relay: the floor `bench --relays` measures the mesh against.
-    #[command(hide = true)]
-    Relay(cmd::relay::RelayArgs),
 }
 
 fn main() -> ExitCode {
@@ -101,7 +102,6 @@ fn main() -> ExitCode {
         Command::Tap(a) => cmd::tap::run(a),
         Command::Describe(a) => cmd::describe::run(a),
         Command::Dashboard(a) => cmd::dashboard::run(a),
-        Command::Relay(a) => cmd::relay::run(a),
         Command::Inject(a) => cmd::inject::run(a),
         Command::Policy(cmd::policy::PolicyCommand::Check(a)) => cmd::policy::check(a),
         Command::Policy(cmd::policy::PolicyCommand::WhatIf(a)) => cmd::what_if::run(a),

@@ -1,7 +1,6 @@
 //! One module per subcommand.
 
 pub mod bench;
-pub mod bench_control_plane;
 pub mod ca;
 pub mod chaos;
 pub mod check;
@@ -18,7 +17,6 @@ pub mod install;
 pub mod policy;
 pub mod prom;
 pub mod proxy;
-pub mod relay;
 pub mod stat;
 pub mod tap;
 pub mod up;
@@ -148,9 +146,10 @@ pub fn human_duration(secs: u64) -> String {
 }
 
 /// A port that was free a moment ago, for a mesh file written before the mesh starts (the
-/// bench's, the end-to-end tests'). Picked below the kernel's ephemeral range: a port from
-/// `bind(0)` would be back in that range once released, where the source port of any outgoing
-/// connection (or another process's `bind(0)`) can take it before the mesh binds it.
+/// end-to-end tests'; `palisade-bench` has its own copy). Picked below the kernel's ephemeral
+/// range: a port from `bind(0)` would be back in that range once released, where the source
+/// port of any outgoing connection (or another process's `bind(0)`) can take it before the
+/// mesh binds it.
 /// Consecutive calls return different ports; the start depends on the pid, so concurrent
 /// processes start apart.
 pub fn free_port() -> anyhow::Result<u16> {
@@ -187,7 +186,7 @@ pub fn free_port() -> anyhow::Result<u16> {
     anyhow::bail!("no free port on 127.0.0.1 below the ephemeral range ({low}..{ephemeral_low})")
 }
 
-/// Runs one of this CLI's small servers (the demo app, the bench's relay) on one thread: binds
+/// Runs one of this CLI's small servers (the demo app) on one thread: binds
 /// `listen`, hands the listener to `serve`, and returns when `serve` fails or at
 /// [`shutdown_signal`].
 pub fn serve_until_shutdown<F, Fut>(

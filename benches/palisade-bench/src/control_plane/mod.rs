@@ -1,4 +1,5 @@
-//! `palisade bench control-plane`: what the control plane costs as the mesh grows.
+//! `palisade bench control-plane` (`palisade-bench control-plane`): what the control plane
+//! costs as the mesh grows.
 //!
 //! Runs a real control plane (`palisade control-plane`, a child process, so its RSS and CPU are
 //! its own) on a generated mesh file of N workloads and M services, and simulates N proxies in
@@ -46,7 +47,7 @@ pub struct ControlPlaneBenchArgs {
     #[arg(long, default_value_t = 10.0)]
     pub churn: f64,
     /// How long to churn.
-    #[arg(long, default_value = "30s", value_parser = super::proxy::duration)]
+    #[arg(long, default_value = "30s", value_parser = crate::support::duration)]
     pub duration: Duration,
     /// Write the figures as JSON.
     #[arg(long)]
@@ -56,7 +57,7 @@ pub struct ControlPlaneBenchArgs {
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
     /// The `palisade` binary whose control plane to measure (another build, for an A/B in one
-    /// run); default: this one.
+    /// run); default: the `palisade` binary (`--palisade-bin`).
     #[arg(long)]
     pub control_plane_bin: Option<PathBuf>,
     /// Proxies connecting at once.
@@ -132,6 +133,19 @@ fn mesh_yaml(cp_port: u16, label_of: &[usize], services: usize, transparent: boo
     y
 }
 
+/// A bootstrap token, as `palisade up` makes them: 32 random bytes in hex.
+fn random_token() -> String {
+    let bytes: [u8; 32] = rand::random();
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The mesh file and the tokens are replaced whole (temp file + rename, 0600), as `palisade up`
+/// writes them: the control plane watches the mesh file and may read it at any moment.
+fn write_private(path: &std::path::Path, contents: &str) -> anyhow::Result<()> {
+    palisade_certs::secure_fs::write_private_atomic(path, contents.as_bytes())
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
 fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
@@ -140,12 +154,11 @@ fn free_port() -> anyhow::Result<u16> {
 
 /// The control plane's `palisade_config_generation`, from its metrics endpoint.
 async fn generation(metrics: SocketAddr) -> Option<u64> {
-    let (status, text) = super::http_util::get(metrics, "/metrics").await.ok()?;
+    let (status, text) = crate::support::get(metrics, "/metrics").await.ok()?;
     if !status.is_success() {
         return None;
     }
-    let samples = super::prom::parse(&text);
-    let g = super::prom::value(&samples, "palisade_config_generation")?;
+    let g = crate::support::metric(&text, "palisade_config_generation")?;
     (g.is_finite() && g >= 0.0).then_some(g as u64)
 }
 
@@ -278,7 +291,9 @@ fn percentile(sorted: &[f64], q: f64) -> f64 {
     sorted[idx.min(sorted.len() - 1)]
 }
 
-pub fn run(args: ControlPlaneBenchArgs) -> anyhow::Result<ExitCode> {
+/// Runs the control-plane benchmark against the control plane of `--control-plane-bin`, else of
+/// `palisade_bin` (see [`crate::support::palisade_bin`] for the default).
+pub fn run(args: ControlPlaneBenchArgs, palisade_bin: Option<PathBuf>) -> anyhow::Result<ExitCode> {
     if args.proxies == 0 || args.services == 0 {
         bail!("--proxies and --services must be at least 1");
     }
@@ -297,10 +312,13 @@ pub fn run(args: ControlPlaneBenchArgs) -> anyhow::Result<ExitCode> {
         .worker_threads(2)
         .enable_all()
         .build()?
-        .block_on(bench(args))
+        .block_on(bench(args, palisade_bin))
 }
 
-async fn bench(args: ControlPlaneBenchArgs) -> anyhow::Result<ExitCode> {
+async fn bench(
+    args: ControlPlaneBenchArgs,
+    palisade_bin: Option<PathBuf>,
+) -> anyhow::Result<ExitCode> {
     palisade_certs::tls::install_default_provider();
     let tmp;
     let dir = match &args.state_dir {
@@ -332,19 +350,17 @@ async fn bench(args: ControlPlaneBenchArgs) -> anyhow::Result<ExitCode> {
     let metrics: SocketAddr = ([127, 0, 0, 1], metrics_port).into();
     let mut label_of: Vec<usize> = (0..n).map(|i| i % m).collect();
     let mesh = dir.join("mesh.yaml");
-    super::up::write_private(
+    write_private(
         &mesh,
         &mesh_yaml(cp_port, &label_of, m, args.transparent || args.on_demand),
     )?;
-    let tokens: BTreeMap<String, String> = (0..n)
-        .map(|i| (workload(i), super::up::random_token()))
-        .collect();
+    let tokens: BTreeMap<String, String> = (0..n).map(|i| (workload(i), random_token())).collect();
     let tokens_file = dir.join("tokens.json");
-    super::up::write_private(&tokens_file, &serde_json::to_string(&tokens)?)?;
+    write_private(&tokens_file, &serde_json::to_string(&tokens)?)?;
     let log = std::fs::File::create(dir.join("control-plane.log"))?;
     let bin = match &args.control_plane_bin {
         Some(b) => b.clone(),
-        None => std::env::current_exe()?,
+        None => crate::support::palisade_bin(palisade_bin.as_deref())?,
     };
     let mut child = tokio::process::Command::new(&bin)
         .arg("control-plane")
@@ -370,7 +386,7 @@ async fn bench(args: ControlPlaneBenchArgs) -> anyhow::Result<ExitCode> {
     // Ready, and its trust anchor written.
     let started = Instant::now();
     loop {
-        if let Ok((status, _)) = super::http_util::get(metrics, "/ready").await
+        if let Ok((status, _)) = crate::support::get(metrics, "/ready").await
             && status.is_success()
         {
             break;
@@ -455,7 +471,7 @@ async fn bench(args: ControlPlaneBenchArgs) -> anyhow::Result<ExitCode> {
     // Churn: one workload moves to another service per tick; the generation poller learns
     // which generation took which writes.
     let gen0 = generation(metrics).await.unwrap_or(0);
-    let cpu0 = super::bench::proc_usage(pid).map_or(0.0, |u| u.0);
+    let cpu0 = crate::support::proc_usage(pid).map_or(0.0, |u| u.0);
     let writes: Arc<Mutex<Vec<Instant>>> = Arc::new(Mutex::new(Vec::new()));
     // The two services each write changed: the one workload k left and the one it joined.
     let mut changed: Vec<[usize; 2]> = Vec::new();
@@ -488,7 +504,7 @@ async fn bench(args: ControlPlaneBenchArgs) -> anyhow::Result<ExitCode> {
         let from = label_of[k];
         label_of[k] = (from + m.div_ceil(2)) % m;
         changed.push([from, label_of[k]]);
-        super::up::write_private(
+        write_private(
             &mesh,
             &mesh_yaml(cp_port, &label_of, m, args.transparent || args.on_demand),
         )?;
@@ -525,7 +541,7 @@ async fn bench(args: ControlPlaneBenchArgs) -> anyhow::Result<ExitCode> {
     }
     polling.store(false, std::sync::atomic::Ordering::Relaxed);
     let _ = poller.await;
-    let (cpu, rss) = super::bench::proc_usage(pid).map_or((0.0, 0), |(c, r)| (c - cpu0, r));
+    let (cpu, rss) = crate::support::proc_usage(pid).map_or((0.0, 0), |(c, r)| (c - cpu0, r));
 
     // Which generation took each write: the first seen after it was written.
     let writes = writes.lock().map(|w| w.clone()).unwrap_or_default();
