@@ -87,18 +87,16 @@ impl Default for Cost {
     }
 }
 
-impl Cost {
+/// Where one key's requests are counted: looked up once and kept by a connection for the
+/// shapes of request it sees again, so that a request costs no hash of three labels and no
+/// lock.
+#[derive(Clone, Debug)]
+pub struct CostCell(Arc<Cell>);
+
+impl CostCell {
     /// Records one finished request.
-    pub fn record(
-        &self,
-        direction: Direction,
-        src: &Label,
-        dst: &Label,
-        route: &Label,
-        request_bytes: u64,
-        response_bytes: u64,
-    ) {
-        let cell = self.cell(src, dst, route);
+    pub fn record(&self, direction: Direction, request_bytes: u64, response_bytes: u64) {
+        let cell = &self.0;
         let units = UNITS_PER_REQUEST
             .saturating_add(request_bytes)
             .saturating_add(response_bytes);
@@ -112,6 +110,27 @@ impl Cost {
             .fetch_add(request_bytes, Ordering::Relaxed);
         side.response_bytes
             .fetch_add(response_bytes, Ordering::Relaxed);
+    }
+}
+
+impl Cost {
+    /// Records one finished request.
+    pub fn record(
+        &self,
+        direction: Direction,
+        src: &Label,
+        dst: &Label,
+        route: &Label,
+        request_bytes: u64,
+        response_bytes: u64,
+    ) {
+        self.cell_for(src, dst, route)
+            .record(direction, request_bytes, response_bytes);
+    }
+
+    /// The cell requests of this key are counted in (the overflow cell past [`MAX_KEYS`]).
+    pub fn cell_for(&self, src: &Label, dst: &Label, route: &Label) -> CostCell {
+        CostCell(self.cell(src, dst, route))
     }
 
     fn cell(&self, src: &Label, dst: &Label, route: &Label) -> Arc<Cell> {

@@ -22,6 +22,7 @@ use http_body::Body as _;
 
 use prometheus_client::metrics::counter::Counter;
 
+use super::cost::CostCell;
 use super::{
     Direction, Label, LatencyHistogram, Metrics, RequestLabels, TraceExemplar, TraceIdHex,
 };
@@ -63,13 +64,14 @@ struct Handles {
     route: Label,
     requests: Counter,
     duration: LatencyHistogram,
+    cost: CostCell,
 }
 
 /// Shapes kept per connection: a connection to a service with a few endpoints and routes.
 const HANDLES_KEPT: usize = 8;
 
 impl Shared {
-    fn handles(&self, labels: &RequestLabels) -> (Counter, LatencyHistogram) {
+    fn handles(&self, labels: &RequestLabels) -> (Counter, LatencyHistogram, CostCell) {
         let mut kept = self
             .handles
             .lock()
@@ -79,10 +81,14 @@ impl Shared {
                 && h.dst.same(&labels.dst_identity)
                 && h.route.same(&labels.route)
         }) {
-            return (h.requests.clone(), h.duration.clone());
+            return (h.requests.clone(), h.duration.clone(), h.cost.clone());
         }
         let requests = self.metrics.requests.get_or_create(labels).clone();
         let duration = self.metrics.request_duration.get_or_create(labels).clone();
+        let cost =
+            self.metrics
+                .cost
+                .cell_for(&labels.src_identity, &labels.dst_identity, &labels.route);
         if kept.len() >= HANDLES_KEPT {
             kept.remove(0);
         }
@@ -92,8 +98,9 @@ impl Shared {
             route: labels.route.clone(),
             requests: requests.clone(),
             duration: duration.clone(),
+            cost: cost.clone(),
         });
-        (requests, duration)
+        (requests, duration, cost)
     }
 }
 
@@ -260,6 +267,7 @@ pin_project_lite::pin_project! {
             let pending = Pending {
                 layer: layer.clone(),
                 labels,
+                cost: None,
                 grpc: None,
                 tally: this.tally.take(),
                 start: *this.start,
@@ -319,7 +327,7 @@ where
             status_code: rsp.status().as_u16(),
             route,
         };
-        let (requests, duration) = layer.handles(&labels);
+        let (requests, duration, cost) = layer.handles(&labels);
         requests.inc();
         let policy = || {
             rsp.extensions()
@@ -374,6 +382,7 @@ where
         let pending = Pending {
             layer: layer.clone(),
             labels,
+            cost: Some(cost),
             grpc,
             tally: this.tally.take(),
             start: *this.start,
@@ -449,6 +458,9 @@ enum End {
 struct Pending {
     layer: TelemetryLayer,
     labels: RequestLabels,
+    /// The connection's kept cost cell for this shape (None: a cancelled request, looked up
+    /// when it ends).
+    cost: Option<CostCell>,
     /// For a gRPC response of a request with a span, its status so far (trailers may still
     /// bring it).
     grpc: Option<Option<u16>>,
@@ -466,14 +478,17 @@ impl Pending {
     fn finish(self, response_bytes: u64, end: End) {
         let layer = &self.layer;
         let request_bytes = self.tally.map_or(0, |t| t.load(Ordering::Relaxed));
-        layer.metrics.cost.record(
-            layer.direction,
-            &self.labels.src_identity,
-            &self.labels.dst_identity,
-            &self.labels.route,
-            request_bytes,
-            response_bytes,
-        );
+        match &self.cost {
+            Some(cell) => cell.record(layer.direction, request_bytes, response_bytes),
+            None => layer.metrics.cost.record(
+                layer.direction,
+                &self.labels.src_identity,
+                &self.labels.dst_identity,
+                &self.labels.route,
+                request_bytes,
+                response_bytes,
+            ),
+        }
         if let Some(t) = self.tap {
             let event = crate::tap::Start::finish(
                 *t,
@@ -639,9 +654,10 @@ mod tests {
         // More shapes than a connection keeps: the oldest are looked up again, still counted.
         let many: Vec<(&Label, u16, &str)> = (0..20).map(|i| (&dst, 400 + i, "")).collect();
         for (d, status, route) in shapes.iter().copied().chain(many.iter().copied()) {
-            let (requests, duration) = layer.handles(&labels(d, status, route));
+            let (requests, duration, cost) = layer.handles(&labels(d, status, route));
             requests.inc();
             duration.observe(0.001, None, None);
+            cost.record(Direction::inbound, 0, 0);
         }
         let count = |d: &Label, status: u16, route: &str| {
             metrics
@@ -659,5 +675,18 @@ mod tests {
             text.contains("palisade_request_duration_seconds_count{direction=\"inbound\",src_identity=\"web\",dst_identity=\"api\",status_code=\"200\",route=\"\"} 3"),
             "{text}"
         );
+        // The kept cost cells count into the same keys as a lookup would: every status of
+        // web -> api without a route is one key.
+        for (key, n) in [
+            (r#"src_identity="web",dst_identity="api",route="""#, 24),
+            (r#"src_identity="web",dst_identity="api",route="r""#, 1),
+        ] {
+            assert!(
+                text.contains(&format!(
+                    "palisade_cost_requests_total{{{key},direction=\"inbound\"}} {n}"
+                )),
+                "{key}: {text}"
+            );
+        }
     }
 }
