@@ -186,6 +186,52 @@ fn svg_texts(svg: &str) -> Vec<String> {
         .collect()
 }
 
+/// `palisade bench` runs the benchmarks' own binary, `palisade-bench`: its help, under the
+/// command's name, with the spec's flags and the control-plane benchmark.
+#[test]
+fn bench_help_is_the_benchmarks_help() {
+    let out = Command::new(env!("CARGO_BIN_EXE_palisade"))
+        .args(["bench", "--help"])
+        .output()
+        .expect("run palisade bench --help");
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{help}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(help.contains("Usage: palisade bench"), "{help}");
+    for flag in [
+        "--rate",
+        "--duration",
+        "--connections",
+        "--protocol",
+        "--out",
+        "--plot",
+        "--relays",
+        "--palisade-bin",
+        "control-plane",
+    ] {
+        assert!(help.contains(flag), "no {flag}: {help}");
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_palisade"))
+        .args(["bench", "control-plane", "--help"])
+        .output()
+        .expect("run palisade bench control-plane --help");
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{help}");
+    assert!(
+        help.contains("--proxies") && help.contains("--churn"),
+        "{help}"
+    );
+    // The product CLI has no relay any more: it is the bench's (`palisade-bench relay`).
+    let out = Command::new(env!("CARGO_BIN_EXE_palisade"))
+        .args(["relay", "--to", "127.0.0.1:1"])
+        .output()
+        .expect("run palisade relay");
+    assert_eq!(out.status.code(), Some(2));
+}
+
 #[test]
 fn a_zero_duration_or_rate_is_refused_before_anything_starts() {
     for (args, needle) in [

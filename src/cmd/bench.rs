@@ -77,10 +77,17 @@ fn build(cargo: &OsStr, exe: &Path) -> anyhow::Result<PathBuf> {
             .collect::<Vec<_>>()
             .join(" ")
     );
-    let status = std::process::Command::new(cargo)
-        .args(&args)
-        .status()
-        .context("cannot run cargo")?;
+    let mut build = std::process::Command::new(cargo);
+    build.args(&args);
+    // What `cargo run` set for this program, not for a cargo: build scripts (ring's) rerun on
+    // a change of CARGO_MANIFEST_DIR or CARGO_PKG_NAME, so with them this build, and the next
+    // plain one, would recompile the TLS stack. The user's CARGO_* settings stay.
+    for (name, _) in std::env::vars_os() {
+        if name.to_str().is_some_and(set_by_cargo_run) {
+            build.env_remove(name);
+        }
+    }
+    let status = build.status().context("cannot run cargo")?;
     if !status.success() {
         bail!("cargo could not build {BENCH_BIN} ({status})");
     }
@@ -93,6 +100,23 @@ fn build(cargo: &OsStr, exe: &Path) -> anyhow::Result<PathBuf> {
         );
     }
     Ok(built)
+}
+
+/// The variables `cargo run` sets for the program it runs (the package's manifest and
+/// metadata), as opposed to the CARGO_* settings of the user (CARGO_TARGET_DIR, CARGO_HOME,
+/// CARGO_PROFILE_*, ...).
+fn set_by_cargo_run(name: &str) -> bool {
+    name.starts_with("CARGO_PKG_")
+        || matches!(
+            name,
+            "CARGO_MANIFEST_DIR"
+                | "CARGO_MANIFEST_PATH"
+                | "CARGO_MANIFEST_LINKS"
+                | "CARGO_CRATE_NAME"
+                | "CARGO_BIN_NAME"
+                | "CARGO_PRIMARY_PACKAGE"
+                | "OUT_DIR"
+        )
 }
 
 fn build_args(exe: &Path, manifest_dir: Option<&Path>) -> Vec<OsString> {
@@ -134,6 +158,25 @@ mod tests {
             super::locate(&exe, None),
             Some(here.path().join("palisade-bench"))
         );
+    }
+
+    #[test]
+    fn the_nested_build_drops_what_cargo_run_set_and_keeps_the_users_settings() {
+        for set in [
+            "CARGO_MANIFEST_DIR",
+            "CARGO_PKG_NAME",
+            "CARGO_PKG_VERSION_MAJOR",
+        ] {
+            assert!(super::set_by_cargo_run(set), "{set}");
+        }
+        for kept in [
+            "CARGO_TARGET_DIR",
+            "CARGO_HOME",
+            "CARGO_PROFILE_DEV_DEBUG",
+            "PATH",
+        ] {
+            assert!(!super::set_by_cargo_run(kept), "{kept}");
+        }
     }
 
     #[test]
