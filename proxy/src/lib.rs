@@ -191,10 +191,25 @@ pub struct Proxy {
     pub transparent_addr: Option<SocketAddr>,
 }
 
+/// The accept queue of each listener. tokio's `TcpListener::bind` (mio, as std) asks for 128:
+/// a burst of more new connections than that while the accept loop is busy overflows it, the
+/// kernel drops SYNs (or the handshake's last ACK), and those clients wait out the 1 s SYN
+/// retransmit and its backoff, seconds on a busy proxy. The kernel caps this at
+/// `net.core.somaxconn` (4096 by default since Linux 5.4).
+const LISTEN_BACKLOG: u32 = 4096;
+
 async fn bind(addr: SocketAddr) -> Result<TcpListener, ProxyError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| ProxyError::Bind { addr, source })
+    let listen = || -> std::io::Result<TcpListener> {
+        let socket = match addr {
+            SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+            SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+        };
+        // As `TcpListener::bind` does: a restarted proxy rebinds its port at once.
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        socket.listen(LISTEN_BACKLOG)
+    };
+    listen().map_err(|source| ProxyError::Bind { addr, source })
 }
 
 impl Proxy {
@@ -457,5 +472,46 @@ async fn cost_ticks(metrics: Arc<Metrics>, mut stop: watch::Receiver<bool>) {
             }
             _ = stop.changed() => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    /// A burst of new connections larger than std's accept queue of 128 is queued by the
+    /// kernel while the proxy is busy, instead of waiting out SYN retransmits: no accept runs
+    /// here at all, and every connect must still complete at once.
+    #[tokio::test]
+    async fn a_burst_of_connections_waits_in_the_accept_queue() {
+        const BURST: usize = 600;
+        let somaxconn: usize = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0);
+        if somaxconn < BURST + 1 {
+            println!("skipped: net.core.somaxconn is {somaxconn}, below a burst of {BURST}");
+            return;
+        }
+        let listener = super::bind("127.0.0.1:0".parse().expect("addr"))
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let mut held = Vec::with_capacity(BURST);
+        for i in 0..BURST {
+            // A dropped SYN is retried after 1 s: 500 ms tells the two apart.
+            match tokio::time::timeout(
+                Duration::from_millis(500),
+                tokio::net::TcpStream::connect(addr),
+            )
+            .await
+            {
+                Ok(Ok(s)) => held.push(s),
+                Ok(Err(e)) => panic!("connection {i} of the burst failed: {e}"),
+                Err(_) => panic!("connection {i} of the burst waited for a SYN retransmit"),
+            }
+        }
+        assert_eq!(held.len(), BURST);
+        drop(listener);
     }
 }
