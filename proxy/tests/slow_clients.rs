@@ -285,6 +285,9 @@ async fn upload(io: Box<dyn Io>, size: usize, progress: Arc<Progress>) -> (u16, 
                         if let Ok(mut slot) = progress.write_error.lock() {
                             *slot = Some(e.to_string());
                         }
+                        // What the proxy answered before the write failed (a 4xx and a
+                        // close) is still there to read; a little while for it, no more.
+                        let _ = tokio::time::timeout(Duration::from_secs(2), &mut reader).await;
                         break;
                     }
                 }

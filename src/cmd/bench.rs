@@ -17,6 +17,9 @@ use anyhow::{Context, bail};
 /// The benchmarks' binary.
 const BENCH_BIN: &str = "palisade-bench";
 
+/// Read by `palisade-bench` (`--palisade-bin`): the `palisade` binary whose mesh it measures.
+const PALISADE_BIN_ENV: &str = "PALISADE_BIN";
+
 /// Read by `palisade-bench` (its `DISPLAY_NAME_ENV`): the name its usage and `--help` show,
 /// the command the user typed rather than the binary that runs it.
 const DISPLAY_NAME_ENV: &str = "PALISADE_BENCH_DISPLAY_NAME";
@@ -34,21 +37,32 @@ pub struct BenchArgs {
 /// fails with one sentence when there is none and it cannot be built.
 pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     let exe = std::env::current_exe().context("cannot find the path of this binary")?;
-    let bench = match locate(&exe, std::env::var_os("PATH").as_deref()) {
-        Some(b) => b,
-        None => match std::env::var_os("CARGO") {
-            Some(cargo) => build(&cargo, &exe)?,
-            None => bail!(
-                "palisade bench runs the {BENCH_BIN} binary, which is neither next to {} nor on \
-                 PATH: build it with `cargo build --release --bin {BENCH_BIN}`",
-                exe.display()
-            ),
-        },
+    // Under cargo (`CARGO` is set) only this build's bench will do, built if missing: an
+    // installed one on PATH would be another build. Not rebuilt when present: `cargo test`
+    // runs this with its lock on the target directory held, so a nested build would wait
+    // forever (and there the bench is built with everything else).
+    let cargo = std::env::var_os("CARGO");
+    let path = match cargo {
+        Some(_) => None,
+        None => std::env::var_os("PATH"),
     };
-    let err = std::process::Command::new(&bench)
-        .args(&args.args)
-        .env(DISPLAY_NAME_ENV, "palisade bench")
-        .exec();
+    let bench = match (locate(&exe, path.as_deref()), cargo) {
+        (Some(b), _) => b,
+        (None, Some(cargo)) => build(&cargo, &exe)?,
+        (None, None) => bail!(
+            "palisade bench runs the {BENCH_BIN} binary, which is neither next to {} nor on \
+             PATH: build it with `cargo build --release --bin {BENCH_BIN}`",
+            exe.display()
+        ),
+    };
+    let mut cmd = std::process::Command::new(&bench);
+    cmd.args(&args.args).env(DISPLAY_NAME_ENV, "palisade bench");
+    // The mesh it measures is this binary's, wherever the bench was found, unless the user
+    // named another.
+    if std::env::var_os(PALISADE_BIN_ENV).is_none() {
+        cmd.env(PALISADE_BIN_ENV, &exe);
+    }
+    let err = cmd.exec();
     Err(err).with_context(|| format!("cannot run {}", bench.display()))
 }
 

@@ -58,6 +58,8 @@ struct Cell {
 
 #[derive(Debug)]
 pub struct Cost {
+    /// Never pruned or replaced: connections keep [`CostCell`]s of these cells and count into
+    /// them directly, which only works while the cell is still the one in the map.
     cells: RwLock<HashMap<Key, Arc<Cell>>>,
     /// Where keys past [`MAX_KEYS`] go, made once: a caller past the cap takes no write lock.
     overflow: Arc<Cell>,

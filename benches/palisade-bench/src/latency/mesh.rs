@@ -61,16 +61,19 @@ pub(super) async fn start_relays(app: SocketAddr) -> anyhow::Result<Relays> {
     })
 }
 
-/// The sidecar binary the bench runs: the one asked for, else `palisade-proxy` beside this
-/// binary or beside `palisade`, else `None` for the `palisade` binary's own `proxy` command.
+/// The sidecar binary the bench runs: the one asked for, else `palisade-proxy` beside the
+/// `palisade` whose mesh is measured (the same build: an A/B run with `--palisade-bin` gets
+/// that build's sidecar), else beside this binary, else `None` for the `palisade` binary's own
+/// `proxy` command.
 pub(super) fn proxy_bin(asked: Option<&Path>, palisade: &Path) -> Option<PathBuf> {
     if let Some(p) = asked {
         return Some(p.to_path_buf());
     }
-    crate::support::sibling("palisade-proxy").or_else(|| {
-        let beside = palisade.with_file_name("palisade-proxy");
-        beside.is_file().then_some(beside)
-    })
+    let beside = palisade.with_file_name("palisade-proxy");
+    if beside.is_file() {
+        return Some(beside);
+    }
+    crate::support::sibling("palisade-proxy")
 }
 
 pub(super) async fn start_mesh(
