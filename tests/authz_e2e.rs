@@ -288,8 +288,18 @@ fn authorization_end_to_end() {
     });
     assert!(closed, "revoked TCP connection stayed open");
 
-    // TCP: a denied connection is closed before any byte reaches the app.
-    let before = apps.echo_received.load(Ordering::Relaxed);
+    // TCP: a denied connection is closed before any byte reaches the app. The probes written
+    // to the revoked connection above may still be on their way to the app (a byte that left
+    // before the revocation took effect): count from once the app's total stops moving.
+    let mut before = apps.echo_received.load(Ordering::Relaxed);
+    for _ in 0..20 {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = apps.echo_received.load(Ordering::Relaxed);
+        if now == before {
+            break;
+        }
+        before = now;
+    }
     let mut c = TcpStream::connect(echo_up).expect("connect");
     c.set_read_timeout(Some(Duration::from_secs(5)))
         .expect("timeout");
