@@ -139,7 +139,13 @@ fn http1_report_has_every_run_both_proxies_and_a_plot() {
     let names: Vec<&str> = proxies.iter().filter_map(|p| p["name"].as_str()).collect();
     assert_eq!(names, ["client", "server"], "{report}");
     for p in proxies {
-        assert!(num(&p["cpu_seconds_per_1000_requests"], "cpu") > 0.0, "{p}");
+        let cpu = num(&p["cpu_seconds_per_1000_requests"], "cpu");
+        assert!(cpu > 0.0, "{p}");
+        // The split is of the same reading: user and kernel add up to the total.
+        let user = num(&p["cpu_user_seconds_per_1000_requests"], "user cpu");
+        let system = num(&p["cpu_system_seconds_per_1000_requests"], "kernel cpu");
+        assert!(user >= 0.0 && system >= 0.0, "{p}");
+        assert!((user + system - cpu).abs() < 1e-9, "{p}");
         // One tick (1/100 s) over the RATE requests of the first run, per 1000 requests.
         let res = num(&p["cpu_resolution_seconds_per_1000_requests"], "resolution");
         assert!((0.04..=0.06).contains(&res), "{p}");
@@ -315,11 +321,13 @@ fn relays_mode_measures_two_plain_tcp_relays_in_the_same_run() {
     assert_eq!(names, ["relay-1", "relay-2"], "{report}");
     for r in relays {
         // A relay at this rate may use less than one clock tick: zero is a valid reading.
-        assert!(
-            num(&r["cpu_seconds_per_1000_requests"], "cpu") >= 0.0,
-            "{r}"
-        );
+        let cpu = num(&r["cpu_seconds_per_1000_requests"], "cpu");
+        assert!(cpu >= 0.0, "{r}");
+        let user = num(&r["cpu_user_seconds_per_1000_requests"], "user cpu");
+        let system = num(&r["cpu_system_seconds_per_1000_requests"], "kernel cpu");
+        assert!((user + system - cpu).abs() < 1e-9, "{r}");
     }
+    assert!(stdout.contains("(user "), "the split is printed: {stdout}");
     let added = &report["relays_added_latency_ms"];
     assert!(
         num(&added["p50"], "relays added p50").is_finite(),

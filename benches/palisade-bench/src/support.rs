@@ -143,9 +143,26 @@ pub fn clock_ticks_per_second() -> u64 {
     from_auxv.filter(|&hz| hz > 0).unwrap_or(100)
 }
 
-/// utime + stime in seconds, and peak RSS in bytes, of a process. The CPU time counts whole
+/// A process's CPU time so far (user and kernel, in seconds) and its peak RSS.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Usage {
+    /// utime: the process's own instructions.
+    pub user: f64,
+    /// stime: the kernel working for it (system calls, socket buffers, page faults). A plain
+    /// relay's CPU is mostly this; what a proxy adds beyond it is mostly `user`.
+    pub system: f64,
+    pub peak_rss: u64,
+}
+
+impl Usage {
+    pub fn cpu(&self) -> f64 {
+        self.user + self.system
+    }
+}
+
+/// utime and stime in seconds, and peak RSS in bytes, of a process. The CPU times count whole
 /// clock ticks ([`clock_ticks_per_second`]).
-pub fn proc_usage(pid: u32) -> Option<(f64, u64)> {
+pub fn proc_usage(pid: u32) -> Option<Usage> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let after = stat.rsplit_once(')')?.1;
     let fields: Vec<&str> = after.split_whitespace().collect();
@@ -158,10 +175,12 @@ pub fn proc_usage(pid: u32) -> Option<(f64, u64)> {
         .find_map(|l| l.strip_prefix("VmHWM:"))
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())?;
-    Some((
-        (utime + stime) as f64 / clock_ticks_per_second() as f64,
-        hwm_kb * 1024,
-    ))
+    let hz = clock_ticks_per_second() as f64;
+    Some(Usage {
+        user: utime as f64 / hz,
+        system: stime as f64 / hz,
+        peak_rss: hwm_kb * 1024,
+    })
 }
 
 #[cfg(test)]
@@ -181,8 +200,8 @@ mod tests {
 
     #[test]
     fn this_process_has_cpu_time_and_a_peak_rss() {
-        let (_, rss) = super::proc_usage(std::process::id()).expect("/proc of this process");
-        assert!(rss > 0);
+        let usage = super::proc_usage(std::process::id()).expect("/proc of this process");
+        assert!(usage.peak_rss > 0);
         assert!(super::clock_ticks_per_second() > 0);
     }
 

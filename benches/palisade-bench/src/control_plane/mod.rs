@@ -334,7 +334,7 @@ async fn bench(
     // Churn: one workload moves to another service per tick; the generation poller learns
     // which generation took which writes.
     let gen0 = generation(metrics).await.unwrap_or(0);
-    let cpu0 = crate::support::proc_usage(pid).map_or(0.0, |u| u.0);
+    let cpu0 = crate::support::proc_usage(pid).map_or(0.0, |u| u.cpu());
     let writes: Arc<Mutex<Vec<Instant>>> = Arc::new(Mutex::new(Vec::new()));
     // The two services each write changed: the one workload k left and the one it joined.
     let mut changed: Vec<[usize; 2]> = Vec::new();
@@ -404,7 +404,8 @@ async fn bench(
     }
     polling.store(false, std::sync::atomic::Ordering::Relaxed);
     let _ = poller.await;
-    let (cpu, rss) = crate::support::proc_usage(pid).map_or((0.0, 0), |(c, r)| (c - cpu0, r));
+    let (cpu, rss) =
+        crate::support::proc_usage(pid).map_or((0.0, 0), |u| (u.cpu() - cpu0, u.peak_rss));
 
     // Which generation took each write: the first seen after it was written.
     let writes = writes.lock().map(|w| w.clone()).unwrap_or_default();

@@ -124,7 +124,7 @@ async fn bench(args: BenchArgs, palisade_bin: Option<PathBuf>) -> anyhow::Result
     if !args.no_max {
         plan.push(None);
     }
-    let usage = |procs: &[(String, u32)]| -> Vec<Option<(f64, u64)>> {
+    let usage = |procs: &[(String, u32)]| -> Vec<Option<crate::support::Usage>> {
         procs
             .iter()
             .map(|(_, pid)| crate::support::proc_usage(*pid))
@@ -163,8 +163,12 @@ async fn bench(args: BenchArgs, palisade_bin: Option<PathBuf>) -> anyhow::Result
             // Each reading is whole ticks, so the difference is good to one tick.
             r.cpu_resolution = 1.0 / crate::support::clock_ticks_per_second() as f64 / per_k;
             for (i, (name, _)) in procs.iter().enumerate() {
-                if let (Some((c0, _)), Some((c1, _))) = (before[i], after[i]) {
-                    r.proxy_cpu.push((name.clone(), (c1 - c0) / per_k));
+                if let (Some(u0), Some(u1)) = (before[i], after[i]) {
+                    r.proxy_cpu.push(report::HopCpu {
+                        name: name.clone(),
+                        user: (u1.user - u0.user) / per_k,
+                        system: (u1.system - u0.system) / per_k,
+                    });
                 }
             }
             results.push(r);

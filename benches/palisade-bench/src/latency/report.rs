@@ -14,9 +14,24 @@ pub(super) struct RunResult {
     pub(super) elapsed: Duration,
     pub(super) hist: Histogram<u64>,
     /// Mesh and relay runs: CPU seconds per 1000 requests of each hop's process.
-    pub(super) proxy_cpu: Vec<(String, f64)>,
+    pub(super) proxy_cpu: Vec<HopCpu>,
     /// The resolution of those figures: one clock tick of /proc's CPU times per 1000 requests.
     pub(super) cpu_resolution: f64,
+}
+
+/// One hop's CPU seconds per 1000 requests in one run, split as /proc splits it: a relay's
+/// cost is mostly the kernel's (system calls, copies through socket buffers), so the split
+/// shows how much of a proxy's excess is its own instructions and how much more kernel work.
+pub(super) struct HopCpu {
+    pub(super) name: String,
+    pub(super) user: f64,
+    pub(super) system: f64,
+}
+
+impl HopCpu {
+    fn total(&self) -> f64 {
+        self.user + self.system
+    }
 }
 
 impl RunResult {
@@ -35,7 +50,10 @@ impl RunResult {
                 "p999": self.ms(0.999), "max": self.hist.max() as f64 / 1000.0,
             },
             "proxy_cpu_seconds_per_1000_requests": self.proxy_cpu.iter()
-                .map(|(n, c)| (n.clone(), serde_json::json!(c)))
+                .map(|h| (h.name.clone(), serde_json::json!(h.total())))
+                .collect::<serde_json::Map<_, _>>(),
+            "proxy_cpu_user_seconds_per_1000_requests": self.proxy_cpu.iter()
+                .map(|h| (h.name.clone(), serde_json::json!(h.user)))
                 .collect::<serde_json::Map<_, _>>(),
         })
     }
@@ -54,16 +72,16 @@ pub(super) fn hop_figures(
         .or_else(|| results.iter().find(|r| r.mode == mode));
     let mut out = Vec::new();
     for (name, pid) in procs {
-        let cpu = reference
-            .and_then(|r| r.proxy_cpu.iter().find(|(n, _)| n == name))
-            .map(|(_, c)| *c);
+        let cpu = reference.and_then(|r| r.proxy_cpu.iter().find(|h| &h.name == name));
         let resolution = reference.map(|r| r.cpu_resolution).unwrap_or(0.0);
-        if let (Some(cpu), Some((_, rss))) = (cpu, crate::support::proc_usage(*pid)) {
+        if let (Some(cpu), Some(usage)) = (cpu, crate::support::proc_usage(*pid)) {
             out.push(serde_json::json!({
                 "name": name,
-                "cpu_seconds_per_1000_requests": cpu,
+                "cpu_seconds_per_1000_requests": cpu.total(),
+                "cpu_user_seconds_per_1000_requests": cpu.user,
+                "cpu_system_seconds_per_1000_requests": cpu.system,
                 "cpu_resolution_seconds_per_1000_requests": resolution,
-                "peak_rss_bytes": rss,
+                "peak_rss_bytes": usage.peak_rss,
                 "rss_anon_bytes": crate::support::rss_anon(*pid),
             }));
         }
@@ -171,5 +189,10 @@ fn cpu_figure(hop: &serde_json::Value) -> String {
     } else {
         4
     };
-    format!("{cpu:.decimals$} ±{res:.decimals$}")
+    let part = |key: &str| hop[key].as_f64().unwrap_or(0.0);
+    format!(
+        "{cpu:.decimals$} ±{res:.decimals$} (user {:.decimals$}, kernel {:.decimals$})",
+        part("cpu_user_seconds_per_1000_requests"),
+        part("cpu_system_seconds_per_1000_requests"),
+    )
 }
