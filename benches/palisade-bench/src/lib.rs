@@ -4,6 +4,8 @@
 //! - `palisade-bench [--rate RPS]...`: the latency benchmark, direct vs through the mesh
 //!   ([`latency`]);
 //! - `palisade-bench control-plane`: the control-plane scale benchmark ([`control_plane`]);
+//! - `palisade-bench cold-start`: a sidecar's time from exec to ready ([`cold_start`]);
+//! - `palisade-bench idle`: the proxies' memory per idle client connection ([`idle`]);
 //! - `palisade-bench relay`: the plain TCP relay that `--relays` measures the mesh against
 //!   ([`relay`]).
 //!
@@ -18,7 +20,9 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
+pub mod cold_start;
 pub mod control_plane;
+pub mod idle;
 pub mod latency;
 pub mod relay;
 pub mod support;
@@ -50,6 +54,12 @@ enum Command {
     /// The control-plane scale benchmark: a real control plane, N simulated proxies over
     /// gRPC + mTLS, endpoints churning.
     ControlPlane(control_plane::ControlPlaneBenchArgs),
+    /// A sidecar's cold start: exec to `/ready` 200, with static certificates and with a
+    /// control plane on loopback.
+    ColdStart(cold_start::ColdStartArgs),
+    /// Memory per idle client connection: each proxy's RSS with N idle keep-alive
+    /// connections, and with N that have sent nothing.
+    Idle(idle::IdleArgs),
     /// A plain TCP relay: the floor `--relays` measures the mesh against.
     #[command(hide = true)]
     Relay(relay::RelayArgs),
@@ -74,6 +84,8 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         None => latency::run(cli.latency, palisade_bin),
         Some(Command::ControlPlane(a)) => control_plane::run(a, palisade_bin),
+        Some(Command::ColdStart(a)) => cold_start::run(a, palisade_bin),
+        Some(Command::Idle(a)) => idle::run(a, palisade_bin),
         Some(Command::Relay(a)) => relay::run(a),
     };
     match result {
@@ -156,6 +168,25 @@ mod tests {
             Some(super::Command::ControlPlane(ref a)) if a.proxies == 3
         ));
         assert!(cp.palisade_bin.is_some());
+        let cold = super::Cli::try_parse_from(["palisade-bench", "cold-start", "--runs", "3"])
+            .expect("parses");
+        assert!(matches!(
+            cold.command,
+            Some(super::Command::ColdStart(ref a)) if a.runs == 3 && a.out.is_none()
+        ));
+        let idle = super::Cli::try_parse_from([
+            "palisade-bench",
+            "idle",
+            "--connections",
+            "200",
+            "--out",
+            "/x/idle.json",
+        ])
+        .expect("parses");
+        assert!(matches!(
+            idle.command,
+            Some(super::Command::Idle(ref a)) if a.connections == 200 && a.out.is_some()
+        ));
         assert!(
             super::Cli::try_parse_from(["palisade-bench", "--rate", "1", "control-plane"]).is_err()
         );

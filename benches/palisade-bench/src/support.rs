@@ -1,5 +1,5 @@
-//! What both benchmarks need around them: the binaries they start, free ports, an HTTP GET to
-//! an admin port, and a process's CPU time and memory from /proc.
+//! What the benchmarks need around them: the binaries they start, free ports, an HTTP GET to
+//! an admin port, a process's CPU time and memory from /proc, and its open-files limit.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -50,8 +50,12 @@ pub fn palisade_bin(asked: Option<&Path>) -> anyhow::Result<PathBuf> {
 /// below the kernel's ephemeral range: a port from `bind(0)` would be back in that range once
 /// released, where the source port of any outgoing connection (or another process's
 /// `bind(0)`) can take it before the mesh binds it. Consecutive calls return different ports;
-/// the start depends on the pid, so concurrent processes start apart.
+/// the start depends on the pid, so concurrent processes start apart: 211 ports per pid, more
+/// than a benchmark takes, so that benchmarks started together (tests run in parallel, with
+/// pids a few apart) do not walk into each other's ports.
 pub fn free_port() -> anyhow::Result<u16> {
+    // Prime, so that pids up to the range's size over it apart start at least that far apart.
+    const PID_STRIDE: u32 = 211;
     use std::sync::OnceLock;
     use std::sync::atomic::{AtomicU32, Ordering};
     static NEXT: AtomicU32 = AtomicU32::new(0);
@@ -69,7 +73,7 @@ pub fn free_port() -> anyhow::Result<u16> {
     let span = ephemeral_low.saturating_sub(low).max(1);
     let _ = NEXT.compare_exchange(
         0,
-        std::process::id() % span * 7 + 1,
+        std::process::id() % span * PID_STRIDE + 1,
         Ordering::Relaxed,
         Ordering::Relaxed,
     );
@@ -104,6 +108,142 @@ pub async fn get(addr: SocketAddr, path: &str) -> anyhow::Result<(http::StatusCo
         .map_err(|_| anyhow::anyhow!("{addr}{path} did not answer within 2s"))?
 }
 
+/// An HTTP/1.1 response read whole from the front of a buffer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Http1Response {
+    pub status: u16,
+    /// Head and body, in bytes: where the next response on the connection would start.
+    pub len: usize,
+    /// The server said `Connection: close`: the next request needs a new connection.
+    pub close: bool,
+}
+
+/// The longest response head accepted: the bench reads `/ready` and its own app's "ok".
+const MAX_HEAD: usize = 64 << 10;
+
+/// Parses the HTTP/1.1 response at the start of `buf`: None until all of it is there (the
+/// head, then a body of `Content-Length` bytes or a chunked one). The benchmarks measure
+/// connections they hold open themselves, byte for byte, so they speak this much HTTP
+/// without a client library in between.
+pub fn http1_response(buf: &[u8]) -> anyhow::Result<Option<Http1Response>> {
+    let Some(head_end) = find(buf, b"\r\n\r\n") else {
+        anyhow::ensure!(
+            buf.len() <= MAX_HEAD,
+            "a response head over {MAX_HEAD} bytes"
+        );
+        return Ok(None);
+    };
+    let head =
+        std::str::from_utf8(&buf[..head_end]).context("a response head that is not UTF-8")?;
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap_or_default();
+    let mut words = status_line.split_whitespace();
+    let status: u16 = match (words.next(), words.next()) {
+        (Some(v), Some(code)) if v.starts_with("HTTP/1.") => code
+            .parse()
+            .with_context(|| format!("status line {status_line:?}"))?,
+        _ => anyhow::bail!("not an HTTP/1 status line: {status_line:?}"),
+    };
+    let (mut length, mut chunked, mut close) = (None, false, false);
+    for line in lines {
+        let Some((name, value)) = line.split_once(':') else {
+            continue;
+        };
+        let value = value.trim();
+        if name.eq_ignore_ascii_case("content-length") {
+            length = Some(
+                value
+                    .parse::<usize>()
+                    .with_context(|| format!("Content-Length {value:?}"))?,
+            );
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            chunked = value.to_ascii_lowercase().contains("chunked");
+        } else if name.eq_ignore_ascii_case("connection") {
+            close = value.eq_ignore_ascii_case("close");
+        }
+    }
+    let body = head_end + 4;
+    let no_body = (100..200).contains(&status) || status == 204 || status == 304;
+    let end = if no_body {
+        Some(body)
+    } else if chunked {
+        chunked_end(buf, body)?
+    } else if let Some(n) = length {
+        let end = body.checked_add(n).context("Content-Length too large")?;
+        (buf.len() >= end).then_some(end)
+    } else {
+        anyhow::bail!("a response with neither Content-Length nor a chunked body")
+    };
+    Ok(end.map(|len| Http1Response { status, len, close }))
+}
+
+/// Where the chunked body that starts at `at` ends (after its last chunk and trailers), or
+/// None if it is not all in `buf` yet.
+fn chunked_end(buf: &[u8], mut at: usize) -> anyhow::Result<Option<usize>> {
+    loop {
+        let Some(line) = buf.get(at..).and_then(|b| find(b, b"\r\n")) else {
+            return Ok(None);
+        };
+        let size_text = std::str::from_utf8(&buf[at..at + line])
+            .ok()
+            .and_then(|l| l.split(';').next())
+            .map(str::trim)
+            .unwrap_or_default();
+        let size = usize::from_str_radix(size_text, 16)
+            .with_context(|| format!("chunk size {size_text:?}"))?;
+        at += line + 2;
+        if size == 0 {
+            // Trailers, if any, up to an empty line.
+            loop {
+                let Some(line) = buf.get(at..).and_then(|b| find(b, b"\r\n")) else {
+                    return Ok(None);
+                };
+                at += line + 2;
+                if line == 0 {
+                    return Ok(Some(at));
+                }
+            }
+        }
+        let data_end = at.checked_add(size).context("chunk size too large")?;
+        let Some(crlf) = buf.get(data_end..data_end + 2) else {
+            return Ok(None);
+        };
+        anyhow::ensure!(crlf == b"\r\n", "a chunk not followed by CRLF");
+        at = data_end + 2;
+    }
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+/// GET `path` on a connection the caller holds (blocking, within the socket's read timeout):
+/// the response's status, whether the connection can take another request, and the response
+/// as it came (head and body). For pollers that must not wait on a timer wheel: `cold-start`
+/// asks `/ready` every few hundred microseconds.
+pub fn get_blocking(
+    tcp: &mut std::net::TcpStream,
+    host: SocketAddr,
+    path: &str,
+) -> anyhow::Result<(Http1Response, Vec<u8>)> {
+    use std::io::{Read, Write};
+    tcp.write_all(format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes())?;
+    let mut buf = Vec::with_capacity(256);
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(r) = http1_response(&buf)? {
+            buf.truncate(r.len);
+            return Ok((r, buf));
+        }
+        let n = tcp.read(&mut chunk)?;
+        anyhow::ensure!(
+            n > 0,
+            "{host} closed the connection before a whole response"
+        );
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
 /// The value of an unlabelled gauge or counter in Prometheus text: the first sample line
 /// named `name` (the bench reads only `palisade_config_generation`).
 pub fn metric(text: &str, name: &str) -> Option<f64> {
@@ -114,16 +254,104 @@ pub fn metric(text: &str, name: &str) -> Option<f64> {
     })
 }
 
+/// The sum of every sample of `name` in Prometheus text, whatever its labels:
+/// `palisade_tcp_open_connections` is one gauge per direction, and a proxy's open connections
+/// are all of them. None when there is no sample of that name.
+pub fn metric_sum(text: &str, name: &str) -> Option<f64> {
+    let mut sum = None;
+    for l in text.lines() {
+        let Some(rest) = l.trim().strip_prefix(name) else {
+            continue;
+        };
+        let value = match rest.strip_prefix('{') {
+            Some(labelled) => labelled.split_once('}').map(|(_, v)| v),
+            None => rest.strip_prefix([' ', '\t']),
+        };
+        if let Some(v) = value.and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok()) {
+            *sum.get_or_insert(0.0) += v;
+        }
+    }
+    sum
+}
+
+/// A field of /proc/PID/status in kB (`VmRSS`, `RssAnon`, `VmHWM`), in bytes.
+fn status_kb(status: &str, field: &str) -> Option<u64> {
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())?;
+    Some(kb * 1024)
+}
+
 /// Anonymous (private) resident memory of a process, in bytes: what the proxy itself uses,
 /// without the pages of the shared binary that VmHWM also counts.
 pub fn rss_anon(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kb: u64 = status
+    status_kb(&status, "RssAnon")
+}
+
+/// What a process holds in memory now (not its peak): the idle benchmark's readings.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Resident {
+    /// VmRSS: every resident page, the binary's shared ones included.
+    pub rss: u64,
+    /// RssAnon: the private pages (heap, stacks), where per-connection state lives.
+    pub anon: u64,
+}
+
+/// VmRSS and RssAnon of a process, in bytes, read together from one /proc/PID/status.
+pub fn resident(pid: u32) -> Option<Resident> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    Some(Resident {
+        rss: status_kb(&status, "VmRSS")?,
+        anon: status_kb(&status, "RssAnon")?,
+    })
+}
+
+/// RLIMIT_NOFILE of this process, (soft, hard), from /proc/self/limits; None for unlimited.
+pub fn nofile_limit() -> anyhow::Result<(Option<u64>, Option<u64>)> {
+    let limits =
+        std::fs::read_to_string("/proc/self/limits").context("cannot read /proc/self/limits")?;
+    parse_nofile_limit(&limits).context("/proc/self/limits has no readable \"Max open files\" line")
+}
+
+fn parse_nofile_limit(limits: &str) -> Option<(Option<u64>, Option<u64>)> {
+    let line = limits
         .lines()
-        .find_map(|l| l.strip_prefix("RssAnon:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())?;
-    Some(kb * 1024)
+        .find_map(|l| l.strip_prefix("Max open files"))?;
+    let mut fields = line.split_whitespace();
+    let value = |f: Option<&str>| -> Option<Option<u64>> {
+        match f? {
+            "unlimited" => Some(None),
+            n => n.parse().ok().map(Some),
+        }
+    };
+    Some((value(fields.next())?, value(fields.next())?))
+}
+
+/// Raises this process's RLIMIT_NOFILE soft limit to its hard limit, so that it and the
+/// children it starts next (which inherit it) can hold as many sockets as they are allowed.
+/// Done with util-linux's `prlimit` on this pid: the crate forbids unsafe code and none of its
+/// dependencies offers setrlimit safely. Returns the soft limit in force afterwards (None:
+/// unlimited); when it could not be raised, the one there was.
+pub fn raise_nofile_limit() -> anyhow::Result<Option<u64>> {
+    let (soft, hard) = nofile_limit()?;
+    if soft == hard {
+        return Ok(soft);
+    }
+    let hard_text = hard.map_or_else(|| "unlimited".to_string(), |h| h.to_string());
+    // Whether it worked is read back from /proc: a missing prlimit leaves the limit as it was,
+    // which the caller judges against what it needs.
+    let _ = std::process::Command::new("prlimit")
+        .arg("--pid")
+        .arg(std::process::id().to_string())
+        .arg(format!("--nofile={hard_text}:{hard_text}"))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status();
+    Ok(nofile_limit()?.0)
 }
 
 /// The kernel's clock ticks per second (`USER_HZ`), the unit of /proc's CPU times: from the
@@ -196,6 +424,79 @@ mod tests {
             Some(42.0)
         );
         assert_eq!(super::metric(text, "palisade_missing"), None);
+    }
+
+    #[test]
+    fn a_labelled_gauge_is_summed_over_its_labels_and_no_other_name() {
+        let text = "# TYPE palisade_tcp_open_connections gauge\n\
+                    palisade_tcp_open_connections{direction=\"outbound\"} 7\n\
+                    palisade_tcp_open_connections{direction=\"inbound\"} 2\n\
+                    palisade_tcp_open_connections_max 100\n";
+        assert_eq!(
+            super::metric_sum(text, "palisade_tcp_open_connections"),
+            Some(9.0)
+        );
+        assert_eq!(super::metric_sum("x 1\n", "x"), Some(1.0));
+        assert_eq!(super::metric_sum(text, "palisade_missing"), None);
+    }
+
+    #[test]
+    fn the_open_files_limit_is_read_with_unlimited_as_none() {
+        let limits = "Limit                     Soft Limit           Hard Limit           Units\n\
+                      Max processes             unlimited            unlimited            processes\n\
+                      Max open files            1024                 524288               files\n";
+        assert_eq!(
+            super::parse_nofile_limit(limits),
+            Some((Some(1024), Some(524288)))
+        );
+        let unlimited =
+            "Max open files            unlimited            unlimited            files\n";
+        assert_eq!(super::parse_nofile_limit(unlimited), Some((None, None)));
+        assert_eq!(super::parse_nofile_limit("Max processes 1 1\n"), None);
+        let (soft, hard) = super::nofile_limit().expect("this process's limits");
+        assert!(soft.unwrap_or(u64::MAX) <= hard.unwrap_or(u64::MAX));
+    }
+
+    #[test]
+    fn a_response_is_whole_with_its_content_length_or_last_chunk() {
+        let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nok\n";
+        for cut in 0..ok.len() {
+            assert_eq!(super::http1_response(&ok[..cut]).expect("parses"), None);
+        }
+        let r = super::http1_response(ok).expect("parses").expect("whole");
+        assert_eq!((r.status, r.len, r.close), (200, ok.len(), false));
+
+        let chunked = b"HTTP/1.1 503 Service Unavailable\r\nTransfer-Encoding: chunked\r\n\
+                        Connection: close\r\n\r\n3\r\nnot\r\n6;x=y\r\n ready\r\n0\r\n\r\nHTTP";
+        let whole = chunked.len() - 4;
+        for cut in 0..whole {
+            assert_eq!(
+                super::http1_response(&chunked[..cut]).expect("parses"),
+                None
+            );
+        }
+        let r = super::http1_response(chunked)
+            .expect("parses")
+            .expect("whole");
+        assert_eq!((r.status, r.len, r.close), (503, whole, true));
+
+        let empty = b"HTTP/1.1 204 No Content\r\n\r\n";
+        let r = super::http1_response(empty)
+            .expect("parses")
+            .expect("whole");
+        assert_eq!(r.len, empty.len());
+        assert!(super::http1_response(b"SSH-2.0-x\r\n\r\n").is_err());
+        assert!(super::http1_response(b"HTTP/1.1 200 OK\r\n\r\nbody").is_err());
+        assert!(
+            super::http1_response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n")
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn this_process_has_a_resident_set_with_private_pages() {
+        let r = super::resident(std::process::id()).expect("/proc of this process");
+        assert!(r.anon > 0 && r.anon <= r.rss, "{r:?}");
     }
 
     #[test]

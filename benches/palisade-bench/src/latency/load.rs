@@ -18,7 +18,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use super::BenchProtocol;
 use super::report::RunResult;
 
-pub(super) async fn backend(protocol: BenchProtocol) -> anyhow::Result<SocketAddr> {
+pub(crate) async fn backend(protocol: BenchProtocol) -> anyhow::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     tokio::spawn(async move {

@@ -12,10 +12,12 @@ use tokio::io::AsyncBufReadExt;
 
 use super::BenchProtocol;
 
-pub(super) struct Mesh {
-    pub(super) child: tokio::process::Child,
-    pub(super) client_addr: SocketAddr,
-    pub(super) proxies: Vec<(String, u32)>,
+pub(crate) struct Mesh {
+    pub(crate) child: tokio::process::Child,
+    pub(crate) client_addr: SocketAddr,
+    pub(crate) proxies: Vec<(String, u32)>,
+    /// Each proxy's admin address (`/metrics`, `/ready`), in the order of `proxies`.
+    pub(crate) admins: Vec<(String, SocketAddr)>,
     _tmp: Option<tempfile::TempDir>,
 }
 
@@ -65,7 +67,7 @@ pub(super) async fn start_relays(app: SocketAddr) -> anyhow::Result<Relays> {
 /// `palisade` whose mesh is measured (the same build: an A/B run with `--palisade-bin` gets
 /// that build's sidecar), else beside this binary, else `None` for the `palisade` binary's own
 /// `proxy` command.
-pub(super) fn proxy_bin(asked: Option<&Path>, palisade: &Path) -> Option<PathBuf> {
+pub(crate) fn proxy_bin(asked: Option<&Path>, palisade: &Path) -> Option<PathBuf> {
     if let Some(p) = asked {
         return Some(p.to_path_buf());
     }
@@ -76,12 +78,15 @@ pub(super) fn proxy_bin(asked: Option<&Path>, palisade: &Path) -> Option<PathBuf
     crate::support::sibling("palisade-proxy")
 }
 
-pub(super) async fn start_mesh(
+/// `env` is set on `palisade up`, whose sidecars inherit it: a `PALISADE_*` proxy setting
+/// there applies to both proxies.
+pub(crate) async fn start_mesh(
     palisade: &Path,
     app: SocketAddr,
     protocol: BenchProtocol,
     state_dir: Option<&Path>,
     proxy_bin: Option<&Path>,
+    env: &[(&str, String)],
 ) -> anyhow::Result<Mesh> {
     let (tmp, dir) = match state_dir {
         Some(d) => {
@@ -131,6 +136,9 @@ pub(super) async fn start_mesh(
     if let Some(bin) = proxy_bin {
         up.arg("--proxy-bin").arg(bin);
     }
+    for (k, v) in env {
+        up.env(k, v);
+    }
     let mut child = up
         .env("PALISADE_WATCH_PARENT", "1")
         .env(
@@ -165,15 +173,20 @@ pub(super) async fn start_mesh(
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     let mut proxies = Vec::new();
+    let mut admins = Vec::new();
     for w in doc["workloads"].as_array().into_iter().flatten() {
         if let (Some(name), Some(pid)) = (w["name"].as_str(), w["proxyPid"].as_u64()) {
             proxies.push((name.to_string(), pid as u32));
+            if let Some(admin) = w["adminAddr"].as_str().and_then(|a| a.parse().ok()) {
+                admins.push((name.to_string(), admin));
+            }
         }
     }
     Ok(Mesh {
         child,
         client_addr: SocketAddr::from(([127, 0, 0, 1], local)),
         proxies,
+        admins,
         _tmp: tmp,
     })
 }

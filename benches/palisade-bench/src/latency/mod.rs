@@ -9,8 +9,8 @@
 //! → proxy → app); then both at max throughput. CPU seconds and peak RSS of each proxy come
 //! from /proc. The table and the JSON are [`report`]'s, the SVG [`plot`]'s.
 
-mod load;
-mod mesh;
+pub(crate) mod load;
+pub(crate) mod mesh;
 mod plot;
 mod report;
 
@@ -111,6 +111,7 @@ async fn bench(args: BenchArgs, palisade_bin: Option<PathBuf>) -> anyhow::Result
         args.protocol,
         args.state_dir.as_deref(),
         sidecar.as_deref(),
+        &[],
     )
     .await?;
     let relays = if args.relays {
@@ -209,7 +210,7 @@ async fn bench(args: BenchArgs, palisade_bin: Option<PathBuf>) -> anyhow::Result
 
 /// Output files may go in a directory that does not exist yet (`.palisade/bench/`): it is
 /// created 0700, as `up` wants its state directory, so a later `up` there does not refuse it.
-fn create_parent(path: &Path) -> anyhow::Result<()> {
+pub(crate) fn create_parent(path: &Path) -> anyhow::Result<()> {
     let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) else {
         return Ok(());
     };
