@@ -94,7 +94,7 @@ pub fn run(args: IdleArgs, palisade_bin: Option<PathBuf>) -> anyhow::Result<Exit
         }
         bail!(
             "--connections {n} needs {need} open files in this process and in the client proxy, \
-             above the soft open-files limit of {}, which prlimit could not raise: run \
+             above the soft open-files limit of {}, which could not be raised: run \
              `ulimit -n {}` first",
             show(soft),
             show(hard)

@@ -332,25 +332,19 @@ fn parse_nofile_limit(limits: &str) -> Option<(Option<u64>, Option<u64>)> {
 
 /// Raises this process's RLIMIT_NOFILE soft limit to its hard limit, so that it and the
 /// children it starts next (which inherit it) can hold as many sockets as they are allowed.
-/// Done with util-linux's `prlimit` on this pid: the crate forbids unsafe code and none of its
-/// dependencies offers setrlimit safely. Returns the soft limit in force afterwards (None:
-/// unlimited); when it could not be raised, the one there was.
+/// Returns the soft limit in force afterwards (None: unlimited); when it could not be raised,
+/// the one there was, which the caller judges against what it needs.
 pub fn raise_nofile_limit() -> anyhow::Result<Option<u64>> {
-    let (soft, hard) = nofile_limit()?;
-    if soft == hard {
-        return Ok(soft);
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current != limit.maximum {
+        let raised = rustix::process::Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
+        };
+        // A refusal leaves the limit as it was; the reading below says what is in force.
+        let _ = setrlimit(Resource::Nofile, raised);
     }
-    let hard_text = hard.map_or_else(|| "unlimited".to_string(), |h| h.to_string());
-    // Whether it worked is read back from /proc: a missing prlimit leaves the limit as it was,
-    // which the caller judges against what it needs.
-    let _ = std::process::Command::new("prlimit")
-        .arg("--pid")
-        .arg(std::process::id().to_string())
-        .arg(format!("--nofile={hard_text}:{hard_text}"))
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status();
     Ok(nofile_limit()?.0)
 }
 
