@@ -22,11 +22,21 @@ pub async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
+/// A port nothing listens on now. Never the same port twice in one process: the kernel can hand a just-released port out
+/// again at once, and a mesh file with two workloads on one port is refused (CI saw it).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
+    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    for _ in 0..1000 {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        if GIVEN.lock().expect("ports given").insert(port) {
+            return port;
+        }
+    }
+    panic!("no port not handed out before in 1000 tries");
 }
 
 /// Two control-plane replicas of the mesh at `mesh_path`, with one CA (the second reads the CA
