@@ -122,13 +122,7 @@ fn a_proxy_restarted_under_load_fails_no_request() {
         services: vec![("api", 8080, "app: api", "http")],
     }
     .start(&[]);
-    let proxy_pid = |name: &str| {
-        mesh.mesh_json()["workloads"]
-            .as_array()
-            .and_then(|ws| ws.iter().find(|w| w["name"] == name))
-            .and_then(|w| w["proxyPid"].as_u64())
-    };
-    let old = proxy_pid("api2").expect("api2's proxy runs");
+    let old = mesh.proxy_pid("api2").expect("api2's proxy runs");
     let load = Load::start(mesh.app("web"), "/call/api", OUTAGE_TEST_LIMIT);
     assert!(
         eventually(Duration::from_secs(10), || load.ok() >= 50),
@@ -140,7 +134,7 @@ fn a_proxy_restarted_under_load_fails_no_request() {
     signal("TERM", u32::try_from(old).expect("pid"));
     let t0 = Instant::now();
     let back = eventually(Duration::from_secs(30), || {
-        proxy_pid("api2").is_some_and(|p| p != old)
+        mesh.proxy_pid("api2").is_some_and(|p| p != old)
             && http_get(mesh.admin("api2"), "/ready").is_ok_and(|(s, _)| s == 200)
     });
     let restarted_in = t0.elapsed();

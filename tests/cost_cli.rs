@@ -283,7 +283,16 @@ struct Ledger {
 impl Ledger {
     fn read(mesh: &Mesh, workload: &str) -> Ledger {
         let text = mesh.metrics(workload);
-        let kernel = process_cpu_seconds(proxy_pid(mesh, workload));
+        let pid = mesh
+            .proxy_pid(workload)
+            .unwrap_or_else(|| panic!("no proxyPid for {workload} in mesh.json"));
+        // utime + stime from /proc/PID/stat; like the proxy's own clock, they include threads
+        // that have exited.
+        let kernel = u32::try_from(pid)
+            .ok()
+            .and_then(palisade_bench::support::proc_usage)
+            .unwrap_or_else(|| panic!("no CPU times for {workload}'s proxy (pid {pid}) in /proc"))
+            .cpu();
         let cpu = |needles: &[&str]| metric_sum(&text, "palisade_cost_cpu_seconds_total", needles);
         Ledger {
             by_caller: [WEB, BATCH].map(|c| (c, cpu(&[&format!("src_identity=\"{c}\"")]))),
@@ -299,33 +308,6 @@ impl Ledger {
             .find(|(c, _)| *c == caller)
             .map_or(0.0, |(_, s)| *s)
     }
-}
-
-fn proxy_pid(mesh: &Mesh, workload: &str) -> u64 {
-    let doc = mesh.mesh_json();
-    doc["workloads"]
-        .as_array()
-        .and_then(|ws| ws.iter().find(|w| w["name"] == workload))
-        .and_then(|w| w["proxyPid"].as_u64())
-        .unwrap_or_else(|| panic!("no proxyPid for {workload} in mesh.json: {doc:#}"))
-}
-
-/// utime + stime of a process: fields 14 and 15 of /proc/PID/stat, in clock ticks. Like the
-/// proxy's own clock, they include threads that have exited.
-fn process_cpu_seconds(pid: u64) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .unwrap_or_else(|e| panic!("/proc/{pid}/stat: {e}"));
-    // The command name (field 2) may hold spaces; the fields after it are plain numbers, the
-    // first of them field 3.
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |field: usize| -> u64 {
-        fields
-            .get(field - 3)
-            .and_then(|f| f.parse().ok())
-            .unwrap_or_else(|| panic!("no field {field} in /proc/{pid}/stat: {stat}"))
-    };
-    (ticks(14) + ticks(15)) as f64 / rustix::param::clock_ticks_per_second() as f64
 }
 
 #[test]

@@ -291,9 +291,7 @@ fn a_missing_policies_directory_is_named_before_anything_starts() {
 #[test]
 fn ps_shows_which_workload_a_sidecar_serves() {
     let mesh = web_api().start(&[]);
-    let pid = mesh.mesh_json()["workloads"][0]["proxyPid"]
-        .as_u64()
-        .expect("web's proxyPid");
+    let pid = mesh.proxy_pid("web").expect("web's proxyPid");
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).expect("cmdline");
     let args: Vec<String> = cmdline
         .split(|b| *b == 0)

@@ -324,6 +324,15 @@ impl Mesh {
         SocketAddr::from(([127, 0, 0, 1], self.ports(workload).app))
     }
 
+    /// The pid of `workload`'s proxy, as mesh.json names it.
+    pub fn proxy_pid(&self, workload: &str) -> Option<u64> {
+        self.mesh_json()["workloads"]
+            .as_array()?
+            .iter()
+            .find(|w| w["name"] == workload)?["proxyPid"]
+            .as_u64()
+    }
+
     pub fn mesh_json(&self) -> serde_json::Value {
         let text = std::fs::read_to_string(self.state.join("mesh.json")).expect("mesh.json");
         serde_json::from_str(&text).expect("mesh.json is JSON")
